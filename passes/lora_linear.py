@@ -1,0 +1,391 @@
+"""LoRA linear: pattern, check, replacement.
+
+Pattern (Dynamo graph, torch IR), as PEFT and hand-written LoRA modules produce it:
+
+    base   = linear(x, W, b)                      | view(addmm(b, view(x), W))   (Conv1D, W is K x N)
+                                                   | x @ W.T
+    h_i    = [dropout_i]([cast](x))               adapter input, per adapter i
+    lora_i = linear(linear(h_i, A_i), B_i, b_Bi)  | (h_i @ A_i^T) @ B_i^T  | h_i @ A_i @ B_i
+    sum    = base + lora_1 * s_1 + ... + lora_k * s_k     (s: float, 0-d tensor, or absent)
+    out    = [cast to base dtype](sum)  [+ residual]
+
+Replacement: one `torch.ops.unsloth.lora_linear` call (adapters concatenated along the rank
+when there are several; the residual add folded in).
+
+Check: the base weight is frozen, every adapter reads the base input, adapters share dtype
+and input when several are summed, the scale is not trainable. Anything else is refused and
+reported with the reason; LoRA layers left in the graph that no site consumed (DoRA,
+Embedding/Conv LoRA, merged or disabled adapters) are reported too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import operator
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..config import Config
+from ..report import Report, Site
+from . import fx_match as fm
+
+PATTERN = "lora_linear"
+
+
+@dataclasses.dataclass
+class BaseLinear:
+    x: Node
+    weight: Node
+    bias: Optional[Node]
+    weight_transposed: bool
+    nodes: list[Node]  # matched nodes, erased after the rewrite if unused
+
+
+@dataclasses.dataclass
+class Adapter:
+    source: Node  # the tensor the adapter reads, before casts and dropout
+    lora_x: Optional[Node]  # dropout output, when there is one
+    A: Node  # parameter, (r, K), or (K, r) when A_in_out
+    A_in_out: bool
+    B: Node  # parameter, (N, r), or (r, N) when B_in_out
+    B_in_out: bool
+    B_bias: Optional[Node]
+    scale: float
+    scale_tensor: Optional[Node]
+    dropout_p: float
+    nodes: list[Node]
+
+
+@dataclasses.dataclass
+class LoraSite:
+    base: BaseLinear
+    adapters: list[Adapter]
+    sum_node: Node  # the outermost add of base + adapters
+    last: Node  # the node whose value the op replaces (sum, its cast, or the residual add)
+    out_dtype: torch.dtype
+    residual: Optional[Node]
+    chain: list[Node]  # the adds (and cast/residual add) that the op replaces
+
+
+# ----------------------------------------------------------------------------- pattern
+
+
+def match_base_linear(node: Node) -> Optional[BaseLinear]:
+    if fm.is_linear(node):
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return BaseLinear(x, weight, bias, False, [node])
+    if fm.is_matmul(node) and fm.is_transpose_2d(node.args[1]) and _is_2d(node.args[1].args[0]):
+        return BaseLinear(node.args[0], node.args[1].args[0], None, False, [node, node.args[1]])
+    # transformers' Conv1D: view(addmm(bias, x.view(-1, K), W), (*lead, N))
+    if node.op == "call_method" and node.target == "view" and isinstance(node.args[0], Node):
+        addmm = node.args[0]
+        if addmm.op == "call_function" and addmm.target is torch.addmm and len(addmm.args) == 3 \
+                and not addmm.kwargs and len(addmm.users) == 1:
+            bias, flat_x, weight = addmm.args
+            if isinstance(flat_x, Node) and flat_x.op == "call_method" and flat_x.target == "view" \
+                    and len(flat_x.users) == 1:
+                return BaseLinear(flat_x.args[0], weight, bias, True, [node, addmm, flat_x])
+    return None
+
+
+def _adapter_linear(node: Node) -> Optional[tuple[Node, Node, Optional[Node], list[Node], bool]]:
+    """(input, weight parameter, bias, matched nodes, weight stored (in, out)) of one adapter
+    projection: linear(h, P, b) | h @ P.T | h @ P (P stored (in, out), as in `x @ lora_A`)."""
+    if fm.is_linear(node):
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return node.args[0], node.args[1], bias, [node], False
+    if fm.is_matmul(node) and len(node.args) == 2:
+        rhs = node.args[1]
+        if fm.is_transpose_2d(rhs) and _is_2d(rhs.args[0]):
+            return node.args[0], rhs.args[0], None, [node, rhs], False
+        if _is_2d(rhs):
+            return node.args[0], rhs, None, [node], True
+    return None
+
+
+def _is_2d(node) -> bool:
+    value = fm.example_value(node)
+    return isinstance(value, torch.Tensor) and value.dim() == 2
+
+
+def _scale_of(node: Node) -> tuple[Node, float, Optional[Node]]:
+    """Peel `t * s` / `s * t`: (t, float scale, 0-d tensor scale)."""
+    if fm.is_mul(node):
+        lhs, rhs = node.args
+        for t, s in ((lhs, rhs), (rhs, lhs)):
+            if not isinstance(t, Node):
+                continue
+            if isinstance(s, (int, float)) and not isinstance(s, bool):
+                return t, float(s), None
+            sv, tv = fm.example_value(s), fm.example_value(t)
+            if isinstance(sv, torch.Tensor) and sv.dim() == 0 and isinstance(tv, torch.Tensor) and tv.dim() >= 1:
+                return t, 1.0, s
+    return node, 1.0, None
+
+
+def match_adapter(node: Node) -> Optional[Adapter]:
+    """[scale *] B(A([dropout]([cast](x)))) with A and B parameters of a low rank r < K, N."""
+    inner, scale, scale_tensor = _scale_of(node)
+    b_proj = _adapter_linear(inner)
+    if b_proj is None:
+        return None
+    hidden, b_weight, b_bias, b_nodes, b_in_out = b_proj
+    a_proj = _adapter_linear(hidden) if isinstance(hidden, Node) else None
+    if a_proj is None or len(hidden.users) != 1:
+        return None
+    adapter_in, a_weight, a_bias, a_nodes, a_in_out = a_proj
+    if a_bias is not None or not isinstance(adapter_in, Node):
+        return None
+    if not (fm.is_param_like(a_weight) and fm.is_param_like(b_weight)):
+        return None
+    a_shape, b_shape = fm.example_value(a_weight).shape, fm.example_value(b_weight).shape
+    rank, k = (a_shape[1], a_shape[0]) if a_in_out else (a_shape[0], a_shape[1])
+    b_rank, n = (b_shape[0], b_shape[1]) if b_in_out else (b_shape[1], b_shape[0])
+    if rank != b_rank or not rank < min(k, n):
+        return None  # not low-rank: an ordinary two-layer block, not an adapter
+    lora_x, dropout_p, source = None, 0.0, adapter_in
+    if fm.is_dropout(adapter_in):
+        lora_x = adapter_in
+        dropout_p = float(adapter_in.args[1] if len(adapter_in.args) > 1 else adapter_in.kwargs.get("p", 0.5))
+        source = adapter_in.args[0]
+    source = fm.strip_casts(source)
+    nodes = ([node] if node is not inner else []) + b_nodes + a_nodes
+    return Adapter(source, lora_x, a_weight, a_in_out, b_weight, b_in_out, b_bias, scale, scale_tensor,
+                   dropout_p, nodes)
+
+def match_lora_sum(top: Node) -> Optional[tuple[BaseLinear, list[Adapter], list[Node]]]:
+    """base + adapter_1 + ... + adapter_k, with `top` the outermost add."""
+    adapters, adds, node = [], [], top
+    while fm.is_add(node) and all(isinstance(a, Node) for a in node.args):
+        if adds and len(node.users) != 1:
+            break
+        lhs, rhs = node.args
+        if (adapter := match_adapter(rhs)) is not None:
+            node_next = lhs
+        elif (adapter := match_adapter(lhs)) is not None:
+            node_next = rhs
+        else:
+            break
+        adapters.append(adapter)
+        adds.append(node)
+        node = node_next
+    if not adapters:
+        return None
+    base = match_base_linear(node)
+    if base is None or len(node.users) != 1 or any(a.source is not base.x for a in adapters):
+        return None
+    return base, adapters[::-1], adds
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def check_site(base: BaseLinear, adapters: list[Adapter]) -> Optional[str]:
+    """None when the site can be fused, else the reason it is refused."""
+    if fm.requires_grad(base.weight):
+        return "trainable base weight (the fused op never computes a gradient for W)"
+    if base.bias is not None and not isinstance(base.bias, Node):
+        return "base bias is not a tensor"
+    w = fm.example_value(base.weight)
+    x = fm.example_value(base.x)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(x, torch.Tensor):
+        return "base weight is not a 2-D tensor"
+    if not (x.dtype.is_floating_point and w.dtype == x.dtype):
+        return f"base input dtype {x.dtype} differs from base weight dtype {w.dtype}"
+    for adapter in adapters:
+        if adapter.scale_tensor is not None and fm.requires_grad(adapter.scale_tensor):
+            return "trainable LoRA scale"
+    dtypes = {fm.example_value(a.A).dtype for a in adapters}
+    if len(dtypes) > 1:
+        return f"active adapters have different dtypes {sorted(map(str, dtypes))}"
+    if len(adapters) > 1:
+        if len({a.lora_x for a in adapters}) > 1:
+            return ("several active adapters read different dropout draws; their ranks can only be "
+                    "concatenated when they share the adapter input (lora_dropout=0)")
+        if any(a.scale_tensor is not None for a in adapters):
+            return "several active adapters with tensor scales"
+    return None
+
+
+def _match_tail(sum_node: Node, base_dtype: torch.dtype, cfg: Config):
+    """(last, out_dtype, residual, extra chain nodes): absorb a cast back to the base dtype,
+    then a residual add, when each is the single user of what precedes it."""
+    last, chain = sum_node, []
+    out_dtype = fm.example_value(sum_node).dtype
+    user = fm.single_user(sum_node)
+    if user is not None and fm.cast_dtype(user) is not None and user.args[0] is sum_node:
+        last, out_dtype = user, fm.cast_dtype(user)
+        chain.append(user)
+    residual = None
+    user = fm.single_user(last)
+    if cfg.fold_residual and user is not None and fm.is_add(user) and user.target is not operator.iadd:
+        other = user.args[1] if user.args[0] is last else user.args[0]
+        ov, lv = fm.example_value(other), fm.example_value(last)
+        if isinstance(other, Node) and other is not last and isinstance(ov, torch.Tensor) \
+                and ov.shape == lv.shape and ov.dtype == lv.dtype:
+            residual, last = other, user
+            chain.append(user)
+    return last, out_dtype, residual, chain
+
+
+# ----------------------------------------------------------------------------- replacement
+
+
+def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
+    graph = gm.graph
+    new_nodes: list[Node] = []
+
+    def emit(op: str, target, args) -> Node:
+        node = graph.create_node(op, target, args)
+        new_nodes.append(node)
+        return node
+
+    with graph.inserting_before(site.last):
+        As = [emit("call_method", "t", (a.A,)) if a.A_in_out else a.A for a in site.adapters]
+        Bs = [emit("call_method", "t", (a.B,)) if a.B_in_out else a.B for a in site.adapters]
+        first = site.adapters[0]
+        A, B, B_bias, scale, scale_tensor = As[0], Bs[0], first.B_bias, first.scale, first.scale_tensor
+        if len(site.adapters) > 1:
+            # Several adapters: concatenate ranks, fold each scale into its B (and B bias).
+            A = emit("call_function", torch.cat, (As, 0))
+            scaled = [emit("call_function", operator.mul, (b, a.scale)) for a, b in zip(site.adapters, Bs)]
+            B = emit("call_function", torch.cat, (scaled, 1))
+            B_bias = None
+            for a in site.adapters:
+                if a.B_bias is not None:
+                    term = emit("call_function", operator.mul, (a.B_bias, a.scale))
+                    B_bias = term if B_bias is None else emit("call_function", operator.add, (B_bias, term))
+            scale, scale_tensor = 1.0, None
+        call = emit("call_function", torch.ops.unsloth.lora_linear.default, (
+            site.base.x, site.base.weight, site.base.bias, A, B, B_bias, first.lora_x,
+            site.residual, scale, scale_tensor, site.base.weight_transposed, site.out_dtype,
+            cfg.kernels.value))
+        out = emit("call_function", operator.getitem, (call, 0))
+    for node in new_nodes:
+        _set_meta(node, site.sum_node)
+    site.last.replace_all_uses_with(out)
+    dead = list(reversed(site.chain)) + site.base.nodes + [n for a in site.adapters for n in a.nodes]
+    for node in dead:
+        if not node.users:
+            graph.erase_node(node)
+    return call
+
+def _set_meta(node: Node, like: Node) -> None:
+    """Keep node.meta['example_value'/'val'] true: run the node on fake values."""
+    if node.op not in ("call_function", "call_method") or "example_value" in node.meta:
+        return
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), fm.example_value)
+    fake_modes = [v.fake_mode for v in map(fm.example_value, node.all_input_nodes) if hasattr(v, "fake_mode")]
+    with fake_modes[0] if fake_modes else contextlib.nullcontext():
+        if node.op == "call_method":
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            value = node.target(*args, **kwargs)
+    node.meta["example_value"] = value
+    node.meta["val"] = value
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def _site_path(adapter: Adapter, base: BaseLinear) -> str:
+    path = fm.module_path(base.nodes[0])
+    return path[: -len(".base_layer")] if path.endswith(".base_layer") else path
+
+
+def fuse_lora_linears(gm: GraphModule, cfg: Config | None = None, report: Report | None = None) -> GraphModule:
+    """Rewrite every LoRA linear of a Dynamo-captured graph into `torch.ops.unsloth.lora_linear`.
+
+    Usable on its own inside a user's compile pipeline (a custom backend that receives the
+    Dynamo graph): returns the same GraphModule, recompiled; decisions go to `report`.
+    """
+    cfg = cfg or Config()
+    report = report if report is not None else Report()
+    consumed: set[Node] = set()
+    for node in reversed(list(gm.graph.nodes)):
+        if node in consumed or node.graph is not gm.graph or not fm.is_add(node):
+            continue
+        matched = match_lora_sum(node)
+        if matched is None:
+            continue
+        base, adapters, adds = matched
+        path = _site_path(adapters[0], base)
+        for n in adds + base.nodes + [m for a in adapters for m in a.nodes]:
+            consumed.add(n)
+        reason = check_site(base, adapters)
+        details = _details(base, adapters)
+        if reason is not None:
+            report.add(Site(path, PATTERN, "refused", reason, details))
+            continue
+        last, out_dtype, residual, tail = _match_tail(node, fm.example_value(base.weight).dtype, cfg)
+        site = LoraSite(base, adapters, node, last, out_dtype, residual, adds + tail)
+        replace_site(gm, site, cfg)
+        details["residual_folded"] = residual is not None
+        what = f"rank {details['rank']}" + (f", {len(adapters)} adapters" if len(adapters) > 1 else "")
+        what += ", dropout" if adapters[0].lora_x is not None else ""
+        what += ", residual folded" if residual is not None else ""
+        what += ", Conv1D" if base.weight_transposed else ""
+        report.add(Site(path, PATTERN, "fused", what, details))
+        report.counters["lora_linear.residual_folded"] += residual is not None
+        report.counters["lora_linear.adapters"] += len(adapters)
+    _report_leftover_lora_layers(gm, report)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _details(base: BaseLinear, adapters: list[Adapter]) -> dict:
+    w = fm.example_value(base.weight)
+    n, k = (w.shape[1], w.shape[0]) if base.weight_transposed else (w.shape[0], w.shape[1])
+    ranks = [fm.example_value(a.A).shape[1 if a.A_in_out else 0] for a in adapters]
+    return {"rank": sum(ranks), "in_features": int(k), "out_features": int(n),
+            "adapters": len(adapters), "dropout": max(a.dropout_p for a in adapters),
+            "base_dtype": str(w.dtype).replace("torch.", ""),
+            "adapter_dtype": str(fm.example_value(adapters[0].A).dtype).replace("torch.", "")}
+
+
+def _lora_layer_of(node: Node) -> Optional[tuple[str, str]]:
+    """(path, class name) of the PEFT LoRA layer that this node runs inside, if any."""
+    for path, cls in reversed(fm.module_stack(node)):
+        if cls.startswith("peft.tuners.lora"):
+            return path, cls
+    return None
+
+
+def _report_leftover_lora_layers(gm: GraphModule, report: Report) -> None:
+    """LoRA layers still present after the rewrite were not understood: say why."""
+    reported = {s.module for s in report.sites}
+    layers: dict[str, dict] = {}
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method"):
+            continue
+        owner = _lora_layer_of(node)
+        if owner is None or owner[0] in reported:
+            continue
+        info = layers.setdefault(owner[0], {"cls": owner[1], "adapter": False, "dora": False,
+                                            "fused": False})
+        stack_paths = " ".join(p for p, _ in fm.module_stack(node))
+        info["adapter"] |= any(part in stack_paths for part in (".lora_A", ".lora_B", ".lora_embedding"))
+        info["dora"] |= "lora_magnitude_vector" in stack_paths
+        info["fused"] |= node.target is torch.ops.unsloth.lora_linear.default
+        info["adapter"] |= any(fm.requires_grad(a) for a in node.all_input_nodes if fm.is_param_like(a))
+    for path, info in layers.items():
+        if info["fused"]:
+            continue
+        cls = info["cls"].rsplit(".", 1)[-1]
+        if info["dora"]:
+            reason = "DoRA (use_dora=True) is not fused"
+        elif cls in ("Embedding",) or cls.startswith("Conv") and cls != "Conv1D":
+            reason = f"LoRA on {cls} layers is not fused"
+        elif not info["adapter"]:
+            reason = "adapters merged or disabled: only the base layer runs"
+        else:
+            reason = f"unrecognised LoRA form ({info['cls']})"
+        report.add(Site(path, PATTERN, "refused", reason, {"class": info["cls"]}))

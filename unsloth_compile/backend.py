@@ -1,0 +1,54 @@
+"""The `torch.compile` backend registered as "unsloth".
+
+    Dynamo FX graph -> passes.run (rewrite LoRA patterns into torch.ops.unsloth.*) -> inner compiler
+
+Registered twice over: as the `torch_dynamo_backends` entry point `unsloth` (so
+`backend="unsloth"` works after `pip install` without importing the package) and with
+`register_backend` when `unsloth_compile` is imported.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from torch._dynamo.backends.registry import register_backend
+
+from . import ops  # noqa: F401  registers torch.ops.unsloth.* before any graph is compiled
+from .config import Config, Inner
+from .report import publish
+
+
+def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
+            mode: str | None = None) -> Callable:
+    cfg = Config.from_options(options, mode)
+    from .passes import run_passes
+
+    gm, report = run_passes(gm, example_inputs, cfg)
+    publish(report)
+    return _inner_compile(gm, example_inputs, cfg)
+
+
+def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config) -> Callable:
+    if cfg.inner is Inner.EAGER:
+        return gm.forward
+    if cfg.inner is Inner.AOT_EAGER:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {}
+    if cfg.mode in ("max-autotune", "max-autotune-no-cudagraphs"):
+        patches = {"max_autotune": True}
+    if cfg.mode in ("reduce-overhead", "max-autotune"):
+        patches["triton.cudagraphs"] = True
+    return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+# `import unsloth_compile` registers the name too (for environments that installed the
+# package without its entry point, e.g. a plain sys.path checkout).
+try:
+    register_backend(name="unsloth")(unsloth)
+except AssertionError:  # "duplicate name": already registered in this process
+    pass

@@ -1,0 +1,79 @@
+"""The backend's configuration: one frozen dataclass, validated once, hashable.
+
+`torch.compile(model, backend="unsloth", options={...})` forwards `options` (a dict) and
+`mode` here. Every option is an enum or a bool; an unknown option or a bad value raises a
+`ValueError` that names the valid ones, so a typo never silently turns a feature off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Mapping
+
+
+class Inner(str, enum.Enum):
+    """What compiles the graph after our passes have rewritten it."""
+
+    INDUCTOR = "inductor"  # the default: Inductor compiles everything we did not rewrite
+    AOT_EAGER = "aot_eager"  # AOTAutograd tracing, eager kernels: fast to compile, for CPU tests
+    EAGER = "eager"  # run the rewritten FX graph as is: for debugging a pass
+
+
+class KernelChoice(str, enum.Enum):
+    """Which implementation `torch.ops.unsloth.*` dispatches to on CUDA."""
+
+    AUTO = "auto"  # Triton kernels on CUDA when Triton is importable, the reference otherwise
+    TRITON = "triton"  # Triton kernels, error if unavailable
+    REFERENCE = "reference"  # plain torch (kernels/reference.py) everywhere
+
+
+_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    inner: Inner = Inner.INDUCTOR
+    fuse_lora: bool = True  # rewrite LoRA linears into torch.ops.unsloth.lora_linear
+    fold_residual: bool = True  # fold a residual add right after a LoRA linear into the op
+    kernels: KernelChoice = KernelChoice.AUTO
+    report: bool = True  # log the per-site report (logger "unsloth_compile") at INFO
+    mode: str = "default"  # torch.compile's mode, forwarded to Inductor
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(field.default, enum.Enum):
+                enum_type = type(field.default)
+                try:
+                    object.__setattr__(self, field.name, enum_type(value))
+                except ValueError:
+                    valid = ", ".join(repr(v.value) for v in enum_type)
+                    raise ValueError(
+                        f"unsloth_compile: option {field.name}={value!r} is not valid; "
+                        f"choose one of {valid}"
+                    ) from None
+            elif isinstance(field.default, bool) and not isinstance(value, bool):
+                raise ValueError(
+                    f"unsloth_compile: option {field.name}={value!r} must be True or False"
+                )
+        if self.mode not in _MODES:
+            raise ValueError(
+                f"unsloth_compile: mode={self.mode!r} is not valid; choose one of "
+                + ", ".join(repr(m) for m in _MODES)
+            )
+
+    @classmethod
+    def option_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "mode"]
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None, mode: str | None = None) -> "Config":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.option_names()))
+        if unknown:
+            raise ValueError(
+                f"unsloth_compile: unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options are {', '.join(cls.option_names())}"
+            )
+        return cls(mode=mode or "default", **options)

@@ -1,0 +1,165 @@
+"""`torch.ops.unsloth.*`: the ops the passes emit, with schema, fake impl and autograd.
+
+    unsloth::lora_linear           forward: (out, lora_hidden)
+    unsloth::lora_linear_backward  the GEMM part of its backward: (dx, d_lora_x, dA, dB)
+
+Dispatch is by device and by the `impl` argument the pass bakes in from the Config:
+CUDA + Triton importable -> kernels/lora_linear_triton.py; anything else -> kernels/reference.py.
+Bias gradients are plain column sums and stay outside the op, where Inductor fuses them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .kernels import reference
+
+log = logging.getLogger("unsloth_compile")
+
+_TRITON_MODULE = "unsloth_compile.kernels.lora_linear_triton"
+_triton_kernels = None
+_warned: set[str] = set()
+
+
+def _triton_or_reason():
+    """The Triton kernel module, or the reason it cannot be used (import error text)."""
+    global _triton_kernels
+    if _triton_kernels is None:
+        try:
+            _triton_kernels = importlib.import_module(_TRITON_MODULE)
+        except Exception as error:  # ImportError, or Triton failing to initialise
+            return None, f"{type(error).__name__}: {error}"
+    return _triton_kernels, None
+
+
+def _pick(impl: str, tensors: list[Optional[Tensor]]):
+    """The module whose lora_linear_forward/backward run these tensors."""
+    if impl == "reference" or tensors[0].device.type != "cuda":
+        return reference
+    module, reason = _triton_or_reason()
+    if module is None:
+        if impl == "triton":
+            raise RuntimeError(
+                f"unsloth_compile: options kernels='triton' but the Triton kernels cannot be "
+                f"loaded ({reason}); install triton or use kernels='auto'/'reference'"
+            )
+        if "import" not in _warned:
+            _warned.add("import")
+            log.warning("unsloth_compile: Triton kernels unavailable (%s); using the reference ops", reason)
+        return reference
+    ok, why = module.supports(*tensors)
+    if not ok:
+        if impl == "triton":
+            raise RuntimeError(f"unsloth_compile: kernels='triton' cannot run these inputs: {why}")
+        if why not in _warned:
+            _warned.add(why)
+            log.warning("unsloth_compile: lora_linear runs the reference op: %s", why)
+        return reference
+    return module
+
+
+@torch.library.custom_op("unsloth::lora_linear", mutates_args=())
+def lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_B_bias: Optional[Tensor],
+    lora_x: Optional[Tensor],
+    residual: Optional[Tensor],
+    scale: float,
+    scale_tensor: Optional[Tensor],
+    weight_transposed: bool,
+    out_dtype: torch.dtype,
+    impl: str,
+) -> tuple[Tensor, Tensor]:
+    module = _pick(impl, [x, weight, lora_A, lora_B, lora_x])
+    return module.lora_linear_forward(
+        x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual,
+        scale, scale_tensor, weight_transposed, out_dtype,
+    )
+
+
+@lora_linear.register_fake
+def _(x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, scale_tensor,
+      weight_transposed, out_dtype, impl):
+    n_out = weight.shape[1] if weight_transposed else weight.shape[0]
+    rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    out = x.new_empty((*x.shape[:-1], n_out), dtype=out_dtype)
+    return out, lora_A.new_empty((rows, lora_A.shape[0]))
+
+
+@torch.library.custom_op("unsloth::lora_linear_backward", mutates_args=())
+def lora_linear_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Tensor,
+    lora_A: Tensor,
+    lora_B: Tensor,
+    lora_x: Optional[Tensor],
+    lora_hidden: Tensor,
+    scale: float,
+    scale_tensor: Optional[Tensor],
+    weight_transposed: bool,
+    base_dtype: torch.dtype,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d_lora_x, dA, dB); d_lora_x is an empty tensor when the adapter reads x."""
+    module = _pick(impl, [x, weight, lora_A, lora_B, lora_x])
+    dx, d_lora_x, dA, dB, _, _ = module.lora_linear_backward(
+        grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor,
+        weight_transposed, base_dtype, False, False,
+    )
+    if d_lora_x is None:
+        d_lora_x = x.new_empty((0,))
+    return dx, d_lora_x, dA, dB
+
+
+@lora_linear_backward.register_fake
+def _(grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor,
+      weight_transposed, base_dtype, impl):
+    d_lora_x = x.new_empty((0,)) if lora_x is None else torch.empty_like(lora_x)
+    return torch.empty_like(x), d_lora_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, scale_tensor,
+     weight_transposed, out_dtype, impl) = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, lora_x, output[1], scale_tensor)
+    ctx.scale = scale
+    ctx.weight_transposed = weight_transposed
+    ctx.impl = impl
+    ctx.base_dtype = weight.dtype
+    ctx.has_bias = bias is not None
+    ctx.has_lora_B_bias = lora_B_bias is not None
+    ctx.has_residual = residual is not None
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+
+
+def _backward(ctx, grad_out, _grad_lora_hidden):
+    # lora_hidden is an internal output (saved for dB) that the rewritten graph never reads,
+    # so its incoming gradient is zero/None and is ignored.
+    x, weight, lora_A, lora_B, lora_x, lora_hidden, scale_tensor = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dx, d_lora_x, dA, dB = torch.ops.unsloth.lora_linear_backward(
+        grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, ctx.scale, scale_tensor,
+        ctx.weight_transposed, ctx.base_dtype, ctx.impl,
+    )
+    rows = grad_out.reshape(-1, grad_out.shape[-1])
+    dbias = rows.to(ctx.base_dtype).sum(0) if ctx.has_bias and needs[2] else None
+    d_lora_B_bias = None
+    if ctx.has_lora_B_bias and needs[5]:
+        d_lora_B_bias = (rows.to(lora_A.dtype) * reference.effective_scale(ctx.scale, scale_tensor)).sum(0)
+    dresidual = grad_out.to(ctx.residual_dtype) if ctx.has_residual and needs[7] else None
+    return (dx if needs[0] else None, None, dbias, dA, dB, d_lora_B_bias,
+            d_lora_x if lora_x is not None else None, dresidual,
+            None, None, None, None, None)
+
+
+lora_linear.register_autograd(_backward, setup_context=_setup_context)
