@@ -176,7 +176,14 @@ def match_lora_sum(top: Node) -> Optional[tuple[BaseLinear, list[Adapter], list[
     if not adapters:
         return None
     base = match_base_linear(node)
-    if base is None or len(node.users) != 1 or any(a.source is not base.x for a in adapters):
+    if base is None or len(node.users) != 1:
+        return None
+    for adapter in adapters:
+        if adapter.lora_x is base.x:
+            # The "dropout" is upstream of the layer (BERT's embedding dropout, say) and the
+            # base reads it too: the adapter reads the layer input itself.
+            adapter.lora_x, adapter.source, adapter.dropout_p = None, base.x, 0.0
+    if any(a.source is not base.x for a in adapters):
         return None
     return base, adapters[::-1], adds
 
@@ -351,41 +358,63 @@ def _details(base: BaseLinear, adapters: list[Adapter]) -> dict:
             "adapter_dtype": str(fm.example_value(adapters[0].A).dtype).replace("torch.", "")}
 
 
-def _lora_layer_of(node: Node) -> Optional[tuple[str, str]]:
-    """(path, class name) of the PEFT LoRA layer that this node runs inside, if any."""
-    for path, cls in reversed(fm.module_stack(node)):
-        if cls.startswith("peft.tuners.lora"):
-            return path, cls
-    return None
+_ADAPTER_NAME_PARTS = ("lora_a", "lora_b", "lora_embedding", "magnitude")
+_CONV_FUNCTIONS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
+                   torch.conv1d, torch.conv2d, torch.conv3d}
+
+
+def _is_adapter_param(node: Node) -> bool:
+    name = str(node.target if node.op == "placeholder" else node.name).lower()
+    return fm.is_param_like(node) and any(part in name for part in _ADAPTER_NAME_PARTS)
+
+
+def _owner_path(node: Node) -> tuple[str, str]:
+    """(path, class) of the LoRA layer a node runs in: the module just above its lora_* part.
+    After a graph break the frame starts inside PEFT and the path is relative to it."""
+    stack = fm.module_stack(node)
+    owner = ("", "")
+    for path, cls in stack:
+        if any(part in component for component in path.lower().split(".")[-2:]
+               for part in ("lora_", "magnitude")):
+            break
+        owner = (path, cls)
+    if not owner[0] or owner[0] == "<root>":
+        return "<fragment after a graph break>", owner[1]
+    return owner
 
 
 def _report_leftover_lora_layers(gm: GraphModule, report: Report) -> None:
-    """LoRA layers still present after the rewrite were not understood: say why."""
+    """LoRA layers whose adapters are still computed after the rewrite were not understood
+    (DoRA, Embedding/Conv LoRA, other variants); PEFT LoRA layers that run only their base
+    layer have merged or disabled adapters. Report each with the reason."""
     reported = {s.module for s in report.sites}
-    layers: dict[str, dict] = {}
+    has_magnitude = any(_is_adapter_param(n) and "magnitude" in str(n.target).lower()
+                        for n in gm.graph.nodes if n.op == "placeholder")
+    leftovers: dict[str, str] = {}
+    lora_layers_seen: dict[str, str] = {}
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        owner = _lora_layer_of(node)
-        if owner is None or owner[0] in reported:
+        for path, cls in fm.module_stack(node):
+            if cls.startswith("peft.tuners.lora") and not path.rsplit(".", 1)[-1].startswith("lora_"):
+                lora_layers_seen.setdefault(path, cls)
+        if not any(_is_adapter_param(a) for a in node.all_input_nodes):
             continue
-        info = layers.setdefault(owner[0], {"cls": owner[1], "adapter": False, "dora": False,
-                                            "fused": False})
-        stack_paths = " ".join(p for p, _ in fm.module_stack(node))
-        info["adapter"] |= any(part in stack_paths for part in (".lora_A", ".lora_B", ".lora_embedding"))
-        info["dora"] |= "lora_magnitude_vector" in stack_paths
-        info["fused"] |= node.target is torch.ops.unsloth.lora_linear.default
-        info["adapter"] |= any(fm.requires_grad(a) for a in node.all_input_nodes if fm.is_param_like(a))
-    for path, info in layers.items():
-        if info["fused"]:
+        path, cls = _owner_path(node)
+        if path in reported or path in leftovers:
             continue
-        cls = info["cls"].rsplit(".", 1)[-1]
-        if info["dora"]:
-            reason = "DoRA (use_dora=True) is not fused"
-        elif cls in ("Embedding",) or cls.startswith("Conv") and cls != "Conv1D":
-            reason = f"LoRA on {cls} layers is not fused"
-        elif not info["adapter"]:
-            reason = "adapters merged or disabled: only the base layer runs"
+        kind = cls.rsplit(".", 1)[-1]
+        if has_magnitude or "magnitude" in " ".join(p for p, _ in fm.module_stack(node)):
+            leftovers[path] = "DoRA (use_dora=True) is not fused"
+        elif node.target is torch.nn.functional.embedding or kind == "Embedding":
+            leftovers[path] = "LoRA on Embedding layers is not fused"
+        elif node.target in _CONV_FUNCTIONS or kind.startswith("Conv") and kind != "Conv1D":
+            leftovers[path] = f"LoRA on {kind or 'convolution'} layers is not fused"
         else:
-            reason = f"unrecognised LoRA form ({info['cls']})"
-        report.add(Site(path, PATTERN, "refused", reason, {"class": info["cls"]}))
+            leftovers[path] = f"unrecognised LoRA form ({cls or 'no module information'})"
+    for path, reason in leftovers.items():
+        report.add(Site(path, PATTERN, "refused", reason))
+    for path, cls in lora_layers_seen.items():
+        if path not in reported and path not in leftovers and not any(p.startswith(path + ".") for p in leftovers):
+            report.add(Site(path, PATTERN, "refused", "adapters merged or disabled: only the base layer runs",
+                            {"class": cls}))

@@ -1,0 +1,28 @@
+import logging
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
+
+import unsloth_compile  # noqa: E402,F401  registers the backend and the ops
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    """Each test starts with empty Dynamo caches and counters, and a fixed seed."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    yield
+    torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

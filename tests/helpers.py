@@ -1,0 +1,127 @@
+"""Shared test helpers: tiny random-init models, PEFT wrapping, eager-vs-compiled training."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Callable
+
+import torch
+
+from unsloth_compile.report import Report, collect_reports
+
+VOCAB = 96
+
+
+def tiny_causal_lm(family: str, dtype=torch.float32) -> torch.nn.Module:
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2)
+    if family == "llama":
+        cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, **common)
+        model = tf.LlamaForCausalLM(cfg)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                               sliding_window=None, **common)
+        model = tf.MistralForCausalLM(cfg)
+    elif family == "qwen2":  # q/k/v projections carry a bias
+        cfg = tf.Qwen2Config(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, **common)
+        model = tf.Qwen2ForCausalLM(cfg)
+    elif family == "gpt2":  # Conv1D projections (weight stored in x out)
+        cfg = tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                            bos_token_id=0, eos_token_id=0)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif family == "opt":
+        cfg = tf.OPTConfig(hidden_size=64, ffn_dim=96, num_attention_heads=4, word_embed_proj_dim=64,
+                           max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=1, **common)
+        model = tf.OPTForCausalLM(cfg)
+    elif family == "bert":
+        cfg = tf.BertConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, max_position_embeddings=64,
+                            num_labels=5, vocab_size=VOCAB, num_hidden_layers=2,
+                            # set up front: BERT sets it on its first call, which would recompile
+                            problem_type="single_label_classification")
+        model = tf.BertForSequenceClassification(cfg)
+    else:
+        raise ValueError(family)
+    return model.to(dtype)
+
+
+def peft_wrap(model: torch.nn.Module, **lora_kwargs) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora_kwargs.setdefault("r", 4)
+    lora_kwargs.setdefault("lora_alpha", 8)
+    lora_kwargs.setdefault("target_modules", "all-linear")
+    # Random A *and* B: with PEFT's zero-init B the gradient of A is zero and would hide bugs.
+    lora_kwargs.setdefault("init_lora_weights", False)
+    return get_peft_model(model, LoraConfig(**lora_kwargs))
+
+
+def count_lora_layers(model: torch.nn.Module) -> int:
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(m, LoraLayer) for m in model.modules())
+
+
+def batch_for(family: str, batch: int = 2, seq: int = 12, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, seq), generator=g)
+    if family == "bert":
+        return {"input_ids": ids, "labels": torch.randint(0, 5, (batch,), generator=g)}
+    return {"input_ids": ids, "labels": ids}
+
+
+def loss_of(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output.float().pow(2).mean()
+    return output.loss
+
+
+@dataclasses.dataclass
+class Comparison:
+    report: Report
+    eager_losses: list
+    compiled_losses: list
+
+
+def train_and_compare(model: torch.nn.Module, batch_fn: Callable[[int], dict], *, options=None, steps=3,
+                      rtol=1e-4, atol=1e-5, lr=1e-3, loss_fn=loss_of) -> Comparison:
+    """Train `model` (eager) and a deep copy (compiled with the unsloth backend) side by side for
+    `steps` AdamW steps from the same RNG state; assert that every loss, every trainable
+    gradient and every parameter after the steps match. Returns the compile report."""
+    options = dict(options or {"inner": "aot_eager"})
+    eager = model
+    compiled_model = copy.deepcopy(model)
+    compiled = torch.compile(compiled_model, backend="unsloth", options=options)
+    params_e = [p for p in eager.parameters() if p.requires_grad]
+    params_c = [p for p in compiled_model.parameters() if p.requires_grad]
+    names = [n for n, p in eager.named_parameters() if p.requires_grad]
+    opt_e = torch.optim.AdamW(params_e, lr=lr)
+    opt_c = torch.optim.AdamW(params_c, lr=lr)
+    losses_e, losses_c = [], []
+    with collect_reports() as report:
+        for step in range(steps):
+            batch = batch_fn(step)
+            torch.manual_seed(1000 + step)
+            loss_e = loss_fn(eager(**batch) if isinstance(batch, dict) else eager(*batch))
+            loss_e.backward()
+            torch.manual_seed(1000 + step)
+            loss_c = loss_fn(compiled(**batch) if isinstance(batch, dict) else compiled(*batch))
+            loss_c.backward()
+            losses_e.append(loss_e.item())
+            losses_c.append(loss_c.item())
+            torch.testing.assert_close(loss_c.float(), loss_e.float(), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"step {step} loss: {m}")
+            for name, pe, pc in zip(names, params_e, params_c):
+                assert pc.grad is not None, f"step {step}: no gradient for {name} in the compiled model"
+                assert pc.grad.dtype == pe.grad.dtype, f"{name}: grad dtype {pc.grad.dtype} != {pe.grad.dtype}"
+                torch.testing.assert_close(pc.grad.float(), pe.grad.float(), rtol=rtol, atol=atol,
+                                           msg=lambda m, name=name: f"step {step} grad of {name}: {m}")
+            opt_e.step()
+            opt_c.step()
+            opt_e.zero_grad()
+            opt_c.zero_grad()
+    for name, pe, pc in zip(names, params_e, params_c):
+        torch.testing.assert_close(pc.float(), pe.float(), rtol=rtol, atol=atol,
+                                   msg=lambda m, name=name: f"{name} after {steps} steps: {m}")
+    return Comparison(report, losses_e, losses_c)
