@@ -101,7 +101,7 @@ def is_param_like(node: Any) -> bool:
 
 _MODULE_PATH_CLEANUPS = [
     (re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]"), r".\1"),
-    (re.compile(r"^L\['self'\]\.?"), ""),
+    (re.compile(r"^L\['(self|fn|mod|model)'\]\.?"), ""),
     (re.compile(r"^L\['(\w+)'\]\.?"), r"\1."),
     (re.compile(r"\._modules\['([^']+)'\]"), r".\1"),
     (re.compile(r"\['([^']+)'\]"), r".\1"),

@@ -303,8 +303,16 @@ def _set_meta(node: Node, like: Node) -> None:
 
 
 def _site_path(adapter: Adapter, base: BaseLinear) -> str:
-    path = fm.module_path(base.nodes[0])
-    return path[: -len(".base_layer")] if path.endswith(".base_layer") else path
+    """The module that owns both the base linear and the adapter (PEFT's LoRA layer, or a
+    hand-written LoRA module): the longest common prefix of their module paths."""
+    base_parts = fm.module_path(base.nodes[0]).split(".")
+    adapter_parts = fm.module_path(adapter.nodes[-1]).split(".")
+    common = []
+    for a, b in zip(base_parts, adapter_parts):
+        if a != b:
+            break
+        common.append(a)
+    return ".".join(common) or "<root>"
 
 
 def fuse_lora_linears(gm: GraphModule, cfg: Config | None = None, report: Report | None = None) -> GraphModule:

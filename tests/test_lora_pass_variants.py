@@ -1,0 +1,177 @@
+"""Each LoRA form the pass must recognise, and each it must refuse with a reason."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import unsloth_compile
+from helpers import batch_for, count_lora_layers, peft_wrap, tiny_causal_lm, train_and_compare
+
+
+def llama_batch(step):
+    return batch_for("llama", seed=step)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trainable_base_bias(bias):
+    """bias="all"/"lora_only": the base bias of LoRA layers trains; its gradient comes from the op."""
+    model = peft_wrap(tiny_causal_lm("qwen2"), lora_dropout=0.0, bias=bias, target_modules=["q_proj", "k_proj", "v_proj"])
+    trainable_biases = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("base_layer.bias")]
+    assert trainable_biases, "the config should make the q/k/v biases trainable"
+    result = train_and_compare(model, llama_batch)
+    assert result.report.counters["lora_linear.fused"] == 6
+
+
+def test_lora_bias_on_B():
+    model = peft_wrap(tiny_causal_lm("llama"), lora_dropout=0.0, lora_bias=True, target_modules=["q_proj", "down_proj"])
+    assert any("lora_B" in n and n.endswith(".bias") for n, _ in model.named_parameters())
+    result = train_and_compare(model, llama_batch)
+    assert result.report.counters["lora_linear.fused"] == 4
+
+
+def test_rslora_scale():
+    model = peft_wrap(tiny_causal_lm("llama"), lora_dropout=0.0, use_rslora=True, r=8, lora_alpha=4)
+    result = train_and_compare(model, llama_batch)
+    assert result.report.counters["lora_linear.fused"] == count_lora_layers(model)
+
+
+def test_fp32_adapters_on_bf16_base():
+    """PEFT's default autocast_adapter_dtype keeps adapters fp32 on a bf16 base: the pass absorbs
+    the casts, the op returns fp32 gradients for the fp32 adapters."""
+    model = peft_wrap(tiny_causal_lm("llama", torch.bfloat16), lora_dropout=0.1)
+    dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
+    assert dtypes == {torch.float32}
+    # bf16 activations: eager and compiled round at the same places (the reference op mirrors
+    # eager's casts); the remaining difference is aot_eager's decompositions of norms/softmax.
+    result = train_and_compare(model, llama_batch, rtol=2e-2, atol=2e-3)
+    assert result.report.counters["lora_linear.fused"] == count_lora_layers(model)
+    assert {s.details["adapter_dtype"] for s in result.report.fused} == {"float32"}
+    assert {s.details["base_dtype"] for s in result.report.fused} == {"bfloat16"}
+
+
+def test_two_active_adapters_are_concatenated():
+    from peft import LoraConfig
+
+    model = peft_wrap(tiny_causal_lm("llama"), lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    model.add_adapter("second", LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"],
+                                           lora_dropout=0.0, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    for n, p in model.named_parameters():  # set_adapter may freeze one of them; train both
+        if "lora_" in n:
+            p.requires_grad_(True)
+    result = train_and_compare(model, llama_batch)
+    assert result.report.counters["lora_linear.fused"] == 4
+    assert all(s.details["adapters"] == 2 and s.details["rank"] == 6 for s in result.report.fused)
+
+
+class HandWrittenLoRA(nn.Module):
+    """The textbook LoRA module: nn.Linear adapters, dropout, float scale."""
+
+    def __init__(self, k, n, r, dropout=0.0, bias=True):
+        super().__init__()
+        self.base = nn.Linear(k, n, bias=bias)
+        self.base.requires_grad_(False)
+        self.lora_A = nn.Linear(k, r, bias=False)
+        self.lora_B = nn.Linear(r, n, bias=False)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.scale = 2.0 / r
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.drop(x))) * self.scale
+
+
+class MatmulLoRA(nn.Module):
+    """The paper's form: A stored (in, r), B (r, out), a 0-d tensor scale, a residual add."""
+
+    def __init__(self, k, r):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(k, k) / k**0.5, requires_grad=False)
+        self.A = nn.Parameter(torch.randn(k, r) / k**0.5)
+        self.B = nn.Parameter(torch.randn(r, k) / r**0.5)
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, x):
+        return x + (x @ self.weight.T + (x @ self.A @ self.B) * self.scale)
+
+
+def _sequential_batch(k, rows=(3, 5)):
+    return lambda step: (torch.randn(*rows, k, generator=torch.Generator().manual_seed(step)),)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_hand_written_lora_module(dropout):
+    model = nn.Sequential(HandWrittenLoRA(24, 20, 3, dropout), nn.GELU(), HandWrittenLoRA(20, 24, 5, dropout, bias=False))
+    result = train_and_compare(model, _sequential_batch(24))
+    assert result.report.counters["lora_linear.fused"] == 2
+    assert [s.module for s in result.report.fused] == ["2", "0"]
+
+
+def test_matmul_form_with_tensor_scale_and_residual():
+    model = MatmulLoRA(16, 4)
+    result = train_and_compare(model, _sequential_batch(16))
+    assert result.report.counters["lora_linear.fused"] == 1
+    assert result.report.counters["lora_linear.residual_folded"] == 1
+
+
+def test_trainable_base_weight_is_refused():
+    model = nn.Sequential(HandWrittenLoRA(16, 16, 2))
+    model[0].base.weight.requires_grad_(True)
+    result = train_and_compare(model, _sequential_batch(16))
+    assert result.report.counters["lora_linear.fused"] == 0
+    assert result.report.refusal_reasons() == {
+        "trainable base weight (the fused op never computes a gradient for W)": 1}
+
+
+def test_plain_mlp_is_not_mistaken_for_lora():
+    """Two stacked linears that are not low-rank are an ordinary block, not an adapter."""
+    model = nn.Sequential(nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False))
+    report = unsloth_compile.explain(model, torch.randn(2, 8))
+    assert report.sites == []
+
+
+def _explain(model, batch):
+    return unsloth_compile.explain(model, **batch, options={"inner": "eager"})
+
+
+def test_dora_is_refused_with_reason():
+    model = peft_wrap(tiny_causal_lm("llama"), target_modules=["q_proj"], use_dora=True)
+    report = _explain(model, batch_for("llama"))
+    assert report.counters["lora_linear.fused"] == 0
+    assert "DoRA (use_dora=True) is not fused" in report.refusal_reasons()
+
+
+def test_embedding_lora_is_refused_and_linear_still_fused():
+    model = peft_wrap(tiny_causal_lm("llama"), target_modules=["embed_tokens", "q_proj"])
+    report = _explain(model, batch_for("llama"))
+    assert report.counters["lora_linear.fused"] == 2
+    assert report.refusal_reasons() == {"LoRA on Embedding layers is not fused": 1}
+    assert [s.module for s in report.refused] == ["base_model.model.model.embed_tokens"]
+
+
+def test_conv_lora_is_refused():
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+
+    model = peft_wrap(ConvNet(), target_modules=["conv", "head"], r=2)
+    report = unsloth_compile.explain(model, torch.randn(2, 3, 8, 8))
+    assert report.counters["lora_linear.fused"] == 1
+    assert report.refusal_reasons() == {"LoRA on Conv2d layers is not fused": 1}
+
+
+def test_merged_and_disabled_adapters_are_reported():
+    model = peft_wrap(tiny_causal_lm("llama"), target_modules=["q_proj"])
+    model.merge_adapter()
+    report = _explain(model, batch_for("llama"))
+    assert report.counters["lora_linear.fused"] == 0
+    assert report.refusal_reasons() == {"adapters merged or disabled: only the base layer runs": 2}
+    model.unmerge_adapter()
+    torch._dynamo.reset()
+    with model.disable_adapter():
+        report = _explain(model, batch_for("llama"))
+    assert report.refusal_reasons() == {"adapters merged or disabled: only the base layer runs": 2}
