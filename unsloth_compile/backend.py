@@ -46,9 +46,18 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
-# `import unsloth_compile` registers the name too (for environments that installed the
-# package without its entry point, e.g. a plain sys.path checkout).
-try:
-    register_backend(name="unsloth")(unsloth)
-except AssertionError:  # "duplicate name": already registered in this process
-    pass
+def _register_without_entry_point() -> None:
+    """`backend="unsloth"` for a checkout on sys.path that was never pip-installed. When the
+    entry point exists Dynamo loads it itself, and registering here too would make its
+    lookup fail with "duplicate name"."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "unsloth" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    try:
+        register_backend(name="unsloth")(unsloth)
+    except AssertionError:  # "duplicate name": already registered in this process
+        pass
+
+
+_register_without_entry_point()

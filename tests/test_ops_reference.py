@@ -1,0 +1,116 @@
+"""torch.ops.unsloth.lora_linear: schema, fake impl, autograd and the reference numerics."""
+
+import itertools
+
+import pytest
+import torch
+
+import unsloth_compile  # noqa: F401
+from unsloth_compile.kernels import reference
+
+
+def make_inputs(m=(2, 7), k=19, n=23, r=3, dtype=torch.float64, adapter_dtype=None, bias=True,
+                lora_B_bias=False, lora_x=False, residual=False, transposed=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    adapter_dtype = adapter_dtype or dtype
+
+    def rand(*shape, dt=dtype, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dt).requires_grad_(grad)
+
+    return dict(
+        x=rand(*m, k),
+        weight=rand(*((k, n) if transposed else (n, k)), grad=False),
+        bias=rand(n) if bias else None,
+        lora_A=rand(r, k, dt=adapter_dtype),
+        lora_B=rand(n, r, dt=adapter_dtype),
+        lora_B_bias=rand(n, dt=adapter_dtype) if lora_B_bias else None,
+        lora_x=rand(*m, k, dt=adapter_dtype) if lora_x else None,
+        residual=rand(*m, n) if residual else None,
+        scale=0.75, scale_tensor=None, weight_transposed=transposed, out_dtype=dtype, impl="reference",
+    )
+
+
+def direct_formula(inp):
+    """The math, written out independently of kernels/reference.py."""
+    x, w = inp["x"].double(), inp["weight"].double()
+    base = x @ (w if inp["weight_transposed"] else w.t())
+    if inp["bias"] is not None:
+        base = base + inp["bias"].double()
+    xl = (inp["lora_x"] if inp["lora_x"] is not None else inp["x"]).double()
+    lora = xl @ inp["lora_A"].double().t() @ inp["lora_B"].double().t()
+    if inp["lora_B_bias"] is not None:
+        lora = lora + inp["lora_B_bias"].double()
+    out = base + inp["scale"] * lora
+    if inp["residual"] is not None:
+        out = out + inp["residual"].double()
+    return out
+
+
+FLAGS = ["bias", "lora_B_bias", "lora_x", "residual", "transposed"]
+
+
+@pytest.mark.parametrize("flags", [dict(zip(FLAGS, bits)) for bits in itertools.product([False, True], repeat=5)
+                                   if sum(bits) in (0, 1, 5)], ids=str)
+def test_forward_and_every_gradient_match_float64_formula(flags):
+    inp = make_inputs(**flags)
+    out, hidden = torch.ops.unsloth.lora_linear(**inp)
+    expected = direct_formula(inp)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    tensors = {k: v for k, v in inp.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    got = torch.autograd.grad(out, list(tensors.values()), grad)
+    want = torch.autograd.grad(expected, list(tensors.values()), grad)
+    for name, g1, g2 in zip(tensors, got, want):
+        torch.testing.assert_close(g1, g2, msg=lambda m, name=name: f"gradient of {name}: {m}")
+    assert inp["weight"].grad is None
+
+
+@pytest.mark.parametrize("r", [1, 7, 16])
+def test_gradcheck_float64(r):
+    inp = make_inputs(m=(5,), k=6, n=9, r=r, bias=True, lora_B_bias=True, residual=True)
+    names = [k for k, v in inp.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def fn(*tensors):
+        return torch.ops.unsloth.lora_linear(**{**inp, **dict(zip(names, tensors))})[0]
+
+    assert torch.autograd.gradcheck(fn, [inp[k] for k in names])
+
+
+def test_opcheck_schema_fake_and_autograd_registration():
+    for flags in ({}, {"lora_x": True, "residual": True, "transposed": True, "lora_B_bias": True}):
+        inp = make_inputs(dtype=torch.float32, **flags)
+        torch.library.opcheck(torch.ops.unsloth.lora_linear.default, tuple(inp.values()))
+
+
+def test_mixed_precision_mirrors_eager_peft_numerics():
+    """bf16 base, fp32 adapters: the op's output and gradients equal eager PEFT's op sequence
+    bit for bit on CPU (the reference mirrors its casts), with fp32 adapter gradients."""
+    inp = make_inputs(dtype=torch.bfloat16, adapter_dtype=torch.float32, residual=True)
+    out, _ = torch.ops.unsloth.lora_linear(**inp)
+    x, A, B = inp["x"], inp["lora_A"], inp["lora_B"]
+    base = torch.nn.functional.linear(x, inp["weight"], inp["bias"])
+    eager = (base + (x.to(torch.float32) @ A.t() @ B.t()) * inp["scale"]).to(torch.bfloat16) + inp["residual"]
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    for g1, g2, t in zip(torch.autograd.grad(out, [x, A, B], grad), torch.autograd.grad(eager, [x, A, B], grad), [x, A, B]):
+        assert g1.dtype == t.dtype
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+
+
+def test_no_gradient_is_computed_for_a_trainable_looking_weight():
+    """The op never returns dW: a weight that requires grad gets none (the pass refuses such sites)."""
+    inp = make_inputs()
+    inp["weight"].requires_grad_(True)
+    out, _ = torch.ops.unsloth.lora_linear(**inp)
+    out.sum().backward()
+    assert inp["weight"].grad is None
+
+
+def test_reference_backward_skips_bias_sums_when_not_needed():
+    inp = make_inputs(dtype=torch.float32)
+    out, hidden = reference.lora_linear_forward(*[inp[k] for k in list(inp)[:-1]])
+    dx, d_lora_x, dA, dB, dbias, dbb = reference.lora_linear_backward(
+        torch.randn_like(out), inp["x"], inp["weight"], inp["lora_A"], inp["lora_B"], None, hidden,
+        inp["scale"], None, False, torch.float32, False, False)
+    assert d_lora_x is None and dbias is None and dbb is None
+    assert dx.shape == inp["x"].shape and dA.shape == inp["lora_A"].shape and dB.shape == inp["lora_B"].shape
