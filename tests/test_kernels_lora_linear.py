@@ -161,6 +161,7 @@ SHAPES = [  # (M, K, N, r): a single row, nothing a multiple of 16, r-loop over 
     (37, 19, 23, 7),
     (37, 19, 23, 16),
     (20, 33, 17, 70),
+    (37, 40, 24, 7),  # 16-byte aligned rows: the TMA-descriptor main loop (K tail zero-filled)
 ]
 
 
@@ -221,6 +222,22 @@ def test_interpreter_expanded_grad_and_no_rows():
     assert out0.shape == (0, 23) and h0.shape == (0, 7)
     dx0 = _bwd(lt, t0, out0, h0, torch.float32, False)[0]
     assert dx0.shape == (0, 19)
+
+
+@interp
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+def test_interpreter_both_main_loops_agree(transposed, monkeypatch):
+    """The TMA-descriptor and pointer main loops compute the same thing (aligned shape)."""
+    t, grad = _make(37, 40, 24, 7, torch.float32, torch.float32, "cpu", bias=True, residual=True,
+                    transposed=transposed)
+    assert lt._use_tma(t["x"], t["weight"] if transposed else t["weight"].t())[0]
+    tma = _run_all(lt, t, grad)
+    monkeypatch.setattr(lt, "MAIN_LOOP", "pointer")
+    assert not lt._use_tma(t["x"], t["weight"])[0]
+    pointer = _run_all(lt, t, grad)
+    for name in NAMES:
+        if tma[name] is not None:
+            assert torch.allclose(tma[name], pointer[name], atol=1e-5, rtol=1e-5), name
 
 
 @interp

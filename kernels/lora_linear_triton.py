@@ -1,0 +1,509 @@
+"""Fused Triton kernels for `torch.ops.unsloth.lora_linear` (forward and backward).
+
+Same semantics as `lora_linear_forward` / `lora_linear_backward` in kernels/reference.py; the
+host functions below keep their signatures. Shapes: x (M, K) after flattening, W (N, K)
+(or (K, N) when `weight_transposed`), A (r, K), B (N, r), s = scale (* scale_tensor).
+
+    forward   H  = X_l A^T                      (M, r)  thin GEMM, cuBLAS through torch
+              Y  = X W^T + s H B^T (+b +s b_B)  one Triton GEMM: K-loop over X, W, then an
+                   (+ residual after the cast)  r-loop over H, B into the same accumulator
+    backward  G  = dY B                         (M, r)  thin, cuBLAS
+              dX = dY W + s G A                 one Triton GEMM, same kernel (N-loop, r-loop)
+              dA = s G^T X_l,  dB = s dY^T H    thin, cuBLAS
+    with dropout (lora_x given): dX = dY W (cuBLAS), d_lora_x = s G A (thin).
+
+The thin GEMMs read their operands in the activation dtype (fp32 adapters are rounded to
+bf16/fp16, as the tensor cores need) and accumulate in fp32; gradients of fp32 adapters are
+returned in fp32. Nothing ever computes a gradient for W.
+
+On CPU tensors the kernels run under the Triton interpreter (TRITON_INTERPRET=1 set before
+Triton is imported) with one fixed small configuration; that is how the tests run them
+without a GPU. On CUDA the GEMM is autotuned per (M bucket, N, K, r bucket, layout).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from contextlib import nullcontext as _nullcontext
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+import triton.testing
+
+_INT32_LIMIT = 2**31 - 1
+_HALF = (torch.float16, torch.bfloat16)
+_MAX_RANK = 256
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels: one GEMM with a low-rank epilogue, in two flavours of main loop (pointer loads for
+# any strides and the interpreter; TMA descriptors on Hopper when strides are 16-byte aligned)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-blocks sweep the columns together, keeping the B tiles
+    they share in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lowrank_epilogue(
+    acc, pid_m, pid_n,
+    # pointers
+    u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om, stride_on,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """acc += s U[rows] @ V[:, cols] (+ bias + s v_bias); store cast(acc) (+ residual).
+
+    The scale goes on the (BLOCK_M, r) U tile rather than on a second (BLOCK_M, BLOCK_N)
+    accumulator; r is padded to BLOCK_R (a power of two >= 16, the smallest tensor-core K)
+    by masking. Rows/columns past the edge wrap around (loads stay unpredicated) and are
+    dropped by the masked store.
+    """
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m % M
+    cols = offs_n % N
+    s = scale
+    if HAS_SCALE_TENSOR:
+        s = s * tl.load(scale_ptr).to(tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    u_ptrs = u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur
+    v_ptrs = v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn
+    for r0 in range(0, R, BLOCK_R):
+        r_left = R - r0
+        u = tl.load(u_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(tl.float32) * s
+        v = tl.load(v_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
+        acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PRECISION)
+        u_ptrs += BLOCK_R * stride_ur
+        v_ptrs += BLOCK_R * stride_vr
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    if HAS_V_BIAS:
+        acc += s * tl.load(v_bias_ptr + cols).to(tl.float32)[None, :]
+    out_dtype = out_ptr.dtype.element_ty
+    y = acc.to(out_dtype)
+    if HAS_RESIDUAL:
+        # PyTorch's `out.to(dtype) + residual`: round, add in fp32, round again.
+        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(out_dtype)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y, mask=mask)
+
+
+@triton.jit
+def _lora_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+    # sizes
+    M, N, K, R,
+    M_BUCKET,  # next power of two of M: an autotuning key only
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_um, stride_ur, stride_vr, stride_vn,
+    stride_rm, stride_rn, stride_om, stride_on,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out = cast(A @ B + s * (U @ V) + bias + s * v_bias) (+ residual, then cast again).
+
+    A (M, K) activations, B (K, N) frozen weight (any strides), U (M, R) the low-rank left
+    factor (fp32 or half; scaled by s and rounded to A's dtype on load), V (R, N) the right
+    factor (rounded to A's dtype). Both products accumulate into one fp32 tile, so the
+    adapter costs no extra pass over the (M, N) output.
+      forward : A = X,  B = W^T, U = H = X_l A_lora^T, V = B_lora^T
+      backward: A = dY, B = W,   U = G = dY B_lora,    V = A_lora
+    FLOPs 2 M N (K + R); bytes (compulsory) 2 (M K + K N + M N) + (M R + R N) * size(U, V)
+    + M N * size(res): the low-rank part adds R/K of the FLOPs (0.4% at r=16, K=4096) and
+    under 1% of the bytes.
+    """
+    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # Rows/columns past the edge wrap around instead of being masked (see the epilogue).
+    offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    # tl.full, not tl.zeros: the standard-library @jit helpers break in the interpreter when
+    # triton.language was imported before TRITON_INTERPRET was set (as under pytest).
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    _lowrank_epilogue(
+        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
+        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
+        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _lora_gemm_tma_kernel(
+    # tensor descriptors and pointers
+    a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+    # sizes
+    M, N, K, R,
+    M_BUCKET,  # autotuning key only
+    # strides
+    stride_um, stride_ur, stride_vr, stride_vn,
+    stride_rm, stride_rn, stride_om, stride_on,
+    # scalars
+    scale,
+    # meta-parameters
+    B_K_CONTIGUOUS: tl.constexpr,  # b_desc is over (N, K) (load, then .T), else over (K, N)
+    HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """_lora_gemm_kernel with the main loop's tiles fetched by the TMA engine (Hopper).
+
+    Same math, FLOPs and bytes. The copy engine zero-fills out-of-range rows and the K tail,
+    so the loop has no masks and no address arithmetic; descriptors need 16-byte aligned
+    row strides (K, N multiples of 8 in bf16), else the host picks the pointer kernel.
+    """
+    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = a_desc.load([off_m, k])
+        if B_K_CONTIGUOUS:
+            b = b_desc.load([off_n, k]).T
+        else:
+            b = b_desc.load([k, off_n])
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    _lowrank_epilogue(
+        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
+        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
+        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the usual Hopper bf16 tiles; 128x256x64
+# and 256x128x64 with 3-4 stages fit in H100/H200 shared memory (228 KB) with room for the
+# r-loop's U/V tiles.
+_TILES = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 256, 64, 4, 8),
+    (128, 128, 64, 4, 8),
+    (128, 128, 64, 4, 4),
+    (64, 256, 64, 4, 4),
+]
+
+
+def _set_tma_blocks(nargs):
+    """Autotuner pre-hook: the descriptors' block shapes follow the config being tried."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_K_CONTIGUOUS"] else [bk, bn]
+
+
+def _configs(pre_hook=None):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_stages=stages, num_warps=warps, pre_hook=pre_hook)
+        for bm, bn, bk, stages, warps in _TILES
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # Small problems: tiles much taller than M only waste work.
+    m_bucket = named_args["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m_bucket)]
+    return kept or configs[:1]
+
+
+_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL"]
+# 5 ms warm-up / 25 ms of repeats per config (default 25/100): the first call of a new shape
+# pays ~6 configs x this; medians of a ~0.4 ms GEMM are stable well within it.
+_AUTOTUNE_BENCH = functools.partial(triton.testing.do_bench, warmup=5, rep=25)
+
+_lora_gemm_tuned = triton.autotune(
+    configs=_configs(), key=_KEY + ["stride_ak", "stride_bk", "stride_bn"],
+    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_lora_gemm_kernel))
+
+_lora_gemm_tma_tuned = triton.autotune(
+    configs=_configs(_set_tma_blocks), key=_KEY + ["B_K_CONTIGUOUS"],
+    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+)(_lora_gemm_tma_kernel)
+
+# The interpreter runs one small configuration (dot needs every dimension >= 16).
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+# "auto": TMA where the strides allow it on sm_90+ (and in the interpreter); "pointer": never.
+# A knob for the benchmark's breakdown and for bisecting, not a user option.
+MAIN_LOOP = os.environ.get("UNSLOTH_LORA_MAIN_LOOP", "auto")
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _tma_ok(t: Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can address: unit last stride, 16-byte aligned rest."""
+    size = t.element_size()
+    return (t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+            and t.shape[0] > 0 and t.shape[1] > 0)
+
+
+def _use_tma(a: Tensor, b: Tensor) -> tuple[bool, bool]:
+    """(use the TMA kernel, b is K-contiguous) for a (M, K) @ b (K, N)."""
+    if MAIN_LOOP != "auto" or TensorDescriptor is None:
+        return False, False
+    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (9, 0):
+        return False, False
+    b_k_contiguous = b.stride(0) == 1 and b.stride(1) != 1
+    b_view = b.t() if b_k_contiguous else b
+    return _tma_ok(a) and _tma_ok(b_view), b_k_contiguous
+
+
+def _launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
+                      scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
+                      v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """out (M, N) = cast(a @ b + s u @ v + bias + s v_bias) (+ residual); all 2-D views."""
+    M, K = a.shape
+    N = b.shape[1]
+    R = u.shape[1]
+    dummy = out  # never read: the matching HAS_* flag is False
+    if scale_tensor is not None:
+        scale_tensor = scale_tensor.to(device=a.device).reshape(())
+    res_strides = residual.stride() if residual is not None else (0, 0)
+    pointers = (
+        u, v,
+        bias.contiguous() if bias is not None else dummy,
+        v_bias.contiguous() if v_bias is not None else dummy,
+        residual if residual is not None else dummy,
+        out,
+        scale_tensor if scale_tensor is not None else dummy,
+    )
+    sizes = (M, N, K, R, _next_pow2(M))
+    strides = (u.stride(0), u.stride(1), v.stride(0), v.stride(1),
+               res_strides[0], res_strides[1], out.stride(0), out.stride(1))
+    meta = dict(
+        HAS_BIAS=bias is not None, HAS_V_BIAS=v_bias is not None,
+        HAS_RESIDUAL=residual is not None, HAS_SCALE_TENSOR=scale_tensor is not None,
+        COMPUTE_DTYPE=_TL_DTYPES[a.dtype],
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        BLOCK_R=max(16, min(64, _next_pow2(R))),
+    )
+    interpreted = a.device.type == "cpu"
+    cfg = _INTERPRETER_CONFIG
+
+    def grid(c):
+        return (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+
+    use_tma, b_k_contiguous = _use_tma(a, b)
+    with torch.cuda.device(a.device) if not interpreted else _nullcontext():
+        if use_tma:
+            b_t = b.t() if b_k_contiguous else b
+            b_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if b_k_contiguous else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
+            a_desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+            b_desc = TensorDescriptor.from_tensor(b_t, b_block)  # re-blocked by the pre-hook
+            args = (a_desc, b_desc) + pointers + sizes + strides + (float(scale),)
+            if interpreted:
+                _lora_gemm_tma_kernel[grid(cfg)](*args, B_K_CONTIGUOUS=b_k_contiguous, **meta, **cfg)
+            else:
+                _lora_gemm_tma_tuned[grid](*args, B_K_CONTIGUOUS=b_k_contiguous, **meta)
+        else:
+            args = ((a, b) + pointers + sizes + (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+                    + strides + (float(scale),))
+            if interpreted:
+                _lora_gemm_kernel[grid(cfg)](*args, **meta, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
+            else:
+                _lora_gemm_tuned[grid](*args, **meta)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Thin GEMMs (one side of size r, memory-bound) and plain ones: cuBLAS through torch
+# --------------------------------------------------------------------------------------------
+
+_mm_out_dtype_works: Optional[bool] = None
+
+
+def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype) -> Tensor:
+    """a @ b with both operands rounded to compute_dtype, fp32 accumulation, out_dtype result."""
+    global _mm_out_dtype_works
+    a = a.to(compute_dtype)
+    b = b.to(compute_dtype)
+    if a.device.type != "cuda":
+        return (a.float() @ b.float()).to(out_dtype)
+    if out_dtype == compute_dtype:
+        return torch.mm(a, b)
+    if compute_dtype in _HALF and out_dtype == torch.float32 and _mm_out_dtype_works is not False:
+        # aten::mm.dtype (cuBLAS with an fp32 C): no rounding of the result to bf16.
+        try:
+            result = torch.mm(a, b, out_dtype=torch.float32)
+            _mm_out_dtype_works = True
+            return result
+        except (RuntimeError, TypeError):
+            _mm_out_dtype_works = False
+    return torch.mm(a, b).to(out_dtype)
+
+
+def _effective_scale(scale: float, scale_tensor: Optional[Tensor]):
+    return scale if scale_tensor is None else scale_tensor * scale
+
+
+def _rows(t: Tensor) -> Tensor:
+    """(..., D) -> (rows, D): a view whenever the strides allow it (the kernel takes strides)."""
+    return t.reshape(-1, t.shape[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Host functions: the contract of unsloth_compile/ops.py
+# --------------------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+             lora_x: Optional[Tensor]) -> tuple[bool, str]:
+    """(True, "") when these kernels handle the inputs, else (False, the reason)."""
+    if x.device.type == "cuda":
+        allowed = _HALF
+        if x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False, f"bf16 needs compute capability >= 8.0, {x.device} has less"
+    elif x.device.type == "cpu" and _interpreting():
+        allowed = (torch.float32, torch.float16)
+    else:
+        return False, f"no Triton kernel for {x.device.type} tensors (only CUDA)"
+    if x.dtype not in allowed:
+        return False, f"activations are {x.dtype}; the Triton kernels take {', '.join(map(str, allowed))}"
+    if weight.dtype != x.dtype or weight.dim() != 2:
+        return False, f"base weight must be 2-D and of the activation dtype {x.dtype}, got {weight.dtype} {tuple(weight.shape)}"
+    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False, f"adapters must be fp32/fp16/bf16 of one dtype, got A {lora_A.dtype}, B {lora_B.dtype}"
+    if not 1 <= lora_A.shape[0] <= _MAX_RANK:
+        return False, f"rank {lora_A.shape[0]} outside 1..{_MAX_RANK}"
+    if lora_x is not None and (lora_x.shape != x.shape or not lora_x.dtype.is_floating_point):
+        return False, f"lora_x must be a float tensor of x's shape, got {lora_x.dtype} {tuple(lora_x.shape)}"
+    if x.dim() == 0 or x.shape[-1] == 0 or min(weight.shape) == 0:
+        return False, "empty K or N"
+    n_out = weight.numel() // x.shape[-1]
+    rows = x.numel() // x.shape[-1]
+    if max(x.numel(), weight.numel(), rows * n_out) > _INT32_LIMIT:
+        return False, "a tensor has 2**31 elements or more (the kernels index in int32)"
+    return True, ""
+
+
+def lora_linear_forward(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+    lora_B_bias: Optional[Tensor], lora_x: Optional[Tensor], residual: Optional[Tensor],
+    scale: float, scale_tensor: Optional[Tensor], weight_transposed: bool, out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """(out, lora_hidden) as reference.lora_linear_forward, with one fused GEMM for out."""
+    lead = x.shape[:-1]
+    x2d = _rows(x)
+    M = x2d.shape[0]
+    w_t = weight if weight_transposed else weight.t()  # (K, N) view either way
+    N = w_t.shape[1]
+    adapter_in = x2d if lora_x is None else _rows(lora_x)
+    compute = adapter_in.dtype if adapter_in.dtype in _HALF else lora_A.dtype
+    hidden = _mm(adapter_in, lora_A.t(), compute, lora_A.dtype)  # (M, r)
+
+    res2d = None
+    late_residual = None
+    if residual is not None:
+        if torch.promote_types(out_dtype, residual.dtype) == out_dtype:
+            res2d = _rows(residual)
+        else:  # the add promotes: leave it to torch, exactly as the reference does
+            late_residual = residual
+    out = torch.empty((M, N), device=x.device, dtype=out_dtype)
+    if M > 0:
+        _launch_lora_gemm(x2d, w_t, hidden, lora_B.t(), out, scale, scale_tensor,
+                          bias=bias, v_bias=lora_B_bias, residual=res2d)
+    out = out.reshape(*lead, N)
+    if late_residual is not None:
+        out = out + late_residual
+    return out, hidden
+
+
+def lora_linear_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+    lora_x: Optional[Tensor], lora_hidden: Tensor, scale: float, scale_tensor: Optional[Tensor],
+    weight_transposed: bool, base_dtype: torch.dtype, needs_bias_grad: bool,
+    needs_lora_B_bias_grad: bool,
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """(dx, d_lora_x, dA, dB, dbias, d_lora_B_bias) as reference.lora_linear_backward."""
+    lead = x.shape[:-1]
+    K = x.shape[-1]
+    grad2d = _rows(grad_out)
+    if grad2d.dtype != base_dtype:
+        grad2d = grad2d.to(base_dtype)
+    M = grad2d.shape[0]
+    w_nk = weight.t() if weight_transposed else weight  # (N, K) view either way
+    adapter_dtype = lora_A.dtype
+    s = _effective_scale(scale, scale_tensor)
+    compute = grad2d.dtype
+
+    g = _mm(grad2d, lora_B, compute, adapter_dtype)  # (M, r) = dY B, unscaled
+    db = _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s
+    adapter_in = _rows(x if lora_x is None else lora_x)
+    in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
+    da = _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s
+
+    if lora_x is None:
+        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        if M > 0:
+            _launch_lora_gemm(grad2d, w_nk, g, lora_A, dx, scale, scale_tensor)
+        d_lora_x = None
+    else:
+        dx = _mm(grad2d, w_nk, compute, x.dtype) if M > 0 else x.new_empty((0, K))
+        lx_compute = lora_x.dtype if lora_x.dtype in _HALF else adapter_dtype
+        d_lora_x = _mm(g * s, lora_A, lx_compute, lora_x.dtype).reshape(*lead, K)
+
+    dbias = grad2d.sum(0) if needs_bias_grad else None
+    d_lora_B_bias = None
+    if needs_lora_B_bias_grad:
+        d_lora_B_bias = (grad_out.reshape(M, -1).to(adapter_dtype) * s).sum(0)
+    return dx.reshape(*lead, K), d_lora_x, da, db, dbias, d_lora_B_bias

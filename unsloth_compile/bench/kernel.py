@@ -1,0 +1,240 @@
+"""`python -m unsloth_compile.bench kernel`: one LoRA linear, forward + backward, against the
+frozen base linear alone (cuBLAS `X W^T` forward, `dY W` backward), at Llama layer shapes.
+
+Variants, all timed as fwd+bwd (autograd, gradients of x and of the adapters) in one run:
+    base          F.linear(x, W), W frozen: the floor, every ratio is time / base time
+    peft-fp32     PEFT's eager LoRA with fp32 adapters (its default on a bf16 base)
+    peft-bf16     the same with bf16 adapters
+    inductor      peft-fp32 under torch.compile (Inductor)
+    ours-fp32     torch.ops.unsloth.lora_linear (impl="triton"), fp32 adapters
+    ours-bf16     the same with bf16 adapters
+Plus a breakdown of ours (r=16, fp32 adapters): each kernel of forward and backward alone,
+and the Triton GEMM with no low-rank term against cuBLAS.
+
+Writes kernel.json and kernel.md (card, date, versions) under --out (default docs/bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+# (K, N) of each layer: K in-features, N out-features
+LAYERS = {
+    "llama-8b.attn.q": (4096, 4096),
+    "llama-8b.mlp.up": (4096, 14336),
+    "llama-8b.mlp.down": (14336, 4096),
+    "llama-1b.mlp.up": (2048, 8192),
+}
+RANKS = (8, 16, 64)
+TOKENS = 8192
+VARIANTS = ("base", "peft-fp32", "peft-bf16", "inductor", "ours-fp32", "ours-bf16")
+SCALE = 2.0  # lora_alpha / r; its value does not change the cost
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    fn()  # warm-up: compilation, autotuning, cuBLAS handles
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _peft_lora(x, W, A, B, scale):
+    """PEFT's LoraLayer.forward: base, adapter on x cast to the adapter dtype, cast back."""
+    result = torch.nn.functional.linear(x, W)
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(x.to(A.dtype), A), B)
+    return (result + lora * scale).to(x.dtype)
+
+
+def _ours(x, W, A, B, scale):
+    return torch.ops.unsloth.lora_linear(x, W, None, A, B, None, None, None, scale, None, False,
+                                         x.dtype, "triton")[0]
+
+
+def _step(forward, inputs, dy):
+    def run():
+        out = forward()
+        return torch.autograd.grad(out, inputs, dy)
+    return run
+
+
+def _make_variant(name, x, W, A32, B32, dy):
+    A16, B16 = (t.detach().to(torch.bfloat16).requires_grad_() for t in (A32, B32))
+    if name == "base":
+        return _step(lambda: torch.nn.functional.linear(x, W), [x], dy)
+    if name == "peft-fp32":
+        return _step(lambda: _peft_lora(x, W, A32, B32, SCALE), [x, A32, B32], dy)
+    if name == "peft-bf16":
+        return _step(lambda: _peft_lora(x, W, A16, B16, SCALE), [x, A16, B16], dy)
+    if name == "inductor":
+        torch._dynamo.reset()  # a fresh compile per shape (no recompile limit, no dynamic shapes)
+        compiled = torch.compile(_peft_lora, dynamic=False)
+        return _step(lambda: compiled(x, W, A32, B32, SCALE), [x, A32, B32], dy)
+    if name == "ours-fp32":
+        return _step(lambda: _ours(x, W, A32, B32, SCALE), [x, A32, B32], dy)
+    if name == "ours-bf16":
+        return _step(lambda: _ours(x, W, A16, B16, SCALE), [x, A16, B16], dy)
+    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+
+
+def _inputs(M, K, N, r, device):
+    g = torch.Generator(device=device).manual_seed(M + K + N + r)
+    x = torch.randn(M, K, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
+    W = (torch.randn(N, K, device=device, generator=g) * K ** -0.5).to(torch.bfloat16)
+    A = (torch.randn(r, K, device=device, generator=g) * K ** -0.5).requires_grad_()
+    B = (torch.randn(N, r, device=device, generator=g) * 0.01).requires_grad_()  # never zeros
+    dy = torch.randn(M, N, device=device, generator=g, dtype=torch.bfloat16)
+    return x, W, A, B, dy
+
+
+def run_case(layer: str, M: int, r: int, variants, device) -> list[dict]:
+    K, N = LAYERS[layer]
+    x, W, A, B, dy = _inputs(M, K, N, r, device)
+    rows, base_ms = [], None
+    for name in variants:
+        row = {"layer": layer, "M": M, "K": K, "N": N, "r": r, "variant": name}
+        try:
+            row["ms"] = _bench(_make_variant(name, x, W, A, B, dy))
+        except Exception as error:  # one failing variant must not hide the others
+            row["error"] = f"{type(error).__name__}: {error}"[:300]
+            traceback.print_exc()
+        if name == "base":
+            base_ms = row.get("ms")
+        if base_ms and row.get("ms"):
+            row["ratio"] = row["ms"] / base_ms
+        rows.append(row)
+    flops = 2 * 2 * M * N * K  # base fwd + dX
+    print(f"{layer:20s} r={r:3d}  base {base_ms or float('nan'):.3f} ms "
+          f"({flops / (base_ms or float('nan')) / 1e9:.0f} TFLOP/s)  " +
+          "  ".join(f"{w['variant']} {w.get('ratio', float('nan')):.3f}" for w in rows[1:]), flush=True)
+    return rows
+
+
+def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
+    """Each piece of ours alone (fp32 adapters), to see where the time over the base goes."""
+    from ..kernels import lora_linear_triton as lt
+
+    K, N = LAYERS[layer]
+    x, W, A, B, dy = (t.detach() for t in _inputs(M, K, N, r, device))
+    H = lt._mm(x, A.t(), x.dtype, A.dtype)
+    G = lt._mm(dy, B, dy.dtype, B.dtype)
+    y = torch.empty(M, N, device=device, dtype=x.dtype)
+    dx = torch.empty(M, K, device=device, dtype=x.dtype)
+    no_r = H[:, :0]
+    pieces = {
+        "cublas fwd X W^T": lambda: torch.mm(x, W.t()),
+        "cublas bwd dY W": lambda: torch.mm(dy, W),
+        "triton fwd GEMM, no low-rank": lambda: lt._launch_lora_gemm(x, W.t(), no_r, B.t()[:0], y, SCALE, None),
+        "triton bwd GEMM, no low-rank": lambda: lt._launch_lora_gemm(dy, W, no_r, A[:0], dx, SCALE, None),
+        "triton fwd GEMM + s H B^T": lambda: lt._launch_lora_gemm(x, W.t(), H, B.t(), y, SCALE, None),
+        "triton bwd GEMM + s G A": lambda: lt._launch_lora_gemm(dy, W, G, A, dx, SCALE, None),
+        "H = X A^T": lambda: lt._mm(x, A.t(), x.dtype, A.dtype),
+        "G = dY B": lambda: lt._mm(dy, B, dy.dtype, B.dtype),
+        "dB = dY^T H": lambda: lt._mm(dy.t(), H, dy.dtype, B.dtype),
+        "dA = G^T X": lambda: lt._mm(G.t(), x, x.dtype, A.dtype),
+    }
+    def pointer_loop(fn):  # the same launch with the pointer main loop instead of TMA
+        def run():
+            saved, lt.MAIN_LOOP = lt.MAIN_LOOP, "pointer"
+            try:
+                return fn()
+            finally:
+                lt.MAIN_LOOP = saved
+        return run
+
+    for name in [n for n in pieces if n.startswith("triton")]:
+        pieces[name.replace("triton", "triton-ptr")] = pointer_loop(pieces[name])
+    rows = []
+    for name, fn in pieces.items():
+        try:
+            rows.append({"layer": layer, "M": M, "r": r, "piece": name, "ms": _bench(fn)})
+        except Exception as error:
+            rows.append({"layer": layer, "M": M, "r": r, "piece": name, "error": f"{type(error).__name__}: {error}"[:300]})
+        print(f"  {layer:20s} {name:32s} {rows[-1].get('ms', float('nan')):.4f} ms", flush=True)
+    return rows
+
+
+def environment(device) -> dict:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for package in ("triton", "transformers", "peft"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            versions[package] = None
+    return {"device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "versions": versions, "tokens": TOKENS}
+
+
+def render_markdown(data: dict) -> str:
+    env = data["environment"]
+    v = env["versions"]
+    lines = ["# LoRA linear kernel: fwd+bwd time / frozen base linear", "",
+             f"- card: {env['device']}", f"- date: {env['date']}",
+             f"- versions: torch {v['torch']}, triton {v['triton']}, python {v['python']}",
+             f"- M = {env['tokens']} tokens, bf16 activations and weights; ratios < 1.10 is the target for ours",
+             f"- command: `python -m unsloth_compile.bench kernel {' '.join(data['argv'])}`", ""]
+    variants = [w for w in data["variants"] if w != "base"]
+    lines.append("| layer | K | N | r | base ms | " + " | ".join(variants) + " |")
+    lines.append("|" + "---|" * (5 + len(variants)))
+    by_case: dict = {}
+    for row in data["results"]:
+        by_case.setdefault((row["layer"], row["r"]), {})[row["variant"]] = row
+    for (layer, r), rows in by_case.items():
+        base = rows.get("base", {})
+        cells = [rows[w].get("ratio") if w in rows else None for w in variants]
+        lines.append(f"| {layer} | {base.get('K')} | {base.get('N')} | {r} | "
+                     + (f"{base['ms']:.3f}" if "ms" in base else "failed") + " | "
+                     + " | ".join("failed" if c is None else f"{c:.3f}" for c in cells) + " |")
+    if data.get("breakdown"):
+        lines += ["", "## Breakdown of ours (fp32 adapters): each piece alone", "",
+                  "| layer | r | piece | ms |", "|---|---|---|---|"]
+        for row in data["breakdown"]:
+            ms = f"{row['ms']:.4f}" if "ms" in row else row.get("error", "failed")
+            lines.append(f"| {row['layer']} | {row['r']} | {row['piece']} | {ms} |")
+    errors = [row for row in data["results"] if "error" in row]
+    if errors:
+        lines += ["", "## Failures", ""] + [f"- {e['layer']} r={e['r']} {e['variant']}: {e['error']}" for e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unsloth_compile.bench kernel", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="docs/bench", help="folder for kernel.json and kernel.md")
+    parser.add_argument("--layers", nargs="*", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--ranks", nargs="*", type=int, default=list(RANKS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--tokens", type=int, default=TOKENS, help="M, rows of x")
+    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown")
+    args = parser.parse_args(list(argv or []))
+    if not torch.cuda.is_available():
+        print("bench kernel: needs a CUDA device (performance is only claimed from a GPU run)")
+        return 1
+    import unsloth_compile  # noqa: F401  registers torch.ops.unsloth.*
+
+    device = torch.device("cuda")
+    variants = ["base"] + [v for v in args.variants if v != "base"]
+    data = {"environment": environment(device), "argv": list(argv or []), "variants": variants,
+            "results": [], "breakdown": []}
+    for layer in args.layers:
+        for r in args.ranks:
+            data["results"] += run_case(layer, args.tokens, r, variants, device)
+    if not args.no_breakdown:
+        for layer in args.layers:
+            data["breakdown"] += breakdown(layer, args.tokens, 16, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "kernel.md").write_text(render_markdown(data))
+    print(render_markdown(data))
+    return 0
