@@ -116,7 +116,12 @@ def _lowrank_epilogue(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y, mask=mask)
 
 
-@triton.jit
+# Arguments that vary with the rank or M alone: specialising on them (==1, %16) would compile
+# a copy of the kernel per rank (r=8 vs r=16) for no gain; the U/V tiles are a few KB.
+_NO_SPECIALIZE = ["R", "M_BUCKET", "stride_um", "stride_vn"]
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _lora_gemm_kernel(
     # pointers
     a_ptr, b_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
@@ -175,7 +180,7 @@ def _lora_gemm_kernel(
         DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _lora_gemm_tma_kernel(
     # tensor descriptors and pointers
     a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
