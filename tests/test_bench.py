@@ -1,0 +1,132 @@
+"""`python -m unsloth_compile.bench`: the e2e table (tiny preset) and the accuracy run, end to
+end on CPU in a few steps; well-formed outputs; a failing variant is reported, never dropped."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+
+from unsloth_compile.bench.__main__ import main
+from unsloth_compile.bench.variants import Variant, describe_error, parse_variant, run_isolated
+
+pytestmark = pytest.mark.slow
+
+# An option the backend does not know: it raises at the first compile, like any real failure would.
+BROKEN = "broken=unsloth:no_such_option=1"
+
+
+def _md_rows(text: str) -> list[list[str]]:
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in rows]
+
+
+def test_e2e_tiny_end_to_end_with_a_failing_variant(tmp_path, capsys):
+    assert main(["e2e", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--out", str(tmp_path), "--variant", BROKEN]) == 0
+    data = json.loads((tmp_path / "e2e-tiny.json").read_text())
+    assert {"preset", "env", "steps", "warmup", "unit", "mem_kind", "results", "targets"} <= set(data)
+    assert {"device", "date", "versions"} <= set(data["env"])
+    assert {"torch", "transformers", "peft"} <= set(data["env"]["versions"])
+    assert data["mem_kind"] == "cpu_rss_delta_sampled"
+
+    by_name = {r["variant"]["name"]: r for r in data["results"]}
+    assert list(by_name) == ["full-ft", "peft-eager", "peft+aot_eager", "peft+unsloth", "broken"]
+    for name in ["full-ft", "peft-eager", "peft+aot_eager", "peft+unsloth"]:
+        r = by_name[name]
+        assert r["status"] == "ok", r.get("traceback")
+        assert r["step_time_s"] > 0 and r["throughput"] > 0 and math.isfinite(r["loss_final"])
+        assert len(r["step_times_s"]) == 2 and len(r["losses"]) == 3
+    assert by_name["peft-eager"]["throughput_vs_peft_eager"] == pytest.approx(1.0)
+    # Same init, same batches, fp32: every LoRA variant trains to the same loss.
+    for name in ["peft+aot_eager", "peft+unsloth"]:
+        assert by_name[name]["losses"] == pytest.approx(by_name["peft-eager"]["losses"], rel=1e-4)
+    fusion = by_name["peft+unsloth"]["fusion"]
+    assert fusion["fused"] == 14 and fusion["counters"]["lora_linear.fused"] == 14  # 7 projections x 2 layers
+
+    broken = by_name["broken"]
+    assert broken["status"] == "failed" and "no_such_option" in broken["error"] and broken["traceback"]
+    assert {t["target"] for t in data["targets"]} >= {"tokens/s >= 2x PEFT eager"}
+
+    rows = _md_rows((tmp_path / "e2e-tiny.md").read_text())
+    variant_rows = {r[0]: r for r in rows if r[0] in by_name}
+    assert set(variant_rows) == set(by_name)
+    assert variant_rows["broken"][2] == "failed" and "no_such_option" in variant_rows["broken"][-1]
+    assert variant_rows["peft+unsloth"][2] == "ok"
+    png = (tmp_path / "e2e-tiny.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert "| broken |" in capsys.readouterr().out  # the table is printed too
+
+
+def test_accuracy_end_to_end_on_cpu(tmp_path):
+    assert main(["accuracy", "--steps", "2", "--seeds", "2", "--max-train", "64", "--max-eval", "48",
+                 "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path), "--variant", BROKEN]) == 0
+    data = json.loads((tmp_path / "accuracy.json").read_text())
+    assert {"env", "args", "seeds", "label_names", "sizes", "runs", "summary"} <= set(data)
+    assert len(data["label_names"]) == 14 and data["seeds"] == [0, 1]
+    assert data["sizes"] == {"train": 64, "valid": 48, "test": 48}
+    assert len(data["runs"]) == 3 * 2
+    summary = {s["variant"]["name"]: s for s in data["summary"]}
+    for name in ["peft-eager", "peft+unsloth"]:
+        s = summary[name]
+        assert s["seeds_ok"] == 2, [r.get("traceback") for r in data["runs"] if r["status"] != "ok"]
+        for metric in ("macro_f1", "accuracy"):
+            assert 0 <= s[metric]["min"] <= s[metric]["mean"] <= s[metric]["max"] <= 100
+    assert summary["peft-eager"]["verdict"] == "baseline"
+    assert summary["peft+unsloth"]["delta_f1_points"] is not None
+    unsloth_runs = [r for r in data["runs"] if r["variant"]["name"] == "peft+unsloth"]
+    assert all(r["fusion"]["fused"] > 0 for r in unsloth_runs)
+    assert summary["broken"]["seeds_failed"] == 2 and summary["broken"]["verdict"] == "failed"
+
+    rows = _md_rows((tmp_path / "accuracy.md").read_text())
+    names = [r[0] for r in rows[1:]]  # after the header row
+    assert names == ["peft-eager", "peft+unsloth", "broken"]
+    assert "no_such_option" in rows[-1][-1]
+
+
+def test_run_isolated_reports_any_exception_as_failed():
+    def oom():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    result = run_isolated(oom, torch.device("cpu"))
+    assert result["status"] == "failed"
+    assert result["error"].startswith("OutOfMemoryError: CUDA out of memory")
+
+
+def test_describe_error_names_the_root_cause():
+    try:
+        try:
+            raise ValueError("the real reason")
+        except ValueError as inner:
+            raise RuntimeError("wrapper said nothing useful") from inner
+    except RuntimeError as error:
+        assert describe_error(error) == "RuntimeError <- ValueError: the real reason"
+
+
+def test_parse_variant():
+    v = parse_variant("nofold=unsloth:fold_residual=false,kernels=reference", inner="aot_eager")
+    assert (v.name, v.kind) == ("nofold", "unsloth")
+    assert v.options == {"fold_residual": False, "kernels": "reference", "inner": "aot_eager"}
+    assert parse_variant("c=inductor", inner="aot_eager").options == {}
+    with pytest.raises(ValueError, match="NAME=KIND"):
+        parse_variant("nofold", inner="eager")
+    with pytest.raises(ValueError, match="kind 'bogus'"):
+        parse_variant("x=bogus", inner="eager")
+    with pytest.raises(ValueError, match="only meaningful"):
+        Variant("x", "eager", {"fold_residual": False})
+
+
+def test_kernel_subcommand_dispatches_lazily(monkeypatch):
+    seen = []
+    fake = types.ModuleType("unsloth_compile.bench.kernel")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "unsloth_compile.bench.kernel", fake)
+    import unsloth_compile.bench as bench
+
+    monkeypatch.setattr(bench, "kernel", fake, raising=False)
+    assert main(["kernel", "--shape", "llama-1b.mlp.up"]) == 0
+    assert seen == [["--shape", "llama-1b.mlp.up"]]

@@ -1,0 +1,46 @@
+"""`python -m unsloth_compile.bench {e2e,accuracy,kernel} ...`
+
+    e2e       train steps of a random-init model under each variant (full FT, PEFT eager,
+              PEFT + torch.compile, PEFT + backend="unsloth"): step time, throughput, memory
+    accuracy  LoRA fine-tune pretrained MiniLM-L6 on Debian package sections, several seeds:
+              test macro-F1 and accuracy of PEFT eager vs backend="unsloth"
+    kernel    one LoRA linear against its frozen base linear (unsloth_compile.bench.kernel)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "kernel":
+        # Its own parser, owned by the kernel benchmark; imported lazily so that e2e and
+        # accuracy do not depend on it (and it does not depend on transformers).
+        from .kernel import main as kernel_main
+
+        return kernel_main(argv[1:]) or 0
+
+    from . import accuracy, e2e
+
+    # peft probes `model.is_gradient_checkpointing`, which transformers 5 deprecates: noise, not news
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+    parser = argparse.ArgumentParser(prog="python -m unsloth_compile.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    e2e.add_arguments(sub.add_parser("e2e", help="end-to-end training throughput and memory"))
+    accuracy.add_arguments(sub.add_parser("accuracy", help="real-task accuracy over seeds"))
+    sub.add_parser("kernel", help="LoRA linear vs frozen base linear (own options: kernel --help)")
+    args = parser.parse_args(argv)
+    if args.command == "e2e":
+        e2e.run(args)
+    else:
+        accuracy.run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

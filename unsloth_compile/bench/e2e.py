@@ -1,0 +1,347 @@
+"""End to end: train steps of a random-init model under each variant, one run, one table.
+
+    python -m unsloth_compile.bench e2e --preset llama-1b      # on a GPU
+    python -m unsloth_compile.bench e2e --preset tiny          # CPU smoke run, seconds
+
+Per variant: median step time over the timed steps (warm-up, which includes compilation,
+excluded), tokens/s (or samples/s), peak memory, the loss after all steps, and ratios to PEFT
+eager. The targets of DESIGN.md are printed against the measured ratios. Every variant runs
+in isolation (memory freed, `torch._dynamo.reset()` between) and a variant that fails is
+reported as failed with its error. Results are rewritten after every variant, so a run that
+is cut short still leaves the variants it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import output
+from .variants import (MemoryMeter, Variant, compile_for, environment, make_optimizer, parse_variant,
+                       resolve_device, resolve_inner, run_isolated, synchronize)
+
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BERT_TARGETS = ("query", "key", "value", "dense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    description: str
+    metric: str  # "throughput" or "peak_mem"
+    variant: str  # role of the measured variant
+    baseline: str  # role it is divided by
+    op: str  # ">=" or "<="
+    threshold: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str  # "llama" (causal LM, tokens/s) or "bert-qa" (question answering, samples/s)
+    config: dict
+    batch: int
+    seq: int
+    lora_targets: tuple
+    modules_to_save: tuple = ()
+    rank: int = 16
+    alpha: int = 32
+    steps: int = 10  # timed steps
+    warmup: int = 3  # untimed steps (compilation happens here)
+    targets: tuple = ()
+    note: str = ""
+
+    @property
+    def unit(self) -> str:
+        return "tokens/s" if self.family == "llama" else "samples/s"
+
+    def items_per_step(self) -> int:
+        return self.batch * self.seq if self.family == "llama" else self.batch
+
+
+_LLAMA_1B_TARGETS = (
+    Target("tokens/s >= 2x PEFT eager", "throughput", "unsloth", "peft-eager", ">=", 2.0),
+    Target("tokens/s >= 1.4x PEFT + torch.compile", "throughput", "unsloth", "peft-compile", ">=", 1.4),
+    Target("peak memory <= 0.6x PEFT eager", "peak_mem", "unsloth", "peft-eager", "<=", 0.6),
+)
+_BERT_TARGETS = (
+    Target("LoRA samples/s >= 1.5x full fine-tuning", "throughput", "unsloth", "full", ">=", 1.5),
+    Target("(PEFT eager LoRA samples/s vs full fine-tuning, for reference)", "throughput", "peft-eager", "full",
+           ">=", 1.5),
+)
+_LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096)
+_BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+
+PRESETS = {p.name: p for p in (
+    Preset("llama-1b", "llama", _LLAMA_1B, batch=4, seq=2048, lora_targets=LLAMA_TARGETS,
+           targets=_LLAMA_1B_TARGETS, note="Llama-3.2-1B shapes, random init"),
+    Preset("bert-large", "bert-qa", _BERT_LARGE, batch=32, seq=384, lora_targets=BERT_TARGETS,
+           modules_to_save=("qa_outputs",), targets=_BERT_TARGETS, note="BERT-large QA shapes, random init"),
+    Preset("tiny", "llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
+           batch=2, seq=64, lora_targets=LLAMA_TARGETS, steps=4, warmup=2, targets=_LLAMA_1B_TARGETS,
+           note="2-layer Llama for CPU smoke runs; llama-1b targets shown for form only"),
+    Preset("tiny-bert", "bert-qa", dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=128),
+           batch=4, seq=64, lora_targets=BERT_TARGETS, modules_to_save=("qa_outputs",), steps=4, warmup=2,
+           targets=_BERT_TARGETS, note="2-layer BERT QA for CPU smoke runs; bert-large targets shown for form only"),
+)}
+
+
+def default_variants(inner: str) -> list[Variant]:
+    compiled = "inductor" if inner == "inductor" else "aot_eager"
+    return [Variant("full-ft", "full", role="full"),
+            Variant("peft-eager", "eager", role="peft-eager"),
+            Variant(f"peft+{compiled}", compiled, role="peft-compile"),
+            Variant("peft+unsloth", "unsloth", {"inner": inner}, role="unsloth")]
+
+
+# ----------------------------------------------------------------------------- model and data
+
+
+def build_model(preset: Preset, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, BertConfig, BertForQuestionAnswering, LlamaConfig
+
+    with torch.device(device):  # initialise on the device: a 1.2B model is slow to init on a CPU
+        if preset.family == "llama":
+            return AutoModelForCausalLM.from_config(LlamaConfig(**preset.config), dtype=dtype)
+        return BertForQuestionAnswering._from_config(BertConfig(**preset.config), dtype=dtype)
+
+
+def add_lora(model: torch.nn.Module, preset: Preset) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=preset.rank, lora_alpha=preset.alpha, lora_dropout=0.0,
+                        target_modules=list(preset.lora_targets), modules_to_save=list(preset.modules_to_save) or None)
+    return get_peft_model(model, config)  # adapters in fp32 on a bf16 base: PEFT's default
+
+
+def make_batches(preset: Preset, count: int, seed: int, device: torch.device) -> list[dict]:
+    g = torch.Generator().manual_seed(seed + 1)
+    vocab = preset.config.get("vocab_size", 30522)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, vocab, (preset.batch, preset.seq), generator=g)
+        if preset.family == "llama":
+            batch = {"input_ids": ids, "labels": ids}
+        else:
+            positions = torch.randint(0, preset.seq, (2, preset.batch), generator=g)
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+                     "start_positions": positions[0], "end_positions": positions[1]}
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    return batches
+
+
+# ----------------------------------------------------------------------------- one variant
+
+
+def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: torch.dtype, steps: int,
+                warmup: int, seed: int, lr: float) -> dict:
+    from ..report import collect_reports
+
+    meter = MemoryMeter(device)
+    torch.manual_seed(seed)
+    model = build_model(preset, device, dtype)
+    if variant.lora:
+        model = add_lora(model, preset)
+    model.train()
+    step_fn = compile_for(model, variant)
+    optimizer = make_optimizer(model.parameters(), lr, device)
+    batches = make_batches(preset, warmup + steps, seed, device)
+    losses, times = [], []
+    with collect_reports() as report:
+        start = time.perf_counter()
+        for step, batch in enumerate(batches):
+            synchronize(device)
+            t0 = time.perf_counter()
+            loss = step_fn(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            synchronize(device)
+            times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            meter.sample()
+            if step + 1 == warmup:
+                warmup_s = time.perf_counter() - start
+    timed = sorted(times[warmup:])
+    median = timed[len(timed) // 2]
+    result = {"step_time_s": median, "step_times_s": times[warmup:], "warmup_s": warmup_s if warmup else 0.0,
+              "throughput": preset.items_per_step() / median, "peak_mem_bytes": meter.peak_bytes(),
+              "mem_kind": meter.kind, "loss_final": losses[-1], "losses": losses,
+              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if variant.kind == "unsloth":
+        result["fusion"] = {"graphs": report.graphs, "fused": len(report.fused), "refused": len(report.refused),
+                            "counters": dict(report.counters),
+                            "refusal_reasons": dict(report.refusal_reasons())}
+    return result
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _by_role(results: list[dict], role: str) -> Optional[dict]:
+    for r in results:
+        if r["variant"]["role"] == role and r["status"] == "ok":
+            return r
+    return None
+
+
+def add_ratios(results: list[dict]) -> None:
+    base = _by_role(results, "peft-eager")
+    for r in results:
+        ok = base is not None and r["status"] == "ok"
+        r["throughput_vs_peft_eager"] = r["throughput"] / base["throughput"] if ok else None
+        # CPU RSS deltas are sampled and allocator-dependent: no ratio is drawn from them
+        mem_ok = ok and r["mem_kind"] == "cuda_max_allocated" and r["peak_mem_bytes"] and base["peak_mem_bytes"]
+        r["peak_mem_vs_peft_eager"] = r["peak_mem_bytes"] / base["peak_mem_bytes"] if mem_ok else None
+
+
+def check_targets(preset: Preset, results: list[dict], device: torch.device) -> list[dict]:
+    checks = []
+    for t in preset.targets:
+        num, den = _by_role(results, t.variant), _by_role(results, t.baseline)
+        entry = {"target": t.description, "required": f"{t.op} {t.threshold}", "measured": None,
+                 "variant": num and num["variant"]["name"], "baseline": den and den["variant"]["name"]}
+        if num is None or den is None:
+            entry["verdict"] = "n/a: a variant it needs failed or was not run"
+        elif t.metric == "peak_mem" and device.type != "cuda":
+            entry["verdict"] = "n/a: CPU RSS is not a peak-memory measurement"
+        else:
+            key = "throughput" if t.metric == "throughput" else "peak_mem_bytes"
+            entry["measured"] = num[key] / den[key]
+            met = entry["measured"] >= t.threshold if t.op == ">=" else entry["measured"] <= t.threshold
+            entry["verdict"] = "met" if met else "NOT met"
+            if device.type != "cuda":
+                entry["verdict"] += " (CPU run: not a claim)"
+        checks.append(entry)
+    return checks
+
+
+def render_markdown(data: dict) -> str:
+    preset, unit = data["preset"], data["unit"]
+    mem_label = {"cuda_max_allocated": "peak mem GiB (CUDA max allocated)",
+                 "cpu_rss_delta_sampled": "RSS delta GiB (CPU, sampled, not peak)"}[data["mem_kind"]]
+    lines = output.header_lines(f"e2e: {preset['name']} on {data['env']['device']}", data["env"])
+    lines += [f"- model: {preset['note']}; {preset['family']} {preset['config']}",
+              f"- batch {preset['batch']} x {preset['seq']}, dtype {data['dtype']}, LoRA r={preset['rank']} "
+              f"alpha={preset['alpha']} on {', '.join(preset['lora_targets'])}; AdamW "
+              f"({'fused' if data['env']['device_type'] == 'cuda' else 'foreach'})",
+              f"- {data['warmup']} warm-up steps (compilation included, not timed), median of {data['steps']} "
+              f"timed steps; loss after {data['warmup'] + data['steps']} steps", ""]
+    rows = []
+    for r in data["results"]:
+        v, ok = r["variant"], r["status"] == "ok"
+        fusion = r.get("fusion")
+        rows.append([v["name"], v["description"], r["status"],
+                     output.fmt(r.get("step_time_s") and 1e3 * r["step_time_s"], ".1f"),
+                     output.fmt(r.get("throughput"), ",.0f"), output.fmt(r.get("throughput_vs_peft_eager"), ".2f", "x"),
+                     output.fmt(r.get("peak_mem_bytes") and r["peak_mem_bytes"] / 2**30, ".2f"),
+                     output.fmt(r.get("peak_mem_vs_peft_eager"), ".2f", "x"),
+                     output.fmt(r.get("loss_final"), ".4f"), output.fmt(r.get("warmup_s"), ".1f"),
+                     f"{fusion['fused']}/{fusion['refused']}" if fusion else "-",
+                     "" if ok else r.get("error", "")])
+    lines.append(output.markdown_table(
+        ["variant", "what", "status", "step ms (median)", unit, f"{unit} vs PEFT eager", mem_label,
+         "mem vs PEFT eager", "final loss", "warm-up s", "fused/refused sites", "error"], rows))
+    if data["targets"]:
+        lines += ["", "## Targets (DESIGN.md), measured in this run", ""]
+        lines.append(output.markdown_table(
+            ["target", "variant / baseline", "measured", "required", "verdict"],
+            [[t["target"], f"{t['variant']} / {t['baseline']}", output.fmt(t["measured"], ".2f", "x"), t["required"],
+              t["verdict"]] for t in data["targets"]]))
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(data: dict, out: Path) -> dict:
+    stem = out / f"e2e-{data['preset']['name']}"
+    output.write_json(stem.with_suffix(".json"), data)
+    stem.with_suffix(".md").write_text(render_markdown(data))
+    results = data["results"]
+    gib = [r.get("peak_mem_bytes") and r["peak_mem_bytes"] / 2**30 for r in results]
+    mem_label = "peak GiB (CUDA)" if data["mem_kind"] == "cuda_max_allocated" else "RSS delta GiB (CPU, not peak)"
+    output.bar_chart(stem.with_suffix(".png"), f"{data['preset']['name']} on {data['env']['device']}, {data['env']['date']}",
+                     [r["variant"]["name"] for r in results],
+                     [(data["unit"], [r.get("throughput") for r in results]), (mem_label, gib)],
+                     [r["status"] != "ok" for r in results])
+    return {k: str(stem.with_suffix(k)) for k in (".json", ".md", ".png")}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, help="timed steps (default: the preset's)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps, compilation included (default: the preset's)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights' dtype; auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--inner", default="auto", choices=["auto", "inductor", "aot_eager", "eager"],
+                   help="the unsloth backend's inner compiler and the torch.compile baseline's backend; "
+                        "auto: inductor on CUDA, aot_eager on CPU (Inductor's C++ compile dominates there)")
+    p.add_argument("--variants", help="comma list of default variants to run (default: all)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=KIND[:k=v,...]",
+                   help="an extra variant, e.g. nofold=unsloth:fold_residual=false (repeatable)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--out", default="docs/bench", help="output folder (JSON, markdown, PNG)")
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def select_variants(args, inner: str) -> list[Variant]:
+    variants = default_variants(inner)
+    if args.variants:
+        keep = [n.strip() for n in args.variants.split(",") if n.strip()]
+        unknown = sorted(set(keep) - {v.name for v in variants})
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; defaults are {[v.name for v in variants]}")
+        variants = [v for v in variants if v.name in keep]
+    variants += [parse_variant(spec, inner) for spec in args.variant]
+    if not variants:
+        raise SystemExit("no variant to run: --variants selected none and no --variant was given")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"variant names must be unique, got {names}")
+    return variants
+
+
+def run(args) -> dict:
+    preset = PRESETS[args.preset]
+    device = resolve_device(args.device)
+    inner = resolve_inner(args.inner, device)
+    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    steps = args.steps if args.steps is not None else preset.steps
+    warmup = args.warmup if args.warmup is not None else preset.warmup
+    if steps < 1:
+        raise SystemExit("--steps must be at least 1")
+    variants = select_variants(args, inner)
+    env = environment(device)
+    data = {"bench": "e2e", "preset": dataclasses.asdict(preset), "unit": preset.unit, "dtype": str(dtype),
+            "inner": inner, "steps": steps, "warmup": warmup, "seed": args.seed, "lr": args.lr, "env": env,
+            "mem_kind": MemoryMeter(device).kind, "results": [], "targets": []}
+    out = Path(args.out)
+    print(f"e2e {preset.name} on {env['device']}: {len(variants)} variants, {warmup} warm-up + {steps} timed steps")
+    for variant in variants:
+        print(f"  {variant.name:<20} {variant.describe()} ...", flush=True)
+        result = run_isolated(lambda: run_variant(preset, variant, device, dtype, steps, warmup, args.seed, args.lr),
+                              device)
+        result["variant"] = variant.to_json()
+        data["results"].append(result)
+        add_ratios(data["results"])
+        data["targets"] = check_targets(preset, data["results"], device)
+        status = (f"{result['throughput']:,.0f} {preset.unit}, step {1e3 * result['step_time_s']:.1f} ms"
+                  if result["status"] == "ok" else f"FAILED: {result['error']}")
+        print(f"  {'':<20} -> {status}", flush=True)
+        paths = write_outputs(data, out)
+    print()
+    print(render_markdown(data))
+    print("wrote " + ", ".join(paths.values()))
+    return data
