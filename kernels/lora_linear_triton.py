@@ -231,6 +231,7 @@ _TILES = [
     (256, 128, 64, 3, 8),
     (128, 256, 64, 4, 8),
     (128, 128, 64, 4, 8),
+    (256, 128, 64, 4, 8),
     (128, 128, 64, 4, 4),
     (64, 256, 64, 4, 4),
 ]
@@ -243,11 +244,15 @@ def _set_tma_blocks(nargs):
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_K_CONTIGUOUS"] else [bk, bn]
 
 
+# UNSLOTH_LORA_AUTOTUNE=0: the first tile only (no tuning): fast correctness runs on a GPU.
+_AUTOTUNE = os.environ.get("UNSLOTH_LORA_AUTOTUNE", "1") != "0"
+
+
 def _configs(pre_hook=None):
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
                       num_stages=stages, num_warps=warps, pre_hook=pre_hook)
-        for bm, bn, bk, stages, warps in _TILES
+        for bm, bn, bk, stages, warps in (_TILES if _AUTOTUNE else _TILES[:1])
     ]
 
 
@@ -287,6 +292,10 @@ except ImportError:  # pragma: no cover
 MAIN_LOOP = os.environ.get("UNSLOTH_LORA_MAIN_LOOP", "auto")
 
 
+# (device, dtypes, M bucket, N, K, r block, layout, epilogue flags) -> "tma" | "pointer"
+_MAIN_LOOP_CHOICE: dict = {}
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -298,11 +307,16 @@ def _tma_ok(t: Tensor) -> bool:
             and t.shape[0] > 0 and t.shape[1] > 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
 def _use_tma(a: Tensor, b: Tensor) -> tuple[bool, bool]:
     """(use the TMA kernel, b is K-contiguous) for a (M, K) @ b (K, N)."""
     if MAIN_LOOP != "auto" or TensorDescriptor is None:
         return False, False
-    if a.device.type == "cuda" and torch.cuda.get_device_capability(a.device) < (9, 0):
+    if a.device.type == "cuda" and _capability(a.device) < (9, 0):
         return False, False
     b_k_contiguous = b.stride(0) == 1 and b.stride(1) != 1
     b_view = b.t() if b_k_contiguous else b
@@ -344,25 +358,44 @@ def _launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, s
     def grid(c):
         return (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
 
-    use_tma, b_k_contiguous = _use_tma(a, b)
-    with torch.cuda.device(a.device) if not interpreted else _nullcontext():
-        if use_tma:
-            b_t = b.t() if b_k_contiguous else b
-            b_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if b_k_contiguous else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
-            a_desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
-            b_desc = TensorDescriptor.from_tensor(b_t, b_block)  # re-blocked by the pre-hook
-            args = (a_desc, b_desc) + pointers + sizes + strides + (float(scale),)
-            if interpreted:
-                _lora_gemm_tma_kernel[grid(cfg)](*args, B_K_CONTIGUOUS=b_k_contiguous, **meta, **cfg)
-            else:
-                _lora_gemm_tma_tuned[grid](*args, B_K_CONTIGUOUS=b_k_contiguous, **meta)
+    def run_tma():
+        b_t = b.t() if b_k_contiguous else b
+        b_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if b_k_contiguous else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
+        a_desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
+        b_desc = TensorDescriptor.from_tensor(b_t, b_block)  # re-blocked by the pre-hook
+        args = (a_desc, b_desc) + pointers + sizes + strides + (float(scale),)
+        if interpreted:
+            _lora_gemm_tma_kernel[grid(cfg)](*args, B_K_CONTIGUOUS=b_k_contiguous, **meta, **cfg)
         else:
-            args = ((a, b) + pointers + sizes + (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-                    + strides + (float(scale),))
-            if interpreted:
-                _lora_gemm_kernel[grid(cfg)](*args, **meta, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
-            else:
-                _lora_gemm_tuned[grid](*args, **meta)
+            _lora_gemm_tma_tuned[grid](*args, B_K_CONTIGUOUS=b_k_contiguous, **meta)
+
+    def run_pointer():
+        args = ((a, b) + pointers + sizes + (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+                + strides + (float(scale),))
+        if interpreted:
+            _lora_gemm_kernel[grid(cfg)](*args, **meta, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
+        else:
+            _lora_gemm_tuned[grid](*args, **meta)
+
+    use_tma, b_k_contiguous = _use_tma(a, b)
+    if not use_tma:
+        run = run_pointer
+    elif interpreted:
+        run = run_tma
+    else:
+        key = (a.device, a.dtype, u.dtype, v.dtype, out.dtype, _next_pow2(M), N, K, meta["BLOCK_R"],
+               b_k_contiguous, bias is not None, v_bias is not None, residual is not None)
+        if key not in _MAIN_LOOP_CHOICE:
+            # Neither main loop wins everywhere (H200, M=8192, r=16: TMA 0.470 vs pointer 0.508
+            # ms for llama-8b.attn.q forward, pointer 1.45 vs TMA 1.62 ms for mlp.up backward):
+            # time both, each autotuned, once per shape.
+            with torch.cuda.device(a.device):
+                t_tma = triton.testing.do_bench(run_tma, warmup=5, rep=25, return_mode="median")
+                t_ptr = triton.testing.do_bench(run_pointer, warmup=5, rep=25, return_mode="median")
+            _MAIN_LOOP_CHOICE[key] = "tma" if t_tma <= t_ptr else "pointer"
+        run = run_tma if _MAIN_LOOP_CHOICE[key] == "tma" else run_pointer
+    with torch.cuda.device(a.device) if not interpreted else _nullcontext():
+        run()
     return out
 
 
@@ -393,6 +426,13 @@ def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype
     return torch.mm(a, b).to(out_dtype)
 
 
+def _operand(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype with a unit last stride (one copy kernel at most)."""
+    if t.dtype == dtype and t.stride(-1) == 1:
+        return t
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
 def _effective_scale(scale: float, scale_tensor: Optional[Tensor]):
     return scale if scale_tensor is None else scale_tensor * scale
 
@@ -416,7 +456,7 @@ def supports(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     """(True, "") when these kernels handle the inputs, else (False, the reason)."""
     if x.device.type == "cuda":
         allowed = _HALF
-        if x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) < (8, 0):
+        if x.dtype == torch.bfloat16 and _capability(x.device) < (8, 0):
             return False, f"bf16 needs compute capability >= 8.0, {x.device} has less"
     elif x.device.type == "cpu" and _interpreting():
         allowed = (torch.float32, torch.float16)
@@ -425,7 +465,8 @@ def supports(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     if x.dtype not in allowed:
         return False, f"activations are {x.dtype}; the Triton kernels take {', '.join(map(str, allowed))}"
     if weight.dtype != x.dtype or weight.dim() != 2:
-        return False, f"base weight must be 2-D and of the activation dtype {x.dtype}, got {weight.dtype} {tuple(weight.shape)}"
+        return False, (f"base weight must be 2-D and of the activation dtype {x.dtype}, "
+                       f"got {weight.dtype} {tuple(weight.shape)}")
     if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return False, f"adapters must be fp32/fp16/bf16 of one dtype, got A {lora_A.dtype}, B {lora_B.dtype}"
     if not 1 <= lora_A.shape[0] <= _MAX_RANK:
@@ -465,7 +506,11 @@ def lora_linear_forward(
             late_residual = residual
     out = torch.empty((M, N), device=x.device, dtype=out_dtype)
     if M > 0:
-        _launch_lora_gemm(x2d, w_t, hidden, lora_B.t(), out, scale, scale_tensor,
+        # The epilogue reads U, V already in the compute dtype and row-contiguous: fp32 tiles
+        # converted in the kernel cost registers and made r=64 fp32 1.8x slower than bf16
+        # (2.19 vs 1.23 x base, llama-8b.mlp.up, H200), for two copies of M*r and r*N elements.
+        u, v = _operand(hidden, x.dtype), _operand(lora_B.t(), x.dtype)
+        _launch_lora_gemm(x2d, w_t, u, v, out, scale, scale_tensor,
                           bias=bias, v_bias=lora_B_bias, residual=res2d)
     out = out.reshape(*lead, N)
     if late_residual is not None:
@@ -491,7 +536,7 @@ def lora_linear_backward(
     s = _effective_scale(scale, scale_tensor)
     compute = grad2d.dtype
 
-    g = _mm(grad2d, lora_B, compute, adapter_dtype)  # (M, r) = dY B, unscaled
+    g = _mm(grad2d, lora_B, compute, compute)  # (M, r) = dY B, unscaled, in the compute dtype
     db = _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s
     adapter_in = _rows(x if lora_x is None else lora_x)
     in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
@@ -500,7 +545,7 @@ def lora_linear_backward(
     if lora_x is None:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
         if M > 0:
-            _launch_lora_gemm(grad2d, w_nk, g, lora_A, dx, scale, scale_tensor)
+            _launch_lora_gemm(grad2d, w_nk, g, _operand(lora_A, compute), dx, scale, scale_tensor)
         d_lora_x = None
     else:
         dx = _mm(grad2d, w_nk, compute, x.dtype) if M > 0 else x.new_empty((0, K))

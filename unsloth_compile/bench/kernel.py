@@ -95,6 +95,20 @@ def _inputs(M, K, N, r, device):
     return x, W, A, B, dy
 
 
+def _rel_err_vs_reference(x, W, A, B, dy, adapter_dtype) -> dict:
+    """Relative error (norm) of ours against impl="reference" for out, dx, dA, dB: a check
+    that the autotuned configurations compute the right thing at the benchmarked shape."""
+    results = {}
+    for impl in ("triton", "reference"):
+        A_, B_ = (t.detach().to(adapter_dtype).requires_grad_() for t in (A, B))
+        x_ = x.detach().requires_grad_()
+        out = torch.ops.unsloth.lora_linear(x_, W, None, A_, B_, None, None, None, SCALE, None,
+                                            False, x.dtype, impl)[0]
+        results[impl] = [out.detach(), *torch.autograd.grad(out, [x_, A_, B_], dy)]
+    return {name: ((o.double() - r.double()).norm() / r.double().norm()).item()
+            for name, o, r in zip(("out", "dx", "dA", "dB"), results["triton"], results["reference"])}
+
+
 def run_case(layer: str, M: int, r: int, variants, device) -> list[dict]:
     K, N = LAYERS[layer]
     x, W, A, B, dy = _inputs(M, K, N, r, device)
@@ -102,6 +116,9 @@ def run_case(layer: str, M: int, r: int, variants, device) -> list[dict]:
     for name in variants:
         row = {"layer": layer, "M": M, "K": K, "N": N, "r": r, "variant": name}
         try:
+            if name.startswith("ours"):
+                adapter = torch.float32 if name == "ours-fp32" else torch.bfloat16
+                row["rel_err_vs_reference"] = _rel_err_vs_reference(x, W, A, B, dy, adapter)
             row["ms"] = _bench(_make_variant(name, x, W, A, B, dy))
         except Exception as error:  # one failing variant must not hide the others
             row["error"] = f"{type(error).__name__}: {error}"[:300]
@@ -162,6 +179,45 @@ def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
     return rows
 
 
+def profile_host(layer: str, M: int, r: int, device, steps: int = 20) -> dict:
+    """Host time to enqueue one fwd+bwd step against its wall time (host >= wall means the
+    step is CPU-bound), and a cProfile of ours: where its Python time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    K, N = LAYERS[layer]
+    x, W, A, B, dy = _inputs(M, K, N, r, device)
+    report = {"layer": layer, "M": M, "r": r, "host_ms": {}, "wall_ms": {}}
+    for name in ("base", "peft-bf16", "ours-fp32", "ours-bf16"):
+        step = _make_variant(name, x, W, A, B, dy)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        report["host_ms"][name] = (t1 - t0) / steps * 1e3
+        report["wall_ms"][name] = (t2 - t0) / steps * 1e3
+        print(f"  host {layer} r={r} {name:10s} enqueue {report['host_ms'][name]:.3f} ms/step, "
+              f"wall {report['wall_ms'][name]:.3f} ms/step", flush=True)
+    step = _make_variant("ours-fp32", x, W, A, B, dy)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+    report["cprofile_ours_fp32"] = text.getvalue()
+    print(text.getvalue()[-6000:], flush=True)
+    return report
+
+
 def environment(device) -> dict:
     import importlib.metadata as md
 
@@ -201,6 +257,19 @@ def render_markdown(data: dict) -> str:
         for row in data["breakdown"]:
             ms = f"{row['ms']:.4f}" if "ms" in row else row.get("error", "failed")
             lines.append(f"| {row['layer']} | {row['r']} | {row['piece']} | {ms} |")
+    checks = [row for row in data["results"] if "rel_err_vs_reference" in row]
+    if checks:
+        lines += ["", "## Ours against impl=\"reference\" (relative error, norm)", "",
+                  "| layer | r | variant | out | dx | dA | dB |", "|---|---|---|---|---|---|---|"]
+        for row in checks:
+            e = row["rel_err_vs_reference"]
+            lines.append(f"| {row['layer']} | {row['r']} | {row['variant']} | "
+                         + " | ".join(f"{e[k]:.2e}" for k in ("out", "dx", "dA", "dB")) + " |")
+    if data.get("profile"):
+        prof = data["profile"]
+        lines += ["", f"## Host time per fwd+bwd step ({prof['layer']}, r={prof['r']})", "",
+                  "| variant | enqueue ms/step | wall ms/step |", "|---|---|---|"]
+        lines += [f"| {k} | {prof['host_ms'][k]:.3f} | {prof['wall_ms'][k]:.3f} |" for k in prof["host_ms"]]
     errors = [row for row in data["results"] if "error" in row]
     if errors:
         lines += ["", "## Failures", ""] + [f"- {e['layer']} r={e['r']} {e['variant']}: {e['error']}" for e in errors]
@@ -215,7 +284,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ranks", nargs="*", type=int, default=list(RANKS))
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tokens", type=int, default=TOKENS, help="M, rows of x")
-    parser.add_argument("--no-breakdown", action="store_true", help="skip the per-kernel breakdown")
+    parser.add_argument("--breakdown-layers", nargs="*", default=list(LAYERS), choices=list(LAYERS),
+                        help="layers for the per-kernel breakdown (none: skip it)")
+    parser.add_argument("--profile", action="store_true", help="host-overhead profile (llama-8b.attn.q, r=16)")
     args = parser.parse_args(list(argv or []))
     if not torch.cuda.is_available():
         print("bench kernel: needs a CUDA device (performance is only claimed from a GPU run)")
@@ -226,15 +297,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     variants = ["base"] + [v for v in args.variants if v != "base"]
     data = {"environment": environment(device), "argv": list(argv or []), "variants": variants,
             "results": [], "breakdown": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write():  # after every case: a run cut short still leaves its results
+        (out / "kernel.json").write_text(json.dumps(data, indent=2) + "\n")
+        (out / "kernel.md").write_text(render_markdown(data))
+
     for layer in args.layers:
         for r in args.ranks:
             data["results"] += run_case(layer, args.tokens, r, variants, device)
-    if not args.no_breakdown:
-        for layer in args.layers:
-            data["breakdown"] += breakdown(layer, args.tokens, 16, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "kernel.md").write_text(render_markdown(data))
+            write()
+    for layer in args.breakdown_layers:
+        data["breakdown"] += breakdown(layer, args.tokens, 16, device)
+        write()
+    if args.profile:
+        data["profile"] = profile_host("llama-8b.attn.q", args.tokens, 16, device)
+        write()
     print(render_markdown(data))
     return 0
