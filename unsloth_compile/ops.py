@@ -63,22 +63,27 @@ def _pick(impl: str, tensors: list[Optional[Tensor]]):
     return module
 
 
-@torch.library.custom_op("unsloth::lora_linear", mutates_args=())
-def lora_linear(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    lora_A: Tensor,
-    lora_B: Tensor,
-    lora_B_bias: Optional[Tensor],
-    lora_x: Optional[Tensor],
-    residual: Optional[Tensor],
-    scale: float,
-    scale_tensor: Optional[Tensor],
-    weight_transposed: bool,
-    out_dtype: torch.dtype,
-    impl: str,
-) -> tuple[Tensor, Tensor]:
+# Ops are defined with a plain torch.library.Library rather than @custom_op: the custom_op
+# wrapper adds about 15 us of Python per call (CPU, measured here: 22 vs 37 us for a trivial
+# op), paid for every LoRA linear of every step.
+_lib = torch.library.Library("unsloth", "DEF")
+_lib.define(
+    "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
+    "Tensor? lora_B_bias, Tensor? lora_x, Tensor? residual, float scale, Tensor? scale_tensor, "
+    "bool weight_transposed, ScalarType out_dtype, str impl) -> (Tensor, Tensor)"
+)
+_lib.define(
+    "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
+    "Tensor? lora_x, Tensor lora_hidden, float scale, Tensor? scale_tensor, bool weight_transposed, "
+    "ScalarType base_dtype, str impl) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
+                lora_B_bias: Optional[Tensor], lora_x: Optional[Tensor], residual: Optional[Tensor],
+                scale: float, scale_tensor: Optional[Tensor], weight_transposed: bool,
+                out_dtype: torch.dtype, impl: str) -> tuple[Tensor, Tensor]:
+    """(out, lora_hidden): see kernels/reference.py for the math."""
     module = _pick(impl, [x, weight, lora_A, lora_B, lora_x])
     return module.lora_linear_forward(
         x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual,
@@ -86,7 +91,7 @@ def lora_linear(
     )
 
 
-@lora_linear.register_fake
+@torch.library.register_fake("unsloth::lora_linear")
 def _(x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, scale_tensor,
       weight_transposed, out_dtype, impl):
     n_out = weight.shape[1] if weight_transposed else weight.shape[0]
@@ -95,21 +100,10 @@ def _(x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, sca
     return out, lora_A.new_empty((rows, lora_A.shape[0]))
 
 
-@torch.library.custom_op("unsloth::lora_linear_backward", mutates_args=())
-def lora_linear_backward(
-    grad_out: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    lora_A: Tensor,
-    lora_B: Tensor,
-    lora_x: Optional[Tensor],
-    lora_hidden: Tensor,
-    scale: float,
-    scale_tensor: Optional[Tensor],
-    weight_transposed: bool,
-    base_dtype: torch.dtype,
-    impl: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def lora_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
+                         lora_x: Optional[Tensor], lora_hidden: Tensor, scale: float,
+                         scale_tensor: Optional[Tensor], weight_transposed: bool,
+                         base_dtype: torch.dtype, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, d_lora_x, dA, dB); d_lora_x is an empty tensor when the adapter reads x."""
     module = _pick(impl, [x, weight, lora_A, lora_B, lora_x])
     dx, d_lora_x, dA, dB, _, _ = module.lora_linear_backward(
@@ -121,11 +115,17 @@ def lora_linear_backward(
     return dx, d_lora_x, dA, dB
 
 
-@lora_linear_backward.register_fake
+@torch.library.register_fake("unsloth::lora_linear_backward")
 def _(grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor,
       weight_transposed, base_dtype, impl):
     d_lora_x = x.new_empty((0,)) if lora_x is None else torch.empty_like(lora_x)
     return torch.empty_like(x), d_lora_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
+
+
+# One implementation for every device: it dispatches to Triton on CUDA and to the reference
+# elsewhere (_pick), so a new backend (XPU, MPS) runs the reference instead of failing.
+_lib.impl("lora_linear", lora_linear, "CompositeExplicitAutograd")
+_lib.impl("lora_linear_backward", lora_linear_backward, "CompositeExplicitAutograd")
 
 
 def _setup_context(ctx, inputs, output):
@@ -162,4 +162,4 @@ def _backward(ctx, grad_out, _grad_lora_hidden):
             None, None, None, None, None)
 
 
-lora_linear.register_autograd(_backward, setup_context=_setup_context)
+torch.library.register_autograd("unsloth::lora_linear", _backward, setup_context=_setup_context)
