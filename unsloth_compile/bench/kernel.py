@@ -8,6 +8,8 @@ Variants, all timed as fwd+bwd (autograd, gradients of x and of the adapters) in
     inductor      peft-fp32 under torch.compile (Inductor)
     ours-fp32     torch.ops.unsloth.lora_linear (impl="triton"), fp32 adapters
     ours-bf16     the same with bf16 adapters
+    unsloth       peft-fp32 under torch.compile(backend="unsloth"): the op inside an AOTAutograd
+                  graph, as users run it (no eager autograd wrapper around the op)
 Plus a breakdown of ours (r=16, fp32 adapters): each kernel of forward and backward alone,
 and the Triton GEMM with no low-rank term against cuBLAS.
 
@@ -35,7 +37,7 @@ LAYERS = {
 }
 RANKS = (8, 16, 64)
 TOKENS = 8192
-VARIANTS = ("base", "peft-fp32", "peft-bf16", "inductor", "ours-fp32", "ours-bf16")
+VARIANTS = ("base", "peft-fp32", "peft-bf16", "inductor", "ours-fp32", "ours-bf16", "unsloth")
 SCALE = 2.0  # lora_alpha / r; its value does not change the cost
 
 
@@ -77,6 +79,10 @@ def _make_variant(name, x, W, A32, B32, dy):
     if name == "inductor":
         torch._dynamo.reset()  # a fresh compile per shape (no recompile limit, no dynamic shapes)
         compiled = torch.compile(_peft_lora, dynamic=False)
+        return _step(lambda: compiled(x, W, A32, B32, SCALE), [x, A32, B32], dy)
+    if name == "unsloth":
+        torch._dynamo.reset()
+        compiled = torch.compile(_peft_lora, backend="unsloth", dynamic=False)
         return _step(lambda: compiled(x, W, A32, B32, SCALE), [x, A32, B32], dy)
     if name == "ours-fp32":
         return _step(lambda: _ours(x, W, A32, B32, SCALE), [x, A32, B32], dy)
