@@ -130,3 +130,14 @@ def test_kernel_subcommand_dispatches_lazily(monkeypatch):
     monkeypatch.setattr(bench, "kernel", fake, raising=False)
     assert main(["kernel", "--shape", "llama-1b.mlp.up"]) == 0
     assert seen == [["--shape", "llama-1b.mlp.up"]]
+
+
+@pytest.mark.gpu
+def test_e2e_tiny_on_cuda_reports_cuda_peak_memory(tmp_path):
+    assert main(["e2e", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cuda",
+                 "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "e2e-tiny.json").read_text())
+    assert data["mem_kind"] == "cuda_max_allocated" and data["dtype"] == "torch.bfloat16"
+    assert all(r["status"] == "ok" for r in data["results"]), [r.get("traceback") for r in data["results"]]
+    assert all(r["peak_mem_bytes"] > 0 for r in data["results"])
+    assert data["results"][-1]["peak_mem_vs_peft_eager"] is not None

