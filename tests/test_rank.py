@@ -290,6 +290,16 @@ def test_loss_decay_policy_grows_on_progress_and_shrinks_on_plateau():
     assert {e["reason"] for e in controller.events} == {"loss-decay"}  # init_rank 4 was the rank already
 
 
+def test_controller_set_rank_on_some_modules():
+    model = TwoLayer()
+    controller = RankController(model, _adam(model), policy="manual")
+    controller.set_rank(7, modules=["l2"])
+    assert controller.ranks == {"l1": 4, "l2": 7} and controller.events[-1]["reason"] == "manual"
+    with pytest.raises(ValueError, match="outside"):
+        controller.set_rank(0, modules=[model.l1])
+    assert controller.ranks == {"l1": 4, "l2": 7}
+
+
 def test_controller_starts_at_init_rank_and_bounds_the_limit():
     model = TwoLayer(r=8)
     controller = RankController(model, policy="loss-decay", init_rank=4)

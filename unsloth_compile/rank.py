@@ -642,18 +642,22 @@ class RankController:
         config = tuple(ranks)
         if config == self._config():
             return []
-        if config not in self._configs:
-            self._configs.add(config)
-        self._ensure_limit()  # also warns when the user lowered the limit since
-        plans = resize(self.adapters, ranks, self.optimizer)
+        plans = resize(self.adapters, ranks, self.optimizer)  # a ValueError changes nothing
+        self._configs.add(config)
+        self._ensure_limit()  # before the next forward compiles; warns if the user lowered it
         self.events.append({"step": self.steps, "ranks": dict(self.ranks), "reason": reason})
         return plans
 
     def set_rank(self, r: int, modules: Optional[Iterable[ModuleSpec]] = None) -> list[Resize]:
         """Manual change through the controller (keeps its bookkeeping): rank r for `modules`
         (default: all of the controller's adapters)."""
-        chosen = {id(a) for a in find_lora_adapters(self.model, modules)} if modules is not None else None
-        ranks = [r if chosen is None or id(a) in chosen else a.rank for a in self.adapters]
+        chosen = None
+        if modules is not None:
+            chosen = {(id(a.module), a.adapter) for a in find_lora_adapters(self.model, modules)}
+            unknown = chosen - {(id(a.module), a.adapter) for a in self.adapters}
+            if unknown:
+                raise ValueError("unsloth_compile.rank: `modules` names LoRA layers this controller does not manage")
+        ranks = [r if chosen is None or (id(a.module), a.adapter) in chosen else a.rank for a in self.adapters]
         return self._change(ranks, "manual")
 
     # --- the training-loop side
@@ -672,10 +676,13 @@ class RankController:
         self.steps += 1
         if self.steps % self.window or self.policy is None:
             return []
-        if self._losses:
+        fresh = bool(self._losses)
+        if fresh:
             self.window_losses.append(sum(self._losses) / len(self._losses))
             self._losses = []
         if isinstance(self.policy, LossDecayPolicy):
+            if not fresh:  # no loss recorded in this window (e.g. Trainer logging_steps > window)
+                return []
             r = self.policy.decide(self)
             if r is None:
                 return []
