@@ -63,12 +63,13 @@ def test_e2e_tiny_end_to_end_with_a_failing_variant(tmp_path, capsys):
 
 
 def test_accuracy_end_to_end_on_cpu(tmp_path):
-    assert main(["accuracy", "--steps", "2", "--seeds", "2", "--max-train", "64", "--max-eval", "48",
-                 "--batch-size", "16", "--device", "cpu", "--out", str(tmp_path), "--variant", BROKEN]) == 0
+    assert main(["accuracy", "--steps", "2", "--seeds", "2", "--max-train", "32", "--max-eval", "24",
+                 "--batch-size", "8", "--device", "cpu", "--inner", "eager", "--out", str(tmp_path),
+                 "--variant", BROKEN]) == 0  # inner=eager: the e2e test covers aot_eager, this one the task
     data = json.loads((tmp_path / "accuracy.json").read_text())
     assert {"env", "args", "seeds", "label_names", "sizes", "runs", "summary"} <= set(data)
     assert len(data["label_names"]) == 14 and data["seeds"] == [0, 1]
-    assert data["sizes"] == {"train": 64, "valid": 48, "test": 48}
+    assert data["sizes"] == {"train": 32, "valid": 24, "test": 24}
     assert len(data["runs"]) == 3 * 2
     summary = {s["variant"]["name"]: s for s in data["summary"]}
     for name in ["peft-eager", "peft+unsloth"]:

@@ -113,8 +113,9 @@ def compile_for(model: torch.nn.Module, variant: Variant) -> Callable:
     if variant.kind in ("full", "eager"):
         return model
     if variant.kind == "unsloth":
-        import unsloth_compile  # noqa: F401  registers the backend
+        from unsloth_compile import Config  # importing the package registers the backend
 
+        Config.from_options(variant.options)  # a bad option fails here, not after Dynamo traced the model
         return torch.compile(model, backend="unsloth", options=dict(variant.options))
     return torch.compile(model, backend=variant.kind)
 
