@@ -313,6 +313,11 @@ def select_variants(args, inner: str) -> list[Variant]:
     return variants
 
 
+# The comparison that matters most runs first, so that a run cut short (a time limit, a crash
+# of the process) still holds it; the table keeps the order of the variants as given.
+_RUN_FIRST = {"peft-eager": 0, "unsloth": 1, "peft-compile": 2, "full": 3}
+
+
 def run(args) -> dict:
     preset = PRESETS[args.preset]
     device = resolve_device(args.device)
@@ -329,12 +334,13 @@ def run(args) -> dict:
             "mem_kind": MemoryMeter(device).kind, "results": [], "targets": []}
     out = Path(args.out)
     print(f"e2e {preset.name} on {env['device']}: {len(variants)} variants, {warmup} warm-up + {steps} timed steps")
-    for variant in variants:
+    for variant in sorted(variants, key=lambda v: _RUN_FIRST.get(v.role, len(_RUN_FIRST))):
         print(f"  {variant.name:<20} {variant.describe()} ...", flush=True)
         result = run_isolated(lambda: run_variant(preset, variant, device, dtype, steps, warmup, args.seed, args.lr),
                               device)
         result["variant"] = variant.to_json()
         data["results"].append(result)
+        data["results"].sort(key=lambda r: [v.name for v in variants].index(r["variant"]["name"]))
         add_ratios(data["results"])
         data["targets"] = check_targets(preset, data["results"], device)
         status = (f"{result['throughput']:,.0f} {preset.unit}, step {1e3 * result['step_time_s']:.1f} ms"
