@@ -391,6 +391,12 @@ def _owner_path(node: Node) -> tuple[str, str]:
     return owner
 
 
+def _is_peft_lora_layer(qualified_class: str) -> bool:
+    """A PEFT LoRA *layer* (peft.tuners.lora.layer.Linear, .bnb.Linear8bitLt, ...), not the
+    LoraModel wrapper (peft.tuners.lora.model.LoraModel) that contains them all."""
+    return qualified_class.startswith("peft.tuners.lora.") and not qualified_class.startswith("peft.tuners.lora.model.")
+
+
 def _report_leftover_lora_layers(gm: GraphModule, report: Report) -> None:
     """LoRA layers whose adapters are still computed after the rewrite were not understood
     (DoRA, Embedding/Conv LoRA, other variants); PEFT LoRA layers that run only their base
@@ -404,7 +410,7 @@ def _report_leftover_lora_layers(gm: GraphModule, report: Report) -> None:
         if node.op not in ("call_function", "call_method"):
             continue
         for path, cls in fm.module_stack(node):
-            if cls.startswith("peft.tuners.lora") and not path.rsplit(".", 1)[-1].startswith("lora_"):
+            if _is_peft_lora_layer(cls) and not path.rsplit(".", 1)[-1].startswith("lora_"):
                 lora_layers_seen.setdefault(path, cls)
         if not any(_is_adapter_param(a) for a in node.all_input_nodes):
             continue

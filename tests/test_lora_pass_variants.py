@@ -175,3 +175,15 @@ def test_merged_and_disabled_adapters_are_reported():
     with model.disable_adapter():
         report = _explain(model, batch_for("llama"))
     assert report.refusal_reasons() == {"adapters merged or disabled: only the base layer runs": 2}
+
+
+def test_sequence_classification_wrapper_is_not_a_lora_layer():
+    """PEFT SEQ_CLS with modules_to_save: the LoraModel wrapper itself must not be reported as
+    a LoRA layer that 'runs its base only'."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_causal_lm("bert"), LoraConfig(
+        task_type="SEQ_CLS", r=4, target_modules=["query", "key", "value", "dense"], init_lora_weights=False))
+    report = _explain(model, batch_for("bert"))
+    assert report.refused == [], str(report)
+    assert report.counters["lora_linear.fused"] == count_lora_layers(model)
