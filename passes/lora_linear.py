@@ -112,6 +112,11 @@ def _is_2d(node) -> bool:
     return isinstance(value, torch.Tensor) and value.dim() == 2
 
 
+def _is_0d(node) -> bool:
+    value = fm.example_value(node)
+    return isinstance(value, torch.Tensor) and value.dim() == 0
+
+
 def _scale_of(node: Node) -> tuple[Node, float, Optional[Node]]:
     """Peel `t * s` / `s * t`: (t, float scale, 0-d tensor scale)."""
     if fm.is_mul(node):
@@ -121,8 +126,12 @@ def _scale_of(node: Node) -> tuple[Node, float, Optional[Node]]:
                 continue
             if isinstance(s, (int, float)) and not isinstance(s, bool):
                 return t, float(s), None
-            sv, tv = fm.example_value(s), fm.example_value(t)
-            if isinstance(sv, torch.Tensor) and sv.dim() == 0 and isinstance(tv, torch.Tensor) and tv.dim() >= 1:
+            if isinstance(s, Node) and s.op == "call_method" and s.target == "item" and _is_0d(s.args[0]):
+                # A float attribute that changed between calls (a LoRA rank change rescales
+                # alpha/r): Dynamo passes it as a 0-d tensor input and multiplies by its item().
+                return t, 1.0, s.args[0]
+            tv = fm.example_value(t)
+            if _is_0d(s) and isinstance(tv, torch.Tensor) and tv.dim() >= 1:
                 return t, 1.0, s
     return node, 1.0, None
 

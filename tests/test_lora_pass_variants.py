@@ -187,3 +187,18 @@ def test_sequence_classification_wrapper_is_not_a_lora_layer():
     report = _explain(model, batch_for("bert"))
     assert report.refused == [], str(report)
     assert report.counters["lora_linear.fused"] == count_lora_layers(model)
+
+
+def test_float_scale_that_changes_between_calls_stays_fused():
+    """After a float attribute changes, Dynamo passes it as a 0-d tensor input and multiplies by
+    its item(): the site must still fuse, with the tensor as the op's scale_tensor."""
+    model = nn.Sequential(HandWrittenLoRA(16, 12, 2))
+    batches = _sequential_batch(16)
+    result = train_and_compare(model, batches, steps=1)
+    assert result.report.counters["lora_linear.fused"] == 1
+    for scale in (0.25, 0.125):
+        model[0].scale = scale
+        result = train_and_compare(model, batches, steps=1)
+        # Dynamo may compile more than once around the change: every graph must fuse the site.
+        report = result.report
+        assert report.refused == [] and report.counters["lora_linear.fused"] == report.graphs >= 1, str(report)

@@ -20,10 +20,9 @@ that would otherwise defeat this:
   off, automatic dynamic shapes compile a dynamic-rank graph after the first change; every new
   Parameter is therefore passed to `torch._dynamo.mark_static`, which restores one graph per rank.
 - `specialize_float=False` (the default since torch 2.6): after the scale changes once, Dynamo
-  passes it as a float input, and the graph multiplies by `scalar_tensor.item()` instead of a
-  constant, which the unsloth LoRA pass does not recognise (every site is refused and the
-  fusion is lost from the second rank on). The controller sets `specialize_float=True`
-  (`specialize_scale=False` leaves it alone) so each rank's graph holds its scale as a constant.
+  passes it as a 0-d tensor input and the graph multiplies by its `.item()`; the LoRA pass
+  fuses that form too (the tensor becomes the op's `scale_tensor`), so Dynamo's float
+  settings are left as the user has them.
 The recompile limit (`recompile_limit`, `cache_size_limit` before torch 2.6/2.7; both names are
 tried) is raised to what the controller can produce; a setting too low to hold every rank's
 graph is reported with `warnings.warn`, because Dynamo would silently run the model eagerly.
@@ -422,10 +421,9 @@ def set_rank(model: nn.Module, r: int, modules: Optional[Iterable[ModuleSpec]] =
              optimizer: Any = None, adapter_name: Optional[str] = None) -> list[Resize]:
     """Manual policy: set every selected LoRA adapter to rank `r` (see the module docstring for
     what is preserved), moving `optimizer`'s state along. Returns the resizes performed. Sets
-    Dynamo's specialize_float like the controller; the recompile limit is the caller's to size
-    (a RankController with policy="manual" does both)."""
+    nothing in Dynamo's config: the recompile limit is the caller's to size (a RankController
+    with policy="manual" raises it)."""
     adapters = find_lora_adapters(model, modules, adapter_name)
-    _specialize_scale()
     return resize(adapters, [r] * len(adapters), optimizer)
 
 
@@ -457,14 +455,6 @@ def ensure_recompile_limit(target: int, minimum: int, raise_limit: bool) -> None
                 f"once a frame holds {current} graphs Dynamo will {hit}. Fix: set "
                 f"torch._dynamo.config.{name} = {target} (or leave it to "
                 f"RankController(raise_recompile_limit=True), and do not lower it afterwards).", stacklevel=4)
-
-
-def _specialize_scale() -> None:
-    config = torch._dynamo.config
-    if hasattr(config, "specialize_float") and not config.specialize_float:
-        config.specialize_float = True
-        log.info("unsloth_compile.rank: set torch._dynamo.config.specialize_float=True so that the LoRA "
-                 "scale stays a graph constant after a rank change")
 
 
 # ----------------------------------------------------------------------------- policies
@@ -573,8 +563,7 @@ class RankController:
                  modules: Optional[Iterable[ModuleSpec]] = None, init_rank: int = 4, min_rank: int = 4,
                  max_rank: int = 16, window: int = 50, threshold: float = 0.95, scheduler: Any = None, *,
                  budget: Optional[int] = None, importance: str = "sensitivity", ema: float = 0.85,
-                 adapter_name: Optional[str] = None, raise_recompile_limit: bool = True,
-                 specialize_scale: bool = True):
+                 adapter_name: Optional[str] = None, raise_recompile_limit: bool = True):
         if policy not in ("loss-decay", "importance", "manual"):
             raise ValueError(f"unsloth_compile.rank: policy={policy!r}; choose 'loss-decay', 'importance' or 'manual'")
         if not 1 <= min_rank <= init_rank <= max_rank:
@@ -598,8 +587,6 @@ class RankController:
         self._base_limit = getattr(torch._dynamo.config, _limit_name())
         self._seen_limits: dict[str, int] = {}
         self._configs = {self._config()}
-        if specialize_scale:
-            _specialize_scale()
         if policy == "loss-decay":  # every configuration it can reach, known up front
             self._configs |= {tuple(min(r, a.limit) for a in self.adapters) for r in range(min_rank, max_rank + 1)}
         self._ensure_limit()
