@@ -10,7 +10,7 @@ import torch
 
 import unsloth_compile
 from unsloth_compile.config import Config, Inner
-from helpers import batch_for, count_lora_layers, peft_wrap, tiny_causal_lm, train_and_compare
+from helpers import batch_for, peft_wrap, tiny_causal_lm, train_and_compare
 
 
 def test_entry_point_is_declared():

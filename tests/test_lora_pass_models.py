@@ -1,7 +1,6 @@
 """The LoRA pass on real architectures: every LoRA linear fused, training identical to eager."""
 
 import pytest
-import torch
 
 from helpers import batch_for, count_lora_layers, peft_wrap, tiny_causal_lm, train_and_compare
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from . import output, tasks
-from .variants import (MemoryMeter, Variant, environment, parse_variant, resolve_device, resolve_inner,
-                       run_isolated)
+from .variants import (MemoryMeter, Variant, environment, resolve_device, resolve_inner, run_isolated,
+                       select_variants)
 
 TOLERANCE_POINTS = 0.3
 
@@ -160,27 +160,13 @@ def parse_seeds(text: str) -> list[int]:
     return list(range(int(text)))
 
 
-def select_variants(args, inner: str, device: torch.device) -> list[Variant]:
-    variants = default_variants(inner, device)
-    if args.variants:
-        keep = {n.strip() for n in args.variants.split(",") if n.strip()}
-        unknown = sorted(keep - {v.name for v in variants})
-        if unknown:
-            raise SystemExit(f"--variants: unknown {unknown}; defaults are {[v.name for v in variants]}")
-        variants = [v for v in variants if v.name in keep]
-    variants += [parse_variant(spec, inner) for spec in args.variant]
-    if not variants:
-        raise SystemExit("no variant to run")
-    return variants
-
-
 def run(args) -> dict:
     device = resolve_device(args.device)
     inner = resolve_inner(args.inner, device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     seeds = parse_seeds(args.seeds)
-    variants = select_variants(args, inner, device)
+    variants = select_variants(default_variants(inner, device), args.variants, args.variant, inner)
     try:
         data = tasks.load_sections(tasks.load_tokenizer(), Path(args.data_dir))
     except tasks.ModelPackageMissing as error:

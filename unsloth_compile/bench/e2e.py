@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from . import output
-from .variants import (MemoryMeter, Variant, compile_for, environment, make_optimizer, parse_variant,
-                       resolve_device, resolve_inner, run_isolated, synchronize)
+from .variants import (MemoryMeter, Variant, compile_for, environment, make_optimizer, resolve_device,
+                       resolve_inner, run_isolated, select_variants, synchronize)
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BERT_TARGETS = ("query", "key", "value", "dense")
@@ -296,23 +296,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def select_variants(args, inner: str) -> list[Variant]:
-    variants = default_variants(inner)
-    if args.variants:
-        keep = [n.strip() for n in args.variants.split(",") if n.strip()]
-        unknown = sorted(set(keep) - {v.name for v in variants})
-        if unknown:
-            raise SystemExit(f"--variants: unknown {unknown}; defaults are {[v.name for v in variants]}")
-        variants = [v for v in variants if v.name in keep]
-    variants += [parse_variant(spec, inner) for spec in args.variant]
-    if not variants:
-        raise SystemExit("no variant to run: --variants selected none and no --variant was given")
-    names = [v.name for v in variants]
-    if len(set(names)) != len(names):
-        raise SystemExit(f"variant names must be unique, got {names}")
-    return variants
-
-
 # The comparison that matters most runs first, so that a run cut short (a time limit, a crash
 # of the process) still holds it; the table keeps the order of the variants as given.
 _RUN_FIRST = {"peft-eager": 0, "unsloth": 1, "peft-compile": 2, "full": 3}
@@ -327,7 +310,7 @@ def run(args) -> dict:
     warmup = args.warmup if args.warmup is not None else preset.warmup
     if steps < 1:
         raise SystemExit("--steps must be at least 1")
-    variants = select_variants(args, inner)
+    variants = select_variants(default_variants(inner), args.variants, args.variant, inner)
     env = environment(device)
     data = {"bench": "e2e", "preset": dataclasses.asdict(preset), "unit": preset.unit, "dtype": str(dtype),
             "inner": inner, "steps": steps, "warmup": warmup, "seed": args.seed, "lr": args.lr, "env": env,

