@@ -115,6 +115,14 @@ def test_explain_returns_report_and_logs(caplog):
     assert any("unsloth_compile report" in r.getMessage() for r in caplog.records)
 
 
+def test_report_option_false_silences_the_log(caplog):
+    model = peft_wrap(tiny_causal_lm("llama"), target_modules=["q_proj"])
+    with caplog.at_level(logging.INFO, logger="unsloth_compile"):
+        report = unsloth_compile.explain(model, **batch_for("llama"), options={"report": False})
+    assert len(report.fused) == 2  # explain still collects the report
+    assert not any("unsloth_compile report" in r.getMessage() for r in caplog.records)
+
+
 def test_explain_does_not_disturb_the_callers_rng_or_parameters():
     model = peft_wrap(tiny_causal_lm("llama"), target_modules=["q_proj"], lora_dropout=0.5)
     before = {n: p.clone() for n, p in model.named_parameters()}

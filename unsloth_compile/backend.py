@@ -25,7 +25,7 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     from .passes import run_passes
 
     gm, report = run_passes(gm, example_inputs, cfg)
-    publish(report)
+    publish(report, log_it=cfg.report)
     return _inner_compile(gm, example_inputs, cfg)
 
 

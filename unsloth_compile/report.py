@@ -71,11 +71,11 @@ class Report:
 _collectors: list[Report] = []
 
 
-def publish(report: Report) -> None:
-    """Called by the backend once per compiled graph."""
+def publish(report: Report, log_it: bool = True) -> None:
+    """Called by the backend once per compiled graph (log_it: the `report` option)."""
     for collector in _collectors:
         collector.merge(report)
-    if report.sites:
+    if report.sites and log_it:
         log.info("%s", report)
 
 
