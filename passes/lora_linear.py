@@ -227,9 +227,10 @@ def check_site(base: BaseLinear, adapters: list[Adapter]) -> Optional[str]:
     return None
 
 
-def _match_tail(sum_node: Node, base_dtype: torch.dtype, cfg: Config):
-    """(last, out_dtype, residual, extra chain nodes): absorb a cast back to the base dtype,
-    then a residual add, when each is the single user of what precedes it."""
+def _match_tail(sum_node: Node, cfg: Config):
+    """(last, out_dtype, residual, extra chain nodes): absorb a dtype cast of the sum (PEFT's
+    cast back to the base dtype), then a residual add, when each is the single user of what
+    precedes it."""
     last, chain = sum_node, []
     out_dtype = fm.example_value(sum_node).dtype
     user = fm.single_user(sum_node)
@@ -348,7 +349,7 @@ def fuse_lora_linears(gm: GraphModule, cfg: Config | None = None, report: Report
         if reason is not None:
             report.add(Site(path, PATTERN, "refused", reason, details))
             continue
-        last, out_dtype, residual, tail = _match_tail(node, fm.example_value(base.weight).dtype, cfg)
+        last, out_dtype, residual, tail = _match_tail(node, cfg)
         site = LoraSite(base, adapters, node, last, out_dtype, residual, adds + tail)
         replace_site(gm, site, cfg)
         details["residual_folded"] = residual is not None
