@@ -378,3 +378,37 @@ def test_gpu_backend_tiny_peft_llama_matches_eager(monkeypatch):
     assert abs(loss_c.item() - loss_eager.item()) < 2e-2 * abs(loss_eager.item())
     worst = max(_rel_err(grads_c[n], grads_eager[n]) for n in grads_eager)
     assert worst < 0.1, f"largest relative gradient difference {worst:.3g}"
+
+
+@gpu
+@needs_cuda
+def test_gpu_backend_changing_float_scale_uses_scale_tensor():
+    """A float LoRA scale that changes between calls (what a rank change does) reaches the
+    Triton kernels as a 0-d float64 scale_tensor; the compiled output still matches eager."""
+    import unsloth_compile  # noqa: F401  registers the backend
+    from unsloth_compile.report import collect_reports
+
+    class LoRA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = torch.nn.Linear(256, 320, bias=False).requires_grad_(False)
+            self.A = torch.nn.Linear(256, 8, bias=False)
+            self.B = torch.nn.Linear(8, 320, bias=False)
+            torch.nn.init.normal_(self.B.weight, std=0.05)
+            self.scale = 2.0
+
+        def forward(self, x):
+            return self.base(x) + self.B(self.A(x.float())) * self.scale
+
+    torch.manual_seed(0)
+    model = LoRA().cuda()
+    model.base.to(torch.bfloat16)
+    compiled = torch.compile(model, backend="unsloth")
+    x = torch.randn(2, 96, 256, device="cuda", dtype=torch.bfloat16)
+    with collect_reports() as report:
+        for scale in (2.0, 0.5, 0.25):
+            model.scale = scale
+            want = model(x).float()
+            got = compiled(x).float()
+            assert _rel_err(got, want) < 2e-2, f"scale {scale}: rel. err {_rel_err(got, want):.3g}"
+    assert report.refused == [] and report.counters["lora_linear.fused"] == report.graphs >= 2
