@@ -386,6 +386,9 @@ def _is_adapter_param(node: Node) -> bool:
     return fm.is_param_like(node) and any(part in name for part in _ADAPTER_NAME_PARTS)
 
 
+_FRAGMENT = "<fragment after a graph break>"
+
+
 def _owner_path(node: Node) -> tuple[str, str]:
     """(path, class) of the LoRA layer a node runs in: the module just above its lora_* part.
     After a graph break the frame starts inside PEFT and the path is relative to it."""
@@ -397,7 +400,7 @@ def _owner_path(node: Node) -> tuple[str, str]:
             break
         owner = (path, cls)
     if not owner[0] or owner[0] == "<root>":
-        return "<fragment after a graph break>", owner[1]
+        return _FRAGMENT, owner[1]
     return owner
 
 
@@ -434,8 +437,11 @@ def _report_leftover_lora_layers(gm: GraphModule, report: Report) -> None:
             leftovers[path] = "LoRA on Embedding layers is not fused"
         elif node.target in _CONV_FUNCTIONS or kind.startswith("Conv") and kind != "Conv1D":
             leftovers[path] = f"LoRA on {kind or 'convolution'} layers is not fused"
+        elif path == _FRAGMENT:
+            leftovers[path] = ("unrecognised LoRA form in a graph fragment: a graph break inside the LoRA layer "
+                               "split it (torch._dynamo.explain(model)(...) shows where)")
         else:
-            leftovers[path] = f"unrecognised LoRA form ({cls or 'no module information'})"
+            leftovers[path] = f"unrecognised LoRA form ({cls})"
     for path, reason in leftovers.items():
         report.add(Site(path, PATTERN, "refused", reason))
     for path, cls in lora_layers_seen.items():
