@@ -35,6 +35,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .reference import effective_scale as _effective_scale, rows as _rows
+
 _INT32_LIMIT = 2**31 - 1
 _HALF = (torch.float16, torch.bfloat16)
 _MAX_RANK = 256
@@ -431,15 +433,6 @@ def _operand(t: Tensor, dtype: torch.dtype) -> Tensor:
     if t.dtype == dtype and t.stride(-1) == 1:
         return t
     return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
-
-
-def _effective_scale(scale: float, scale_tensor: Optional[Tensor]):
-    return scale if scale_tensor is None else scale_tensor * scale
-
-
-def _rows(t: Tensor) -> Tensor:
-    """(..., D) -> (rows, D): a view whenever the strides allow it (the kernel takes strides)."""
-    return t.reshape(-1, t.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------

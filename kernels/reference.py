@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 
-def _rows(t: Tensor) -> Tensor:
+def rows(t: Tensor) -> Tensor:
+    """(..., D) -> (rows, D): a view whenever the strides allow it (the Triton kernels take strides)."""
     return t.reshape(-1, t.shape[-1])
 
 
@@ -59,13 +60,13 @@ def lora_linear_forward(
     """Returns (out, lora_hidden) with out = (x W^T + b + s (x_l A^T) B^T + s b_B).to(out_dtype)
     (+ residual), and lora_hidden = x_l A^T (M, r), kept for backward's dB."""
     lead = x.shape[:-1]
-    base = base_linear(_rows(x), weight, bias, weight_transposed)
-    adapter_in = _rows(x if lora_x is None else lora_x).to(lora_A.dtype)
+    base = base_linear(rows(x), weight, bias, weight_transposed)
+    adapter_in = rows(x if lora_x is None else lora_x).to(lora_A.dtype)
     lora_hidden = adapter_in @ lora_A.t()
     lora = torch.nn.functional.linear(lora_hidden, lora_B, lora_B_bias)
     out = (base + lora * effective_scale(scale, scale_tensor)).to(out_dtype)
     if residual is not None:
-        out = out + _rows(residual)
+        out = out + rows(residual)
     return out.reshape(*lead, out.shape[-1]), lora_hidden
 
 
@@ -90,7 +91,7 @@ def lora_linear_backward(
     reads x itself (its part is then inside dx). There is never a gradient for `weight`:
     the base is frozen and computing dW would be a full M x N x K GEMM thrown away.
     """
-    grad2d = _rows(grad_out)
+    grad2d = rows(grad_out)
     grad_base = grad2d.to(base_dtype)
     dx = grad_base @ (weight.t() if weight_transposed else weight)
     dbias = grad_base.sum(0) if needs_bias_grad else None
@@ -99,7 +100,7 @@ def lora_linear_backward(
     d_lora_B_bias = grad_lora.sum(0) if needs_lora_B_bias_grad else None
     dB = grad_lora.t() @ lora_hidden
     d_hidden = grad_lora @ lora_B
-    adapter_in = _rows(x if lora_x is None else lora_x).to(lora_A.dtype)
+    adapter_in = rows(x if lora_x is None else lora_x).to(lora_A.dtype)
     dA = d_hidden.t() @ adapter_in
     d_adapter_in = d_hidden @ lora_A
 
