@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 import traceback
 from pathlib import Path
@@ -225,16 +224,9 @@ def profile_host(layer: str, M: int, r: int, device, steps: int = 20) -> dict:
 
 
 def environment(device) -> dict:
-    import importlib.metadata as md
+    from .variants import environment as common_environment
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for package in ("triton", "transformers", "peft"):
-        try:
-            versions[package] = md.version(package)
-        except md.PackageNotFoundError:
-            versions[package] = None
-    return {"device": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "versions": versions, "tokens": TOKENS}
+    return {**common_environment(device), "tokens": TOKENS}
 
 
 def render_markdown(data: dict) -> str:
