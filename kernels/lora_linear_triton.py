@@ -259,8 +259,9 @@ def _configs(pre_hook=None):
 
 
 def _prune_configs(configs, named_args, **kwargs):
-    # Small problems: tiles much taller than M only waste work.
-    m_bucket = named_args["M_BUCKET"]
+    # Small problems: tiles much taller than M only waste work. (M_BUCKET arrives among the
+    # positional named_args or, when the launch passes keywords, among kwargs.)
+    m_bucket = named_args["M_BUCKET"] if "M_BUCKET" in named_args else kwargs["M_BUCKET"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m_bucket)]
     return kept or configs[:1]
 
@@ -325,6 +326,61 @@ def _use_tma(a: Tensor, b: Tensor) -> tuple[bool, bool]:
     return _tma_ok(a) and _tma_ok(b_view), b_k_contiguous
 
 
+def _specialization(values) -> tuple:
+    """What Triton specialises a kernel on besides constexprs: each pointer's element type and
+    16-byte alignment, and ints that are 1 or multiples of 16. Two calls with equal
+    specialisations and equal constexprs run the same compiled kernel."""
+    bits = []
+    for value in values:
+        if isinstance(value, Tensor):
+            bits.append((value.dtype, value.data_ptr() % 16 == 0))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            bits.append((value == 1, value % 16 == 0))
+    return tuple(bits)
+
+
+class _Plan:
+    """The compiled kernel and tuned configuration of one problem (dtypes, shapes bucket,
+    layout, flags, alignment), found once through the autotuner.
+
+    Later calls launch `CompiledKernel[grid](*args)` directly: the autotuner's key building and
+    JITFunction.run's argument binding cost 0.1-0.2 ms of Python per launch on the H200 host
+    (cProfile, docs/bench/kernel_notes.md), as much as the whole low-rank term's GPU time.
+    """
+
+    __slots__ = ("kernel", "config", "tma", "b_k_contiguous", "arg_names")
+
+    def __init__(self, kernel, config: dict, tma: bool, b_k_contiguous: bool, arg_names):
+        self.kernel, self.config, self.tma = kernel, config, tma
+        self.b_k_contiguous, self.arg_names = b_k_contiguous, arg_names
+
+    def descriptors(self, a: Tensor, b: Tensor):
+        cfg = self.config
+        b_view = b.t() if self.b_k_contiguous else b
+        b_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if self.b_k_contiguous else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
+        return (TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+                TensorDescriptor.from_tensor(b_view, b_block))
+
+    def launch(self, named: dict, M: int, N: int) -> None:
+        cfg = self.config
+        named.update(cfg)
+        # CompiledKernel[grid] takes the full 3-D grid (JITFunction.run pads it, we do not).
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), 1, 1)
+        self.kernel[grid](*[named[name] for name in self.arg_names])
+
+
+# (device, dtypes, M bucket, N, K, r block, layout, flags, specialisation) -> _Plan
+_PLANS: dict = {}
+
+
+def _base_fn(tuned):
+    """The JITFunction under autotune/heuristics wrappers (for its parameter order)."""
+    fn = tuned
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    return fn
+
+
 def _launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
                       scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
                       v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
@@ -333,72 +389,175 @@ def _launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, s
     N = b.shape[1]
     R = u.shape[1]
     dummy = out  # never read: the matching HAS_* flag is False
-    if scale_tensor is not None:
+    if scale_tensor is not None and (scale_tensor.dim() != 0 or scale_tensor.device != a.device):
         scale_tensor = scale_tensor.to(device=a.device).reshape(())
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    if v_bias is not None and v_bias.stride(0) != 1:
+        v_bias = v_bias.contiguous()
     res_strides = residual.stride() if residual is not None else (0, 0)
-    pointers = (
-        u, v,
-        bias.contiguous() if bias is not None else dummy,
-        v_bias.contiguous() if v_bias is not None else dummy,
-        residual if residual is not None else dummy,
-        out,
-        scale_tensor if scale_tensor is not None else dummy,
-    )
-    sizes = (M, N, K, R, _next_pow2(M))
-    strides = (u.stride(0), u.stride(1), v.stride(0), v.stride(1),
-               res_strides[0], res_strides[1], out.stride(0), out.stride(1))
-    meta = dict(
-        HAS_BIAS=bias is not None, HAS_V_BIAS=v_bias is not None,
-        HAS_RESIDUAL=residual is not None, HAS_SCALE_TENSOR=scale_tensor is not None,
-        COMPUTE_DTYPE=_TL_DTYPES[a.dtype],
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        BLOCK_R=max(16, min(64, _next_pow2(R))),
-    )
-    interpreted = a.device.type == "cpu"
-    cfg = _INTERPRETER_CONFIG
+    m_bucket = _next_pow2(M)
+    named = {
+        "u_ptr": u, "v_ptr": v,
+        "bias_ptr": bias if bias is not None else dummy,
+        "v_bias_ptr": v_bias if v_bias is not None else dummy,
+        "res_ptr": residual if residual is not None else dummy,
+        "out_ptr": out,
+        "scale_ptr": scale_tensor if scale_tensor is not None else dummy,
+        "M": M, "N": N, "K": K, "R": R, "M_BUCKET": m_bucket,
+        "stride_um": u.stride(0), "stride_ur": u.stride(1),
+        "stride_vr": v.stride(0), "stride_vn": v.stride(1),
+        "stride_rm": res_strides[0], "stride_rn": res_strides[1],
+        "stride_om": out.stride(0), "stride_on": out.stride(1),
+        "scale": float(scale),
+        "HAS_BIAS": bias is not None, "HAS_V_BIAS": v_bias is not None,
+        "HAS_RESIDUAL": residual is not None, "HAS_SCALE_TENSOR": scale_tensor is not None,
+        "COMPUTE_DTYPE": _TL_DTYPES[a.dtype],
+        "DOT_PRECISION": "ieee" if a.dtype == torch.float32 else "tf32",
+        "BLOCK_R": max(16, min(64, _next_pow2(R))),
+    }
+    use_tma, b_k_contiguous = _use_tma(a, b)
+
+    if a.device.type == "cpu":  # the interpreter: one fixed small configuration
+        cfg = _INTERPRETER_CONFIG
+        if use_tma:
+            plan = _Plan(None, cfg, True, b_k_contiguous, None)
+            a_desc, b_desc = plan.descriptors(a, b)
+            _lora_gemm_tma_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
+                a_desc=a_desc, b_desc=b_desc, B_K_CONTIGUOUS=b_k_contiguous, **named, **cfg)
+        else:
+            _lora_gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
+                a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0),
+                stride_bn=b.stride(1), EVEN_K=K % cfg["BLOCK_K"] == 0, **named, **cfg)
+        return out
+
+    shape_key = (a.device, a.dtype, u.dtype, v.dtype, out.dtype, m_bucket, N, K, named["BLOCK_R"],
+                 a.stride(), b.stride(), use_tma, b_k_contiguous, named["HAS_BIAS"],
+                 named["HAS_V_BIAS"], named["HAS_RESIDUAL"], named["HAS_SCALE_TENSOR"])
+    key = shape_key + _specialization(
+        (a, b, u, v, out, named["bias_ptr"], named["v_bias_ptr"], named["res_ptr"], named["scale_ptr"],
+         M, res_strides[0], res_strides[1]))
+    plan = _PLANS.get(key)
+    switch_device = a.device.index != torch.cuda.current_device()
+    with torch.cuda.device(a.device) if switch_device else _nullcontext():
+        if plan is None:
+            plan = _PLANS[key] = _make_plan(a, b, named, use_tma, b_k_contiguous, shape_key)
+        else:
+            if plan.tma:
+                named["a_desc"], named["b_desc"] = plan.descriptors(a, b)
+                named["B_K_CONTIGUOUS"] = b_k_contiguous
+            else:
+                named.update(a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1),
+                             stride_bk=b.stride(0), stride_bn=b.stride(1),
+                             EVEN_K=K % plan.config["BLOCK_K"] == 0)
+            plan.launch(named, M, N)
+    return out
+
+
+def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous: bool,
+               shape_key: tuple) -> _Plan:
+    """First call of a problem: autotune (and, where TMA is possible, time the TMA main loop
+    against the pointer one), launch once, and keep the compiled kernel for later calls."""
+    M, N = a.shape[0], b.shape[1]
 
     def grid(c):
         return (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
 
-    def run_tma():
-        b_t = b.t() if b_k_contiguous else b
-        b_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if b_k_contiguous else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
-        a_desc = TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]])
-        b_desc = TensorDescriptor.from_tensor(b_t, b_block)  # re-blocked by the pre-hook
-        args = (a_desc, b_desc) + pointers + sizes + strides + (float(scale),)
-        if interpreted:
-            _lora_gemm_tma_kernel[grid(cfg)](*args, B_K_CONTIGUOUS=b_k_contiguous, **meta, **cfg)
-        else:
-            _lora_gemm_tma_tuned[grid](*args, B_K_CONTIGUOUS=b_k_contiguous, **meta)
-
     def run_pointer():
-        args = ((a, b) + pointers + sizes + (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
-                + strides + (float(scale),))
-        if interpreted:
-            _lora_gemm_kernel[grid(cfg)](*args, **meta, **cfg, EVEN_K=K % cfg["BLOCK_K"] == 0)
-        else:
-            _lora_gemm_tuned[grid](*args, **meta)
+        kernel = _lora_gemm_tuned[grid](
+            a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0),
+            stride_bn=b.stride(1), **named)
+        cfg = dict(_lora_gemm_tuned.best_config.kwargs)
+        return _Plan(kernel, cfg, False, b_k_contiguous, _base_fn(_lora_gemm_tuned).arg_names)
 
-    use_tma, b_k_contiguous = _use_tma(a, b)
+    def run_tma():
+        # Block shapes here are placeholders: the autotuner's pre-hook re-blocks per config.
+        a_desc = TensorDescriptor.from_tensor(a, [64, 64])
+        b_desc = TensorDescriptor.from_tensor(b.t() if b_k_contiguous else b, [64, 64])
+        kernel = _lora_gemm_tma_tuned[grid](a_desc=a_desc, b_desc=b_desc,
+                                             B_K_CONTIGUOUS=b_k_contiguous, **named)
+        cfg = dict(_lora_gemm_tma_tuned.best_config.kwargs)
+        return _Plan(kernel, cfg, True, b_k_contiguous, _base_fn(_lora_gemm_tma_tuned).arg_names)
+
     if not use_tma:
-        run = run_pointer
-    elif interpreted:
-        run = run_tma
-    else:
-        key = (a.device, a.dtype, u.dtype, v.dtype, out.dtype, _next_pow2(M), N, K, meta["BLOCK_R"],
-               b_k_contiguous, bias is not None, v_bias is not None, residual is not None)
-        if key not in _MAIN_LOOP_CHOICE:
-            # Neither main loop wins everywhere (H200, M=8192, r=16: TMA 0.470 vs pointer 0.508
-            # ms for llama-8b.attn.q forward, pointer 1.45 vs TMA 1.62 ms for mlp.up backward):
-            # time both, each autotuned, once per shape.
-            with torch.cuda.device(a.device):
-                t_tma = triton.testing.do_bench(run_tma, warmup=5, rep=25, return_mode="median")
-                t_ptr = triton.testing.do_bench(run_pointer, warmup=5, rep=25, return_mode="median")
-            _MAIN_LOOP_CHOICE[key] = "tma" if t_tma <= t_ptr else "pointer"
-        run = run_tma if _MAIN_LOOP_CHOICE[key] == "tma" else run_pointer
-    with torch.cuda.device(a.device) if not interpreted else _nullcontext():
-        run()
-    return out
+        return run_pointer()
+    if shape_key not in _MAIN_LOOP_CHOICE:
+        # Neither main loop wins everywhere (H200, M=8192, r=16: TMA 0.470 vs pointer 0.508
+        # ms for llama-8b.attn.q forward, pointer 1.45 vs TMA 1.62 ms for mlp.up backward):
+        # time both, each autotuned, once per shape.
+        t_tma = triton.testing.do_bench(run_tma, warmup=5, rep=25, return_mode="median")
+        t_ptr = triton.testing.do_bench(run_pointer, warmup=5, rep=25, return_mode="median")
+        _MAIN_LOOP_CHOICE[shape_key] = "tma" if t_tma <= t_ptr else "pointer"
+    return run_tma() if _MAIN_LOOP_CHOICE[shape_key] == "tma" else run_pointer()
+
+
+# --------------------------------------------------------------------------------------------
+# The same product through cuBLAS, and the per-problem choice between the two
+# --------------------------------------------------------------------------------------------
+
+# "auto": per problem, time the Triton kernel against the cuBLAS composition below and keep
+# the faster; "triton" / "cublas": always that one. A knob for the benchmark and for
+# bisecting, not a user option.
+MAIN_GEMM = os.environ.get("UNSLOTH_LORA_MAIN_GEMM", "auto")
+
+# (device, dtype, M bucket, N, K, r bucket, layout, bias, scale tensor) -> "triton" | "cublas"
+_MAIN_GEMM_CHOICE: dict = {}
+
+
+def _cublas_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
+                      scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None) -> Tensor:
+    """out = cast(a @ b + s u @ v (+ bias)) with two cuBLAS calls and no (M, N) temporary.
+
+    The thin-K product s U V (+ bias) is written into `out` first, then the base GEMM
+    accumulates onto it (beta = 1: cuBLAS reads `out` in its epilogue, a read hidden behind
+    a compute-bound GEMM). Why it exists: Triton on Hopper has no warp-specialised GEMM and
+    runs the main product 8-11% slower than cuBLAS (kernel_notes.md), more than the 2-5%
+    the extra write of `out` costs at some shapes. The low-rank term is rounded to out's
+    dtype once before the sum.
+    """
+    if scale_tensor is None:  # cuBLAS scales the fp32 product by alpha: one call, no s U copy
+        if bias is None:
+            torch.addmm(out, u, v, beta=0, alpha=scale, out=out)  # beta=0: out's contents unread
+        else:
+            torch.addmm(bias, u, v, alpha=scale, out=out)
+    else:  # a tensor scale cannot be alpha without a host sync
+        u_scaled = u * _effective_scale(scale, scale_tensor)
+        if bias is None:
+            torch.mm(u_scaled, v, out=out)
+        else:
+            torch.addmm(bias, u_scaled, v, out=out)
+    return out.addmm_(a, b)
+
+
+def _lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
+               scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
+               v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """out (M, N) = cast(a @ b + s u @ v + bias + s v_bias) (+ residual): the Triton kernel, or
+    the cuBLAS composition where it was measured faster for this problem. The composition is
+    a candidate only without lora_B bias and residual (which the Triton epilogue fuses) and
+    with every operand in the activation dtype (cuBLAS mixes no dtypes)."""
+    triton_args = (a, b, u, v, out, scale, scale_tensor, bias, v_bias, residual)
+    if (a.device.type != "cuda" or MAIN_GEMM == "triton" or v_bias is not None
+            or residual is not None or a.dtype not in _HALF
+            or not (out.dtype == b.dtype == u.dtype == v.dtype == a.dtype)
+            or (bias is not None and bias.dtype != a.dtype)):
+        return _launch_lora_gemm(*triton_args)
+    if MAIN_GEMM == "cublas":
+        return _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias)
+    key = (a.device, a.dtype, _next_pow2(a.shape[0]), b.shape[1], a.shape[1], _next_pow2(u.shape[1]),
+           a.stride(), b.stride(), bias is not None, scale_tensor is not None)
+    choice = _MAIN_GEMM_CHOICE.get(key)
+    if choice is None:
+        # Once per problem: the Triton side autotunes on its first call, then both are timed.
+        t_triton = triton.testing.do_bench(lambda: _launch_lora_gemm(*triton_args), warmup=5, rep=25,
+                                           return_mode="median")
+        t_cublas = triton.testing.do_bench(
+            lambda: _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias), warmup=5, rep=25,
+            return_mode="median")
+        choice = _MAIN_GEMM_CHOICE[key] = "triton" if t_triton <= t_cublas else "cublas"
+    if choice == "triton":
+        return _launch_lora_gemm(*triton_args)
+    return _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,7 +662,7 @@ def lora_linear_forward(
         # converted in the kernel cost registers and made r=64 fp32 1.8x slower than bf16
         # (2.19 vs 1.23 x base, llama-8b.mlp.up, H200), for two copies of M*r and r*N elements.
         u, v = _operand(hidden, x.dtype), _operand(lora_B.t(), x.dtype)
-        _launch_lora_gemm(x2d, w_t, u, v, out, scale, scale_tensor,
+        _lora_gemm(x2d, w_t, u, v, out, scale, scale_tensor,
                           bias=bias, v_bias=lora_B_bias, residual=res2d)
     out = out.reshape(*lead, N)
     if late_residual is not None:
@@ -538,7 +697,7 @@ def lora_linear_backward(
     if lora_x is None:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
         if M > 0:
-            _launch_lora_gemm(grad2d, w_nk, g, _operand(lora_A, compute), dx, scale, scale_tensor)
+            _lora_gemm(grad2d, w_nk, g, _operand(lora_A, compute), dx, scale, scale_tensor)
         d_lora_x = None
     else:
         dx = _mm(grad2d, w_nk, compute, x.dtype) if M > 0 else x.new_empty((0, K))

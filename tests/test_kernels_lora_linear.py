@@ -256,6 +256,39 @@ def test_supports_reasons():
     assert not ok and "lora_x" in why
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("scale_tensor", [False, True], ids=["float_scale", "scale_tensor"])
+def test_cublas_composition_matches_float64(bias, scale_tensor):
+    """_cublas_lora_gemm (low-rank term written first, base GEMM accumulated onto it) against
+    float64, here with CPU fp32 tensors (the same torch calls run cuBLAS on a GPU)."""
+    g = torch.Generator().manual_seed(11)
+    M, K, N, r = 45, 38, 29, 7
+    a, b = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).t()  # b: (K, N) view
+    u, v = torch.randn(M, r, generator=g), torch.randn(r, N, generator=g)
+    bias_t = torch.randn(N, generator=g) if bias else None
+    st = torch.tensor(1.5) if scale_tensor else None
+    out = torch.full((M, N), float("nan"))
+    result = lt._cublas_lora_gemm(a, b, u, v, out, 0.75, st, bias_t)
+    s = 0.75 * (1.5 if scale_tensor else 1.0)
+    want = a.double() @ b.double() + s * (u.double() @ v.double())
+    if bias:
+        want = want + bias_t.double()
+    assert result.data_ptr() == out.data_ptr(), "must write into out (no temporary)"
+    assert _rel_err(out, want) < 1e-6, _rel_err(out, want)
+
+
+def test_plan_key_follows_what_triton_specialises():
+    """Plans are keyed on this: a misaligned view, another pointer dtype (a bf16 vs fp32
+    lora_B bias or scale tensor), M % 16 and M == 1 must all change it."""
+    base = torch.randn(64, 32)
+    spec = lt._specialization
+    assert spec((base, 32)) != spec((base[:, 1:], 32))
+    assert spec((base, 32)) != spec((base.half(), 32))
+    assert spec((base, 48)) != spec((base, 37))
+    assert spec((base, 1)) != spec((base, 3))
+    assert spec((base, 37)) == spec((base[1:], 21))
+
+
 # ------------------------------------------------------------------------------------------
 # GPU tests
 # ------------------------------------------------------------------------------------------
@@ -272,12 +305,17 @@ GPU_SHAPES = [  # (name, M, K, N, r)
 SQNR_MARGIN_DB = 1.0
 
 
+MAIN_GEMMS = ["triton", "cublas"]  # both candidates of _lora_gemm, each forced
+
+
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("main_gemm", MAIN_GEMMS)
 @pytest.mark.parametrize("adapter", ["fp32", "same"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name,M,K,N,r", GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
-def test_gpu_sqnr(name, M, K, N, r, dtype, adapter):
+def test_gpu_sqnr(name, M, K, N, r, dtype, adapter, main_gemm, monkeypatch):
+    monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
     adapter_dtype = torch.float32 if adapter == "fp32" else dtype
     t, grad = _make(M, K, N, r, dtype, adapter_dtype, "cuda", seed=r + M)
     ours = _run_all(lt, t, grad)
@@ -299,14 +337,39 @@ def _check_sqnr(ours, torch_half, ref64, label):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("main_gemm", MAIN_GEMMS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("adapter", ["fp32", "same"])
-def test_gpu_variants(variant, adapter):
+def test_gpu_variants(variant, adapter, main_gemm, monkeypatch):
+    monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
     dtype = torch.bfloat16
     adapter_dtype = torch.float32 if adapter == "fp32" else dtype
     t, grad = _make(300, 264, 520, 16, dtype, adapter_dtype, "cuda", seed=3, **VARIANTS[variant])
     ours = _run_all(lt, t, grad)
     _check_sqnr(ours, _run_all(reference, _cast(t, dtype), grad), _float64(t, grad), variant)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("main_gemm", ["triton", "auto"])
+def test_gpu_repeated_calls_reuse_plans(main_gemm, monkeypatch):
+    """Later calls of a problem launch the cached compiled kernel directly (_Plan.launch):
+    new data, an M of the same bucket with other alignment (M % 16), a misaligned x view;
+    each result checked, and the plans reused rather than rebuilt per call."""
+    monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
+    calls = 0
+    plans_before = len(lt._PLANS)
+    for M, seed, three_d in [(640, 1, False), (640, 2, False), (637, 3, False), (600, 4, False),
+                             (640, 5, True), (640, 6, True), (637, 7, False)]:
+        t, grad = _make(M, 264, 520, 16, torch.bfloat16, torch.float32, "cuda", seed=seed,
+                        bias=True, three_d=three_d)
+        ours = _run_all(lt, t, grad)
+        calls += 2
+        _check_sqnr(ours, _run_all(reference, _cast(t, torch.bfloat16), grad), _float64(t, grad),
+                    f"M={M} seed={seed}")
+    if main_gemm == "triton":
+        built = len(lt._PLANS) - plans_before
+        assert 0 < built < calls, f"{built} plans built for {calls} launches: no reuse"
 
 
 @gpu
