@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .lowrank_thin import rows_times_thin, thin_t_times_rows
 from .reference import effective_scale as _effective_scale, rows as _rows
 
 _INT32_LIMIT = 2**31 - 1
@@ -587,6 +588,27 @@ def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype
     return torch.mm(a, b).to(out_dtype)
 
 
+# "auto": per problem, time the Triton thin kernels (kernels/lowrank_thin.py) against cuBLAS
+# and keep the faster; "triton" / "cublas": always that one. Benchmark/bisecting knob.
+THIN = os.environ.get("UNSLOTH_LORA_THIN", "auto")
+
+# (which product, device, dtypes, M bucket, wide size, r) -> "triton" | "cublas"
+_THIN_CHOICE: dict = {}
+
+
+def _thin_gemm(key: tuple, triton_fn, cublas_fn) -> Tensor:
+    """The result of whichever of two equivalent thin-GEMM calls is faster for this problem.
+    Under the interpreter (CPU) always the Triton kernel: that is what the CPU tests check."""
+    if key[1].type == "cpu":
+        return triton_fn()
+    choice = THIN if THIN != "auto" else _THIN_CHOICE.get(key)
+    if choice is None:
+        t_triton = triton.testing.do_bench(triton_fn, warmup=5, rep=25, return_mode="median")
+        t_cublas = triton.testing.do_bench(cublas_fn, warmup=5, rep=25, return_mode="median")
+        choice = _THIN_CHOICE[key] = "triton" if t_triton <= t_cublas else "cublas"
+    return triton_fn() if choice == "triton" else cublas_fn()
+
+
 def _operand(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in dtype with a unit last stride (one copy kernel at most)."""
     if t.dtype == dtype and t.stride(-1) == 1:
@@ -647,7 +669,13 @@ def lora_linear_forward(
     N = w_t.shape[1]
     adapter_in = x2d if lora_x is None else _rows(lora_x)
     compute = adapter_in.dtype if adapter_in.dtype in _HALF else lora_A.dtype
-    hidden = _mm(adapter_in, lora_A.t(), compute, lora_A.dtype)  # (M, r)
+    if compute == adapter_in.dtype:
+        hidden = _thin_gemm(
+            ("H", x.device, compute, lora_A.dtype, _next_pow2(M), adapter_in.shape[1], lora_A.shape[0]),
+            lambda: rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype),
+            lambda: _mm(adapter_in, lora_A.t(), compute, lora_A.dtype))  # (M, r)
+    else:
+        hidden = _mm(adapter_in, lora_A.t(), compute, lora_A.dtype)
 
     res2d = None
     late_residual = None
@@ -688,11 +716,25 @@ def lora_linear_backward(
     s = _effective_scale(scale, scale_tensor)
     compute = grad2d.dtype
 
-    g = _mm(grad2d, lora_B, compute, compute)  # (M, r) = dY B, unscaled, in the compute dtype
-    db = _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s
+    R, N = lora_A.shape[0], grad2d.shape[1]
+    m_bucket = _next_pow2(M)
+    # (M, r) = dY B, unscaled, in the compute dtype
+    g = _thin_gemm(("G", x.device, compute, lora_B.dtype, m_bucket, N, R),
+                   lambda: rows_times_thin(grad2d, lora_B, compute),
+                   lambda: _mm(grad2d, lora_B, compute, compute))
+    db = _thin_gemm(("dB", x.device, compute, lora_hidden.dtype, m_bucket, N, R),
+                    lambda: thin_t_times_rows(lora_hidden, grad2d, scale, scale_tensor, adapter_dtype,
+                                              rank_first=False),
+                    lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
     adapter_in = _rows(x if lora_x is None else lora_x)
     in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
-    da = _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s
+    if in_compute == adapter_in.dtype:
+        da = _thin_gemm(("dA", x.device, in_compute, g.dtype, m_bucket, K, R),
+                        lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype,
+                                                  rank_first=True),
+                        lambda: _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s)
+    else:
+        da = _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s
 
     if lora_x is None:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)

@@ -305,7 +305,9 @@ GPU_SHAPES = [  # (name, M, K, N, r)
 SQNR_MARGIN_DB = 1.0
 
 
-MAIN_GEMMS = ["triton", "cublas"]  # both candidates of _lora_gemm, each forced
+# Both candidates of _lora_gemm and of _thin_gemm, each forced: "triton" = Triton main GEMM
+# and thin kernels, "cublas" = the cuBLAS composition and cuBLAS thin GEMMs.
+MAIN_GEMMS = ["triton", "cublas"]
 
 
 @gpu
@@ -316,6 +318,7 @@ MAIN_GEMMS = ["triton", "cublas"]  # both candidates of _lora_gemm, each forced
 @pytest.mark.parametrize("name,M,K,N,r", GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
 def test_gpu_sqnr(name, M, K, N, r, dtype, adapter, main_gemm, monkeypatch):
     monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
+    monkeypatch.setattr(lt, "THIN", main_gemm)
     adapter_dtype = torch.float32 if adapter == "fp32" else dtype
     t, grad = _make(M, K, N, r, dtype, adapter_dtype, "cuda", seed=r + M)
     ours = _run_all(lt, t, grad)
@@ -342,6 +345,7 @@ def _check_sqnr(ours, torch_half, ref64, label):
 @pytest.mark.parametrize("adapter", ["fp32", "same"])
 def test_gpu_variants(variant, adapter, main_gemm, monkeypatch):
     monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
+    monkeypatch.setattr(lt, "THIN", main_gemm)
     dtype = torch.bfloat16
     adapter_dtype = torch.float32 if adapter == "fp32" else dtype
     t, grad = _make(300, 264, 520, 16, dtype, adapter_dtype, "cuda", seed=3, **VARIANTS[variant])

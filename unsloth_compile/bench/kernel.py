@@ -9,8 +9,9 @@ Variants, all timed as fwd+bwd (autograd, gradients of x and of the adapters) in
     ours-fp32     torch.ops.unsloth.lora_linear (impl="triton"), fp32 adapters
     ours-bf16     the same with bf16 adapters
     ours-bf16-triton / ours-bf16-cublas
-                  ours-bf16 with the main GEMM forced to the Triton kernel (low-rank term in its
-                  epilogue) or to the cuBLAS composition; ours-* picks per shape by timing
+                  ours-bf16 with every GEMM forced to Triton (main GEMM with the low-rank term in
+                  its epilogue, kernels/lowrank_thin.py for H, G, dA, dB) or to cuBLAS (the
+                  composition out = s H B^T; out += X W^T); ours-* pick per problem by timing
     unsloth       peft-fp32 under torch.compile(backend="unsloth"): the op inside an AOTAutograd
                   graph, as users run it (no eager autograd wrapper around the op)
 Plus a breakdown of ours (r=16, fp32 adapters): each kernel of forward and backward alone,
@@ -92,15 +93,16 @@ def _ours(x, W, A, B, scale):
 
 
 def _forced_main_gemm(choice, fn):
-    """fn with kernels/lora_linear_triton.MAIN_GEMM set to choice while it runs."""
+    """fn with kernels/lora_linear_triton.MAIN_GEMM and THIN set to choice while it runs."""
     from ..kernels import lora_linear_triton as lt
 
     def run():
-        saved, lt.MAIN_GEMM = lt.MAIN_GEMM, choice
+        saved = lt.MAIN_GEMM, lt.THIN
+        lt.MAIN_GEMM = lt.THIN = choice
         try:
             return fn()
         finally:
-            lt.MAIN_GEMM = saved
+            lt.MAIN_GEMM, lt.THIN = saved
     return run
 
 
@@ -218,10 +220,14 @@ def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
         "triton bwd GEMM + s G A": lambda: lt._launch_lora_gemm(dy, W, G, A, dx, SCALE, None),
         "cublas fwd: out = s H B^T; out += X W^T": lambda: lt._cublas_lora_gemm(x, W.t(), H16, Bt16, y, SCALE, None),
         "cublas bwd: dx = s G A; dx += dY W": lambda: lt._cublas_lora_gemm(dy, W, G16, A16, dx, SCALE, None),
-        "H = X A^T": lambda: lt._mm(x, A.t(), x.dtype, A.dtype),
-        "G = dY B": lambda: lt._mm(dy, B, dy.dtype, B.dtype),
-        "dB = dY^T H": lambda: lt._mm(dy.t(), H, dy.dtype, B.dtype),
-        "dA = G^T X": lambda: lt._mm(G.t(), x, x.dtype, A.dtype),
+        "triton H = X A^T": lambda: lt.rows_times_thin(x, A.t(), A.dtype),
+        "triton G = dY B": lambda: lt.rows_times_thin(dy, B, dy.dtype),
+        "triton dB = s dY^T H": lambda: lt.thin_t_times_rows(H, dy, SCALE, None, B.dtype, rank_first=False),
+        "triton dA = s G^T X": lambda: lt.thin_t_times_rows(G, x, SCALE, None, A.dtype, rank_first=True),
+        "cublas H = X A^T": lambda: lt._mm(x, A.t(), x.dtype, A.dtype),
+        "cublas G = dY B": lambda: lt._mm(dy, B, dy.dtype, B.dtype),
+        "cublas dB = dY^T H": lambda: lt._mm(dy.t(), H, dy.dtype, B.dtype),
+        "cublas dA = G^T X": lambda: lt._mm(G.t(), x, x.dtype, A.dtype),
     }
     def pointer_loop(fn):  # the same launch with the pointer main loop instead of TMA
         def run():
@@ -232,7 +238,7 @@ def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
                 lt.MAIN_LOOP = saved
         return run
 
-    for name in [n for n in pieces if n.startswith("triton")]:
+    for name in [n for n in pieces if n.startswith("triton") and "GEMM" in n]:
         pieces[name.replace("triton", "triton-ptr")] = pointer_loop(pieces[name])
     rows = []
     for name, fn in pieces.items():

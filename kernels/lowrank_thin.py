@@ -1,0 +1,150 @@
+"""Thin GEMMs of a LoRA layer: one side of size r (the rank), memory-bound on the wide operand.
+
+    rows_times_thin     C (M, r) = X (M, K) @ W (K, r)        H = X A^T, G = dY B
+    thin_t_times_rows   C (K, r) or (r, K) = s T^T X           dA = s G^T X, dB = s dY^T H
+                        T (M, r), X (M, K): reduction over the M rows, split across programs
+
+Bytes: each reads its wide (M, K) operand once, 2 M K bytes in bf16/fp16, plus M r
+elements of the thin one; FLOPs 2 M K r, i.e. r FLOPs per byte: far below the tensor cores'
+balance point, so the time is the read of X. cuBLAS reaches about 2.2 TB/s on these shapes
+(30 us for X of 8192 x 4096 bf16 on an H200: docs/bench/kernel.md), well under the card's
+4.8 TB/s; these kernels stream X in (BLOCK_M, BLOCK_K) tiles with several loads in flight.
+
+Operands are rounded to X's dtype for the tensor cores (fp32 adapters included, as the
+reference's cuBLAS calls do) and accumulate in fp32; the result is stored in the requested
+dtype. thin_t_times_rows writes one fp32 partial per split of the rows and sums them with
+torch (a few MB), which keeps the result deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rows_times_thin_kernel(
+    x_ptr, w_ptr, out_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_wk, stride_wr, stride_om, stride_or,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[rows] = X[rows] @ W: one program per BLOCK_M rows, looping over K."""
+    pid = tl.program_id(0)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_r[None, :] * stride_wr
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_r[None, :] * stride_or
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _thin_t_times_rows_kernel(
+    t_ptr, x_ptr, part_ptr, scale_ptr,
+    M, C, R, rows_per_split,
+    stride_tm, stride_tr, stride_xm, stride_xc, stride_ps, stride_pc, stride_pr,
+    scale,
+    HAS_SCALE_TENSOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """part[split, cols, :] = s T[rows of split]^T X[rows of split, cols] (stored through the
+    strides, so the caller picks the (C, r) or (r, C) layout)."""
+    pid_c = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    c_ok = offs_c < C
+    r_ok = offs_r < R
+    m_begin = pid_s * rows_per_split
+    m_end = tl.minimum(m_begin + rows_per_split, M)
+    acc = tl.full((BLOCK_R, BLOCK_C), 0.0, dtype=tl.float32)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        acc = tl.dot(tl.trans(t.to(x.dtype)), x, acc, input_precision=DOT_PRECISION)
+    s = scale
+    if HAS_SCALE_TENSOR:
+        s = s * tl.load(scale_ptr).to(tl.float32)
+    acc = acc * s
+    part_ptrs = part_ptr + pid_s * stride_ps + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc
+    tl.store(part_ptrs, acc, mask=r_ok[:, None] & c_ok[None, :])
+
+
+# Memory-bound: modest tiles, several loads in flight. (BLOCK_M, BLOCK_K, warps, stages);
+# the interpreter (CPU) runs the smallest legal tiles.
+_ROWS_TILE = (64, 128, 4, 4)
+_T_ROWS_TILE = (64, 128, 4, 3)  # (BLOCK_M, BLOCK_C, warps, stages)
+_INTERPRETER_TILE = (16, 16, 4, 1)
+_TARGET_PROGRAMS = 264  # two per SM on an H100/H200: enough loads in flight to fill HBM
+
+
+def _precision(x: Tensor) -> str:
+    # fp32 operands only reach these kernels in the interpreter tests: keep them exact there.
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def _block_r(r: int) -> int:
+    return max(16, 1 << max(0, (r - 1).bit_length()))
+
+
+def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """x (M, K) @ w (K, r) -> (M, r) in out_dtype; w of any dtype and strides (rounded to x's)."""
+    M, K = x.shape
+    R = w.shape[1]
+    out = torch.empty((M, R), device=x.device, dtype=out_dtype)
+    if M == 0:
+        return out
+    bm, bk, warps, stages = _INTERPRETER_TILE if x.device.type == "cpu" else _ROWS_TILE
+    _rows_times_thin_kernel[(triton.cdiv(M, bm),)](
+        x, w, out, M, K, R, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+        out.stride(0), out.stride(1), DOT_PRECISION=_precision(x), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(R),
+        num_warps=warps, num_stages=stages)
+    return out
+
+
+def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional[Tensor],
+                      out_dtype: torch.dtype, rank_first: bool) -> Tensor:
+    """s t^T x for t (M, r), x (M, C): (r, C) when rank_first (dA), else (C, r) (dB)."""
+    M, C = x.shape
+    R = t.shape[1]
+    bm, bc, warps, stages = _INTERPRETER_TILE if x.device.type == "cpu" else _T_ROWS_TILE
+    col_blocks = triton.cdiv(C, bc)
+    # Split the rows so that col_blocks x splits programs keep every SM streaming, but give
+    # each split at least 4 row tiles (fewer makes the partials cost more than they save).
+    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, col_blocks), triton.cdiv(M, 4 * bm)))
+    rows_per_split = triton.cdiv(max(M, 1), splits)
+    shape = (splits, R, C) if rank_first else (splits, C, R)
+    part = torch.empty(shape, device=x.device, dtype=torch.float32)
+    stride_pr, stride_pc = (part.stride(1), part.stride(2)) if rank_first else (part.stride(2), part.stride(1))
+    if scale_tensor is not None and (scale_tensor.dim() != 0 or scale_tensor.device != x.device):
+        scale_tensor = scale_tensor.to(device=x.device).reshape(())
+    _thin_t_times_rows_kernel[(col_blocks, splits)](
+        t, x, part, scale_tensor if scale_tensor is not None else part,
+        M, C, R, rows_per_split,
+        t.stride(0), t.stride(1), x.stride(0), x.stride(1), part.stride(0), stride_pc, stride_pr,
+        float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
+        BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=_block_r(R), num_warps=warps, num_stages=stages)
+    result = part[0] if splits == 1 else part.sum(0)
+    return result if out_dtype == torch.float32 else result.to(out_dtype)
