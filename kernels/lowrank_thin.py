@@ -92,11 +92,27 @@ def _thin_t_times_rows_kernel(
     tl.store(part_ptrs, acc, mask=r_ok[:, None] & c_ok[None, :])
 
 
-# Memory-bound: modest tiles, several loads in flight. (BLOCK_M, BLOCK_K, warps, stages);
-# the interpreter (CPU) runs the smallest legal tiles.
-_ROWS_TILE = (64, 128, 4, 4)
-_T_ROWS_TILE = (64, 128, 4, 3)  # (BLOCK_M, BLOCK_C, warps, stages)
+# Memory-bound: modest tiles, several loads in flight; smaller tiles and fewer stages as the
+# rank block grows, so that the (fp32) thin tiles fit shared memory (r=256 with the r<=64
+# tiles asked for 320-512 KB of the H200's 227 KB) and the accumulator fits registers.
+# The interpreter (CPU) runs the smallest legal tiles.
 _INTERPRETER_TILE = (16, 16, 4, 1)
+
+
+def _rows_tile(block_r: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, warps, stages) of rows_times_thin."""
+    if block_r <= 32:
+        return 64, 128, 4, 4
+    if block_r <= 64:
+        return 64, 64, 4, 3
+    return 64, 32, 8, 2
+
+
+def _t_rows_tile(block_r: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_C, warps, stages) of thin_t_times_rows."""
+    if block_r <= 64:
+        return 64, 128, 4, 3
+    return 32, 64, 8, 2
 _TARGET_PROGRAMS = 264  # two per SM on an H100/H200: enough loads in flight to fill HBM
 
 
@@ -116,10 +132,11 @@ def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
     out = torch.empty((M, R), device=x.device, dtype=out_dtype)
     if M == 0:
         return out
-    bm, bk, warps, stages = _INTERPRETER_TILE if x.device.type == "cpu" else _ROWS_TILE
+    block_r = _block_r(R)
+    bm, bk, warps, stages = _INTERPRETER_TILE if x.device.type == "cpu" else _rows_tile(block_r)
     _rows_times_thin_kernel[(triton.cdiv(M, bm),)](
         x, w, out, M, K, R, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1), DOT_PRECISION=_precision(x), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=_block_r(R),
+        out.stride(0), out.stride(1), DOT_PRECISION=_precision(x), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r,
         num_warps=warps, num_stages=stages)
     return out
 
@@ -129,7 +146,8 @@ def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional
     """s t^T x for t (M, r), x (M, C): (r, C) when rank_first (dA), else (C, r) (dB)."""
     M, C = x.shape
     R = t.shape[1]
-    bm, bc, warps, stages = _INTERPRETER_TILE if x.device.type == "cpu" else _T_ROWS_TILE
+    block_r = _block_r(R)
+    bm, bc, warps, stages = _INTERPRETER_TILE if x.device.type == "cpu" else _t_rows_tile(block_r)
     col_blocks = triton.cdiv(C, bc)
     # Split the rows so that col_blocks x splits programs keep every SM streaming, but give
     # each split at least 4 row tiles (fewer makes the partials cost more than they save).
@@ -145,6 +163,6 @@ def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional
         M, C, R, rows_per_split,
         t.stride(0), t.stride(1), x.stride(0), x.stride(1), part.stride(0), stride_pc, stride_pr,
         float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
-        BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=_block_r(R), num_warps=warps, num_stages=stages)
+        BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     result = part[0] if splits == 1 else part.sum(0)
     return result if out_dtype == torch.float32 else result.to(out_dtype)
