@@ -24,6 +24,7 @@ without a GPU. On CUDA the GEMM is autotuned per (M bucket, N, K, r bucket, layo
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from contextlib import nullcontext as _nullcontext
 from typing import Optional
@@ -296,8 +297,33 @@ except ImportError:  # pragma: no cover
 MAIN_LOOP = os.environ.get("UNSLOTH_LORA_MAIN_LOOP", "auto")
 
 
-# (device, dtypes, M bucket, N, K, r block, layout, epilogue flags) -> "tma" | "pointer"
-_MAIN_LOOP_CHOICE: dict = {}
+log = logging.getLogger("unsloth_compile.kernels")
+
+# Every choice made by timing, per kind: {problem key: (chosen, {candidate: median ms})}.
+# Keys: "main loop" (TMA vs pointer Triton GEMM), "main GEMM" (Triton vs cuBLAS composition),
+# "thin GEMM" (Triton vs cuBLAS for H, G, dA, dB). Read by tests and for diagnosis.
+CHOICES: dict[str, dict] = {"main loop": {}, "main GEMM": {}, "thin GEMM": {}}
+
+
+def _time_ms(fn) -> float:
+    # 5 ms warm-up / 25 ms of repeats: medians of the 0.03-3 ms calls here are stable within it.
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def _fastest(kind: str, key: tuple, candidates: dict, timer=_time_ms) -> str:
+    """The name of the fastest of `candidates` (name -> zero-argument callable, all computing
+    the same thing) for this problem: timed once, on the problem's first call, then
+    remembered; the first listed wins a tie. Logged at INFO, as the first call of a shape
+    pays the timing (and any autotuning inside it)."""
+    table = CHOICES[kind]
+    found = table.get(key)
+    if found is None:
+        times = {name: timer(fn) for name, fn in candidates.items()}
+        best = min(times, key=times.get)
+        table[key] = found = (best, times)
+        log.info("unsloth_compile: %s for %s: %s (%s)", kind, key, best,
+                 ", ".join(f"{name} {ms:.4f} ms" for name, ms in times.items()))
+    return found[0]
 
 
 def _next_pow2(n: int) -> int:
@@ -482,14 +508,11 @@ def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous:
 
     if not use_tma:
         return run_pointer()
-    if shape_key not in _MAIN_LOOP_CHOICE:
-        # Neither main loop wins everywhere (H200, M=8192, r=16: TMA 0.470 vs pointer 0.508
-        # ms for llama-8b.attn.q forward, pointer 1.45 vs TMA 1.62 ms for mlp.up backward):
-        # time both, each autotuned, once per shape.
-        t_tma = triton.testing.do_bench(run_tma, warmup=5, rep=25, return_mode="median")
-        t_ptr = triton.testing.do_bench(run_pointer, warmup=5, rep=25, return_mode="median")
-        _MAIN_LOOP_CHOICE[shape_key] = "tma" if t_tma <= t_ptr else "pointer"
-    return run_tma() if _MAIN_LOOP_CHOICE[shape_key] == "tma" else run_pointer()
+    # Neither main loop wins everywhere (H200, M=8192, r=16: TMA 0.470 vs pointer 0.508 ms for
+    # llama-8b.attn.q forward, pointer 1.45 vs TMA 1.62 ms for mlp.up backward): time both,
+    # each autotuned, once per shape.
+    choice = _fastest("main loop", shape_key, {"tma": run_tma, "pointer": run_pointer})
+    return run_tma() if choice == "tma" else run_pointer()
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,9 +523,6 @@ def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous:
 # the faster; "triton" / "cublas": always that one. A knob for the benchmark and for
 # bisecting, not a user option.
 MAIN_GEMM = os.environ.get("UNSLOTH_LORA_MAIN_GEMM", "auto")
-
-# (device, dtype, M bucket, N, K, r bucket, layout, bias, scale tensor) -> "triton" | "cublas"
-_MAIN_GEMM_CHOICE: dict = {}
 
 
 def _cublas_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
@@ -547,18 +567,11 @@ def _lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: f
         return _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias)
     key = (a.device, a.dtype, _next_pow2(a.shape[0]), b.shape[1], a.shape[1], _next_pow2(u.shape[1]),
            a.stride(), b.stride(), bias is not None, scale_tensor is not None)
-    choice = _MAIN_GEMM_CHOICE.get(key)
-    if choice is None:
-        # Once per problem: the Triton side autotunes on its first call, then both are timed.
-        t_triton = triton.testing.do_bench(lambda: _launch_lora_gemm(*triton_args), warmup=5, rep=25,
-                                           return_mode="median")
-        t_cublas = triton.testing.do_bench(
-            lambda: _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias), warmup=5, rep=25,
-            return_mode="median")
-        choice = _MAIN_GEMM_CHOICE[key] = "triton" if t_triton <= t_cublas else "cublas"
-    if choice == "triton":
-        return _launch_lora_gemm(*triton_args)
-    return _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias)
+    candidates = {  # the Triton side autotunes within its first timed call
+        "triton": lambda: _launch_lora_gemm(*triton_args),
+        "cublas": lambda: _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias),
+    }
+    return candidates[_fastest("main GEMM", key, candidates)]()
 
 
 # --------------------------------------------------------------------------------------------
@@ -592,21 +605,15 @@ def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype
 # and keep the faster; "triton" / "cublas": always that one. Benchmark/bisecting knob.
 THIN = os.environ.get("UNSLOTH_LORA_THIN", "auto")
 
-# (which product, device, dtypes, M bucket, wide size, r) -> "triton" | "cublas"
-_THIN_CHOICE: dict = {}
-
 
 def _thin_gemm(key: tuple, triton_fn, cublas_fn) -> Tensor:
+    # key: (which product, device, dtypes, M bucket, wide size, r)
     """The result of whichever of two equivalent thin-GEMM calls is faster for this problem.
     Under the interpreter (CPU) always the Triton kernel: that is what the CPU tests check."""
     if key[1].type == "cpu":
         return triton_fn()
-    choice = THIN if THIN != "auto" else _THIN_CHOICE.get(key)
-    if choice is None:
-        t_triton = triton.testing.do_bench(triton_fn, warmup=5, rep=25, return_mode="median")
-        t_cublas = triton.testing.do_bench(cublas_fn, warmup=5, rep=25, return_mode="median")
-        choice = _THIN_CHOICE[key] = "triton" if t_triton <= t_cublas else "cublas"
-    return triton_fn() if choice == "triton" else cublas_fn()
+    candidates = {"triton": triton_fn, "cublas": cublas_fn}
+    return candidates[THIN if THIN != "auto" else _fastest("thin GEMM", key, candidates)]()
 
 
 def _operand(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -277,6 +277,32 @@ def test_cublas_composition_matches_float64(bias, scale_tensor):
     assert _rel_err(out, want) < 1e-6, _rel_err(out, want)
 
 
+def test_fastest_times_each_candidate_once_per_problem_and_logs(caplog):
+    """The per-problem choice (TMA/pointer, Triton/cuBLAS): fastest wins, first listed on a
+    tie, timing only on a problem's first call, a log line naming the winner."""
+    timings = {"slow": 2.0, "fast": 1.0, "tie_a": 1.0, "tie_b": 1.0}
+    timed = []
+
+    def timer(fn):
+        timed.append(fn())
+        return timings[timed[-1]]
+
+    saved = {kind: dict(table) for kind, table in lt.CHOICES.items()}
+    try:
+        with caplog.at_level("INFO", logger="unsloth_compile.kernels"):
+            pick = lt._fastest("main GEMM", ("test", 1), {"slow": lambda: "slow", "fast": lambda: "fast"}, timer)
+        assert pick == "fast" and timed == ["slow", "fast"]
+        assert "main GEMM" in caplog.text and "fast" in caplog.text
+        assert lt._fastest("main GEMM", ("test", 1), {"slow": lambda: "slow", "fast": lambda: "fast"}, timer) == "fast"
+        assert timed == ["slow", "fast"], "timed again for a problem already decided"
+        assert lt._fastest("thin GEMM", ("test", 2), {"tie_a": lambda: "tie_a", "tie_b": lambda: "tie_b"}, timer) == "tie_a"
+        assert lt.CHOICES["main GEMM"][("test", 1)] == ("fast", {"slow": 2.0, "fast": 1.0})
+    finally:
+        for kind, table in saved.items():
+            lt.CHOICES[kind].clear()
+            lt.CHOICES[kind].update(table)
+
+
 def test_plan_key_follows_what_triton_specialises():
     """Plans are keyed on this: a misaligned view, another pointer dtype (a bf16 vs fp32
     lora_B bias or scale tensor), M % 16 and M == 1 must all change it."""
