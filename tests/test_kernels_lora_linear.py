@@ -8,26 +8,16 @@ and (re)imports the kernel module. With CUDA the interpreter tests are skipped a
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 
 import pytest
 import torch
 
+from helpers import triton_kernel_module
+
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-triton = pytest.importorskip("triton")
+lt = triton_kernel_module("lora_linear_triton")
 from unsloth_compile.kernels import reference  # noqa: E402
-
-_MOD = "unsloth_compile.kernels.lora_linear_triton"
-if not HAS_CUDA and _MOD in sys.modules:  # imported before the variable was set: redecorate
-    lt = importlib.reload(sys.modules[_MOD])
-else:
-    lt = importlib.import_module(_MOD)
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")
 gpu = pytest.mark.gpu

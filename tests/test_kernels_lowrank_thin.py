@@ -7,24 +7,13 @@ Llama sizes and the whole op with the thin kernels forced on.
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
-
 import pytest
 import torch
 
+from helpers import triton_kernel_module
+
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-triton = pytest.importorskip("triton")
-
-_MOD = "unsloth_compile.kernels.lowrank_thin"
-if not HAS_CUDA and _MOD in sys.modules:  # imported before the variable was set: redecorate
-    thin = importlib.reload(sys.modules[_MOD])
-else:
-    thin = importlib.import_module(_MOD)
+thin = triton_kernel_module("lowrank_thin")
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")
 gpu = pytest.mark.gpu
