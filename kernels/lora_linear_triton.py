@@ -4,21 +4,27 @@ Same semantics as `lora_linear_forward` / `lora_linear_backward` in kernels/refe
 host functions below keep their signatures. Shapes: x (M, K) after flattening, W (N, K)
 (or (K, N) when `weight_transposed`), A (r, K), B (N, r), s = scale (* scale_tensor).
 
-    forward   H  = X_l A^T                      (M, r)  thin GEMM, cuBLAS through torch
+    forward   H  = X_l A^T                      (M, r)  thin GEMM (kernels/lowrank_thin.py or cuBLAS)
               Y  = X W^T + s H B^T (+b +s b_B)  one Triton GEMM: K-loop over X, W, then an
-                   (+ residual after the cast)  r-loop over H, B into the same accumulator
-    backward  G  = dY B                         (M, r)  thin, cuBLAS
-              dX = dY W + s G A                 one Triton GEMM, same kernel (N-loop, r-loop)
-              dA = s G^T X_l,  dB = s dY^T H    thin, cuBLAS
+                   (+ residual after the cast)  r-loop over H, B into the same accumulator;
+                                                or cuBLAS: Y = s H B^T, then Y += X W^T (beta=1)
+    backward  G  = dY B                         (M, r)  thin
+              dX = dY W + s G A                 the same GEMM kernel (N-loop, r-loop) or cuBLAS
+              dA = s G^T X_l,  dB = s dY^T H    thin
     with dropout (lora_x given): dX = dY W (cuBLAS), d_lora_x = s G A (thin).
+
+Each "or" is decided per problem by timing both once (`_fastest`, logged, kept in CHOICES):
+Triton on Hopper has no warp-specialised GEMM and its main product runs 8-11% behind cuBLAS,
+so which wins depends on the shape (docs/bench/kernel_notes.md).
 
 The thin GEMMs read their operands in the activation dtype (fp32 adapters are rounded to
 bf16/fp16, as the tensor cores need) and accumulate in fp32; gradients of fp32 adapters are
 returned in fp32. Nothing ever computes a gradient for W.
 
 On CPU tensors the kernels run under the Triton interpreter (TRITON_INTERPRET=1 set before
-Triton is imported) with one fixed small configuration; that is how the tests run them
-without a GPU. On CUDA the GEMM is autotuned per (M bucket, N, K, r bucket, layout).
+Triton is imported) with one fixed small configuration, always the Triton side of each
+choice; that is how the tests run them without a GPU. On CUDA the GEMM is autotuned per
+(M bucket, N, K, r bucket, layout) and later calls launch the compiled kernel directly.
 """
 
 from __future__ import annotations
@@ -607,9 +613,9 @@ THIN = os.environ.get("UNSLOTH_LORA_THIN", "auto")
 
 
 def _thin_gemm(key: tuple, triton_fn, cublas_fn) -> Tensor:
-    # key: (which product, device, dtypes, M bucket, wide size, r)
-    """The result of whichever of two equivalent thin-GEMM calls is faster for this problem.
-    Under the interpreter (CPU) always the Triton kernel: that is what the CPU tests check."""
+    """The result of whichever of two equivalent thin-GEMM calls is faster for this problem,
+    key = (which product, device, dtypes, M bucket, wide size, r). Under the interpreter
+    (CPU) always the Triton kernel: that is what the CPU tests check."""
     if key[1].type == "cpu":
         return triton_fn()
     candidates = {"triton": triton_fn, "cublas": cublas_fn}
@@ -698,7 +704,7 @@ def lora_linear_forward(
         # (2.19 vs 1.23 x base, llama-8b.mlp.up, H200), for two copies of M*r and r*N elements.
         u, v = _operand(hidden, x.dtype), _operand(lora_B.t(), x.dtype)
         _lora_gemm(x2d, w_t, u, v, out, scale, scale_tensor,
-                          bias=bias, v_bias=lora_B_bias, residual=res2d)
+                   bias=bias, v_bias=lora_B_bias, residual=res2d)
     out = out.reshape(*lead, N)
     if late_residual is not None:
         out = out + late_residual
