@@ -131,7 +131,7 @@ def train_and_compare(model: torch.nn.Module, batch_fn: Callable[[int], dict], *
 
 
 # Kernel modules in dependency order: a module is (re)decorated after those it imports.
-_KERNEL_MODULES = ("lowrank_thin", "lora_linear_triton")
+_KERNEL_MODULES = ("lowrank_thin", "lora_gemm", "lora_linear_triton")
 
 
 def triton_kernel_module(name: str):

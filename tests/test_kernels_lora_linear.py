@@ -17,6 +17,7 @@ from helpers import triton_kernel_module
 
 HAS_CUDA = torch.cuda.is_available()
 lt = triton_kernel_module("lora_linear_triton")
+from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402  (re)decorated by the line above
 from unsloth_compile.kernels import reference  # noqa: E402
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")
@@ -220,10 +221,10 @@ def test_interpreter_both_main_loops_agree(transposed, monkeypatch):
     """The TMA-descriptor and pointer main loops compute the same thing (aligned shape)."""
     t, grad = _make(37, 40, 24, 7, torch.float32, torch.float32, "cpu", bias=True, residual=True,
                     transposed=transposed)
-    assert lt._use_tma(t["x"], t["weight"] if transposed else t["weight"].t())[0]
+    assert gemm._use_tma(t["x"], t["weight"] if transposed else t["weight"].t())[0]
     tma = _run_all(lt, t, grad)
-    monkeypatch.setattr(lt, "MAIN_LOOP", "pointer")
-    assert not lt._use_tma(t["x"], t["weight"])[0]
+    monkeypatch.setattr(gemm, "MAIN_LOOP", "pointer")
+    assert not gemm._use_tma(t["x"], t["weight"])[0]
     pointer = _run_all(lt, t, grad)
     for name in NAMES:
         if tma[name] is not None:
@@ -277,27 +278,27 @@ def test_fastest_times_each_candidate_once_per_problem_and_logs(caplog):
         timed.append(fn())
         return timings[timed[-1]]
 
-    saved = {kind: dict(table) for kind, table in lt.CHOICES.items()}
+    saved = {kind: dict(table) for kind, table in gemm.CHOICES.items()}
     try:
         with caplog.at_level("INFO", logger="unsloth_compile.kernels"):
-            pick = lt._fastest("main GEMM", ("test", 1), {"slow": lambda: "slow", "fast": lambda: "fast"}, timer)
+            pick = gemm.fastest("main GEMM", ("test", 1), {"slow": lambda: "slow", "fast": lambda: "fast"}, timer)
         assert pick == "fast" and timed == ["slow", "fast"]
         assert "main GEMM" in caplog.text and "fast" in caplog.text
-        assert lt._fastest("main GEMM", ("test", 1), {"slow": lambda: "slow", "fast": lambda: "fast"}, timer) == "fast"
+        assert gemm.fastest("main GEMM", ("test", 1), {"slow": lambda: "slow", "fast": lambda: "fast"}, timer) == "fast"
         assert timed == ["slow", "fast"], "timed again for a problem already decided"
-        assert lt._fastest("thin GEMM", ("test", 2), {"tie_a": lambda: "tie_a", "tie_b": lambda: "tie_b"}, timer) == "tie_a"
-        assert lt.CHOICES["main GEMM"][("test", 1)] == ("fast", {"slow": 2.0, "fast": 1.0})
+        assert gemm.fastest("thin GEMM", ("test", 2), {"tie_a": lambda: "tie_a", "tie_b": lambda: "tie_b"}, timer) == "tie_a"
+        assert gemm.CHOICES["main GEMM"][("test", 1)] == ("fast", {"slow": 2.0, "fast": 1.0})
     finally:
         for kind, table in saved.items():
-            lt.CHOICES[kind].clear()
-            lt.CHOICES[kind].update(table)
+            gemm.CHOICES[kind].clear()
+            gemm.CHOICES[kind].update(table)
 
 
 def test_plan_key_follows_what_triton_specialises():
     """Plans are keyed on this: a misaligned view, another pointer dtype (a bf16 vs fp32
     lora_B bias or scale tensor), M % 16 and M == 1 must all change it."""
     base = torch.randn(64, 32)
-    spec = lt._specialization
+    spec = gemm._specialization
     assert spec((base, 32)) != spec((base[:, 1:], 32))
     assert spec((base, 32)) != spec((base.half(), 32))
     assert spec((base, 48)) != spec((base, 37))
@@ -378,7 +379,7 @@ def test_gpu_repeated_calls_reuse_plans(main_gemm, monkeypatch):
     each result checked, and the plans reused rather than rebuilt per call."""
     monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
     calls = 0
-    plans_before = len(lt._PLANS)
+    plans_before = len(gemm._PLANS)
     for M, seed, three_d in [(640, 1, False), (640, 2, False), (637, 3, False), (600, 4, False),
                              (640, 5, True), (640, 6, True), (637, 7, False)]:
         t, grad = _make(M, 264, 520, 16, torch.bfloat16, torch.float32, "cuda", seed=seed,
@@ -388,7 +389,7 @@ def test_gpu_repeated_calls_reuse_plans(main_gemm, monkeypatch):
         _check_sqnr(ours, _run_all(reference, _cast(t, torch.bfloat16), grad), _float64(t, grad),
                     f"M={M} seed={seed}")
     if main_gemm == "triton":
-        built = len(lt._PLANS) - plans_before
+        built = len(gemm._PLANS) - plans_before
         assert 0 < built < calls, f"{built} plans built for {calls} launches: no reuse"
 
 

@@ -200,6 +200,7 @@ def run_case(layer: str, M: int, r: int, variants, device) -> list[dict]:
 
 def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
     """Each piece of ours alone (fp32 adapters), to see where the time over the base goes."""
+    from ..kernels import lora_gemm as gemm
     from ..kernels import lora_linear_triton as lt
 
     K, N = LAYERS[layer]
@@ -214,10 +215,10 @@ def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
     pieces = {
         "cublas fwd X W^T": lambda: torch.mm(x, W.t()),
         "cublas bwd dY W": lambda: torch.mm(dy, W),
-        "triton fwd GEMM, no low-rank": lambda: lt._launch_lora_gemm(x, W.t(), no_r, B.t()[:0], y, SCALE, None),
-        "triton bwd GEMM, no low-rank": lambda: lt._launch_lora_gemm(dy, W, no_r, A[:0], dx, SCALE, None),
-        "triton fwd GEMM + s H B^T": lambda: lt._launch_lora_gemm(x, W.t(), H, B.t(), y, SCALE, None),
-        "triton bwd GEMM + s G A": lambda: lt._launch_lora_gemm(dy, W, G, A, dx, SCALE, None),
+        "triton fwd GEMM, no low-rank": lambda: gemm.launch_lora_gemm(x, W.t(), no_r, B.t()[:0], y, SCALE, None),
+        "triton bwd GEMM, no low-rank": lambda: gemm.launch_lora_gemm(dy, W, no_r, A[:0], dx, SCALE, None),
+        "triton fwd GEMM + s H B^T": lambda: gemm.launch_lora_gemm(x, W.t(), H, B.t(), y, SCALE, None),
+        "triton bwd GEMM + s G A": lambda: gemm.launch_lora_gemm(dy, W, G, A, dx, SCALE, None),
         "cublas fwd: out = s H B^T; out += X W^T": lambda: lt._cublas_lora_gemm(x, W.t(), H16, Bt16, y, SCALE, None),
         "cublas bwd: dx = s G A; dx += dY W": lambda: lt._cublas_lora_gemm(dy, W, G16, A16, dx, SCALE, None),
         "triton H = X A^T": lambda: lt.rows_times_thin(x, A.t(), A.dtype),
@@ -231,11 +232,11 @@ def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
     }
     def pointer_loop(fn):  # the same launch with the pointer main loop instead of TMA
         def run():
-            saved, lt.MAIN_LOOP = lt.MAIN_LOOP, "pointer"
+            saved, gemm.MAIN_LOOP = gemm.MAIN_LOOP, "pointer"
             try:
                 return fn()
             finally:
-                lt.MAIN_LOOP = saved
+                gemm.MAIN_LOOP = saved
         return run
 
     for name in [n for n in pieces if n.startswith("triton") and "GEMM" in n]:

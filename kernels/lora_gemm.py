@@ -1,0 +1,499 @@
+"""The Triton GEMM with a low-rank epilogue, the main product of `unsloth::lora_linear`.
+
+    out = cast(A @ B + s U @ V + bias + s v_bias) (+ residual, then cast again)
+      forward : A = X,  B = W^T, U = H = X_l A_lora^T, V = B_lora^T
+      backward: A = dY, B = W,   U = G = dY B_lora,    V = A_lora
+
+FLOPs 2 M N (K + R); bytes 2 (M K + K N + M N) + (M R + R N) size(U, V) + M N size(res):
+the low-rank part adds R/K of the FLOPs (0.4% at r=16, K=4096) and under 1% of the bytes.
+
+Two main loops (pointer loads for any strides and the interpreter; TMA descriptors on
+Hopper when strides are 16-byte aligned), autotuned per problem and chosen between by timing
+(`fastest`, which kernels/lora_linear_triton.py also uses for its own choices). The first call
+of a problem builds a `_Plan`; later calls launch the compiled kernel directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from contextlib import nullcontext as _nullcontext
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+import triton.testing
+
+# --------------------------------------------------------------------------------------------
+# Kernels: one GEMM with a low-rank epilogue, in two flavours of main loop (pointer loads for
+# any strides and the interpreter; TMA descriptors on Hopper when strides are 16-byte aligned)
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped tile order: GROUP_M row-blocks sweep the columns together, keeping the B tiles
+    they share in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _lowrank_epilogue(
+    acc, pid_m, pid_n,
+    # pointers
+    u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+    # sizes
+    M, N, R,
+    # strides
+    stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om, stride_on,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """acc += s U[rows] @ V[:, cols] (+ bias + s v_bias); store cast(acc) (+ residual).
+
+    The scale goes on the (BLOCK_M, r) U tile rather than on a second (BLOCK_M, BLOCK_N)
+    accumulator; r is padded to BLOCK_R (a power of two >= 16, the smallest tensor-core K)
+    by masking. Rows/columns past the edge wrap around (loads stay unpredicated) and are
+    dropped by the masked store.
+    """
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m % M
+    cols = offs_n % N
+    s = scale
+    if HAS_SCALE_TENSOR:
+        s = s * tl.load(scale_ptr).to(tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    u_ptrs = u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur
+    v_ptrs = v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn
+    for r0 in range(0, R, BLOCK_R):
+        r_left = R - r0
+        u = tl.load(u_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(tl.float32) * s
+        v = tl.load(v_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
+        acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PRECISION)
+        u_ptrs += BLOCK_R * stride_ur
+        v_ptrs += BLOCK_R * stride_vr
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    if HAS_V_BIAS:
+        acc += s * tl.load(v_bias_ptr + cols).to(tl.float32)[None, :]
+    out_dtype = out_ptr.dtype.element_ty
+    y = acc.to(out_dtype)
+    if HAS_RESIDUAL:
+        # PyTorch's `out.to(dtype) + residual`: round, add in fp32, round again.
+        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(out_dtype)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y, mask=mask)
+
+
+# Arguments that vary with the rank or M alone: specialising on them (==1, %16) would compile
+# a copy of the kernel per rank (r=8 vs r=16) for no gain; the U/V tiles are a few KB.
+_NO_SPECIALIZE = ["R", "M_BUCKET", "stride_um", "stride_vn"]
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _lora_gemm_kernel(
+    # pointers
+    a_ptr, b_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+    # sizes
+    M, N, K, R,
+    M_BUCKET,  # next power of two of M: an autotuning key only
+    # strides
+    stride_am, stride_ak, stride_bk, stride_bn,
+    stride_um, stride_ur, stride_vr, stride_vn,
+    stride_rm, stride_rn, stride_om, stride_on,
+    # scalars
+    scale,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """out = cast(A @ B + s * (U @ V) + bias + s * v_bias) (+ residual, then cast again).
+
+    A (M, K) activations, B (K, N) frozen weight (any strides), U (M, R) the low-rank left
+    factor (fp32 or half; scaled by s and rounded to A's dtype on load), V (R, N) the right
+    factor (rounded to A's dtype). Both products accumulate into one fp32 tile, so the
+    adapter costs no extra pass over the (M, N) output.
+      forward : A = X,  B = W^T, U = H = X_l A_lora^T, V = B_lora^T
+      backward: A = dY, B = W,   U = G = dY B_lora,    V = A_lora
+    FLOPs 2 M N (K + R); bytes (compulsory) 2 (M K + K N + M N) + (M R + R N) * size(U, V)
+    + M N * size(res): the low-rank part adds R/K of the FLOPs (0.4% at r=16, K=4096) and
+    under 1% of the bytes.
+    """
+    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # Rows/columns past the edge wrap around instead of being masked (see the epilogue).
+    offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    # tl.full, not tl.zeros: the standard-library @jit helpers break in the interpreter when
+    # triton.language was imported before TRITON_INTERPRET was set (as under pytest).
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    _lowrank_epilogue(
+        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
+        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
+        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _lora_gemm_tma_kernel(
+    # tensor descriptors and pointers
+    a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+    # sizes
+    M, N, K, R,
+    M_BUCKET,  # autotuning key only
+    # strides
+    stride_um, stride_ur, stride_vr, stride_vn,
+    stride_rm, stride_rn, stride_om, stride_on,
+    # scalars
+    scale,
+    # meta-parameters
+    B_K_CONTIGUOUS: tl.constexpr,  # b_desc is over (N, K) (load, then .T), else over (K, N)
+    HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """_lora_gemm_kernel with the main loop's tiles fetched by the TMA engine (Hopper).
+
+    Same math, FLOPs and bytes. The copy engine zero-fills out-of-range rows and the K tail,
+    so the loop has no masks and no address arithmetic; descriptors need 16-byte aligned
+    row strides (K, N multiples of 8 in bf16), else the host picks the pointer kernel.
+    """
+    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = a_desc.load([off_m, k])
+        if B_K_CONTIGUOUS:
+            b = b_desc.load([off_n, k]).T
+        else:
+            b = b_desc.load([k, off_n])
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    _lowrank_epilogue(
+        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
+        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
+        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the usual Hopper bf16 tiles; 128x256x64
+# and 256x128x64 with 3-4 stages fit in H100/H200 shared memory (228 KB) with room for the
+# r-loop's U/V tiles.
+_TILES = [
+    (128, 256, 64, 3, 8),
+    (256, 128, 64, 3, 8),
+    (128, 256, 64, 4, 8),
+    (128, 128, 64, 4, 8),
+    (256, 128, 64, 4, 8),
+    (128, 128, 64, 4, 4),
+    (64, 256, 64, 4, 4),
+]
+
+
+def _set_tma_blocks(nargs):
+    """Autotuner pre-hook: the descriptors' block shapes follow the config being tried."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    nargs["a_desc"].block_shape = [bm, bk]
+    nargs["b_desc"].block_shape = [bn, bk] if nargs["B_K_CONTIGUOUS"] else [bk, bn]
+
+
+# UNSLOTH_LORA_AUTOTUNE=0: the first tile only (no tuning): fast correctness runs on a GPU.
+_AUTOTUNE = os.environ.get("UNSLOTH_LORA_AUTOTUNE", "1") != "0"
+
+
+def _configs(pre_hook=None):
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                      num_stages=stages, num_warps=warps, pre_hook=pre_hook)
+        for bm, bn, bk, stages, warps in (_TILES if _AUTOTUNE else _TILES[:1])
+    ]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    # Small problems: tiles much taller than M only waste work. (M_BUCKET arrives among the
+    # positional named_args or, when the launch passes keywords, among kwargs.)
+    m_bucket = named_args["M_BUCKET"] if "M_BUCKET" in named_args else kwargs["M_BUCKET"]
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m_bucket)]
+    return kept or configs[:1]
+
+
+_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL"]
+# 5 ms warm-up / 25 ms of repeats per config (default 25/100): the first call of a new shape
+# pays ~6 configs x this; medians of a ~0.4 ms GEMM are stable well within it.
+_AUTOTUNE_BENCH = functools.partial(triton.testing.do_bench, warmup=5, rep=25)
+
+_lora_gemm_tuned = triton.autotune(
+    configs=_configs(), key=_KEY + ["stride_ak", "stride_bk", "stride_bn"],
+    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_lora_gemm_kernel))
+
+_lora_gemm_tma_tuned = triton.autotune(
+    configs=_configs(_set_tma_blocks), key=_KEY + ["B_K_CONTIGUOUS"],
+    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+)(_lora_gemm_tma_kernel)
+
+# The interpreter runs one small configuration (dot needs every dimension >= 16).
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+# "auto": TMA where the strides allow it on sm_90+ (and in the interpreter); "pointer": never.
+# A knob for the benchmark's breakdown and for bisecting, not a user option.
+MAIN_LOOP = os.environ.get("UNSLOTH_LORA_MAIN_LOOP", "auto")
+
+
+log = logging.getLogger("unsloth_compile.kernels")
+
+# Every choice made by timing, per kind: {problem key: (chosen, {candidate: median ms})}.
+# Keys: "main loop" (TMA vs pointer Triton GEMM), "main GEMM" (Triton vs cuBLAS composition),
+# "thin GEMM" (Triton vs cuBLAS for H, G, dA, dB). Read by tests and for diagnosis.
+CHOICES: dict[str, dict] = {"main loop": {}, "main GEMM": {}, "thin GEMM": {}}
+
+
+def _time_ms(fn) -> float:
+    # 5 ms warm-up / 25 ms of repeats: medians of the 0.03-3 ms calls here are stable within it.
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def fastest(kind: str, key: tuple, candidates: dict, timer=_time_ms) -> str:
+    """The name of the fastest of `candidates` (name -> zero-argument callable, all computing
+    the same thing) for this problem: timed once, on the problem's first call, then
+    remembered; the first listed wins a tie. Logged at INFO, as the first call of a shape
+    pays the timing (and any autotuning inside it)."""
+    table = CHOICES[kind]
+    found = table.get(key)
+    if found is None:
+        times = {name: timer(fn) for name, fn in candidates.items()}
+        best = min(times, key=times.get)
+        table[key] = found = (best, times)
+        log.info("unsloth_compile: %s for %s: %s (%s)", kind, key, best,
+                 ", ".join(f"{name} {ms:.4f} ms" for name, ms in times.items()))
+    return found[0]
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _tma_ok(t: Tensor) -> bool:
+    """A 2-D tensor a TMA descriptor can address: unit last stride, 16-byte aligned rest."""
+    size = t.element_size()
+    return (t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
+            and t.shape[0] > 0 and t.shape[1] > 0)
+
+
+@functools.lru_cache(maxsize=None)
+def capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _use_tma(a: Tensor, b: Tensor) -> tuple[bool, bool]:
+    """(use the TMA kernel, b is K-contiguous) for a (M, K) @ b (K, N)."""
+    if MAIN_LOOP != "auto" or TensorDescriptor is None:
+        return False, False
+    if a.device.type == "cuda" and capability(a.device) < (9, 0):
+        return False, False
+    b_k_contiguous = b.stride(0) == 1 and b.stride(1) != 1
+    b_view = b.t() if b_k_contiguous else b
+    return _tma_ok(a) and _tma_ok(b_view), b_k_contiguous
+
+
+def _specialization(values) -> tuple:
+    """What Triton specialises a kernel on besides constexprs: each pointer's element type and
+    16-byte alignment, and ints that are 1 or multiples of 16. Two calls with equal
+    specialisations and equal constexprs run the same compiled kernel."""
+    bits = []
+    for value in values:
+        if isinstance(value, Tensor):
+            bits.append((value.dtype, value.data_ptr() % 16 == 0))
+        elif isinstance(value, int) and not isinstance(value, bool):
+            bits.append((value == 1, value % 16 == 0))
+    return tuple(bits)
+
+
+class _Plan:
+    """The compiled kernel and tuned configuration of one problem (dtypes, shapes bucket,
+    layout, flags, alignment), found once through the autotuner.
+
+    Later calls launch `CompiledKernel[grid](*args)` directly: the autotuner's key building and
+    JITFunction.run's argument binding cost 0.1-0.2 ms of Python per launch on the H200 host
+    (cProfile, docs/bench/kernel_notes.md), as much as the whole low-rank term's GPU time.
+    """
+
+    __slots__ = ("kernel", "config", "tma", "b_k_contiguous", "arg_names")
+
+    def __init__(self, kernel, config: dict, tma: bool, b_k_contiguous: bool, arg_names):
+        self.kernel, self.config, self.tma = kernel, config, tma
+        self.b_k_contiguous, self.arg_names = b_k_contiguous, arg_names
+
+    def descriptors(self, a: Tensor, b: Tensor):
+        cfg = self.config
+        b_view = b.t() if self.b_k_contiguous else b
+        b_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if self.b_k_contiguous else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
+        return (TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+                TensorDescriptor.from_tensor(b_view, b_block))
+
+    def launch(self, named: dict, M: int, N: int) -> None:
+        cfg = self.config
+        named.update(cfg)
+        # CompiledKernel[grid] takes the full 3-D grid (JITFunction.run pads it, we do not).
+        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), 1, 1)
+        self.kernel[grid](*[named[name] for name in self.arg_names])
+
+
+# (device, dtypes, M bucket, N, K, r block, layout, flags, specialisation) -> _Plan
+_PLANS: dict = {}
+
+
+def _base_fn(tuned):
+    """The JITFunction under autotune/heuristics wrappers (for its parameter order)."""
+    fn = tuned
+    while not isinstance(fn, triton.runtime.JITFunction):
+        fn = fn.fn
+    return fn
+
+
+def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
+                      scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
+                      v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
+    """out (M, N) = cast(a @ b + s u @ v + bias + s v_bias) (+ residual); all 2-D views."""
+    M, K = a.shape
+    N = b.shape[1]
+    R = u.shape[1]
+    dummy = out  # never read: the matching HAS_* flag is False
+    if scale_tensor is not None and (scale_tensor.dim() != 0 or scale_tensor.device != a.device):
+        scale_tensor = scale_tensor.to(device=a.device).reshape(())
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    if v_bias is not None and v_bias.stride(0) != 1:
+        v_bias = v_bias.contiguous()
+    res_strides = residual.stride() if residual is not None else (0, 0)
+    m_bucket = next_pow2(M)
+    named = {
+        "u_ptr": u, "v_ptr": v,
+        "bias_ptr": bias if bias is not None else dummy,
+        "v_bias_ptr": v_bias if v_bias is not None else dummy,
+        "res_ptr": residual if residual is not None else dummy,
+        "out_ptr": out,
+        "scale_ptr": scale_tensor if scale_tensor is not None else dummy,
+        "M": M, "N": N, "K": K, "R": R, "M_BUCKET": m_bucket,
+        "stride_um": u.stride(0), "stride_ur": u.stride(1),
+        "stride_vr": v.stride(0), "stride_vn": v.stride(1),
+        "stride_rm": res_strides[0], "stride_rn": res_strides[1],
+        "stride_om": out.stride(0), "stride_on": out.stride(1),
+        "scale": float(scale),
+        "HAS_BIAS": bias is not None, "HAS_V_BIAS": v_bias is not None,
+        "HAS_RESIDUAL": residual is not None, "HAS_SCALE_TENSOR": scale_tensor is not None,
+        "COMPUTE_DTYPE": _TL_DTYPES[a.dtype],
+        "DOT_PRECISION": "ieee" if a.dtype == torch.float32 else "tf32",
+        "BLOCK_R": max(16, min(64, next_pow2(R))),
+    }
+    use_tma, b_k_contiguous = _use_tma(a, b)
+
+    if a.device.type == "cpu":  # the interpreter: one fixed small configuration
+        cfg = _INTERPRETER_CONFIG
+        if use_tma:
+            plan = _Plan(None, cfg, True, b_k_contiguous, None)
+            a_desc, b_desc = plan.descriptors(a, b)
+            _lora_gemm_tma_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
+                a_desc=a_desc, b_desc=b_desc, B_K_CONTIGUOUS=b_k_contiguous, **named, **cfg)
+        else:
+            _lora_gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
+                a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0),
+                stride_bn=b.stride(1), EVEN_K=K % cfg["BLOCK_K"] == 0, **named, **cfg)
+        return out
+
+    shape_key = (a.device, a.dtype, u.dtype, v.dtype, out.dtype, m_bucket, N, K, named["BLOCK_R"],
+                 a.stride(), b.stride(), use_tma, b_k_contiguous, named["HAS_BIAS"],
+                 named["HAS_V_BIAS"], named["HAS_RESIDUAL"], named["HAS_SCALE_TENSOR"])
+    key = shape_key + _specialization(
+        (a, b, u, v, out, named["bias_ptr"], named["v_bias_ptr"], named["res_ptr"], named["scale_ptr"],
+         M, res_strides[0], res_strides[1]))
+    plan = _PLANS.get(key)
+    switch_device = a.device.index != torch.cuda.current_device()
+    with torch.cuda.device(a.device) if switch_device else _nullcontext():
+        if plan is None:
+            plan = _PLANS[key] = _make_plan(a, b, named, use_tma, b_k_contiguous, shape_key)
+        else:
+            if plan.tma:
+                named["a_desc"], named["b_desc"] = plan.descriptors(a, b)
+                named["B_K_CONTIGUOUS"] = b_k_contiguous
+            else:
+                named.update(a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1),
+                             stride_bk=b.stride(0), stride_bn=b.stride(1),
+                             EVEN_K=K % plan.config["BLOCK_K"] == 0)
+            plan.launch(named, M, N)
+    return out
+
+
+def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous: bool,
+               shape_key: tuple) -> _Plan:
+    """First call of a problem: autotune (and, where TMA is possible, time the TMA main loop
+    against the pointer one), launch once, and keep the compiled kernel for later calls."""
+    M, N = a.shape[0], b.shape[1]
+
+    def grid(c):
+        return (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+
+    def run_pointer():
+        kernel = _lora_gemm_tuned[grid](
+            a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0),
+            stride_bn=b.stride(1), **named)
+        cfg = dict(_lora_gemm_tuned.best_config.kwargs)
+        return _Plan(kernel, cfg, False, b_k_contiguous, _base_fn(_lora_gemm_tuned).arg_names)
+
+    def run_tma():
+        # Block shapes here are placeholders: the autotuner's pre-hook re-blocks per config.
+        a_desc = TensorDescriptor.from_tensor(a, [64, 64])
+        b_desc = TensorDescriptor.from_tensor(b.t() if b_k_contiguous else b, [64, 64])
+        kernel = _lora_gemm_tma_tuned[grid](a_desc=a_desc, b_desc=b_desc,
+                                             B_K_CONTIGUOUS=b_k_contiguous, **named)
+        cfg = dict(_lora_gemm_tma_tuned.best_config.kwargs)
+        return _Plan(kernel, cfg, True, b_k_contiguous, _base_fn(_lora_gemm_tma_tuned).arg_names)
+
+    if not use_tma:
+        return run_pointer()
+    # Neither main loop wins everywhere (H200, M=8192, r=16: TMA 0.470 vs pointer 0.508 ms for
+    # llama-8b.attn.q forward, pointer 1.45 vs TMA 1.62 ms for mlp.up backward): time both,
+    # each autotuned, once per shape.
+    choice = fastest("main loop", shape_key, {"tma": run_tma, "pointer": run_pointer})
+    return run_tma() if choice == "tma" else run_pointer()
