@@ -207,3 +207,36 @@ def test_float_scale_that_changes_between_calls_stays_fused():
         # Dynamo may compile more than once around the change: every graph must fuse the site.
         report = result.report
         assert report.refused == [] and report.counters["lora_linear.fused"] == report.graphs >= 1, str(report)
+
+
+def test_compiled_dropout_lora_does_not_save_its_input():
+    """With lora_dropout the compiled graph keeps the dropout output for dA but no longer the
+    layer input x itself (checked on the tensors AOTAutograd saves in a compiled forward)."""
+
+    class DropoutLoRA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = torch.nn.Linear(32, 48, bias=False).requires_grad_(False)
+            self.A = torch.nn.Linear(32, 4, bias=False)
+            self.B = torch.nn.Linear(4, 48, bias=False)
+            self.drop = torch.nn.Dropout(0.3)
+
+        def forward(self, x):
+            return self.base(x) + self.B(self.A(self.drop(x))) * 2.0
+
+    torch.manual_seed(0)
+    model = torch.compile(DropoutLoRA(), backend="unsloth", options={"inner": "aot_eager"})
+    x = torch.randn(8, 32, requires_grad=True)
+    model(x).sum().backward()  # compile outside the hook (tracing saves fake tensors)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    x_storage = x.untyped_storage().data_ptr()
+    assert saved and not any(t.untyped_storage().data_ptr() == x_storage for t in saved)
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -65,6 +65,30 @@ def test_forward_and_every_gradient_match_float64_formula(flags):
     assert inp["weight"].grad is None
 
 
+def test_with_dropout_input_x_is_not_saved_for_backward():
+    """With lora_x (the dropout output) backward needs only x's shape and dtype: x's storage
+    must not be among the saved tensors; the gradients still match the formula."""
+    inp = make_inputs(lora_x=True, dtype=torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, _ = torch.ops.unsloth.lora_linear(**inp)
+    x_ptr = inp["x"].untyped_storage().data_ptr()
+    assert not any(t.untyped_storage().data_ptr() == x_ptr for t in saved), "x was saved"
+    assert any(t.untyped_storage().data_ptr() == inp["lora_x"].untyped_storage().data_ptr() for t in saved)
+    grad = torch.randn_like(out)
+    leaves = [inp[k] for k in ("x", "lora_A", "lora_B", "lora_x", "bias")]
+    got = torch.autograd.grad(out, leaves, grad)
+    want = torch.autograd.grad(direct_formula(inp), leaves, grad)
+    for name, g1, g2 in zip(("x", "lora_A", "lora_B", "lora_x", "bias"), got, want):
+        assert g1.shape == g2.shape and g1.dtype == g2.dtype, name
+        torch.testing.assert_close(g1, g2.to(g1.dtype), msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
 @pytest.mark.parametrize("r", [1, 7, 16])
 def test_gradcheck_float64(r):
     inp = make_inputs(m=(5,), k=6, n=9, r=r, bias=True, lora_B_bias=True, residual=True)

@@ -131,7 +131,12 @@ _lib.impl("lora_linear_backward", lora_linear_backward, "CompositeExplicitAutogr
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, scale_tensor,
      weight_transposed, out_dtype, impl) = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, lora_x, output[1], scale_tensor)
+    # With dropout the adapter reads lora_x, and backward needs of x only dx's shape, dtype
+    # and device (dx = dY W involves no x): x itself is not kept, M x K elements less saved
+    # per LoRA layer (lora_x, which dA needs, is saved instead).
+    ctx.x_meta = None if lora_x is None else (x.shape, x.dtype, x.device)
+    ctx.save_for_backward(x if lora_x is None else None, weight, lora_A, lora_B, lora_x, output[1],
+                          scale_tensor)
     ctx.scale = scale
     ctx.weight_transposed = weight_transposed
     ctx.impl = impl
@@ -146,6 +151,9 @@ def _backward(ctx, grad_out, _grad_lora_hidden):
     # lora_hidden is an internal output (saved for dB) that the rewritten graph never reads,
     # so its incoming gradient is zero/None and is ignored.
     x, weight, lora_A, lora_B, lora_x, lora_hidden, scale_tensor = ctx.saved_tensors
+    if x is None:  # dropout: a stand-in with x's shape, dtype and device, one element of memory
+        shape, dtype, device = ctx.x_meta
+        x = torch.empty((), dtype=dtype, device=device).expand(shape)
     needs = ctx.needs_input_grad
     dx, d_lora_x, dA, dB = torch.ops.unsloth.lora_linear_backward.default(
         grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, ctx.scale, scale_tensor,
