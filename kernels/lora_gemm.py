@@ -298,12 +298,26 @@ def fastest(kind: str, key: tuple, candidates: dict, timer=_time_ms) -> str:
     """The name of the fastest of `candidates` (name -> zero-argument callable, all computing
     the same thing) for this problem: timed once, on the problem's first call, then
     remembered; the first listed wins a tie. Logged at INFO, as the first call of a shape
-    pays the timing (and any autotuning inside it)."""
+    pays the timing (and any autotuning inside it).
+
+    A candidate that cannot run this problem (a Triton kernel out of shared memory or
+    registers at an unusual shape, say) is logged as a WARNING with its error and left out;
+    the error is raised only when no candidate runs."""
     table = CHOICES[kind]
     found = table.get(key)
     if found is None:
-        times = {name: timer(fn) for name, fn in candidates.items()}
+        times, errors = {}, {}
+        for name, fn in candidates.items():
+            try:
+                times[name] = timer(fn)
+            except Exception as error:  # noqa: BLE001  recorded, logged, re-raised if all fail
+                errors[name] = error
+                log.warning("unsloth_compile: %s for %s: candidate %r failed and is not used: %s: %s",
+                            kind, key, name, type(error).__name__, error)
+        if not times:
+            raise next(iter(errors.values()))
         best = min(times, key=times.get)
+        times.update({name: float("inf") for name in errors})
         table[key] = found = (best, times)
         log.info("unsloth_compile: %s for %s: %s (%s)", kind, key, best,
                  ", ".join(f"{name} {ms:.4f} ms" for name, ms in times.items()))

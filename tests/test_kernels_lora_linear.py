@@ -294,6 +294,28 @@ def test_fastest_times_each_candidate_once_per_problem_and_logs(caplog):
             gemm.CHOICES[kind].update(table)
 
 
+def test_fastest_leaves_out_a_failing_candidate_with_a_warning(caplog):
+    """A candidate that raises (a kernel out of resources at some shape) is not chosen, is
+    logged as a warning naming the error; when every candidate fails the error propagates."""
+    def broken():
+        raise RuntimeError("out of resource: shared memory")
+
+    saved = {kind: dict(table) for kind, table in gemm.CHOICES.items()}
+    try:
+        with caplog.at_level("INFO", logger="unsloth_compile.kernels"):
+            pick = gemm.fastest("thin GEMM", ("test", 3), {"triton": broken, "cublas": lambda: None},
+                                timer=lambda fn: (fn(), 1.0)[1])
+        assert pick == "cublas"
+        assert "WARNING" in caplog.text and "out of resource" in caplog.text and "'triton'" in caplog.text
+        assert gemm.CHOICES["thin GEMM"][("test", 3)][1]["triton"] == float("inf")
+        with pytest.raises(RuntimeError, match="out of resource"):
+            gemm.fastest("thin GEMM", ("test", 4), {"triton": broken}, timer=lambda fn: (fn(), 1.0)[1])
+    finally:
+        for kind, table in saved.items():
+            gemm.CHOICES[kind].clear()
+            gemm.CHOICES[kind].update(table)
+
+
 def test_plan_key_follows_what_triton_specialises():
     """Plans are keyed on this: a misaligned view, another pointer dtype (a bf16 vs fp32
     lora_B bias or scale tensor), M % 16 and M == 1 must all change it."""
