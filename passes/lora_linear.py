@@ -252,6 +252,29 @@ def _match_tail(sum_node: Node, cfg: Config):
 # ----------------------------------------------------------------------------- replacement
 
 
+def dropout_as_mask(adapter: Adapter, base: BaseLinear) -> Optional[float]:
+    """1 / (1 - p) when the adapter's dropout can reach the op as a boolean mask, else None.
+
+    The op then rebuilds the dropped input as x.to(A's dtype) * mask * 1/(1-p), which is
+    bitwise what the dropout produced, provided: a training-mode, out-of-place
+    F.dropout with 0 < p < 1, read by the adapter alone, of the layer input itself or of one
+    cast of it to the adapter dtype. Otherwise the dropout output goes in as lora_x.
+    """
+    node = adapter.lora_x
+    if node is None or len(node.users) != 1:
+        return None
+    training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training", True)
+    inplace = node.args[3] if len(node.args) > 3 else node.kwargs.get("inplace", False)
+    if training is not True or inplace is not False or not 0.0 < adapter.dropout_p < 1.0:
+        return None
+    dropped = node.args[0]
+    if not (dropped is base.x or (fm.cast_dtype(dropped) is not None and dropped.args[0] is base.x)):
+        return None
+    if fm.example_value(dropped).dtype != fm.example_value(adapter.A).dtype:
+        return None
+    return 1.0 / (1.0 - adapter.dropout_p)
+
+
 def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
     graph = gm.graph
     new_nodes: list[Node] = []
@@ -277,15 +300,27 @@ def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
                     term = emit("call_function", operator.mul, (a.B_bias, a.scale))
                     B_bias = term if B_bias is None else emit("call_function", operator.add, (B_bias, term))
             scale, scale_tensor = 1.0, None
+    lora_x, mask_args, dropout = first.lora_x, (), []
+    dropout_scale = dropout_as_mask(first, site.base) if len(site.adapters) == 1 else None
+    if dropout_scale is not None:
+        # The mask is drawn where the dropout was (the random stream keeps its order); the
+        # dropout node goes, and with it the (M, K) dropped input saved for backward.
+        dropout = [first.lora_x]
+        with graph.inserting_before(first.lora_x):
+            drawn = emit("call_function", torch.native_dropout, (first.lora_x.args[0], first.dropout_p, True))
+            mask = emit("call_function", operator.getitem, (drawn, 1))
+        lora_x, mask_args = None, (mask, dropout_scale)
+    with graph.inserting_before(site.last):
         call = emit("call_function", torch.ops.unsloth.lora_linear.default, (
-            site.base.x, site.base.weight, site.base.bias, A, B, B_bias, first.lora_x,
+            site.base.x, site.base.weight, site.base.bias, A, B, B_bias, lora_x,
             site.residual, scale, scale_tensor, site.base.weight_transposed, site.out_dtype,
-            cfg.kernels.value))
+            cfg.kernels.value) + mask_args)
         out = emit("call_function", operator.getitem, (call, 0))
     for node in new_nodes:
         _set_meta(node, site.sum_node)
     site.last.replace_all_uses_with(out)
-    dead = list(reversed(site.chain)) + site.base.nodes + [n for a in site.adapters for n in a.nodes]
+    dead = (list(reversed(site.chain)) + site.base.nodes + [n for a in site.adapters for n in a.nodes]
+            + dropout)
     for node in dead:
         if not node.users:
             graph.erase_node(node)
@@ -354,7 +389,10 @@ def fuse_lora_linears(gm: GraphModule, cfg: Config | None = None, report: Report
         replace_site(gm, site, cfg)
         details["residual_folded"] = residual is not None
         what = f"rank {details['rank']}" + (f", {len(adapters)} adapters" if len(adapters) > 1 else "")
-        what += ", dropout" if adapters[0].lora_x is not None else ""
+        if adapters[0].lora_x is not None:
+            as_mask = len(adapters) == 1 and dropout_as_mask(adapters[0], base) is not None
+            what += ", dropout as mask" if as_mask else ", dropout"
+            details["dropout_as_mask"] = as_mask
         what += ", residual folded" if residual is not None else ""
         what += ", Conv1D" if base.weight_transposed else ""
         report.add(Site(path, PATTERN, "fused", what, details))

@@ -121,6 +121,65 @@ def test_mixed_precision_mirrors_eager_peft_numerics():
         torch.testing.assert_close(g1, g2, rtol=0, atol=0)
 
 
+def _mask(shape, p=0.3, seed=5):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) >= p
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)],
+                         ids=["fp64", "bf16_base_fp32_adapters"])
+def test_dropout_mask_matches_eager_dropout_bitwise(dtype, adapter_dtype):
+    """Dropout given as (mask, 1/(1-p)): the output and every gradient equal eager PEFT's
+    sequence cast -> native_dropout -> A -> B -> scale -> cast back, bit for bit."""
+    p = 0.3
+    inp = make_inputs(dtype=dtype, adapter_dtype=adapter_dtype, residual=True)
+    mask = _mask(inp["x"].shape, p)
+    out, _ = torch.ops.unsloth.lora_linear(**inp, dropout_mask=mask, dropout_scale=1.0 / (1.0 - p))
+    x, A, B, bias, res = inp["x"], inp["lora_A"], inp["lora_B"], inp["bias"], inp["residual"]
+    dropped = x.to(adapter_dtype) * mask * (1.0 / (1.0 - p))  # aten.native_dropout's products
+    base = torch.nn.functional.linear(x, inp["weight"], bias)
+    eager = (base + (dropped @ A.t() @ B.t()) * inp["scale"]).to(dtype) + res
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    grad = torch.randn_like(out)
+    leaves = [x, A, B, bias, res]
+    for name, g1, g2 in zip(("x", "A", "B", "bias", "residual"), torch.autograd.grad(out, leaves, grad),
+                            torch.autograd.grad(eager, leaves, grad)):
+        assert g1.dtype == g2.dtype, name
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+def test_dropout_mask_gradcheck_opcheck_and_bad_input():
+    inp = make_inputs(m=(5,), k=6, n=9, r=3)
+    mask = _mask((5, 6))
+    names = [k for k, v in inp.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+
+    def fn(*tensors):
+        return torch.ops.unsloth.lora_linear(**{**inp, **dict(zip(names, tensors))}, dropout_mask=mask,
+                                             dropout_scale=1.25)[0]
+
+    assert torch.autograd.gradcheck(fn, [inp[k] for k in names])
+    f32 = make_inputs(dtype=torch.float32)
+    torch.library.opcheck(torch.ops.unsloth.lora_linear.default,
+                          tuple(f32.values()) + (_mask(f32["x"].shape), 1.25))
+    with pytest.raises(ValueError, match="bool tensor of x's shape"):
+        torch.ops.unsloth.lora_linear(**inp, dropout_mask=mask.float(), dropout_scale=1.25)
+    with pytest.raises(ValueError, match="not both"):
+        torch.ops.unsloth.lora_linear(**{**inp, "lora_x": inp["x"].detach()}, dropout_mask=mask, dropout_scale=1.25)
+
+
+def test_dropout_mask_saves_the_mask_not_the_dropped_input():
+    inp = make_inputs(dtype=torch.bfloat16, adapter_dtype=torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.ops.unsloth.lora_linear(**inp, dropout_mask=_mask(inp["x"].shape), dropout_scale=1.25)
+    full = [t for t in saved if t.shape == inp["x"].shape]
+    assert sorted(str(t.dtype) for t in full) == ["torch.bfloat16", "torch.bool"], full
+
+
 def test_no_gradient_is_computed_for_a_trainable_looking_weight():
     """The op never returns dW: a weight that requires grad gets none (the pass refuses such sites)."""
     inp = make_inputs()

@@ -31,7 +31,11 @@ def test_user_pipeline_meta_and_generated_code():
     assert len(ops) == 4
     assert gm.code.count("torch.ops.unsloth.lora_linear.default") == 4
     created = [n for n in gm.graph.nodes if n not in original]
-    assert len(created) == 8  # 4 x (op, getitem)
+    assert len(created) == 16  # 4 x (native_dropout, its mask, op, getitem): dropout as a mask
+    masks = [op.args[13] for op in ops]
+    assert all(m.target is operator.getitem and m.args[0].target is torch.native_dropout for m in masks)
+    assert all(op.args[6] is None and op.args[14] == 1.0 / (1.0 - 0.1) for op in ops)  # no lora_x
+    assert not any(n.target is torch.nn.functional.dropout and n.args[1] == 0.1 for n in gm.graph.nodes)
     for node in created:
         assert "example_value" in node.meta, node.format_node()
     for op in ops:

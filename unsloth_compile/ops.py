@@ -70,20 +70,48 @@ _lib = torch.library.Library("unsloth", "DEF")
 _lib.define(
     "lora_linear(Tensor x, Tensor weight, Tensor? bias, Tensor lora_A, Tensor lora_B, "
     "Tensor? lora_B_bias, Tensor? lora_x, Tensor? residual, float scale, Tensor? scale_tensor, "
-    "bool weight_transposed, ScalarType out_dtype, str impl) -> (Tensor, Tensor)"
+    "bool weight_transposed, ScalarType out_dtype, str impl, Tensor? dropout_mask=None, "
+    "float dropout_scale=1.0) -> (Tensor, Tensor)"
 )
 _lib.define(
     "lora_linear_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor lora_A, Tensor lora_B, "
     "Tensor? lora_x, Tensor lora_hidden, float scale, Tensor? scale_tensor, bool weight_transposed, "
-    "ScalarType base_dtype, str impl) -> (Tensor, Tensor, Tensor, Tensor)"
+    "ScalarType base_dtype, str impl, Tensor? dropout_mask=None, float dropout_scale=1.0) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
 )
+# dropout_mask / dropout_scale: the adapter reads dropout(x) given as its boolean mask and
+# 1 / (1 - p) instead of as a tensor (lora_x): backward keeps 1 byte per element of x rather
+# than lora_x in the adapter dtype (4 bytes for PEFT's fp32 adapters). Defaults keep the
+# trailing arguments optional (the dispatcher then passes fewer; the impls default them).
+
+
+def _dropout_input(x: Tensor, lora_A: Tensor, dropout_mask: Tensor, dropout_scale: float) -> Tensor:
+    """The adapter input under dropout, rebuilt from its mask: x in the adapter dtype (PEFT
+    casts before its dropout) times the mask times 1 / (1 - p), the products of
+    aten.native_dropout in its order, so bitwise the value eager computed."""
+    return x.to(lora_A.dtype) * dropout_mask * dropout_scale
+
+
+def _check_dropout_args(lora_x: Optional[Tensor], dropout_mask: Optional[Tensor], x: Tensor) -> None:
+    if dropout_mask is None:
+        return
+    if lora_x is not None:
+        raise ValueError("unsloth::lora_linear: pass the adapter's dropout either as lora_x or as "
+                         "dropout_mask, not both")
+    if dropout_mask.dtype != torch.bool or dropout_mask.shape != x.shape:
+        raise ValueError(f"unsloth::lora_linear: dropout_mask must be a bool tensor of x's shape "
+                         f"{tuple(x.shape)}, got {dropout_mask.dtype} {tuple(dropout_mask.shape)}")
 
 
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                 lora_B_bias: Optional[Tensor], lora_x: Optional[Tensor], residual: Optional[Tensor],
                 scale: float, scale_tensor: Optional[Tensor], weight_transposed: bool,
-                out_dtype: torch.dtype, impl: str) -> tuple[Tensor, Tensor]:
+                out_dtype: torch.dtype, impl: str, dropout_mask: Optional[Tensor] = None,
+                dropout_scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """(out, lora_hidden): see kernels/reference.py for the math."""
+    _check_dropout_args(lora_x, dropout_mask, x)
+    if dropout_mask is not None:
+        lora_x = _dropout_input(x, lora_A, dropout_mask, dropout_scale)
     module = _pick(impl, [x, weight, lora_A, lora_B, lora_x])
     return module.lora_linear_forward(
         x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual,
@@ -93,7 +121,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 
 @torch.library.register_fake("unsloth::lora_linear")
 def _(x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, scale_tensor,
-      weight_transposed, out_dtype, impl):
+      weight_transposed, out_dtype, impl, dropout_mask=None, dropout_scale=1.0):
+    _check_dropout_args(lora_x, dropout_mask, x)
     n_out = weight.shape[1] if weight_transposed else weight.shape[0]
     rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
     out = x.new_empty((*x.shape[:-1], n_out), dtype=out_dtype)
@@ -103,13 +132,22 @@ def _(x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, sca
 def lora_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
                          lora_x: Optional[Tensor], lora_hidden: Tensor, scale: float,
                          scale_tensor: Optional[Tensor], weight_transposed: bool,
-                         base_dtype: torch.dtype, impl: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, d_lora_x, dA, dB); d_lora_x is an empty tensor when the adapter reads x."""
+                         base_dtype: torch.dtype, impl: str, dropout_mask: Optional[Tensor] = None,
+                         dropout_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, d_lora_x, dA, dB); d_lora_x is an empty tensor unless the adapter read lora_x."""
+    if dropout_mask is not None:
+        lora_x = _dropout_input(x, lora_A, dropout_mask, dropout_scale)
     module = _pick(impl, [x, weight, lora_A, lora_B, lora_x])
     dx, d_lora_x, dA, dB, _, _ = module.lora_linear_backward(
         grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor,
         weight_transposed, base_dtype, False, False,
     )
+    if dropout_mask is not None:
+        # Back through the dropout (grad * mask * scale, native_dropout_backward's order) and
+        # PEFT's cast to the adapter dtype, then added to the base's dx as autograd adds the
+        # gradients of x's two uses.
+        dx = dx + (d_lora_x * dropout_mask * dropout_scale).to(dx.dtype)
+        d_lora_x = None
     if d_lora_x is None:
         d_lora_x = x.new_empty((0,))
     return dx, d_lora_x, dA, dB
@@ -117,7 +155,7 @@ def lora_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Te
 
 @torch.library.register_fake("unsloth::lora_linear_backward")
 def _(grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor,
-      weight_transposed, base_dtype, impl):
+      weight_transposed, base_dtype, impl, dropout_mask=None, dropout_scale=1.0):
     d_lora_x = x.new_empty((0,)) if lora_x is None else torch.empty_like(lora_x)
     return torch.empty_like(x), d_lora_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
 
@@ -130,13 +168,15 @@ _lib.impl("lora_linear_backward", lora_linear_backward, "CompositeExplicitAutogr
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, scale_tensor,
-     weight_transposed, out_dtype, impl) = inputs
-    # With dropout the adapter reads lora_x, and backward needs of x only dx's shape, dtype
-    # and device (dx = dY W involves no x): x itself is not kept, M x K elements less saved
-    # per LoRA layer (lora_x, which dA needs, is saved instead).
+     weight_transposed, out_dtype, impl, dropout_mask, dropout_scale) = inputs
+    # With dropout given as lora_x, backward needs of x only dx's shape, dtype and device
+    # (dx = dY W involves no x): x itself is not kept, M x K elements less saved per LoRA
+    # layer (lora_x, which dA needs, is saved instead). Given as a mask, x and the mask are
+    # kept and lora_x is rebuilt.
     ctx.x_meta = None if lora_x is None else (x.shape, x.dtype, x.device)
+    ctx.dropout_scale = dropout_scale
     ctx.save_for_backward(x if lora_x is None else None, weight, lora_A, lora_B, lora_x, output[1],
-                          scale_tensor)
+                          scale_tensor, dropout_mask)
     ctx.scale = scale
     ctx.weight_transposed = weight_transposed
     ctx.impl = impl
@@ -150,14 +190,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lora_hidden):
     # lora_hidden is an internal output (saved for dB) that the rewritten graph never reads,
     # so its incoming gradient is zero/None and is ignored.
-    x, weight, lora_A, lora_B, lora_x, lora_hidden, scale_tensor = ctx.saved_tensors
+    x, weight, lora_A, lora_B, lora_x, lora_hidden, scale_tensor, dropout_mask = ctx.saved_tensors
     if x is None:  # dropout: a stand-in with x's shape, dtype and device, one element of memory
         shape, dtype, device = ctx.x_meta
         x = torch.empty((), dtype=dtype, device=device).expand(shape)
     needs = ctx.needs_input_grad
     dx, d_lora_x, dA, dB = torch.ops.unsloth.lora_linear_backward.default(
         grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, ctx.scale, scale_tensor,
-        ctx.weight_transposed, ctx.base_dtype, ctx.impl,
+        ctx.weight_transposed, ctx.base_dtype, ctx.impl, dropout_mask, ctx.dropout_scale,
     )
     dbias = d_lora_B_bias = dresidual = None
     if (ctx.has_bias and needs[2]) or (ctx.has_lora_B_bias and needs[5]):
@@ -170,7 +210,7 @@ def _backward(ctx, grad_out, _grad_lora_hidden):
         dresidual = grad_out.to(ctx.residual_dtype)
     return (dx if needs[0] else None, None, dbias, dA, dB, d_lora_B_bias,
             d_lora_x if lora_x is not None else None, dresidual,
-            None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 class _LoraLinearFunction(torch.autograd.Function):
@@ -195,7 +235,14 @@ class _LoraLinearFunction(torch.autograd.Function):
         return _backward(ctx, grad_out, grad_lora_hidden)
 
 
+# The trailing optional arguments (dropout_mask, dropout_scale) with their defaults: the
+# dispatcher leaves out trailing arguments that were not passed.
+_OPTIONAL_TAIL = (None, 1.0)
+
+
 def _lora_linear_autograd(*inputs):
+    if len(inputs) < 15:
+        inputs = inputs + _OPTIONAL_TAIL[len(inputs) - 13:]
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*inputs):
         return _LoraLinearFunction.apply(*inputs)
     with torch._C._AutoDispatchBelowAutograd():
