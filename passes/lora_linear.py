@@ -10,7 +10,9 @@ Pattern (Dynamo graph, torch IR), as PEFT and hand-written LoRA modules produce 
     out    = [cast to base dtype](sum)  [+ residual]
 
 Replacement: one `torch.ops.unsloth.lora_linear` call (adapters concatenated along the rank
-when there are several; the residual add folded in).
+when there are several; the residual add folded in). A single adapter's training-mode
+dropout of x (or of x cast to the adapter dtype) becomes `native_dropout` at the same place,
+whose boolean mask the op takes instead of the dropped tensor (dropout_as_mask).
 
 Check: the base weight is frozen, every adapter reads the base input, adapters share dtype
 and input when several are summed, the scale is not trainable. Anything else is refused and
