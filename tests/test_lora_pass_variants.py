@@ -252,3 +252,46 @@ def test_compiled_dropout_lora_saves_a_mask_not_the_dropped_input():
     want = torch.autograd.grad(expected, [x] + [p for p in eager_model.parameters() if p.requires_grad], grad)
     for g1, g2 in zip(got, want):
         torch.testing.assert_close(g1, g2)
+
+
+def test_compiled_dropout_mask_statistics(monkeypatch):
+    """The masks the op receives in a compiled model: keep rate 1 - p within 4 sigma, a fresh
+    draw every step, the same mask in forward and in backward (saved, not redrawn), and the
+    scale 1 / (1 - p)."""
+    import unsloth_compile.ops as ops
+
+    p, K = 0.3, 512
+    seen = []
+    rebuild = ops._dropout_input
+
+    def record(x, lora_A, mask, scale):
+        seen.append((mask.clone(), scale))
+        return rebuild(x, lora_A, mask, scale)
+
+    monkeypatch.setattr(ops, "_dropout_input", record)
+
+    class DropoutLoRA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = torch.nn.Linear(K, 64, bias=False).requires_grad_(False)
+            self.A = torch.nn.Linear(K, 4, bias=False)
+            self.B = torch.nn.Linear(4, 64, bias=False)
+            self.drop = torch.nn.Dropout(p)
+
+        def forward(self, x):
+            return self.base(x) + self.B(self.A(self.drop(x)))
+
+    model = torch.compile(DropoutLoRA(), backend="unsloth", options={"inner": "aot_eager"})
+    x = torch.randn(64, K, requires_grad=True)
+    for _ in range(2):
+        model(x).sum().backward()
+    assert len(seen) == 4, "one rebuild in forward and one in backward per step"
+    (m1, s1), (m1_bwd, _), (m2, _), (m2_bwd, _) = seen
+    assert torch.equal(m1, m1_bwd) and torch.equal(m2, m2_bwd)
+    assert not torch.equal(m1, m2), "the mask must be drawn anew each step"
+    assert s1 == pytest.approx(1 / (1 - p))
+    n = m1.numel()
+    sigma = ((1 - p) * p / n) ** 0.5
+    for mask in (m1, m2):
+        assert mask.dtype == torch.bool and mask.shape == x.shape
+        assert abs(mask.float().mean().item() - (1 - p)) < 4 * sigma
