@@ -46,10 +46,12 @@ def test_residual_folding_can_be_switched_off():
     assert result.report.counters["lora_linear.residual_folded"] == 0
 
 
-def test_varying_sequence_length_compiles_dynamic_graph():
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout_mask"])
+def test_varying_sequence_length_compiles_dynamic_graph(dropout):
     """Real batches vary in length: Dynamo's second compile marks the dim dynamic; the pass and
-    the op's fake impl work on symbolic shapes, and no third compile happens."""
-    model = peft_wrap(tiny_causal_lm("llama"), lora_dropout=0.0, target_modules=["q_proj", "down_proj"])
+    the op's fake impl work on symbolic shapes (with the dropout mask too), and no third
+    compile happens."""
+    model = peft_wrap(tiny_causal_lm("llama"), lora_dropout=dropout, target_modules=["q_proj", "down_proj"])
     lengths = [8, 11, 13, 5]
     result = train_and_compare(model, lambda step: batch_for("llama", seq=lengths[step], seed=step), steps=4)
     assert result.report.graphs == 2, str(result.report)

@@ -92,13 +92,16 @@ def _dropout_input(x: Tensor, lora_A: Tensor, dropout_mask: Tensor, dropout_scal
     return x.to(lora_A.dtype) * dropout_mask * dropout_scale
 
 
-def _check_dropout_args(lora_x: Optional[Tensor], dropout_mask: Optional[Tensor], x: Tensor) -> None:
+def _check_dropout_args(lora_x: Optional[Tensor], dropout_mask: Optional[Tensor], x: Tensor,
+                        check_shape: bool = True) -> None:
+    """ValueError for both dropout forms at once or a mask that is not bool of x's shape (the
+    fake impl skips the shape comparison: with dynamic shapes it would add a guard)."""
     if dropout_mask is None:
         return
     if lora_x is not None:
         raise ValueError("unsloth::lora_linear: pass the adapter's dropout either as lora_x or as "
                          "dropout_mask, not both")
-    if dropout_mask.dtype != torch.bool or dropout_mask.shape != x.shape:
+    if dropout_mask.dtype != torch.bool or (check_shape and dropout_mask.shape != x.shape):
         raise ValueError(f"unsloth::lora_linear: dropout_mask must be a bool tensor of x's shape "
                          f"{tuple(x.shape)}, got {dropout_mask.dtype} {tuple(dropout_mask.shape)}")
 
@@ -122,7 +125,7 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 @torch.library.register_fake("unsloth::lora_linear")
 def _(x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, scale_tensor,
       weight_transposed, out_dtype, impl, dropout_mask=None, dropout_scale=1.0):
-    _check_dropout_args(lora_x, dropout_mask, x)
+    _check_dropout_args(lora_x, dropout_mask, x, check_shape=False)
     n_out = weight.shape[1] if weight_transposed else weight.shape[0]
     rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
     out = x.new_empty((*x.shape[:-1], n_out), dtype=out_dtype)
