@@ -211,24 +211,27 @@ def test_float_scale_that_changes_between_calls_stays_fused():
         assert report.refused == [] and report.counters["lora_linear.fused"] == report.graphs >= 1, str(report)
 
 
+class DropoutLoRA(nn.Module):
+    """A hand-written LoRA linear with dropout on the adapter input (rank 4, scale 2)."""
+
+    def __init__(self, k: int, n: int, p: float):
+        super().__init__()
+        self.base = nn.Linear(k, n, bias=False).requires_grad_(False)
+        self.A = nn.Linear(k, 4, bias=False)
+        self.B = nn.Linear(4, n, bias=False)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        return self.base(x) + self.B(self.A(self.drop(x))) * 2.0
+
+
 def test_compiled_dropout_lora_saves_a_mask_not_the_dropped_input():
     """With lora_dropout the pass hands the op the dropout's boolean mask: the compiled graph
     saves x and that mask for backward, not the dropped input in the adapter dtype, and still
     trains like eager (same random stream, see the models' dropout tests)."""
 
-    class DropoutLoRA(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.base = torch.nn.Linear(32, 48, bias=False).requires_grad_(False)
-            self.A = torch.nn.Linear(32, 4, bias=False)
-            self.B = torch.nn.Linear(4, 48, bias=False)
-            self.drop = torch.nn.Dropout(0.3)
-
-        def forward(self, x):
-            return self.base(x) + self.B(self.A(self.drop(x))) * 2.0
-
     torch.manual_seed(0)
-    eager_model = DropoutLoRA()
+    eager_model = DropoutLoRA(32, 48, p=0.3)
     model = torch.compile(copy.deepcopy(eager_model), backend="unsloth", options={"inner": "aot_eager"})
     x = torch.randn(8, 32, requires_grad=True)
     model(x).sum().backward()  # compile outside the hook (tracing saves fake tensors)
@@ -270,18 +273,7 @@ def test_compiled_dropout_mask_statistics(monkeypatch):
 
     monkeypatch.setattr(ops, "_dropout_input", record)
 
-    class DropoutLoRA(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.base = torch.nn.Linear(K, 64, bias=False).requires_grad_(False)
-            self.A = torch.nn.Linear(K, 4, bias=False)
-            self.B = torch.nn.Linear(4, 64, bias=False)
-            self.drop = torch.nn.Dropout(p)
-
-        def forward(self, x):
-            return self.base(x) + self.B(self.A(self.drop(x)))
-
-    model = torch.compile(DropoutLoRA(), backend="unsloth", options={"inner": "aot_eager"})
+    model = torch.compile(DropoutLoRA(K, 64, p=p), backend="unsloth", options={"inner": "aot_eager"})
     x = torch.randn(64, K, requires_grad=True)
     for _ in range(2):
         model(x).sum().backward()
