@@ -364,6 +364,25 @@ def _specialization(values) -> tuple:
     return tuple(bits)
 
 
+def _programs(M: int, N: int, cfg: dict) -> int:
+    """Grid size: one program per (BLOCK_M, BLOCK_N) tile of the output."""
+    return triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+
+
+def _pointer_args(a: Tensor, b: Tensor) -> dict:
+    """The pointer main loop's operands: a (M, K) and b (K, N) with their strides."""
+    return dict(a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0),
+                stride_bn=b.stride(1))
+
+
+def _descriptors(a: Tensor, b: Tensor, cfg: dict, b_k_contiguous: bool) -> dict:
+    """The TMA main loop's operands: descriptors over a and b blocked for the tile cfg."""
+    b_view = b.t() if b_k_contiguous else b
+    b_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if b_k_contiguous else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
+    return dict(a_desc=TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
+                b_desc=TensorDescriptor.from_tensor(b_view, b_block), B_K_CONTIGUOUS=b_k_contiguous)
+
+
 class _Plan:
     """The compiled kernel and tuned configuration of one problem (dtypes, shapes bucket,
     layout, flags, alignment), found once through the autotuner.
@@ -379,19 +398,10 @@ class _Plan:
         self.kernel, self.config, self.tma = kernel, config, tma
         self.b_k_contiguous, self.arg_names = b_k_contiguous, arg_names
 
-    def descriptors(self, a: Tensor, b: Tensor):
-        cfg = self.config
-        b_view = b.t() if self.b_k_contiguous else b
-        b_block = [cfg["BLOCK_N"], cfg["BLOCK_K"]] if self.b_k_contiguous else [cfg["BLOCK_K"], cfg["BLOCK_N"]]
-        return (TensorDescriptor.from_tensor(a, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
-                TensorDescriptor.from_tensor(b_view, b_block))
-
     def launch(self, named: dict, M: int, N: int) -> None:
-        cfg = self.config
-        named.update(cfg)
+        named.update(self.config)
         # CompiledKernel[grid] takes the full 3-D grid (JITFunction.run pads it, we do not).
-        grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]), 1, 1)
-        self.kernel[grid](*[named[name] for name in self.arg_names])
+        self.kernel[(_programs(M, N, self.config), 1, 1)](*[named[name] for name in self.arg_names])
 
 
 # (device, dtypes, M bucket, N, K, r block, layout, flags, specialisation) -> _Plan
@@ -407,8 +417,8 @@ def _base_fn(tuned):
 
 
 def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
-                      scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
-                      v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
+                     scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
+                     v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
     """out (M, N) = cast(a @ b + s u @ v + bias + s v_bias) (+ residual); all 2-D views."""
     M, K = a.shape
     N = b.shape[1]
@@ -445,15 +455,11 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
 
     if a.device.type == "cpu":  # the interpreter: one fixed small configuration
         cfg = _INTERPRETER_CONFIG
+        grid = (_programs(M, N, cfg),)
         if use_tma:
-            plan = _Plan(None, cfg, True, b_k_contiguous, None)
-            a_desc, b_desc = plan.descriptors(a, b)
-            _lora_gemm_tma_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
-                a_desc=a_desc, b_desc=b_desc, B_K_CONTIGUOUS=b_k_contiguous, **named, **cfg)
+            _lora_gemm_tma_kernel[grid](**_descriptors(a, b, cfg, b_k_contiguous), **named, **cfg)
         else:
-            _lora_gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
-                a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0),
-                stride_bn=b.stride(1), EVEN_K=K % cfg["BLOCK_K"] == 0, **named, **cfg)
+            _lora_gemm_kernel[grid](**_pointer_args(a, b), EVEN_K=K % cfg["BLOCK_K"] == 0, **named, **cfg)
         return out
 
     shape_key = (a.device, a.dtype, u.dtype, v.dtype, out.dtype, m_bucket, N, K, named["BLOCK_R"],
@@ -469,12 +475,9 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
             plan = _PLANS[key] = _make_plan(a, b, named, use_tma, b_k_contiguous, shape_key)
         else:
             if plan.tma:
-                named["a_desc"], named["b_desc"] = plan.descriptors(a, b)
-                named["B_K_CONTIGUOUS"] = b_k_contiguous
+                named.update(_descriptors(a, b, plan.config, b_k_contiguous))
             else:
-                named.update(a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1),
-                             stride_bk=b.stride(0), stride_bn=b.stride(1),
-                             EVEN_K=K % plan.config["BLOCK_K"] == 0)
+                named.update(_pointer_args(a, b), EVEN_K=K % plan.config["BLOCK_K"] == 0)
             plan.launch(named, M, N)
     return out
 
@@ -485,13 +488,11 @@ def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous:
     against the pointer one), launch once, and keep the compiled kernel for later calls."""
     M, N = a.shape[0], b.shape[1]
 
-    def grid(c):
-        return (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),)
+    def grid(cfg):
+        return (_programs(M, N, cfg),)
 
     def run_pointer():
-        kernel = _lora_gemm_tuned[grid](
-            a_ptr=a, b_ptr=b, stride_am=a.stride(0), stride_ak=a.stride(1), stride_bk=b.stride(0),
-            stride_bn=b.stride(1), **named)
+        kernel = _lora_gemm_tuned[grid](**_pointer_args(a, b), **named)
         cfg = dict(_lora_gemm_tuned.best_config.kwargs)
         return _Plan(kernel, cfg, False, b_k_contiguous, _base_fn(_lora_gemm_tuned).arg_names)
 

@@ -136,10 +136,13 @@ def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype
 THIN = os.environ.get("UNSLOTH_LORA_THIN", "auto")
 
 
-def _thin_gemm(key: tuple, triton_fn, cublas_fn) -> Tensor:
+def _thin_gemm(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tensor:
     """The result of whichever of two equivalent thin-GEMM calls is faster for this problem,
-    key = (which product, device, dtypes, M bucket, wide size, r). Under the interpreter
-    (CPU) always the Triton kernel: that is what the CPU tests check."""
+    key = (which product, device, dtypes, M bucket, wide size, r). cuBLAS alone when the
+    Triton kernel does not apply (triton_ok False: the operand is not in the compute dtype).
+    Under the interpreter (CPU) always the Triton kernel: that is what the CPU tests check."""
+    if not triton_ok:
+        return cublas_fn()
     if key[1].type == "cpu":
         return triton_fn()
     candidates = {"triton": triton_fn, "cublas": cublas_fn}
@@ -206,13 +209,11 @@ def lora_linear_forward(
     N = w_t.shape[1]
     adapter_in = x2d if lora_x is None else _rows(lora_x)
     compute = adapter_in.dtype if adapter_in.dtype in _HALF else lora_A.dtype
-    if compute == adapter_in.dtype:
-        hidden = _thin_gemm(
-            ("H", x.device, compute, lora_A.dtype, next_pow2(M), adapter_in.shape[1], lora_A.shape[0]),
-            lambda: rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype),
-            lambda: _mm(adapter_in, lora_A.t(), compute, lora_A.dtype))  # (M, r)
-    else:
-        hidden = _mm(adapter_in, lora_A.t(), compute, lora_A.dtype)
+    hidden = _thin_gemm(  # (M, r)
+        ("H", x.device, compute, lora_A.dtype, next_pow2(M), adapter_in.shape[1], lora_A.shape[0]),
+        lambda: rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype),
+        lambda: _mm(adapter_in, lora_A.t(), compute, lora_A.dtype),
+        triton_ok=compute == adapter_in.dtype)
 
     res2d = None
     late_residual = None
@@ -265,13 +266,11 @@ def lora_linear_backward(
                     lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
     adapter_in = _rows(x if lora_x is None else lora_x)
     in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
-    if in_compute == adapter_in.dtype:
-        da = _thin_gemm(("dA", x.device, in_compute, g.dtype, m_bucket, K, R),
-                        lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype,
-                                                  rank_first=True),
-                        lambda: _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s)
-    else:
-        da = _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s
+    da = _thin_gemm(("dA", x.device, in_compute, g.dtype, m_bucket, K, R),
+                    lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype,
+                                              rank_first=True),
+                    lambda: _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s,
+                    triton_ok=in_compute == adapter_in.dtype)
 
     if lora_x is None:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)

@@ -113,6 +113,8 @@ def _t_rows_tile(block_r: int) -> tuple[int, int, int, int]:
     if block_r <= 64:
         return 64, 128, 4, 3
     return 32, 64, 8, 2
+
+
 _TARGET_PROGRAMS = 264  # two per SM on an H100/H200: enough loads in flight to fill HBM
 
 

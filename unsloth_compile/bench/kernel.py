@@ -92,7 +92,7 @@ def _ours(x, W, A, B, scale):
                                          x.dtype, "triton")[0]
 
 
-def _forced_main_gemm(choice, fn):
+def _forced_path(choice, fn):
     """fn with kernels/lora_linear_triton.MAIN_GEMM and THIN set to choice while it runs."""
     from ..kernels import lora_linear_triton as lt
 
@@ -134,7 +134,7 @@ def _make_variant(name, x, W, A32, B32, dy):
     if name == "ours-bf16":
         return _step(lambda: _ours(x, W, A16, B16, SCALE), [x, A16, B16], dy)
     if name in ("ours-bf16-triton", "ours-bf16-cublas"):
-        return _forced_main_gemm(name.rsplit("-", 1)[1],
+        return _forced_path(name.rsplit("-", 1)[1],
                                  _step(lambda: _ours(x, W, A16, B16, SCALE), [x, A16, B16], dy))
     raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
@@ -174,7 +174,7 @@ def run_case(layer: str, M: int, r: int, variants, device) -> list[dict]:
                 adapter = torch.float32 if name == "ours-fp32" else torch.bfloat16
                 check = lambda: _rel_err_vs_reference(x, W, A, B, dy, adapter)  # noqa: E731
                 if name.endswith(("-triton", "-cublas")):
-                    check = _forced_main_gemm(name.rsplit("-", 1)[1], check)
+                    check = _forced_path(name.rsplit("-", 1)[1], check)
                 row["rel_err_vs_reference"] = check()
             step = _make_variant(name, x, W, A, B, dy)
             row["ms"] = _bench(step)
