@@ -9,9 +9,9 @@ host functions below keep their signatures. Shapes: x (M, K) after flattening, W
               Y  = X W^T + s H B^T (+b +s b_B)  one Triton GEMM: K-loop over X, W, then an
                    (+ residual after the cast)  r-loop over H, B into the same accumulator;
                                                 or cuBLAS: Y = s H B^T, then Y += X W^T (beta=1)
-    backward  G  = dY B                         (M, r)  thin
+    backward  G  = dY B,  dB = s dY^T H         thin: one pass over dY for both (r <= 64), or two
               dX = dY W + s G A                 the same GEMM kernel (N-loop, r-loop) or cuBLAS
-              dA = s G^T X_l,  dB = s dY^T H    thin
+              dA = s G^T X_l                    thin
     with dropout (lora_x given): dX = dY W (cuBLAS), d_lora_x = s G A (thin).
 
 Each "or" is decided per problem by timing both once (`fastest`, logged, kept in CHOICES):
@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .lora_gemm import CHOICES, capability, fastest, launch_lora_gemm, next_pow2  # noqa: F401  CHOICES re-exported
-from .lowrank_thin import rows_times_thin, thin_t_times_rows
+from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
 from .reference import effective_scale as _effective_scale, rows as _rows
 
 _INT32_LIMIT = 2**31 - 1
@@ -149,6 +149,21 @@ def _thin_gemm(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tens
     return candidates[THIN if THIN != "auto" else fastest("thin GEMM", key, candidates)]()
 
 
+def _g_and_db(key: tuple, one_pass, apart, pair_ok: bool) -> tuple[Tensor, Tensor]:
+    """Backward's G = dY B and dB = s dY^T H: from one pass over dY (rows_thin_pair) or from
+    two thin GEMMs (`apart`, each itself Triton or cuBLAS), whichever is faster for this
+    problem; the one pass saves a read of dY (M x N) for fp32 partials of 1/8 of its size at
+    r = 16. Under the interpreter (CPU) always the one pass, as the CPU tests check it."""
+    if not pair_ok or THIN == "cublas":
+        return apart()
+    if key[1].type == "cpu" or THIN == "triton":
+        return one_pass()
+    if key not in CHOICES["thin GEMM"]:
+        apart()  # settle apart's own choices first, so that their timing is not timed here
+    candidates = {"one pass": one_pass, "apart": apart}
+    return candidates[fastest("thin GEMM", key, candidates)]()
+
+
 def _operand(t: Tensor, dtype: torch.dtype) -> Tensor:
     """t in dtype with a unit last stride (one copy kernel at most)."""
     if t.dtype == dtype and t.stride(-1) == 1:
@@ -256,14 +271,22 @@ def lora_linear_backward(
 
     R, N = lora_A.shape[0], grad2d.shape[1]
     m_bucket = next_pow2(M)
-    # (M, r) = dY B, unscaled, in the compute dtype
-    g = _thin_gemm(("G", x.device, compute, lora_B.dtype, m_bucket, N, R),
-                   lambda: rows_times_thin(grad2d, lora_B, compute),
-                   lambda: _mm(grad2d, lora_B, compute, compute))
-    db = _thin_gemm(("dB", x.device, compute, lora_hidden.dtype, m_bucket, N, R),
-                    lambda: thin_t_times_rows(lora_hidden, grad2d, scale, scale_tensor, adapter_dtype,
-                                              rank_first=False),
-                    lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
+
+    def g_and_db_apart() -> tuple[Tensor, Tensor]:
+        # (M, r) = dY B, unscaled, in the compute dtype; (N, r) = s dY^T H
+        g = _thin_gemm(("G", x.device, compute, lora_B.dtype, m_bucket, N, R),
+                       lambda: rows_times_thin(grad2d, lora_B, compute),
+                       lambda: _mm(grad2d, lora_B, compute, compute))
+        db = _thin_gemm(("dB", x.device, compute, lora_hidden.dtype, m_bucket, N, R),
+                        lambda: thin_t_times_rows(lora_hidden, grad2d, scale, scale_tensor, adapter_dtype,
+                                                  rank_first=False),
+                        lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
+        return g, db
+
+    g, db = _g_and_db(("G+dB", x.device, compute, lora_B.dtype, lora_hidden.dtype, m_bucket, N, R),
+                      lambda: rows_thin_pair(grad2d, lora_B, lora_hidden, scale, scale_tensor, compute,
+                                             adapter_dtype),
+                      g_and_db_apart, pair_ok=R <= PAIR_MAX_RANK)
     adapter_in = _rows(x if lora_x is None else lora_x)
     in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
     da = _thin_gemm(("dA", x.device, in_compute, g.dtype, m_bucket, K, R),

@@ -3,6 +3,7 @@
     rows_times_thin     C (M, r) = X (M, K) @ W (K, r)        H = X A^T, G = dY B
     thin_t_times_rows   C (K, r) or (r, K) = s T^T X           dA = s G^T X, dB = s dY^T H
                         T (M, r), X (M, K): reduction over the M rows, split across programs
+    rows_thin_pair      (X W, s X^T T) in one pass over X       (G, dB) from one read of dY
 
 Bytes: each reads its wide (M, K) operand once, 2 M K bytes in bf16/fp16, plus M r
 elements of the thin one; FLOPs 2 M K r, i.e. r FLOPs per byte: far below the tensor cores'
@@ -13,11 +14,15 @@ balance point, so the time is the read of X. cuBLAS reaches about 2.2 TB/s on th
 Operands are rounded to X's dtype for the tensor cores (fp32 adapters included, as the
 reference's cuBLAS calls do) and accumulate in fp32; the result is stored in the requested
 dtype. thin_t_times_rows writes one fp32 partial per split of the rows and sums them with
-torch (a few MB), which keeps the result deterministic (no atomics).
+torch (a few MB), which keeps the result deterministic (no atomics). rows_thin_pair writes
+fp32 partials of both products (X W per column chunk, X^T T per row group; 4 r / (2 * 256)
+= 1/8 of X's bytes at r = 16 for the first) and saves one of the two reads of dY that
+backward otherwise makes: at r <= 64 only, where the partials stay small.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -92,6 +97,49 @@ def _thin_t_times_rows_kernel(
     tl.store(part_ptrs, acc, mask=r_ok[:, None] & c_ok[None, :])
 
 
+@triton.jit
+def _rows_thin_pair_kernel(
+    x_ptr, w_ptr, t_ptr, xw_part_ptr, xt_part_ptr, scale_ptr,
+    M, C, R, rows_per_group,
+    stride_xm, stride_xc, stride_wc, stride_wr, stride_tm, stride_tr,
+    stride_pc, stride_pm, stride_pr, stride_qg, stride_qc, stride_qr,
+    scale,
+    HAS_SCALE_TENSOR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One (BLOCK_C column chunk, row group) of X per program, each tile read once for both
+    products: xw_part[chunk, rows] = X[rows, chunk] @ W[chunk] (summed over chunks by the
+    host), xt_part[group, chunk] = s X[group rows, chunk]^T @ T[group rows] (summed over
+    groups by the host)."""
+    pid_c = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = tl.arange(0, BLOCK_R)
+    c_ok = offs_c < C
+    r_ok = offs_r < R
+    w = tl.load(w_ptr + offs_c[:, None] * stride_wc + offs_r[None, :] * stride_wr,
+                mask=c_ok[:, None] & r_ok[None, :], other=0.0)
+    acc_xt = tl.full((BLOCK_C, BLOCK_R), 0.0, dtype=tl.float32)
+    m_begin = pid_g * rows_per_group
+    m_end = tl.minimum(m_begin + rows_per_group, M)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0)
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        xw = tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
+        tl.store(xw_part_ptr + pid_c * stride_pc + offs_m[:, None] * stride_pm + offs_r[None, :] * stride_pr,
+                 xw, mask=m_ok[:, None] & r_ok[None, :])
+        acc_xt = tl.dot(tl.trans(x), t.to(x.dtype), acc_xt, input_precision=DOT_PRECISION)
+    s = scale
+    if HAS_SCALE_TENSOR:
+        s = s * tl.load(scale_ptr).to(tl.float32)
+    tl.store(xt_part_ptr + pid_g * stride_qg + offs_c[:, None] * stride_qc + offs_r[None, :] * stride_qr,
+             acc_xt * s, mask=c_ok[:, None] & r_ok[None, :])
+
+
 # Memory-bound: modest tiles, several loads in flight; smaller tiles and fewer stages as the
 # rank block grows, so that the (fp32) thin tiles fit shared memory (r=256 with the r<=64
 # tiles asked for 320-512 KB of the H200's 227 KB) and the accumulator fits registers.
@@ -117,25 +165,47 @@ def _t_rows_tile(block_r: int) -> tuple[int, int, int, int]:
 
 _TARGET_PROGRAMS = 264  # two per SM on an H100/H200: enough loads in flight to fill HBM
 
+# rows_thin_pair: the largest rank it takes (its (BLOCK_C, r) fp32 accumulator lives in
+# registers, and the X W partials grow with r), and its tile for r <= 32 / r <= 64. One program
+# per SM: 2 per SM measured 5-20% slower on the H200 (scripts/sweep_thin_tiles.py).
+PAIR_MAX_RANK = 64
+_PAIR_TILES = {32: (64, 256, 8, 3), 64: (64, 128, 8, 3)}
+
+
+@functools.lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
 
 def _precision(x: Tensor) -> str:
     # fp32 operands only reach these kernels in the interpreter tests: keep them exact there.
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def _scale_operand(scale_tensor: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    """The tensor scale as the kernels read it: a 0-d tensor on the kernel's device."""
+    if scale_tensor is not None and (scale_tensor.dim() != 0 or scale_tensor.device != device):
+        scale_tensor = scale_tensor.to(device=device).reshape(())
+    return scale_tensor
+
+
 def _block_r(r: int) -> int:
     return max(16, 1 << max(0, (r - 1).bit_length()))
 
 
-def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """x (M, K) @ w (K, r) -> (M, r) in out_dtype; w of any dtype and strides (rounded to x's)."""
+def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype,
+                    tile: Optional[tuple[int, int, int, int]] = None) -> Tensor:
+    """x (M, K) @ w (K, r) -> (M, r) in out_dtype; w of any dtype and strides (rounded to x's).
+    tile: (BLOCK_M, BLOCK_K, warps, stages) instead of the default (tile sweeps)."""
     M, K = x.shape
     R = w.shape[1]
     out = torch.empty((M, R), device=x.device, dtype=out_dtype)
     if M == 0:
         return out
     block_r = _block_r(R)
-    bm, bk, warps, stages = _INTERPRETER_TILE if x.device.type == "cpu" else _rows_tile(block_r)
+    if tile is None:
+        tile = _INTERPRETER_TILE if x.device.type == "cpu" else _rows_tile(block_r)
+    bm, bk, warps, stages = tile
     _rows_times_thin_kernel[(triton.cdiv(M, bm),)](
         x, w, out, M, K, R, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
         out.stride(0), out.stride(1), DOT_PRECISION=_precision(x), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r,
@@ -144,22 +214,26 @@ def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
 
 
 def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional[Tensor],
-                      out_dtype: torch.dtype, rank_first: bool) -> Tensor:
-    """s t^T x for t (M, r), x (M, C): (r, C) when rank_first (dA), else (C, r) (dB)."""
+                      out_dtype: torch.dtype, rank_first: bool,
+                      tile: Optional[tuple[int, int, int, int]] = None,
+                      target_programs: int = 0) -> Tensor:
+    """s t^T x for t (M, r), x (M, C): (r, C) when rank_first (dA), else (C, r) (dB).
+    tile: (BLOCK_M, BLOCK_C, warps, stages), target_programs: instead of the defaults (sweeps)."""
     M, C = x.shape
     R = t.shape[1]
     block_r = _block_r(R)
-    bm, bc, warps, stages = _INTERPRETER_TILE if x.device.type == "cpu" else _t_rows_tile(block_r)
+    if tile is None:
+        tile = _INTERPRETER_TILE if x.device.type == "cpu" else _t_rows_tile(block_r)
+    bm, bc, warps, stages = tile
     col_blocks = triton.cdiv(C, bc)
     # Split the rows so that col_blocks x splits programs keep every SM streaming, but give
     # each split at least 4 row tiles (fewer makes the partials cost more than they save).
-    splits = max(1, min(triton.cdiv(_TARGET_PROGRAMS, col_blocks), triton.cdiv(M, 4 * bm)))
+    splits = max(1, min(triton.cdiv(target_programs or _TARGET_PROGRAMS, col_blocks), triton.cdiv(M, 4 * bm)))
     rows_per_split = triton.cdiv(max(M, 1), splits)
     shape = (splits, R, C) if rank_first else (splits, C, R)
     part = torch.empty(shape, device=x.device, dtype=torch.float32)
     stride_pr, stride_pc = (part.stride(1), part.stride(2)) if rank_first else (part.stride(2), part.stride(1))
-    if scale_tensor is not None and (scale_tensor.dim() != 0 or scale_tensor.device != x.device):
-        scale_tensor = scale_tensor.to(device=x.device).reshape(())
+    scale_tensor = _scale_operand(scale_tensor, x.device)
     _thin_t_times_rows_kernel[(col_blocks, splits)](
         t, x, part, scale_tensor if scale_tensor is not None else part,
         M, C, R, rows_per_split,
@@ -168,3 +242,37 @@ def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     result = part[0] if splits == 1 else part.sum(0)
     return result if out_dtype == torch.float32 else result.to(out_dtype)
+
+
+def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: Optional[Tensor],
+                   xw_dtype: torch.dtype, xt_dtype: torch.dtype,
+                   tile: Optional[tuple[int, int, int, int]] = None, target_programs: int = 0
+                   ) -> tuple[Tensor, Tensor]:
+    """(x @ w, s x^T t) for x (M, C), w (C, r), t (M, r), r <= PAIR_MAX_RANK, reading x once:
+    backward's G = dY B and dB = s dY^T H. Results (M, r) in xw_dtype and (C, r) in xt_dtype.
+    tile: (BLOCK_M, BLOCK_C, warps, stages), target_programs: instead of the defaults (sweeps)."""
+    M, C = x.shape
+    R = w.shape[1]
+    if R > PAIR_MAX_RANK:
+        raise ValueError(f"rows_thin_pair takes ranks up to {PAIR_MAX_RANK}, got {R}")
+    block_r = _block_r(R)
+    if tile is None:
+        tile = _INTERPRETER_TILE if x.device.type == "cpu" else _PAIR_TILES[max(32, block_r)]
+    bm, bc, warps, stages = tile
+    chunks = triton.cdiv(C, bc)
+    groups = max(1, min(triton.cdiv(target_programs or _processors(x.device), chunks), triton.cdiv(M, 4 * bm)))
+    rows_per_group = triton.cdiv(max(M, 1), groups)
+    xw_part = torch.empty((chunks, M, R), device=x.device, dtype=torch.float32)
+    xt_part = torch.empty((groups, C, R), device=x.device, dtype=torch.float32)
+    scale_tensor = _scale_operand(scale_tensor, x.device)
+    _rows_thin_pair_kernel[(chunks, groups)](
+        x, w, t, xw_part, xt_part, scale_tensor if scale_tensor is not None else xt_part,
+        M, C, R, rows_per_group,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1),
+        xw_part.stride(0), xw_part.stride(1), xw_part.stride(2),
+        xt_part.stride(0), xt_part.stride(1), xt_part.stride(2),
+        float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
+        BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+    xw = xw_part[0] if chunks == 1 else xw_part.sum(0)
+    xt = xt_part[0] if groups == 1 else xt_part.sum(0)
+    return xw.to(xw_dtype), xt.to(xt_dtype)

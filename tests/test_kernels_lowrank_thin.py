@@ -72,11 +72,43 @@ def test_thin_t_times_rows(M, C, r, dtype, rank_first, scale_tensor):
 
 
 @interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("M,C,r", [(1, 19, 1), (37, 19, 7), (300, 45, 16), (1100, 70, 20), (130, 33, 64)])
+@pytest.mark.parametrize("target_programs", [0, 40], ids=["default_split", "more_groups"])
+@pytest.mark.parametrize("scale_tensor", [False, True], ids=["float_scale", "scale_tensor"])
+def test_rows_thin_pair(M, C, r, dtype, target_programs, scale_tensor):
+    """Both products of one pass over x (G = dY B, dB = s dY^T H) against float64, with x and
+    w strided, several column chunks and row groups (partials summed)."""
+    x = _rand(M, 2 * C, dtype=dtype, device="cpu", seed=M + r)[:, ::2]
+    w = _rand(r, C, dtype=torch.float32, device="cpu", seed=5).t()  # (C, r), strides (1, C)
+    t = _rand(M, r, dtype=torch.float32, device="cpu", seed=6)
+    st = torch.tensor([1.5]) if scale_tensor else None  # 1-element, not 0-d: normalised inside
+    xw, xt = thin.rows_thin_pair(x, w, t, 0.75, st, torch.float16 if dtype == torch.float16 else torch.float32,
+                                 torch.float32, target_programs=target_programs)
+    s = 0.75 * (1.5 if scale_tensor else 1.0)
+    want_xw = x.double() @ w.to(dtype).double()
+    want_xt = s * (x.double().t() @ t.to(dtype).double())
+    assert xw.shape == (M, r) and xw.dtype == dtype and xt.shape == (C, r) and xt.dtype == torch.float32
+    assert _rel_err(xw, want_xw) < TOL[dtype], _rel_err(xw, want_xw)
+    assert _rel_err(xt, want_xt) < TOL[dtype], _rel_err(xt, want_xt)
+
+
+@interp
+def test_rows_thin_pair_refuses_large_ranks():
+    r = thin.PAIR_MAX_RANK + 1
+    with pytest.raises(ValueError, match="ranks up to"):
+        thin.rows_thin_pair(torch.randn(4, 8), torch.randn(8, r), torch.randn(4, r), 1.0, None,
+                            torch.float32, torch.float32)
+
+
+@interp
 def test_empty_rows_give_zero_gradients():
     t, x = torch.randn(0, 5), torch.randn(0, 9)
     out = thin.thin_t_times_rows(t, x, 2.0, None, torch.float32, rank_first=True)
     assert out.shape == (5, 9) and torch.equal(out, torch.zeros(5, 9))
     assert thin.rows_times_thin(x, torch.randn(9, 5), torch.float32).shape == (0, 5)
+    xw, xt = thin.rows_thin_pair(x, torch.randn(9, 5), t, 2.0, None, torch.float32, torch.float32)
+    assert xw.shape == (0, 5) and xt.shape == (9, 5) and torch.equal(xt, torch.zeros(9, 5))
 
 
 @gpu
@@ -94,3 +126,8 @@ def test_gpu_thin_kernels_bf16(M, K, r):
         want = 0.5 * (t.double().t() @ x.double())
         want = want if rank_first else want.t()
         assert _rel_err(got, want) < 1e-3, (rank_first, _rel_err(got, want))
+    if r <= thin.PAIR_MAX_RANK:  # x as dY (M, C = N), w as lora_B (N, r), t as H
+        b = _rand(K, r, dtype=torch.bfloat16, device="cuda", seed=4)
+        g, db = thin.rows_thin_pair(x, b, t, 0.5, None, torch.bfloat16, torch.float32)
+        for got, want in ((g, x.double() @ b.double()), (db, 0.5 * (x.double().t() @ t.double()))):
+            assert _rel_err(got, want) < 4e-3, _rel_err(got, want)

@@ -225,6 +225,7 @@ def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
         "triton G = dY B": lambda: lt.rows_times_thin(dy, B, dy.dtype),
         "triton dB = s dY^T H": lambda: lt.thin_t_times_rows(H, dy, SCALE, None, B.dtype, rank_first=False),
         "triton dA = s G^T X": lambda: lt.thin_t_times_rows(G, x, SCALE, None, A.dtype, rank_first=True),
+        "triton G and dB, one pass over dY": lambda: lt.rows_thin_pair(dy, B, H, SCALE, None, dy.dtype, B.dtype),
         "cublas H = X A^T": lambda: lt._mm(x, A.t(), x.dtype, A.dtype),
         "cublas G = dY B": lambda: lt._mm(dy, B, dy.dtype, B.dtype),
         "cublas dB = dY^T H": lambda: lt._mm(dy.t(), H, dy.dtype, B.dtype),
@@ -244,10 +245,12 @@ def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
     rows = []
     for name, fn in pieces.items():
         try:
-            rows.append({"layer": layer, "M": M, "r": r, "piece": name, "ms": _bench(fn)})
+            rows.append({"layer": layer, "M": M, "r": r, "piece": name, "ms": _bench(fn),
+                         "gpu_ms": _bench_graph(fn)})
         except Exception as error:
             rows.append({"layer": layer, "M": M, "r": r, "piece": name, "error": f"{type(error).__name__}: {error}"[:300]})
-        print(f"  {layer:20s} {name:32s} {rows[-1].get('ms', float('nan')):.4f} ms", flush=True)
+        print(f"  {layer:20s} {name:40s} {rows[-1].get('ms', float('nan')):.4f} ms eager, "
+              f"{rows[-1].get('gpu_ms', float('nan')):.4f} ms GPU", flush=True)
     return rows
 
 
@@ -324,10 +327,15 @@ def render_markdown(data: dict) -> str:
         lines.append("")
     if data.get("breakdown"):
         lines += ["", "## Breakdown of ours (fp32 adapters): each piece alone", "",
-                  "| layer | r | piece | ms |", "|---|---|---|---|"]
+                  "GPU ms: 20 calls in one CUDA graph, per call (no launch gaps); eager ms: one call "
+                  "timed alone by do_bench (launch and L2-flush write-back included, ~10 us more).", "",
+                  "| layer | r | piece | GPU ms | eager ms |", "|---|---|---|---|---|"]
         for row in data["breakdown"]:
-            ms = f"{row['ms']:.4f}" if "ms" in row else row.get("error", "failed")
-            lines.append(f"| {row['layer']} | {row['r']} | {row['piece']} | {ms} |")
+            if "ms" not in row:
+                lines.append(f"| {row['layer']} | {row['r']} | {row['piece']} | {row.get('error', 'failed')} | |")
+                continue
+            gpu = f"{row['gpu_ms']:.4f}" if "gpu_ms" in row else "-"
+            lines.append(f"| {row['layer']} | {row['r']} | {row['piece']} | {gpu} | {row['ms']:.4f} |")
     checks = [row for row in data["results"] if "rel_err_vs_reference" in row]
     if checks:
         lines += ["", "## Ours against impl=\"reference\" (relative error, norm)", "",

@@ -1,0 +1,189 @@
+"""Tile sweep of the thin LoRA GEMMs (kernels/lowrank_thin.py) on a GPU: achieved bandwidth
+per configuration against a plain read of the same operand and against cuBLAS.
+
+    python scripts/sweep_thin_tiles.py [--out DIR]
+
+Also times two prototypes kept here until they earn a place in kernels/: rows_times_thin
+with a TMA descriptor for X, and one pass over dY computing both G = dY B and dB = dY^T H
+(fp32 partials per column chunk / row group, summed by torch). Prints one table per product
+and writes sweep_thin.json under --out. Not a test, not part of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kernels.lowrank_thin import rows_times_thin, thin_t_times_rows  # noqa: E402
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # Triton < 3.4
+    TensorDescriptor = None
+
+
+@triton.jit
+def _rows_times_thin_tma_kernel(x_desc, w_ptr, out_ptr, M, K, R, stride_wk, stride_wr, stride_om,
+                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_ok = offs_r < R
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = x_desc.load([pid * BLOCK_M, k0])
+        w = tl.load(w_ptr + (k0 + offs_k)[:, None] * stride_wk + offs_r[None, :] * stride_wr,
+                    mask=((k0 + offs_k) < K)[:, None] & r_ok[None, :], other=0.0)
+        acc = tl.dot(x, w.to(x.dtype), acc)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_r[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & r_ok[None, :])
+
+
+def rows_times_thin_tma(x, w, tile):
+    bm, bk, warps, stages = tile
+    M, K = x.shape
+    out = torch.empty((M, w.shape[1]), device=x.device, dtype=x.dtype)
+    desc = TensorDescriptor.from_tensor(x, [bm, bk])
+    _rows_times_thin_tma_kernel[(triton.cdiv(M, bm),)](
+        desc, w, out, M, K, w.shape[1], w.stride(0), w.stride(1), out.stride(0),
+        BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=16, num_warps=warps, num_stages=stages)
+    return out
+
+
+@triton.jit
+def _dy_pass_kernel(dy_ptr, b_ptr, h_ptr, gpart_ptr, dbpart_ptr, M, N, R, rows_per_group,
+                    stride_dm, stride_bn, stride_hm, stride_gc, stride_gm, stride_dg, stride_dn,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_ok = offs_n < N
+    r_ok = offs_r < R
+    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+    db_acc = tl.full((BLOCK_N, BLOCK_R), 0.0, dtype=tl.float32)
+    m_begin = pid_g * rows_per_group
+    m_end = tl.minimum(m_begin + rows_per_group, M)
+    for m0 in range(m_begin, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < m_end
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        g = tl.dot(dy, b.to(dy.dtype))
+        tl.store(gpart_ptr + pid_n * stride_gc + offs_m[:, None] * stride_gm + offs_r[None, :], g,
+                 mask=m_ok[:, None] & r_ok[None, :])
+        db_acc = tl.dot(tl.trans(dy), h.to(dy.dtype), db_acc)
+    tl.store(dbpart_ptr + pid_g * stride_dg + offs_n[:, None] * stride_dn + offs_r[None, :], db_acc,
+             mask=n_ok[:, None] & r_ok[None, :])
+
+
+def dy_pass(dy, b, h, tile, groups):
+    bm, bn, warps, stages = tile
+    M, N = dy.shape
+    R = b.shape[1]
+    chunks = triton.cdiv(N, bn)
+    gpart = torch.empty((chunks, M, R), device=dy.device, dtype=torch.float32)
+    dbpart = torch.empty((groups, N, R), device=dy.device, dtype=torch.float32)
+    rows = triton.cdiv(M, groups)
+    _dy_pass_kernel[(chunks, groups)](
+        dy, b, h, gpart, dbpart, M, N, R, rows, dy.stride(0), b.stride(0), h.stride(0),
+        gpart.stride(0), gpart.stride(1), dbpart.stride(0), dbpart.stride(1),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=16, num_warps=warps, num_stages=stages)
+    return gpart.sum(0).to(dy.dtype), dbpart.sum(0)
+
+
+ROWS_TILES = [(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 4), (64, 256, 8, 3),
+              (128, 128, 8, 3), (32, 128, 2, 5), (16, 512, 4, 3), (64, 64, 4, 6), (32, 64, 4, 6)]
+TMA_TILES = [(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3), (16, 256, 4, 4)]
+T_ROWS_TILES = [((64, 128, 4, 3), 264), ((64, 128, 4, 4), 528), ((128, 128, 8, 3), 264), ((64, 256, 8, 3), 264),
+                ((32, 256, 4, 4), 264), ((128, 64, 4, 4), 528), ((64, 64, 4, 4), 528), ((128, 256, 8, 3), 132),
+                ((64, 128, 4, 3), 132), ((32, 128, 4, 4), 528)]
+DY_TILES = [((64, 256, 8, 3), 8), ((32, 512, 8, 3), 8), ((64, 256, 8, 3), 16), ((32, 256, 4, 4), 16),
+            ((64, 128, 4, 4), 8), ((128, 256, 8, 2), 8)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[2048, 4096, 8192, 14336])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    M, R, dt = 8192, 16, torch.bfloat16
+    results = []
+
+    def record(product, C, variant, ms, nbytes, err=None):
+        row = dict(product=product, wide=C, variant=variant, us=round(ms * 1000, 2),
+                   tb_s=round(nbytes / ms / 1e9, 3), err=err)
+        results.append(row)
+        print(f"{product:10s} C={C:6d} {variant:40s} {row['us']:8.2f} us {row['tb_s']:6.3f} TB/s"
+              + ("" if err is None else f" err {err:.2e}"), flush=True)
+
+    def rel(a, b):
+        return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+    for C in args.sizes:
+        x = torch.randn(M, C, device="cuda", dtype=dt)
+        a_t = torch.randn(C, R, device="cuda", dtype=dt) / C ** 0.5  # (K, r) view of A^T
+        t = torch.randn(M, R, device="cuda", dtype=dt)
+        b = torch.randn(C, R, device="cuda", dtype=dt)
+        nbytes = x.numel() * 2
+        record("read", C, "x.sum()", do_bench(lambda: x.sum()), nbytes)
+        y = torch.empty_like(x)
+        record("write", C, "out = s H B^T (cuBLAS addmm, K=r)",
+               do_bench(lambda: torch.addmm(y, t, b.t(), beta=0, alpha=0.5, out=y)), nbytes)
+        ref = x.float() @ a_t.float()
+        record("H/G", C, "cuBLAS mm", do_bench(lambda: x @ a_t), nbytes, rel(x @ a_t, ref))
+        for tile in ROWS_TILES:
+            try:
+                out = rows_times_thin(x, a_t, dt, tile=tile)
+                record("H/G", C, f"ptr {tile}", do_bench(lambda: rows_times_thin(x, a_t, dt, tile=tile)),
+                       nbytes, rel(out, ref))
+            except Exception as error:  # noqa: BLE001  a sweep keeps going
+                print(f"H/G {tile} failed: {type(error).__name__}: {str(error)[:120]}")
+        if TensorDescriptor is not None:
+            for tile in TMA_TILES:
+                try:
+                    out = rows_times_thin_tma(x, a_t, tile)
+                    record("H/G", C, f"tma {tile}", do_bench(lambda: rows_times_thin_tma(x, a_t, tile)),
+                           nbytes, rel(out, ref))
+                except Exception as error:  # noqa: BLE001
+                    print(f"H/G tma {tile} failed: {type(error).__name__}: {str(error)[:120]}")
+        ref_t = 0.5 * (t.float().t() @ x.float())
+        record("dA/dB", C, "cuBLAS mm", do_bench(lambda: t.t() @ x), nbytes)
+        for tile, programs in T_ROWS_TILES:
+            try:
+                fn = lambda: thin_t_times_rows(t, x, 0.5, None, torch.float32, True, tile=tile,  # noqa: E731
+                                               target_programs=programs)
+                record("dA/dB", C, f"ptr {tile} p{programs}", do_bench(fn), nbytes, rel(fn(), ref_t))
+            except Exception as error:  # noqa: BLE001
+                print(f"dA/dB {tile} failed: {type(error).__name__}: {str(error)[:120]}")
+        # the dY pass: dY (M, C) with B (C, r) and H (M, r): against G and dB separately
+        g_ref = x.float() @ b.float()
+        db_ref = x.float().t() @ t.float()
+        separate = lambda: (rows_times_thin(x, b, dt), thin_t_times_rows(t, x, 1.0, None, torch.float32, False))  # noqa: E731
+        record("G+dB", C, "two default kernels", do_bench(separate), 2 * nbytes)
+        for tile, groups in DY_TILES:
+            try:
+                g, db = dy_pass(x, b, t, tile, groups)
+                record("G+dB", C, f"one pass {tile} g{groups}", do_bench(lambda: dy_pass(x, b, t, tile, groups)),
+                       2 * nbytes, max(rel(g, g_ref), rel(db, db_ref)))
+            except Exception as error:  # noqa: BLE001
+                print(f"G+dB {tile} failed: {type(error).__name__}: {str(error)[:120]}")
+    meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, M=M, r=R,
+                note="tb_s: bytes of the wide operand (G+dB: counted twice, as two separate reads would) / time")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "sweep_thin.json"), "w") as f:
+        json.dump(dict(meta=meta, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
