@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from .device_info import capability, processors
+
 # --------------------------------------------------------------------------------------------
 # Kernels: one GEMM with a low-rank epilogue, in two flavours of main loop (pointer loads for
 # any strides and the interpreter; TMA descriptors on Hopper when strides are 16-byte aligned)
@@ -35,10 +37,9 @@ import triton.testing
 
 
 @triton.jit
-def _tile_coords(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Grouped tile order: GROUP_M row-blocks sweep the columns together, keeping the B tiles
-    they share in L2."""
-    pid = tl.program_id(0)
+def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column block) of output tile `pid` in grouped order: GROUP_M row-blocks
+    sweep the columns together, keeping the B tiles they share in L2."""
     num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
     num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
     num_pid_in_group = GROUP_M * num_pid_n
@@ -140,7 +141,7 @@ def _lora_gemm_kernel(
     + M N * size(res): the low-rank part adds R/K of the FLOPs (0.4% at r=16, K=4096) and
     under 1% of the bytes.
     """
-    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Rows/columns past the edge wrap around instead of being masked (see the epilogue).
     offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -168,6 +169,36 @@ def _lora_gemm_kernel(
         DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
 
 
+@triton.jit
+def _tma_tile(
+    tile_id, a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+    M, N, K, R,
+    stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om, stride_on,
+    scale,
+    B_K_CONTIGUOUS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """One output tile of _lora_gemm_tma_kernel: the TMA main loop, then the epilogue."""
+    pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = a_desc.load([off_m, k])
+        if B_K_CONTIGUOUS:
+            b = b_desc.load([off_n, k]).T
+        else:
+            b = b_desc.load([k, off_n])
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    _lowrank_epilogue(
+        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
+        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
+        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _lora_gemm_tma_kernel(
     # tensor descriptors and pointers
@@ -186,29 +217,33 @@ def _lora_gemm_tma_kernel(
     HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr,  # one program per SM looping over tiles, else one per tile
 ):
     """_lora_gemm_kernel with the main loop's tiles fetched by the TMA engine (Hopper).
 
     Same math, FLOPs and bytes. The copy engine zero-fills out-of-range rows and the K tail,
     so the loop has no masks and no address arithmetic; descriptors need 16-byte aligned
     row strides (K, N multiples of 8 in bf16), else the host picks the pointer kernel.
+    PERSISTENT: the grid is one program per SM (`_programs`), each taking every
+    num_programs-th tile, so one tile's epilogue overlaps the next tile's first loads; on the
+    H200 this ran within 1-4% of cuBLAS at the Llama MLP shapes where one program per tile
+    was slower (scripts/probe_ws_gemm.py).
     """
-    pid_m, pid_n = _tile_coords(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    off_m = pid_m * BLOCK_M
-    off_n = pid_n * BLOCK_N
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        a = a_desc.load([off_m, k])
-        if B_K_CONTIGUOUS:
-            b = b_desc.load([off_n, k]).T
-        else:
-            b = b_desc.load([k, off_n])
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    _lowrank_epilogue(
-        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
-        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
-        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
-        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+    if PERSISTENT:
+        # not tl.cdiv: the standard-library @jit helpers break in the interpreter (see tl.full)
+        tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
+        for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
+            _tma_tile(tile_id, a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr,
+                      scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm,
+                      stride_rn, stride_om, stride_on, scale, B_K_CONTIGUOUS, HAS_BIAS, HAS_V_BIAS,
+                      HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE, DOT_PRECISION, BLOCK_R, BLOCK_M,
+                      BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _tma_tile(tl.program_id(0), a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr,
+                  scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm,
+                  stride_rn, stride_om, stride_on, scale, B_K_CONTIGUOUS, HAS_BIAS, HAS_V_BIAS,
+                  HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE, DOT_PRECISION, BLOCK_R, BLOCK_M,
+                  BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the usual Hopper bf16 tiles; 128x256x64
@@ -236,11 +271,24 @@ def _set_tma_blocks(nargs):
 _AUTOTUNE = os.environ.get("UNSLOTH_LORA_AUTOTUNE", "1") != "0"
 
 
-def _configs(pre_hook=None):
+# The TMA kernel's persistent flavour (one program per SM) with the two tiles that ran
+# closest to cuBLAS that way on the H200 (scripts/probe_ws_gemm.py: 1.00-1.04x at the Llama
+# MLP shapes, 1.14x at 4096 x 4096).
+_PERSISTENT_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8)]
+
+
+def _configs(pre_hook=None, persistent_tiles=None):
+    """Autotuning configurations; persistent_tiles None: a kernel without the PERSISTENT
+    parameter (the pointer one), else every tile once per flavour."""
+    tiles = _TILES if _AUTOTUNE else _TILES[:1]
+    flavours = [(tile, {}) for tile in tiles]
+    if persistent_tiles is not None:
+        flavours = [(tile, {"PERSISTENT": False}) for tile in tiles]
+        flavours += [(tile, {"PERSISTENT": True}) for tile in (persistent_tiles if _AUTOTUNE else [])]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **flavour},
                       num_stages=stages, num_warps=warps, pre_hook=pre_hook)
-        for bm, bn, bk, stages, warps in (_TILES if _AUTOTUNE else _TILES[:1])
+        for (bm, bn, bk, stages, warps), flavour in flavours
     ]
 
 
@@ -263,12 +311,14 @@ _lora_gemm_tuned = triton.autotune(
 )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_lora_gemm_kernel))
 
 _lora_gemm_tma_tuned = triton.autotune(
-    configs=_configs(_set_tma_blocks), key=_KEY + ["B_K_CONTIGUOUS"],
+    configs=_configs(_set_tma_blocks, _PERSISTENT_TILES), key=_KEY + ["B_K_CONTIGUOUS"],
     prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
 )(_lora_gemm_tma_kernel)
 
-# The interpreter runs one small configuration (dot needs every dimension >= 16).
+# The interpreter runs one small configuration (dot needs every dimension >= 16); the TMA
+# kernel persistent, so that its programs loop over several tiles there too.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
+_INTERPRETER_TMA_CONFIG = {**_INTERPRETER_CONFIG, "PERSISTENT": True}
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 try:  # host-side TMA descriptors: Triton >= 3.4
@@ -335,11 +385,6 @@ def _tma_ok(t: Tensor) -> bool:
             and t.shape[0] > 0 and t.shape[1] > 0)
 
 
-@functools.lru_cache(maxsize=None)
-def capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
-
-
 def _use_tma(a: Tensor, b: Tensor) -> tuple[bool, bool]:
     """(use the TMA kernel, b is K-contiguous) for a (M, K) @ b (K, N)."""
     if MAIN_LOOP != "auto" or TensorDescriptor is None:
@@ -364,9 +409,11 @@ def _specialization(values) -> tuple:
     return tuple(bits)
 
 
-def _programs(M: int, N: int, cfg: dict) -> int:
-    """Grid size: one program per (BLOCK_M, BLOCK_N) tile of the output."""
-    return triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+def _programs(M: int, N: int, cfg: dict, device: torch.device) -> int:
+    """Grid size: one program per (BLOCK_M, BLOCK_N) tile of the output, or, persistent, one
+    per SM at most."""
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    return min(tiles, processors(device)) if cfg.get("PERSISTENT") else tiles
 
 
 def _pointer_args(a: Tensor, b: Tensor) -> dict:
@@ -401,7 +448,8 @@ class _Plan:
     def launch(self, named: dict, M: int, N: int) -> None:
         named.update(self.config)
         # CompiledKernel[grid] takes the full 3-D grid (JITFunction.run pads it, we do not).
-        self.kernel[(_programs(M, N, self.config), 1, 1)](*[named[name] for name in self.arg_names])
+        grid = (_programs(M, N, self.config, named["out_ptr"].device), 1, 1)
+        self.kernel[grid](*[named[name] for name in self.arg_names])
 
 
 # (device, dtypes, M bucket, N, K, r block, layout, flags, specialisation) -> _Plan
@@ -418,8 +466,11 @@ def _base_fn(tuned):
 
 def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
                      scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
-                     v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
-    """out (M, N) = cast(a @ b + s u @ v + bias + s v_bias) (+ residual); all 2-D views."""
+                     v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                     config: Optional[dict] = None) -> Tensor:
+    """out (M, N) = cast(a @ b + s u @ v + bias + s v_bias) (+ residual); all 2-D views.
+    config: one fixed tile configuration (BLOCK_*, GROUP_M, PERSISTENT, num_warps, num_stages)
+    instead of the autotuned plan, for tests of a configuration the autotuner may not pick."""
     M, K = a.shape
     N = b.shape[1]
     R = u.shape[1]
@@ -453,13 +504,18 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
     }
     use_tma, b_k_contiguous = _use_tma(a, b)
 
-    if a.device.type == "cpu":  # the interpreter: one fixed small configuration
-        cfg = _INTERPRETER_CONFIG
-        grid = (_programs(M, N, cfg),)
+    if a.device.type == "cpu" or config is not None:  # one fixed configuration, no plan
+        if config is None:  # the interpreter
+            config = _INTERPRETER_TMA_CONFIG if use_tma else _INTERPRETER_CONFIG
+        cfg = {name: value for name, value in config.items() if name not in ("num_warps", "num_stages")}
+        launch = {name: config[name] for name in ("num_warps", "num_stages") if name in config}
+        grid = (_programs(M, N, cfg, a.device),)
         if use_tma:
-            _lora_gemm_tma_kernel[grid](**_descriptors(a, b, cfg, b_k_contiguous), **named, **cfg)
+            _lora_gemm_tma_kernel[grid](**_descriptors(a, b, cfg, b_k_contiguous), **named, **cfg, **launch)
         else:
-            _lora_gemm_kernel[grid](**_pointer_args(a, b), EVEN_K=K % cfg["BLOCK_K"] == 0, **named, **cfg)
+            cfg.pop("PERSISTENT", None)  # the pointer kernel has one program per tile
+            _lora_gemm_kernel[grid](**_pointer_args(a, b), EVEN_K=K % cfg["BLOCK_K"] == 0, **named, **cfg,
+                                    **launch)
         return out
 
     shape_key = (a.device, a.dtype, u.dtype, v.dtype, out.dtype, m_bucket, N, K, named["BLOCK_R"],
@@ -489,7 +545,7 @@ def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous:
     M, N = a.shape[0], b.shape[1]
 
     def grid(cfg):
-        return (_programs(M, N, cfg),)
+        return (_programs(M, N, cfg, a.device),)
 
     def run_pointer():
         kernel = _lora_gemm_tuned[grid](**_pointer_args(a, b), **named)

@@ -22,7 +22,6 @@ backward otherwise makes: at r <= 64 only, where the partials stay small.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -30,6 +29,8 @@ from torch import Tensor
 
 import triton
 import triton.language as tl
+
+from .device_info import processors
 
 
 @triton.jit
@@ -172,11 +173,6 @@ PAIR_MAX_RANK = 64
 _PAIR_TILES = {32: (64, 256, 8, 3), 64: (64, 128, 8, 3)}
 
 
-@functools.lru_cache(maxsize=None)
-def _processors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _precision(x: Tensor) -> str:
     # fp32 operands only reach these kernels in the interpreter tests: keep them exact there.
     return "ieee" if x.dtype == torch.float32 else "tf32"
@@ -260,7 +256,7 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
         tile = _INTERPRETER_TILE if x.device.type == "cpu" else _PAIR_TILES[max(32, block_r)]
     bm, bc, warps, stages = tile
     chunks = triton.cdiv(C, bc)
-    groups = max(1, min(triton.cdiv(target_programs or _processors(x.device), chunks), triton.cdiv(M, 4 * bm)))
+    groups = max(1, min(triton.cdiv(target_programs or processors(x.device), chunks), triton.cdiv(M, 4 * bm)))
     rows_per_group = triton.cdiv(max(M, 1), groups)
     xw_part = torch.empty((chunks, M, R), device=x.device, dtype=torch.float32)
     xt_part = torch.empty((groups, C, R), device=x.device, dtype=torch.float32)

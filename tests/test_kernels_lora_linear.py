@@ -231,6 +231,42 @@ def test_interpreter_both_main_loops_agree(transposed, monkeypatch):
             assert torch.allclose(tma[name], pointer[name], atol=1e-5, rtol=1e-5), name
 
 
+def _gemm_operands(M, K, N, r, dtype, device, b_k_contiguous, seed):
+    """a (M, K), b (K, N) (a W^T view when b_k_contiguous), u (M, r), v (r, N), bias (N,),
+    residual (M, N), random, and the float64 result of the fused GEMM with scale 0.5."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    a, u = rnd(M, K), rnd(M, r)
+    b = rnd(N, K, std=K ** -0.5).t() if b_k_contiguous else rnd(K, N, std=K ** -0.5)
+    v, bias, residual = rnd(r, N, std=r ** -0.5), rnd(N), rnd(M, N)
+    want = a.double() @ b.double() + 0.5 * (u.double() @ v.double()) + bias.double()
+    want = want.to(dtype).double() + residual.double()  # the kernel rounds before the residual add
+    return (a, b, u, v, bias, residual), want
+
+
+@interp
+@pytest.mark.parametrize("b_k_contiguous", [False, True], ids=["b_rows", "w_t_view"])
+def test_interpreter_persistent_tma_programs_loop_over_tiles(b_k_contiguous):
+    """The TMA kernel's persistent flavour: fewer programs than tiles (each loops over several,
+    epilogue included) gives the one-program-per-tile result and float64's."""
+    M, K, N, r = 70, 40, 88, 7  # 5 x 6 tiles of 16 x 16 over 4 programs
+    (a, b, u, v, bias, residual), want = _gemm_operands(M, K, N, r, torch.float32, "cpu", b_k_contiguous, 11)
+    assert gemm._use_tma(a, b)[0]
+    cfg = dict(gemm._INTERPRETER_TMA_CONFIG)
+    assert gemm._programs(M, N, cfg, a.device) == 4 < 30
+    outs = {}
+    for persistent in (True, False):
+        out = torch.empty(M, N)
+        gemm.launch_lora_gemm(a, b, u, v, out, 0.5, None, bias=bias, residual=residual,
+                              config={**cfg, "PERSISTENT": persistent})
+        outs[persistent] = out
+        assert _rel_err(out, want) < 1e-5, (persistent, _rel_err(out, want))
+    assert torch.equal(outs[True], outs[False])
+
+
 @interp
 def test_supports_reasons():
     x = torch.randn(4, 8)
@@ -411,6 +447,27 @@ def test_gpu_repeated_calls_reuse_plans(main_gemm, monkeypatch):
     if main_gemm == "triton":
         built = len(gemm._PLANS) - plans_before
         assert 0 < built < calls, f"{built} plans built for {calls} launches: no reuse"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("b_k_contiguous", [False, True], ids=["b_rows", "w_t_view"])
+@pytest.mark.parametrize("tile", gemm._PERSISTENT_TILES, ids=lambda t: "x".join(map(str, t)))
+def test_gpu_persistent_tma_configs(tile, b_k_contiguous):
+    """The persistent TMA configurations the autotuner may pick (not run by the other GPU tests,
+    which run UNSLOTH_LORA_AUTOTUNE=0): 4 tiles or more per program, ragged M and N edges."""
+    bm, bn, bk, stages, warps = tile
+    M, K, N, r = 4000, 520, 4104, 16
+    (a, b, u, v, bias, residual), want = _gemm_operands(M, K, N, r, torch.bfloat16, "cuda", b_k_contiguous, 12)
+    cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": True,
+           "num_stages": stages, "num_warps": warps}
+    assert gemm._use_tma(a, b)[0]
+    assert math.ceil(M / bm) * math.ceil(N / bn) >= 4 * gemm._programs(M, N, cfg, a.device)
+    out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    gemm.launch_lora_gemm(a, b, u, v, out, 0.5, None, bias=bias, residual=residual, config=cfg)
+    torch_half = (torch.addmm(bias, a, b) + 0.5 * (u @ v)) + residual
+    mine, theirs = _sqnr(out, want), _sqnr(torch_half, want)
+    assert mine >= theirs - SQNR_MARGIN_DB, f"SQNR {mine:.1f} dB < torch's {theirs:.1f} dB"
 
 
 @gpu

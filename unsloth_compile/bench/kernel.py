@@ -293,6 +293,18 @@ def profile_host(layer: str, M: int, r: int, device, steps: int = 20) -> dict:
     return report
 
 
+def choices_made() -> dict:
+    """What ours chose by timing so far (per problem: main GEMM Triton or cuBLAS, thin GEMMs,
+    TMA or pointer main loop) and the tile configuration of every Triton GEMM plan."""
+    from ..kernels import lora_gemm as gemm
+
+    made = {kind: [{"problem": repr(key), "chosen": chosen, "ms": times} for key, (chosen, times) in table.items()]
+            for kind, table in gemm.CHOICES.items()}
+    made["gemm plans"] = [{"problem": repr(key), "tma": plan.tma, "config": plan.config}
+                          for key, plan in gemm._PLANS.items()]
+    return made
+
+
 def environment(device) -> dict:
     from .variants import environment as common_environment
 
@@ -380,6 +392,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     def write():  # after every case: a run cut short still leaves its results
+        data["choices"] = choices_made()
         (out / "kernel.json").write_text(json.dumps(data, indent=2) + "\n")
         (out / "kernel.md").write_text(render_markdown(data))
 
