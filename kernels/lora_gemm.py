@@ -275,6 +275,9 @@ _AUTOTUNE = os.environ.get("UNSLOTH_LORA_AUTOTUNE", "1") != "0"
 # closest to cuBLAS that way on the H200 (scripts/probe_ws_gemm.py: 1.00-1.04x at the Llama
 # MLP shapes, 1.14x at 4096 x 4096).
 _PERSISTENT_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8)]
+# UNSLOTH_LORA_PERSISTENT=0: no persistent configurations (a bisecting knob, not a user option).
+if os.environ.get("UNSLOTH_LORA_PERSISTENT", "1") == "0":
+    _PERSISTENT_TILES = []
 
 
 def _configs(pre_hook=None, persistent_tiles=None):

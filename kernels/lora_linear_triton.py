@@ -15,8 +15,8 @@ host functions below keep their signatures. Shapes: x (M, K) after flattening, W
     with dropout (lora_x given): dX = dY W (cuBLAS), d_lora_x = s G A (thin).
 
 Each "or" is decided per problem by timing both once (`fastest`, logged, kept in CHOICES):
-Triton on Hopper has no warp-specialised GEMM and its main product runs 8-11% behind cuBLAS,
-so which wins depends on the shape (docs/bench/kernel_notes.md).
+Triton's main product runs 0-14% behind cuBLAS on an H200 depending on the shape (persistent
+or warp-specialised alike), so which wins depends on the shape (docs/bench/kernel_notes.md).
 
 The thin GEMMs read their operands in the activation dtype (fp32 adapters are rounded to
 bf16/fp16, as the tensor cores need) and accumulate in fp32; gradients of fp32 adapters are
@@ -62,9 +62,9 @@ def _cublas_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, s
 
     The thin-K product s U V (+ bias) is written into `out` first, then the base GEMM
     accumulates onto it (beta = 1: cuBLAS reads `out` in its epilogue, a read hidden behind
-    a compute-bound GEMM). Why it exists: Triton on Hopper has no warp-specialised GEMM and
-    runs the main product 8-11% slower than cuBLAS (kernel_notes.md), more than the 2-5%
-    the extra write of `out` costs at some shapes. The low-rank term is rounded to out's
+    a compute-bound GEMM). Why it exists: Triton runs the main product up to 14% slower
+    than cuBLAS (8192 x 4096 x 4096 on an H200, kernel_notes.md), more than the 2-5% the
+    extra write of `out` costs at some shapes. The low-rank term is rounded to out's
     dtype once before the sum.
     """
     if scale_tensor is None:  # cuBLAS scales the fp32 product by alpha: one call, no s U copy
@@ -150,12 +150,16 @@ def _thin_gemm(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tens
     return candidates[THIN if THIN != "auto" else fastest("thin GEMM", key, candidates)]()
 
 
+# UNSLOTH_LORA_THIN_PAIR=0: never the one pass over dY (a bisecting knob, not a user option).
+THIN_PAIR = os.environ.get("UNSLOTH_LORA_THIN_PAIR", "1") != "0"
+
+
 def _g_and_db(key: tuple, one_pass, apart, pair_ok: bool) -> tuple[Tensor, Tensor]:
     """Backward's G = dY B and dB = s dY^T H: from one pass over dY (rows_thin_pair) or from
     two thin GEMMs (`apart`, each itself Triton or cuBLAS), whichever is faster for this
     problem; the one pass saves a read of dY (M x N) for fp32 partials of 1/8 of its size at
     r = 16. Under the interpreter (CPU) always the one pass, as the CPU tests check it."""
-    if not pair_ok or THIN == "cublas":
+    if not pair_ok or THIN == "cublas" or not THIN_PAIR:
         return apart()
     if key[1].type == "cpu" or THIN == "triton":
         return one_pass()

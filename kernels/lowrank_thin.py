@@ -167,10 +167,14 @@ def _t_rows_tile(block_r: int) -> tuple[int, int, int, int]:
 _TARGET_PROGRAMS = 264  # two per SM on an H100/H200: enough loads in flight to fill HBM
 
 # rows_thin_pair: the largest rank it takes (its (BLOCK_C, r) fp32 accumulator lives in
-# registers, and the X W partials grow with r), and its tile for r <= 32 / r <= 64. One program
-# per SM: 2 per SM measured 5-20% slower on the H200 (scripts/sweep_thin_tiles.py).
+# registers, and the X W partials grow with r), its tile and its programs per SM. Chosen from
+# `scripts/sweep_thin_tiles.py --pair-only` (H200, M = 8192, r = 16, CUDA-graph GPU time):
+# 38.7 / 59.9 / 96.9 us for C = 4096 / 8192 / 14336 against 42.5 / 71.8 / 117.2 us for the
+# two thin kernels apart (the tile it replaced, 64 x 256 with one program per SM: 48.5 /
+# 77.4 / 120.0); at C = 2048 apart is faster (19.1 vs 22.8 us), which the timed choice sees.
 PAIR_MAX_RANK = 64
-_PAIR_TILES = {32: (64, 256, 8, 3), 64: (64, 128, 8, 3)}
+_PAIR_TILE = (64, 128, 8, 3)  # (BLOCK_M, BLOCK_C, warps, stages)
+_PAIR_PROGRAMS_PER_SM = 2
 
 
 def _precision(x: Tensor) -> str:
@@ -253,10 +257,11 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
         raise ValueError(f"rows_thin_pair takes ranks up to {PAIR_MAX_RANK}, got {R}")
     block_r = _block_r(R)
     if tile is None:
-        tile = _INTERPRETER_TILE if x.device.type == "cpu" else _PAIR_TILES[max(32, block_r)]
+        tile = _INTERPRETER_TILE if x.device.type == "cpu" else _PAIR_TILE
     bm, bc, warps, stages = tile
     chunks = triton.cdiv(C, bc)
-    groups = max(1, min(triton.cdiv(target_programs or processors(x.device), chunks), triton.cdiv(M, 4 * bm)))
+    programs = target_programs or _PAIR_PROGRAMS_PER_SM * processors(x.device)
+    groups = max(1, min(triton.cdiv(programs, chunks), triton.cdiv(M, 4 * bm)))
     rows_per_group = triton.cdiv(max(M, 1), groups)
     xw_part = torch.empty((chunks, M, R), device=x.device, dtype=torch.float32)
     xt_part = torch.empty((groups, C, R), device=x.device, dtype=torch.float32)

@@ -22,7 +22,8 @@ import triton.language as tl
 from triton.testing import do_bench
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.lowrank_thin import rows_times_thin, thin_t_times_rows  # noqa: E402
+from kernels.lowrank_thin import rows_thin_pair, rows_times_thin, thin_t_times_rows  # noqa: E402
+from unsloth_compile.bench.kernel import _bench_graph  # noqa: E402
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -107,6 +108,9 @@ TMA_TILES = [(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3),
 T_ROWS_TILES = [((64, 128, 4, 3), 264), ((64, 128, 4, 4), 528), ((128, 128, 8, 3), 264), ((64, 256, 8, 3), 264),
                 ((32, 256, 4, 4), 264), ((128, 64, 4, 4), 528), ((64, 64, 4, 4), 528), ((128, 256, 8, 3), 132),
                 ((64, 128, 4, 3), 132), ((32, 128, 4, 4), 528)]
+PAIR_TILES = [((64, 256, 8, 3), 132), ((64, 256, 8, 3), 264), ((64, 256, 4, 3), 264), ((32, 256, 4, 4), 264),
+              ((64, 128, 4, 4), 264), ((64, 128, 4, 4), 528), ((128, 128, 8, 3), 264), ((32, 128, 4, 4), 528),
+              ((128, 64, 4, 4), 528), ((64, 64, 4, 4), 528), ((64, 128, 8, 3), 264), ((128, 256, 8, 2), 132)]
 DY_TILES = [((64, 256, 8, 3), 8), ((32, 512, 8, 3), 8), ((64, 256, 8, 3), 16), ((32, 256, 4, 4), 16),
             ((64, 128, 4, 4), 8), ((128, 256, 8, 2), 8)]
 
@@ -115,6 +119,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--sizes", type=int, nargs="*", default=[2048, 4096, 8192, 14336])
+    parser.add_argument("--pair-only", action="store_true",
+                        help="only rows_thin_pair's tiles against G and dB apart, as CUDA-graph GPU time")
     args = parser.parse_args()
     torch.manual_seed(0)
     M, R, dt = 8192, 16, torch.bfloat16
@@ -130,7 +136,27 @@ def main() -> None:
     def rel(a, b):
         return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
-    for C in args.sizes:
+    if args.pair_only:
+        for C in args.sizes:
+            dy = torch.randn(M, C, device="cuda", dtype=dt)
+            b = torch.randn(C, R, device="cuda", dtype=dt)
+            h = torch.randn(M, R, device="cuda", dtype=dt)
+            g_ref, db_ref = dy.float() @ b.float(), dy.float().t() @ h.float()
+            record("pair", C, "G apart (rows_times_thin)", _bench_graph(lambda: rows_times_thin(dy, b, dt)), dy.numel() * 2)
+            record("pair", C, "dB apart (thin_t_times_rows)",
+                   _bench_graph(lambda: thin_t_times_rows(h, dy, 1.0, None, torch.float32, False)), dy.numel() * 2)
+            record("pair", C, "G cuBLAS", _bench_graph(lambda: dy @ b), dy.numel() * 2)
+            record("pair", C, "dB cuBLAS", _bench_graph(lambda: dy.t() @ h), dy.numel() * 2)
+            for tile, programs in PAIR_TILES:
+                try:
+                    fn = lambda: rows_thin_pair(dy, b, h, 1.0, None, dt, torch.float32, tile=tile,  # noqa: E731
+                                                target_programs=programs)
+                    g, db = fn()
+                    record("pair", C, f"one pass {tile} p{programs}", _bench_graph(fn), dy.numel() * 2,
+                           max(rel(g, g_ref), rel(db, db_ref)))
+                except Exception as error:  # noqa: BLE001
+                    print(f"pair {tile} p{programs} failed: {type(error).__name__}: {str(error)[:120]}")
+    for C in ([] if args.pair_only else args.sizes):
         x = torch.randn(M, C, device="cuda", dtype=dt)
         a_t = torch.randn(C, R, device="cuda", dtype=dt) / C ** 0.5  # (K, r) view of A^T
         t = torch.randn(M, R, device="cuda", dtype=dt)
