@@ -268,6 +268,26 @@ def test_interpreter_persistent_tma_programs_loop_over_tiles(b_k_contiguous):
 
 
 @interp
+@pytest.mark.parametrize("r,pair_enabled,expect_one_pass", [(16, True, True), (16, False, False),
+                                                              (70, True, False)],
+                         ids=["r16", "r16_knob_off", "r70_over_pair_max_rank"])
+def test_interpreter_g_and_db_from_one_pass_or_apart(r, pair_enabled, expect_one_pass, monkeypatch):
+    """Backward takes G and dB from one pass over dY (rows_thin_pair) at r <= PAIR_MAX_RANK
+    unless UNSLOTH_LORA_THIN_PAIR turns it off, else from the two thin kernels; either way the
+    gradients match float64."""
+    calls = []
+    one_pass = lt.rows_thin_pair
+    monkeypatch.setattr(lt, "rows_thin_pair", lambda *a, **k: calls.append(1) or one_pass(*a, **k))
+    monkeypatch.setattr(lt, "THIN_PAIR", pair_enabled)
+    t, grad = _make(37, 19, 23, r, torch.float32, torch.float32, "cpu", seed=r)
+    ours = _run_all(lt, t, grad)
+    assert len(calls) == (1 if expect_one_pass else 0)
+    ref64 = _float64(t, grad)
+    for name in ("dx", "dA", "dB"):
+        assert _rel_err(ours[name], ref64[name]) < 1e-5, (name, _rel_err(ours[name], ref64[name]))
+
+
+@interp
 def test_supports_reasons():
     x = torch.randn(4, 8)
     w = torch.randn(5, 8)
