@@ -111,8 +111,8 @@ def render_markdown(data: dict) -> str:
               f"- LoRA r={a['rank']} alpha={2 * a['rank']} on {', '.join(tasks.LORA_TARGETS)}, classifier trainable; "
               f"{a['steps']} steps of batch {a['batch_size']}, AdamW lr {a['lr']}, dtype {data['dtype']}; "
               f"seeds {data['seeds']}",
-              f"- test macro-F1 and accuracy in points: mean ± std over seeds [min, max]; delta = mean minus PEFT "
-              f"eager's mean; paired = per-seed difference, mean ± std", ""]
+              "- test macro-F1 and accuracy in points: mean ± std over seeds [min, max]; delta = mean minus PEFT "
+              "eager's mean; paired = per-seed difference, mean ± std", ""]
 
     def spread(s: dict) -> str:
         if s["mean"] is None:

@@ -59,7 +59,7 @@ class Variant:
         if self.kind in ("inductor", "aot_eager"):
             return f"PEFT LoRA + torch.compile({self.kind})"
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        return f'PEFT LoRA + backend="unsloth"' + (f" ({opts})" if opts else "")
+        return 'PEFT LoRA + backend="unsloth"' + (f" ({opts})" if opts else "")
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "options": dict(self.options), "role": self.role,
