@@ -1,12 +1,15 @@
 """Tile sweep of the thin LoRA GEMMs (kernels/lowrank_thin.py) on a GPU: achieved bandwidth
 per configuration against a plain read of the same operand and against cuBLAS.
 
-    python scripts/sweep_thin_tiles.py [--out DIR]
+    python scripts/sweep_thin_tiles.py [--out DIR] [--pair-only] [--sizes C ...]
 
-Also times two prototypes kept here until they earn a place in kernels/: rows_times_thin
-with a TMA descriptor for X, and one pass over dY computing both G = dY B and dB = dY^T H
-(fp32 partials per column chunk / row group, summed by torch). Prints one table per product
-and writes sweep_thin.json under --out. Not a test, not part of the package.
+Also times a prototype kept here until it earns a place in kernels/ (rows_times_thin with a
+TMA descriptor for X) and the one pass over dY for G = dY B and dB = dY^T H
+(rows_thin_pair; docs/bench/sweeps/thin-tiles-do-bench.log ran its first version, then a
+prototype in this file). Default: every product timed by do_bench (one call, L2 flushed:
+~10 us of flush write-back and launch included); --pair-only: rows_thin_pair's tiles in GPU
+time (CUDA-graph replay). Prints one line per configuration and writes sweep_thin.json under
+--out. Not a test, not part of the package.
 """
 
 from __future__ import annotations
@@ -60,48 +63,6 @@ def rows_times_thin_tma(x, w, tile):
     return out
 
 
-@triton.jit
-def _dy_pass_kernel(dy_ptr, b_ptr, h_ptr, gpart_ptr, dbpart_ptr, M, N, R, rows_per_group,
-                    stride_dm, stride_bn, stride_hm, stride_gc, stride_gm, stride_dg, stride_dn,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_g = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, BLOCK_R)
-    n_ok = offs_n < N
-    r_ok = offs_r < R
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-    db_acc = tl.full((BLOCK_N, BLOCK_R), 0.0, dtype=tl.float32)
-    m_begin = pid_g * rows_per_group
-    m_end = tl.minimum(m_begin + rows_per_group, M)
-    for m0 in range(m_begin, m_end, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < m_end
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        h = tl.load(h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-        g = tl.dot(dy, b.to(dy.dtype))
-        tl.store(gpart_ptr + pid_n * stride_gc + offs_m[:, None] * stride_gm + offs_r[None, :], g,
-                 mask=m_ok[:, None] & r_ok[None, :])
-        db_acc = tl.dot(tl.trans(dy), h.to(dy.dtype), db_acc)
-    tl.store(dbpart_ptr + pid_g * stride_dg + offs_n[:, None] * stride_dn + offs_r[None, :], db_acc,
-             mask=n_ok[:, None] & r_ok[None, :])
-
-
-def dy_pass(dy, b, h, tile, groups):
-    bm, bn, warps, stages = tile
-    M, N = dy.shape
-    R = b.shape[1]
-    chunks = triton.cdiv(N, bn)
-    gpart = torch.empty((chunks, M, R), device=dy.device, dtype=torch.float32)
-    dbpart = torch.empty((groups, N, R), device=dy.device, dtype=torch.float32)
-    rows = triton.cdiv(M, groups)
-    _dy_pass_kernel[(chunks, groups)](
-        dy, b, h, gpart, dbpart, M, N, R, rows, dy.stride(0), b.stride(0), h.stride(0),
-        gpart.stride(0), gpart.stride(1), dbpart.stride(0), dbpart.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=16, num_warps=warps, num_stages=stages)
-    return gpart.sum(0).to(dy.dtype), dbpart.sum(0)
-
-
 ROWS_TILES = [(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (16, 256, 4, 4), (64, 256, 8, 3),
               (128, 128, 8, 3), (32, 128, 2, 5), (16, 512, 4, 3), (64, 64, 4, 6), (32, 64, 4, 6)]
 TMA_TILES = [(64, 128, 4, 4), (32, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 128, 8, 3), (16, 256, 4, 4)]
@@ -111,8 +72,6 @@ T_ROWS_TILES = [((64, 128, 4, 3), 264), ((64, 128, 4, 4), 528), ((128, 128, 8, 3
 PAIR_TILES = [((64, 256, 8, 3), 132), ((64, 256, 8, 3), 264), ((64, 256, 4, 3), 264), ((32, 256, 4, 4), 264),
               ((64, 128, 4, 4), 264), ((64, 128, 4, 4), 528), ((128, 128, 8, 3), 264), ((32, 128, 4, 4), 528),
               ((128, 64, 4, 4), 528), ((64, 64, 4, 4), 528), ((64, 128, 8, 3), 264), ((128, 256, 8, 2), 132)]
-DY_TILES = [((64, 256, 8, 3), 8), ((32, 512, 8, 3), 8), ((64, 256, 8, 3), 16), ((32, 256, 4, 4), 16),
-            ((64, 128, 4, 4), 8), ((128, 256, 8, 2), 8)]
 
 
 def main() -> None:
@@ -197,11 +156,13 @@ def main() -> None:
         db_ref = x.float().t() @ t.float()
         separate = lambda: (rows_times_thin(x, b, dt), thin_t_times_rows(t, x, 1.0, None, torch.float32, False))  # noqa: E731
         record("G+dB", C, "two default kernels", do_bench(separate), 2 * nbytes)
-        for tile, groups in DY_TILES:
+        for tile, programs in PAIR_TILES:
             try:
-                g, db = dy_pass(x, b, t, tile, groups)
-                record("G+dB", C, f"one pass {tile} g{groups}", do_bench(lambda: dy_pass(x, b, t, tile, groups)),
-                       2 * nbytes, max(rel(g, g_ref), rel(db, db_ref)))
+                fn = lambda: rows_thin_pair(x, b, t, 1.0, None, dt, torch.float32, tile=tile,  # noqa: E731
+                                            target_programs=programs)
+                g, db = fn()
+                record("G+dB", C, f"one pass {tile} p{programs}", do_bench(fn), 2 * nbytes,
+                       max(rel(g, g_ref), rel(db, db_ref)))
             except Exception as error:  # noqa: BLE001
                 print(f"G+dB {tile} failed: {type(error).__name__}: {str(error)[:120]}")
     meta = dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__, M=M, r=R,
