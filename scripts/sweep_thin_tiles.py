@@ -5,8 +5,8 @@ per configuration against a plain read of the same operand and against cuBLAS.
 
 Also times a prototype kept here until it earns a place in kernels/ (rows_times_thin with a
 TMA descriptor for X) and the one pass over dY for G = dY B and dB = dY^T H
-(rows_thin_pair; docs/bench/sweeps/thin-tiles-do-bench.log ran its first version, then a
-prototype in this file). Default: every product timed by do_bench (one call, L2 flushed:
+(rows_thin_pair; docs/bench/sweeps/thin-tiles-do-bench.log timed the prototype of it that
+this file held then). Default: every product timed by do_bench (one call, L2 flushed:
 ~10 us of flush write-back and launch included); --pair-only: rows_thin_pair's tiles in GPU
 time (CUDA-graph replay). Prints one line per configuration and writes sweep_thin.json under
 --out. Not a test, not part of the package.
