@@ -225,9 +225,9 @@ def _lora_gemm_tma_kernel(
     so the loop has no masks and no address arithmetic; descriptors need 16-byte aligned
     row strides (K, N multiples of 8 in bf16), else the host picks the pointer kernel.
     PERSISTENT: the grid is one program per SM (`_programs`), each taking every
-    num_programs-th tile, so one tile's epilogue overlaps the next tile's first loads; on the
-    H200 this ran within 1-4% of cuBLAS at the Llama MLP shapes where one program per tile
-    was slower (scripts/probe_ws_gemm.py).
+    num_programs-th tile; a plain GEMM written this way ran within 1-4% of cuBLAS at the
+    Llama MLP shapes on the H200 (scripts/probe_ws_gemm.py), and the autotuner keeps it where
+    it is the fastest configuration.
     """
     if PERSISTENT:
         # not tl.cdiv: the standard-library @jit helpers break in the interpreter (see tl.full)
@@ -512,11 +512,12 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
             config = _INTERPRETER_TMA_CONFIG if use_tma else _INTERPRETER_CONFIG
         cfg = {name: value for name, value in config.items() if name not in ("num_warps", "num_stages")}
         launch = {name: config[name] for name in ("num_warps", "num_stages") if name in config}
+        if not use_tma:
+            cfg.pop("PERSISTENT", None)  # the pointer kernel has one program per tile
         grid = (_programs(M, N, cfg, a.device),)
         if use_tma:
             _lora_gemm_tma_kernel[grid](**_descriptors(a, b, cfg, b_k_contiguous), **named, **cfg, **launch)
         else:
-            cfg.pop("PERSISTENT", None)  # the pointer kernel has one program per tile
             _lora_gemm_kernel[grid](**_pointer_args(a, b), EVEN_K=K % cfg["BLOCK_K"] == 0, **named, **cfg,
                                     **launch)
         return out

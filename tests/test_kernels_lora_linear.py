@@ -268,6 +268,18 @@ def test_interpreter_persistent_tma_programs_loop_over_tiles(b_k_contiguous):
 
 
 @interp
+def test_interpreter_fixed_persistent_config_falls_back_to_one_program_per_tile_without_tma(monkeypatch):
+    """A persistent config given for operands the TMA kernel cannot take runs the pointer
+    kernel with its full grid (every tile computed)."""
+    monkeypatch.setattr(gemm, "MAIN_LOOP", "pointer")
+    (a, b, u, v, bias, residual), want = _gemm_operands(70, 40, 88, 7, torch.float32, "cpu", False, 13)
+    out = torch.empty(70, 88)
+    gemm.launch_lora_gemm(a, b, u, v, out, 0.5, None, bias=bias, residual=residual,
+                          config=dict(gemm._INTERPRETER_TMA_CONFIG))
+    assert _rel_err(out, want) < 1e-5, _rel_err(out, want)
+
+
+@interp
 @pytest.mark.parametrize("r,pair_enabled,expect_one_pass", [(16, True, True), (16, False, False),
                                                               (70, True, False)],
                          ids=["r16", "r16_knob_off", "r70_over_pair_max_rank"])
