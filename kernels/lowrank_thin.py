@@ -7,9 +7,9 @@
 
 Bytes: each reads its wide (M, K) operand once, 2 M K bytes in bf16/fp16, plus M r
 elements of the thin one; FLOPs 2 M K r, i.e. r FLOPs per byte: far below the tensor cores'
-balance point, so the time is the read of X. cuBLAS reaches about 2.2 TB/s on these shapes
-(30 us for X of 8192 x 4096 bf16 on an H200: docs/bench/kernel.md), well under the card's
-4.8 TB/s; these kernels stream X in (BLOCK_M, BLOCK_K) tiles with several loads in flight.
+balance point, so the time is the read of X. These kernels stream X in tiles with several
+loads in flight; in GPU time they and cuBLAS read it at 2.5-4.1 TB/s on an H200 (20-26 us for
+X of 8192 x 4096 bf16, docs/bench/kernel.md breakdown), against the card's 4.8 TB/s.
 
 Operands are rounded to X's dtype for the tensor cores (fp32 adapters included, as the
 reference's cuBLAS calls do) and accumulate in fp32; the result is stored in the requested
