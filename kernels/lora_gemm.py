@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .device_info import capability, processors
+from .launch_args import capability, processors, scale_operand
 
 # --------------------------------------------------------------------------------------------
 # Kernels: one GEMM with a low-rank epilogue, in two flavours of main loop (pointer loads for
@@ -478,8 +478,7 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
     N = b.shape[1]
     R = u.shape[1]
     dummy = out  # never read: the matching HAS_* flag is False
-    if scale_tensor is not None and (scale_tensor.dim() != 0 or scale_tensor.device != a.device):
-        scale_tensor = scale_tensor.to(device=a.device).reshape(())
+    scale_tensor = scale_operand(scale_tensor, a.device)
     if bias is not None and bias.stride(0) != 1:
         bias = bias.contiguous()
     if v_bias is not None and v_bias.stride(0) != 1:

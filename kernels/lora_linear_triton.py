@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .device_info import capability
+from .launch_args import capability
 from .lora_gemm import CHOICES, fastest, launch_lora_gemm, next_pow2  # noqa: F401  CHOICES re-exported
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
 from .reference import effective_scale as _effective_scale, rows as _rows

@@ -30,7 +30,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .device_info import processors
+from .launch_args import processors, scale_operand
 
 
 @triton.jit
@@ -182,11 +182,11 @@ def _precision(x: Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def _scale_operand(scale_tensor: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
-    """The tensor scale as the kernels read it: a 0-d tensor on the kernel's device."""
-    if scale_tensor is not None and (scale_tensor.dim() != 0 or scale_tensor.device != device):
-        scale_tensor = scale_tensor.to(device=device).reshape(())
-    return scale_tensor
+def _row_splits(M: int, block_m: int, programs: int, col_blocks: int) -> int:
+    """Splits of the M rows, each summed into its own fp32 partial: enough that col_blocks x
+    splits programs keep every SM streaming, but at least 4 row tiles per split (fewer makes
+    the partials cost more than they save)."""
+    return max(1, min(triton.cdiv(programs, col_blocks), triton.cdiv(M, 4 * block_m)))
 
 
 def _block_r(r: int) -> int:
@@ -226,14 +226,12 @@ def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional
         tile = _INTERPRETER_TILE if x.device.type == "cpu" else _t_rows_tile(block_r)
     bm, bc, warps, stages = tile
     col_blocks = triton.cdiv(C, bc)
-    # Split the rows so that col_blocks x splits programs keep every SM streaming, but give
-    # each split at least 4 row tiles (fewer makes the partials cost more than they save).
-    splits = max(1, min(triton.cdiv(target_programs or _TARGET_PROGRAMS, col_blocks), triton.cdiv(M, 4 * bm)))
+    splits = _row_splits(M, bm, target_programs or _TARGET_PROGRAMS, col_blocks)
     rows_per_split = triton.cdiv(max(M, 1), splits)
     shape = (splits, R, C) if rank_first else (splits, C, R)
     part = torch.empty(shape, device=x.device, dtype=torch.float32)
     stride_pr, stride_pc = (part.stride(1), part.stride(2)) if rank_first else (part.stride(2), part.stride(1))
-    scale_tensor = _scale_operand(scale_tensor, x.device)
+    scale_tensor = scale_operand(scale_tensor, x.device)
     _thin_t_times_rows_kernel[(col_blocks, splits)](
         t, x, part, scale_tensor if scale_tensor is not None else part,
         M, C, R, rows_per_split,
@@ -260,12 +258,11 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
         tile = _INTERPRETER_TILE if x.device.type == "cpu" else _PAIR_TILE
     bm, bc, warps, stages = tile
     chunks = triton.cdiv(C, bc)
-    programs = target_programs or _PAIR_PROGRAMS_PER_SM * processors(x.device)
-    groups = max(1, min(triton.cdiv(programs, chunks), triton.cdiv(M, 4 * bm)))
+    groups = _row_splits(M, bm, target_programs or _PAIR_PROGRAMS_PER_SM * processors(x.device), chunks)
     rows_per_group = triton.cdiv(max(M, 1), groups)
     xw_part = torch.empty((chunks, M, R), device=x.device, dtype=torch.float32)
     xt_part = torch.empty((groups, C, R), device=x.device, dtype=torch.float32)
-    scale_tensor = _scale_operand(scale_tensor, x.device)
+    scale_tensor = scale_operand(scale_tensor, x.device)
     _rows_thin_pair_kernel[(chunks, groups)](
         x, w, t, xw_part, xt_part, scale_tensor if scale_tensor is not None else xt_part,
         M, C, R, rows_per_group,
