@@ -1,6 +1,7 @@
 """unsloth_compile: a torch.compile backend that fuses LoRA fine-tuning patterns.
 
     model = torch.compile(model, backend="unsloth")
+    model = unsloth_compile.compile(model, **options)    # the same, in place, options checked first
 """
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.*
@@ -8,6 +9,16 @@ from .config import Config
 from .backend import unsloth
 from .report import Report, Site, explain
 from .passes import fuse_lora_linears
+from .integration import compile  # noqa: A004  unsloth_compile.compile(model): in place, options validated first
 
-__all__ = ["Config", "unsloth", "explain", "Report", "Site", "fuse_lora_linears"]
+__all__ = ["Config", "unsloth", "compile", "explain", "Report", "Site", "fuse_lora_linears", "UnslothCompileCallback"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # UnslothCompileCallback subclasses transformers.TrainerCallback: imported on first use
+    if name == "UnslothCompileCallback":
+        from . import integration
+
+        return integration.UnslothCompileCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,15 +17,20 @@ from torch._dynamo.backends.registry import register_backend
 from . import ops  # noqa: F401  registers torch.ops.unsloth.* before any graph is compiled
 from .config import Config, Inner
 from .report import publish
+from .summary import SummaryLedger, summarize
 
 
 def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
-            mode: str | None = None) -> Callable:
+            mode: str | None = None, ledger: SummaryLedger | None = None) -> Callable:
+    """`ledger`: whose running totals the one-line summary adds to (one per model compiled by
+    `unsloth_compile.compile`); None for the process-wide one."""
     cfg = Config.from_options(options, mode)
     from .passes import run_passes
 
     gm, report = run_passes(gm, example_inputs, cfg)
     publish(report, log_it=cfg.report)
+    if cfg.summary:
+        summarize(report, example_inputs, ledger)
     return _inner_compile(gm, example_inputs, cfg)
 
 

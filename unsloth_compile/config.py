@@ -38,6 +38,9 @@ class Config:
     fold_residual: bool = True  # fold a residual add right after a LoRA linear into the op
     kernels: KernelChoice = KernelChoice.AUTO
     report: bool = True  # log the per-site report (logger "unsloth_compile") at INFO
+    # one line per model (logger "unsloth_compile.summary", shown even when logging is not
+    # configured), a UserWarning when nothing was fused: what happened, without asking
+    summary: bool = True
     mode: str = "default"  # torch.compile's mode, forwarded to Inductor
 
     def __post_init__(self) -> None:

@@ -95,12 +95,14 @@ def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, ver
 
     Runs one forward pass (no backward) with the graph executed eagerly after our passes
     (`inner="eager"`, so nothing is handed to Inductor), under a forked RNG so that dropout
-    draws do not shift the caller's random stream. `options` are the backend's options.
+    draws do not shift the caller's random stream. `options` are the backend's options (the
+    one-line summary is off unless `summary=True`).
     """
     from .backend import unsloth
 
     options = dict(options or {})
     options.setdefault("inner", "eager")
+    options.setdefault("summary", False)  # the caller gets the whole report
 
     def backend(gm, example_inputs):
         return unsloth(gm, example_inputs, options=options)

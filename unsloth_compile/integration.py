@@ -1,0 +1,97 @@
+"""One line to compile a model with the unsloth backend, and a `transformers.Trainer` callback.
+
+    model = unsloth_compile.compile(model)                           # in place, returns model
+    trainer = Trainer(model=model, ..., callbacks=[UnslothCompileCallback()])   # or TRL's SFTTrainer
+
+Why in place: `torch.compile(model)` returns an `OptimizedModule` wrapper whose `forward` takes
+`(*args, **kwargs)`; `Trainer` reads that signature to keep dataset columns, keeps none ("The
+batch received was empty ... args,kwargs"). `nn.Module.compile` compiles the module's `__call__`
+and leaves its class, `forward` signature, `state_dict` keys and `save_pretrained` as they were.
+`TrainingArguments(torch_compile_backend="unsloth")` cannot work either: accelerate accepts only
+the backends of its `DynamoBackend` enum.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .backend import unsloth
+from .config import Config
+from .summary import SummaryLedger
+
+
+def _merge_options(options: Optional[Mapping[str, Any]], option_kwargs: Mapping[str, Any],
+                   mode: Optional[str]) -> dict:
+    """options and keyword options as one dict, validated: the ValueError comes now, not wrapped
+    in BackendCompilerFailed after Dynamo has traced the model at the first call."""
+    merged = dict(options or {})
+    twice = sorted(merged.keys() & option_kwargs.keys())
+    if twice:
+        raise ValueError(f"unsloth_compile: option(s) {', '.join(map(repr, twice))} given both in options= "
+                         f"and as keyword arguments; give each once")
+    merged.update(option_kwargs)
+    Config.from_options(merged, mode)
+    return merged
+
+
+def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None, *, mode: Optional[str] = None,
+            fullgraph: bool = False, dynamic: Optional[bool] = None, **option_kwargs: Any) -> torch.nn.Module:
+    """Compile `model` in place with the unsloth backend (`model.compile(...)`) and return it.
+
+    Options come as a dict, as keywords, or both (`compile(model, inner="aot_eager")`); they are
+    validated here, before anything is traced. Unlike `torch.compile`, `mode` and `options` may
+    be given together. `fullgraph` and `dynamic` are `torch.compile`'s. A model that is already
+    `torch.compile`'s wrapper is unwrapped: its module is compiled in place and returned. The
+    one-line summary keeps running totals for this model alone.
+    """
+    options = _merge_options(options, option_kwargs, mode)
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"unsloth_compile.compile: expected a torch.nn.Module, got {type(model).__name__}; "
+                        f"for a function use torch.compile(fn, backend='unsloth')")
+    backend = functools.partial(unsloth, options=options, mode=mode, ledger=SummaryLedger())
+    model.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    return model
+
+
+def _make_compile_callback():
+    from transformers import TrainerCallback
+
+    class UnslothCompileCallback(TrainerCallback):
+        """Compiles the Trainer's model in place with the unsloth backend when training begins.
+
+        `UnslothCompileCallback(options=None, mode=None, fullgraph=False, dynamic=None, **options)`
+        takes what `unsloth_compile.compile` takes, validated when the callback is built. Works with
+        any `transformers.Trainer` subclass (TRL's `SFTTrainer`, ...): it only uses `on_train_begin`
+        and the model the Trainer hands to callbacks, which is the model itself (DDP or FSDP wrap
+        it, and then call the compiled module). Leave `TrainingArguments.torch_compile` off.
+        """
+
+        def __init__(self, options: Optional[Mapping[str, Any]] = None, *, mode: Optional[str] = None,
+                     fullgraph: bool = False, dynamic: Optional[bool] = None, **option_kwargs: Any):
+            self.options = _merge_options(options, option_kwargs, mode)
+            self.compile_kwargs = {"mode": mode, "fullgraph": fullgraph, "dynamic": dynamic}
+            self._compiled: weakref.WeakSet = weakref.WeakSet()  # a second train() keeps its graphs
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if model is None:
+                raise ValueError("UnslothCompileCallback: the Trainer passed no model to on_train_begin")
+            if model not in self._compiled:
+                self._compiled.add(compile(model, self.options, **self.compile_kwargs))
+
+    return UnslothCompileCallback
+
+
+def __getattr__(name: str) -> Any:
+    # UnslothCompileCallback subclasses transformers.TrainerCallback: built on first use so that
+    # importing unsloth_compile does not import transformers
+    if name == "UnslothCompileCallback":
+        cls = _make_compile_callback()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
