@@ -4,6 +4,7 @@
               PEFT + torch.compile, PEFT + backend="unsloth"): step time, throughput, memory
     accuracy  LoRA fine-tune pretrained MiniLM-L6 on Debian package sections, several seeds:
               test macro-F1 and accuracy of PEFT eager vs backend="unsloth"
+    profile   one training step per variant: GPU time by kernel family, host time, GPU idle
     kernel    one LoRA linear against its frozen base linear (unsloth_compile.bench.kernel)
 """
 
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return kernel_main(argv[1:]) or 0
 
-    from . import accuracy, e2e
+    from . import accuracy, e2e, profile
 
     # peft probes `model.is_gradient_checkpointing`, which transformers 5 deprecates: noise, not news
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -33,10 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     e2e.add_arguments(sub.add_parser("e2e", help="end-to-end training throughput and memory"))
     accuracy.add_arguments(sub.add_parser("accuracy", help="real-task accuracy over seeds"))
+    profile.add_arguments(sub.add_parser("profile", help="one step by kernel family, host and idle time"))
     sub.add_parser("kernel", help="LoRA linear vs frozen base linear (own options: kernel --help)")
     args = parser.parse_args(argv)
     if args.command == "e2e":
         e2e.run(args)
+    elif args.command == "profile":
+        profile.run(args)
     else:
         accuracy.run(args)
     return 0

@@ -40,8 +40,10 @@ class Variant:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"variant {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.options and self.kind != "unsloth":
-            raise ValueError(f"variant {self.name!r}: options are only meaningful for kind 'unsloth'")
+        if set(self.options) - {"mode"} and self.kind != "unsloth":
+            raise ValueError(f"variant {self.name!r}: options other than mode are only meaningful for kind 'unsloth'")
+        if "mode" in self.options and self.kind in ("full", "eager"):
+            raise ValueError(f"variant {self.name!r}: mode is a torch.compile mode; kind {self.kind!r} is not compiled")
 
     @property
     def lora(self) -> bool:
@@ -112,11 +114,15 @@ def compile_for(model: torch.nn.Module, variant: Variant) -> Callable:
     """The callable that trains `model` under this variant (the model itself when eager)."""
     if variant.kind in ("full", "eager"):
         return model
+    options = dict(variant.options)
+    mode = options.pop("mode", None)  # torch.compile's own argument, not a backend option
     if variant.kind == "unsloth":
         from unsloth_compile import Config  # importing the package registers the backend
 
-        Config.from_options(variant.options)  # a bad option fails here, not after Dynamo traced the model
-        return torch.compile(model, backend="unsloth", options=dict(variant.options))
+        Config.from_options(options, mode)  # a bad option fails here, not after Dynamo traced the model
+        return torch.compile(model, backend="unsloth", options=options, mode=mode)
+    if mode is not None:
+        return torch.compile(model, backend=variant.kind, mode=mode)
     return torch.compile(model, backend=variant.kind)
 
 
@@ -157,6 +163,13 @@ class MemoryMeter:
     def sample(self) -> None:
         if self.device.type != "cuda":
             self.peak_rss = max(self.peak_rss, _rss_bytes() or 0)
+
+    def peak_reserved_bytes(self) -> Optional[int]:
+        """CUDA only: the caching allocator's peak reservation. CUDA-graph memory pools show
+        here and not in max_memory_allocated's figure."""
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_reserved(self.device))
+        return None
 
     def peak_bytes(self) -> Optional[int]:
         if self.device.type == "cuda":

@@ -1,0 +1,221 @@
+"""One training step, taken apart: GPU time by kernel family, host time, GPU idle time.
+
+    python -m unsloth_compile.bench profile --preset llama-1b --variant peft-eager --variant unsloth
+    python -m unsloth_compile.bench profile --preset tiny                      # CPU smoke run
+
+For each variant the model is built and warmed up exactly as `bench e2e` does (compilation in
+the warm-up), then `--steps` steps run under `torch.profiler`. Per step:
+- wall time: from the step's first Python line to the end of its last kernel (synchronised);
+- host time: until the step's Python returned (every launch issued), before the synchronise;
+- GPU busy: the union of the kernels' intervals (overlapping kernels counted once);
+- GPU idle: wall time minus GPU busy (launch gaps, host-bound stretches, synchronisations);
+- GPU time by family: kernel durations summed per family (`FAMILIES`), plus the ten
+  costliest kernels by name.
+On CPU there are no device kernels: the table then holds wall and host time only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from . import output
+from .e2e import PRESETS, add_lora, build_model, make_batches
+from .variants import (Variant, compile_for, environment, make_optimizer, parse_variant, resolve_device,
+                       resolve_inner, run_isolated, synchronize)
+
+# First match wins, so the specific families come before the generic ones ("triton_" is any
+# Inductor kernel, but an Inductor softmax inside attention is attention).
+FAMILIES: tuple[tuple[str, re.Pattern], ...] = (
+    ("lora", re.compile(r"_lora_gemm|_rows_times_thin|_thin_t_times_rows|_rows_thin_pair|lowrank")),
+    ("attention", re.compile(r"flash|fmha|attention|attn|cudnn_?sdpa|sdpa|softmax|_efficient_|"
+                             r"cutlass.*(fwd|bwd).*(sm80|sm90)?_kernel", re.I)),
+    ("optimizer", re.compile(r"multi_tensor|adam|_fused_adam|foreach", re.I)),
+    ("gemm", re.compile(r"gemm|xmma|nvjet|cutlass|cublas|sm90_|sm80_|ampere_|magma", re.I)),
+    ("copies", re.compile(r"memcpy|memset|copy|cat_|CatArray|transpose|fill", re.I)),
+    ("fused elementwise", re.compile(r"^triton_|elementwise|reduce|vectorized", re.I)),
+)
+
+
+def family_of(kernel_name: str) -> str:
+    for family, pattern in FAMILIES:
+        if pattern.search(kernel_name):
+            return family
+    return "other"
+
+
+def union_us(intervals: list[tuple[float, float]]) -> float:
+    """Total length of the union of [start, end) intervals."""
+    total, end_so_far = 0.0, None
+    for start, end in sorted(intervals):
+        if end_so_far is None or start > end_so_far:
+            total += end - start
+            end_so_far = end
+        elif end > end_so_far:
+            total += end - end_so_far
+            end_so_far = end
+    return total
+
+
+@dataclasses.dataclass
+class StepTimes:
+    wall_s: float
+    host_s: float
+
+
+def _device_kernels(prof) -> list[tuple[str, float, float]]:
+    """(name, start_us, end_us) of every device kernel (and memcpy/memset) the profiler saw."""
+    kernels = []
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.append((event.name, float(event.time_range.start), float(event.time_range.end)))
+    return kernels
+
+
+def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes]) -> dict:
+    n = len(steps)
+    by_family: dict[str, float] = collections.Counter()
+    by_name: dict[str, list] = {}
+    for name, start, end in kernels:
+        by_family[family_of(name)] += end - start
+        entry = by_name.setdefault(name, [0.0, 0])
+        entry[0] += end - start
+        entry[1] += 1
+    wall_ms = 1e3 * sum(s.wall_s for s in steps) / n
+    host_ms = 1e3 * sum(s.host_s for s in steps) / n
+    busy_ms = union_us([(s, e) for _, s, e in kernels]) / 1e3 / n if kernels else None
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:10]
+    return {
+        "steps": n, "wall_ms": wall_ms, "host_ms": host_ms,
+        "gpu_busy_ms": busy_ms, "gpu_idle_ms": None if busy_ms is None else max(wall_ms - busy_ms, 0.0),
+        "gpu_ms_by_family": {k: v / 1e3 / n for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
+        "kernels_per_step": len(kernels) / n,
+        "top_kernels": [{"name": name[:160], "ms_per_step": t / 1e3 / n, "calls_per_step": c / n,
+                         "family": family_of(name)} for name, (t, c) in top],
+    }
+
+
+def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup: int, seed: int, lr: float,
+                    attention_mask: bool = True) -> dict:
+    torch.manual_seed(seed)
+    model = build_model(preset, device, dtype)
+    if variant.lora:
+        model = add_lora(model, preset)
+    model.train()
+    step_fn = compile_for(model, variant)
+    optimizer = make_optimizer(model.parameters(), lr, device)
+    batches = make_batches(preset, warmup + steps, seed, device, attention_mask=attention_mask)
+
+    def one_step(batch) -> StepTimes:
+        synchronize(device)
+        t0 = time.perf_counter()
+        loss = step_fn(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t_host = time.perf_counter()
+        synchronize(device)
+        return StepTimes(time.perf_counter() - t0, t_host - t0)
+
+    for batch in batches[:warmup]:
+        one_step(batch)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    timed = []
+    with torch.profiler.profile(activities=activities) as prof:
+        for batch in batches[warmup:]:
+            timed.append(one_step(batch))
+    summary = summarise(_device_kernels(prof), timed)
+    summary["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+    summary["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
+    return summary
+
+
+def default_variants(inner: str) -> list[Variant]:
+    compiled = "inductor" if inner == "inductor" else "aot_eager"
+    return [Variant("peft-eager", "eager", role="peft-eager"),
+            Variant(f"peft+{compiled}", compiled, role="peft-compile"),
+            Variant("peft+unsloth", "unsloth", {"inner": inner}, role="unsloth")]
+
+
+def render_markdown(data: dict) -> str:
+    lines = output.header_lines(f"profile: {data['preset']} on {data['env']['device']}", data["env"])
+    lines += [f"- {data['warmup']} warm-up steps (compilation included), then {data['steps']} profiled steps; "
+              f"per-step means; attention mask: {data['attention_mask']}",
+              "- host: the step's Python until it returned (all launches issued); GPU busy: union of kernel "
+              "intervals; idle: wall - busy", ""]
+    families = sorted({f for r in data["results"] if r["status"] == "ok" for f in r["gpu_ms_by_family"]})
+    rows = []
+    for r in data["results"]:
+        if r["status"] != "ok":
+            rows.append([r["variant"]["name"], "FAILED: " + r.get("error", "")] + ["-"] * (4 + len(families)))
+            continue
+        rows.append([r["variant"]["name"], output.fmt(r["wall_ms"], ".1f"), output.fmt(r["host_ms"], ".1f"),
+                     output.fmt(r["gpu_busy_ms"], ".1f"), output.fmt(r["gpu_idle_ms"], ".1f"),
+                     output.fmt(r["kernels_per_step"], ".0f")]
+                    + [output.fmt(r["gpu_ms_by_family"].get(f), ".1f") for f in families])
+    lines.append(output.markdown_table(["variant", "wall ms", "host ms", "GPU busy ms", "GPU idle ms", "kernels"]
+                                       + [f"{f} ms" for f in families], rows))
+    for r in data["results"]:
+        if r["status"] == "ok" and r["top_kernels"]:
+            lines += ["", f"### {r['variant']['name']}: costliest kernels", ""]
+            lines.append(output.markdown_table(
+                ["kernel", "family", "ms/step", "calls/step"],
+                [[k["name"][:100], k["family"], output.fmt(k["ms_per_step"], ".2f"), output.fmt(k["calls_per_step"], ".0f")]
+                 for k in r["top_kernels"]]))
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps, compilation included")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--inner", default="auto", choices=["auto", "inductor", "aot_eager", "eager"])
+    p.add_argument("--variants", help="comma list of default variants (peft-eager, peft+inductor, peft+unsloth)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=KIND[:k=v,...]",
+                   help="an extra variant, e.g. ro=unsloth:mode=reduce-overhead (repeatable)")
+    p.add_argument("--no-attention-mask", action="store_true", help="BERT presets: batches without attention_mask")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--out", default="docs/bench")
+
+
+def run(args) -> dict:
+    from .e2e import _DTYPES
+    from .variants import select_variants
+
+    preset = PRESETS[args.preset]
+    device = resolve_device(args.device)
+    inner = resolve_inner(args.inner, device)
+    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    variants = select_variants(default_variants(inner), args.variants, args.variant, inner)
+    env = environment(device)
+    mask = not args.no_attention_mask
+    data = {"bench": "profile", "preset": preset.name, "steps": args.steps, "warmup": args.warmup,
+            "dtype": str(dtype), "attention_mask": mask if preset.family != "llama" else "none (causal LM)",
+            "env": env, "results": []}
+    suffix = "" if mask or preset.family == "llama" else "-nomask"
+    stem = Path(args.out) / f"profile-{preset.name}{suffix}"
+    for variant in variants:
+        print(f"  profile {variant.name:<20} {variant.describe()} ...", flush=True)
+        result = run_isolated(lambda: profile_variant(preset, variant, device, dtype, args.steps, args.warmup,
+                                                      args.seed, args.lr, attention_mask=mask), device)
+        result["variant"] = variant.to_json()
+        data["results"].append(result)
+        output.write_json(stem.with_suffix(".json"), data)
+        stem.with_suffix(".md").write_text(render_markdown(data))
+    print(render_markdown(data))
+    print(f"wrote {stem}.json, {stem}.md")
+    return data
+
+
+__all__ = ["add_arguments", "run", "family_of", "union_us", "summarise", "parse_variant"]
