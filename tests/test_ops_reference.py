@@ -197,3 +197,92 @@ def test_reference_backward_skips_bias_sums_when_not_needed():
         inp["scale"], None, False, torch.float32, False, False)
     assert d_lora_x is None and dbias is None and dbb is None
     assert dx.shape == inp["x"].shape and dA.shape == inp["lora_A"].shape and dB.shape == inp["lora_B"].shape
+
+
+# ------------------------------------------------------------------------------------------
+# Layouts: the fake impls promise contiguous outputs; the real ones must return exactly that
+# ------------------------------------------------------------------------------------------
+
+def _layout_inputs(layout):
+    """float32 inputs in the layouts the compiler hands the op."""
+    inp = make_inputs(dtype=torch.float32, residual=True, lora_B_bias=True)
+    inp = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in inp.items()}
+    if layout == "A_B_transposed_views":  # the `x @ A @ B` form: the pass feeds A.t(), B.t()
+        inp["lora_A"] = inp["lora_A"].t().contiguous().t()
+        inp["lora_B"] = inp["lora_B"].t().contiguous().t()
+    elif layout == "strided_x":  # every second token of a bigger batch
+        inp["x"] = torch.randn(2, 14, 19)[:, ::2]
+    elif layout == "permuted_x_residual":  # (seq, batch) storage seen as (batch, seq)
+        inp["x"] = torch.randn(7, 2, 19).transpose(0, 1)
+        inp["residual"] = torch.randn(23, 2, 7).permute(1, 2, 0)
+    elif layout == "strided_lora_x":
+        inp["lora_x"] = torch.randn(2, 7, 38)[..., ::2]
+    return inp
+
+
+LAYOUTS = ["contiguous", "A_B_transposed_views", "strided_x", "permuted_x_residual", "strided_lora_x"]
+
+
+def _backward_args(inp, grad, hidden, x=None):
+    return (grad, inp["x"] if x is None else x, inp["weight"], inp["lora_A"], inp["lora_B"], inp["lora_x"],
+            hidden, inp["scale"], inp["scale_tensor"], inp["weight_transposed"], inp["weight"].dtype,
+            inp["impl"])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_fake_and_real_outputs_have_the_same_strides(layout):
+    """opcheck compares the fake impls' sizes and strides with the real outputs (out,
+    lora_hidden, dx, d_lora_x, dA, dB) for inputs in every layout; the real outputs are
+    contiguous. A.t() / B.t() gave dA, dB the strides of the views in the fake impl and
+    contiguous ones in the real op: Inductor's stride assertion failed in backward."""
+    inp = _layout_inputs(layout)
+    torch.library.opcheck(torch.ops.unsloth.lora_linear.default, tuple(inp.values()))
+    out, hidden = torch.ops.unsloth.lora_linear(**inp)
+    grad = torch.randn(out.shape).transpose(0, 1).contiguous().transpose(0, 1)  # strided dY too
+    results = torch.ops.unsloth.lora_linear_backward(*_backward_args(inp, grad, hidden))
+    args = _backward_args(inp, grad, hidden)
+    torch.library.opcheck(torch.ops.unsloth.lora_linear_backward.default, args)
+    if inp["lora_x"] is not None:  # what autograd passes for x then: a stand-in of x's shape
+        stand_in = torch.empty(()).expand(inp["x"].shape)
+        torch.library.opcheck(torch.ops.unsloth.lora_linear_backward.default,
+                              _backward_args(inp, grad, hidden, x=stand_in))
+    mask_args = args[:5] + (None,) + args[6:] + (torch.rand(inp["x"].shape) > 0.3, 1.25)
+    torch.library.opcheck(torch.ops.unsloth.lora_linear_backward.default, mask_args)
+    for name, t in zip(("out", "lora_hidden", "dx", "d_lora_x", "dA", "dB"), (out, hidden) + tuple(results)):
+        assert t.is_contiguous(), f"{name}: strides {t.stride()} for shape {tuple(t.shape)}"
+
+
+def test_promoting_residual_gives_the_fake_impl_the_promoted_dtype():
+    inp = make_inputs(dtype=torch.float32, residual=True)
+    inp["residual"] = inp["residual"].detach().double()
+    torch.library.opcheck(torch.ops.unsloth.lora_linear.default, tuple(inp.values()))
+    assert torch.ops.unsloth.lora_linear(**inp)[0].dtype == torch.float64
+
+
+class PaperFormLoRA(torch.nn.Module):
+    """`x @ W^T + s x @ A @ B` with A stored (in, r), B (r, out): in != out, so no
+    transposition of A or B can pass for the other."""
+
+    def __init__(self, k=8, n=6, r=4):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, k) / k**0.5, requires_grad=False)
+        self.A = torch.nn.Parameter(torch.randn(k, r) / k**0.5)
+        self.B = torch.nn.Parameter(torch.randn(r, n) / r**0.5)
+
+    def forward(self, x):
+        return x @ self.weight.T + (x @ self.A @ self.B) * 0.5
+
+
+def test_x_at_A_at_B_trains_under_real_inductor():
+    """The default inner compiler (Inductor, C++ on CPU) checks the strides of the op's real
+    outputs against its fake impl; the adapter gradients' strides differed there. Inductor's
+    caches are off: a graph cached with an older fake impl keeps asserting its strides."""
+    from helpers import train_and_compare
+
+    def batch(step):
+        return (torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(step)),)
+
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        result = train_and_compare(PaperFormLoRA(), batch, options={"inner": "inductor"}, steps=2)
+    assert result.report.counters["lora_linear.fused"] == 1

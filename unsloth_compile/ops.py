@@ -101,7 +101,11 @@ def _check_dropout_args(lora_x: Optional[Tensor], dropout_mask: Optional[Tensor]
     if lora_x is not None:
         raise ValueError("unsloth::lora_linear: pass the adapter's dropout either as lora_x or as "
                          "dropout_mask, not both")
-    if dropout_mask.dtype != torch.bool or (check_shape and dropout_mask.shape != x.shape):
+    # An empty mask may be of any dtype: aten's native_dropout returns empty_like(input) as
+    # the mask of an empty input (a float tensor on CPU, while its fake impl says bool, so
+    # only the real impl, check_shape, needs the exception).
+    wrong_dtype = dropout_mask.dtype != torch.bool and not (check_shape and dropout_mask.numel() == 0)
+    if wrong_dtype or (check_shape and dropout_mask.shape != x.shape):
         raise ValueError(f"unsloth::lora_linear: dropout_mask must be a bool tensor of x's shape "
                          f"{tuple(x.shape)}, got {dropout_mask.dtype} {tuple(dropout_mask.shape)}")
 
@@ -128,6 +132,8 @@ def _(x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, sca
     _check_dropout_args(lora_x, dropout_mask, x, check_shape=False)
     n_out = weight.shape[1] if weight_transposed else weight.shape[0]
     rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    if residual is not None:  # added after the cast: the sum promotes as torch's add does
+        out_dtype = torch.promote_types(out_dtype, residual.dtype)
     out = x.new_empty((*x.shape[:-1], n_out), dtype=out_dtype)
     return out, lora_A.new_empty((rows, lora_A.shape[0]))
 
@@ -159,8 +165,12 @@ def lora_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Te
 @torch.library.register_fake("unsloth::lora_linear_backward")
 def _(grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor,
       weight_transposed, base_dtype, impl, dropout_mask=None, dropout_scale=1.0):
-    d_lora_x = x.new_empty((0,)) if lora_x is None else torch.empty_like(lora_x)
-    return torch.empty_like(x), d_lora_x, torch.empty_like(lora_A), torch.empty_like(lora_B)
+    # Contiguous, whatever the inputs' strides, as the reference and the Triton host return
+    # them: empty_like would copy the strides of the pass's A.t() / B.t() views (the
+    # `x @ A @ B` form) or of a strided x, and Inductor checks the real strides against these.
+    d_lora_x = x.new_empty((0,)) if lora_x is None else lora_x.new_empty(lora_x.shape)
+    return (x.new_empty(x.shape), d_lora_x, lora_A.new_empty(lora_A.shape),
+            lora_B.new_empty(lora_B.shape))
 
 
 # One implementation for every device: it dispatches to Triton on CUDA and to the reference
