@@ -477,6 +477,8 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
     M, K = a.shape
     N = b.shape[1]
     R = u.shape[1]
+    if M == 0 or N == 0:  # nothing to write: no launch (0 programs; the epilogue wraps rows by `% M`)
+        return out
     dummy = out  # never read: the matching HAS_* flag is False
     scale_tensor = scale_operand(scale_tensor, a.device)
     if bias is not None and bias.stride(0) != 1:

@@ -229,11 +229,14 @@ def lora_linear_forward(
     N = w_t.shape[1]
     adapter_in = x2d if lora_x is None else _rows(lora_x)
     compute = adapter_in.dtype if adapter_in.dtype in _HALF else lora_A.dtype
-    hidden = _thin_gemm(  # (M, r)
-        ("H", x.device, compute, lora_A.dtype, next_pow2(M), adapter_in.shape[1], lora_A.shape[0]),
-        lambda: rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype),
-        lambda: _mm(adapter_in, lora_A.t(), compute, lora_A.dtype),
-        triton_ok=compute == adapter_in.dtype)
+    if M == 0:  # an empty batch: nothing to launch, nor to time (see _adapter_grads)
+        hidden = torch.empty((0, lora_A.shape[0]), device=x.device, dtype=lora_A.dtype)
+    else:
+        hidden = _thin_gemm(  # (M, r)
+            ("H", x.device, compute, lora_A.dtype, next_pow2(M), adapter_in.shape[1], lora_A.shape[0]),
+            lambda: rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype),
+            lambda: _mm(adapter_in, lora_A.t(), compute, lora_A.dtype),
+            triton_ok=compute == adapter_in.dtype)
 
     res2d = None
     late_residual = None
@@ -256,13 +259,53 @@ def lora_linear_forward(
     return out, hidden
 
 
+def _adapter_grads(grad2d: Tensor, adapter_in: Tensor, lora_A: Tensor, lora_B: Tensor,
+                   lora_hidden: Tensor, scale: float, scale_tensor: Optional[Tensor]
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+    """(G, dA, dB): G = dY B (M, r) unscaled in dY's dtype, dA = s G^T X_l (r, K) and
+    dB = s dY^T H (N, r) in the adapter dtype, each from its thin kernel or cuBLAS."""
+    (M, N), K, R = grad2d.shape, adapter_in.shape[1], lora_A.shape[0]
+    device, compute, adapter_dtype = grad2d.device, grad2d.dtype, lora_A.dtype
+    if M == 0:
+        # An empty batch: zero dA, dB without a launch, and no timing of an empty problem
+        # (its M bucket, 1, is the single-row problems' whose choices it would settle).
+        return (grad2d.new_empty((0, R)), torch.zeros((R, K), device=device, dtype=adapter_dtype),
+                torch.zeros((N, R), device=device, dtype=adapter_dtype))
+    s = _effective_scale(scale, scale_tensor)
+    m_bucket = next_pow2(M)
+
+    def g_and_db_apart() -> tuple[Tensor, Tensor]:
+        # (M, r) = dY B, unscaled, in the compute dtype; (N, r) = s dY^T H
+        g = _thin_gemm(("G", device, compute, lora_B.dtype, m_bucket, N, R),
+                       lambda: rows_times_thin(grad2d, lora_B, compute),
+                       lambda: _mm(grad2d, lora_B, compute, compute))
+        db = _thin_gemm(("dB", device, compute, lora_hidden.dtype, m_bucket, N, R),
+                        lambda: thin_t_times_rows(lora_hidden, grad2d, scale, scale_tensor, adapter_dtype,
+                                                  rank_first=False),
+                        lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
+        return g, db
+
+    g, db = _g_and_db(("G+dB", device, compute, lora_B.dtype, lora_hidden.dtype, m_bucket, N, R),
+                      lambda: rows_thin_pair(grad2d, lora_B, lora_hidden, scale, scale_tensor, compute,
+                                             adapter_dtype),
+                      g_and_db_apart, pair_ok=R <= PAIR_MAX_RANK)
+    in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
+    da = _thin_gemm(("dA", device, in_compute, g.dtype, m_bucket, K, R),
+                    lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype,
+                                              rank_first=True),
+                    lambda: _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s,
+                    triton_ok=in_compute == adapter_in.dtype)
+    return g, da, db
+
+
 def lora_linear_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     lora_x: Optional[Tensor], lora_hidden: Tensor, scale: float, scale_tensor: Optional[Tensor],
     weight_transposed: bool, base_dtype: torch.dtype, needs_bias_grad: bool,
     needs_lora_B_bias_grad: bool,
 ) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(dx, d_lora_x, dA, dB, dbias, d_lora_B_bias) as reference.lora_linear_backward."""
+    """(dx, d_lora_x, dA, dB, dbias, d_lora_B_bias) as reference.lora_linear_backward, every
+    result contiguous; with no rows, zero dA, dB (and bias gradients) and nothing launched."""
     lead = x.shape[:-1]
     K = x.shape[-1]
     grad2d = _rows(grad_out)
@@ -273,32 +316,8 @@ def lora_linear_backward(
     adapter_dtype = lora_A.dtype
     s = _effective_scale(scale, scale_tensor)
     compute = grad2d.dtype
-
-    R, N = lora_A.shape[0], grad2d.shape[1]
-    m_bucket = next_pow2(M)
-
-    def g_and_db_apart() -> tuple[Tensor, Tensor]:
-        # (M, r) = dY B, unscaled, in the compute dtype; (N, r) = s dY^T H
-        g = _thin_gemm(("G", x.device, compute, lora_B.dtype, m_bucket, N, R),
-                       lambda: rows_times_thin(grad2d, lora_B, compute),
-                       lambda: _mm(grad2d, lora_B, compute, compute))
-        db = _thin_gemm(("dB", x.device, compute, lora_hidden.dtype, m_bucket, N, R),
-                        lambda: thin_t_times_rows(lora_hidden, grad2d, scale, scale_tensor, adapter_dtype,
-                                                  rank_first=False),
-                        lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
-        return g, db
-
-    g, db = _g_and_db(("G+dB", x.device, compute, lora_B.dtype, lora_hidden.dtype, m_bucket, N, R),
-                      lambda: rows_thin_pair(grad2d, lora_B, lora_hidden, scale, scale_tensor, compute,
-                                             adapter_dtype),
-                      g_and_db_apart, pair_ok=R <= PAIR_MAX_RANK)
-    adapter_in = _rows(x if lora_x is None else lora_x)
-    in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
-    da = _thin_gemm(("dA", x.device, in_compute, g.dtype, m_bucket, K, R),
-                    lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype,
-                                              rank_first=True),
-                    lambda: _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s,
-                    triton_ok=in_compute == adapter_in.dtype)
+    g, da, db = _adapter_grads(grad2d, _rows(x if lora_x is None else lora_x), lora_A, lora_B,
+                               lora_hidden, scale, scale_tensor)
 
     if lora_x is None:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
@@ -312,6 +331,6 @@ def lora_linear_backward(
 
     dbias = grad2d.sum(0) if needs_bias_grad else None
     d_lora_B_bias = None
-    if needs_lora_B_bias_grad:
-        d_lora_B_bias = (grad_out.reshape(M, -1).to(adapter_dtype) * s).sum(0)
+    if needs_lora_B_bias_grad:  # _rows, not reshape(M, -1): with M = 0 the -1 is ambiguous
+        d_lora_B_bias = (_rows(grad_out).to(adapter_dtype) * s).sum(0)
     return dx.reshape(*lead, K), d_lora_x, da, db, dbias, d_lora_B_bias

@@ -221,13 +221,15 @@ def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional
     tile: (BLOCK_M, BLOCK_C, warps, stages), target_programs: instead of the defaults (sweeps)."""
     M, C = x.shape
     R = t.shape[1]
+    if M == 0:  # a sum over no rows: zeros, without a launch
+        return torch.zeros((R, C) if rank_first else (C, R), device=x.device, dtype=out_dtype)
     block_r = _block_r(R)
     if tile is None:
         tile = _INTERPRETER_TILE if x.device.type == "cpu" else _t_rows_tile(block_r)
     bm, bc, warps, stages = tile
     col_blocks = triton.cdiv(C, bc)
     splits = _row_splits(M, bm, target_programs or _TARGET_PROGRAMS, col_blocks)
-    rows_per_split = triton.cdiv(max(M, 1), splits)
+    rows_per_split = triton.cdiv(M, splits)
     shape = (splits, R, C) if rank_first else (splits, C, R)
     part = torch.empty(shape, device=x.device, dtype=torch.float32)
     stride_pr, stride_pc = (part.stride(1), part.stride(2)) if rank_first else (part.stride(2), part.stride(1))
@@ -253,13 +255,16 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
     R = w.shape[1]
     if R > PAIR_MAX_RANK:
         raise ValueError(f"rows_thin_pair takes ranks up to {PAIR_MAX_RANK}, got {R}")
+    if M == 0:  # no rows: an empty product and a zero sum, without a launch
+        return (torch.empty((0, R), device=x.device, dtype=xw_dtype),
+                torch.zeros((C, R), device=x.device, dtype=xt_dtype))
     block_r = _block_r(R)
     if tile is None:
         tile = _INTERPRETER_TILE if x.device.type == "cpu" else _PAIR_TILE
     bm, bc, warps, stages = tile
     chunks = triton.cdiv(C, bc)
     groups = _row_splits(M, bm, target_programs or _PAIR_PROGRAMS_PER_SM * processors(x.device), chunks)
-    rows_per_group = triton.cdiv(max(M, 1), groups)
+    rows_per_group = triton.cdiv(M, groups)
     xw_part = torch.empty((chunks, M, R), device=x.device, dtype=torch.float32)
     xt_part = torch.empty((groups, C, R), device=x.device, dtype=torch.float32)
     scale_tensor = scale_operand(scale_tensor, x.device)

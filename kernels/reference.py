@@ -58,7 +58,8 @@ def lora_linear_forward(
     out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """Returns (out, lora_hidden) with out = (x W^T + b + s (x_l A^T) B^T + s b_B).to(out_dtype)
-    (+ residual), and lora_hidden = x_l A^T (M, r), kept for backward's dB."""
+    (+ residual), and lora_hidden = x_l A^T (M, r), kept for backward's dB. Both contiguous
+    (out in promote(out_dtype, residual's dtype)), as the op's fake impl says."""
     lead = x.shape[:-1]
     base = base_linear(rows(x), weight, bias, weight_transposed)
     adapter_in = rows(x if lora_x is None else lora_x).to(lora_A.dtype)
@@ -66,7 +67,7 @@ def lora_linear_forward(
     lora = torch.nn.functional.linear(lora_hidden, lora_B, lora_B_bias)
     out = (base + lora * effective_scale(scale, scale_tensor)).to(out_dtype)
     if residual is not None:
-        out = out + rows(residual)
+        out = out + rows(residual)  # out first: the sum takes its contiguous layout
     return out.reshape(*lead, out.shape[-1]), lora_hidden
 
 
@@ -90,6 +91,8 @@ def lora_linear_backward(
     Returns (dx, d_lora_x, dA, dB, dbias, d_lora_B_bias). d_lora_x is None when the adapter
     reads x itself (its part is then inside dx). There is never a gradient for `weight`:
     the base is frozen and computing dW would be a full M x N x K GEMM thrown away.
+    Every result is contiguous whatever the inputs' strides (a transposed A or B, a strided
+    x), dx in x's dtype: the op's fake impl promises exactly that layout to the compiler.
     """
     grad2d = rows(grad_out)
     grad_base = grad2d.to(base_dtype)
@@ -104,10 +107,11 @@ def lora_linear_backward(
     dA = d_hidden.t() @ adapter_in
     d_adapter_in = d_hidden @ lora_A
 
-    lead = x.shape[:-1]
+    # K spelled out, not -1: with no rows (an empty batch) -1 is ambiguous and reshape raises.
+    lead, K = x.shape[:-1], x.shape[-1]
     if lora_x is None:
         dx = dx + d_adapter_in.to(x.dtype)
         d_lora_x = None
     else:
-        d_lora_x = d_adapter_in.to(lora_x.dtype).reshape(*lead, -1)
-    return dx.reshape(*lead, -1), d_lora_x, dA, dB, dbias, d_lora_B_bias
+        d_lora_x = d_adapter_in.to(lora_x.dtype).reshape(*lead, K)
+    return dx.to(x.dtype).reshape(*lead, K), d_lora_x, dA, dB, dbias, d_lora_B_bias
