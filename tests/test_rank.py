@@ -178,7 +178,7 @@ def test_grow_preserves_function(layer, use_rslora):
     x = torch.randn(32, 64)
     with torch.no_grad():
         before = model(x)
-    (plan,) = set_rank(model, 9, modules=[model])  # 9: the limit of a 64 -> 48 layer
+    (plan,) = set_rank(model, 9, modules=[model])  # 9: the policies' limit of a 64 -> 48 layer
     assert plan.kind == "grow" and (plan.old_rank, plan.new_rank) == (4, 9)
     adapter = find_lora_adapters(model)[0]
     assert adapter.A.shape == (9, 64) and adapter.B.shape == (48, 9)
@@ -365,7 +365,7 @@ def test_bad_input_raises_and_changes_nothing(case):
     _train(model, optimizer, steps=1)
     weights, opt_state = _state(model), copy.deepcopy(optimizer.state_dict())
     params = [[id(p) for p in g["params"]] for g in optimizer.param_groups]
-    args = {"rank0": (0, None, "outside \\[1, 12\\]"), "too_large": (10, None, "outside \\[1, 9\\]"),
+    args = {"rank0": (0, None, "outside \\[1, 64\\]"), "too_large": (49, None, "l2 is outside \\[1, 48\\]"),
             "not_lora": (6, ["l1.base"], "not a LoRA layer"), "no_such_name": (6, ["l3"], "no module"),
             "float_rank": (5.5, None, "rank 5.5")}[case]
     with pytest.raises(ValueError, match=args[2]):
@@ -374,6 +374,29 @@ def test_bad_input_raises_and_changes_nothing(case):
     assert [[id(p) for p in g["params"]] for g in optimizer.param_groups] == params
     assert str(optimizer.state_dict()) == str(opt_state)
     assert model.l1.scale == model.l2.scale == 2.0
+
+
+def test_manual_rank_goes_up_to_the_smaller_side_and_policies_stay_at_a_fifth():
+    """The min(in, out) // 5 bound is the policies'; set_rank may take a layer to min(in, out)."""
+    model = TwoLayer()  # l1 64 -> 64, l2 64 -> 48: policy limits 12 and 9
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        before = model(x)
+    set_rank(model, 48, modules=["l2"])  # the old check refused anything above 9
+    set_rank(model, 64, modules=["l1"])
+    assert (model.l1.lora_A.shape, model.l2.lora_B.shape) == ((64, 64), (48, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)  # a grow keeps the function
+    with pytest.raises(ValueError, match=r"rank 49 for l2 is outside \[1, 48\] \(in_features=64, out_features=48"):
+        set_rank(model, 49)
+    assert model.l1.lora_A.shape[0] == 64  # validated before anything changed
+    controller = RankController(model, policy="loss-decay", init_rank=4, min_rank=4, max_rank=40, window=1,
+                                threshold=10.0)  # every window grows
+    for _ in range(8):
+        controller.step(1.0)
+    assert controller.ranks == {"l1": 12, "l2": 9}
+    controller.set_rank(30)  # a manual change through the controller has the manual bound
+    assert controller.ranks == {"l1": 30, "l2": 30}
 
 
 def test_controller_rejects_a_non_lora_model():

@@ -56,6 +56,11 @@ other per-element tensors alike) follows:
 The new Parameters replace the old ones at the same index of the same param_group, so hyper-
 parameters and any LR scheduler (which edits the group dicts) keep working.
 
+Bounds: any resize takes a rank in [1, min(in, out)]; the policies stop at `rank_limit`, a fifth
+of the smaller side. Saving: after every resize of PEFT layers, `set_rank` and the controller
+write the ranks into PEFT's LoraConfig (rank_peft.py), so that `save_pretrained` +
+`PeftModel.from_pretrained` rebuild the same model.
+
 This file is longer than the usual ~500 lines because the issue asks for one module holding the
 resize, the optimizer migration, the policies, the controller and the Trainer callback.
 """
@@ -73,10 +78,12 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .rank_peft import _sync_after_resize, sync_peft_config
+
 log = logging.getLogger("unsloth_compile")
 
 __all__ = ["LoraAdapter", "RankController", "RankCallback", "set_rank", "find_lora_adapters",
-           "allocate_ranks", "rank_limit"]
+           "allocate_ranks", "rank_limit", "sync_peft_config"]
 
 ModuleSpec = Union[str, nn.Module]
 
@@ -84,8 +91,9 @@ ModuleSpec = Union[str, nn.Module]
 
 
 def rank_limit(in_features: int, out_features: int) -> int:
-    """Largest rank a layer may take: a fifth of its smaller side (the issue's rule: above it an
-    adapter stops being cheap next to its base layer)."""
+    """Largest rank the automatic policies give a layer: a fifth of its smaller side (above it an
+    adapter stops being cheap next to its base layer). A manual `set_rank` may go up to
+    min(in_features, out_features), where B A can still be any matrix of that shape."""
     return max(1, min(in_features, out_features) // 5)
 
 
@@ -145,7 +153,13 @@ class LoraAdapter:
 
     @property
     def limit(self) -> int:
+        """The policies' bound (`rank_limit`)."""
         return rank_limit(self.in_features, self.out_features)
+
+    @property
+    def max_rank(self) -> int:
+        """The bound of any resize: above min(in, out) extra rank adds nothing to B A."""
+        return min(self.in_features, self.out_features)
 
     @property
     def use_rslora(self) -> bool:
@@ -397,11 +411,12 @@ def _apply(plans: Sequence[Resize], optimizers: Sequence[torch.optim.Optimizer])
 def resize(adapters: Sequence[LoraAdapter], ranks: Sequence[int], optimizer: Any = None) -> list[Resize]:
     """Resize each adapter to its rank (all validated first: a ValueError changes nothing)."""
     for adapter, r in zip(adapters, ranks):
-        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= adapter.limit:
+        # the policies clamp to adapter.limit themselves; this bound is the one a manual rank has
+        if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= adapter.max_rank:
             raise ValueError(
-                f"unsloth_compile.rank: rank {r!r} for {adapter.name} is outside [1, {adapter.limit}] "
-                f"(in_features={adapter.in_features}, out_features={adapter.out_features}; the limit is "
-                f"a fifth of the smaller side)")
+                f"unsloth_compile.rank: rank {r!r} for {adapter.name} is outside [1, {adapter.max_rank}] "
+                f"(in_features={adapter.in_features}, out_features={adapter.out_features}: a rank above "
+                f"the smaller side adds nothing to B A); choose a rank in that range")
     opts = [o for o in (_torch_optimizer(optimizer),) if o is not None]
     plans = []
     with torch.no_grad():
@@ -424,7 +439,9 @@ def set_rank(model: nn.Module, r: int, modules: Optional[Iterable[ModuleSpec]] =
     nothing in Dynamo's config: the recompile limit is the caller's to size (a RankController
     with policy="manual" raises it)."""
     adapters = find_lora_adapters(model, modules, adapter_name)
-    return resize(adapters, [r] * len(adapters), optimizer)
+    plans = resize(adapters, [r] * len(adapters), optimizer)
+    _sync_after_resize(model, plans)
+    return plans
 
 
 # ----------------------------------------------------------------------------- Dynamo settings
@@ -630,6 +647,7 @@ class RankController:
         if config == self._config():
             return []
         plans = resize(self.adapters, ranks, self.optimizer)  # a ValueError changes nothing
+        _sync_after_resize(self.model, plans)  # so that save_pretrained writes the new ranks
         self._configs.add(config)
         self._ensure_limit()  # before the next forward compiles; warns if the user lowered it
         self.events.append({"step": self.steps, "ranks": dict(self.ranks), "reason": reason})
