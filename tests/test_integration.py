@@ -230,9 +230,9 @@ def test_summary_warns_once_for_a_model_without_lora():
         warnings.simplefilter("always")  # count what we emit, not what Python's filter lets through
         for rows in (2, 3, 5):
             model(torch.randn(rows, 4))
-    messages = [str(w.message) for w in caught if "unsloth_compile" in str(w.message)]
-    assert len(messages) == 1 and "no LoRA linear found" in messages[0]
-    assert caught[0].filename == __file__  # points at the line that called the model
+    ours = [w for w in caught if "unsloth_compile" in str(w.message)]
+    assert len(ours) == 1 and "no LoRA linear found" in str(ours[0].message)
+    assert ours[0].filename == __file__  # points at the line that called the model
 
 
 def test_summary_warns_with_the_main_reason_when_nothing_fused():

@@ -68,8 +68,8 @@ def _make_compile_callback():
         `UnslothCompileCallback(options=None, mode=None, fullgraph=False, dynamic=None, **options)`
         takes what `unsloth_compile.compile` takes, validated when the callback is built. Works with
         any `transformers.Trainer` subclass (TRL's `SFTTrainer`, ...): it only uses `on_train_begin`
-        and the model the Trainer hands to callbacks, which is the model itself (DDP or FSDP wrap
-        it, and then call the compiled module). Leave `TrainingArguments.torch_compile` off.
+        and the model the Trainer hands to callbacks (its own model, not accelerate's wrapper).
+        Leave `TrainingArguments.torch_compile` off: that would compile a second time, with Inductor.
         """
 
         def __init__(self, options: Optional[Mapping[str, Any]] = None, *, mode: Optional[str] = None,
