@@ -9,9 +9,10 @@ import torch
 
 from ..config import Config
 from ..report import Report
+from .attention import keep_attention_fused
 from .lora_linear import fuse_lora_linears
 
-__all__ = ["run_passes", "fuse_lora_linears"]
+__all__ = ["run_passes", "fuse_lora_linears", "keep_attention_fused"]
 
 
 def run_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config) -> tuple[torch.fx.GraphModule, Report]:
@@ -19,4 +20,6 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Con
     report = Report(graphs=1)
     if cfg.fuse_lora:
         gm = fuse_lora_linears(gm, cfg, report)
+    if cfg.attention:
+        gm = keep_attention_fused(gm, cfg, report)
     return gm, report

@@ -43,12 +43,23 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {}
+    return compile_fx(gm, example_inputs, config_patches=inductor_patches(cfg))
+
+
+def inductor_patches(cfg: Config) -> dict:
+    """Inductor config for this backend's mode and options. torch.compile's own mode is not
+    seen by a custom backend with options, so the mode's settings are applied here."""
+    patches: dict = {}
     if cfg.mode in ("max-autotune", "max-autotune-no-cudagraphs"):
-        patches = {"max_autotune": True}
+        patches["max_autotune"] = True
     if cfg.mode in ("reduce-overhead", "max-autotune"):
+        patches["triton.cudagraphs"] = True  # the user asked for it: Inductor's own rules apply
+    elif cfg.mode == "default" and cfg.cudagraphs:
+        # Our default: graphs where the shapes are static; a graph Dynamo made dynamic (a new
+        # sequence length each step) runs without, rather than recording a graph per shape.
         patches["triton.cudagraphs"] = True
-    return compile_fx(gm, example_inputs, config_patches=patches)
+        patches["triton.cudagraph_skip_dynamic_graphs"] = True
+    return patches
 
 
 def _register_without_entry_point() -> None:

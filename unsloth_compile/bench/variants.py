@@ -16,6 +16,7 @@ e.g. `--variant nofold=unsloth:fold_residual=false,kernels=reference`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import os
 import platform
@@ -120,7 +121,12 @@ def compile_for(model: torch.nn.Module, variant: Variant) -> Callable:
         from unsloth_compile import Config  # importing the package registers the backend
 
         Config.from_options(options, mode)  # a bad option fails here, not after Dynamo traced the model
-        return torch.compile(model, backend="unsloth", options=options, mode=mode)
+        if mode is None:
+            return torch.compile(model, backend="unsloth", options=options)
+        # torch.compile refuses mode and options together; the backend takes both
+        from unsloth_compile.backend import unsloth
+
+        return torch.compile(model, backend=functools.partial(unsloth, options=options, mode=mode))
     if mode is not None:
         return torch.compile(model, backend=variant.kind, mode=mode)
     return torch.compile(model, backend=variant.kind)

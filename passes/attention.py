@@ -1,0 +1,193 @@
+"""Attention: keep `scaled_dot_product_attention` on a fused kernel under compile.
+
+Pattern (Dynamo graph): `torch._C._nn.scaled_dot_product_attention(q, k, v, attn_mask=mask, ...)`
+with a boolean or additive mask that eager never passes to the kernel in that form:
+
+1. **An all-True boolean mask** (`new_ones(..., dtype=bool)` / `torch.ones(..., dtype=bool)`,
+   through views, expands, device moves and `&` with other all-True masks). Under tracing,
+   transformers cannot look at the padding mask's values, so it builds such a mask where eager
+   passes none (`_ignore_*_mask_sdpa` returns False when tracing). Masking nothing, it is
+   dropped: the call is the one eager makes, and keeps the kernel eager gets.
+2. **A mask broadcast along its last dimension** (stride 0 there, an `expand` of a (.., 1)
+   tensor). Every fused CUDA kernel requires the mask's last dimension to have stride 1 and
+   refuses it (`sdp_utils.cpp`: "All fused kernels require the last dimension of the input to
+   have stride 1 ... Attn_mask.stride(-1): 0"), so SDPA falls back to the math decomposition,
+   which runs in fp32 for bf16 inputs (measured on an H200, transformers 5.17, BERT-large
+   without attention_mask: `_safe_softmax` and fp32 SIMT GEMMs). The mask is made dense along
+   its last dimension and kept at size 1 along every other broadcast dimension (`narrow(d, 0, 1)`,
+   values unchanged: a stride-0 dimension repeats one slice), then `contiguous()`.
+
+Replacement: the same SDPA call with `attn_mask=None`, or with the densified mask. Values are
+the same function of the inputs (an all-True mask masks nothing; a densified mask holds the
+same values); on CUDA the kernel that runs then is the one eager's dispatcher picks.
+
+Check: the mask is a tensor in the graph (not an input whose values are unknown when it is
+not all-True and not broadcast), nested tensors are not handled. Every SDPA call is reported:
+rewritten, or kept with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..config import Config
+from ..report import Report, Site
+from . import fx_match as fm
+from .subgraphs import graph_modules, recompile
+
+PATTERN = "attention"
+SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+# Ops that keep "every element is True" true: views, broadcasts, copies, moves, bool casts.
+_SHAPE_METHODS = {"expand", "expand_as", "view", "reshape", "unsqueeze", "contiguous", "clone", "to", "bool",
+                  "repeat", "permute", "transpose", "flatten", "squeeze", "__getitem__"}
+_SHAPE_FUNCTIONS = {torch.reshape, torch.unsqueeze, torch.broadcast_to, operator.getitem, torch.permute,
+                    torch.transpose, torch.squeeze, torch.flatten}
+_AND_TARGETS = {operator.and_, torch.logical_and, torch.bitwise_and}
+_AND_METHODS = {"__and__", "logical_and", "bitwise_and"}
+
+
+# ----------------------------------------------------------------------------- pattern
+
+
+def match_sdpa(node: Node) -> Optional[Node]:
+    """The attn_mask argument node of an SDPA call, or None (not SDPA, or no mask tensor)."""
+    if node.op != "call_function" or node.target not in SDPA_TARGETS:
+        return None
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    return mask if isinstance(mask, Node) else None
+
+
+def is_all_true(node, depth: int = 0) -> bool:
+    """Whether a boolean tensor node is True everywhere by construction."""
+    if depth > 32 or not isinstance(node, Node):
+        return node is True
+    value = fm.example_value(node)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
+        return False
+    if node.op == "call_method" and node.target in ("new_ones",):
+        return True
+    if node.op == "call_function" and node.target is torch.ones:
+        return True
+    if node.op == "call_function" and node.target is torch.full or node.op == "call_method" and node.target == "new_full":
+        fill = node.args[1] if len(node.args) > 1 else node.kwargs.get("fill_value")
+        return fill is True or fill == 1
+    if node.op == "call_method" and node.target in _AND_METHODS or node.op == "call_function" and node.target in _AND_TARGETS:
+        return all(is_all_true(a, depth + 1) for a in node.args[:2])
+    if node.op == "call_method" and node.target in _SHAPE_METHODS or \
+            node.op == "call_function" and node.target in _SHAPE_FUNCTIONS:
+        return is_all_true(node.args[0], depth + 1)
+    return False
+
+
+def broadcast_last_dim(mask: Node) -> bool:
+    value = fm.example_value(mask)
+    return (isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[-1] != 1
+            and value.stride(-1) == 0)
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def check_site(node: Node, mask: Node) -> Optional[str]:
+    """None when the mask can be rewritten, else why the call is kept as it is."""
+    q = fm.example_value(node.args[0])
+    if not isinstance(q, torch.Tensor) or q.is_nested:
+        return "query is not a plain tensor"
+    value = fm.example_value(mask)
+    if not isinstance(value, torch.Tensor):
+        return "mask has no example value"
+    if value.dtype == torch.bool and is_all_true(mask):
+        return None
+    if broadcast_last_dim(mask):
+        return None
+    if value.dtype != torch.bool and value.dtype != q.dtype:
+        return f"additive mask in {value.dtype} for {q.dtype} inputs (fused kernels take bool or the query dtype)"
+    return "mask is dense along its last dimension: the fused kernels take it as it is"
+
+
+# ----------------------------------------------------------------------------- replacement
+
+
+def _set_meta(node: Node, like: Node) -> None:
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), fm.example_value)
+    fake_modes = [v.fake_mode for v in map(fm.example_value, node.all_input_nodes) if hasattr(v, "fake_mode")]
+    with fake_modes[0] if fake_modes else contextlib.nullcontext():
+        value = getattr(args[0], node.target)(*args[1:], **kwargs) if node.op == "call_method" \
+            else node.target(*args, **kwargs)
+    node.meta["example_value"] = value
+    node.meta["val"] = value
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+
+
+def _set_mask(node: Node, mask: Optional[Node]) -> None:
+    if "attn_mask" in node.kwargs:
+        node.update_kwarg("attn_mask", mask)
+    else:
+        node.update_arg(3, mask)
+
+
+def replace_site(gm: GraphModule, node: Node, mask: Node) -> str:
+    """Rewrite the call's mask; returns what was done."""
+    if fm.example_value(mask).dtype == torch.bool and is_all_true(mask):
+        _set_mask(node, None)
+        return "all-True mask dropped"
+    value = fm.example_value(mask)
+    dense = mask
+    with gm.graph.inserting_before(node):
+        for dim in range(value.dim() - 1):
+            if value.stride(dim) == 0 and value.shape[dim] != 1:
+                dense = gm.graph.call_method("narrow", (dense, dim, 0, 1))
+                _set_meta(dense, node)
+        dense = gm.graph.call_method("contiguous", (dense,))
+        _set_meta(dense, node)
+    _set_mask(node, dense)
+    return f"mask broadcast along its last dimension made dense ({tuple(fm.example_value(dense).shape)})"
+
+
+# ----------------------------------------------------------------------------- the pass
+
+
+def keep_attention_fused(gm: GraphModule, cfg: Config | None = None, report: Report | None = None) -> GraphModule:
+    """Rewrite SDPA masks that would push a compiled attention off the fused kernels; report
+    every SDPA call. Usable on its own on a Dynamo graph, like `fuse_lora_linears`."""
+    report = report if report is not None else Report()
+    modules = graph_modules(gm)
+    for module in modules:
+        for node in list(module.graph.nodes):
+            if node.op != "call_function" or node.target not in SDPA_TARGETS:
+                continue
+            path = fm.module_path(node)
+            mask = match_sdpa(node)
+            if mask is None:
+                report.add(Site(path, PATTERN, "kept", "no mask: the fused kernel eager uses"))
+                continue
+            reason = check_site(node, mask)
+            if reason is not None:
+                report.add(Site(path, PATTERN, "kept", reason))
+                continue
+            what = replace_site(module, node, mask)
+            report.add(Site(path, PATTERN, "rewritten", what))
+            report.counters["attention.mask_dropped" if "dropped" in what else "attention.mask_densified"] += 1
+            if not mask.users:
+                _erase_dead_chain(module, mask)
+    recompile(modules)
+    return gm
+
+
+def _erase_dead_chain(gm: GraphModule, node: Node) -> None:
+    """The mask's producers that nothing else reads go with it (no side effects in them)."""
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n.users or n.op not in ("call_function", "call_method"):
+            continue
+        inputs = list(n.all_input_nodes)
+        gm.graph.erase_node(n)
+        stack.extend(inputs)
