@@ -1,8 +1,10 @@
 """Small predicates over Dynamo-level FX nodes (torch IR: torch functions, Tensor methods,
-operator.*), shared by the passes. Each answers one question about one node."""
+operator.*), shared by the passes. Each answers one question about one node; set_fake_meta
+keeps the meta of a node a pass creates true."""
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from typing import Any, Optional
@@ -77,10 +79,11 @@ def cast_dtype(node: Any) -> Optional[torch.dtype]:
     return value.dtype
 
 
-def strip_casts(node: Any) -> Any:
-    while cast_dtype(node) is not None:
+def is_cast_of(node: Any, root: Node) -> bool:
+    """node is root, or root through pure dtype casts."""
+    while node is not root and cast_dtype(node) is not None:
         node = node.args[0]
-    return node
+    return node is root
 
 
 def example_value(node: Any) -> Any:
@@ -133,3 +136,22 @@ def module_path(node: Node) -> str:
 def single_user(node: Node) -> Optional[Node]:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
+
+
+def set_fake_meta(node: Node, like: Node) -> None:
+    """Keep node.meta['example_value'/'val'] true on a node a pass creates: run it on the fake
+    values of its inputs; module stack and source come from `like`, the node it stands in for."""
+    if node.op not in ("call_function", "call_method") or "example_value" in node.meta:
+        return
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), example_value)
+    fake_modes = [v.fake_mode for v in map(example_value, node.all_input_nodes) if hasattr(v, "fake_mode")]
+    with fake_modes[0] if fake_modes else contextlib.nullcontext():
+        if node.op == "call_method":
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            value = node.target(*args, **kwargs)
+    node.meta["example_value"] = value
+    node.meta["val"] = value
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]

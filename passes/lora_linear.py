@@ -9,20 +9,24 @@ Pattern (Dynamo graph, torch IR), as PEFT and hand-written LoRA modules produce 
     sum    = base + lora_1 * s_1 + ... + lora_k * s_k     (s: float, 0-d tensor, or absent)
     out    = [cast to base dtype](sum)  [+ residual]
 
-Replacement: one `torch.ops.unsloth.lora_linear` call (adapters concatenated along the rank
-when there are several; the residual add folded in). A single adapter's training-mode
+Replacement: one `torch.ops.unsloth.lora_linear` call (adapters that read the same tensor
+concatenated along the rank; the residual add folded in). A single adapter's training-mode
 dropout of x (or of x cast to the adapter dtype) becomes `native_dropout` at the same place,
-whose boolean mask the op takes instead of the dropped tensor (dropout_as_mask).
+whose boolean mask the op takes instead of the dropped tensor (dropout_as_mask). Active
+adapters that read different tensors (different dropout draws, or x and a draw) are grouped
+by what they read: the op computes the base and one group, the other groups' terms stay
+graph nodes, each dropout where it was, and reach the op as its residual
+(lora_adapter_groups.py). Under autocast the op's operands are cast to the dtypes the
+projections computed in (lora_autocast.py).
 
-Check: the base weight is frozen, every adapter reads the base input, adapters share dtype
-and input when several are summed, the scale is not trainable. Anything else is refused and
-reported with the reason; LoRA layers left in the graph that no site consumed (DoRA,
-Embedding/Conv LoRA, merged or disabled adapters) are reported too.
+Check: the base weight is frozen, every adapter reads the base input, the scale is not
+trainable. Anything else is refused and reported with the reason; LoRA layers left in the
+graph that no site consumed (DoRA, Embedding/Conv LoRA, merged or disabled adapters) are
+reported too.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import operator
 from typing import Optional
@@ -33,6 +37,7 @@ from torch.fx import GraphModule, Node
 from ..config import Config
 from ..report import Report, Site
 from . import fx_match as fm
+from . import lora_adapter_groups, lora_autocast
 
 PATTERN = "lora_linear"
 
@@ -48,7 +53,7 @@ class BaseLinear:
 
 @dataclasses.dataclass
 class Adapter:
-    source: Node  # the tensor the adapter reads, before casts and dropout
+    source: Node  # the tensor the adapter reads, before dropout (a cast of the layer input, or it)
     lora_x: Optional[Node]  # dropout output, when there is one
     A: Node  # parameter, (r, K), or (K, r) when A_in_out
     A_in_out: bool
@@ -59,6 +64,13 @@ class Adapter:
     scale_tensor: Optional[Node]
     dropout_p: float
     nodes: list[Node]
+    term: Node  # the adapter's summand: [scale *] B(A(h))
+    a_output: Node  # A's projection, whose dtype is the one the adapter computes in
+    b_output: Node  # B's projection
+
+    @property
+    def compute_dtype(self) -> Optional[torch.dtype]:
+        return lora_autocast.output_dtype(self.a_output)
 
 
 @dataclasses.dataclass
@@ -70,6 +82,10 @@ class LoraSite:
     out_dtype: torch.dtype
     residual: Optional[Node]
     chain: list[Node]  # the adds (and cast/residual add) that the op replaces
+    # Adapters whose summands stay graph nodes (they read another tensor than `adapters`)
+    # and reach the op as its residual; the op then returns the sum before any cast.
+    extras: list[Adapter] = dataclasses.field(default_factory=list)
+    dropout_scale: Optional[float] = None  # set: the single adapter's dropout goes in as its mask
 
 
 # ----------------------------------------------------------------------------- pattern
@@ -163,10 +179,9 @@ def match_adapter(node: Node) -> Optional[Adapter]:
         lora_x = adapter_in
         dropout_p = float(adapter_in.args[1] if len(adapter_in.args) > 1 else adapter_in.kwargs.get("p", 0.5))
         source = adapter_in.args[0]
-    source = fm.strip_casts(source)
     nodes = ([node] if node is not inner else []) + b_nodes + a_nodes
     return Adapter(source, lora_x, a_weight, a_in_out, b_weight, b_in_out, b_bias, scale, scale_tensor,
-                   dropout_p, nodes)
+                   dropout_p, nodes, node, a_nodes[0], b_nodes[0])
 
 def match_lora_sum(top: Node) -> Optional[tuple[BaseLinear, list[Adapter], list[Node]]]:
     """base + adapter_1 + ... + adapter_k, with `top` the outermost add."""
@@ -194,7 +209,9 @@ def match_lora_sum(top: Node) -> Optional[tuple[BaseLinear, list[Adapter], list[
             # The "dropout" is upstream of the layer (BERT's embedding dropout, say) and the
             # base reads it too: the adapter reads the layer input itself.
             adapter.lora_x, adapter.source, adapter.dropout_p = None, base.x, 0.0
-    if any(a.source is not base.x for a in adapters):
+    # The layer input may itself be a cast (`x = x.float()` before both): the adapter reads
+    # it, or casts of it, not what it was cast from.
+    if any(not fm.is_cast_of(a.source, base.x) for a in adapters):
         return None
     return base, adapters[::-1], adds
 
@@ -212,20 +229,18 @@ def check_site(base: BaseLinear, adapters: list[Adapter]) -> Optional[str]:
     x = fm.example_value(base.x)
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(x, torch.Tensor):
         return "base weight is not a 2-D tensor"
-    if not (x.dtype.is_floating_point and w.dtype == x.dtype):
-        return f"base input dtype {x.dtype} differs from base weight dtype {w.dtype}"
+    # x and W may differ in dtype under autocast; the op gets both in the dtype the base computed in.
+    compute = lora_autocast.base_compute_dtype(base.nodes[0])
+    if not (x.dtype.is_floating_point and w.dtype.is_floating_point and compute is not None
+            and compute.is_floating_point):
+        return f"base computes in {compute} from input {x.dtype} and weight {w.dtype}, not a float linear"
     for adapter in adapters:
         if adapter.scale_tensor is not None and fm.requires_grad(adapter.scale_tensor):
             return "trainable LoRA scale"
-    dtypes = {fm.example_value(a.A).dtype for a in adapters}
-    if len(dtypes) > 1:
-        return f"active adapters have different dtypes {sorted(map(str, dtypes))}"
-    if len(adapters) > 1:
-        if len({a.lora_x for a in adapters}) > 1:
-            return ("several active adapters read different dropout draws; their ranks can only be "
-                    "concatenated when they share the adapter input (lora_dropout=0)")
-        if any(a.scale_tensor is not None for a in adapters):
-            return "several active adapters with tensor scales"
+        if (reason := lora_autocast.adapter_dtype_mismatch(adapter.a_output, adapter.b_output)) is not None:
+            return reason
+    # Several adapters in different dtypes, or reading different dropout draws, are grouped
+    # (plan_site): nothing to refuse.
     return None
 
 
@@ -260,7 +275,9 @@ def dropout_as_mask(adapter: Adapter, base: BaseLinear) -> Optional[float]:
     The op then rebuilds the dropped input as x.to(A's dtype) * mask * 1/(1-p), which is
     bitwise what the dropout produced, provided: a training-mode, out-of-place
     F.dropout with 0 < p < 1, read by the adapter alone, of the layer input itself or of one
-    cast of it to the adapter dtype. Otherwise the dropout output goes in as lora_x.
+    cast of it to the dtype the adapter computes in. Otherwise the dropout output goes in as
+    lora_x (under autocast on an fp32 model: the dropout runs in fp32 and autocast rounds its
+    output to bf16, which a rebuild from bf16 x would not reproduce).
     """
     node = adapter.lora_x
     if node is None or len(node.users) != 1:
@@ -272,78 +289,95 @@ def dropout_as_mask(adapter: Adapter, base: BaseLinear) -> Optional[float]:
     dropped = node.args[0]
     if not (dropped is base.x or (fm.cast_dtype(dropped) is not None and dropped.args[0] is base.x)):
         return None
-    if fm.example_value(dropped).dtype != fm.example_value(adapter.A).dtype:
+    # The op rebuilds from its x (base.x in the base's compute dtype) cast to its A's dtype (the
+    # adapter's compute dtype): that must be the dropped tensor, bit for bit.
+    adapter_dtype = adapter.compute_dtype
+    base_dtype = lora_autocast.base_compute_dtype(base.nodes[0])
+    if lora_autocast.output_dtype(dropped) != adapter_dtype:
+        return None
+    if base_dtype not in (lora_autocast.output_dtype(base.x), adapter_dtype):
         return None
     return 1.0 / (1.0 - adapter.dropout_p)
 
 
+def plan_site(sum_node: Node, base: BaseLinear, adapters: list[Adapter], adds: list[Node],
+              cfg: Config) -> LoraSite:
+    """What the op will compute: the adapters it takes (lora_adapter_groups.split_by_input),
+    the others left as graph terms, how its dropout goes in, and the tail it absorbs (PEFT's
+    cast back, a residual add) when no terms are left outside it."""
+    in_op, extras = lora_adapter_groups.split_by_input(adapters, lambda a: dropout_as_mask(a, base) is not None)
+    if extras:
+        # The extra terms are the op's residual, added to the sum before PEFT's cast: the op
+        # returns the sum itself, and the cast and a residual add after it stay in the graph.
+        last, out_dtype, residual, tail = sum_node, lora_autocast.output_dtype(sum_node), None, []
+    else:
+        last, out_dtype, residual, tail = _match_tail(sum_node, cfg)
+    dropout_scale = dropout_as_mask(in_op[0], base) if len(in_op) == 1 else None
+    return LoraSite(base, in_op, sum_node, last, out_dtype, residual, adds + tail, extras, dropout_scale)
+
+
 def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
     graph = gm.graph
-    new_nodes: list[Node] = []
+    base, first = site.base, site.adapters[0]
 
     def emit(op: str, target, args) -> Node:
         node = graph.create_node(op, target, args)
-        new_nodes.append(node)
+        fm.set_fake_meta(node, site.sum_node)  # now: a cast emitted next reads this node's dtype
         return node
 
+    base_dtype, adapter_dtype = lora_autocast.base_compute_dtype(base.nodes[0]), first.compute_dtype
     with graph.inserting_before(site.last):
-        As = [emit("call_method", "t", (a.A,)) if a.A_in_out else a.A for a in site.adapters]
-        Bs = [emit("call_method", "t", (a.B,)) if a.B_in_out else a.B for a in site.adapters]
-        first = site.adapters[0]
-        A, B, B_bias, scale, scale_tensor = As[0], Bs[0], first.B_bias, first.scale, first.scale_tensor
-        if len(site.adapters) > 1:
-            # Several adapters: concatenate ranks, fold each scale into its B (and B bias).
-            A = emit("call_function", torch.cat, (As, 0))
-            scaled = [emit("call_function", operator.mul, (b, a.scale)) for a, b in zip(site.adapters, Bs)]
-            B = emit("call_function", torch.cat, (scaled, 1))
-            B_bias = None
-            for a in site.adapters:
-                if a.B_bias is not None:
-                    term = emit("call_function", operator.mul, (a.B_bias, a.scale))
-                    B_bias = term if B_bias is None else emit("call_function", operator.add, (B_bias, term))
-            scale, scale_tensor = 1.0, None
+        A, B, B_bias, scale, scale_tensor = lora_adapter_groups.op_operands(emit, site.adapters)
+        # The dtypes each projection computed in (autocast's, when it is on): the op falls
+        # through autocast and computes in its operands' dtypes (lora_autocast.py).
+        x, weight, bias = (lora_autocast.cast_to(emit, n, base_dtype) for n in (base.x, base.weight, base.bias))
+        A, B, B_bias = (lora_autocast.cast_to(emit, n, adapter_dtype) for n in (A, B, B_bias))
+        residual = site.residual
+        if site.extras:
+            residual = lora_adapter_groups.summed_terms(emit, site.extras, site.out_dtype)
     lora_x, mask_args, dropout = first.lora_x, (), []
-    dropout_scale = dropout_as_mask(first, site.base) if len(site.adapters) == 1 else None
-    if dropout_scale is not None:
+    if site.dropout_scale is not None:
         # The mask is drawn where the dropout was (the random stream keeps its order); the
         # dropout node goes, and with it the (M, K) dropped input saved for backward.
         dropout = [first.lora_x]
         with graph.inserting_before(first.lora_x):
             drawn = emit("call_function", torch.native_dropout, (first.lora_x.args[0], first.dropout_p, True))
             mask = emit("call_function", operator.getitem, (drawn, 1))
-        lora_x, mask_args = None, (mask, dropout_scale)
+        lora_x, mask_args = None, (mask, site.dropout_scale)
     with graph.inserting_before(site.last):
+        # The dropped input in the dtype the adapter reads it in: the op keeps it for backward.
+        lora_x = lora_autocast.cast_to(emit, lora_x, adapter_dtype)
         call = emit("call_function", torch.ops.unsloth.lora_linear.default, (
-            site.base.x, site.base.weight, site.base.bias, A, B, B_bias, lora_x,
-            site.residual, scale, scale_tensor, site.base.weight_transposed, site.out_dtype,
-            cfg.kernels.value) + mask_args)
+            x, weight, bias, A, B, B_bias, lora_x, residual, scale, scale_tensor,
+            base.weight_transposed, site.out_dtype, cfg.kernels.value) + mask_args)
         out = emit("call_function", operator.getitem, (call, 0))
-    for node in new_nodes:
-        _set_meta(node, site.sum_node)
     site.last.replace_all_uses_with(out)
-    dead = (list(reversed(site.chain)) + site.base.nodes + [n for a in site.adapters for n in a.nodes]
-            + dropout)
-    for node in dead:
+    dead = site.chain + base.nodes + [n for a in site.adapters for n in a.nodes] + dropout
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for node in sorted(dead, key=position.__getitem__, reverse=True):  # users before their inputs
         if not node.users:
             graph.erase_node(node)
     return call
 
-def _set_meta(node: Node, like: Node) -> None:
-    """Keep node.meta['example_value'/'val'] true: run the node on fake values."""
-    if node.op not in ("call_function", "call_method") or "example_value" in node.meta:
-        return
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), fm.example_value)
-    fake_modes = [v.fake_mode for v in map(fm.example_value, node.all_input_nodes) if hasattr(v, "fake_mode")]
-    with fake_modes[0] if fake_modes else contextlib.nullcontext():
-        if node.op == "call_method":
-            value = getattr(args[0], node.target)(*args[1:], **kwargs)
-        else:
-            value = node.target(*args, **kwargs)
-    node.meta["example_value"] = value
-    node.meta["val"] = value
-    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
-        if key in like.meta:
-            node.meta[key] = like.meta[key]
+
+def describe_fused(site: LoraSite, details: dict) -> str:
+    """The report's text for a fused site; records the decisions in `details`."""
+    first, n_adapters = site.adapters[0], len(site.adapters) + len(site.extras)
+    what = f"rank {details['rank']}" + (f", {n_adapters} adapters" if n_adapters > 1 else "")
+    if site.extras:
+        what += (f" ({len(site.adapters)} in the op; {len(site.extras)} reading another input, kept as "
+                 f"graph terms added to the op's result)")
+    if first.lora_x is not None:
+        what += ", dropout as mask" if site.dropout_scale is not None else ", dropout"
+        details["dropout_as_mask"] = site.dropout_scale is not None
+    base_dtype = lora_autocast.base_compute_dtype(site.base.nodes[0])
+    if lora_autocast.is_autocast_site(site.base.nodes[0], site.base.weight, first.a_output, first.A):
+        what += f", autocast (computes in {str(base_dtype).replace('torch.', '')})"
+    details.update(adapters_in_op=len(site.adapters), residual_folded=site.residual is not None,
+                   compute_dtype=str(base_dtype).replace("torch.", ""),
+                   adapter_compute_dtype=str(first.compute_dtype).replace("torch.", ""))
+    what += ", residual folded" if site.residual is not None else ""
+    return what + (", Conv1D" if site.base.weight_transposed else "")
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -386,19 +420,11 @@ def fuse_lora_linears(gm: GraphModule, cfg: Config | None = None, report: Report
         if reason is not None:
             report.add(Site(path, PATTERN, "refused", reason, details))
             continue
-        last, out_dtype, residual, tail = _match_tail(node, cfg)
-        site = LoraSite(base, adapters, node, last, out_dtype, residual, adds + tail)
+        # Planned before the rewrite: replace_site erases the dropout it turns into a mask.
+        site = plan_site(node, base, adapters, adds, cfg)
         replace_site(gm, site, cfg)
-        details["residual_folded"] = residual is not None
-        what = f"rank {details['rank']}" + (f", {len(adapters)} adapters" if len(adapters) > 1 else "")
-        if adapters[0].lora_x is not None:
-            as_mask = len(adapters) == 1 and dropout_as_mask(adapters[0], base) is not None
-            what += ", dropout as mask" if as_mask else ", dropout"
-            details["dropout_as_mask"] = as_mask
-        what += ", residual folded" if residual is not None else ""
-        what += ", Conv1D" if base.weight_transposed else ""
-        report.add(Site(path, PATTERN, "fused", what, details))
-        report.counters["lora_linear.residual_folded"] += residual is not None
+        report.add(Site(path, PATTERN, "fused", describe_fused(site, details), details))
+        report.counters["lora_linear.residual_folded"] += site.residual is not None
         report.counters["lora_linear.adapters"] += len(adapters)
     _report_leftover_lora_layers(gm, report)
     gm.graph.lint()
