@@ -165,9 +165,10 @@ def test_peft_bert_training_matches_eager_with_attention_pass():
     assert len(attention_sites) >= 2  # one per layer (per compiled graph)
 
 
-def test_inductor_patches_turn_cuda_graphs_on_by_default():
-    assert inductor_patches(Config()) == {"triton.cudagraphs": True, "triton.cudagraph_skip_dynamic_graphs": True}
-    assert inductor_patches(Config(cudagraphs=False)) == {}
+def test_inductor_patches_for_modes_and_the_cudagraphs_option():
+    assert inductor_patches(Config()) == {}
+    assert inductor_patches(Config(cudagraphs=True)) == {"triton.cudagraphs": True,
+                                                          "triton.cudagraph_skip_dynamic_graphs": True}
     assert inductor_patches(Config(mode="max-autotune-no-cudagraphs")) == {"max_autotune": True}
     assert inductor_patches(Config(mode="reduce-overhead")) == {"triton.cudagraphs": True}
     assert inductor_patches(Config(mode="max-autotune")) == {"max_autotune": True, "triton.cudagraphs": True}

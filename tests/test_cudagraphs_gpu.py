@@ -1,7 +1,7 @@
-"""CUDA graphs on by default (backend option `cudagraphs`): training stays what eager computes.
+"""CUDA graphs (backend option `cudagraphs=True`): training stays what eager computes.
 
 GPU only. A tiny PEFT Llama in fp32 (so that the compiled step can be held to eager closely)
-trains under the default `backend="unsloth"` (Inductor with cudagraph trees) and eagerly, side
+trains under `backend="unsloth"` with `cudagraphs=True` (Inductor with cudagraph trees) and eagerly, side
 by side, in the ways that stress recorded graphs: a plain loop, gradient accumulation (the
 previous backward's gradients are alive when the next forward replays), sequence lengths that
 change (Dynamo makes the graph dynamic; those run without graphs), and a LoRA rank change
@@ -55,14 +55,14 @@ def _batches(lengths):
 
 @gpu
 @pytest.mark.parametrize("case", ["plain", "accumulate", "dynamic", "resize"])
-def test_default_cuda_graphs_train_like_eager(case):
+def test_cuda_graphs_train_like_eager(case):
     import unsloth_compile  # noqa: F401
 
     lengths = {"dynamic": [16, 24, 16, 40, 24, 16]}.get(case, [16] * 6)
     kwargs = {"accumulate": {"accumulate": 2}, "resize": {"resize_at": 3}}.get(case, {})
     eager = _model()
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend="unsloth")
+    compiled = torch.compile(compiled_model, backend="unsloth", options={"cudagraphs": True})
     expected = _train(eager, _batches(lengths), **kwargs)
     got = _train(compiled, _batches(lengths), **kwargs)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=2e-3, atol=2e-3)
@@ -72,12 +72,12 @@ def test_default_cuda_graphs_train_like_eager(case):
 
 
 @gpu
-def test_default_records_cuda_graphs_and_option_turns_them_off():
+def test_option_records_cuda_graphs_and_default_does_not():
     from torch._inductor import cudagraph_trees
 
     import unsloth_compile  # noqa: F401
 
-    for cudagraphs in (True, False):
+    for cudagraphs in (True, False):  # False is the default
         torch._dynamo.reset()
         cudagraph_trees.reset_cudagraph_trees()
         model = _model()

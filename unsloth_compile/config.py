@@ -41,11 +41,11 @@ class Config:
     # (an all-True mask built under tracing, a mask broadcast along its last dimension)
     attention: bool = True
     # CUDA graphs (Inductor's cudagraph trees) for the compiled graphs when inner="inductor"
-    # and the graph runs on CUDA: the step is launched as a few graph replays instead of
-    # thousands of kernel launches from Python (H200, llama-1b: host time was 158 of 159 ms per
-    # step without them). Graphs with dynamic shapes run without (no recording per shape).
-    # Off: cudagraphs=False, or mode="max-autotune-no-cudagraphs".
-    cudagraphs: bool = True
+    # and the graph runs on CUDA; graphs with dynamic shapes run without. Off by default: on
+    # the llama-1b preset (H200, 2026-11-30) the step took 208.6 ms with them against 127.6 ms
+    # without (docs/bench/e2e-runs/cudagraphs-default-2026-11-30.md). mode="reduce-overhead"
+    # turns them on with Inductor's own rules.
+    cudagraphs: bool = False
     report: bool = True  # log the per-site report (logger "unsloth_compile") at INFO
     # one line per model (logger "unsloth_compile.summary", shown even when logging is not
     # configured), a UserWarning when nothing was fused: what happened, without asking
