@@ -38,6 +38,8 @@ from ..config import Config
 from ..report import Report, Site
 from . import fx_match as fm
 from . import lora_adapter_groups, lora_autocast
+from . import subgraphs
+from .lora_leftovers import report_leftover_lora_layers
 
 PATTERN = "lora_linear"
 
@@ -397,13 +399,26 @@ def _site_path(adapter: Adapter, base: BaseLinear) -> str:
 
 
 def fuse_lora_linears(gm: GraphModule, cfg: Config | None = None, report: Report | None = None) -> GraphModule:
-    """Rewrite every LoRA linear of a Dynamo-captured graph into `torch.ops.unsloth.lora_linear`.
+    """Rewrite every LoRA linear of a Dynamo-captured graph into `torch.ops.unsloth.lora_linear`,
+    inside the bodies of checkpointed regions too (passes/subgraphs.py).
 
     Usable on its own inside a user's compile pipeline (a custom backend that receives the
     Dynamo graph): returns the same GraphModule, recompiled; decisions go to `report`.
     """
     cfg = cfg or Config()
     report = report if report is not None else Report()
+    modules = subgraphs.graph_modules(gm)
+    for module in modules:
+        _fuse_in_graph(module, cfg, report)
+    report_leftover_lora_layers(modules, report, PATTERN)
+    subgraphs.recompile(modules)
+    return gm
+
+
+def _fuse_in_graph(gm: GraphModule, cfg: Config, report: Report) -> None:
+    """One graph (the root or a HOP body): a body's placeholders are the HOP's operands, with
+    the example values and module stacks of what they stand for, so matching and checking
+    read them as they read the root's parameters."""
     consumed: set[Node] = set()
     for node in reversed(list(gm.graph.nodes)):
         if node in consumed or node.graph is not gm.graph or not fm.is_add(node):
@@ -426,10 +441,6 @@ def fuse_lora_linears(gm: GraphModule, cfg: Config | None = None, report: Report
         report.add(Site(path, PATTERN, "fused", describe_fused(site, details), details))
         report.counters["lora_linear.residual_folded"] += site.residual is not None
         report.counters["lora_linear.adapters"] += len(adapters)
-    _report_leftover_lora_layers(gm, report)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
 
 
 def _details(base: BaseLinear, adapters: list[Adapter]) -> dict:
@@ -440,77 +451,3 @@ def _details(base: BaseLinear, adapters: list[Adapter]) -> dict:
             "adapters": len(adapters), "dropout": max(a.dropout_p for a in adapters),
             "base_dtype": str(w.dtype).replace("torch.", ""),
             "adapter_dtype": str(fm.example_value(adapters[0].A).dtype).replace("torch.", "")}
-
-
-_ADAPTER_NAME_PARTS = ("lora_a", "lora_b", "lora_embedding", "magnitude")
-_CONV_FUNCTIONS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,
-                   torch.conv1d, torch.conv2d, torch.conv3d}
-
-
-def _is_adapter_param(node: Node) -> bool:
-    name = str(node.target if node.op == "placeholder" else node.name).lower()
-    return fm.is_param_like(node) and any(part in name for part in _ADAPTER_NAME_PARTS)
-
-
-_FRAGMENT = "<fragment after a graph break>"
-
-
-def _owner_path(node: Node) -> tuple[str, str]:
-    """(path, class) of the LoRA layer a node runs in: the module just above its lora_* part.
-    After a graph break the frame starts inside PEFT and the path is relative to it."""
-    stack = fm.module_stack(node)
-    owner = ("", "")
-    for path, cls in stack:
-        if any(part in component for component in path.lower().split(".")[-2:]
-               for part in ("lora_", "magnitude")):
-            break
-        owner = (path, cls)
-    if not owner[0] or owner[0] == "<root>":
-        return _FRAGMENT, owner[1]
-    return owner
-
-
-def _is_peft_lora_layer(qualified_class: str) -> bool:
-    """A PEFT LoRA *layer* (peft.tuners.lora.layer.Linear, .bnb.Linear8bitLt, ...), not the
-    LoraModel wrapper (peft.tuners.lora.model.LoraModel) that contains them all."""
-    return qualified_class.startswith("peft.tuners.lora.") and not qualified_class.startswith("peft.tuners.lora.model.")
-
-
-def _report_leftover_lora_layers(gm: GraphModule, report: Report) -> None:
-    """LoRA layers whose adapters are still computed after the rewrite were not understood
-    (DoRA, Embedding/Conv LoRA, other variants); PEFT LoRA layers that run only their base
-    layer have merged or disabled adapters. Report each with the reason."""
-    reported = {s.module for s in report.sites}
-    has_magnitude = any(_is_adapter_param(n) and "magnitude" in str(n.target).lower()
-                        for n in gm.graph.nodes if n.op == "placeholder")
-    leftovers: dict[str, str] = {}
-    lora_layers_seen: dict[str, str] = {}
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method"):
-            continue
-        for path, cls in fm.module_stack(node):
-            if _is_peft_lora_layer(cls) and not path.rsplit(".", 1)[-1].startswith("lora_"):
-                lora_layers_seen.setdefault(path, cls)
-        if not any(_is_adapter_param(a) for a in node.all_input_nodes):
-            continue
-        path, cls = _owner_path(node)
-        if path in reported or path in leftovers:
-            continue
-        kind = cls.rsplit(".", 1)[-1]
-        if has_magnitude or "magnitude" in " ".join(p for p, _ in fm.module_stack(node)):
-            leftovers[path] = "DoRA (use_dora=True) is not fused"
-        elif node.target is torch.nn.functional.embedding or kind == "Embedding":
-            leftovers[path] = "LoRA on Embedding layers is not fused"
-        elif node.target in _CONV_FUNCTIONS or kind.startswith("Conv") and kind != "Conv1D":
-            leftovers[path] = f"LoRA on {kind or 'convolution'} layers is not fused"
-        elif path == _FRAGMENT:
-            leftovers[path] = ("unrecognised LoRA form in a graph fragment: a graph break inside the LoRA layer "
-                               "split it (torch._dynamo.explain(model)(...) shows where)")
-        else:
-            leftovers[path] = f"unrecognised LoRA form ({cls})"
-    for path, reason in leftovers.items():
-        report.add(Site(path, PATTERN, "refused", reason))
-    for path, cls in lora_layers_seen.items():
-        if path not in reported and path not in leftovers and not any(p.startswith(path + ".") for p in leftovers):
-            report.add(Site(path, PATTERN, "refused", "adapters merged or disabled: only the base layer runs",
-                            {"class": cls}))

@@ -1,0 +1,238 @@
+"""Gradient checkpointing: Dynamo puts each checkpointed region (transformers'
+`gradient_checkpointing_enable()`, `use_reentrant` True or False) into a
+`tag_activation_checkpoint` higher-order op whose body is a GraphModule; the LoRA pass fuses
+inside that body (passes/subgraphs.py), and AOTAutograd recomputes the fused op in backward."""
+
+import operator
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule
+from torch.utils.checkpoint import checkpoint
+
+import unsloth_compile
+from helpers import batch_for, count_lora_layers, peft_wrap, tiny_causal_lm, train_and_compare
+from unsloth_compile import Config, Report, fuse_lora_linears
+from unsloth_compile.passes import run_passes, subgraphs
+
+LORA_OP = torch.ops.unsloth.lora_linear.default
+CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
+PROJECTION_PATH = re.compile(r"(^|\.)layers\.[01]\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+
+
+def checkpointed_llama(reentrant: bool, dropout: float, **lora_kwargs) -> nn.Module:
+    model = tiny_causal_lm("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model = peft_wrap(model, lora_dropout=dropout, **lora_kwargs)
+    model.train()  # checkpointing is only active in training mode
+    return model
+
+
+def capture(model, batch) -> list[GraphModule]:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(model, backend=backend)(**batch)
+    return graphs
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_peft_llama_fuses_every_site_and_trains_like_eager(reentrant, dropout):
+    model = checkpointed_llama(reentrant, dropout)
+    result = train_and_compare(model, lambda s: batch_for("llama", seed=s), steps=3)
+    report = result.report
+    assert report.counters["lora_linear.fused"] == count_lora_layers(model) == 14, str(report)
+    assert report.counters["lora_linear.refused"] == 0, str(report)
+    # Reported at the LoRA layer inside the body, not at the checkpointed decoder layer.
+    for site in report.fused:
+        assert PROJECTION_PATH.search(site.module), site.module
+    assert len({s.module for s in report.fused}) == 14
+    if dropout:
+        assert all(s.details["dropout_as_mask"] and "dropout as mask" in s.reason for s in report.fused)
+
+
+def test_explain_reports_sites_inside_checkpointed_layers():
+    """The issue's report: 0 of 14 fused, `unrecognised LoRA form (...LlamaDecoderLayer)`."""
+    report = unsloth_compile.explain(checkpointed_llama(True, 0.0), **batch_for("llama"))
+    assert report.counters["lora_linear.fused"] == 14 and not report.refused, str(report)
+    assert "LlamaDecoderLayer" not in str(report)
+
+
+def _record_aot_graphs(forward_graphs, backward_graphs, dynamo_graphs):
+    """A backend: our passes, then aot_eager with compilers that keep AOT's forward and
+    backward graphs (min-cut partitioner, as aot_eager and Inductor use)."""
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def keep(store):
+        def compiler(gm, example_inputs):
+            store.append(gm)
+            return boxed_nop(gm, example_inputs)
+        return compiler
+
+    def backend(gm, example_inputs):
+        gm, _ = run_passes(gm, example_inputs, Config())
+        dynamo_graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs, fw_compiler=keep(forward_graphs),
+                                           bw_compiler=keep(backward_graphs))
+
+    return backend
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_fused_op_sits_in_the_checkpoint_body_and_is_recomputed_in_backward(reentrant):
+    model = checkpointed_llama(reentrant, 0.1)
+    forward_graphs, backward_graphs, dynamo_graphs = [], [], []
+    compiled = torch.compile(model, backend=_record_aot_graphs(forward_graphs, backward_graphs, dynamo_graphs))
+    compiled(**batch_for("llama")).loss.backward()
+
+    (gm,) = [g for g in dynamo_graphs if any(n.target is CHECKPOINT_HOP for n in g.graph.nodes)]
+    hops = [n for n in gm.graph.nodes if n.target is CHECKPOINT_HOP]
+    assert len(hops) == 2 and all(h.kwargs.get("use_reentrant") is reentrant for h in hops)
+    assert not any(n.target is LORA_OP for n in gm.graph.nodes)  # all of them inside the bodies
+    for hop in hops:
+        body = subgraphs.rewritten_body(gm, hop)
+        ops = [n for n in body.graph.nodes if n.target is LORA_OP]
+        assert len(ops) == 7 and body.code.count("torch.ops.unsloth.lora_linear.default") == 7
+        assert all("example_value" in n.meta for n in ops)
+        masks = [op.args[13].args[0] for op in ops]  # getitem(native_dropout(x), 1)
+        assert all(m.target is torch.native_dropout for m in masks)
+        assert not any(n.target is torch.nn.functional.dropout for n in body.graph.nodes)
+
+    (fw,) = [g for g in forward_graphs if LORA_OP in {n.target for n in g.graph.nodes}]
+    (bw,) = [g for g in backward_graphs if LORA_OP in {n.target for n in g.graph.nodes}]
+    assert sum(n.target is LORA_OP for n in fw.graph.nodes) == 14
+    # Backward runs the fused forward again (the checkpoint's recomputation) ...
+    recomputed = [n for n in bw.graph.nodes if n.target is LORA_OP]
+    assert len(recomputed) == 14
+    assert sum(n.target is torch.ops.unsloth.lora_linear_backward.default for n in bw.graph.nodes) == 14
+    # ... with each dropout mask redrawn from the RNG state the forward saved.
+    replay = torch._prims.rng_prims.run_with_rng_state
+    for op in recomputed:
+        mask = op.args[13]
+        assert mask.target is operator.getitem and mask.args[0].target is replay, mask.format_node()
+        assert mask.args[0].args[1] is torch.ops.aten.native_dropout.default
+
+
+def test_trainable_base_weight_inside_a_checkpoint_body_is_refused():
+    """The frozen-base check reads requires_grad from the body's placeholders."""
+    model = checkpointed_llama(False, 0.0)
+    model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.requires_grad_(True)
+    report = Report()
+    for gm in capture(model, batch_for("llama")):
+        fuse_lora_linears(gm, Config(), report)
+    assert report.counters["lora_linear.fused"] == 13
+    (refused,) = report.refused
+    assert refused.module.endswith("layers.0.self_attn.q_proj") and "trainable base weight" in refused.reason
+
+
+class LoRA(nn.Module):
+    def __init__(self, k, n, r, dropout=0.0):
+        super().__init__()
+        self.base = nn.Linear(k, n)
+        self.base.requires_grad_(False)
+        self.lora_A = nn.Linear(k, r, bias=False)
+        self.lora_B = nn.Linear(r, n, bias=False)
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(self.drop(x))) * 0.5
+
+
+class NestedCheckpoints(nn.Module):
+    """A checkpoint inside a checkpoint: a body inside a body."""
+
+    def __init__(self, dropout):
+        super().__init__()
+        self.outer = LoRA(8, 8, 2, dropout)
+        self.inner = LoRA(8, 8, 2, dropout)
+
+    def block(self, x):
+        return checkpoint(self.inner, torch.relu(self.outer(x)), use_reentrant=False)
+
+    def forward(self, x):
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+def _rows(step):
+    return (torch.randn(3, 8, generator=torch.Generator().manual_seed(step)),)
+
+
+def test_nested_checkpoints_fuse_at_every_depth():
+    (gm,) = capture_args(NestedCheckpoints(0.0), _rows(0))
+    modules = subgraphs.graph_modules(gm)
+    assert len(modules) == 3 and modules[0] is gm  # root first, then the bodies, depth first
+    result = train_and_compare(NestedCheckpoints(0.3), _rows, steps=2)
+    assert result.report.counters["lora_linear.fused"] == 2
+    assert {s.module for s in result.report.fused} == {"outer", "inner"}
+
+
+def capture_args(model, args) -> list[GraphModule]:
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(model, backend=backend)(*args)
+    return graphs
+
+
+class BranchedLoRA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = LoRA(8, 8, 2)
+        self.b = LoRA(8, 8, 2)
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, self.a, self.b, (x,))
+
+
+def test_lora_inside_a_body_the_pass_leaves_alone_is_reported_by_name():
+    (gm,) = capture_args(BranchedLoRA(), _rows(0))
+    report = Report()
+    fuse_lora_linears(gm, Config(), report)
+    assert report.counters["lora_linear.fused"] == 0
+    (site,) = report.refused
+    assert "torch.ops.higher_order.cond" in site.reason and "does not rewrite" in site.reason
+
+
+def test_a_body_used_other_than_as_a_rewritable_hop_body_is_left_alone():
+    plain = _root_calling_a_body(body_escapes=False)
+    assert subgraphs.graph_modules(plain) == [plain, plain.body]
+    escaping = _root_calling_a_body(body_escapes=True)
+    assert subgraphs.graph_modules(escaping) == [escaping]
+
+
+def _root_calling_a_body(body_escapes: bool) -> GraphModule:
+    """wrap(body, x)[0], and the body module itself among the outputs when it escapes."""
+    body_graph = Graph()
+    body_graph.output((body_graph.placeholder("x"),))
+    graph = Graph()
+    x = graph.placeholder("x")
+    getter = graph.get_attr("body")
+    called = graph.call_function(torch.ops.higher_order.wrap, (getter, x))
+    out = graph.call_function(operator.getitem, (called, 0))
+    graph.output((out, getter) if body_escapes else (out,))
+    return GraphModule({"body": GraphModule(nn.Module(), body_graph)}, graph)
+
+
+def test_real_inductor_trains_a_checkpointed_model_with_dropout_like_eager():
+    """Inductor on CPU (one layer, three projections: about 15 s). fallback_random: Inductor's
+    own RNG would draw other dropout masks than eager; with torch's RNG, AOT's replay of the
+    saved RNG state makes the recomputed masks those of the forward."""
+    model = checkpointed_llama(False, 0.1, target_modules=["q_proj", "v_proj", "down_proj"])
+    model.base_model.model.config.num_hidden_layers = 1
+    model.base_model.model.model.layers = model.base_model.model.model.layers[:1]
+    with torch._inductor.config.patch(fallback_random=True, fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        result = train_and_compare(model, lambda s: batch_for("llama", seed=s), steps=2,
+                                   options={}, rtol=1e-4, atol=1e-4)
+    assert result.report.counters["lora_linear.fused"] == 3
+    assert all(s.details["dropout_as_mask"] for s in result.report.fused)
