@@ -235,6 +235,13 @@ def test_summary_warns_once_for_a_model_without_lora():
     assert ours[0].filename == __file__  # points at the line that called the model
 
 
+def test_summary_is_about_lora_when_other_passes_report_sites():
+    """A transformers model without adapters: the attention pass reports its SDPA calls, the
+    summary still warns that no LoRA linear was found."""
+    with pytest.warns(UserWarning, match="no LoRA linear found"):
+        unsloth_compile.compile(tiny_causal_lm("llama"), FAST)(**batch_for("llama"))
+
+
 def test_summary_warns_with_the_main_reason_when_nothing_fused():
     model = peft_wrap(tiny_causal_lm("llama"), target_modules=["embed_tokens"])
     with pytest.warns(UserWarning, match=r"fused 0/1 LoRA linears \(1 graph\); main reason \(1 of 1 refused\): "

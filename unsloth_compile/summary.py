@@ -30,10 +30,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .report import Report, Site
 
+PATTERN = "lora_linear"  # passes/lora_linear.py's Site.pattern (not imported: backend loads passes lazily)
+
 log = logging.getLogger("unsloth_compile.summary")
-
-_LABELS = {"lora_linear": "LoRA linears"}
-
 
 class _StderrUnlessConfigured(logging.Handler):
     """Writes to stderr only when no other handler would get the record, i.e. logging was never
@@ -58,14 +57,15 @@ log.addHandler(_StderrUnlessConfigured())
 
 
 class SummaryLedger:
-    """What has been summarised for one model: its sites by (pattern, module path), how many
-    graphs brought sites, and the frozen parameters of its graphs (weakly held)."""
+    """What has been summarised for one model: its LoRA sites by module path, how many graphs
+    brought sites, and the frozen parameters of its graphs (weakly held). Other passes' sites
+    (attention, ...) are left to the full report: the line says what the backend is for."""
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
-        self.sites: dict[tuple[str, str], Site] = {}
+        self.sites: dict[str, Site] = {}
         self.graphs = 0
         self.warned_empty = False
         self.frozen: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -74,14 +74,14 @@ class SummaryLedger:
         """Record one compiled graph's report; (level, message) when there is something new to
         say, None otherwise."""
         frozen = [t for t in example_inputs if isinstance(t, torch.nn.Parameter) and not t.requires_grad]
-        keys = {(s.pattern, s.module): s for s in report.sites}
+        sites = {s.module: s for s in report.sites if s.pattern == PATTERN}
         same_model = any(t in self.frozen for t in frozen)
-        if frozen and not same_model and keys.keys() & self.sites.keys():
+        if frozen and not same_model and sites.keys() & self.sites.keys():
             self.clear()  # another model with the same module paths: its own totals
         for t in frozen:
             self.frozen[t] = True
-        new = keys.keys() - self.sites.keys()
-        self.sites.update(keys)
+        new = sites.keys() - self.sites.keys()
+        self.sites.update(sites)
         if new:
             self.graphs += 1
             return self.message()
@@ -94,22 +94,17 @@ class SummaryLedger:
         return None
 
     def message(self) -> tuple[int, str]:
-        by_pattern: dict[str, list[Site]] = collections.defaultdict(list)
-        for site in self.sites.values():
-            by_pattern[site.pattern].append(site)
-        counts = ", ".join(
-            f"{sum(s.decision == 'fused' for s in sites)}/{len(sites)} {_LABELS.get(pattern, pattern)}"
-            for pattern, sites in by_pattern.items())
+        fused = sum(s.decision == "fused" for s in self.sites.values())
         graphs = f"{self.graphs} graph{'s' if self.graphs != 1 else ''}"
-        refused = [s for s in self.sites.values() if s.decision == "refused"]
+        head = f"unsloth_compile: fused {fused}/{len(self.sites)} LoRA linears ({graphs})"
+        refused = [s for s in self.sites.values() if s.decision != "fused"]
         if not refused:
-            return logging.INFO, f"unsloth_compile: fused {counts} ({graphs})"
+            return logging.INFO, head
         reason, n = collections.Counter(s.reason for s in refused).most_common(1)[0]
         main = f"main reason ({n} of {len(refused)} refused): {reason}"
-        where = "unsloth_compile.explain(model, **batch) lists every site"
-        if len(refused) == len(self.sites):
-            return logging.WARNING, f"unsloth_compile: fused {counts} ({graphs}); {main}. {where}"
-        return logging.INFO, f"unsloth_compile: fused {counts} ({graphs}); {main}"
+        if fused == 0:
+            return logging.WARNING, f"{head}; {main}. unsloth_compile.explain(model, **batch) lists every site"
+        return logging.INFO, f"{head}; {main}"
 
 
 _process_ledger = SummaryLedger()
