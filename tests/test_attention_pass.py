@@ -126,14 +126,17 @@ def test_broadcast_batch_dimension_stays_size_one():
     torch.testing.assert_close(gm(q, keep)[0] if isinstance(gm(q, keep), tuple) else gm(q, keep), Model()(q, keep))
 
 
-def test_dense_and_absent_masks_are_kept_and_reported():
-    for kind, reason in (("dense", "dense along its last dimension"), ("none", "no mask")):
-        model, x = Attention(kind), torch.randn(2, 5, 16)
-        gm = _captured_graph(model, x)
-        report = Report()
-        keep_attention_fused(gm, Config(), report)
-        assert report.counters["attention.kept"] == 1 and not report.counters["attention.rewritten"]
-        assert reason in report.sites[0].reason
+def test_dense_mask_is_kept_and_reported_absent_mask_is_silent():
+    model, x = Attention("dense"), torch.randn(2, 5, 16)
+    gm = _captured_graph(model, x)
+    report = Report()
+    keep_attention_fused(gm, Config(), report)
+    assert report.counters["attention.kept"] == 1 and not report.counters["attention.rewritten"]
+    assert "dense along its last dimension" in report.sites[0].reason
+    gm = _captured_graph(Attention("none"), x)
+    report = Report()
+    keep_attention_fused(gm, Config(), report)
+    assert report.sites == [] and not report.counters
 
 
 def test_option_off_leaves_the_mask():
@@ -161,8 +164,9 @@ def test_peft_bert_training_matches_eager_with_attention_pass():
     model.base_model.model.config.attention_probs_dropout_prob = 0.0
     report = train_and_compare(model, lambda step: batch_for("bert", seed=step), options={"inner": "aot_eager"},
                                steps=2).report
-    attention_sites = [s for s in report.sites if s.pattern == "attention"]
-    assert len(attention_sites) >= 2  # one per layer (per compiled graph)
+    # transformers >= 5.24 passes no mask when none is given (nothing to report); 5.17 builds an
+    # all-True one under tracing, which the pass drops: either way no call keeps a bad mask
+    assert not [s for s in report.sites if s.pattern == "attention" and s.decision == "kept"]
 
 
 def test_inductor_patches_for_modes_and_the_cudagraphs_option():
