@@ -48,14 +48,13 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
 
 def inductor_patches(cfg: Config) -> dict:
     """Inductor config for this backend's mode and options. torch.compile's own mode is not
-    seen by a custom backend with options, so the mode's settings are applied here."""
-    patches: dict = {}
-    if cfg.mode in ("max-autotune", "max-autotune-no-cudagraphs"):
-        patches["max_autotune"] = True
-    if cfg.mode in ("reduce-overhead", "max-autotune"):
-        patches["triton.cudagraphs"] = True  # the user asked for it: Inductor's own rules apply
-    elif cfg.mode == "default" and cfg.cudagraphs:
-        # Our default: graphs where the shapes are static; a graph Dynamo made dynamic (a new
+    seen by a custom backend with options, so the mode's settings (torch's own table,
+    `list_mode_options`) are applied here."""
+    from torch._inductor import list_mode_options
+
+    patches = dict(list_mode_options(cfg.mode))
+    if cfg.mode == "default" and cfg.cudagraphs:
+        # Opt-in graphs where the shapes are static; a graph Dynamo made dynamic (a new
         # sequence length each step) runs without, rather than recording a graph per shape.
         patches["triton.cudagraphs"] = True
         patches["triton.cudagraph_skip_dynamic_graphs"] = True
