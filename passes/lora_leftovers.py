@@ -65,7 +65,7 @@ def report_leftover_lora_layers(modules: list[GraphModule], report: Report, patt
             for path, cls in fm.module_stack(node):
                 if _is_peft_lora_layer(cls) and not path.rsplit(".", 1)[-1].startswith("lora_"):
                     lora_layers_seen.setdefault(path, cls)
-            if not any(_is_adapter_param(a) for a in node.all_input_nodes):
+            if not any(_is_adapter_param(a) for a in node.all_input_nodes) or _feeds_fused_op(node):
                 continue
             path, cls = (fm.module_path(node), "") if subgraphs.is_hop_call(node) else _owner_path(node)
             if path not in reported and path not in leftovers:
@@ -76,6 +76,21 @@ def report_leftover_lora_layers(modules: list[GraphModule], report: Report, patt
         if path not in reported and path not in leftovers and not any(p.startswith(path + ".") for p in leftovers):
             report.add(Site(path, pattern, "refused", "adapters merged or disabled: only the base layer runs",
                             {"class": cls}))
+
+
+def _is_unsloth_op(node: Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "namespace", None) == "unsloth"
+
+
+def _feeds_fused_op(node: Node, depth: int = 0) -> bool:
+    """The fused op itself, or a node the rewrite emitted for it (A.t(), the concatenation of
+    several adapters' ranks, a scaled B), whose every use ends in a fused op: adapter
+    parameters reaching it were consumed by a fused site, not left over."""
+    if _is_unsloth_op(node):
+        return True
+    if depth >= 3 or not node.users:
+        return False
+    return all(_feeds_fused_op(user, depth + 1) for user in node.users)
 
 
 def _leftover_reason(node: Node, path: str, cls: str, has_magnitude: bool) -> str:

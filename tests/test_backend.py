@@ -130,3 +130,23 @@ def test_explain_does_not_disturb_the_callers_rng_or_parameters():
     unsloth_compile.explain(model, **batch_for("llama"))
     assert torch.equal(state, torch.random.get_rng_state())
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_root_lora_module_reports_no_spurious_leftover():
+    """A compiled module that is itself the LoRA layer: its fused site is the whole report (the
+    fused op's inputs, A.t() and B.t() among them, read adapter parameters and were once
+    reported as an unrecognised fragment)."""
+
+    class RootLoRA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.base = torch.nn.Linear(8, 6)
+            self.base.weight.requires_grad_(False)
+            self.A = torch.nn.Parameter(torch.randn(8, 2))
+            self.B = torch.nn.Parameter(torch.randn(2, 6))
+
+        def forward(self, x):
+            return self.base(x) + x @ self.A @ self.B * 0.5
+
+    report = unsloth_compile.explain(RootLoRA(), torch.randn(3, 8))
+    assert len(report.fused) == 1 and report.refused == [], str(report)
