@@ -10,9 +10,10 @@ import torch
 from ..config import Config
 from ..report import Report
 from .attention import keep_attention_fused
+from .linear_cross_entropy import fuse_linear_cross_entropy
 from .lora_linear import fuse_lora_linears
 
-__all__ = ["run_passes", "fuse_lora_linears", "keep_attention_fused"]
+__all__ = ["run_passes", "fuse_lora_linears", "keep_attention_fused", "fuse_linear_cross_entropy"]
 
 
 def run_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config) -> tuple[torch.fx.GraphModule, Report]:
@@ -20,6 +21,8 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Con
     report = Report(graphs=1)
     if cfg.fuse_lora:
         gm = fuse_lora_linears(gm, cfg, report)
+    if cfg.fuse_cross_entropy:  # after the LoRA pass: a LoRA head is then seen as one op, and refused
+        gm = fuse_linear_cross_entropy(gm, cfg, report)
     if cfg.attention:
         gm = keep_attention_fused(gm, cfg, report)
     return gm, report

@@ -89,7 +89,9 @@ def test_fuse_lora_false_leaves_graph_alone():
     model = peft_wrap(tiny_causal_lm("llama"), target_modules=["q_proj"])
     result = train_and_compare(model, lambda s: batch_for("llama", seed=s), steps=1,
                                options={"inner": "aot_eager", "fuse_lora": False})
-    assert result.report.sites == [] and result.report.graphs == 1
+    # the cross-entropy site is reported as kept (the model returns its logits): nothing changed
+    assert not [s for s in result.report.sites if s.pattern == "lora_linear"] and not result.report.fused
+    assert result.report.graphs == 1
 
 
 def test_real_inductor_on_cpu_matches_eager():
@@ -107,8 +109,9 @@ def test_explain_returns_report_and_logs(caplog):
     with caplog.at_level(logging.INFO, logger="unsloth_compile"):
         report = unsloth_compile.explain(model, **batch_for("llama"))
     assert len(report.fused) == 2 and len(report.refused) == 1
-    assert report.counters == {"lora_linear.fused": 2, "lora_linear.refused": 1, "lora_linear.adapters": 2,
-                               "lora_linear.residual_folded": 0}
+    lora_counters = {k: v for k, v in report.counters.items() if k.startswith("lora_linear.")}
+    assert lora_counters == {"lora_linear.fused": 2, "lora_linear.refused": 1, "lora_linear.adapters": 2,
+                             "lora_linear.residual_folded": 0}
     text = str(report)
     assert "base_model.model.model.layers.0.self_attn.q_proj" in text and "fused" in text
     assert "LoRA on Embedding layers is not fused" in text

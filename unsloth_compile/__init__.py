@@ -10,8 +10,10 @@ from .backend import unsloth
 from .report import Report, Site, explain
 from .passes import fuse_lora_linears
 from .integration import compile  # noqa: A004  unsloth_compile.compile(model): in place, options validated first
+from .training_outputs import loss_only, restore_logits  # training forward without logits: the fused cross-entropy fires
 
-__all__ = ["Config", "unsloth", "compile", "explain", "Report", "Site", "fuse_lora_linears", "UnslothCompileCallback"]
+__all__ = ["Config", "unsloth", "compile", "explain", "Report", "Site", "fuse_lora_linears", "UnslothCompileCallback",
+           "loss_only", "restore_logits"]
 __version__ = "0.1.0"
 
 

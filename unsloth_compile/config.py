@@ -28,6 +28,15 @@ class KernelChoice(str, enum.Enum):
     REFERENCE = "reference"  # plain torch (kernels/reference.py) everywhere
 
 
+def _positive_int(name: str, value: Any) -> int:
+    """An int option: an int >= 1, or its decimal string (as the bench's command line gives it)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"unsloth_compile: option {name}={value!r} must be a positive integer")
+    return value
+
+
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -40,6 +49,13 @@ class Config:
     # rewrite attention masks that would push a compiled SDPA call off the fused kernels
     # (an all-True mask built under tracing, a mask broadcast along its last dimension)
     attention: bool = True
+    # rewrite LM head + cross_entropy into torch.ops.unsloth.linear_cross_entropy, chunked over
+    # rows so the full-vocabulary logits never exist (where the model does not return them:
+    # see unsloth_compile.loss_only)
+    fuse_cross_entropy: bool = True
+    # budget for one chunk's fp32 logits in that op, in MiB (rows per chunk = budget / (4 V));
+    # the op's peak is a few such chunks
+    cross_entropy_chunk_mib: int = 256
     # CUDA graphs (Inductor's cudagraph trees) for the compiled graphs when inner="inductor"
     # and the graph runs on CUDA; graphs with dynamic shapes run without. Off by default: on
     # the llama-1b preset (H200, 2026-11-30) the step took 208.6 ms with them against 127.6 ms
@@ -69,6 +85,8 @@ class Config:
                 raise ValueError(
                     f"unsloth_compile: option {field.name}={value!r} must be True or False"
                 )
+            elif isinstance(field.default, int) and not isinstance(field.default, bool):
+                object.__setattr__(self, field.name, _positive_int(field.name, value))
         if self.mode not in _MODES:
             raise ValueError(
                 f"unsloth_compile: mode={self.mode!r} is not valid; choose one of "

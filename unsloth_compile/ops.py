@@ -263,3 +263,99 @@ def _lora_linear_autograd(*inputs):
 
 
 _lib.impl("lora_linear", _lora_linear_autograd, "Autograd")
+
+
+# ----------------------------------------------------------------------------- linear_cross_entropy
+#
+#   unsloth::linear_cross_entropy          loss = CE(steps(linear(hidden, weight, bias)), target)
+#   unsloth::linear_cross_entropy_forward  (loss, dhidden, dweight, dbias) for a gradient of 1
+#
+# The first is what the pass emits; its autograd runs the second, which computes the gradients
+# chunk by chunk while the chunk's logits exist (kernels/linear_cross_entropy.py), and saves
+# them: backward only scales them by the incoming gradient. Nothing of size rows x vocab is
+# saved. One plain-torch implementation serves every device for now: on CUDA its cost is the
+# cuBLAS matmuls per chunk.
+
+from .kernels import linear_cross_entropy as _lce  # noqa: E402
+
+_LCE_ARGS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
+             "str[] steps, float[] step_values, int chunk_rows")
+_lib.define(f"linear_cross_entropy({_LCE_ARGS}) -> Tensor")
+_lib.define(f"linear_cross_entropy_forward({_LCE_ARGS}, bool grad_hidden, bool grad_weight, bool grad_bias) "
+            "-> (Tensor, Tensor, Tensor, Tensor)")
+
+
+def _lce_loss_like(hidden: Tensor, steps) -> Tensor:
+    return hidden.new_empty((), dtype=_lce.logits_dtype(hidden.dtype, steps))
+
+
+@torch.library.register_fake("unsloth::linear_cross_entropy")
+def _(hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows):
+    return _lce_loss_like(hidden, steps)
+
+
+@torch.library.register_fake("unsloth::linear_cross_entropy_forward")
+def _(hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows,
+      grad_hidden, grad_weight, grad_bias):
+    # contiguous gradients, as the implementation returns them; empty where not asked for
+    dh = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,))
+    dw = weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,))
+    db = bias.new_empty(bias.shape) if grad_bias else weight.new_empty((0,))
+    return _lce_loss_like(hidden, steps), dh, dw, db
+
+
+def _linear_cross_entropy_forward(hidden, weight, bias, target, ignore_index, reduction, steps, step_values,
+                                  chunk_rows, grad_hidden, grad_weight, grad_bias):
+    # no autograd inside: the gradients are computed by hand (and out= matmuls refuse it)
+    with torch.no_grad():
+        return _lce.linear_cross_entropy_forward(hidden, weight, bias, target, ignore_index, reduction, steps,
+                                                 step_values, chunk_rows, grad_hidden, grad_weight, grad_bias)
+
+
+def _linear_cross_entropy(hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows):
+    """Without autograd (no gradient wanted): the loss only, no gradient computed."""
+    return torch.ops.unsloth.linear_cross_entropy_forward.default(
+        hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows,
+        False, False, False)[0]
+
+
+_lib.impl("linear_cross_entropy", _linear_cross_entropy, "CompositeExplicitAutograd")
+_lib.impl("linear_cross_entropy_forward", _linear_cross_entropy_forward, "CompositeExplicitAutograd")
+# Its outputs are gradients, not differentiable functions of its inputs: autograd passes it by.
+_lib.impl("linear_cross_entropy_forward", torch.library.fallthrough_kernel, "Autograd")
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    """Forward computes the loss and, per chunk, the gradients of the inputs that need them;
+    backward scales those by the incoming gradient (a 0-d tensor)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows):
+        needs = ctx.needs_input_grad
+        grad_bias = bias is not None and needs[2]
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, dh, dw, db = torch.ops.unsloth.linear_cross_entropy_forward.default(
+                hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows,
+                needs[0], needs[1], grad_bias)
+        ctx.save_for_backward(dh, dw, db)
+        ctx.grads = (needs[0], needs[1], grad_bias)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dh, dw, db = ctx.saved_tensors
+        wants = ctx.grads
+        scaled = [(g * grad_loss).to(g.dtype) if want else None for g, want in zip((dh, dw, db), wants)]
+        return (*scaled, None, None, None, None, None, None)
+
+
+def _linear_cross_entropy_autograd(hidden, weight, bias, target, ignore_index, reduction, steps, step_values,
+                                   chunk_rows):
+    inputs = (hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows)
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(hidden, weight, bias):
+        return _LinearCrossEntropyFunction.apply(*inputs)
+    with torch._C._AutoDispatchBelowAutograd():
+        return torch.ops.unsloth.linear_cross_entropy.default(*inputs)
+
+
+_lib.impl("linear_cross_entropy", _linear_cross_entropy_autograd, "Autograd")

@@ -170,6 +170,10 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
     model = build_model(preset, device, dtype)
     if variant.lora:
         model = add_lora(model, preset)
+    if variant.options.get("fuse_cross_entropy") is True and preset.family == "llama":
+        from ..training_outputs import loss_only
+
+        loss_only(model)  # the step reads only .loss: without logits in the output the CE pass fuses
     model.train()
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)
