@@ -7,7 +7,8 @@
 from . import ops  # noqa: F401  registers torch.ops.unsloth.*
 from .config import Config
 from .backend import unsloth
-from .report import Report, Site, explain
+from .report import Report, Site
+from .explain import explain
 from .passes import fuse_lora_linears
 from .integration import compile  # noqa: A004  unsloth_compile.compile(model): in place, options validated first
 from .training_outputs import loss_only, restore_logits  # training forward without logits: the fused cross-entropy fires

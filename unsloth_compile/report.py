@@ -1,4 +1,4 @@
-"""What the passes decided, site by site: `unsloth_compile.explain(model, *args, **kwargs)`.
+"""What the passes decided, site by site (returned by `unsloth_compile.explain`, explain.py).
 
 Every pass appends one `Site` per candidate it looked at (fused or refused, with the reason)
 and bumps named counters; the backend logs each graph's report on the `unsloth_compile`
@@ -11,9 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
-from typing import Any, Iterator
-
-import torch
+from typing import Iterator
 
 log = logging.getLogger("unsloth_compile")
 
@@ -87,30 +85,3 @@ def collect_reports() -> Iterator[Report]:
         yield report
     finally:
         _collectors.remove(report)
-
-
-def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, verbose: bool = False,
-            **kwargs: Any) -> Report:
-    """Compile `model` with the unsloth backend on these inputs and return the report.
-
-    Runs one forward pass (no backward) with the graph executed eagerly after our passes
-    (`inner="eager"`, so nothing is handed to Inductor), under a forked RNG so that dropout
-    draws do not shift the caller's random stream. `options` are the backend's options (the
-    one-line summary is off unless `summary=True`).
-    """
-    from .backend import unsloth
-
-    options = dict(options or {})
-    options.setdefault("inner", "eager")
-    options.setdefault("summary", False)  # the caller gets the whole report
-
-    def backend(gm, example_inputs):
-        return unsloth(gm, example_inputs, options=options)
-
-    compiled = torch.compile(model, backend=backend)
-    devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"]
-    with collect_reports() as report, torch.random.fork_rng(devices=devices):
-        compiled(*args, **kwargs)
-    if verbose:
-        report.print()
-    return report

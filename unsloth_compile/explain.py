@@ -1,0 +1,39 @@
+"""`unsloth_compile.explain(model, *args, **kwargs)`: compile once and return the report.
+
+Its own module because it needs the backend, and the backend needs `report`: keeping it in
+report.py made the two import each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .backend import unsloth
+from .report import Report, collect_reports
+
+
+def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, verbose: bool = False,
+            **kwargs: Any) -> Report:
+    """Compile `model` with the unsloth backend on these inputs and return the report.
+
+    Runs one forward pass (no backward) with the graph executed eagerly after our passes
+    (`inner="eager"`, so nothing is handed to Inductor), under a forked RNG so that dropout
+    draws do not shift the caller's random stream. `options` are the backend's options (the
+    one-line summary is off unless `summary=True`).
+    """
+    options = dict(options or {})
+    options.setdefault("inner", "eager")
+    options.setdefault("summary", False)  # the caller gets the whole report
+
+    def backend(gm, example_inputs):
+        return unsloth(gm, example_inputs, options=options)
+
+    compiled = torch.compile(model, backend=backend)
+    devices = [a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"]
+    with collect_reports() as report, torch.random.fork_rng(devices=devices):
+        compiled(*args, **kwargs)
+    if verbose:
+        report.print()
+    return report
