@@ -3,7 +3,7 @@
 Pattern (Dynamo graph, torch IR), as PEFT and hand-written LoRA modules produce it:
 
     base   = linear(x, W, b)                      | view(addmm(b, view(x), W))   (Conv1D, W is K x N)
-                                                   | x @ W.T
+                                                   | x @ W.T  | fp8_linear(x, W_q, w_s, b)   (Fp8Linear)
     h_i    = [dropout_i]([cast](x))               adapter input, per adapter i
     lora_i = linear(linear(h_i, A_i), B_i, b_Bi)  | (h_i @ A_i^T) @ B_i^T  | h_i @ A_i @ B_i
     sum    = base + lora_1 * s_1 + ... + lora_k * s_k     (s: float, 0-d tensor, or absent)
@@ -17,7 +17,8 @@ adapters that read different tensors (different dropout draws, or x and a draw) 
 by what they read: the op computes the base and one group, the other groups' terms stay
 graph nodes, each dropout where it was, and reach the op as its residual
 (lora_adapter_groups.py). Under autocast the op's operands are cast to the dtypes the
-projections computed in (lora_autocast.py).
+projections computed in (lora_autocast.py). A base stored in fp8, or any base under
+precision="fp8", makes the op `torch.ops.unsloth.lora_linear_fp8` (fp8_linear.py).
 
 Check: the base weight is frozen, every adapter reads the base input, the scale is not
 trainable. Anything else is refused and reported with the reason; LoRA layers left in the
@@ -36,6 +37,7 @@ from torch.fx import GraphModule, Node
 
 from ..config import Config
 from ..report import Report, Site
+from . import fp8_linear
 from . import fx_match as fm
 from . import lora_adapter_groups, lora_autocast
 from . import subgraphs
@@ -51,6 +53,7 @@ class BaseLinear:
     bias: Optional[Node]
     weight_transposed: bool
     nodes: list[Node]  # matched nodes, erased after the rewrite if unused
+    weight_scale: Optional[Node] = None  # set: an Fp8Linear, `weight` its e4m3 codes (fp8_linear.py)
 
 
 @dataclasses.dataclass
@@ -88,12 +91,16 @@ class LoraSite:
     # and reach the op as its residual; the op then returns the sum before any cast.
     extras: list[Adapter] = dataclasses.field(default_factory=list)
     dropout_scale: Optional[float] = None  # set: the single adapter's dropout goes in as its mask
+    fp8: Optional[str] = None  # set: the base runs in fp8 (fp8_linear.STORED or PER_CALL)
 
 
 # ----------------------------------------------------------------------------- pattern
 
 
 def match_base_linear(node: Node) -> Optional[BaseLinear]:
+    if (fp8_base := fp8_linear.match_fp8_base(node)) is not None:
+        x, codes, scales, bias, nodes = fp8_base
+        return BaseLinear(x, codes, bias, False, nodes, weight_scale=scales)
     if fm.is_linear(node):
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -332,7 +339,8 @@ def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
         A, B, B_bias, scale, scale_tensor = lora_adapter_groups.op_operands(emit, site.adapters)
         # The dtypes each projection computed in (autocast's, when it is on): the op falls
         # through autocast and computes in its operands' dtypes (lora_autocast.py).
-        x, weight, bias = (lora_autocast.cast_to(emit, n, base_dtype) for n in (base.x, base.weight, base.bias))
+        x, bias = (lora_autocast.cast_to(emit, n, base_dtype) for n in (base.x, base.bias))
+        weight = base.weight if site.fp8 else lora_autocast.cast_to(emit, base.weight, base_dtype)
         A, B, B_bias = (lora_autocast.cast_to(emit, n, adapter_dtype) for n in (A, B, B_bias))
         residual = site.residual
         if site.extras:
@@ -349,9 +357,13 @@ def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
     with graph.inserting_before(site.last):
         # The dropped input in the dtype the adapter reads it in: the op keeps it for backward.
         lora_x = lora_autocast.cast_to(emit, lora_x, adapter_dtype)
-        call = emit("call_function", torch.ops.unsloth.lora_linear.default, (
-            x, weight, bias, A, B, B_bias, lora_x, residual, scale, scale_tensor,
-            base.weight_transposed, site.out_dtype, cfg.kernels.value) + mask_args)
+        if site.fp8:
+            call = fp8_linear.replace_base(emit, site, x, bias, (A, B, B_bias, lora_x, residual, scale, scale_tensor),
+                                           mask_args, cfg.kernels.value)
+        else:
+            call = emit("call_function", torch.ops.unsloth.lora_linear.default, (
+                x, weight, bias, A, B, B_bias, lora_x, residual, scale, scale_tensor,
+                base.weight_transposed, site.out_dtype, cfg.kernels.value) + mask_args)
         out = emit("call_function", operator.getitem, (call, 0))
     site.last.replace_all_uses_with(out)
     dead = site.chain + base.nodes + [n for a in site.adapters for n in a.nodes] + dropout
@@ -362,7 +374,7 @@ def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
     return call
 
 
-def describe_fused(site: LoraSite, details: dict) -> str:
+def describe_fused(site: LoraSite, details: dict, fp8_text: str = "") -> str:
     """The report's text for a fused site; records the decisions in `details`."""
     first, n_adapters = site.adapters[0], len(site.adapters) + len(site.extras)
     what = f"rank {details['rank']}" + (f", {n_adapters} adapters" if n_adapters > 1 else "")
@@ -373,13 +385,14 @@ def describe_fused(site: LoraSite, details: dict) -> str:
         what += ", dropout as mask" if site.dropout_scale is not None else ", dropout"
         details["dropout_as_mask"] = site.dropout_scale is not None
     base_dtype = lora_autocast.base_compute_dtype(site.base.nodes[0])
-    if lora_autocast.is_autocast_site(site.base.nodes[0], site.base.weight, first.a_output, first.A):
+    weight_dtype_of = site.base.weight if site.base.weight_scale is None else site.base.nodes[0]
+    if lora_autocast.is_autocast_site(site.base.nodes[0], weight_dtype_of, first.a_output, first.A):
         what += f", autocast (computes in {str(base_dtype).replace('torch.', '')})"
     details.update(adapters_in_op=len(site.adapters), residual_folded=site.residual is not None,
                    compute_dtype=str(base_dtype).replace("torch.", ""),
                    adapter_compute_dtype=str(first.compute_dtype).replace("torch.", ""))
     what += ", residual folded" if site.residual is not None else ""
-    return what + (", Conv1D" if site.base.weight_transposed else "")
+    return what + (", Conv1D" if site.base.weight_transposed else "") + fp8_text
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -437,8 +450,10 @@ def _fuse_in_graph(gm: GraphModule, cfg: Config, report: Report) -> None:
             continue
         # Planned before the rewrite: replace_site erases the dropout it turns into a mask.
         site = plan_site(node, base, adapters, adds, cfg)
+        site.fp8, fp8_refusal = fp8_linear.check_fp8(base, cfg)
         replace_site(gm, site, cfg)
-        report.add(Site(path, PATTERN, "fused", describe_fused(site, details), details))
+        fp8_text = fp8_linear.record(report, details, site.fp8, fp8_refusal)
+        report.add(Site(path, PATTERN, "fused", describe_fused(site, details, fp8_text), details))
         report.counters["lora_linear.residual_folded"] += site.residual is not None
         report.counters["lora_linear.adapters"] += len(adapters)
 

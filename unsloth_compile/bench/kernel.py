@@ -14,6 +14,11 @@ Variants, all timed as fwd+bwd (autograd, gradients of x and of the adapters) in
                   composition out = s H B^T; out += X W^T); ours-* pick per problem by timing
     unsloth       peft-fp32 under torch.compile(backend="unsloth"): the op inside an AOTAutograd
                   graph, as users run it (no eager autograd wrapper around the op)
+    base-fp8      the frozen base alone with W stored in fp8 (torch.ops.unsloth.fp8_linear:
+                  X and dY quantised by rows per call, both GEMMs torch._scaled_mm)
+    ours-fp8 / ours-fp8-bf16
+                  torch.ops.unsloth.lora_linear_fp8, W stored in fp8, fp32 / bf16 adapters
+                  (rows carry weight_bytes: the stored base, 2 N K in bf16, N K + 4 N in fp8)
 Plus a breakdown of ours (r=16, fp32 adapters): each kernel of forward and backward alone,
 and the Triton GEMM with no low-rank term against cuBLAS.
 
@@ -41,7 +46,7 @@ LAYERS = {
 RANKS = (8, 16, 64)
 TOKENS = 8192
 VARIANTS = ("base", "peft-fp32", "peft-bf16", "inductor", "ours-fp32", "ours-bf16", "ours-bf16-triton",
-            "ours-bf16-cublas", "unsloth")
+            "ours-bf16-cublas", "unsloth", "base-fp8", "ours-fp8", "ours-fp8-bf16")
 SCALE = 2.0  # lora_alpha / r; its value does not change the cost
 
 
@@ -136,6 +141,15 @@ def _make_variant(name, x, W, A32, B32, dy):
     if name in ("ours-bf16-triton", "ours-bf16-cublas"):
         return _forced_path(name.rsplit("-", 1)[1],
                                  _step(lambda: _ours(x, W, A16, B16, SCALE), [x, A16, B16], dy))
+    if name.endswith(("fp8", "fp8-bf16")):
+        from ..kernels.fp8 import quantize_weight
+
+        Wq, ws = quantize_weight(W)  # once, as unsloth_compile.fp8.convert stores it
+        A_, B_ = (A32, B32) if name == "ours-fp8" else (A16, B16)
+        if name == "base-fp8":
+            return _step(lambda: torch.ops.unsloth.fp8_linear(x, Wq, ws, None, "auto"), [x], dy)
+        return _step(lambda: torch.ops.unsloth.lora_linear_fp8(x, Wq, ws, None, A_, B_, None, None, None, SCALE,
+                                                                None, x.dtype, "auto")[0], [x, A_, B_], dy)
     raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
 
@@ -163,6 +177,30 @@ def _rel_err_vs_reference(x, W, A, B, dy, adapter_dtype) -> dict:
             for name, o, r in zip(("out", "dx", "dA", "dB"), results["triton"], results["reference"])}
 
 
+def _rel_err_fp8_vs_emulation(x, W, A, B, dy, name) -> dict:
+    """ours-fp8 (torch._scaled_mm) against impl="reference" (kernels/fp8.py's emulation: the
+    same quantisation, fp32 GEMMs), and its out / dx against float64 as SQNR in dB."""
+    from ..kernels.fp8 import quantize_weight
+
+    Wq, ws = quantize_weight(W)
+    adapter = torch.float32 if name == "ours-fp8" else torch.bfloat16
+    results = {}
+    for impl in ("auto", "reference"):
+        A_, B_ = (t.detach().to(adapter).requires_grad_() for t in (A, B))
+        x_ = x.detach().requires_grad_()
+        out = torch.ops.unsloth.lora_linear_fp8(x_, Wq, ws, None, A_, B_, None, None, None, SCALE, None,
+                                                x.dtype, impl)[0]
+        results[impl] = [out.detach(), *torch.autograd.grad(out, [x_, A_, B_], dy)]
+    errors = {n: ((o.double() - r.double()).norm() / r.double().norm()).item()
+              for n, o, r in zip(("out", "dx", "dA", "dB"), results["auto"], results["reference"])}
+    x64, W64, A64, B64 = (t.detach().double() for t in (x, W, A.to(adapter), B.to(adapter)))
+    want = {"out": x64 @ W64.t() + SCALE * (x64 @ A64.t()) @ B64.t(),
+            "dx": dy.double() @ W64 + SCALE * (dy.double() @ B64) @ A64}
+    for key, got in (("out", results["auto"][0]), ("dx", results["auto"][1])):
+        errors[f"sqnr_{key}_db"] = (20 * torch.log10(want[key].norm() / (got.double() - want[key]).norm())).item()
+    return errors
+
+
 def run_case(layer: str, M: int, r: int, variants, device) -> list[dict]:
     K, N = LAYERS[layer]
     x, W, A, B, dy = _inputs(M, K, N, r, device)
@@ -176,6 +214,12 @@ def run_case(layer: str, M: int, r: int, variants, device) -> list[dict]:
                 if name.endswith(("-triton", "-cublas")):
                     check = _forced_path(name.rsplit("-", 1)[1], check)
                 row["rel_err_vs_reference"] = check()
+            if name.endswith(("fp8", "fp8-bf16")):
+                row["weight_bytes"] = N * K + 4 * N  # e4m3 codes + fp32 row scales
+                if name.startswith("ours"):
+                    row["rel_err_vs_reference"] = _rel_err_fp8_vs_emulation(x, W, A, B, dy, name)
+            elif name == "base":
+                row["weight_bytes"] = W.numel() * W.element_size()
             step = _make_variant(name, x, W, A, B, dy)
             row["ms"] = _bench(step)
             row["gpu_ms"] = _bench_graph(step)

@@ -120,7 +120,11 @@ def compile_for(model: torch.nn.Module, variant: Variant) -> Callable:
     if variant.kind == "unsloth":
         from unsloth_compile import Config  # importing the package registers the backend
 
-        Config.from_options(options, mode)  # a bad option fails here, not after Dynamo traced the model
+        cfg = Config.from_options(options, mode)  # a bad option fails here, not after Dynamo traced the model
+        if cfg.precision.value == "fp8":  # the frozen bases stored in fp8 first, as unsloth_compile.compile does
+            from unsloth_compile.fp8 import convert
+
+            convert(model, allow_emulation=cfg.kernels.value == "reference")
         if mode is None:
             return torch.compile(model, backend="unsloth", options=options)
         # torch.compile refuses mode and options together; the backend takes both

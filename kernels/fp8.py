@@ -1,0 +1,223 @@
+"""Float8 (e4m3) frozen base for the LoRA linear: rowwise quantisation, the base's two GEMMs
+in fp8, and the LoRA term beside them in the adapter dtype.
+
+Math (x: M x K activations, W: N x K frozen weight, dY: M x N output gradient):
+
+    W   = diag(w_s) W_q              W_q = e4m3(W / w_s), one scale per output row, stored once
+    Y   = X W^T   ~ diag(x_s) X_q W_q^T diag(w_s)       X_q: e4m3 of X by rows, per call
+    dX  = dY W    = (dY diag(w_s)) W_q ~ diag(g_s) G_q W_q     G_q: e4m3 of G = dY diag(w_s) by rows
+
+The backward folds the weight's row scales into dY's columns before quantising dY by rows, so
+one fp8 copy of W with one scale vector serves both GEMMs: N K + 4 N bytes instead of bf16's
+2 N K. The alternatives cost more memory: a second copy with per-column scales for dY W (the
+rowwise layout torch._scaled_mm wants for `b`) brings the weight back to 2 N K bytes; a
+per-tensor scale saves the same as ours but one outlier row then coarsens every row.
+torch._scaled_mm takes `b` column-major only, so dY W reads W_q transposed: a transient
+K x N fp8 copy per backward call (N K bytes read and written, freed at once).
+
+Conventions (torchao's float8 rowwise recipe; scales are dequantisation multipliers, what
+torch._scaled_mm multiplies by):
+- amax per row in fp32; scale = 448 / max(amax, 1e-12) rounded *down* to a power of two, so
+  |t * scale| <= 448, and multiplying by the scale or its inverse is exact in fp32.
+- t * scale is clamped to [-448, 448] before the cast (saturation: CUDA's cast turns values
+  past 448 into NaN, the CPU cast saturates them; the clamp makes both agree), then rounded to
+  nearest-even by the cast to float8_e4m3fn.
+- A zero row has amax 0, scale 2^48: its codes and its outputs are zero. Values below
+  2^-9 / scale (e4m3's smallest subnormal) flush to zero.
+- A NaN in a row makes the row's amax NaN, so every code of the row and every output of that
+  row is NaN; an inf makes the scale 0 and inf * 0 = NaN: also the whole row. Non-finite
+  inputs are never saturated into finite values (that would hide an overflow); a row of bf16
+  eager output with an inf input is +-inf or NaN as well.
+
+Two flavours of every GEMM, bitwise the same quantisation:
+- emulated (`emulate=True`, the reference and the CPU path): codes to fp32, fp32 matmul,
+  times both scales (exact: powers of two), rounded to bf16 as torch._scaled_mm returns;
+- torch._scaled_mm (rowwise scales; CUDA capability >= 8.9), which needs K and N multiples
+  of 16, `a` row-major, `b` column-major, fp32 scales (M, 1) and (1, N), bf16 output.
+
+Nothing of the project is imported here but kernels/reference.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .reference import effective_scale, rows
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+AMAX_EPS = 1e-12  # torchao's: keeps the scale of an all-zero row finite
+GEMM_ALIGNMENT = 16  # torch._scaled_mm: K and N multiples of 16
+MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and newer
+GEMM_OUT_DTYPE = torch.bfloat16  # the only output dtype torch._scaled_mm takes with rowwise scales
+
+
+# ----------------------------------------------------------------------------- quantisation
+
+
+def saturate_to_e4m3(t: Tensor) -> Tensor:
+    """Clamp to +-448, then round to nearest-even e4m3. NaN stays NaN."""
+    return t.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
+def scale_from_amax(amax: Tensor) -> Tensor:
+    """fp32 power-of-two multiplier that maps amax to at most 448 (0 for inf, NaN for NaN)."""
+    ratio = E4M3_MAX / amax.float().clamp(min=AMAX_EPS)
+    return torch.exp2(torch.floor(torch.log2(ratio)))
+
+
+def quantize_rowwise(t: Tensor) -> tuple[Tensor, Tensor]:
+    """(codes, dequant) for a 2-D tensor of any float dtype and strides: codes (R, C) e4m3
+    contiguous, dequant (R, 1) fp32 with t ~ codes * dequant."""
+    if t.shape[-1] == 0:  # amax over an empty row is undefined: no codes, unit scales
+        return torch.empty(t.shape, dtype=E4M3, device=t.device), torch.ones(t.shape[0], 1, device=t.device)
+    t32 = t.float()
+    scale = scale_from_amax(t32.abs().amax(dim=-1, keepdim=True))
+    return saturate_to_e4m3(t32 * scale).contiguous(), 1.0 / scale
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A dense (N, K) weight -> (W_q (N, K) e4m3, w_s (N,) fp32): the stored form."""
+    codes, dequant = quantize_rowwise(weight)
+    return codes, dequant.reshape(-1)
+
+
+def dequantize_rowwise(codes: Tensor, dequant: Tensor) -> Tensor:
+    """fp32 values of codes (R, C) with dequant of shape (R, 1) or (R,)."""
+    return codes.float() * dequant.reshape(-1, 1)
+
+
+# ----------------------------------------------------------------------------- where it runs
+
+
+def gemm_shape_problem(n: int, k: int) -> Optional[str]:
+    """Why torch._scaled_mm cannot run a linear with K inputs and N outputs, or None."""
+    bad = [f"{name}={size}" for name, size in (("K (in_features)", k), ("N (out_features)", n))
+           if size == 0 or size % GEMM_ALIGNMENT]
+    if bad:
+        return (f"{' and '.join(bad)} not a non-zero multiple of {GEMM_ALIGNMENT}, which the fp8 GEMM "
+                f"(torch._scaled_mm) needs")
+    return None
+
+
+def scaled_mm_problem(device: torch.device) -> Optional[str]:
+    """Why fp8 GEMMs cannot run on this CUDA device, with the way out, or None."""
+    capability = torch.cuda.get_device_capability(device)
+    if tuple(capability) >= MIN_CAPABILITY:
+        return None
+    return (f"precision='fp8' needs a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+            f"(fp8 tensor cores: Ada, Hopper, Blackwell); {device} ({torch.cuda.get_device_name(device)}) has "
+            f"{capability[0]}.{capability[1]}. Use precision='default' (the base in its own dtype), or "
+            f"kernels='reference' to emulate the fp8 numerics (slow; for checking accuracy only)")
+
+
+def require_scaled_mm(device: torch.device) -> None:
+    problem = scaled_mm_problem(device)
+    if problem is not None:
+        raise RuntimeError(f"unsloth_compile: {problem}")
+
+
+# ----------------------------------------------------------------------------- the two GEMMs
+
+
+def _scaled_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant: Tensor, emulate: bool) -> Tensor:
+    """diag(a_dequant) A_q B_q diag(b_dequant) in bf16. a_codes (M, C) row-major; b_codes
+    (C, P), column-major on the torch._scaled_mm path; dequants (M, 1) and (1, P) fp32."""
+    if emulate:
+        return ((a_codes.float() @ b_codes.float()) * a_dequant * b_dequant).to(GEMM_OUT_DTYPE)
+    problem = gemm_shape_problem(b_codes.shape[1], a_codes.shape[1])
+    if problem is not None:
+        raise ValueError(f"unsloth_compile: {problem}")
+    if a_codes.shape[0] == 0:
+        return a_codes.new_empty((0, b_codes.shape[1]), dtype=GEMM_OUT_DTYPE)
+    return torch._scaled_mm(a_codes, b_codes, scale_a=a_dequant, scale_b=b_dequant, out_dtype=GEMM_OUT_DTYPE)
+
+
+def base_forward(x2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate: bool) -> Tensor:
+    """X W^T (M, N) in bf16: X quantised by rows here, W stored as (codes, row dequant)."""
+    x_codes, x_dequant = quantize_rowwise(x2d)
+    return _scaled_gemm(x_codes, x_dequant, w_codes.t(), w_dequant.reshape(1, -1), emulate)
+
+
+def base_grad_input(grad2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate: bool) -> Tensor:
+    """dY W (M, K) in bf16: G = dY diag(w_s) (exact: w_s is a power of two) quantised by rows,
+    times W_q, whose column-major layout is a transient transposed copy."""
+    g_codes, g_dequant = quantize_rowwise(grad2d.float() * w_dequant.reshape(1, -1))
+    b = w_codes if emulate else w_codes.t().contiguous().t()
+    ones = torch.ones(1, w_codes.shape[1], dtype=torch.float32, device=w_codes.device)
+    return _scaled_gemm(g_codes, g_dequant, b, ones, emulate)
+
+
+def stored_or_quantized(weight: Tensor, weight_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(codes, row dequant) of the base: as stored (weight e4m3 with its scale), or a dense
+    weight quantised now (the pass's per-call form, for a model that was not converted)."""
+    if weight_scale is not None:
+        if weight.dtype != E4M3:
+            raise ValueError(f"unsloth_compile: an fp8 base weight must be {E4M3}, got {weight.dtype}")
+        return weight, weight_scale
+    return quantize_weight(weight)
+
+
+def fp8_linear_forward(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Optional[Tensor],
+                       emulate: bool) -> Tensor:
+    """x W^T + b with W in fp8: (..., N) in x's dtype (bias added after the cast, in that dtype)."""
+    out = base_forward(rows(x), weight, weight_scale, emulate).to(x.dtype)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear_backward(grad_out: Tensor, weight: Tensor, weight_scale: Tensor, x_dtype: torch.dtype,
+                        emulate: bool) -> Tensor:
+    """dx = dY W with W in fp8: (..., K) in x's dtype."""
+    dx = base_grad_input(rows(grad_out), weight, weight_scale, emulate).to(x_dtype)
+    return dx.reshape(*grad_out.shape[:-1], weight.shape[1])
+
+
+# ----------------------------------------------------------------------------- LoRA linear
+
+
+def lora_linear_fp8_forward(x: Tensor, weight: Tensor, weight_scale: Optional[Tensor], bias: Optional[Tensor],
+                            lora_A: Tensor, lora_B: Tensor, lora_B_bias: Optional[Tensor], lora_x: Optional[Tensor],
+                            residual: Optional[Tensor], scale: float, scale_tensor: Optional[Tensor],
+                            out_dtype: torch.dtype, emulate: bool) -> tuple[Tensor, Tensor]:
+    """reference.lora_linear_forward with the base GEMM in fp8: (out, lora_hidden).
+
+    out = (fp8(x W^T) + b + s (x_l A^T) B^T + s b_B).to(out_dtype) (+ residual); the LoRA term
+    in the adapter dtype (fp32 accumulation), in the reference's order of operations."""
+    w_codes, w_dequant = stored_or_quantized(weight, weight_scale)
+    base = rows(fp8_linear_forward(x, w_codes, w_dequant, bias, emulate))
+    adapter_in = rows(x if lora_x is None else lora_x).to(lora_A.dtype)
+    lora_hidden = adapter_in @ lora_A.t()
+    lora = torch.nn.functional.linear(lora_hidden, lora_B, lora_B_bias)
+    out = (base + lora * effective_scale(scale, scale_tensor)).to(out_dtype)
+    if residual is not None:
+        out = out + rows(residual)
+    return out.reshape(*x.shape[:-1], out.shape[-1]), lora_hidden
+
+
+def lora_linear_fp8_backward(grad_out: Tensor, x: Tensor, weight: Tensor, weight_scale: Optional[Tensor],
+                             lora_A: Tensor, lora_B: Tensor, lora_x: Optional[Tensor], lora_hidden: Tensor,
+                             scale: float, scale_tensor: Optional[Tensor], emulate: bool
+                             ) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """(dx, d_lora_x, dA, dB), as reference.lora_linear_backward with dY W in fp8; x may be a
+    stand-in of x's shape and dtype when the adapter reads lora_x. Contiguous results."""
+    w_codes, w_dequant = stored_or_quantized(weight, weight_scale)
+    grad2d = rows(grad_out)
+    dx = base_grad_input(grad2d, w_codes, w_dequant, emulate).to(x.dtype)
+    grad_lora = grad2d.to(lora_A.dtype) * effective_scale(scale, scale_tensor)
+    dB = grad_lora.t() @ lora_hidden
+    d_hidden = grad_lora @ lora_B
+    adapter_in = rows(x if lora_x is None else lora_x).to(lora_A.dtype)
+    dA = d_hidden.t() @ adapter_in
+    d_adapter_in = d_hidden @ lora_A
+    lead, K = x.shape[:-1], x.shape[-1]
+    d_lora_x = None
+    if lora_x is None:
+        dx = dx + d_adapter_in.to(x.dtype)
+    else:
+        d_lora_x = d_adapter_in.to(lora_x.dtype).reshape(*lead, K)
+    return dx.reshape(*lead, K), d_lora_x, dA.contiguous(), dB.contiguous()

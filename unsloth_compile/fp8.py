@@ -1,0 +1,204 @@
+"""Frozen base weights stored in float8 e4m3: the conversion, separate from the runtime rewrite.
+
+    report = unsloth_compile.fp8.convert(model)   # each LoRA layer's frozen base -> Fp8Linear
+    print(report)                                 # per layer: converted, or why not; bytes saved
+    model = torch.compile(model, backend="unsloth")   # fuses each into torch.ops.unsloth.lora_linear_fp8
+    unsloth_compile.fp8.revert(model)             # back to nn.Linear / Conv1D, dequantised (lossy)
+
+`Fp8Linear` holds the weight quantised once (kernels/fp8.py: e4m3 codes with one power-of-two
+scale per output row, which serve both the forward X W^T and the backward dY W) as buffers,
+and drops the dense weight: N K + 4 N bytes instead of 2 N K in bf16. Its forward is one
+`torch.ops.unsloth.fp8_linear` call, so the model still runs eagerly (in fp8) and the LoRA
+pass sees an fp8 base in the graph. Layers whose shapes the fp8 GEMM cannot take (K or N not a
+multiple of 16), whose weight is trainable, or that are not a linear stay as they are and are
+listed in the report with the reason.
+
+Convert before building the optimizer, and drop other references to the dense weights: the
+memory is freed only when nothing else holds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
+from .kernels import fp8 as fp8_kernels
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): weight stored (in, out), y = x W + b."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def dense_weight(module: nn.Module) -> Optional[Tensor]:
+    """The (N, K) weight of an nn.Linear or a Conv1D (a transposed view), else None."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if _is_conv1d(module):
+        return module.weight.t()
+    return None
+
+
+def unsupported(module: nn.Module) -> Optional[str]:
+    """Why `module` cannot become an Fp8Linear, or None."""
+    weight = dense_weight(module)
+    if weight is None:
+        return f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)"
+    if weight.requires_grad:
+        return "the weight is trainable (fp8 storage is for frozen bases)"
+    if not weight.dtype.is_floating_point or weight.dtype == fp8_kernels.E4M3:
+        return f"the weight's dtype is {weight.dtype}"
+    return fp8_kernels.gemm_shape_problem(weight.shape[0], weight.shape[1])
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with W stored in float8 e4m3 (codes `weight_fp8` (N, K), dequantisation
+    scales `weight_scale` (N,) fp32) and no dense copy. The bias, if any, stays a parameter."""
+
+    def __init__(self, weight_fp8: Tensor, weight_scale: Tensor, bias: Optional[nn.Parameter],
+                 dense_dtype: torch.dtype, conv1d: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = weight_fp8.shape
+        self.register_buffer("weight_fp8", weight_fp8)
+        self.register_buffer("weight_scale", weight_scale)
+        self.bias = bias
+        self.dense_dtype = dense_dtype  # what to_dense restores
+        self.conv1d = conv1d
+
+    @classmethod
+    def from_dense(cls, module: nn.Module) -> "Fp8Linear":
+        """Quantise an nn.Linear (or Conv1D) once; ValueError with the reason when it cannot."""
+        reason = unsupported(module)
+        if reason is not None:
+            raise ValueError(f"unsloth_compile.fp8: cannot store {type(module).__name__} in fp8: {reason}")
+        weight = dense_weight(module)
+        with torch.no_grad():
+            codes, scales = fp8_kernels.quantize_weight(weight.detach())
+        return cls(codes, scales, module.bias, weight.dtype, conv1d=_is_conv1d(module))
+
+    def dequantized_weight(self) -> Tensor:
+        """(N, K) in the dense dtype: what the fp8 codes stand for."""
+        return fp8_kernels.dequantize_rowwise(self.weight_fp8, self.weight_scale).to(self.dense_dtype)
+
+    def to_dense(self) -> nn.Module:
+        """An nn.Linear (or Conv1D) with the dequantised weight, frozen, sharing the bias."""
+        weight = self.dequantized_weight()
+        if self.conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(self.out_features, self.in_features)
+            dense.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        else:
+            dense = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+            dense.weight = nn.Parameter(weight, requires_grad=False)
+        dense.bias = self.bias
+        return dense
+
+    def forward(self, x: Tensor) -> Tensor:
+        device_type = x.device.type
+        bias = self.bias
+        if torch.is_autocast_enabled(device_type):  # as nn.Linear under autocast: x and b in its dtype
+            dtype = torch.get_autocast_dtype(device_type)
+            x, bias = x.to(dtype), None if bias is None else bias.to(dtype)
+        return torch.ops.unsloth.fp8_linear(x, self.weight_fp8, self.weight_scale, bias, "auto")
+
+    def _apply(self, fn, recurse=True):
+        # model.to(bf16) / .half() cast every floating buffer, and float8 counts as floating:
+        # the codes and scales only follow device moves (a cast of the scales to fp16 could
+        # flush them to zero). fn applied to an empty probe of the dense dtype says where
+        # tensors go and which dtype to_dense should restore.
+        kept = {name: self._buffers.pop(name) for name in ("weight_fp8", "weight_scale")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            probe = fn(torch.empty(0, dtype=self.dense_dtype, device=kept["weight_fp8"].device))
+            for name, buffer in kept.items():
+                self._buffers[name] = buffer.to(probe.device)
+            if probe.dtype.is_floating_point:
+                self.dense_dtype = probe.dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, fp8=e4m3 rowwise, dense_dtype={self.dense_dtype}")
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    converted: list[str] = dataclasses.field(default_factory=list)  # module paths
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)  # module path -> reason
+    dense_bytes: int = 0  # the converted weights before
+    fp8_bytes: int = 0  # after: codes and scales
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.dense_bytes - self.fp8_bytes
+
+    def __str__(self) -> str:
+        lines = [f"unsloth_compile.fp8: {len(self.converted)} base linear(s) stored in fp8, "
+                 f"{len(self.refused)} left as they are; weights {self.dense_bytes / 2**20:.1f} MiB -> "
+                 f"{self.fp8_bytes / 2**20:.1f} MiB ({self.saved_bytes / 2**20:.1f} MiB saved)"]
+        lines += [f"  {path}: not converted: {reason}" for path, reason in self.refused.items()]
+        return "\n".join(lines)
+
+
+def lora_base_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, LoRA layer) for every PEFT-style LoRA layer: a module with `base_layer` and
+    `lora_A` (PEFT's LoraLayer and what mimics it)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "base_layer", None), nn.Module) and hasattr(m, "lora_A")]
+
+
+def _targets(model: nn.Module, select) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, path) of each module to convert."""
+    if select is None:
+        return [(layer, "base_layer", f"{path}.base_layer" if path else "base_layer")
+                for path, layer in lora_base_layers(model)]
+    found = []
+    for parent_path, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            path = f"{parent_path}.{attr}" if parent_path else attr
+            if select(path, child):
+                found.append((parent, attr, path))
+    return found
+
+
+def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None,
+            allow_emulation: bool = False) -> ConversionReport:
+    """Store frozen base linears of `model` in fp8, in place; returns what was done.
+
+    `select(path, module)` picks the modules to convert (default: the `base_layer` of every
+    LoRA layer). On a CUDA device below capability 8.9 it raises (the fp8 GEMMs cannot run
+    there) unless `allow_emulation` (kernels="reference": the slow emulation, for accuracy
+    checks)."""
+    report = ConversionReport()
+    for parent, attr, path in _targets(model, select):
+        module = getattr(parent, attr)
+        if isinstance(module, Fp8Linear):
+            continue
+        reason = unsupported(module)
+        if reason is not None:
+            report.refused[path] = reason
+            continue
+        weight = dense_weight(module)
+        if weight.device.type == "cuda" and not allow_emulation:
+            fp8_kernels.require_scaled_mm(weight.device)
+        converted = Fp8Linear.from_dense(module)
+        report.dense_bytes += weight.numel() * weight.element_size()
+        report.fp8_bytes += converted.weight_fp8.numel() + 4 * converted.weight_scale.numel()
+        setattr(parent, attr, converted)
+        report.converted.append(path)
+    return report
+
+
+def revert(model: nn.Module) -> int:
+    """Every Fp8Linear back to a dense layer with its dequantised weight; returns how many."""
+    swaps = [(parent, attr, child) for parent in model.modules() for attr, child in parent.named_children()
+             if isinstance(child, Fp8Linear)]
+    for parent, attr, child in swaps:
+        setattr(parent, attr, child.to_dense())
+    return len(swaps)
