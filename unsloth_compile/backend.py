@@ -15,7 +15,7 @@ import torch
 from torch._dynamo.backends.registry import register_backend
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.* before any graph is compiled
-from .config import Config, Inner
+from .config import CompressMode, Config, Inner
 from .report import publish
 from .summary import SummaryLedger, summarize
 
@@ -28,10 +28,16 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     from .passes import run_passes
 
     gm, report = run_passes(gm, example_inputs, cfg)
-    publish(report, log_it=cfg.report)
-    if cfg.summary:
-        summarize(report, example_inputs, ledger)
-    return _inner_compile(gm, example_inputs, cfg)
+    try:  # published after the inner compile: AOTAutograd's partition adds compress_saved sites
+        if cfg.compress_activations is not CompressMode.NONE:  # aot_eager / Inductor, our partitioner
+            from .passes.compress_saved import compile_compressed
+
+            return compile_compressed(gm, example_inputs, cfg, report, inductor_patches(cfg))
+        return _inner_compile(gm, example_inputs, cfg)
+    finally:
+        publish(report, log_it=cfg.report)
+        if cfg.summary:
+            summarize(report, example_inputs, ledger)
 
 
 def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config) -> Callable:

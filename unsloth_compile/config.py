@@ -44,6 +44,16 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+class CompressMode(str, enum.Enum):
+    """What backward reads of the tensors saved for it by LoRA ops and FFN blocks
+    (passes/compress_saved.py): the forward values stay exact either way."""
+
+    NONE = "none"  # saved as computed
+    FP8 = "fp8"  # e4m3 codes with one fp32 scale per row (COAT-style)
+    INT8 = "int8"  # int8 codes with one fp32 absmax scale per row
+    LOWRANK = "lowrank"  # the LoRA op's input projected to k columns; dA from it (CompAct-style)
+
+
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -74,6 +84,12 @@ class Config:
     # without (docs/bench/e2e-runs/cudagraphs-default-2026-11-30.md). mode="reduce-overhead"
     # turns them on with Inductor's own rules.
     cudagraphs: bool = False
+    # compress what LoRA ops and FFN blocks save for backward (lossy for the gradients only;
+    # needs inner "aot_eager" or "inductor", where AOTAutograd partitions forward and backward)
+    compress_activations: CompressMode = CompressMode.NONE
+    # k, the columns the LoRA input is projected to with compress_activations="lowrank"
+    # (the design's 768 -> 128); the input's last dimension must be larger
+    compress_lowrank_k: int = 128
     report: bool = True  # log the per-site report (logger "unsloth_compile") at INFO
     # one line per model (logger "unsloth_compile.summary", shown even when logging is not
     # configured), a UserWarning when nothing was fused: what happened, without asking
@@ -99,10 +115,26 @@ class Config:
                 )
             elif isinstance(field.default, int) and not isinstance(field.default, bool):
                 object.__setattr__(self, field.name, _positive_int(field.name, value))
+        self._check_compression()
         if self.mode not in _MODES:
             raise ValueError(
                 f"unsloth_compile: mode={self.mode!r} is not valid; choose one of "
                 + ", ".join(repr(m) for m in _MODES)
+            )
+
+    def _check_compression(self) -> None:
+        if self.compress_activations is not CompressMode.NONE and self.inner is Inner.EAGER:
+            raise ValueError(
+                f"unsloth_compile: compress_activations={self.compress_activations.value!r} needs "
+                "AOTAutograd's forward/backward partition, which inner='eager' does not run; use "
+                "inner='aot_eager' or 'inductor'"
+            )
+        if self.compress_activations is CompressMode.LOWRANK and (
+                self.cudagraphs or self.mode in ("reduce-overhead", "max-autotune")):
+            raise ValueError(
+                "unsloth_compile: compress_activations='lowrank' draws a new random projection on "
+                "the host at each step, which a CUDA graph replay would freeze into one; use "
+                "cudagraphs=False and a mode without CUDA graphs, or another compress_activations"
             )
 
     @classmethod

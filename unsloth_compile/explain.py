@@ -24,7 +24,8 @@ def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, ver
     one-line summary is off unless `summary=True`).
     """
     options = dict(options or {})
-    options.setdefault("inner", "eager")
+    # eager, unless compress_activations is on: its sites come from AOTAutograd's partition
+    options.setdefault("inner", "eager" if options.get("compress_activations", "none") == "none" else "aot_eager")
     options.setdefault("summary", False)  # the caller gets the whole report
 
     def backend(gm, example_inputs):

@@ -28,7 +28,7 @@ import torch
 
 KINDS = ("full", "eager", "inductor", "aot_eager", "unsloth")
 # Options that change numerics on purpose: their accuracy drop is reported, not held to 0.3 points.
-LOSSY_OPTIONS = ("precision", "compress_ffn", "sparsity")
+LOSSY_OPTIONS = ("precision", "compress_activations", "sparsity")
 
 
 @dataclasses.dataclass
