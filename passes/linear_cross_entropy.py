@@ -218,7 +218,8 @@ def replace_site(gm: GraphModule, m: Match, cfg: Config) -> dict:
     for node in reversed([m.head, *m.chain]):
         if not node.users:
             gm.graph.erase_node(node)
-    return {"vocab": vocab, "rows": fm.example_value(m.args["input"]).shape[0], "chunk_rows": chunk_rows,
+    rows = fm.example_value(m.args["input"]).shape[0]
+    return {"vocab": vocab, "rows": rows if isinstance(rows, int) else str(rows), "chunk_rows": chunk_rows,
             "steps": list(m.steps), "reduction": m.args["reduction"],
             "weight_grad": fm.requires_grad(weight), "bias": bias is not None}
 

@@ -235,6 +235,50 @@ def test_hand_written_model_fuses_and_trains_like_eager(head, steps, reduction):
                                      "none": []}[steps]
 
 
+def test_pass_invariants_meta_code_idempotent():
+    """passes/README.md's invariants: true meta on the new node, the head and the loss gone from
+    the generated code, a second run finds nothing, the rewritten graph computes what the
+    module does."""
+    model = HandWrittenLM(head="frozen", steps="softcap")
+    ids, labels = _lm_batches()(0)
+    reports, graphs = [], []
+
+    def rewrite(gm, example_inputs):
+        reports.append(Report())
+        fuse_linear_cross_entropy(gm, Config(), reports[-1])
+        graphs.append(gm)
+        return gm.forward
+    out = torch.compile(model, backend=rewrite, fullgraph=True)(ids, labels)
+    torch.testing.assert_close(out, model(ids, labels))
+    (gm,) = graphs
+    (node,) = [n for n in gm.graph.nodes if n.target is OP]
+    assert node.meta["example_value"].shape == () and node.meta["val"] is node.meta["example_value"]
+    code = gm.code
+    assert "torch.ops.unsloth.linear_cross_entropy" in code and "functional.cross_entropy" not in code
+    assert code.count("torch._C._nn.linear(") == 1  # the layer's; the head's is inside the op
+    again = Report()
+    fuse_linear_cross_entropy(gm, Config(), again)
+    assert again.sites == [] and reports[0].counters["linear_cross_entropy.fused"] == 1
+
+
+def test_changing_sequence_length_fuses_every_graph():
+    """A new sequence length each step: Dynamo recompiles with a symbolic row count, the site
+    still fuses (chunk_rows depends on the vocabulary only)."""
+    def batches(step):
+        return _lm_batches(seq=7 + 2 * step)(step)
+    report = train_and_compare(HandWrittenLM(head="tied"), batches, steps=3, loss_fn=_first, options=NO_LORA).report
+    assert report.counters["linear_cross_entropy.fused"] == report.graphs == 2, str(report)
+    assert isinstance(report.fused[-1].details["rows"], str)  # symbolic: "3*s.."
+
+
+def test_real_inductor_trains_like_eager():
+    """The default inner compiler (what runs on a GPU): Inductor calls the op as an extern
+    kernel with the fake impl's shapes and strides; a trainable tied head, softcap."""
+    report = train_and_compare(HandWrittenLM(head="tied", steps="softcap"), _lm_batches(), steps=2, loss_fn=_first,
+                               options={"summary": False}).report
+    assert report.counters["linear_cross_entropy.fused"] == 1, str(report)
+
+
 @pytest.mark.parametrize("ce_kwargs,reason", [
     ({"label_smoothing": 0.1}, "label_smoothing=0.1 is not fused"),
     ({"reduction": "none"}, "reduction='none' is not fused"),
@@ -382,6 +426,36 @@ def test_loss_only_drops_logits_in_training_only_and_survives_deepcopy():
     model.train()
     restore_logits(model)
     assert "forward" not in model.__dict__ and model(**batch).logits is not None
+
+
+def test_trainer_with_loss_only_fuses_trains_like_eager_and_still_predicts_logits(tmp_path):
+    """The documented path: loss_only + UnslothCompileCallback under Trainer (its column
+    filtering reads the forward's signature); losses as the eager Trainer's; evaluation and
+    prediction (eval mode) still get the logits."""
+    import transformers as tf
+
+    from unsloth_compile import UnslothCompileCallback
+    from unsloth_compile.report import collect_reports
+
+    ids = torch.randint(2, VOCAB, (12,), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": ids, "labels": ids}] * 6
+
+    def train(model, out, callbacks=()):
+        args = tf.TrainingArguments(output_dir=str(out), max_steps=2, per_device_train_batch_size=2,
+                                    learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True,
+                                    save_strategy="no", disable_tqdm=True)
+        trainer = tf.Trainer(model=model, args=args, train_dataset=data, callbacks=list(callbacks))
+        trainer.train()
+        return trainer, [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+    model = peft_wrap(tiny_causal_lm("llama"))
+    _, losses_eager = train(copy.deepcopy(model), tmp_path / "eager")
+    with collect_reports() as report:
+        trainer, losses = train(loss_only(model), tmp_path / "compiled",
+                                [UnslothCompileCallback({"inner": "aot_eager", "summary": False})])
+    assert report.counters["linear_cross_entropy.fused"] == 1, str(report)
+    torch.testing.assert_close(losses, losses_eager, rtol=1e-4, atol=1e-4)
+    assert trainer.predict(data[:2]).predictions.shape == (2, 12, VOCAB)
 
 
 # ----------------------------------------------------------------------------- GPU
