@@ -116,7 +116,7 @@ def _chunk(h_c: Tensor, t_c: Tensor, weight: Tensor, bias: Optional[Tensor], ign
     loss_sum = torch.where(valid, lse - target_logit, torch.zeros_like(lse)).sum()
     if grad_scale is None:
         return loss_sum, None
-    grad = torch.exp(logits - lse[:, None])  # softmax
+    grad = (logits - lse[:, None]).exp_()  # softmax (exp in place: one chunk-sized temporary less)
     grad.scatter_add_(1, safe_t[:, None], torch.full_like(grad[:, :1], -1.0))
     # zero on ignored rows; a `where` so that 1/0 (mean over no valid row) never meets them
     row_scale = torch.where(valid, grad_scale, torch.zeros_like(grad_scale))
