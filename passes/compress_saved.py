@@ -182,16 +182,17 @@ def ffn_activation_region(fw: GraphModule) -> set[Node]:
     return region
 
 
-def lora_backward_uses(placeholder: Node) -> Optional[list[tuple[Node, int]]]:
-    """[(lora_linear_backward node, argument index 1 or 5)] when every use of the backward
-    placeholder is a LoRA backward reading it as x or lora_x (once), else None."""
-    uses = []
+def lora_backward_uses(placeholder: Node) -> tuple[list[tuple[Node, int]], list[Node]]:
+    """([(lora_linear_backward node, argument index 1 or 5)] for the LoRA backwards reading
+    the backward placeholder as x or lora_x, [every other reader])."""
+    uses, others = [], []
     for user in placeholder.users:
         positions = [i for i, a in enumerate(user.args) if a is placeholder]
-        if user.target is not _LORA_BACKWARD or len(positions) != 1 or positions[0] not in (1, 5):
-            return None
-        uses.append((user, positions[0]))
-    return uses or None
+        if user.target is _LORA_BACKWARD and len(positions) == 1 and positions[0] in (1, 5):
+            uses.append((user, positions[0]))
+        else:
+            others.append(user)
+    return uses, others
 
 
 def _backward_readers_ok(node: Node, depth: int = 0) -> Optional[str]:
@@ -245,6 +246,10 @@ def check_saved(saved: SavedTensor, cfg: Config, output_roots: set[Node]) -> Opt
         return f"last dimension {value.shape[-1]} < {MIN_COLUMNS}: per-row scales would eat the saving"
     if storage_root(saved.fw) in output_roots:
         return "also a forward output (or a view of one): compressing it would free nothing"
+    if saved.kind == "lora_input":
+        others = sorted({str(n.target) for n in lora_backward_uses(saved.bw)[1]})
+        if others:
+            return f"backward also reads it with {', '.join(others)}, which needs it exact"
     if saved.kind == "ffn_activation":
         if lowrank:
             return ("lowrank compresses LoRA inputs only: backward reads an FFN activation "
@@ -260,7 +265,7 @@ def _check_lowrank(saved: SavedTensor, k: int, columns: int) -> Optional[str]:
     if columns <= k:
         return f"its {columns} columns are not more than compress_lowrank_k={k}: a projection would not be smaller"
     groups = set()
-    for node, _ in lora_backward_uses(saved.bw):
+    for node, _ in lora_backward_uses(saved.bw)[0]:
         args = rewrite._lora_backward_args(node)
         if args[12] is not None and args[12].op != "placeholder":
             return "the LoRA dropout mask is recomputed in backward, not saved: cannot project x' = x * mask"
@@ -287,8 +292,10 @@ def _saved_tensors(fw: GraphModule, bw: GraphModule, num_fwd_outputs: int, regio
     candidates = []
     for node in dict.fromkeys(saved):  # a tensor saved twice is one candidate
         placeholder = placeholders[node.name]
-        uses = lora_backward_uses(placeholder)
-        if uses is not None:
+        lora_uses, others = lora_backward_uses(placeholder)
+        # kept only for dA: a LoRA input (lowrank applies); read elementwise in an FFN too: an
+        # activation; a LoRA input that something else also reads is reported (and refused)
+        if lora_uses and (not others or node not in region):
             paths = sorted({fm.module_path(u) for u in node.users if u.target is _LORA_FORWARD})
             candidates.append(SavedTensor(node, placeholder, "lora_input", _join_paths(paths)))
         elif node in region:
@@ -351,7 +358,7 @@ def compress_saved_activations(fw: GraphModule, bw: GraphModule, num_fwd_outputs
         details = _details(saved, mode)
         value = saved.fw.meta["val"]
         if cfg.compress_activations is CompressMode.LOWRANK:
-            uses = lora_backward_uses(saved.bw)
+            uses = lora_backward_uses(saved.bw)[0]
             new = rewrite.lowrank(fw, bw, saved.fw, saved.bw, uses, cfg.compress_lowrank_k, num_fwd_outputs)
         else:
             new = rewrite.rowwise(fw, bw, saved.fw, saved.bw, mode, num_fwd_outputs)

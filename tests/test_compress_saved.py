@@ -208,6 +208,26 @@ def test_explain_lists_the_sites_of_a_gelu_mlp():
     assert report.counters["compress_saved.bytes_saved"] == 2 * (2 * 7 * 48 * 3 - 2 * 7 * 4)
 
 
+class _GatedByInput(torch.nn.Module):
+    """x feeds a LoRA linear and multiplies its output: backward's mul reads x exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 32)
+
+    def forward(self, inp):
+        x = torch.sin(inp)
+        return self.proj(x) * x
+
+
+def test_a_lora_input_that_backward_reads_elsewhere_is_refused():
+    model = peft_wrap(_GatedByInput(), target_modules=["proj"])
+    report = unsloth_compile.explain(model, torch.randn(6, 32), options={"compress_activations": "fp8"})
+    (site,) = [s for s in report.sites if s.pattern == "compress_saved"]
+    assert site.decision == "refused" and site.details["kind"] == "lora_input"
+    assert site.reason == "backward also reads it with aten.mul.Tensor, which needs it exact"
+
+
 @pytest.mark.parametrize("mode", ["fp8", "lowrank"])
 def test_partitioned_graphs_save_the_compressed_tensors(monkeypatch, mode):
     """The forward graph's saved outputs are the codes (not the tensor), the backward graph
