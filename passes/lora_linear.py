@@ -4,6 +4,7 @@ Pattern (Dynamo graph, torch IR), as PEFT and hand-written LoRA modules produce 
 
     base   = linear(x, W, b)                      | view(addmm(b, view(x), W))   (Conv1D, W is K x N)
                                                    | x @ W.T  | fp8_linear(x, W_q, w_s, b)   (Fp8Linear)
+                                                   | sparse24_linear(x, W, W_c, layout, b)   (Sparse24Linear)
     h_i    = [dropout_i]([cast](x))               adapter input, per adapter i
     lora_i = linear(linear(h_i, A_i), B_i, b_Bi)  | (h_i @ A_i^T) @ B_i^T  | h_i @ A_i @ B_i
     sum    = base + lora_1 * s_1 + ... + lora_k * s_k     (s: float, 0-d tensor, or absent)
@@ -18,7 +19,8 @@ by what they read: the op computes the base and one group, the other groups' ter
 graph nodes, each dropout where it was, and reach the op as its residual
 (lora_adapter_groups.py). Under autocast the op's operands are cast to the dtypes the
 projections computed in (lora_autocast.py). A base stored in fp8, or any base under
-precision="fp8", makes the op `torch.ops.unsloth.lora_linear_fp8` (fp8_linear.py).
+precision="fp8", makes the op `torch.ops.unsloth.lora_linear_fp8` (fp8_linear.py); a base pruned
+2:4 (Sparse24Linear) under sparsity="2:4", `torch.ops.unsloth.lora_linear_sparse24` (sparse24_linear.py).
 
 Check: the base weight is frozen, every adapter reads the base input, the scale is not
 trainable. Anything else is refused and reported with the reason; LoRA layers left in the
@@ -40,6 +42,7 @@ from ..report import Report, Site
 from . import fp8_linear
 from . import fx_match as fm
 from . import lora_adapter_groups, lora_autocast
+from . import sparse24_linear
 from . import subgraphs
 from .lora_leftovers import report_leftover_lora_layers
 
@@ -54,6 +57,7 @@ class BaseLinear:
     weight_transposed: bool
     nodes: list[Node]  # matched nodes, erased after the rewrite if unused
     weight_scale: Optional[Node] = None  # set: an Fp8Linear, `weight` its e4m3 codes (fp8_linear.py)
+    sparse24: Optional[tuple] = None  # set: a Sparse24Linear's (compressed, layout) (sparse24_linear.py)
 
 
 @dataclasses.dataclass
@@ -92,6 +96,7 @@ class LoraSite:
     extras: list[Adapter] = dataclasses.field(default_factory=list)
     dropout_scale: Optional[float] = None  # set: the single adapter's dropout goes in as its mask
     fp8: Optional[str] = None  # set: the base runs in fp8 (fp8_linear.STORED or PER_CALL)
+    sparse24: Optional[str] = None  # set: the base runs on its compressed 2:4 weight
 
 
 # ----------------------------------------------------------------------------- pattern
@@ -101,6 +106,9 @@ def match_base_linear(node: Node) -> Optional[BaseLinear]:
     if (fp8_base := fp8_linear.match_fp8_base(node)) is not None:
         x, codes, scales, bias, nodes = fp8_base
         return BaseLinear(x, codes, bias, False, nodes, weight_scale=scales)
+    if (sparse_base := sparse24_linear.match_sparse24_base(node)) is not None:
+        x, weight, bias, nodes, stored = sparse_base
+        return BaseLinear(x, weight, bias, False, nodes, sparse24=stored)
     if fm.is_linear(node):
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -360,6 +368,9 @@ def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
         if site.fp8:
             call = fp8_linear.replace_base(emit, site, x, bias, (A, B, B_bias, lora_x, residual, scale, scale_tensor),
                                            mask_args, cfg.kernels.value)
+        elif site.sparse24:
+            call = sparse24_linear.replace_base(emit, site, x, bias, (A, B, B_bias, lora_x, residual, scale,
+                                                scale_tensor), mask_args, cfg.kernels.value)
         else:
             call = emit("call_function", torch.ops.unsloth.lora_linear.default, (
                 x, weight, bias, A, B, B_bias, lora_x, residual, scale, scale_tensor,
@@ -451,8 +462,10 @@ def _fuse_in_graph(gm: GraphModule, cfg: Config, report: Report) -> None:
         # Planned before the rewrite: replace_site erases the dropout it turns into a mask.
         site = plan_site(node, base, adapters, adds, cfg)
         site.fp8, fp8_refusal = fp8_linear.check_fp8(base, cfg)
+        site.sparse24, sparse_refusal = sparse24_linear.check_sparse24(base, cfg)
         replace_site(gm, site, cfg)
         fp8_text = fp8_linear.record(report, details, site.fp8, fp8_refusal)
+        fp8_text += sparse24_linear.record(report, details, base, site.sparse24, sparse_refusal)
         report.add(Site(path, PATTERN, "fused", describe_fused(site, details, fp8_text), details))
         report.counters["lora_linear.residual_folded"] += site.residual is not None
         report.counters["lora_linear.adapters"] += len(adapters)

@@ -35,6 +35,13 @@ class Precision(str, enum.Enum):
     FP8 = "fp8"  # float8 e4m3 with rowwise scales (CUDA capability >= 8.9; emulated on CPU)
 
 
+class Sparsity(str, enum.Enum):
+    """Whether fused LoRA linears run a 2:4-pruned frozen base on the sparse tensor cores."""
+
+    NONE = "none"  # dense GEMMs (a base pruned by unsloth_compile.sparsity.prune keeps its zeros)
+    SEMI_2_4 = "2:4"  # X W^T and dY W on the compressed 2:4 weight (Sparse24Linear bases only)
+
+
 def _positive_int(name: str, value: Any) -> int:
     """An int option: an int >= 1, or its decimal string (as the bench's command line gives it)."""
     if isinstance(value, str) and value.strip().isdigit():
@@ -68,6 +75,10 @@ class Config:
     # unsloth_compile.fp8.convert is stored in fp8 (half the memory) and always runs so; with
     # this option a dense base is quantised on each call instead (no memory saved).
     precision: Precision = Precision.DEFAULT
+    # 2:4: LoRA linears whose base unsloth_compile.sparsity.prune converted run X W^T and dY W
+    # on the compressed weight (cuSPARSELt or CUTLASS; cuSPARSELt alone measured 1.2-1.6x
+    # faster than dense cuBLAS at the Llama shapes, H200); other sites are reported refused
+    sparsity: Sparsity = Sparsity.NONE
     # rewrite attention masks that would push a compiled SDPA call off the fused kernels
     # (an all-True mask built under tracing, a mask broadcast along its last dimension)
     attention: bool = True
@@ -116,6 +127,7 @@ class Config:
             elif isinstance(field.default, int) and not isinstance(field.default, bool):
                 object.__setattr__(self, field.name, _positive_int(field.name, value))
         self._check_compression()
+        self._check_sparsity()
         if self.mode not in _MODES:
             raise ValueError(
                 f"unsloth_compile: mode={self.mode!r} is not valid; choose one of "
@@ -135,6 +147,14 @@ class Config:
                 "unsloth_compile: compress_activations='lowrank' draws a new random projection on "
                 "the host at each step, which a CUDA graph replay would freeze into one; use "
                 "cudagraphs=False and a mode without CUDA graphs, or another compress_activations"
+            )
+
+    def _check_sparsity(self) -> None:
+        if self.sparsity is Sparsity.SEMI_2_4 and self.precision is not Precision.DEFAULT:
+            raise ValueError(
+                f"unsloth_compile: sparsity='2:4' with precision={self.precision.value!r} is not supported: "
+                "the 2:4 op computes in the base's dtype (cuSPARSELt's e4m3 sparse GEMMs are not wired "
+                "in); use one of the two"
             )
 
     @classmethod

@@ -362,3 +362,4 @@ _lib.impl("linear_cross_entropy", _linear_cross_entropy_autograd, "Autograd")
 
 from . import ops_fp8  # noqa: E402,F401  torch.ops.unsloth.*fp8* (needs the helpers above)
 from . import ops_compress  # noqa: E402,F401  torch.ops.unsloth.* that compress saved tensors (issue 12)
+from . import ops_sparse  # noqa: E402,F401  torch.ops.unsloth.*sparse24* (2:4 frozen bases, issue 15)

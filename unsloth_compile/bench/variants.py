@@ -125,6 +125,10 @@ def compile_for(model: torch.nn.Module, variant: Variant) -> Callable:
             from unsloth_compile.fp8 import convert
 
             convert(model, allow_emulation=cfg.kernels.value == "reference")
+        if cfg.sparsity.value == "2:4":  # the LoRA bases pruned 2:4 (magnitude) first: the option runs them sparse
+            from unsloth_compile.sparsity import prune
+
+            prune(model)
         if mode is None:
             return torch.compile(model, backend="unsloth", options=options)
         # torch.compile refuses mode and options together; the backend takes both

@@ -1,0 +1,160 @@
+"""Time the 2:4 sparse frozen base against the dense one at the Llama shapes (CUDA only).
+
+    python scripts/bench_sparse24.py                     # M = 8192, r = 16, bf16, both layouts
+    python scripts/bench_sparse24.py --tokens 4096 --layouts cusparselt --out /tmp/sp
+
+Rows per layer (unsloth_compile.bench.kernel's LAYERS), each fwd+bwd as autograd runs it
+(gradients of x, and of the adapters for LoRA rows), GPU time from CUDA-graph replay and
+eager wall time, both medians in ms:
+    base                 F.linear(x, W): X W^T, dY W on cuBLAS (the denominator of every ratio)
+    base-2:4-<layout>    torch.ops.unsloth.sparse24_linear on W's compressed copies
+    ours-fp32            torch.ops.unsloth.lora_linear, dense base, fp32 adapters (PEFT's)
+    ours-2:4-<layout>    torch.ops.unsloth.lora_linear_sparse24, fp32 adapters
+    ours-2:4-<layout>-bf16   the same with bf16 adapters
+    gemm-fwd / gemm-bwd  the two base products alone, dense vs each layout (the issue's first
+                         measurement: cuSPARSELt 1.2-1.6x / 1.3-1.5x faster, H200)
+Each sparse row also carries its relative error against impl="reference" (the dense masked
+weight). Writes sparse24.json and sparse24.md under --out (default docs/bench).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import unsloth_compile  # noqa: E402,F401  registers the ops
+from unsloth_compile.bench.kernel import LAYERS, _bench, _bench_graph  # noqa: E402
+from unsloth_compile.kernels import sparse24  # noqa: E402
+from unsloth_compile.sparse24_mask import transposable_mask  # noqa: E402
+
+SCALE = 2.0
+
+
+def _inputs(M, K, N, r, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    W = torch.randn(N, K, device="cuda", dtype=dtype, generator=g) / K ** 0.5
+    W = W * transposable_mask(W.abs())
+    x = torch.randn(M, K, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    A = (torch.randn(r, K, device="cuda", generator=g) / K ** 0.5).requires_grad_()
+    B = (torch.randn(N, r, device="cuda", generator=g) / r ** 0.5).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=dtype, generator=g)
+    return W, x, A, B, dy
+
+
+def _step(forward, inputs, dy):
+    def run():
+        return torch.autograd.grad(forward(), inputs, dy)
+    return run
+
+
+def _variants(W, x, A, B, dy, layouts):
+    """name -> (step, check): check() is the relative error against the reference, or None."""
+    A16, B16 = (t.detach().to(torch.bfloat16).requires_grad_() for t in (A, B))
+    out = {
+        "base": (_step(lambda: torch.nn.functional.linear(x, W), [x], dy), None),
+        "ours-fp32": (_step(lambda: torch.ops.unsloth.lora_linear(x, W, None, A, B, None, None, None, SCALE, None,
+                                                                  False, x.dtype, "auto")[0], [x, A, B], dy), None),
+    }
+    for layout in layouts:
+        c = sparse24.compress(W, layout)
+
+        def lora(A_, B_, impl="auto", c=c, layout=layout):
+            return torch.ops.unsloth.lora_linear_sparse24(x, W, c, layout, None, A_, B_, None, None, None, SCALE,
+                                                          None, x.dtype, impl)[0]
+
+        def check(A_, B_, lora=lora):
+            got = _step(lambda: lora(A_, B_), [x, A_, B_], dy)()
+            ref = _step(lambda: lora(A_, B_, "reference"), [x, A_, B_], dy)()
+            return {n: ((g.double() - e.double()).norm() / e.double().norm()).item()
+                    for n, g, e in zip(("dx", "dA", "dB"), got, ref)}
+
+        out[f"base-2:4-{layout}"] = (_step(lambda c=c, layout=layout: torch.ops.unsloth.sparse24_linear(
+            x, W, c, layout, None, "auto"), [x], dy), None)
+        out[f"ours-2:4-{layout}"] = (_step(lambda lora=lora: lora(A, B), [x, A, B], dy),
+                                     lambda check=check: check(A, B))
+        out[f"ours-2:4-{layout}-bf16"] = (_step(lambda lora=lora: lora(A16, B16), [x, A16, B16], dy),
+                                          lambda check=check: check(A16, B16))
+        xd = x.detach()
+        out[f"gemm-fwd-2:4-{layout}"] = (lambda c=c, layout=layout: sparse24.base_forward(xd, W, c, layout), None)
+        out[f"gemm-bwd-2:4-{layout}"] = (lambda c=c, layout=layout: sparse24.base_grad_input(dy, W, c, layout), None)
+    xd = x.detach()
+    out["gemm-fwd-dense"] = (lambda: xd @ W.t(), None)
+    out["gemm-bwd-dense"] = (lambda: dy @ W, None)
+    return out
+
+
+def run(args) -> list[dict]:
+    rows = []
+    for layer in args.layers.split(","):
+        K, N = LAYERS[layer]
+        W, x, A, B, dy = _inputs(args.tokens, K, N, args.rank)
+        for name, (step, check) in _variants(W, x, A, B, dy, args.layouts.split(",")).items():
+            row = {"layer": layer, "M": args.tokens, "K": K, "N": N, "r": args.rank, "variant": name}
+            try:
+                row["gpu_ms"] = _bench_graph(step)
+                row["ms"] = _bench(step)
+                if check is not None:
+                    row["rel_err_vs_reference"] = check()
+            except Exception as error:  # one variant failing must not lose the others
+                row["error"] = f"{type(error).__name__}: {error}"
+                traceback.print_exc()
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for row in rows:  # ratios to the dense row of the same kind (GPU time)
+        kind = row["variant"].split("-2:4")[0].removesuffix("-dense").removesuffix("-fp32")
+        denominator = {"base": "base", "ours": "base", "gemm-fwd": "gemm-fwd-dense", "gemm-bwd": "gemm-bwd-dense"}
+        ref = next((r for r in rows if r["layer"] == row["layer"] and r["variant"] == denominator.get(kind, "base")),
+                   None)
+        if "gpu_ms" in row and ref is not None and "gpu_ms" in ref:
+            row["time_vs_dense"] = row["gpu_ms"] / ref["gpu_ms"]
+        lora = next((r for r in rows if r["layer"] == row["layer"] and r["variant"] == "ours-fp32"), None)
+        if kind == "ours" and "gpu_ms" in row and lora is not None and "gpu_ms" in lora:
+            row["time_vs_dense_lora"] = row["gpu_ms"] / lora["gpu_ms"]
+    return rows
+
+
+def render(rows: list[dict], env: dict) -> str:
+    lines = [f"# 2:4 sparse base vs dense ({env['gpu']}, {env['date']}; torch {env['torch']})", "",
+             "GPU time from CUDA-graph replay, fwd+bwd, median ms; `time_vs_dense` < 1 is faster "
+             "(base / ours rows against `base`, gemm rows against the dense product).", "",
+             "| layer | variant | gpu ms | eager ms | time vs dense | vs dense LoRA op | rel err vs reference |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        err = r.get("error") or ", ".join(f"{k} {v:.1e}" for k, v in r.get("rel_err_vs_reference", {}).items())
+        lines.append(f"| {r['layer']} | {r['variant']} | {r.get('gpu_ms', float('nan')):.3f} | "
+                     f"{r.get('ms', float('nan')):.3f} | {r.get('time_vs_dense', float('nan')):.2f} | "
+                     f"{r.get('time_vs_dense_lora', float('nan')):.2f} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", default=",".join(LAYERS))
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--layouts", default="cusparselt,cutlass")
+    p.add_argument("--out", default="docs/bench")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_sparse24: needs a CUDA GPU")
+    env = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+           "python": platform.python_version(), "tokens": args.tokens, "rank": args.rank}
+    rows = run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sparse24.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    (out / "sparse24.md").write_text(render(rows, env))
+    print(render(rows, env))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""2:4 structured sparsity of the frozen bases: pruning and conversion, once, before training;
+separate from the runtime rewrite (passes/sparse24_linear.py).
+
+    report = unsloth_compile.sparsity.prune(model)                      # magnitude
+    report = unsloth_compile.sparsity.prune(model, "wanda", calibration=batches)
+    print(report)             # per layer: kept-weight energy, or why it was left dense
+    model = torch.compile(model, backend="unsloth", options={"sparsity": "2:4"})
+    unsloth_compile.sparsity.revert(model)   # back to nn.Linear / Conv1D with the pruned weight
+
+`prune` draws a transposable 2:4 mask for the frozen base of every LoRA layer (4 x 4 tiles, 2
+kept per row and per column: sparse24_mask.py), so that both X W^T and backward's dY W run on
+the sparse tensor cores, zeroes the rest of the weight in place and (convert=True) swaps the
+base for a `Sparse24Linear`. Scores: "magnitude" |W|; "wanda" |W| * ||X_j||_2, the norm of
+each input feature over calibration batches run through the model (forward hooks on the
+bases). The report gives each layer's kept-weight energy (sum of kept w^2 / sum of w^2).
+
+`Sparse24Linear` keeps the dense masked weight (a frozen parameter: the CPU path, the
+reference, what state_dict saves) and, on CUDA, compressed copies of W and W^T
+(kernels/sparse24.py); its forward is one `torch.ops.unsloth.sparse24_linear` call, sparse on
+CUDA in eager too. The dense weight is validated 2:4 in both orientations when the module is
+built (and after load_state_dict), so the compiler, which only sees fake tensors, needs no
+check of the values: it recognises the op. Layers whose shape the 2:4 GEMMs cannot take,
+trainable weights and non-linear modules are neither pruned nor converted, and are listed in
+the report with the reason. No memory is saved (dense weight + ~1.1x in compressed copies).
+Revert before merging adapters (merge_and_unload writes into the dense weight only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops  # noqa: F401  registers torch.ops.unsloth.sparse24_linear
+from .kernels import sparse24
+from .sparse24_mask import kept_energy, sparsity_problem, transposable_mask
+
+log = logging.getLogger("unsloth_compile.sparsity")
+
+METHODS = ("magnitude", "wanda")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): weight stored (in, out), y = x W + b."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def dense_weight(module: nn.Module) -> Optional[Tensor]:
+    """The (N, K) weight of an nn.Linear or a Conv1D (a transposed view), else None."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    if _is_conv1d(module):
+        return module.weight.t()
+    return None
+
+
+def unsupported(module: nn.Module) -> Optional[str]:
+    """Why `module` cannot be pruned 2:4 and run sparse, or None."""
+    weight = dense_weight(module)
+    if weight is None:
+        return f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)"
+    if weight.requires_grad:
+        return "the weight is trainable (2:4 pruning is for frozen bases)"
+    if not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:
+        return f"the weight's dtype is {weight.dtype}"
+    return sparse24.shape_problem(weight.shape[0], weight.shape[1])
+
+
+class Sparse24Linear(nn.Module):
+    """y = x W^T + b with W 2:4 in both orientations: `weight` (N, K) dense with the zeros, a
+    frozen parameter; on CUDA also its compressed copies (non-persistent buffers `sparse_i`,
+    rebuilt after every device move or cast) in layout `layout`."""
+
+    def __init__(self, weight: Tensor, bias: Optional[nn.Parameter], conv1d: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = bias
+        self.conv1d = conv1d  # what to_dense restores
+        self.layout, self.dense_reason = sparse24.DENSE, None
+        self._compressed_names: list[str] = []
+        self._compress()
+
+    @classmethod
+    def from_dense(cls, module: nn.Module) -> "Sparse24Linear":
+        """A pruned nn.Linear (or Conv1D), weight shared; ValueError with the reason when it
+        cannot run sparse or its weight is not 2:4 along both dimensions."""
+        reason = unsupported(module)
+        weight = dense_weight(module)
+        if reason is None:
+            reason = sparsity_problem(weight)
+        if reason is not None:
+            raise ValueError(f"unsloth_compile.sparsity: cannot convert {type(module).__name__}: {reason}")
+        conv1d = _is_conv1d(module)
+        return cls(weight.detach().contiguous() if conv1d else weight.detach(), module.bias, conv1d)
+
+    def _compress(self) -> None:
+        """(Re)build the compressed copies for the weight's device and dtype."""
+        for name in self._compressed_names:
+            self._buffers.pop(name, None)
+        self._compressed_names = []
+        layout, reason = sparse24.layout_problem(self.weight.device)
+        if layout is not None and layout != sparse24.DENSE:
+            reason = sparse24.dtype_problem(self.weight.dtype, on_cuda=True)
+        self.layout, self.dense_reason = (sparse24.DENSE, reason) if reason is not None else (layout, None)
+        if self.layout == sparse24.DENSE:
+            return
+        with torch.no_grad():
+            for i, t in enumerate(sparse24.compress(self.weight, self.layout)):
+                self.register_buffer(f"sparse_{i}", t, persistent=False)
+                self._compressed_names.append(f"sparse_{i}")
+
+    def compressed(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._compressed_names]
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias, device_type = self.bias, x.device.type
+        if torch.is_autocast_enabled(device_type):  # as nn.Linear under autocast: x and b in its dtype
+            dtype = torch.get_autocast_dtype(device_type)
+            x, bias = x.to(dtype), None if bias is None else bias.to(dtype)
+        return torch.ops.unsloth.sparse24_linear(x, self.weight, self.compressed(), self.layout, bias, "auto")
+
+    def to_dense(self) -> nn.Module:
+        """An nn.Linear (or Conv1D) with the pruned weight, frozen, sharing the bias."""
+        weight = self.weight.detach()
+        if self.conv1d:
+            from transformers.pytorch_utils import Conv1D
+
+            dense = Conv1D(self.out_features, self.in_features)
+            dense.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        else:
+            dense = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+            dense.weight = nn.Parameter(weight, requires_grad=False)
+        dense.bias = self.bias
+        return dense
+
+    def _apply(self, fn, recurse=True):
+        # model.to(...) / .half() must not cast the compressed copies (values and metadata
+        # share one tensor in cuSPARSELt's layout): drop them, move the weight, rebuild.
+        for name in self._compressed_names:
+            self._buffers.pop(name, None)
+        self._compressed_names = []
+        super()._apply(fn, recurse)
+        self._compress()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        reason = sparsity_problem(self.weight)
+        if reason is not None:
+            raise ValueError(f"unsloth_compile.sparsity: loading {prefix}weight into a Sparse24Linear: {reason}")
+        self._compress()
+
+    def extra_repr(self) -> str:
+        why = f" ({self.dense_reason})" if self.dense_reason else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"2:4 transposable, layout={self.layout}{why}")
+
+
+@dataclasses.dataclass
+class SparsityReport:
+    method: str  # "magnitude", "wanda", or "none" (convert of an already pruned model)
+    energy: dict[str, float] = dataclasses.field(default_factory=dict)  # path -> kept-weight energy
+    converted: list[str] = dataclasses.field(default_factory=list)  # paths now Sparse24Linear
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why left as it is
+
+    def __str__(self) -> str:
+        mean = sum(self.energy.values()) / len(self.energy) if self.energy else float("nan")
+        lines = [f"unsloth_compile.sparsity: {len(self.energy)} base linear(s) pruned 2:4 ({self.method}), "
+                 f"{len(self.converted)} converted to Sparse24Linear, {len(self.refused)} left as they are; "
+                 f"mean kept-weight energy {mean:.4f}"]
+        lines += [f"  {path}: kept energy {e:.4f}" for path, e in self.energy.items()]
+        lines += [f"  {path}: not pruned: {reason}" for path, reason in self.refused.items()]
+        return "\n".join(lines)
+
+
+def lora_base_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, LoRA layer) for every PEFT-style LoRA layer (a module with `base_layer` and `lora_A`)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "base_layer", None), nn.Module) and hasattr(m, "lora_A")]
+
+
+def _targets(model: nn.Module, select) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, path) of each module to prune: the base of every LoRA layer, or
+    what `select(path, module)` picks."""
+    if select is None:
+        return [(layer, "base_layer", f"{path}.base_layer" if path else "base_layer")
+                for path, layer in lora_base_layers(model)]
+    found = []
+    for parent_path, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            path = f"{parent_path}.{attr}" if parent_path else attr
+            if select(path, child):
+                found.append((parent, attr, path))
+    return found
+
+
+def _run(model: nn.Module, batch) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def input_feature_norms(model: nn.Module, modules: dict[str, nn.Module], calibration: Iterable) -> dict[str, Tensor]:
+    """||X_j||_2 over every calibration token, per input feature j of each module: the model
+    runs each batch in eval mode without gradients; forward pre-hooks sum x^2 by column."""
+    sums: dict[str, Tensor] = {}
+
+    def hook_for(path: str):
+        def hook(_module, args):
+            x = args[0].detach()
+            part = x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
+            sums[path] = part if path not in sums else sums[path] + part
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(p)) for p, m in modules.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in calibration:
+                _run(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    missing = [p for p in modules if p not in sums]
+    if missing:
+        raise ValueError(f"unsloth_compile.sparsity: the calibration batches never reached {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}: pass batches the model's forward takes")
+    return {p: s.sqrt() for p, s in sums.items()}
+
+
+def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Iterable] = None,
+          select: Optional[Callable[[str, nn.Module], bool]] = None, convert: bool = True) -> SparsityReport:
+    """Prune the frozen base of every LoRA layer (or what `select(path, module)` picks) to a
+    transposable 2:4 mask, in place, and (convert) swap each for a Sparse24Linear.
+    Deterministic: the same weights (and calibration) give the same masks."""
+    if method not in METHODS:
+        raise ValueError(f"unsloth_compile.sparsity.prune: method={method!r}; choose one of {', '.join(METHODS)}")
+    if method == "wanda" and calibration is None:
+        raise ValueError("unsloth_compile.sparsity.prune: method='wanda' needs calibration= (batches for the "
+                         "model's forward), its scores weigh |W| by each input feature's norm")
+    report = SparsityReport(method)
+    todo = []
+    for parent, attr, path in _targets(model, select):
+        module = getattr(parent, attr)
+        if isinstance(module, Sparse24Linear):
+            report.refused[path] = "already a Sparse24Linear (pruned before)"
+        elif (reason := unsupported(module)) is not None:
+            report.refused[path] = reason
+        else:
+            todo.append((parent, attr, path, module))
+    norms = {}
+    if method == "wanda" and todo:
+        norms = input_feature_norms(model, {path: module for _, _, path, module in todo}, calibration)
+    for parent, attr, path, module in todo:
+        weight = dense_weight(module)
+        with torch.no_grad():
+            score = weight.detach().abs().float()
+            if method == "wanda":
+                score = score * norms[path].to(score.device, torch.float32)
+            mask = transposable_mask(score)
+            report.energy[path] = kept_energy(weight, mask)
+            weight.mul_(mask)  # a Conv1D's transposed view writes through to its (K, N) weight
+        log.info("unsloth_compile.sparsity: %s pruned 2:4 (%s), kept-weight energy %.4f", path, method,
+                 report.energy[path])
+        if convert:
+            setattr(parent, attr, Sparse24Linear.from_dense(module))
+            report.converted.append(path)
+    log.info("%s", report)
+    return report
+
+
+def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None) -> SparsityReport:
+    """Swap already pruned bases (a checkpoint saved after prune, say) for Sparse24Linear; a
+    weight that is not 2:4 in both orientations is left as it is, with the reason."""
+    report = SparsityReport("none")
+    for parent, attr, path in _targets(model, select):
+        module = getattr(parent, attr)
+        if isinstance(module, Sparse24Linear):
+            continue
+        reason = unsupported(module) or sparsity_problem(dense_weight(module))
+        if reason is not None:
+            report.refused[path] = reason
+            continue
+        setattr(parent, attr, Sparse24Linear.from_dense(module))
+        report.converted.append(path)
+    return report
+
+
+def revert(model: nn.Module) -> int:
+    """Every Sparse24Linear back to a dense layer with its pruned weight; returns how many."""
+    swaps = [(parent, attr, child) for parent in model.modules() for attr, child in parent.named_children()
+             if isinstance(child, Sparse24Linear)]
+    for parent, attr, child in swaps:
+        setattr(parent, attr, child.to_dense())
+    return len(swaps)
