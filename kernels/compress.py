@@ -11,7 +11,7 @@
 Row-wise scales: one scale per row of the last dimension (a token's activations), so an
 outlier token costs precision in its own row only. e4m3 keeps 3 mantissa bits (relative
 rounding error <= 2^-4 per element, about 31 dB SQNR on Gaussian rows); int8 with absmax
-scaling has a step of amax / 127 (about 38-42 dB on Gaussian rows of 64-4096 elements).
+scaling has a step of amax / 127 (41-45 dB on Gaussian rows of 64-4096 elements).
 
 Low rank (CompAct-style): the LoRA op needs its input X only for dA = s G^T X, G = dY B
 (r x K from M x K). With a random P (K x k) whose entries are independent +-1/sqrt(k)
