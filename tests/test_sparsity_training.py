@@ -54,6 +54,22 @@ def test_pruned_llama_trains_as_eager_with_sparsity(dropout, layers):
         assert sparsity_problem(layer.base_layer.weight) is None
 
 
+def test_pruned_bases_inside_checkpointed_layers():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                         vocab_size=96, num_hidden_layers=1)
+    model = tf.LlamaForCausalLM(cfg)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft_wrap(model)
+    sparsity.prune(model)
+    model.train()
+    cmp = train_and_compare(model, lambda step: batch_for("llama", seed=step),
+                            options={"inner": "aot_eager", "sparsity": "2:4"}, steps=2)
+    assert cmp.report.counters["sparse24_linear.fused"] == 7
+
+
 def test_the_compiled_graph_calls_the_sparse_op():
     model = _llama64(layers=1)
     sparsity.prune(model)
