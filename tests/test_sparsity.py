@@ -344,3 +344,9 @@ def test_sparse24_linear_on_a_sparse_layout_on_cpu(monkeypatch):
     torch.testing.assert_close(reference, x @ w.t() + bias)
     mismatched = torch.ops.unsloth.sparse24_linear(x.double(), w, compressed, "cutlass", None, "auto")
     torch.testing.assert_close(mismatched, x.double() @ w.double().t())
+
+
+def test_reachable_from_the_package():
+    import unsloth_compile
+
+    assert unsloth_compile.sparsity.prune is sparsity.prune
