@@ -28,6 +28,10 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     from .passes import run_passes
 
     gm, report = run_passes(gm, example_inputs, cfg)
+    if report.refused:  # under DDP's graph splitting a bucket boundary may have cut a LoRA site
+        from .distributed import warn_if_ddp_split
+
+        warn_if_ddp_split(report)
     try:  # published after the inner compile: AOTAutograd's partition adds compress_saved sites
         if cfg.compress_activations is not CompressMode.NONE:  # aot_eager / Inductor, our partitioner
             from .passes.compress_saved import compile_compressed

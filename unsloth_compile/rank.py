@@ -194,6 +194,10 @@ class LoraAdapter:
     def check(self) -> None:
         """ValueError when this layer is a LoRA form we cannot resize."""
         A, B = self.A, self.B
+        if _is_sharded(A) or _is_sharded(B):
+            raise ValueError(f"unsloth_compile.rank: {self.name}: the adapter is sharded by FSDP2 (DTensor "
+                             f"parameters), and fully_shard's parameter groups cannot take new shapes; choose the "
+                             f"rank before sharding, or train under DDP (unsloth_compile.distributed)")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"unsloth_compile.rank: {self.name}: lora_A {tuple(A.shape)} and lora_B "
                              f"{tuple(B.shape)} are not (r, in) and (out, r) matrices")
@@ -227,6 +231,14 @@ class LoraAdapter:
             if isinstance(getattr(self.module, "r", None), int):
                 self.module.r = r
         return new[0], new[1]
+
+
+def _is_sharded(param: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(param, DTensor)
 
 
 def _mark_static_if_needed(param: Tensor) -> None:

@@ -6,6 +6,8 @@
               test macro-F1 and accuracy of PEFT eager vs backend="unsloth"
     profile   one training step per variant: GPU time by kernel family, host time, GPU idle
     kernel    one LoRA linear against its frozen base linear (unsloth_compile.bench.kernel)
+    dist      N processes (one GPU each) under DDP and FSDP2 against one GPU: tokens/s per GPU,
+              scaling efficiency, peak memory per GPU (unsloth_compile.bench.distributed)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return kernel_main(argv[1:]) or 0
 
-    from . import accuracy, e2e, profile
+    from . import accuracy, distributed, e2e, profile
 
     # peft probes `model.is_gradient_checkpointing`, which transformers 5 deprecates: noise, not news
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -36,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     accuracy.add_arguments(sub.add_parser("accuracy", help="real-task accuracy over seeds"))
     profile.add_arguments(sub.add_parser("profile", help="one step by kernel family, host and idle time"))
     sub.add_parser("kernel", help="LoRA linear vs frozen base linear (own options: kernel --help)")
+    distributed.add_arguments(sub.add_parser("dist", help="DDP and FSDP2 on N GPUs against one GPU"))
     args = parser.parse_args(argv)
     if args.command == "e2e":
         e2e.run(args)
+    elif args.command == "dist":
+        distributed.run(args)
     elif args.command == "profile":
         profile.run(args)
     else:

@@ -1,0 +1,325 @@
+"""Multi-GPU LoRA training with the unsloth backend: DDP over a compiled model, FSDP2 with
+per-block compilation, and dynamic rank under DDP.
+
+    ddp = compile_ddp(model, device_ids=[local_rank])          # model compiled in place, then DDP
+    model = shard_lora_model(model, frozen="replicate")         # FSDP2 on each block + root, blocks compiled
+    with no_sync(ddp_or_fsdp_model): ...                        # gradient accumulation, either wrapper
+    controller = DistributedRankController(ddp, optimizer, ...) # ranks change identically on every rank
+
+DDP. Every rank holds the whole model; the trainable (LoRA) gradients are all-reduced. The model
+is compiled in place (`unsloth_compile.compile`) before DDP wraps it, so `state_dict` keys and
+`save_pretrained` stay as they were. Dynamo's DDP graph splitting (`optimize_ddp`) is turned off
+for this wrapper's forward: it cuts the graph at gradient-bucket boundaries (measured by the
+trainable parameters' bytes in reverse graph order), and a cut through a LoRA linear leaves both
+halves unfusable (tests/test_distributed.py forces small buckets: 4 of 14 sites fused with the
+split, 14 without). Without the split the whole backward runs as one graph and the all-reduce
+of the LoRA gradients (tens of MB for a 1B model) follows it instead of overlapping it.
+`split_graphs=True` restores Dynamo's default.
+
+FSDP2 (`torch.distributed.fsdp.fully_shard`, public since torch 2.6; `ignored_params` since 2.7).
+`fully_shard` is applied to each transformer block (the classes in transformers'
+`_no_split_modules`, or the `blocks` given), then to the root. Each block is compiled in place
+after it is sharded: FSDP2's hooks run outside the compiled graph (they are
+`torch._dynamo.disable`d), and inside it the block's parameters are the plain unsharded tensors,
+so the LoRA pass sees the same graph as on one GPU. Embeddings, final norm, LM head and loss are
+not compiled. `frozen` chooses what happens to the frozen base weights:
+- "shard": every parameter is sharded; the frozen base is all-gathered before each block's
+  forward and again in backward (communication: the whole base, twice per step). Pays when the
+  base does not fit on one GPU.
+- "replicate": the frozen parameters are `ignored_params` of fully_shard: every rank keeps the
+  whole base, as under DDP, and only the trainable parameters, their gradients and their
+  optimizer state are sharded (communication: the adapters only). `MixedPrecisionPolicy` then
+  casts only the trainable parameters: store the base in the dtype it should compute in.
+
+Dynamic rank (unsloth_compile.rank) under DDP: `DistributedRankController` averages the window
+loss over ranks, takes rank 0's decision everywhere, and after a resize rebuilds the DDP wrapper
+(DDP's reducer holds the old Parameters and cannot take new shapes), whose init broadcasts rank
+0's parameters (a grow draws random rows from each rank's own RNG) and checks that every rank
+has the same shapes. Under FSDP2 a resize is refused: the adapters are DTensor shards owned by
+fully_shard's parameter groups, which cannot be rebuilt in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .rank import RankController
+
+log = logging.getLogger("unsloth_compile")
+
+__all__ = ["LoraDDP", "compile_ddp", "rebuild_ddp", "shard_lora_model", "find_blocks", "compile_blocks",
+           "no_sync", "is_fsdp", "DistributedRankController", "FROZEN_CHOICES", "warn_if_ddp_split",
+           "trainable_state_dict"]
+
+FROZEN_CHOICES = ("replicate", "shard")
+
+# ----------------------------------------------------------------------------- DDP
+
+
+class LoraDDP(DistributedDataParallel):
+    """`DistributedDataParallel` whose forward compiles without Dynamo's DDP graph splitting
+    (unless `split_graphs=True`; see the module docstring). Built by `compile_ddp`; after a rank
+    change `rebuild_ddp` replaces it, and the replaced wrapper refuses to run."""
+
+    def __init__(self, module: nn.Module, *args: Any, split_graphs: bool = False, **kwargs: Any):
+        super().__init__(module, *args, **kwargs)
+        self._unsloth_split_graphs = split_graphs
+        self._unsloth_init = (args, dict(kwargs))
+        self._unsloth_replaced = False
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        if self._unsloth_replaced:
+            raise RuntimeError("unsloth_compile.distributed: this DDP wrapper was replaced after a LoRA rank "
+                               "change (its reducer holds the old parameters); use the new one "
+                               "(rebuild_ddp's result, or DistributedRankController.ddp)")
+        if self._unsloth_split_graphs:
+            return super().forward(*inputs, **kwargs)
+        # read when Dynamo converts a frame, i.e. at each (re)compilation inside this call
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return super().forward(*inputs, **kwargs)
+
+
+def compile_ddp(model: nn.Module, options: Optional[Mapping[str, Any]] = None, *, mode: Optional[str] = None,
+                split_graphs: bool = False, **ddp_kwargs: Any) -> LoraDDP:
+    """Compile `model` in place with the unsloth backend (`unsloth_compile.compile`), then wrap it
+    in DDP (`ddp_kwargs`: DistributedDataParallel's, e.g. device_ids=[local_rank]). Call on every
+    rank with the model already on its device."""
+    from .integration import compile as compile_in_place
+
+    _require_process_group("compile_ddp")
+    compile_in_place(model, options, mode=mode)
+    return LoraDDP(model, split_graphs=split_graphs, **ddp_kwargs)
+
+
+def rebuild_ddp(ddp: DistributedDataParallel) -> LoraDDP:
+    """A new wrapper over the same module after its parameters changed shape (a LoRA rank change).
+    DDP's init checks that every rank has the same shapes and broadcasts rank 0's parameters and
+    buffers. The old wrapper must not be used again (a LoraDDP refuses to)."""
+    if isinstance(ddp, LoraDDP):
+        args, kwargs = ddp._unsloth_init
+        new = LoraDDP(ddp.module, *args, split_graphs=ddp._unsloth_split_graphs, **kwargs)
+        ddp._unsloth_replaced = True
+        return new
+    return LoraDDP(ddp.module, device_ids=ddp.device_ids, process_group=ddp.process_group)
+
+
+_warned_split = False
+
+
+def warn_if_ddp_split(report: Any) -> None:
+    """Called by the backend for a graph with refused LoRA sites: when Dynamo is splitting the
+    graph at DDP's gradient buckets, a cut through a LoRA linear is the likely reason (the
+    halves are reported as merged adapters or unrecognised forms). Warns once per process."""
+    global _warned_split
+    mode = getattr(torch._dynamo.utils, "get_optimize_ddp_mode", lambda: None)()
+    active = getattr(DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
+    if _warned_split or mode != "ddp_optimizer" or active is None:
+        return
+    if not any(s.pattern == "lora_linear" for s in report.refused):
+        return
+    _warned_split = True
+    warnings.warn("unsloth_compile: LoRA linears refused while Dynamo splits the graph at DDP's gradient buckets "
+                  "(torch._dynamo.config.optimize_ddp): a bucket boundary through a LoRA linear leaves both halves "
+                  "unfusable. Wrap the model with unsloth_compile.distributed.compile_ddp (no split), or set "
+                  "torch._dynamo.config.optimize_ddp = False", stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- FSDP2
+
+
+def find_blocks(model: nn.Module, blocks: Optional[Iterable[Union[str, nn.Module]]] = None) -> list[nn.Module]:
+    """The modules FSDP2 shards (and compiles) one by one: `blocks` (modules or qualified names),
+    or every module whose class is in a transformers `_no_split_modules` (the decoder layers)."""
+    named = dict(model.named_modules())
+    if blocks is not None:
+        found = []
+        for spec in blocks:
+            if isinstance(spec, nn.Module):
+                if not any(m is spec for m in named.values()):
+                    raise ValueError(f"unsloth_compile.distributed: block {type(spec).__name__} is not part of the model")
+                found.append(spec)
+            elif spec in named:
+                found.append(named[spec])
+            else:
+                raise ValueError(f"unsloth_compile.distributed: the model has no module named {spec!r}")
+        return found
+    classes = set()
+    for module in named.values():
+        classes |= set(getattr(module, "_no_split_modules", None) or ())
+    found = [m for m in named.values() if type(m).__name__ in classes]
+    if not found:
+        raise ValueError("unsloth_compile.distributed: no transformer block found (no module class listed in a "
+                         "transformers `_no_split_modules`); pass blocks=[...] (e.g. model.model.layers)")
+    return found
+
+
+def compile_blocks(blocks: Sequence[nn.Module], options: Optional[Mapping[str, Any]] = None, *,
+                   mode: Optional[str] = None) -> None:
+    """Compile each block in place with the unsloth backend; one summary line for all of them."""
+    from .backend import unsloth
+    from .config import Config
+    from .summary import SummaryLedger
+
+    options = dict(options or {})
+    Config.from_options(options, mode)  # a bad option fails now, not at the first forward
+    backend = functools.partial(unsloth, options=options, mode=mode, ledger=SummaryLedger())
+    for block in blocks:
+        block.compile(backend=backend)
+
+
+def _frozen_params(module: nn.Module) -> set[nn.Parameter]:
+    return {p for p in module.parameters() if not p.requires_grad}
+
+
+def shard_lora_model(model: nn.Module, mesh: Any = None, *, frozen: str = "replicate", compile: bool = True,
+                     options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None,
+                     blocks: Optional[Iterable[Union[str, nn.Module]]] = None, mp_policy: Any = None,
+                     reshard_after_forward: Optional[bool] = None) -> nn.Module:
+    """FSDP2 over a LoRA model, in place: `fully_shard` on each block, then on the root; each block
+    compiled in place with the unsloth backend when `compile`. `frozen="replicate"` keeps the
+    frozen base whole on every rank and shards only the trainable parameters (and so their
+    gradients and optimizer state); `frozen="shard"` shards everything (see the module docstring).
+    `mesh`, `mp_policy` (a MixedPrecisionPolicy) and `reshard_after_forward` go to fully_shard
+    (None: its defaults). Call on every rank, with the model on its device, before building the
+    optimizer (the optimizer must see the sharded parameters). Returns `model`."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if frozen not in FROZEN_CHOICES:
+        raise ValueError(f"unsloth_compile.distributed: frozen={frozen!r}; choose 'replicate' (frozen base on "
+                         f"every rank, adapters sharded) or 'shard' (everything sharded)")
+    _require_process_group("shard_lora_model")
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise ValueError("unsloth_compile.distributed: the model is already sharded (fully_shard was applied); "
+                         "call shard_lora_model on an unsharded model")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("unsloth_compile.distributed: the model has no trainable parameter (no LoRA adapter?)")
+    found = find_blocks(model, blocks)
+    kwargs: dict = {"mesh": mesh, "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
+    if reshard_after_forward is not None:
+        kwargs["reshard_after_forward"] = reshard_after_forward
+    for block in found:
+        fully_shard(block, ignored_params=_frozen_params(block) if frozen == "replicate" else None, **kwargs)
+    fully_shard(model, ignored_params=_frozen_params(model) if frozen == "replicate" else None, **kwargs)
+    if compile:
+        compile_blocks(found, options, mode=mode)
+    model._unsloth_fsdp_frozen = frozen  # for the report of a benchmark, and the rank check
+    log.info("unsloth_compile.distributed: fully_shard on %d blocks and the root, frozen base %s%s", len(found),
+             "replicated" if frozen == "replicate" else "sharded", ", blocks compiled" if compile else "")
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def no_sync(model: nn.Module) -> Iterator[None]:
+    """Gradient accumulation: inside, backward accumulates local gradients without communication
+    (DDP's `no_sync`, FSDP2's `set_requires_gradient_sync(False)`); the first backward after it
+    syncs the sum. Under FSDP2 the accumulated gradients are kept unsharded until then."""
+    if isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    if not is_fsdp(model):
+        raise TypeError(f"unsloth_compile.distributed.no_sync: expected a DDP or fully_shard model, got "
+                        f"{type(model).__name__}")
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters (the adapters) as whole tensors on the CPU, keyed as the model
+    names them (without DDP's `module.`): what `peft_model.save_pretrained(dir, state_dict=...)`
+    takes on rank 0. Under FSDP2 it all-gathers the shards: call it on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    out = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            out[name] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+    return out
+
+
+# ----------------------------------------------------------------------------- dynamic rank
+
+
+def _require_process_group(what: str) -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"unsloth_compile.distributed.{what}: torch.distributed is not initialised; call "
+                           f"torch.distributed.init_process_group (torchrun sets the environment it reads)")
+
+
+def _has_sharded_params(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+class DistributedRankController(RankController):
+    """A RankController for a model under DDP (see `unsloth_compile.rank`): create it on every rank
+    with the DDP wrapper, call `step(loss)` on every rank at the same points, and run the model
+    through `controller.ddp`, which is rebuilt after each resize.
+
+    Every rank computes the policy on the loss averaged over ranks (one all-reduce per window),
+    then rank 0's decision is broadcast, so all ranks resize at the same steps to the same ranks;
+    the rebuilt wrapper broadcasts rank 0's parameters, so the new rows of a grow (drawn from
+    each rank's RNG) agree too. Optimizer state migrates identically on each rank: the old
+    state was identical (DDP's all-reduced gradients), and new slots are zero."""
+
+    def __init__(self, ddp: DistributedDataParallel, optimizer: Any = None, policy: str = "loss-decay",
+                 **kwargs: Any):
+        if not isinstance(ddp, DistributedDataParallel):
+            if is_fsdp(ddp) or _has_sharded_params(ddp):
+                raise ValueError(_FSDP_RESIZE)
+            raise TypeError(f"unsloth_compile.distributed.DistributedRankController: expected the DDP wrapper "
+                            f"(compile_ddp's result), got {type(ddp).__name__}; a model without DDP takes "
+                            f"unsloth_compile.rank.RankController")
+        _require_process_group("DistributedRankController")
+        self.ddp = ddp
+        super().__init__(ddp.module, optimizer, policy, **kwargs)
+
+    def advance(self) -> list:
+        if (self.steps + 1) % self.window == 0 and self.policy is not None:
+            total = torch.tensor([sum(self._losses), len(self._losses)], dtype=torch.float64,
+                                 device=_collective_device())
+            dist.all_reduce(total)
+            self._losses = [float(total[0] / total[1])] if total[1] > 0 else []
+        return super().advance()
+
+    def _change(self, ranks: list[int], reason: str) -> list:
+        box = [list(ranks), reason]
+        dist.broadcast_object_list(box, src=0, device=_collective_device())
+        plans = super()._change(box[0], box[1])
+        if plans:
+            self.ddp = rebuild_ddp(self.ddp)
+        return plans
+
+
+_FSDP_RESIZE = (
+    "unsloth_compile.distributed: LoRA ranks cannot change while FSDP2 shards the adapters (they are DTensor "
+    "shards owned by fully_shard's parameter groups, fixed when it was applied). Choose the rank before "
+    "shard_lora_model, or train under DDP (compile_ddp) with DistributedRankController, which rebuilds the "
+    "wrapper after each resize")
+
+
+def _collective_device() -> torch.device:
+    """Where a small tensor for a collective lives: NCCL needs the current CUDA device."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
