@@ -11,7 +11,6 @@ Every new node gets `meta["val"]` (and `tensor_meta`) from its op's fake impl.
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Optional
 
 import torch
@@ -58,19 +57,6 @@ def call(graph: torch.fx.Graph, target, args: tuple, like: Node, name: Optional[
     return node
 
 
-def getitems(graph: torch.fx.Graph, multi: Node, count: int, names: list[str]) -> list[Node]:
-    out = []
-    with graph.inserting_after(multi):
-        for i in reversed(range(count)):
-            item = graph.create_node("call_function", operator.getitem, (multi, i), {}, name=names[i])
-            _set_val(item, multi.meta["val"][i])
-            for key in _INHERITED_META:
-                if key in multi.meta:
-                    item.meta[key] = multi.meta[key]
-            out.append(item)
-    return out[::-1]
-
-
 def replace_saved_output(fw: GraphModule, old: Node, new: list[Node], num_fwd_outputs: int) -> None:
     """In the forward's output tuple, the saved `old` becomes `new` (same position)."""
     output = next(iter(fw.graph.find_nodes(op="output")))
@@ -107,18 +93,55 @@ def first_user(node: Node) -> Node:
     return min(node.users, key=order.__getitem__)
 
 
+# The row-wise compress and decompress go into the graphs as the aten ops of
+# kernels/compress.py's rowwise_compress / rowwise_decompress, one for one (same ops, same
+# order: on CPU bitwise the reference, tests/test_compress_saved.py), rather than as the opaque
+# torch.ops.unsloth.compress_rowwise call: Inductor then fuses the compress (a row amax, a
+# divide, a cast) into one kernel, often with the one that produced the tensor, and the
+# decompress (cast, multiply) into the backward kernel that reads it, so the decompressed
+# tensor is never written out. As opaque calls they would cost several full passes over
+# each tensor per step.
+aten = torch.ops.aten
+_convert = torch.ops.prims.convert_element_type.default
+
+
+def emit_rowwise_compress(graph: torch.fx.Graph, x: Node, fmt: str, like: Node) -> tuple[Node, Node]:
+    """(q, scale) nodes computing kernels/compress.rowwise_compress(x, fmt)."""
+    from ..kernels.compress import _CODE_MAX, ROWWISE_FORMATS
+
+    code_max = _CODE_MAX[fmt]
+    xf = x if x.meta["val"].dtype == torch.float32 else call(graph, _convert, (x, torch.float32), like)
+    amax = call(graph, aten.amax.default, (call(graph, aten.abs.default, (xf,), like), [-1], True), like)
+    scale = call(graph, aten.where.ScalarOther, (call(graph, aten.gt.Scalar, (amax, 0), like),
+                                                  call(graph, aten.div.Tensor, (amax, code_max), like), 1.0),
+                 like, name=f"{like.name}_scale")
+    # clamp as clamp_min then clamp_max: the nodes go in after Inductor's decompositions ran,
+    # so they must be ops Inductor lowers as they are (it has no lowering for aten.clamp)
+    scaled = call(graph, aten.div.Tensor, (xf, scale), like)
+    scaled = call(graph, aten.clamp_max.default, (call(graph, aten.clamp_min.default, (scaled, -code_max), like),
+                                                  code_max), like)
+    if fmt == "int8":
+        scaled = call(graph, aten.round.default, (scaled,), like)
+    q = call(graph, _convert, (scaled, ROWWISE_FORMATS[fmt]), like, name=f"{like.name}_{fmt}")
+    return q, scale
+
+
+def emit_rowwise_decompress(graph: torch.fx.Graph, q: Node, scale: Node, dtype: torch.dtype, like: Node) -> Node:
+    """The node computing kernels/compress.rowwise_decompress(q, scale, dtype)."""
+    restored = call(graph, aten.mul.Tensor, (call(graph, _convert, (q, torch.float32), like), scale), like)
+    return restored if dtype == torch.float32 else call(graph, _convert, (restored, dtype), like)
+
+
 def rowwise(fw: GraphModule, bw: GraphModule, saved: Node, placeholder: Node, fmt: str,
             num_fwd_outputs: int) -> list[Node]:
-    """t -> (q, scale) in the forward's saved outputs; decompressed in backward right before
-    its first reader."""
-    with fw.graph.inserting_after(saved):
-        packed = call(fw.graph, unsloth.compress_rowwise.default, (saved, fmt), saved)
-    q, scale = getitems(fw.graph, packed, 2, [f"{saved.name}_{fmt}", f"{saved.name}_scale"])
+    """t -> (q, scale) in the forward's saved outputs, computed right after t; decompressed
+    in backward right before its first reader."""
+    with fw.graph.inserting_before(saved.next):  # in creation order, right after t
+        q, scale = emit_rowwise_compress(fw.graph, saved, fmt, saved)
     replace_saved_output(fw, saved, [q, scale], num_fwd_outputs)
     q_in, scale_in = replace_placeholder(bw, placeholder, [q, scale])
     with bw.graph.inserting_before(first_user(placeholder)):
-        restored = call(bw.graph, unsloth.decompress_rowwise.default,
-                        (q_in, scale_in, saved.meta["val"].dtype), placeholder, name=f"{saved.name}_restored")
+        restored = emit_rowwise_decompress(bw.graph, q_in, scale_in, saved.meta["val"].dtype, placeholder)
     placeholder.replace_all_uses_with(restored)
     bw.graph.erase_node(placeholder)
     return [q, scale]

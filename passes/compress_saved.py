@@ -8,7 +8,8 @@ the same names. A saved tensor t chosen here becomes
 
     forward:   ..., q, scale = compress_rowwise(t, "fp8")        outputs: ..., q, scale, ...
     backward:  q, scale (placeholders) -> t~ = decompress_rowwise(q, scale, t.dtype) -> t's uses
-               (placed right before t's first reader: one decompressed tensor alive at a time)
+               (placed right before t's first reader: one decompressed tensor alive at a time;
+               both written as their aten ops, which Inductor fuses: compress_rewrite.py)
 
 so the forward computes exactly what it computed before (t itself is untouched and freed
 after its last forward use) and only what backward reads is approximated. With "lowrank",

@@ -134,6 +134,36 @@ def test_projected_backward_is_the_exact_op_except_dA(form, lead, K, N, r, k):
     torch.testing.assert_close(got[2].double(), dA_estimate, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_graph_form_of_compress_is_the_op_bitwise(fmt, dtype):
+    """The pass writes compress/decompress into the graphs as aten ops (so Inductor fuses
+    them): on CPU they give exactly what the ops (kernels/compress.py) give."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from unsloth_compile.passes.compress_rewrite import emit_rowwise_compress, emit_rowwise_decompress
+
+    x = torch.randn(3, 7, 45).to(dtype) * torch.logspace(-3, 3, 7).unsqueeze(-1).to(dtype)
+    x[0, 1] = 0
+    graph = torch.fx.Graph()
+    placeholder = graph.placeholder("x")
+    with FakeTensorMode() as mode:
+        placeholder.meta["val"] = mode.from_tensor(x)
+    q, scale = emit_rowwise_compress(graph, placeholder, fmt, placeholder)
+    restored = emit_rowwise_decompress(graph, q, scale, dtype, placeholder)
+    graph.output((q, scale, restored))
+    got = torch.fx.GraphModule(torch.nn.Module(), graph)(x)
+    q_ref, scale_ref = ops.compress_rowwise(x, fmt)
+    assert got[0].dtype == q_ref.dtype and torch.equal(got[0].view(torch.uint8), q_ref.view(torch.uint8))
+    assert torch.equal(got[1], scale_ref)
+    assert got[2].dtype == dtype and torch.equal(got[2], ops.decompress_rowwise(q_ref, scale_ref, dtype))
+    assert all(node.meta["val"].shape == value.shape for node, value in zip((q, scale, restored), got))
+    # the nodes go in after Inductor's decompositions: each must be an op Inductor lowers as is
+    from torch._inductor.lowering import lowerings
+    assert all(n.target in lowerings for n in graph.nodes if n.op == "call_function"), \
+        [n.target for n in graph.nodes if n.op == "call_function" and n.target not in lowerings]
+
+
 def test_opcheck_of_the_compress_ops():
     x = torch.randn(3, 5, 24)
     for fmt in ("fp8", "int8"):
@@ -257,12 +287,18 @@ def test_partitioned_graphs_save_the_compressed_tensors(monkeypatch, mode):
         # layer 0's output (silu reads it) and layer 2's input (its dA reads it): codes + row scales
         assert described.count(("float8_e4m3fn", (64, 48))) == 2 and described.count(("float32", (64, 1))) == 2
         assert ("float32", (64, 48)) not in described
-        decompress = [n for n in bw.graph.nodes if n.target is ops.decompress_rowwise.default]
-        assert len(decompress) == 2
-        for node in decompress:
-            first = min(node.users, key=list(bw.graph.nodes).index)
-            between = list(bw.graph.nodes)[list(bw.graph.nodes).index(node) + 1: list(bw.graph.nodes).index(first)]
-            assert all(b.target is ops.decompress_rowwise.default for b in between)
+        # each code placeholder -> convert -> mul(scale), placed right before its first reader
+        nodes = list(bw.graph.nodes)
+        codes = [p for p in bw.graph.find_nodes(op="placeholder") if p.meta["val"].dtype == torch.float8_e4m3fn]
+        assert len(codes) == 2
+        for placeholder in codes:
+            (convert,) = placeholder.users
+            (restored,) = convert.users
+            assert restored.target is torch.ops.aten.mul.Tensor
+            first = min(restored.users, key=nodes.index)
+            between = nodes[nodes.index(convert): nodes.index(first)]
+            assert all(b.op == "call_function" and b.target in (torch.ops.prims.convert_element_type.default,
+                                                                torch.ops.aten.mul.Tensor) for b in between)
     else:  # layer 2's input: Z (64 x 8) and P (48 x 8); the backward op is the projected one
         assert ("float32", (64, 8)) in described and ("float32", (48, 8)) in described
         assert [n.target for n in bw.graph.nodes].count(ops.lora_linear_backward_projected.default) == 1
