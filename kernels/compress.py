@@ -20,11 +20,13 @@ only Z = X P (M x k) and P. Its error is large per step: for each row m of dA,
 E ||m P P^T - m||^2 = (K - 1) / k * ||m||^2 (a Gaussian P gives (K + 1) / k), so the
 relative error is about sqrt(K / k): training relies on P being drawn afresh each step.
 
-All of this is a few torch ops per tensor, which run on CUDA as well. A Triton kernel would
-help later in two places: the row-wise compress (one read of x, amax and cast in one pass:
-today amax, divide, clamp and cast are separate launches over the tensor) and the
-decompress fused into its consumer (silu_backward, the LoRA backward's dA GEMM reading
-fp8 rows directly), so the decompressed tensor is never written out.
+All of this is a few torch ops per tensor, which run on CUDA as well. The pass writes the
+row-wise compress and decompress into the graphs as these same aten ops
+(passes/compress_rewrite.py), which Inductor fuses with their neighbours. Where a
+hand-written Triton kernel would still help: the LoRA backward's dA GEMM reading the fp8 or
+int8 rows and their scales directly (Inductor runs the decompress as its own kernel before
+the opaque LoRA op, writing the decompressed x once), and lowrank's Z = X P computed inside
+the forward LoRA kernel, which reads X anyway (today a separate GEMM re-reads it).
 
 Nothing of the project is imported here (kernels/ sits at the bottom of the dependency
 order).
