@@ -74,9 +74,11 @@ def quantize_rowwise(t: Tensor) -> tuple[Tensor, Tensor]:
     contiguous, dequant (R, 1) fp32 with t ~ codes * dequant."""
     if t.shape[-1] == 0:  # amax over an empty row is undefined: no codes, unit scales
         return torch.empty(t.shape, dtype=E4M3, device=t.device), torch.ones(t.shape[0], 1, device=t.device)
-    t32 = t.float()
-    scale = scale_from_amax(t32.abs().amax(dim=-1, keepdim=True))
-    return saturate_to_e4m3(t32 * scale).contiguous(), 1.0 / scale
+    # amax from the row's min and max: one read of t, no |t| or fp32 copy of it (NaN propagates)
+    low, high = torch.aminmax(t, dim=-1, keepdim=True)
+    scale = scale_from_amax(torch.maximum(low.abs(), high.abs()))
+    scaled = t * scale  # fp32 by type promotion; exact, the scale is a power of two
+    return scaled.clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3).contiguous(), 1.0 / scale
 
 
 def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
