@@ -245,6 +245,11 @@ def check_saved(saved: SavedTensor, cfg: Config, output_roots: set[Node]) -> Opt
     columns = _hint(value.shape[-1])
     if columns is None or columns < MIN_COLUMNS:
         return f"last dimension {value.shape[-1]} < {MIN_COLUMNS}: per-row scales would eat the saving"
+    if (cfg.compress_activations is CompressMode.FP8 and cfg.inner.value == "inductor"
+            and value.device.type == "cuda" and torch.cuda.get_device_capability(value.device) < (8, 9)):
+        return (f"Inductor's Triton code casts to float8 only on CUDA capability >= 8.9 (this GPU: "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(value.device)))}); use "
+                "compress_activations='int8'")
     if storage_root(saved.fw) in output_roots:
         return "also a forward output (or a view of one): compressing it would free nothing"
     if saved.kind == "lora_input":
