@@ -197,3 +197,11 @@ def test_compile_mode_variants():
     assert v.options == {"mode": "reduce-overhead"}
     with pytest.raises(ValueError, match="not compiled"):
         Variant("x", "eager", {"mode": "reduce-overhead"})
+
+
+def test_lossy_variants_are_the_lossy_options_only():
+    assert Variant("a", "unsloth", {"precision": "fp8"}).lossy
+    assert Variant("b", "unsloth", {"compress_activations": "int8"}).lossy
+    assert Variant("c", "unsloth", {"sparsity": "2:4"}).lossy
+    assert not Variant("d", "unsloth", {"precision": "default", "compress_activations": "none"}).lossy
+    assert not Variant("e", "unsloth", {"fuse_cross_entropy": True}).lossy

@@ -52,7 +52,7 @@ class Variant:
 
     @property
     def lossy(self) -> bool:
-        return any(self.options.get(k) not in (None, False, "none", "off") for k in LOSSY_OPTIONS)
+        return any(self.options.get(k) not in (None, False, "none", "off", "default") for k in LOSSY_OPTIONS)
 
     def describe(self) -> str:
         if self.kind == "full":
