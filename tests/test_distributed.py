@@ -1,324 +1,34 @@
 """Multi-process training with the backend (unsloth_compile/distributed.py), on CPU with gloo.
 
-One launch of WORLD processes (this file run as a script: `--worker OUT`) trains a tiny PEFT
-Llama under each wrapper: DDP over the compiled model (with buckets forced small, as a large
-model would have them), FSDP2 with the frozen base sharded and replicated, FSDP2 with a bf16
-MixedPrecisionPolicy, and DDP with Dynamo's graph splitting left on. Each rank saves what it
-saw; the tests compare it with a single-process eager run on the concatenated batch (the same
-schedule: plain steps, a step accumulated over two micro-batches with no_sync, rank changes),
-and the ranks with each other. Processes are started once per module (importing torch and
-transformers costs seconds per process here).
+One launch of WORLD processes (tests/distributed_cases.py) trains a tiny PEFT Llama under DDP
+over the compiled model, FSDP2 with the frozen base sharded and replicated, FSDP2 with a bf16
+MixedPrecisionPolicy, and DDP with Dynamo's graph split left on. The tests compare what each
+rank saw with one eager process on the concatenated batch (the same schedule: plain steps, a
+step accumulated over two micro-batches with no_sync, a rank change), and the ranks with each
+other. Processes are started once per module (importing torch and transformers costs seconds
+per process here); UNSLOTH_TEST_WORLD=4 runs the same checks on 4 processes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from distributed_cases import (BENCH_ARGV, RANK_STEPS, STEPS, WORLD, _free_port, _tiny_model, launch, reference,
+                               reference_bf16)
+
 pytestmark = pytest.mark.slow
-
-# processes per launch; UNSLOTH_TEST_WORLD=4 runs the same checks on 4 (CI runs 2: each process
-# costs seconds of imports here)
-WORLD = int(os.environ.get("UNSLOTH_TEST_WORLD", "2"))
-SEQ = 11  # tokens per row: not a multiple of anything
-LR = 1e-2
-# the steps every case runs: micro-batches per step (2: the first under no_sync)
-STEPS = (1, 1, 2)
-# DDP case only, after STEPS: the LoRA rank set before one more step (a grow: new random rows,
-# drawn with a different seed on each rank)
-RANK_STEPS = (8,)
-OPTIONS = {"inner": "aot_eager", "summary": False}
-TINY_BUCKET_MB = 0.002  # a few adapters per gradient bucket: several buckets in the tiny model
-
-
-# ----------------------------------------------------------------------------- shared schedule
-
-
-def _tiny_model(dtype=torch.float32):
-    import helpers
-
-    torch.manual_seed(0)
-    return helpers.peft_wrap(helpers.tiny_causal_lm("llama", dtype))
-
-
-def _batch(step: int, world: int, rank, micro: int = 1) -> dict:
-    """This rank's rows of step `step`: one per micro-batch (a single row: every forward has the
-    same shape, no recompilation), `world * micro` rows in the whole batch (rank None: all)."""
-    import helpers
-
-    full = helpers.batch_for("llama", batch=world * micro, seq=SEQ, seed=step)
-    return full if rank is None else {k: v.chunk(world)[rank] for k, v in full.items()}
-
-
-def _trainable(model) -> dict:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _full(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().clone()
-
-
-def train(model, forward, opt, steps, world: int, rank, sync_off=None, first_step: int = 0) -> dict:
-    """`steps` optimizer steps (each a count of micro-batches) on this rank's rows (rank None:
-    one process on the rows of all `world` ranks); the loss recorded is the mean over ranks,
-    the gradients are whole tensors."""
-    import torch.distributed as dist
-
-    out = {"losses": [], "grads": []}
-    for i, micro in enumerate(steps):
-        batch = _batch(first_step + i, world, rank, micro)
-        total = torch.zeros(())
-        for j in range(micro):
-            part = {k: v.chunk(micro)[j] for k, v in batch.items()}
-            ctx = sync_off() if (sync_off is not None and j < micro - 1) else contextlib.nullcontext()
-            with ctx:
-                loss = forward(**part).loss / micro
-                loss.backward()
-            total += loss.detach().float()
-        if rank is not None and world > 1:
-            dist.all_reduce(total)
-            total /= world
-        out["losses"].append(float(total))
-        out["grads"].append({n: _full(p.grad) for n, p in _trainable(model).items()})
-        opt.step()
-        opt.zero_grad()
-    return out
-
-
-def _adamw(model) -> torch.optim.AdamW:
-    """AdamW with eps above float noise: its first steps move every element by about lr * sign(g),
-    so an element whose gradient is ~1e-9 would move by +-lr on rounding alone (a 4-process
-    run differed by 4% at the third step with eps=1e-8, eager DDP as much as compiled)."""
-    return torch.optim.AdamW(_trainable(model).values(), lr=LR, eps=1e-4)
-
-
-def _adam_state(opt, model) -> dict:
-    names = {id(p): n for n, p in model.named_parameters()}
-    return {names[id(p)]: {k: _full(v) for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0}
-            for p, s in opt.state.items()}
-
-
-# ----------------------------------------------------------------------------- worker cases
-
-
-def case_ddp(world, rank) -> dict:
-    """DDP with small buckets (several reducer buckets; Dynamo's DDP split would cut LoRA sites),
-    then a manual grow and shrink through DistributedRankController with rank-dependent seeds."""
-    from unsloth_compile.distributed import DistributedRankController, compile_ddp, no_sync
-    from unsloth_compile.report import collect_reports
-
-    torch.distributed._DEFAULT_FIRST_BUCKET_BYTES = 1024  # read by DDP's reducer and Dynamo's DDPOptimizer
-    model = _tiny_model()
-    ddp = compile_ddp(model, OPTIONS, bucket_cap_mb=TINY_BUCKET_MB)
-    opt = _adamw(model)
-    controller = DistributedRankController(ddp, opt, policy="manual")
-    with collect_reports() as report:
-        out = train(model, lambda **b: controller.ddp(**b), opt, STEPS, world, rank,
-                    sync_off=lambda: no_sync(controller.ddp))
-        out["counters"] = dict(report.counters)
-    out["buckets"] = len(controller.ddp.bucket_num_param_list) if hasattr(controller.ddp, "bucket_num_param_list") \
-        else None
-    for k, r in enumerate(RANK_STEPS):
-        torch.manual_seed(100 + k + 10 * rank)  # a grow draws new rows: different on each rank
-        old = controller.ddp
-        controller.set_rank(r)
-        assert controller.ddp is not old
-        more = train(model, lambda **b: controller.ddp(**b), opt, (1,), world, rank, first_step=len(STEPS) + k)
-        out["losses"] += more["losses"]
-        out["grads"] += more["grads"]
-    try:
-        old(**_batch(0, world, rank))
-    except RuntimeError as error:
-        out["stale_error"] = str(error)
-    out["params"] = {n: _full(p) for n, p in _trainable(model).items()}
-    out["adam"] = _adam_state(opt, model)
-    out["loss_decay_ranks"] = _loss_decay_decisions(controller, rank)
-    out["params_after_decisions"] = {n: _full(p) for n, p in _trainable(model).items()}
-    out["adam_after_decisions"] = _adam_state(opt, model)
-    return out
-
-
-def _loss_decay_decisions(controller, rank) -> list:
-    """Rank 0 sees a falling loss (alone it would grow), rank 1 a rising one: every rank must take
-    the decision of the mean (shrink), then grow on a common fall (new rows: rank-dependent RNG)."""
-    from unsloth_compile.rank import LossDecayPolicy
-
-    controller.policy, controller.window = LossDecayPolicy(0.95), 1
-    controller.global_rank, controller.min_rank, controller.max_rank = 2, 1, 8
-    decisions = []
-    for loss in ([4.0, 4.0], [1.0, 8.0], [1.0, 1.0]):  # means: 4, 4.5 (rise: shrink), 1 (fall: grow)
-        controller.step(loss[rank % 2])
-        decisions.append(sorted(set(controller.ranks.values())))
-    return decisions
-
-
-def case_fsdp(world, rank, frozen, mp=False) -> dict:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-    from torch.distributed.tensor import DTensor
-
-    from unsloth_compile.distributed import DistributedRankController, no_sync, shard_lora_model
-    from unsloth_compile.rank import set_rank
-    from unsloth_compile.report import collect_reports
-
-    model = _tiny_model()
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp else None
-    shard_lora_model(model, frozen=frozen, options=OPTIONS, mp_policy=policy)
-    opt = _adamw(model)
-    with collect_reports() as report:
-        out = train(model, model, opt, STEPS[:1] if mp else STEPS, world, rank, sync_off=lambda: no_sync(model))
-        out["counters"] = dict(report.counters)
-    out["params"] = {n: _full(p) for n, p in _trainable(model).items()}
-    out["frozen"] = {n: _full(p) for n, p in model.named_parameters() if not p.requires_grad and "layers.1.mlp" in n}
-    out["kinds"] = {"trainable_dtensor": all(isinstance(p, DTensor) for p in _trainable(model).values()),
-                    "frozen_dtensor": [isinstance(p, DTensor) for p in model.parameters() if not p.requires_grad]}
-    out["adam"] = _adam_state(opt, model)
-    for name, call in (("set_rank", lambda: set_rank(model, 8, optimizer=opt)),
-                       ("controller", lambda: DistributedRankController(model, opt))):
-        try:
-            call()
-        except ValueError as error:
-            out[f"{name}_error"] = str(error)
-    return out
-
-
-def case_ddp_split(world, rank) -> dict:
-    import warnings
-
-    from unsloth_compile.distributed import compile_ddp
-    from unsloth_compile.report import collect_reports
-
-    model = _tiny_model()
-    # forward only, no AOTAutograd: the passes' decisions are all this case looks at
-    ddp = compile_ddp(model, dict(OPTIONS, inner="eager"), split_graphs=True, bucket_cap_mb=TINY_BUCKET_MB)
-    with collect_reports() as report, warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        ddp(**_batch(0, world, rank))
-    return {"counters": dict(report.counters), "graphs": report.graphs,
-            "warnings": [str(w.message) for w in caught if "unsloth_compile" in str(w.message)]}
-
-
-BENCH_ARGV = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--batch", "1", "--seq", "16",
-              "--variants", "single,fsdp-shard", "--inner", "eager"]
-
-
-def case_bench(world, rank) -> dict:
-    """`bench dist`'s per-process part on this process group (the launcher is the only piece not run)."""
-    from unsloth_compile.bench import distributed as bench
-
-    out = Path(os.environ["UNSLOTH_TEST_OUT"]) / "bench"
-    out.mkdir(exist_ok=True)
-    bench.run_all(bench.config(BENCH_ARGV + ["--nproc", str(world)]), str(out))
-    return {"dir": str(out)}
-
-
-CASES = {"ddp": case_ddp, "fsdp-shard": lambda w, r: case_fsdp(w, r, "shard"),
-         "fsdp-replicate": lambda w, r: case_fsdp(w, r, "replicate"),
-         "fsdp-mp": lambda w, r: case_fsdp(w, r, "shard", mp=True), "ddp-split": case_ddp_split,
-         "bench": case_bench}
-
-
-def worker(out_dir: str) -> None:
-    import torch.distributed as dist
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import unsloth_compile  # noqa: F401
-
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    results = {}
-    for name, case in CASES.items():
-        torch._dynamo.reset()
-        start = time.perf_counter()
-        results[name] = case(world, rank)
-        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-# ----------------------------------------------------------------------------- launcher
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(world: int, out: Path, timeout: float = 600) -> list[dict]:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               UNSLOTH_TEST_OUT=str(out),
-               OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
-    procs = []
-    for rank in range(world):
-        log = open(out / f"log{rank}.txt", "w")
-        procs.append((subprocess.Popen([sys.executable, __file__, "--worker", str(out)],
-                                       env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                       stdout=log, stderr=subprocess.STDOUT), log))
-    failed = []
-    for rank, (proc, log) in enumerate(procs):
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = "timeout"
-        log.close()
-        if code != 0:
-            failed.append(f"rank {rank} exited {code}:\n" + (out / f"log{rank}.txt").read_text()[-6000:])
-    if failed:
-        for proc, _ in procs:
-            proc.kill()
-        pytest.fail("\n".join(failed))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
-# ----------------------------------------------------------------------------- references
-
-
-def reference(world: int, dtype=torch.float32) -> dict:
-    """One process, eager, the whole batch of every step, the same schedule (and rank 0's seeds)."""
-    from unsloth_compile.rank import set_rank
-
-    model = _tiny_model(dtype)
-    for p in _trainable(model).values():
-        p.data = p.data.float()  # PEFT's fp32 adapters on a low-precision base
-    opt = _adamw(model)
-    out = train(model, model, opt, STEPS, world, None)
-    out["params_before_rank"] = {n: _full(p) for n, p in _trainable(model).items()}
-    out["adam_before_rank"] = _adam_state(opt, model)
-    for k, r in enumerate(RANK_STEPS):
-        torch.manual_seed(100 + k)
-        set_rank(model, r, optimizer=opt)
-        more = train(model, model, opt, (1,), world, None, first_step=len(STEPS) + k)
-        out["losses"] += more["losses"]
-        out["grads"] += more["grads"]
-    out["params"] = {n: _full(p) for n, p in _trainable(model).items()}
-    out["adam"] = _adam_state(opt, model)
-    return out
-
-
-def reference_bf16(world: int) -> dict:
-    """The yardstick of the mixed-precision case: one process, every parameter in bf16 (what
-    MixedPrecisionPolicy(param_dtype=bf16) computes with), the first step."""
-    model = _tiny_model(torch.bfloat16)
-    opt = torch.optim.SGD(_trainable(model).values(), lr=0.0)
-    return train(model, model, opt, STEPS[:1], world, None)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    return launch(WORLD, out)
+    try:
+        return launch(WORLD, out)
+    except RuntimeError as error:
+        pytest.fail(str(error))
 
 
 @pytest.fixture(scope="module")
@@ -471,6 +181,7 @@ def test_bench_dist_on_gloo(runs):
     assert fsdp["tokens_per_s"] == pytest.approx(WORLD * fsdp["tokens_per_s_per_gpu"])
     assert fsdp["scaling_efficiency"] == pytest.approx(fsdp["tokens_per_s_per_gpu"] / single["tokens_per_s_per_gpu"])
     assert fsdp["target"] == 0.9 and fsdp["verdict"].endswith("(CPU run: not a claim)")
+    assert fsdp["setup_peak_bytes"] is None and fsdp["mem_kind"] == "cpu_rss_delta_sampled"  # no CPU peak claimed
     assert single["fusion"]["fused"] == fsdp["fusion"]["fused"] == 14 and fsdp["fusion"]["refused"] == 0
     assert fsdp["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
     text = bench.render_markdown(data)
@@ -547,7 +258,3 @@ def test_find_blocks():
         find_blocks(model, ["layers.9"])
     with pytest.raises(ValueError, match="pass blocks="):
         find_blocks(torch.nn.Sequential(torch.nn.Linear(3, 3)))
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    worker(sys.argv[2])

@@ -88,7 +88,8 @@ def run_variant(variant: str, preset: Preset, device: torch.device, dtype: torch
     optimizer = make_optimizer(model.parameters(), cfg["lr"], device)
     batches = make_batches(preset, cfg["warmup"] + cfg["steps"], cfg["seed"] + 1000 * rank, device)
     meter = MemoryMeter(device)
-    setup_peak = meter.peak_bytes()
+    # CUDA: the whole model before sharding, compilation not yet; CPU: no such figure
+    setup_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     times, losses = [], []
     with collect_reports() as report:
         for step, batch in enumerate(batches):
@@ -179,9 +180,10 @@ def summarize(part: dict, preset: Preset) -> dict:
     step = statistics.median(per_step)
     tokens = preset.batch * preset.seq
     peaks = [r["peak_mem_bytes"] for r in ranks]
+    setup = [r["setup_peak_bytes"] for r in ranks if r["setup_peak_bytes"] is not None]
     row.update(status="ok", step_time_s=step, step_times_s=per_step, tokens_per_s_per_gpu=tokens / step,
                tokens_per_s=tokens * part["world"] / step, peak_mem_bytes=max(p or 0 for p in peaks),
-               peak_mem_by_rank=peaks, setup_peak_bytes=max(r["setup_peak_bytes"] or 0 for r in ranks),
+               peak_mem_by_rank=peaks, setup_peak_bytes=max(setup, default=None),
                mem_kind=ranks[0]["mem_kind"], loss_final=ranks[0]["losses"][-1], losses=ranks[0]["losses"],
                fusion=ranks[0]["fusion"], trainable_params=ranks[0]["trainable_params"])
     return row
@@ -238,7 +240,7 @@ def render_markdown(data: dict) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", choices=sorted(DIST_PRESETS))
+    p.add_argument("--preset", default="tiny", choices=sorted(n for n, q in DIST_PRESETS.items() if q.family == "llama"))
     p.add_argument("--nproc", type=int, help="processes, one GPU each (default: every visible GPU, 2 on CPU)")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
