@@ -11,6 +11,7 @@ per process here); UNSLOTH_TEST_WORLD=4 runs the same checks on 4 processes.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,7 @@ def test_ddp_graph_split_cuts_lora_sites_and_warns(runs):
     assert len(r["warnings"]) == 1 and "compile_ddp" in r["warnings"][0] and "optimize_ddp" in r["warnings"][0]
 
 
-def test_bench_dist_on_gloo(runs):
+def test_bench_dist_on_gloo(runs, tmp_path):
     """`python -m unsloth_compile.bench dist`'s processes on gloo (tiny preset): one row per
     variant, `single` on one process, tokens/s per GPU and scaling efficiency from the slowest
     rank's step times, every site fused, the same first loss (same init, rank 0's batch); a
@@ -186,6 +187,13 @@ def test_bench_dist_on_gloo(runs):
     assert fsdp["losses"][0] == pytest.approx(single["losses"][0], rel=1e-5)
     text = bench.render_markdown(data)
     assert f"| fsdp-shard | {WORLD} | ok |" in text and "| single | 1 | ok |" in text
+
+    saved = tmp_path / "dist.json"
+    saved.write_text(json.dumps(data))
+    cfg2 = dict(cfg, variants=["fsdp-shard"])  # a later run without the baseline: reuses the saved one
+    rows2 = {r["variant"]: r for r in bench.collect(cfg2, runs[0]["bench"]["dir"], baseline=str(saved))["results"]}
+    assert rows2["single"]["baseline_from"] == str(saved)
+    assert rows2["fsdp-shard"]["scaling_efficiency"] == pytest.approx(fsdp["scaling_efficiency"])
 
     cfg["variants"] = ["single", "ddp", "fsdp-shard"]
     data = bench.collect(cfg, runs[0]["bench"]["dir"], error="RuntimeError: rank 1 died")

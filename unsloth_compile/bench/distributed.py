@@ -4,6 +4,8 @@ DDP and FSDP2, against the same model on one GPU.
     python -m unsloth_compile.bench dist --preset llama-1b --nproc 2          # 2 GPUs
     python -m unsloth_compile.bench dist --preset llama-8b --nproc 2 --variants fsdp-shard,fsdp-replicate
     python -m unsloth_compile.bench dist --preset tiny --nproc 2 --device cpu  # gloo smoke run, CPU
+    python -m unsloth_compile.bench dist --preset llama-1b --variants fsdp-shard,fsdp-replicate \
+        --baseline docs/bench/dist-llama-1b-2xcuda-single+ddp.json                # split over two runs
 
 Variants (unsloth_compile.distributed):
     single           one process, the model compiled in place: the baseline (rank 0 runs it
@@ -222,7 +224,8 @@ def render_markdown(data: dict) -> str:
         def scaled(key: str, factor: float) -> Optional[float]:
             return r[key] * factor if ok and r.get(key) is not None else None
 
-        rows.append([r["variant"], r["world"], r["status"], output.fmt(scaled("step_time_s", 1e3), ".1f"),
+        rows.append([r["variant"] + (f" (from {Path(r['baseline_from']).name})" if r.get("baseline_from") else ""),
+                     r["world"], r["status"], output.fmt(scaled("step_time_s", 1e3), ".1f"),
                      output.fmt(r.get("tokens_per_s_per_gpu"), ",.0f"), output.fmt(r.get("tokens_per_s"), ",.0f"),
                      output.fmt(r.get("scaling_efficiency"), ".3f"),
                      f">= {r['target']}: {r['verdict']}" if r.get("verdict") else "-",
@@ -255,6 +258,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--timeout-min", type=float, default=30, help="collective timeout (a rank that fails hangs the rest)")
     p.add_argument("--out", default="docs/bench", help="output folder (JSON, markdown)")
+    p.add_argument("--baseline", help="a dist JSON whose `single` row is the 1-GPU baseline when this run has none "
+                                      "(variants split over runs, e.g. under a per-command time limit)")
 
 
 def _free_port() -> int:
@@ -284,14 +289,20 @@ def _config(args) -> dict:
             "warmup": args.warmup if args.warmup is not None else preset.warmup, "timeout_min": args.timeout_min}
 
 
-def collect(cfg: dict, out_dir: str, error: Optional[str] = None) -> dict:
-    """The table's data from the parts `run_all` wrote (a variant without a part: failed)."""
+def collect(cfg: dict, out_dir: str, error: Optional[str] = None, baseline: Optional[str] = None) -> dict:
+    """The table's data from the parts `run_all` wrote (a variant without a part: failed); the
+    `single` row of the JSON `baseline` when this run has none (marked with its file)."""
     preset = Preset(**cfg["preset"])
     parts = [json.loads(p.read_text()) for p in sorted(Path(out_dir).glob("*.json"))]
-    rows = [summarize(part, preset) for part in parts]
+    rows = [summarize(part, preset) for part in parts if part["variant"] in cfg["variants"]]
     for missing in [v for v in cfg["variants"] if v not in {r["variant"] for r in rows}]:
         rows.append({"variant": missing, "world": cfg["nproc"], "status": "failed",
                      "error": error or "no result (a process died)"})
+    if baseline and "single" not in cfg["variants"]:
+        old = json.loads(Path(baseline).read_text())
+        if old["preset"] != json.loads(json.dumps(cfg["preset"])):  # JSON has lists for tuples
+            raise SystemExit(f"--baseline {baseline}: another preset or batch ({old['preset']['name']})")
+        rows += [dict(r, baseline_from=str(baseline)) for r in old["results"] if r["variant"] == "single"]
     rows.sort(key=lambda r: VARIANTS.index(r["variant"]))
     add_efficiency(rows, cfg["device"] == "cuda")
     return dict(cfg, bench="dist", env=environment(torch.device(cfg["device"])), results=rows,
@@ -319,8 +330,10 @@ def run(args) -> dict:
                                start_method="spawn")
         except Exception as exc:  # noqa: BLE001  a crashed process: keep what the others wrote
             error = describe_error(exc)
-        data = collect(cfg, tmp, error)
-    stem = Path(args.out) / f"dist-{preset.name}-{cfg['nproc']}x{cfg['device']}"
+        data = collect(cfg, tmp, error, args.baseline)
+    # a run of some variants only is named after them, so that split runs do not overwrite each other
+    some = "" if cfg["variants"] == list(VARIANTS) else "-" + "+".join(cfg["variants"])
+    stem = Path(args.out) / f"dist-{preset.name}-{cfg['nproc']}x{cfg['device']}{some}"
     output.write_json(stem.with_suffix(".json"), data)
     stem.with_suffix(".md").write_text(render_markdown(data))
     print(render_markdown(data))
