@@ -166,7 +166,7 @@ def test_profile_families_and_interval_union():
 
 def test_profile_tiny_on_cpu(tmp_path):
     assert main(["profile", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                 "--variants", "peft-eager,peft+unsloth", "--out", str(tmp_path)]) == 0
+                 "--variants", "peft-eager,peft+unsloth", "--host-profile", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "profile-tiny.json").read_text())
     by_name = {r["variant"]["name"]: r for r in data["results"]}
     assert list(by_name) == ["peft-eager", "peft+unsloth"]
@@ -174,7 +174,15 @@ def test_profile_tiny_on_cpu(tmp_path):
         assert r["status"] == "ok", r.get("traceback")
         assert r["steps"] == 2 and 0 < r["host_ms"] <= r["wall_ms"]
         assert r["gpu_busy_ms"] is None  # no device kernels on CPU
-    assert "| peft+unsloth |" in (tmp_path / "profile-tiny.md").read_text()
+        assert len(r["step_wall_ms"]) == 2
+        # the cProfile step: functions sorted by own time, the step's own Python among them
+        own = [f["own_ms"] for f in r["host_functions"]]
+        assert own == sorted(own, reverse=True) and len(own) > 5
+    # the compiled variant: Dynamo's graph counters are there, eager has none
+    assert by_name["peft+unsloth"]["counters"].get("stats.unique_graphs", 0) >= 1
+    assert "stats.unique_graphs" not in by_name["peft-eager"]["counters"]
+    text = (tmp_path / "profile-tiny.md").read_text()
+    assert "| peft+unsloth |" in text and "host functions of one step under cProfile" in text
 
 
 def test_e2e_bert_runs_with_and_without_attention_mask(tmp_path):

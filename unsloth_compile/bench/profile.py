@@ -10,7 +10,13 @@ the warm-up), then `--steps` steps run under `torch.profiler`. Per step:
 - GPU busy: the union of the kernels' intervals (overlapping kernels counted once);
 - GPU idle: wall time minus GPU busy (launch gaps, host-bound stretches, synchronisations);
 - GPU time by family: kernel durations summed per family (`FAMILIES`), plus the ten
-  costliest kernels by name.
+  costliest kernels by name;
+- each profiled step's own wall time (a re-recorded CUDA graph or a recompile shows as one
+  slow step, not as a higher mean only);
+- Dynamo/Inductor counters that decide whether CUDA graphs ran (`cudagraph_skips`,
+  recompiles, graph breaks), taken over the whole run.
+`--host-profile`: one more step under cProfile after the profiled ones; the Python functions
+with the most own time (`host_functions`), i.e. where the host time of a host-bound step goes.
 On CPU there are no device kernels: the table then holds wall and host time only.
 """
 
@@ -18,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
 import dataclasses
+import pstats
 import re
 import time
 from pathlib import Path
@@ -96,13 +104,42 @@ def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes]) -
         "gpu_busy_ms": busy_ms, "gpu_idle_ms": None if busy_ms is None else max(wall_ms - busy_ms, 0.0),
         "gpu_ms_by_family": {k: v / 1e3 / n for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
         "kernels_per_step": len(kernels) / n,
+        "step_wall_ms": [round(1e3 * s.wall_s, 2) for s in steps],
         "top_kernels": [{"name": name[:160], "ms_per_step": t / 1e3 / n, "calls_per_step": c / n,
                          "family": family_of(name)} for name, (t, c) in top],
     }
 
 
+def host_functions(profiler: cProfile.Profile, limit: int = 25) -> list[dict]:
+    """The `limit` Python functions with the most own time in a cProfile run, with their calls."""
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (filename, line, name), (_, calls, own, cumulative, _) in stats.stats.items():
+        where = filename if filename.startswith("~") else f"{'/'.join(Path(filename).parts[-2:])}:{line}"
+        rows.append({"function": f"{where}({name})", "calls": calls, "own_ms": 1e3 * own,
+                     "cumulative_ms": 1e3 * cumulative})
+    return sorted(rows, key=lambda r: -r["own_ms"])[:limit]
+
+
+def compile_counters() -> dict:
+    """Counters that say whether CUDA graphs ran and how often Dynamo compiled: Inductor's
+    `cudagraph_skips` (a graph run without CUDA graphs, with the reason logged under
+    TORCH_LOGS=perf_hints), Dynamo's unique graphs, recompiles and graph breaks."""
+    from torch._dynamo.utils import counters
+
+    picked = {}
+    for group in ("inductor", "stats", "graph_break", "recompiles"):
+        for key, value in counters.get(group, {}).items():
+            if group in ("graph_break", "recompiles") or "cudagraph" in key or key in ("unique_graphs", "calls_captured"):
+                picked[f"{group}.{str(key)[:80]}"] = value
+    return picked
+
+
 def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup: int, seed: int, lr: float,
-                    attention_mask: bool = True) -> dict:
+                    attention_mask: bool = True, host_profile: bool = False) -> dict:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     torch.manual_seed(seed)
     model = build_model(preset, device, dtype)
     if variant.lora:
@@ -110,7 +147,7 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     model.train()
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)
-    batches = make_batches(preset, warmup + steps, seed, device, attention_mask=attention_mask)
+    batches = make_batches(preset, warmup + steps + int(host_profile), seed, device, attention_mask=attention_mask)
 
     def one_step(batch) -> StepTimes:
         synchronize(device)
@@ -130,9 +167,16 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     timed = []
     with torch.profiler.profile(activities=activities) as prof:
-        for batch in batches[warmup:]:
+        for batch in batches[warmup:warmup + steps]:
             timed.append(one_step(batch))
     summary = summarise(_device_kernels(prof), timed)
+    if host_profile:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        summary["host_profile_step"] = dataclasses.asdict(one_step(batches[-1]))
+        profiler.disable()
+        summary["host_functions"] = host_functions(profiler)
+    summary["counters"] = compile_counters()
     summary["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     summary["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
     return summary
@@ -170,6 +214,16 @@ def render_markdown(data: dict) -> str:
                 ["kernel", "family", "ms/step", "calls/step"],
                 [[k["name"][:100], k["family"], output.fmt(k["ms_per_step"], ".2f"), output.fmt(k["calls_per_step"], ".0f")]
                  for k in r["top_kernels"]]))
+        if r["status"] == "ok":
+            lines += ["", f"per-step wall ms: {r.get('step_wall_ms')}; counters: {r.get('counters')}"]
+        if r["status"] == "ok" and r.get("host_functions"):
+            step = r["host_profile_step"]
+            lines += ["", f"### {r['variant']['name']}: host functions of one step under cProfile "
+                      f"(host {1e3 * step['host_s']:.1f} ms with the profiler's own overhead)", ""]
+            lines.append(output.markdown_table(
+                ["function", "calls", "own ms", "cumulative ms"],
+                [[f["function"][-110:], f["calls"], output.fmt(f["own_ms"], ".1f"), output.fmt(f["cumulative_ms"], ".1f")]
+                 for f in r["host_functions"]]))
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +238,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KIND[:k=v,...]",
                    help="an extra variant, e.g. ro=unsloth:mode=reduce-overhead (repeatable)")
     p.add_argument("--no-attention-mask", action="store_true", help="BERT presets: batches without attention_mask")
+    p.add_argument("--host-profile", action="store_true",
+                   help="one more step under cProfile: the Python functions with the most own time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", default="docs/bench")
@@ -208,7 +264,8 @@ def run(args) -> dict:
     for variant in variants:
         print(f"  profile {variant.name:<20} {variant.describe()} ...", flush=True)
         result = run_isolated(lambda: profile_variant(preset, variant, device, dtype, args.steps, args.warmup,
-                                                      args.seed, args.lr, attention_mask=mask), device)
+                                                      args.seed, args.lr, attention_mask=mask,
+                                                      host_profile=args.host_profile), device)
         result["variant"] = variant.to_json()
         data["results"].append(result)
         output.write_json(stem.with_suffix(".json"), data)
