@@ -17,6 +17,12 @@ with a boolean or additive mask that eager never passes to the kernel in that fo
    its last dimension and kept at size 1 along every other broadcast dimension (`narrow(d, 0, 1)`,
    values unchanged: a stride-0 dimension repeats one slice), then `contiguous()`.
 
+3. **A kernel preference** (option `attention_kernel`, not "auto"): every SDPA call becomes
+   the same call inside `torch.nn.attention.sdpa_kernel([preferred, *the rest], set_priority=True)`
+   (`prefer_flash` and the like below), so that AOTAutograd, which picks the kernel when it
+   traces, picks the preferred one where it can run the inputs and torch's next choice where it
+   cannot. For a measured case where torch's choice is slower in the compiled step.
+
 Replacement: the same SDPA call with `attn_mask=None`, or with the densified mask. Values are
 the same function of the inputs (an all-True mask masks nothing; a densified mask holds the
 same values); on CUDA the kernel that runs then is the one eager's dispatcher picks.
@@ -42,6 +48,7 @@ from .subgraphs import graph_modules, recompile
 
 PATTERN = "attention"
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
+# (prefer_* below join SDPA_TARGETS once defined: a rewritten call is still an SDPA call)
 # Ops that keep "every element is True" true: views, broadcasts, copies, moves, bool casts.
 _SHAPE_METHODS = {"expand", "expand_as", "view", "reshape", "unsqueeze", "contiguous", "clone", "to", "bool",
                   "repeat", "permute", "transpose", "flatten", "squeeze", "__getitem__"}
@@ -151,6 +158,33 @@ def replace_site(gm: GraphModule, node: Node, mask: Node) -> str:
     return f"mask broadcast along its last dimension made dense ({tuple(fm.example_value(dense).shape)})"
 
 
+# ----------------------------------------------------------------------------- kernel preference
+
+
+def _preferring(first: str):
+    """SDPA under a backend priority list that starts with `first` (an SDPBackend name)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [getattr(SDPBackend, name) for name in
+             dict.fromkeys([first, "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"])]
+
+    def sdpa(*args, **kwargs):
+        with sdpa_kernel(order, set_priority=True):
+            return torch.nn.functional.scaled_dot_product_attention(*args, **kwargs)
+
+    sdpa.__name__ = sdpa.__qualname__ = f"prefer_{first.split('_')[0].lower()}"
+    sdpa.__module__ = __name__
+    return sdpa
+
+
+# Module-level, so that a graph calling them pickles by name (Inductor's caches).
+prefer_flash = _preferring("FLASH_ATTENTION")
+prefer_efficient = _preferring("EFFICIENT_ATTENTION")
+prefer_cudnn = _preferring("CUDNN_ATTENTION")
+PREFERRED = {"flash": prefer_flash, "efficient": prefer_efficient, "cudnn": prefer_cudnn}
+SDPA_TARGETS |= set(PREFERRED.values())
+
+
 # ----------------------------------------------------------------------------- the pass
 
 
@@ -164,6 +198,11 @@ def keep_attention_fused(gm: GraphModule, cfg: Config | None = None, report: Rep
             if node.op != "call_function" or node.target not in SDPA_TARGETS:
                 continue
             path = fm.module_path(node)
+            kernel = cfg.attention_kernel.value if cfg is not None else "auto"
+            if kernel != "auto":
+                node.target = PREFERRED[kernel]
+                report.add(Site(path, PATTERN, "rewritten", f"{kernel} kernel tried first (attention_kernel)"))
+                report.counters[f"attention.prefer_{kernel}"] += 1
             mask = match_sdpa(node)
             if mask is None:
                 continue  # no mask: the call is the one eager makes, nothing to decide or report

@@ -471,6 +471,10 @@ def compile_compressed(gm: GraphModule, example_inputs, cfg: Config, report: Rep
                 f"{torch.__version__}; use inner='aot_eager' or compress_activations='none'")
         compiled = compile_fx(gm, example_inputs,
                               config_patches={**inductor_patches, "custom_partitioner_fn": partitioner})
+        if inductor_patches.get("triton.cudagraphs"):
+            from ..backend import keep_scalar_outputs
+
+            compiled = keep_scalar_outputs(compiled)
     if not partitioner.ran and torch.is_grad_enabled() and any(
             getattr(x, "requires_grad", False) for x in example_inputs):
         report.add(Site("<graph>", PATTERN, "skipped",

@@ -6,6 +6,7 @@ report's counters, and the rewritten graph itself (the SDPA call's mask after th
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -14,7 +15,7 @@ from unsloth_compile.backend import inductor_patches
 from unsloth_compile.passes import keep_attention_fused
 from unsloth_compile.passes.attention import SDPA_TARGETS, is_all_true
 
-from helpers import peft_wrap, tiny_causal_lm
+from helpers import batch_for, peft_wrap, tiny_causal_lm, train_and_compare
 
 
 class Attention(torch.nn.Module):
@@ -158,7 +159,6 @@ def test_all_true_mask_with_dropout_keeps_the_random_stream():
 
 def test_peft_bert_training_matches_eager_with_attention_pass():
     """A real transformers BERT with LoRA: every SDPA call reported, training matches eager."""
-    from helpers import batch_for, train_and_compare
 
     model = peft_wrap(tiny_causal_lm("bert"), target_modules=["query", "key", "value", "dense"])
     model.base_model.model.config.attention_probs_dropout_prob = 0.0
@@ -170,13 +170,140 @@ def test_peft_bert_training_matches_eager_with_attention_pass():
 
 
 def test_inductor_patches_for_modes_and_the_cudagraphs_option():
-    assert inductor_patches(Config()) == {}
-    assert inductor_patches(Config(cudagraphs=True)) == {"triton.cudagraphs": True,
-                                                          "triton.cudagraph_skip_dynamic_graphs": True}
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from unsloth_compile.report import Report
+
+    shape_env = ShapeEnv()
+    with FakeTensorMode(shape_env=shape_env):
+        on_cuda = [torch.empty(4, 8, device="cuda"), torch.empty(8, 8, device="cuda")]
+        on_cpu = [torch.empty(4, 8)]
+        rows = shape_env.create_unbacked_symint()
+        dynamic = [torch.empty(rows, 8, device="cuda")]
+    graphs_on = {"triton.cudagraphs": True}
+    # the default: CUDA graphs for static CUDA graphs only, each decision counted with its reason
+    report = Report()
+    assert inductor_patches(Config(), on_cuda, report) == graphs_on
+    assert inductor_patches(Config(), on_cpu, report) == {}
+    assert inductor_patches(Config(), dynamic, report) == {}
+    assert inductor_patches(Config(), [*on_cuda, rows], report) == {}  # a SymInt input
+    assert inductor_patches(Config(compress_activations="lowrank"), on_cuda, report) == {}
+    assert report.counters == {"cudagraphs.on": 1, "cudagraphs.off (no CUDA inputs)": 1,
+                               "cudagraphs.off (dynamic shapes)": 2,
+                               "cudagraphs.off (compress_activations='lowrank' draws its projection on the host "
+                               "each step)": 1}
+    # explicit choices win over the shapes; never the skip-dynamic setting (it partitioned the
+    # graph around the LoRA ops on torch 2.11)
+    assert inductor_patches(Config(cudagraphs=True), dynamic) == graphs_on
+    assert inductor_patches(Config(cudagraphs=False), on_cuda) == {}
     # the modes are torch's own table, whatever it holds in this torch version
     from torch._inductor import list_mode_options
 
     for mode in ("reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
-        assert inductor_patches(Config(mode=mode, cudagraphs=True)) == list_mode_options(mode)
+        assert inductor_patches(Config(mode=mode, cudagraphs=True), on_cuda) == list_mode_options(mode)
+        assert inductor_patches(Config(mode=mode), on_cpu) == list_mode_options(mode)
     assert inductor_patches(Config(mode="reduce-overhead"))["triton.cudagraphs"] is True
     assert "triton.cudagraphs" not in inductor_patches(Config(mode="max-autotune-no-cudagraphs"))
+    with pytest.raises(ValueError, match="must be None, True or False"):
+        Config(cudagraphs="yes")
+
+
+def test_keep_scalar_outputs_copies_only_cuda_scalars(monkeypatch):
+    """The 0-d outputs of a CUDA-graph replay are copies; the rest pass through, in the
+    caller's calling convention. (CPU: the CUDA test is swapped for 'any 0-d tensor'.)"""
+    from unsloth_compile import backend
+
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    loss, logits = torch.tensor(2.5), torch.randn(3, 4)
+
+    def compiled(*args):
+        return (loss, logits, len(args))
+
+    out = backend.keep_scalar_outputs(compiled)(1, 2)
+    assert isinstance(out, tuple) and out[0] is not loss and torch.equal(out[0], loss)
+    assert out[1] is logits and out[2] == 2
+
+    def boxed(args):
+        assert isinstance(args, list)
+        return [loss, logits]
+
+    boxed._boxed_call = True
+    wrapped = backend.keep_scalar_outputs(boxed)
+    assert wrapped._boxed_call is True
+    out = wrapped([1])
+    assert isinstance(out, list) and out[0] is not loss and out[1] is logits
+
+
+def test_keep_scalar_outputs_around_real_inductor_training(monkeypatch):
+    """The wrapper around what compile_fx really returns, called as Dynamo calls it (a real
+    Inductor compile on CPU, where the graphs decision is forced on), over gradient
+    accumulation: a gradient kept across a forward is replaced by a copy once (the pool's
+    would be overwritten on CUDA), later backwards add into the copy; all as eager."""
+    from unsloth_compile import backend
+
+    monkeypatch.setattr(backend, "cudagraphs_decision", lambda cfg, inputs: (True, "forced on for the test"))
+    wrapped = []
+    real_wrapper = backend.keep_scalar_outputs
+    monkeypatch.setattr(backend, "keep_scalar_outputs", lambda fn: wrapped.append(fn) or real_wrapper(fn))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))
+    xs = [torch.randn(5, 8) for _ in range(3)]
+    compiled = torch.compile(model, backend="unsloth", options={"inner": "inductor"})
+    first_grads, losses = None, []
+    for i, x in enumerate(xs):
+        loss = compiled(x).square().mean()
+        if i == 1:  # the forward after the first backward moved the kept gradients
+            assert all(p.grad is not g for p, g in zip(model.parameters(), first_grads))
+        loss.backward()
+        losses.append(loss.detach())
+        if i == 0:
+            first_grads = [p.grad for p in model.parameters()]
+    assert wrapped, "the wrapper was not applied"
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    expected = [model(x).square().mean() for x in xs]
+    for loss in expected:
+        loss.backward()
+    torch.testing.assert_close(torch.stack(losses), torch.stack(expected).detach())
+    for g, p in zip(got, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
+
+
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn"])
+def test_attention_kernel_preference_trains_like_eager(kernel):
+    """attention_kernel: every SDPA call is rewritten to try that kernel first and reported;
+    on CPU, where only some kernels exist, torch's next choice runs and training matches eager."""
+    model = peft_wrap(tiny_causal_lm("llama"))
+    report = train_and_compare(model, lambda step: batch_for("llama", seed=step),
+                               options={"inner": "aot_eager", "attention_kernel": kernel}, steps=2).report
+    sites = [s for s in report.sites if s.pattern == "attention"]
+    assert len(sites) == 2 and all(s.decision == "rewritten" and kernel in s.reason for s in sites)
+    assert report.counters[f"attention.prefer_{kernel}"] == 2
+
+
+def test_prefer_functions_set_the_backend_priority(monkeypatch):
+    """prefer_*: SDPA runs with the preferred backend first in torch's priority list (read
+    inside the call), and the functions pickle by name (Inductor's caches)."""
+    import pickle
+
+    from torch.nn.attention import SDPBackend
+
+    from unsloth_compile.passes import attention
+
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch._C._get_sdp_priority_order()[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    q = torch.randn(1, 2, 5, 8)
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        out = attention.PREFERRED[name](q, q, q, is_causal=True)
+        torch.testing.assert_close(out, real(q, q, q, is_causal=True))
+        assert seen[-1] == int(backend)
+        assert pickle.loads(pickle.dumps(attention.PREFERRED[name])) is attention.PREFERRED[name]

@@ -1,11 +1,13 @@
-"""CUDA graphs (backend option `cudagraphs=True`): training stays what eager computes.
+"""CUDA graphs (backend option `cudagraphs`, on by default for static shapes): training stays
+what eager computes.
 
 GPU only. A tiny PEFT Llama in fp32 (so that the compiled step can be held to eager closely)
-trains under `backend="unsloth"` with `cudagraphs=True` (Inductor with cudagraph trees) and eagerly, side
+trains under the default `backend="unsloth"` (Inductor with cudagraph trees) and eagerly, side
 by side, in the ways that stress recorded graphs: a plain loop, gradient accumulation (the
 previous backward's gradients are alive when the next forward replays), sequence lengths that
-change (Dynamo makes the graph dynamic; those run without graphs), and a LoRA rank change
-between steps (recompilation, new recordings).
+change (Dynamo makes the graph dynamic; those run without graphs), a LoRA rank change
+between steps (recompilation, new recordings), and losses kept as tensors across steps (read
+only at the end, after later replays).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def _model():
     return model
 
 
-def _train(model, batches, accumulate=1, resize_at=None):
+def _train(model, batches, accumulate=1, resize_at=None, keep_tensors=False):
     from unsloth_compile.rank import set_rank
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -41,11 +43,11 @@ def _train(model, batches, accumulate=1, resize_at=None):
             set_rank(getattr(model, "_orig_mod", model), 6, optimizer=opt)
         loss = model(input_ids=ids, labels=ids).loss
         (loss / accumulate).backward()
-        losses.append(loss.item())
+        losses.append(loss.detach() if keep_tensors else loss.item())
         if (step + 1) % accumulate == 0:
             opt.step()
             opt.zero_grad(set_to_none=True)
-    return losses
+    return [float(loss) for loss in losses]  # kept tensors are read only now
 
 
 def _batches(lengths):
@@ -54,15 +56,16 @@ def _batches(lengths):
 
 
 @gpu
-@pytest.mark.parametrize("case", ["plain", "accumulate", "dynamic", "resize"])
+@pytest.mark.parametrize("case", ["plain", "accumulate", "dynamic", "resize", "keep"])
 def test_cuda_graphs_train_like_eager(case):
     import unsloth_compile  # noqa: F401
 
     lengths = {"dynamic": [16, 24, 16, 40, 24, 16]}.get(case, [16] * 6)
-    kwargs = {"accumulate": {"accumulate": 2}, "resize": {"resize_at": 3}}.get(case, {})
+    kwargs = {"accumulate": {"accumulate": 2}, "resize": {"resize_at": 3},
+              "keep": {"keep_tensors": True}}.get(case, {})
     eager = _model()
     compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend="unsloth", options={"cudagraphs": True})
+    compiled = torch.compile(compiled_model, backend="unsloth")  # the default: graphs for static shapes
     expected = _train(eager, _batches(lengths), **kwargs)
     got = _train(compiled, _batches(lengths), **kwargs)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=2e-3, atol=2e-3)
@@ -72,12 +75,12 @@ def test_cuda_graphs_train_like_eager(case):
 
 
 @gpu
-def test_option_records_cuda_graphs_and_default_does_not():
+def test_default_records_cuda_graphs_and_the_option_turns_them_off():
     from torch._inductor import cudagraph_trees
 
     import unsloth_compile  # noqa: F401
 
-    for cudagraphs in (True, False):  # False is the default
+    for cudagraphs, expected in ((None, True), (False, False), (True, True)):  # None is the default
         torch._dynamo.reset()
         cudagraph_trees.reset_cudagraph_trees()
         model = _model()
@@ -85,4 +88,4 @@ def test_option_records_cuda_graphs_and_default_does_not():
         _train(compiled, _batches([16] * 3))
         manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
         recorded = manager is not None and len(manager.roots) > 0
-        assert recorded is cudagraphs
+        assert recorded is expected, cudagraphs

@@ -9,6 +9,7 @@ Registered twice over: as the `torch_dynamo_backends` entry point `unsloth` (so
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch._dynamo.backends.registry import register_backend
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.* before any graph is compiled
 from .config import CompressMode, Config, Inner
-from .report import publish
+from .report import Report, publish
 from .summary import SummaryLedger, summarize
 
 
@@ -36,15 +37,16 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
         if cfg.compress_activations is not CompressMode.NONE:  # aot_eager / Inductor, our partitioner
             from .passes.compress_saved import compile_compressed
 
-            return compile_compressed(gm, example_inputs, cfg, report, inductor_patches(cfg))
-        return _inner_compile(gm, example_inputs, cfg)
+            return compile_compressed(gm, example_inputs, cfg, report, inductor_patches(cfg, example_inputs, report))
+        return _inner_compile(gm, example_inputs, cfg, report)
     finally:
         publish(report, log_it=cfg.report)
         if cfg.summary:
             summarize(report, example_inputs, ledger)
 
 
-def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config) -> Callable:
+def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config,
+                   report: Report | None = None) -> Callable:
     if cfg.inner is Inner.EAGER:
         return gm.forward
     if cfg.inner is Inner.AOT_EAGER:
@@ -53,22 +55,118 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=inductor_patches(cfg))
+    patches = inductor_patches(cfg, example_inputs, report)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    return keep_scalar_outputs(compiled) if patches.get("triton.cudagraphs") else compiled
 
 
-def inductor_patches(cfg: Config) -> dict:
+def cudagraphs_decision(cfg: Config, example_inputs: Sequence[Any] | None) -> tuple[bool, str]:
+    """(run this graph as CUDA graphs, why) for the default mode; other modes bring their own
+    setting (torch's table). See Config.cudagraphs."""
+    if cfg.cudagraphs is False:
+        return False, "cudagraphs=False"
+    if cfg.cudagraphs is True:
+        return True, "cudagraphs=True"
+    if cfg.compress_activations is CompressMode.LOWRANK:
+        return False, "compress_activations='lowrank' draws its projection on the host each step"
+    if example_inputs is None:
+        return False, "graph inputs unknown"
+    tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+    if not any(x.device.type == "cuda" for x in tensors):
+        return False, "no CUDA inputs"
+    if any(isinstance(x, torch.SymInt) for x in example_inputs) or any(
+            isinstance(d, torch.SymInt) for x in tensors for d in (*x.shape, *x.stride())):
+        # One recording (and memory pool) per shape: padding-free or variable-length batches
+        # would record without end. Such graphs run as plain Inductor code.
+        return False, "dynamic shapes"
+    return True, "static shapes on CUDA"
+
+
+def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
+                     report: Report | None = None) -> dict:
     """Inductor config for this backend's mode and options. torch.compile's own mode is not
     seen by a custom backend with options, so the mode's settings (torch's own table,
-    `list_mode_options`) are applied here."""
+    `list_mode_options`) are applied here; in the default mode, CUDA graphs per
+    `cudagraphs_decision` (counted in the report as cudagraphs.on / cudagraphs.off: why)."""
     from torch._inductor import list_mode_options
 
     patches = dict(list_mode_options(cfg.mode))
-    if cfg.mode == "default" and cfg.cudagraphs:
-        # Opt-in graphs where the shapes are static; a graph Dynamo made dynamic (a new
-        # sequence length each step) runs without, rather than recording a graph per shape.
-        patches["triton.cudagraphs"] = True
-        patches["triton.cudagraph_skip_dynamic_graphs"] = True
+    if cfg.mode == "default":
+        use, why = cudagraphs_decision(cfg, example_inputs)
+        if use:
+            # Plain cudagraph trees, as mode="reduce-overhead" has them. Not
+            # cudagraph_skip_dynamic_graphs: with graph partitioning (torch >= 2.9) it cut
+            # the llama-1b graph into 40 partitions around the LoRA ops, which then ran from
+            # Python between replays (204.8 ms/step vs 119.7 without the setting, H200).
+            patches["triton.cudagraphs"] = True
+        if report is not None:
+            report.counters["cudagraphs.on" if use else f"cudagraphs.off ({why})"] += 1
     return patches
+
+
+# Leaf tensors (trainable parameters) that are inputs of graphs run as CUDA graphs, by id:
+# weak references, so that a model that is deleted takes its parameters with it.
+_GRAPH_LEAVES: dict[int, weakref.ref] = {}
+
+
+def _register_graph_leaves(inputs) -> None:
+    for t in inputs:
+        if isinstance(t, torch.Tensor) and t.is_leaf and t.requires_grad:
+            _GRAPH_LEAVES[id(t)] = weakref.ref(t, lambda _, key=id(t): _GRAPH_LEAVES.pop(key, None))
+
+
+def _move_kept_grads() -> None:
+    """Replace each registered leaf's `.grad` by a copy outside the CUDA-graph pool, unless it
+    is already the copy made here (a weak reference on the tensor remembers it)."""
+    for ref in list(_GRAPH_LEAVES.values()):
+        t = ref()
+        if t is None or t.grad is None:
+            continue
+        copy = getattr(t, "_unsloth_grad_copy", None)  # weak: no gradient kept alive by it
+        if copy is None or copy() is not t.grad:
+            with torch.no_grad():
+                grad = t.grad.clone()
+            t.grad = grad
+            t._unsloth_grad_copy = weakref.ref(grad)
+
+
+def keep_scalar_outputs(compiled: Callable) -> Callable:
+    """`compiled` (CUDA graphs on) made safe for what training loops keep across steps.
+
+    A replay overwrites the graph pool that held the previous step's outputs, and cudagraph
+    trees raise when such an overwritten tensor is read. Two things a loop keeps are moved out
+    of the pool:
+    - 0-d outputs (a loss): copied at each call, one tiny kernel, so that `loss.detach()`
+      kept to average or log later stays valid. Large outputs (logits) stay in the pool, as
+      Inductor leaves them.
+    - gradients kept across a forward (gradient accumulation): the first backward's gradients
+      are pool outputs that AccumulateGrad stored as `.grad`, and the next forward would
+      overwrite them (on an H200 the accumulation test failed with cudagraph trees' error).
+      Before a call, every leaf tensor that is an input of any graph run so (not only of
+      this one: the first graph of a step starts a new generation of the trees, which makes
+      every earlier output stale) and whose `.grad` was not yet copied gets a copy outside the
+      pool, once per accumulation window (later backwards add into it).
+    """
+    def copy_scalars(outputs):
+        if not isinstance(outputs, (list, tuple)):
+            return outputs
+        copied = [o.clone() if isinstance(o, torch.Tensor) and o.dim() == 0 and o.is_cuda else o
+                  for o in outputs]
+        return type(outputs)(copied) if isinstance(outputs, tuple) else copied
+
+    registered = False
+
+    def run(*args):  # the caller's convention, boxed (one list) or not, passed through as is
+        nonlocal registered
+        if not registered:
+            _register_graph_leaves(args[0] if len(args) == 1 and isinstance(args[0], list) else args)
+            registered = True
+        _move_kept_grads()
+        return copy_scalars(compiled(*args))
+
+    if hasattr(compiled, "_boxed_call"):
+        run._boxed_call = compiled._boxed_call
+    return run
 
 
 def _register_without_entry_point() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 
 class Inner(str, enum.Enum):
@@ -40,6 +40,15 @@ class Sparsity(str, enum.Enum):
 
     NONE = "none"  # dense GEMMs (a base pruned by unsloth_compile.sparsity.prune keeps its zeros)
     SEMI_2_4 = "2:4"  # X W^T and dY W on the compressed 2:4 weight (Sparse24Linear bases only)
+
+
+class AttentionKernel(str, enum.Enum):
+    """Which fused kernel a compiled SDPA call tries first (the others follow in torch's order)."""
+
+    AUTO = "auto"  # torch's own choice, as eager makes it
+    FLASH = "flash"
+    EFFICIENT = "efficient"
+    CUDNN = "cudnn"
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -82,6 +91,8 @@ class Config:
     # rewrite attention masks that would push a compiled SDPA call off the fused kernels
     # (an all-True mask built under tracing, a mask broadcast along its last dimension)
     attention: bool = True
+    # the fused attention kernel compiled SDPA calls try first; "auto" keeps torch's choice
+    attention_kernel: AttentionKernel = AttentionKernel.AUTO
     # rewrite LM head + cross_entropy into torch.ops.unsloth.linear_cross_entropy, chunked over
     # rows so the full-vocabulary logits never exist (where the model does not return them:
     # see unsloth_compile.loss_only)
@@ -89,12 +100,14 @@ class Config:
     # budget for one chunk's fp32 logits in that op, in MiB (rows per chunk = budget / (4 V));
     # the op's peak is a few such chunks
     cross_entropy_chunk_mib: int = 256
-    # CUDA graphs (Inductor's cudagraph trees) for the compiled graphs when inner="inductor"
-    # and the graph runs on CUDA; graphs with dynamic shapes run without. Off by default: on
-    # the llama-1b preset (H200, 2026-11-30) the step took 208.6 ms with them against 127.6 ms
-    # without (docs/bench/e2e-runs/cudagraphs-default-2026-11-30.md). mode="reduce-overhead"
-    # turns them on with Inductor's own rules.
-    cudagraphs: bool = False
+    # CUDA graphs (Inductor's cudagraph trees) for the compiled graphs when inner="inductor".
+    # None (default): on for a graph whose inputs are on CUDA with static shapes, off for a
+    # graph Dynamo made dynamic (one recording per shape would cost a memory pool each) and
+    # with compress_activations="lowrank" (a host-drawn projection a replay would freeze).
+    # True: on wherever Inductor allows; False: off. Why on: the llama-1b step is host-bound
+    # without them (H200: 127.5 ms wall, 124 ms of Python for 112 ms of GPU work; with
+    # graphs 119.7 ms wall, 22 ms host: docs/bench/whole_step.md)
+    cudagraphs: Optional[bool] = None
     # compress what LoRA ops and FFN blocks save for backward (lossy for the gradients only;
     # needs inner "aot_eager" or "inductor", where AOTAutograd partitions forward and backward)
     compress_activations: CompressMode = CompressMode.NONE
@@ -120,6 +133,8 @@ class Config:
                         f"unsloth_compile: option {field.name}={value!r} is not valid; "
                         f"choose one of {valid}"
                     ) from None
+            elif field.name == "cudagraphs" and value is not None and not isinstance(value, bool):
+                raise ValueError(f"unsloth_compile: option cudagraphs={value!r} must be None, True or False")
             elif isinstance(field.default, bool) and not isinstance(value, bool):
                 raise ValueError(
                     f"unsloth_compile: option {field.name}={value!r} must be True or False"
@@ -142,7 +157,7 @@ class Config:
                 "inner='aot_eager' or 'inductor'"
             )
         if self.compress_activations is CompressMode.LOWRANK and (
-                self.cudagraphs or self.mode in ("reduce-overhead", "max-autotune")):
+                self.cudagraphs is True or self.mode in ("reduce-overhead", "max-autotune")):
             raise ValueError(
                 "unsloth_compile: compress_activations='lowrank' draws a new random projection on "
                 "the host at each step, which a CUDA graph replay would freeze into one; use "

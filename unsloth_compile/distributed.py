@@ -88,6 +88,13 @@ class LoraDDP(DistributedDataParallel):
             return super().forward(*inputs, **kwargs)
 
 
+def _without_cudagraphs(options: Optional[Mapping[str, Any]]) -> dict:
+    """`options` with cudagraphs=False unless the caller chose: the single-process default (on
+    for static shapes) is not taken under DDP or FSDP2, untested there (FSDP2 all-gathers
+    parameters into new storage each step, which a recorded graph cannot follow)."""
+    return {"cudagraphs": False, **dict(options or {})}
+
+
 def compile_ddp(model: nn.Module, options: Optional[Mapping[str, Any]] = None, *, mode: Optional[str] = None,
                 split_graphs: bool = False, **ddp_kwargs: Any) -> LoraDDP:
     """Compile `model` in place with the unsloth backend (`unsloth_compile.compile`), then wrap it
@@ -96,7 +103,7 @@ def compile_ddp(model: nn.Module, options: Optional[Mapping[str, Any]] = None, *
     from .integration import compile as compile_in_place
 
     _require_process_group("compile_ddp")
-    compile_in_place(model, options, mode=mode)
+    compile_in_place(model, _without_cudagraphs(options), mode=mode)
     return LoraDDP(model, split_graphs=split_graphs, **ddp_kwargs)
 
 
@@ -169,7 +176,7 @@ def compile_blocks(blocks: Sequence[nn.Module], options: Optional[Mapping[str, A
     from .config import Config
     from .summary import SummaryLedger
 
-    options = dict(options or {})
+    options = _without_cudagraphs(options)
     Config.from_options(options, mode)  # a bad option fails now, not at the first forward
     backend = functools.partial(unsloth, options=options, mode=mode, ledger=SummaryLedger())
     for block in blocks:
