@@ -472,9 +472,9 @@ def compile_compressed(gm: GraphModule, example_inputs, cfg: Config, report: Rep
         compiled = compile_fx(gm, example_inputs,
                               config_patches={**inductor_patches, "custom_partitioner_fn": partitioner})
         if inductor_patches.get("triton.cudagraphs"):
-            from ..backend import keep_scalar_outputs
+            from ..backend import keep_outputs_across_replays
 
-            compiled = keep_scalar_outputs(compiled)
+            compiled = keep_outputs_across_replays(compiled)
     if not partitioner.ran and torch.is_grad_enabled() and any(
             getattr(x, "requires_grad", False) for x in example_inputs):
         report.add(Site("<graph>", PATTERN, "skipped",

@@ -209,7 +209,7 @@ def test_inductor_patches_for_modes_and_the_cudagraphs_option():
         Config(cudagraphs="yes")
 
 
-def test_keep_scalar_outputs_copies_only_cuda_scalars(monkeypatch):
+def test_keep_outputs_across_replays_copies_only_cuda_scalars(monkeypatch):
     """The 0-d outputs of a CUDA-graph replay are copies; the rest pass through, in the
     caller's calling convention. (CPU: the CUDA test is swapped for 'any 0-d tensor'.)"""
     from unsloth_compile import backend
@@ -220,7 +220,7 @@ def test_keep_scalar_outputs_copies_only_cuda_scalars(monkeypatch):
     def compiled(*args):
         return (loss, logits, len(args))
 
-    out = backend.keep_scalar_outputs(compiled)(1, 2)
+    out = backend.keep_outputs_across_replays(compiled)(1, 2)
     assert isinstance(out, tuple) and out[0] is not loss and torch.equal(out[0], loss)
     assert out[1] is logits and out[2] == 2
 
@@ -229,13 +229,13 @@ def test_keep_scalar_outputs_copies_only_cuda_scalars(monkeypatch):
         return [loss, logits]
 
     boxed._boxed_call = True
-    wrapped = backend.keep_scalar_outputs(boxed)
+    wrapped = backend.keep_outputs_across_replays(boxed)
     assert wrapped._boxed_call is True
     out = wrapped([1])
     assert isinstance(out, list) and out[0] is not loss and out[1] is logits
 
 
-def test_keep_scalar_outputs_around_real_inductor_training(monkeypatch):
+def test_keep_outputs_across_replays_around_real_inductor_training(monkeypatch):
     """The wrapper around what compile_fx really returns, called as Dynamo calls it (a real
     Inductor compile on CPU, where the graphs decision is forced on), over gradient
     accumulation: a gradient kept across a forward is replaced by a copy once (the pool's
@@ -244,8 +244,8 @@ def test_keep_scalar_outputs_around_real_inductor_training(monkeypatch):
 
     monkeypatch.setattr(backend, "cudagraphs_decision", lambda cfg, inputs: (True, "forced on for the test"))
     wrapped = []
-    real_wrapper = backend.keep_scalar_outputs
-    monkeypatch.setattr(backend, "keep_scalar_outputs", lambda fn: wrapped.append(fn) or real_wrapper(fn))
+    real_wrapper = backend.keep_outputs_across_replays
+    monkeypatch.setattr(backend, "keep_outputs_across_replays", lambda fn: wrapped.append(fn) or real_wrapper(fn))
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 1))

@@ -57,7 +57,7 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
 
     patches = inductor_patches(cfg, example_inputs, report)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
-    return keep_scalar_outputs(compiled) if patches.get("triton.cudagraphs") else compiled
+    return keep_outputs_across_replays(compiled) if patches.get("triton.cudagraphs") else compiled
 
 
 def cudagraphs_decision(cfg: Config, example_inputs: Sequence[Any] | None) -> tuple[bool, str]:
@@ -130,7 +130,7 @@ def _move_kept_grads() -> None:
             t._unsloth_grad_copy = weakref.ref(grad)
 
 
-def keep_scalar_outputs(compiled: Callable) -> Callable:
+def keep_outputs_across_replays(compiled: Callable) -> Callable:
     """`compiled` (CUDA graphs on) made safe for what training loops keep across steps.
 
     A replay overwrites the graph pool that held the previous step's outputs, and cudagraph
