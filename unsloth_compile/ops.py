@@ -110,6 +110,68 @@ def _check_dropout_args(lora_x: Optional[Tensor], dropout_mask: Optional[Tensor]
                          f"{tuple(x.shape)}, got {dropout_mask.dtype} {tuple(dropout_mask.shape)}")
 
 
+# ---- pieces every LoRA op family shares (dense here, fp8 in ops_fp8.py, 2:4 in ops_sparse.py)
+
+
+def fake_lora_outputs(x: Tensor, n_out: int, lora_A: Tensor, residual: Optional[Tensor],
+                      out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Fake (out, lora_hidden) of a LoRA forward op with n_out output features."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
+    if residual is not None:  # added after the cast: the sum promotes as torch's add does
+        out_dtype = torch.promote_types(out_dtype, residual.dtype)
+    out = x.new_empty((*x.shape[:-1], n_out), dtype=out_dtype)
+    return out, lora_A.new_empty((rows, lora_A.shape[0]))
+
+
+def fake_lora_grads(x: Tensor, lora_x: Optional[Tensor], lora_A: Tensor,
+                    lora_B: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Fake (dx, d_lora_x, dA, dB) of a LoRA backward op. Contiguous, whatever the inputs'
+    strides, as the implementations return them: empty_like would copy the strides of the
+    pass's A.t() / B.t() views (the `x @ A @ B` form) or of a strided x, and Inductor checks
+    the real strides against these."""
+    d_lora_x = x.new_empty((0,)) if lora_x is None else lora_x.new_empty(lora_x.shape)
+    return (x.new_empty(x.shape), d_lora_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape))
+
+
+def through_dropout(x: Tensor, dx: Tensor, d_lora_x: Optional[Tensor], dropout_mask: Optional[Tensor],
+                    dropout_scale: float) -> tuple[Tensor, Tensor]:
+    """(dx, d_lora_x) as a backward op returns them. With dropout given as its mask, the
+    adapter's input gradient goes back through the dropout (grad * mask * scale,
+    native_dropout_backward's order) and PEFT's cast to the adapter dtype, then is added to
+    the base's dx as autograd adds the gradients of x's two uses. d_lora_x is an empty
+    tensor unless the adapter read lora_x."""
+    if dropout_mask is not None:
+        dx = dx + (d_lora_x * dropout_mask * dropout_scale).to(dx.dtype)
+        d_lora_x = None
+    return dx, x.new_empty((0,)) if d_lora_x is None else d_lora_x
+
+
+def saved_x(x: Optional[Tensor], x_meta) -> Tensor:
+    """x as saved for backward, or, when dropout came as lora_x and x was not kept, a stand-in
+    with its shape, dtype and device (one element of memory: dx = dY W reads no x)."""
+    if x is not None:
+        return x
+    shape, dtype, device = x_meta
+    return torch.empty((), dtype=dtype, device=device).expand(shape)
+
+
+def side_grads(grad_out: Tensor, bias_dtype: Optional[torch.dtype], lora_B_bias_wanted: bool,
+               adapter_dtype: torch.dtype, scale: float, scale_tensor: Optional[Tensor],
+               residual_dtype: Optional[torch.dtype]) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(dbias, d_lora_B_bias, dresidual), the plain column sums and casts that stay outside the
+    ops (Inductor fuses them); None for each not wanted (its dtype None, or the flag False)."""
+    dbias = d_lora_B_bias = dresidual = None
+    if bias_dtype is not None or lora_B_bias_wanted:
+        rows = grad_out.reshape(-1, grad_out.shape[-1])
+        if bias_dtype is not None:
+            dbias = rows.to(bias_dtype).sum(0)
+        if lora_B_bias_wanted:
+            d_lora_B_bias = (rows.to(adapter_dtype) * reference.effective_scale(scale, scale_tensor)).sum(0)
+    if residual_dtype is not None:
+        dresidual = grad_out.to(residual_dtype)
+    return dbias, d_lora_B_bias, dresidual
+
+
 def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tensor, lora_B: Tensor,
                 lora_B_bias: Optional[Tensor], lora_x: Optional[Tensor], residual: Optional[Tensor],
                 scale: float, scale_tensor: Optional[Tensor], weight_transposed: bool,
@@ -130,12 +192,8 @@ def lora_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tenso
 def _(x, weight, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, scale_tensor,
       weight_transposed, out_dtype, impl, dropout_mask=None, dropout_scale=1.0):
     _check_dropout_args(lora_x, dropout_mask, x, check_shape=False)
-    n_out = weight.shape[1] if weight_transposed else weight.shape[0]
-    rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
-    if residual is not None:  # added after the cast: the sum promotes as torch's add does
-        out_dtype = torch.promote_types(out_dtype, residual.dtype)
-    out = x.new_empty((*x.shape[:-1], n_out), dtype=out_dtype)
-    return out, lora_A.new_empty((rows, lora_A.shape[0]))
+    return fake_lora_outputs(x, weight.shape[1] if weight_transposed else weight.shape[0], lora_A, residual,
+                             out_dtype)
 
 
 def lora_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
@@ -151,26 +209,13 @@ def lora_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Te
         grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor,
         weight_transposed, base_dtype, False, False,
     )
-    if dropout_mask is not None:
-        # Back through the dropout (grad * mask * scale, native_dropout_backward's order) and
-        # PEFT's cast to the adapter dtype, then added to the base's dx as autograd adds the
-        # gradients of x's two uses.
-        dx = dx + (d_lora_x * dropout_mask * dropout_scale).to(dx.dtype)
-        d_lora_x = None
-    if d_lora_x is None:
-        d_lora_x = x.new_empty((0,))
-    return dx, d_lora_x, dA, dB
+    return (*through_dropout(x, dx, d_lora_x, dropout_mask, dropout_scale), dA, dB)
 
 
 @torch.library.register_fake("unsloth::lora_linear_backward")
 def _(grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor,
       weight_transposed, base_dtype, impl, dropout_mask=None, dropout_scale=1.0):
-    # Contiguous, whatever the inputs' strides, as the reference and the Triton host return
-    # them: empty_like would copy the strides of the pass's A.t() / B.t() views (the
-    # `x @ A @ B` form) or of a strided x, and Inductor checks the real strides against these.
-    d_lora_x = x.new_empty((0,)) if lora_x is None else lora_x.new_empty(lora_x.shape)
-    return (x.new_empty(x.shape), d_lora_x, lora_A.new_empty(lora_A.shape),
-            lora_B.new_empty(lora_B.shape))
+    return fake_lora_grads(x, lora_x, lora_A, lora_B)
 
 
 # One implementation for every device: it dispatches to Triton on CUDA and to the reference
@@ -204,23 +249,15 @@ def _backward(ctx, grad_out, _grad_lora_hidden):
     # lora_hidden is an internal output (saved for dB) that the rewritten graph never reads,
     # so its incoming gradient is zero/None and is ignored.
     x, weight, lora_A, lora_B, lora_x, lora_hidden, scale_tensor, dropout_mask = ctx.saved_tensors
-    if x is None:  # dropout: a stand-in with x's shape, dtype and device, one element of memory
-        shape, dtype, device = ctx.x_meta
-        x = torch.empty((), dtype=dtype, device=device).expand(shape)
+    x = saved_x(x, ctx.x_meta)
     needs = ctx.needs_input_grad
     dx, d_lora_x, dA, dB = torch.ops.unsloth.lora_linear_backward.default(
         grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, ctx.scale, scale_tensor,
         ctx.weight_transposed, ctx.base_dtype, ctx.impl, dropout_mask, ctx.dropout_scale,
     )
-    dbias = d_lora_B_bias = dresidual = None
-    if (ctx.has_bias and needs[2]) or (ctx.has_lora_B_bias and needs[5]):
-        rows = grad_out.reshape(-1, grad_out.shape[-1])
-        if ctx.has_bias and needs[2]:
-            dbias = rows.to(ctx.base_dtype).sum(0)
-        if ctx.has_lora_B_bias and needs[5]:
-            d_lora_B_bias = (rows.to(lora_A.dtype) * reference.effective_scale(ctx.scale, scale_tensor)).sum(0)
-    if ctx.has_residual and needs[7]:
-        dresidual = grad_out.to(ctx.residual_dtype)
+    dbias, d_lora_B_bias, dresidual = side_grads(
+        grad_out, ctx.base_dtype if ctx.has_bias and needs[2] else None, ctx.has_lora_B_bias and needs[5],
+        lora_A.dtype, ctx.scale, scale_tensor, ctx.residual_dtype if ctx.has_residual and needs[7] else None)
     return (dx if needs[0] else None, None, dbias, dA, dB, d_lora_B_bias,
             d_lora_x if lora_x is not None else None, dresidual,
             None, None, None, None, None, None, None)

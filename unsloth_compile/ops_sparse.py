@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from .kernels import sparse24
-from .kernels.reference import effective_scale
-from .ops import _check_dropout_args, _dropout_input
+from .ops import (_check_dropout_args, _dropout_input, fake_lora_grads, fake_lora_outputs, saved_x, side_grads,
+                  through_dropout)
 
 _lib = torch.library.Library("unsloth", "FRAGMENT")
 _lib.define("sparse24_linear(Tensor x, Tensor weight, Tensor[] compressed, str layout, Tensor? bias, str impl) "
@@ -117,28 +117,20 @@ def _lora_linear_sparse24_backward(grad_out, x, weight, compressed, layout, lora
     dx, d_lora_x, dA, dB = sparse24.lora_linear_sparse24_backward(
         grad_out, x, weight, list(compressed), _layout(impl, layout), lora_A, lora_B, lora_x, lora_hidden, scale,
         scale_tensor)
-    if dropout_mask is not None:  # back through the dropout and PEFT's cast, as ops.py does
-        dx = dx + (d_lora_x * dropout_mask * dropout_scale).to(dx.dtype)
-        d_lora_x = None
-    return dx, x.new_empty((0,)) if d_lora_x is None else d_lora_x, dA, dB
+    return (*through_dropout(x, dx, d_lora_x, dropout_mask, dropout_scale), dA, dB)
 
 
 @torch.library.register_fake("unsloth::lora_linear_sparse24")
 def _(x, weight, compressed, layout, bias, lora_A, lora_B, lora_B_bias, lora_x, residual, scale, scale_tensor,
       out_dtype, impl, dropout_mask=None, dropout_scale=1.0):
     _check_dropout_args(lora_x, dropout_mask, x, check_shape=False)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] != 0 else 0
-    if residual is not None:
-        out_dtype = torch.promote_types(out_dtype, residual.dtype)
-    out = x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
-    return out, lora_A.new_empty((rows, lora_A.shape[0]))
+    return fake_lora_outputs(x, weight.shape[0], lora_A, residual, out_dtype)
 
 
 @torch.library.register_fake("unsloth::lora_linear_sparse24_backward")
 def _(grad_out, x, weight, compressed, layout, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor, impl,
       dropout_mask=None, dropout_scale=1.0):
-    d_lora_x = x.new_empty((0,)) if lora_x is None else lora_x.new_empty(lora_x.shape)
-    return (x.new_empty(x.shape), d_lora_x, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape))
+    return fake_lora_grads(x, lora_x, lora_A, lora_B)
 
 
 class _LoraLinearSparse24Function(torch.autograd.Function):
@@ -167,19 +159,14 @@ class _LoraLinearSparse24Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_hidden):
         x, lora_A, lora_B, lora_x, hidden, scale_tensor, mask, weight, *compressed = ctx.saved_tensors
-        if x is None:
-            shape, dtype, device = ctx.x_meta
-            x = torch.empty((), dtype=dtype, device=device).expand(shape)
+        x = saved_x(x, ctx.x_meta)
         needs = ctx.needs_input_grad
         dx, d_lora_x, dA, dB = torch.ops.unsloth.lora_linear_sparse24_backward.default(
             grad_out, x, weight, compressed, ctx.layout, lora_A, lora_B, lora_x, hidden, ctx.scale, scale_tensor,
             ctx.impl, mask, ctx.dropout_scale)
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        dbias = grad_rows.to(ctx.bias_dtype).sum(0) if ctx.bias_dtype is not None and needs[4] else None
-        d_lora_B_bias = None
-        if ctx.has_lora_B_bias and needs[7]:
-            d_lora_B_bias = (grad_rows.to(lora_A.dtype) * effective_scale(ctx.scale, scale_tensor)).sum(0)
-        dresidual = grad_out.to(ctx.residual_dtype) if ctx.residual_dtype is not None and needs[9] else None
+        dbias, d_lora_B_bias, dresidual = side_grads(
+            grad_out, ctx.bias_dtype if needs[4] else None, ctx.has_lora_B_bias and needs[7], lora_A.dtype,
+            ctx.scale, scale_tensor, ctx.residual_dtype if needs[9] else None)
         return (dx if needs[0] else None, None, None, None, dbias, dA, dB, d_lora_B_bias,
                 d_lora_x if lora_x is not None else None, dresidual, None, None, None, None, None, None)
 
