@@ -26,21 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
+from .dense_linear import dense_weight, frozen_dense, is_conv1d
 from .kernels import fp8 as fp8_kernels
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): weight stored (in, out), y = x W + b."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def dense_weight(module: nn.Module) -> Optional[Tensor]:
-    """The (N, K) weight of an nn.Linear or a Conv1D (a transposed view), else None."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if _is_conv1d(module):
-        return module.weight.t()
-    return None
 
 
 def unsupported(module: nn.Module) -> Optional[str]:
@@ -78,7 +65,7 @@ class Fp8Linear(nn.Module):
         weight = dense_weight(module)
         with torch.no_grad():
             codes, scales = fp8_kernels.quantize_weight(weight.detach())
-        return cls(codes, scales, module.bias, weight.dtype, conv1d=_is_conv1d(module))
+        return cls(codes, scales, module.bias, weight.dtype, conv1d=is_conv1d(module))
 
     def dequantized_weight(self) -> Tensor:
         """(N, K) in the dense dtype: what the fp8 codes stand for."""
@@ -86,17 +73,7 @@ class Fp8Linear(nn.Module):
 
     def to_dense(self) -> nn.Module:
         """An nn.Linear (or Conv1D) with the dequantised weight, frozen, sharing the bias."""
-        weight = self.dequantized_weight()
-        if self.conv1d:
-            from transformers.pytorch_utils import Conv1D
-
-            dense = Conv1D(self.out_features, self.in_features)
-            dense.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
-        else:
-            dense = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-            dense.weight = nn.Parameter(weight, requires_grad=False)
-        dense.bias = self.bias
-        return dense
+        return frozen_dense(self.dequantized_weight(), self.bias, self.conv1d)
 
     def forward(self, x: Tensor) -> Tensor:
         device_type = x.device.type

@@ -35,26 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.sparse24_linear
+from .dense_linear import dense_weight, frozen_dense, is_conv1d
 from .kernels import sparse24
 from .sparse24_mask import kept_energy, sparsity_problem, transposable_mask
 
 log = logging.getLogger("unsloth_compile.sparsity")
 
 METHODS = ("magnitude", "wanda")
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): weight stored (in, out), y = x W + b."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def dense_weight(module: nn.Module) -> Optional[Tensor]:
-    """The (N, K) weight of an nn.Linear or a Conv1D (a transposed view), else None."""
-    if isinstance(module, nn.Linear):
-        return module.weight
-    if _is_conv1d(module):
-        return module.weight.t()
-    return None
 
 
 def unsupported(module: nn.Module) -> Optional[str]:
@@ -94,7 +81,7 @@ class Sparse24Linear(nn.Module):
             reason = sparsity_problem(weight)
         if reason is not None:
             raise ValueError(f"unsloth_compile.sparsity: cannot convert {type(module).__name__}: {reason}")
-        conv1d = _is_conv1d(module)
+        conv1d = is_conv1d(module)
         return cls(weight.detach().contiguous() if conv1d else weight.detach(), module.bias, conv1d)
 
     def _compress(self) -> None:
@@ -125,17 +112,7 @@ class Sparse24Linear(nn.Module):
 
     def to_dense(self) -> nn.Module:
         """An nn.Linear (or Conv1D) with the pruned weight, frozen, sharing the bias."""
-        weight = self.weight.detach()
-        if self.conv1d:
-            from transformers.pytorch_utils import Conv1D
-
-            dense = Conv1D(self.out_features, self.in_features)
-            dense.weight = nn.Parameter(weight.t().contiguous(), requires_grad=False)
-        else:
-            dense = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-            dense.weight = nn.Parameter(weight, requires_grad=False)
-        dense.bias = self.bias
-        return dense
+        return frozen_dense(self.weight.detach(), self.bias, self.conv1d)
 
     def _apply(self, fn, recurse=True):
         # model.to(...) / .half() must not cast the compressed copies (values and metadata
