@@ -16,7 +16,6 @@ Imported at the end of ops.py (the library fragment extends the "unsloth" namesp
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
