@@ -42,7 +42,8 @@ import torch
 
 from . import output
 from .e2e import LLAMA_TARGETS, PRESETS, Preset, add_lora, build_model, make_batches
-from .variants import MemoryMeter, describe_error, environment, free_memory, make_optimizer, synchronize
+from .variants import (MemoryMeter, describe_error, environment, free_memory, make_optimizer, synchronize,
+                       train_step)
 
 VARIANTS = ("single", "ddp", "fsdp-shard", "fsdp-replicate")
 # The targets on 2 GPUs (llama-1b): tokens/s per GPU against one GPU
@@ -99,10 +100,7 @@ def run_variant(variant: str, preset: Preset, device: torch.device, dtype: torch
                 torch.cuda.reset_peak_memory_stats(device)  # steady state: compilation and setup excluded
             synchronize(device)
             t0 = time.perf_counter()
-            loss = step_fn(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(step_fn, batch, optimizer)
             synchronize(device)
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())

@@ -23,7 +23,7 @@ import torch
 
 from . import output
 from .variants import (MemoryMeter, Variant, compile_for, environment, make_optimizer, resolve_device,
-                       resolve_inner, run_isolated, select_variants, synchronize)
+                       resolve_inner, run_isolated, select_variants, synchronize, train_step)
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BERT_TARGETS = ("query", "key", "value", "dense")
@@ -184,10 +184,7 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
         for step, batch in enumerate(batches):
             synchronize(device)
             t0 = time.perf_counter()
-            loss = step_fn(**batch).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(step_fn, batch, optimizer)
             synchronize(device)
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())

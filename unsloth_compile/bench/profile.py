@@ -36,7 +36,7 @@ import torch
 from . import output
 from .e2e import PRESETS, add_lora, build_model, make_batches
 from .variants import (Variant, compile_for, environment, make_optimizer, parse_variant, resolve_device,
-                       resolve_inner, run_isolated, synchronize)
+                       resolve_inner, run_isolated, synchronize, train_step)
 
 # First match wins, so the specific families come before the generic ones ("triton_" is any
 # Inductor kernel, but an Inductor softmax inside attention is attention).
@@ -152,10 +152,7 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     def one_step(batch) -> StepTimes:
         synchronize(device)
         t0 = time.perf_counter()
-        loss = step_fn(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(step_fn, batch, optimizer)
         t_host = time.perf_counter()
         synchronize(device)
         return StepTimes(time.perf_counter() - t0, t_host - t0)

@@ -140,6 +140,16 @@ def compile_for(model: torch.nn.Module, variant: Variant) -> Callable:
     return torch.compile(model, backend=variant.kind)
 
 
+def train_step(step_fn: Callable, batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """One training step as every benchmark times it: forward (only `.loss` read), backward,
+    optimizer step, gradients set to None. Returns the loss."""
+    loss = step_fn(**batch).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+
 def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if device.type == "cuda":
