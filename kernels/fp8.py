@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import effective_scale, rows
+from .reference import adapter_backward, effective_scale, rows
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -211,15 +211,4 @@ def lora_linear_fp8_backward(grad_out: Tensor, x: Tensor, weight: Tensor, weight
     grad2d = rows(grad_out)
     dx = base_grad_input(grad2d, w_codes, w_dequant, emulate).to(x.dtype)
     grad_lora = grad2d.to(lora_A.dtype) * effective_scale(scale, scale_tensor)
-    dB = grad_lora.t() @ lora_hidden
-    d_hidden = grad_lora @ lora_B
-    adapter_in = rows(x if lora_x is None else lora_x).to(lora_A.dtype)
-    dA = d_hidden.t() @ adapter_in
-    d_adapter_in = d_hidden @ lora_A
-    lead, K = x.shape[:-1], x.shape[-1]
-    d_lora_x = None
-    if lora_x is None:
-        dx = dx + d_adapter_in.to(x.dtype)
-    else:
-        d_lora_x = d_adapter_in.to(lora_x.dtype).reshape(*lead, K)
-    return dx.reshape(*lead, K), d_lora_x, dA.contiguous(), dB.contiguous()
+    return adapter_backward(grad_lora, dx, x, lora_x, lora_A, lora_B, lora_hidden)

@@ -101,12 +101,20 @@ def lora_linear_backward(
 
     grad_lora = grad2d.to(lora_A.dtype) * effective_scale(scale, scale_tensor)
     d_lora_B_bias = grad_lora.sum(0) if needs_lora_B_bias_grad else None
+    dx, d_lora_x, dA, dB = adapter_backward(grad_lora, dx, x, lora_x, lora_A, lora_B, lora_hidden)
+    return dx, d_lora_x, dA, dB, dbias, d_lora_B_bias
+
+
+def adapter_backward(grad_lora: Tensor, dx: Tensor, x: Tensor, lora_x: Optional[Tensor], lora_A: Tensor,
+                     lora_B: Tensor, lora_hidden: Tensor) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """The LoRA term's share of a backward, given grad_lora = s dY (M, N) in the adapter dtype
+    and the base's dx = dY W (M, K): (dx with the adapter's part added when it read x, in x's
+    dtype and shape; d_lora_x when it read lora_x, else None; dA; dB), all contiguous."""
     dB = grad_lora.t() @ lora_hidden
     d_hidden = grad_lora @ lora_B
     adapter_in = rows(x if lora_x is None else lora_x).to(lora_A.dtype)
     dA = d_hidden.t() @ adapter_in
     d_adapter_in = d_hidden @ lora_A
-
     # K spelled out, not -1: with no rows (an empty batch) -1 is ambiguous and reshape raises.
     lead, K = x.shape[:-1], x.shape[-1]
     if lora_x is None:
@@ -114,4 +122,4 @@ def lora_linear_backward(
         d_lora_x = None
     else:
         d_lora_x = d_adapter_in.to(lora_x.dtype).reshape(*lead, K)
-    return dx.to(x.dtype).reshape(*lead, K), d_lora_x, dA, dB, dbias, d_lora_B_bias
+    return dx.to(x.dtype).reshape(*lead, K), d_lora_x, dA, dB
