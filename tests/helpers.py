@@ -153,3 +153,14 @@ def triton_kernel_module(name: str):
             module = importlib.import_module(full)
     return module
 
+
+def dynamo_graphs(model, *args, **kwargs) -> list:
+    """Dynamo's graphs of `model(*args, **kwargs)`, as a backend receives them (run unchanged)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(model, backend=backend)(*args, **kwargs)
+    return graphs

@@ -15,7 +15,7 @@ from unsloth_compile.backend import inductor_patches
 from unsloth_compile.passes import keep_attention_fused
 from unsloth_compile.passes.attention import SDPA_TARGETS, is_all_true
 
-from helpers import batch_for, peft_wrap, tiny_causal_lm, train_and_compare
+from helpers import batch_for, dynamo_graphs, peft_wrap, tiny_causal_lm, train_and_compare
 
 
 class Attention(torch.nn.Module):
@@ -50,15 +50,8 @@ class Attention(torch.nn.Module):
 
 def _captured_graph(model, *args):
     """Dynamo's graph of `model(*args)`, as the backend receives it."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch.compile(model, backend=backend)(*args)
-    assert len(graphs) == 1
-    return graphs[0]
+    (gm,) = dynamo_graphs(model, *args)
+    return gm
 
 
 def _sdpa_masks(gm):

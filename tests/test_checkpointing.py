@@ -13,7 +13,7 @@ from torch.fx import Graph, GraphModule
 from torch.utils.checkpoint import checkpoint
 
 import unsloth_compile
-from helpers import batch_for, count_lora_layers, peft_wrap, tiny_causal_lm, train_and_compare
+from helpers import batch_for, count_lora_layers, dynamo_graphs, peft_wrap, tiny_causal_lm, train_and_compare
 from unsloth_compile import Config, Report, fuse_lora_linears
 from unsloth_compile.passes import run_passes, subgraphs
 
@@ -31,14 +31,7 @@ def checkpointed_llama(reentrant: bool, dropout: float, **lora_kwargs) -> nn.Mod
 
 
 def capture(model, batch) -> list[GraphModule]:
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch.compile(model, backend=backend)(**batch)
-    return graphs
+    return dynamo_graphs(model, **batch)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
@@ -174,14 +167,7 @@ def test_nested_checkpoints_fuse_at_every_depth():
 
 
 def capture_args(model, args) -> list[GraphModule]:
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch.compile(model, backend=backend)(*args)
-    return graphs
+    return dynamo_graphs(model, *args)
 
 
 class BranchedLoRA(nn.Module):

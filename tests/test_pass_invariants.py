@@ -5,18 +5,11 @@ import operator
 import torch
 
 from unsloth_compile import Config, Report, fuse_lora_linears
-from helpers import batch_for, count_lora_layers, peft_wrap, tiny_causal_lm
+from helpers import batch_for, count_lora_layers, dynamo_graphs, peft_wrap, tiny_causal_lm
 
 
 def capture(model, batch):
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch.compile(model, backend=backend)(**batch)
-    return graphs
+    return dynamo_graphs(model, **batch)
 
 
 def test_user_pipeline_meta_and_generated_code():
