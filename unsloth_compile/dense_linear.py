@@ -1,9 +1,10 @@
 """The frozen dense layers that fp8.py and sparsity.py convert and give back: nn.Linear and
-transformers' Conv1D (GPT-2), which stores its weight (in, out) and computes y = x W + b."""
+transformers' Conv1D (GPT-2), which stores its weight (in, out) and computes y = x W + b;
+which of a model's modules they convert, and the swap back."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -35,3 +36,35 @@ def frozen_dense(weight_nk: Tensor, bias: Optional[nn.Parameter], conv1d: bool) 
         dense.weight = nn.Parameter(weight_nk, requires_grad=False)
     dense.bias = bias
     return dense
+
+
+def lora_base_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, LoRA layer) for every PEFT-style LoRA layer: a module with `base_layer` and
+    `lora_A` (PEFT's LoraLayer and what mimics it)."""
+    return [(name, m) for name, m in model.named_modules()
+            if isinstance(getattr(m, "base_layer", None), nn.Module) and hasattr(m, "lora_A")]
+
+
+def conversion_targets(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
+                       ) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, path) of each module to convert: the base of every LoRA layer, or
+    what `select(path, module)` picks."""
+    if select is None:
+        return [(layer, "base_layer", f"{path}.base_layer" if path else "base_layer")
+                for path, layer in lora_base_layers(model)]
+    found = []
+    for parent_path, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            path = f"{parent_path}.{attr}" if parent_path else attr
+            if select(path, child):
+                found.append((parent, attr, path))
+    return found
+
+
+def revert_layers(model: nn.Module, layer_type: type) -> int:
+    """Every `layer_type` module of `model` swapped for its `to_dense()`; returns how many."""
+    swaps = [(parent, attr, child) for parent in model.modules() for attr, child in parent.named_children()
+             if isinstance(child, layer_type)]
+    for parent, attr, child in swaps:
+        setattr(parent, attr, child.to_dense())
+    return len(swaps)

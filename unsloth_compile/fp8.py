@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
-from .dense_linear import dense_weight, frozen_dense, is_conv1d
+from .dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from .dense_linear import lora_base_layers  # noqa: F401  part of this module's API
 from .kernels import fp8 as fp8_kernels
 
 
@@ -123,27 +124,6 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def lora_base_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, LoRA layer) for every PEFT-style LoRA layer: a module with `base_layer` and
-    `lora_A` (PEFT's LoraLayer and what mimics it)."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(getattr(m, "base_layer", None), nn.Module) and hasattr(m, "lora_A")]
-
-
-def _targets(model: nn.Module, select) -> list[tuple[nn.Module, str, str]]:
-    """(parent, attribute, path) of each module to convert."""
-    if select is None:
-        return [(layer, "base_layer", f"{path}.base_layer" if path else "base_layer")
-                for path, layer in lora_base_layers(model)]
-    found = []
-    for parent_path, parent in model.named_modules():
-        for attr, child in parent.named_children():
-            path = f"{parent_path}.{attr}" if parent_path else attr
-            if select(path, child):
-                found.append((parent, attr, path))
-    return found
-
-
 def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None,
             allow_emulation: bool = False) -> ConversionReport:
     """Store frozen base linears of `model` in fp8, in place; returns what was done.
@@ -153,7 +133,7 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
     there) unless `allow_emulation` (kernels="reference": the slow emulation, for accuracy
     checks)."""
     report = ConversionReport()
-    for parent, attr, path in _targets(model, select):
+    for parent, attr, path in conversion_targets(model, select):
         module = getattr(parent, attr)
         if isinstance(module, Fp8Linear):
             continue
@@ -174,8 +154,4 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
 
 def revert(model: nn.Module) -> int:
     """Every Fp8Linear back to a dense layer with its dequantised weight; returns how many."""
-    swaps = [(parent, attr, child) for parent in model.modules() for attr, child in parent.named_children()
-             if isinstance(child, Fp8Linear)]
-    for parent, attr, child in swaps:
-        setattr(parent, attr, child.to_dense())
-    return len(swaps)
+    return revert_layers(model, Fp8Linear)

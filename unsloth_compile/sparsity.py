@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.sparse24_linear
-from .dense_linear import dense_weight, frozen_dense, is_conv1d
+from .dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from .dense_linear import lora_base_layers  # noqa: F401  part of this module's API
 from .kernels import sparse24
 from .sparse24_mask import kept_energy, sparsity_problem, transposable_mask
 
@@ -154,27 +155,6 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-def lora_base_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, LoRA layer) for every PEFT-style LoRA layer (a module with `base_layer` and `lora_A`)."""
-    return [(name, m) for name, m in model.named_modules()
-            if isinstance(getattr(m, "base_layer", None), nn.Module) and hasattr(m, "lora_A")]
-
-
-def _targets(model: nn.Module, select) -> list[tuple[nn.Module, str, str]]:
-    """(parent, attribute, path) of each module to prune: the base of every LoRA layer, or
-    what `select(path, module)` picks."""
-    if select is None:
-        return [(layer, "base_layer", f"{path}.base_layer" if path else "base_layer")
-                for path, layer in lora_base_layers(model)]
-    found = []
-    for parent_path, parent in model.named_modules():
-        for attr, child in parent.named_children():
-            path = f"{parent_path}.{attr}" if parent_path else attr
-            if select(path, child):
-                found.append((parent, attr, path))
-    return found
-
-
 def _run(model: nn.Module, batch) -> None:
     if isinstance(batch, dict):
         model(**batch)
@@ -226,7 +206,7 @@ def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Ite
                          "model's forward), its scores weigh |W| by each input feature's norm")
     report = SparsityReport(method)
     todo = []
-    for parent, attr, path in _targets(model, select):
+    for parent, attr, path in conversion_targets(model, select):
         module = getattr(parent, attr)
         if isinstance(module, Sparse24Linear):
             report.refused[path] = "already a Sparse24Linear (pruned before)"
@@ -259,7 +239,7 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
     """Swap already pruned bases (a checkpoint saved after prune, say) for Sparse24Linear; a
     weight that is not 2:4 in both orientations is left as it is, with the reason."""
     report = SparsityReport("none")
-    for parent, attr, path in _targets(model, select):
+    for parent, attr, path in conversion_targets(model, select):
         module = getattr(parent, attr)
         if isinstance(module, Sparse24Linear):
             continue
@@ -274,8 +254,4 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
 
 def revert(model: nn.Module) -> int:
     """Every Sparse24Linear back to a dense layer with its pruned weight; returns how many."""
-    swaps = [(parent, attr, child) for parent in model.modules() for attr, child in parent.named_children()
-             if isinstance(child, Sparse24Linear)]
-    for parent, attr, child in swaps:
-        setattr(parent, attr, child.to_dense())
-    return len(swaps)
+    return revert_layers(model, Sparse24Linear)
