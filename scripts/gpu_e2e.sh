@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU numbers of issue 4: e2e llama-1b, e2e bert-large, and the MiniLM accuracy run.
+# The end-to-end GPU numbers: e2e llama-1b, e2e bert-large, and the MiniLM accuracy run.
 #
 #   bash scripts/gpu_e2e.sh prepare          # HERE (CPU machine), once: fp16 copy of MiniLM into .minilm/
 #   bash scripts/gpu_e2e.sh                  # on the GPU machine: all three stages
