@@ -39,6 +39,15 @@ class Attention(torch.nn.Module):
             return keep_query[:, None, :, None].expand(b, 1, s, s)
         if self.mask_kind == "dense":
             return torch.rand(b, 1, s, s, generator=None, device=x.device) > 0.3
+        if self.mask_kind.startswith(("causal", "shifted")):  # as transformers' sdpa_mask builds it
+            q_idx = torch.arange(s, device=x.device)[None, None, :, None]
+            kv_idx = torch.arange(s, device=x.device)[None, None, None, :]
+            causal = (kv_idx <= q_idx + (1 if self.mask_kind == "shifted" else 0)).expand(b, -1, -1, s)
+            if self.mask_kind == "causal_additive":
+                return torch.where(causal, 0.0, torch.finfo(x.dtype).min).to(x.dtype)
+            if self.mask_kind == "causal_padding":  # a padding mask read from the input
+                return causal & (x[..., 0] > -0.5)[:, None, None, :]
+            return causal
         return None
 
     def forward(self, x):
@@ -118,6 +127,52 @@ def test_broadcast_batch_dimension_stays_size_one():
     after = _sdpa_masks(gm)[0].meta["example_value"]
     assert after.shape == (1, 1, 5, 5) and after.stride(-1) == 1
     torch.testing.assert_close(gm(q, keep)[0] if isinstance(gm(q, keep), tuple) else gm(q, keep), Model()(q, keep))
+
+
+@pytest.mark.parametrize("kind", ["causal", "causal_additive"])
+def test_causal_mask_from_positions_becomes_is_causal(kind):
+    model, x = Attention(kind), torch.randn(3, 7, 16)
+    gm = _captured_graph(model, x)
+    assert _sdpa_masks(gm)[0] is not None
+    report = Report()
+    keep_attention_fused(gm, Config(), report)
+    (sdpa,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+    assert sdpa.kwargs.get("attn_mask") is None and sdpa.kwargs["is_causal"] is True
+    assert report.counters["attention.mask_causal"] == 1
+    assert not [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.arange]  # chain erased
+    report = _compare(model, x)
+    assert report.counters["attention.mask_causal"] == 1
+
+
+@pytest.mark.parametrize("kind", ["shifted", "causal_padding"])
+def test_mask_that_is_not_purely_causal_is_kept(kind):
+    """A constant mask one diagonal off SDPA's causal one, and a causal mask with padding read
+    from the input (never evaluated at compile time), stay as they are."""
+    model, x = Attention(kind), torch.randn(3, 7, 16)
+    x[1, 5, 0] = -1.0  # one padded key in the second row
+    gm = _captured_graph(model, x)
+    report = Report()
+    keep_attention_fused(gm, Config(), report)
+    assert not report.counters["attention.mask_causal"] and report.counters["attention.kept"] == 1
+    assert _sdpa_masks(gm)[0] is not None
+    _compare(model, x)
+
+
+def test_transformers_llama_causal_masks_become_is_causal_under_tracing(monkeypatch):
+    """transformers with torch < 2.14 (the GPU image: 5.17 on 2.11) never skips the causal mask
+    under compile (is_exporting() reads True there); simulated here. Every attention call then
+    gets is_causal=True back, and training matches eager."""
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "is_torchdynamo_exporting", lambda: True)
+    model = peft_wrap(tiny_causal_lm("llama"))
+    ids = batch_for("llama", seed=0)
+    gm = _captured_graph(model, ids["input_ids"])
+    masks = _sdpa_masks(gm)
+    assert len(masks) == 2 and all(m is not None for m in masks)  # what the pass meets
+    report = train_and_compare(model, lambda step: batch_for("llama", seed=step), options={"inner": "aot_eager"},
+                               steps=2).report
+    assert report.counters["attention.mask_causal"] == 2 and not report.counters["attention.kept"]
 
 
 def test_dense_mask_is_kept_and_reported_absent_mask_is_silent():
