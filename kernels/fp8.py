@@ -17,8 +17,8 @@ K x N fp8 copy per backward call (N K bytes read and written, freed at once).
 
 Conventions (torchao's float8 rowwise recipe; scales are dequantisation multipliers, what
 torch._scaled_mm multiplies by):
-- amax per row in fp32; scale = 448 / max(amax, 1e-12) rounded *down* to a power of two, so
-  |t * scale| <= 448, and multiplying by the scale or its inverse is exact in fp32.
+- amax per row in fp32; scale = 448 / max(amax, 1e-12) rounded *down* to a power of two (its
+  exponent bits), so |t * scale| <= 448, and multiplying by the scale or its inverse is exact.
 - t * scale is clamped to [-448, 448] before the cast (saturation: CUDA's cast turns values
   past 448 into NaN, the CPU cast saturates them; the clamp makes both agree), then rounded to
   nearest-even by the cast to float8_e4m3fn.
@@ -35,7 +35,10 @@ Two flavours of every GEMM, bitwise the same quantisation:
 - torch._scaled_mm (rowwise scales; CUDA capability >= 8.9), which needs K and N multiples
   of 16, `a` row-major, `b` column-major, fp32 scales (M, 1) and (1, N), bf16 output.
 
-Nothing of the project is imported here but kernels/reference.py.
+On the GPU, the quantisation is one Triton kernel (kernels/fp8_quantize.py, bitwise the torch
+spelling here), and the LoRA term runs on the bf16 path's thin Triton kernels (lowrank_thin,
+lora_linear_triton's adapter gradients) beside the fp8 GEMMs (`_lora_*_on_gpu` below). Only
+kernels/ modules are imported.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ AMAX_EPS = 1e-12  # torchao's: keeps the scale of an all-zero row finite
 GEMM_ALIGNMENT = 16  # torch._scaled_mm: K and N multiples of 16
 MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and newer
 GEMM_OUT_DTYPE = torch.bfloat16  # the only output dtype torch._scaled_mm takes with rowwise scales
+HALF = (torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- quantisation
@@ -64,14 +68,25 @@ def saturate_to_e4m3(t: Tensor) -> Tensor:
 
 
 def scale_from_amax(amax: Tensor) -> Tensor:
-    """fp32 power-of-two multiplier that maps amax to at most 448 (0 for inf, NaN for NaN)."""
+    """fp32 power-of-two multiplier that maps amax to at most 448 (0 for inf, NaN for NaN): the
+    largest power of two <= 448 / amax, read from the ratio's exponent bits (exact; a log2 in
+    fp32 can round a ratio just below 2^k up to k). kernels/fp8_quantize.py does the same."""
     ratio = E4M3_MAX / amax.float().clamp(min=AMAX_EPS)
-    return torch.exp2(torch.floor(torch.log2(ratio)))
+    power = (ratio.view(torch.int32) & 0x7F800000).view(torch.float32)
+    return torch.where(ratio.isnan(), ratio, power)
 
 
-def quantize_rowwise(t: Tensor) -> tuple[Tensor, Tensor]:
-    """(codes, dequant) for a 2-D tensor of any float dtype and strides: codes (R, C) e4m3
-    contiguous, dequant (R, 1) fp32 with t ~ codes * dequant."""
+def quantize_rowwise(t: Tensor, col_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(codes, dequant) for a 2-D tensor of any float dtype and strides (times col_scale (C,)
+    fp32 along its columns first, when given): codes (R, C) e4m3 contiguous, dequant (R, 1)
+    fp32 with t ~ codes * dequant. On CUDA one Triton kernel (kernels/fp8_quantize.py, bitwise
+    the same); elsewhere torch."""
+    if t.device.type == "cuda":
+        from .fp8_quantize import quantize_rows
+
+        return quantize_rows(t, col_scale)
+    if col_scale is not None:
+        t = t.float() * col_scale.reshape(1, -1)
     if t.shape[-1] == 0:  # amax over an empty row is undefined: no codes, unit scales
         return torch.empty(t.shape, dtype=E4M3, device=t.device), torch.ones(t.shape[0], 1, device=t.device)
     # amax from the row's min and max: one read of t, no |t| or fp32 copy of it (NaN propagates)
@@ -147,7 +162,7 @@ def base_forward(x2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate: bool)
 def base_grad_input(grad2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate: bool) -> Tensor:
     """dY W (M, K) in bf16: G = dY diag(w_s) (exact: w_s is a power of two) quantised by rows,
     times W_q, whose column-major layout is a transient transposed copy."""
-    g_codes, g_dequant = quantize_rowwise(grad2d.float() * w_dequant.reshape(1, -1))
+    g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=w_dequant)
     b = w_codes if emulate else w_codes.t().contiguous().t()
     ones = torch.ones(1, w_codes.shape[1], dtype=torch.float32, device=w_codes.device)
     return _scaled_gemm(g_codes, g_dequant, b, ones, emulate)
@@ -188,9 +203,13 @@ def lora_linear_fp8_forward(x: Tensor, weight: Tensor, weight_scale: Optional[Te
                             out_dtype: torch.dtype, emulate: bool) -> tuple[Tensor, Tensor]:
     """reference.lora_linear_forward with the base GEMM in fp8: (out, lora_hidden).
 
-    out = (fp8(x W^T) + b + s (x_l A^T) B^T + s b_B).to(out_dtype) (+ residual); the LoRA term
-    in the adapter dtype (fp32 accumulation), in the reference's order of operations."""
+    out = (fp8(x W^T) + b + s (x_l A^T) B^T + s b_B).to(out_dtype) (+ residual). Emulated: the
+    LoRA term in the adapter dtype, in the reference's order of operations. On the GPU with
+    half-precision activations: `_lora_forward_on_gpu`."""
     w_codes, w_dequant = stored_or_quantized(weight, weight_scale)
+    if not emulate and x.dtype in HALF:
+        return _lora_forward_on_gpu(x, w_codes, w_dequant, bias, lora_A, lora_B, lora_B_bias, lora_x, residual,
+                                    effective_scale(scale, scale_tensor), out_dtype)
     base = rows(fp8_linear_forward(x, w_codes, w_dequant, bias, emulate))
     adapter_in = rows(x if lora_x is None else lora_x).to(lora_A.dtype)
     lora_hidden = adapter_in @ lora_A.t()
@@ -206,9 +225,73 @@ def lora_linear_fp8_backward(grad_out: Tensor, x: Tensor, weight: Tensor, weight
                              scale: float, scale_tensor: Optional[Tensor], emulate: bool
                              ) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """(dx, d_lora_x, dA, dB), as reference.lora_linear_backward with dY W in fp8; x may be a
-    stand-in of x's shape and dtype when the adapter reads lora_x. Contiguous results."""
+    stand-in of x's shape and dtype when the adapter reads lora_x. Contiguous results. On the
+    GPU with half-precision activations: `_lora_backward_on_gpu`."""
     w_codes, w_dequant = stored_or_quantized(weight, weight_scale)
+    if not emulate and x.dtype in HALF:
+        return _lora_backward_on_gpu(grad_out, x, w_codes, w_dequant, lora_A, lora_B, lora_x, lora_hidden, scale,
+                                     scale_tensor)
     grad2d = rows(grad_out)
     dx = base_grad_input(grad2d, w_codes, w_dequant, emulate).to(x.dtype)
     grad_lora = grad2d.to(lora_A.dtype) * effective_scale(scale, scale_tensor)
     return adapter_backward(grad_lora, dx, x, lora_x, lora_A, lora_B, lora_hidden)
+
+
+# ----------------------------------------------------------------------------- LoRA linear on the GPU
+
+
+def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Optional[Tensor], lora_A: Tensor,
+                         lora_B: Tensor, lora_B_bias: Optional[Tensor], lora_x: Optional[Tensor],
+                         residual: Optional[Tensor], s, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The forward as the bf16 kernels compute the LoRA term: H = X_l A^T by the thin Triton
+    GEMM (operands rounded to x's dtype, fp32 accumulation; H kept in the adapter dtype), then
+    one rank-r GEMM that accumulates s H B^T into the fp8 GEMM's output in place (cuBLAS addmm,
+    fp32 accumulation): the M x N output is written by the fp8 GEMM and read and written once
+    more, instead of the emulation's fp32 copies of X and of the output."""
+    from .lowrank_thin import rows_times_thin
+
+    x2d = rows(x)
+    adapter_in = x2d if lora_x is None else rows(lora_x)
+    if adapter_in.dtype in HALF:
+        lora_hidden = rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype)
+    else:
+        lora_hidden = adapter_in.to(lora_A.dtype) @ lora_A.t()
+    out = base_forward(x2d, w_codes, w_dequant, emulate=False)
+    if out.dtype != x.dtype:
+        out = out.to(x.dtype)
+    if bias is not None:
+        out += bias
+    out.addmm_((lora_hidden * s).to(out.dtype), lora_B.t().to(out.dtype))
+    if lora_B_bias is not None:
+        out += (lora_B_bias * s).to(out.dtype)
+    out = out.to(out_dtype)
+    if residual is not None:
+        out = out + rows(residual)
+    return out.reshape(*x.shape[:-1], out.shape[-1]), lora_hidden
+
+
+def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequant: Tensor, lora_A: Tensor,
+                          lora_B: Tensor, lora_x: Optional[Tensor], lora_hidden: Tensor, scale: float,
+                          scale_tensor: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """dX = dY W in fp8 (dY quantised by rows with W's row scales folded in, one Triton pass);
+    G = dY B, dA, dB by the bf16 path's thin Triton kernels (lora_linear_triton's adapter
+    gradients, read from dY in x's dtype); the adapter's share s G A accumulated into dX (or
+    d_lora_x) by one rank-r cuBLAS addmm."""
+    from .lora_linear_triton import _adapter_grads
+
+    grad2d = rows(grad_out)
+    if grad2d.dtype != x.dtype:
+        grad2d = grad2d.to(x.dtype)
+    adapter_in = rows(x if lora_x is None else lora_x)
+    g, dA, dB = _adapter_grads(grad2d, adapter_in, lora_A, lora_B, lora_hidden, scale, scale_tensor)
+    dx = base_grad_input(grad2d, w_codes, w_dequant, emulate=False)
+    if dx.dtype != x.dtype:
+        dx = dx.to(x.dtype)
+    g_scaled = g * effective_scale(scale, scale_tensor)
+    lead, K = x.shape[:-1], x.shape[-1]
+    if lora_x is None:
+        dx.addmm_(g_scaled.to(dx.dtype), lora_A.to(dx.dtype))
+        d_lora_x = None
+    else:
+        d_lora_x = (g_scaled.to(lora_x.dtype) @ lora_A.to(lora_x.dtype)).reshape(*lead, K)
+    return dx.reshape(*lead, K), d_lora_x, dA, dB

@@ -336,3 +336,48 @@ def test_opcheck_of_the_four_fp8_ops():
     torch.library.opcheck(torch.ops.unsloth.lora_linear_fp8_backward.default, (
         torch.randn(2, 5, 48), detached["x"], codes, scales, detached["lora_A"], detached["lora_B"], None, hidden,
         0.75, None, "reference"), test_utils=_NO_SCHEMA)
+
+
+@pytest.mark.skipif(not _HAS_CPU_SCALED_MM, reason="this torch has no CPU torch._scaled_mm")
+@pytest.mark.parametrize("flags", [dict(), dict(bias=True, lora_B_bias=True, residual=True), dict(lora_x=True),
+                                   dict(scale_tensor=True), dict(lead=(1,)), dict(lead=(3, 0))],
+                         ids=["plain", "biases-residual", "lora_x", "scale_tensor", "one-row", "empty"])
+def test_gpu_path_of_the_lora_op_matches_the_emulation(monkeypatch, flags):
+    """kernels/fp8.py's GPU path (emulate=False on fp16 activations: Triton quantisation on CUDA,
+    torch._scaled_mm, the thin Triton GEMMs in the interpreter, rank-r addmm) run on CPU with
+    CUDA's layout rules asserted, against the emulation: the same fp8 base, the LoRA term
+    rounded to fp16 operands instead of computed in fp32."""
+    checked, _ = _checked_scaled_mm(torch._scaled_mm)
+    monkeypatch.setattr(torch, "_scaled_mm", checked)
+    g = torch.Generator().manual_seed(7)
+    lead, K, N, r = flags.get("lead", (2, 9)), 64, 48, 5
+
+    def rand(*shape, scale=1.0, dtype=torch.float16):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    codes, scales = fp8.quantize_weight(rand(N, K, scale=K ** -0.5, dtype=torch.float32))
+    x, A, B = rand(*lead, K), rand(r, K, scale=0.3, dtype=torch.float32), rand(N, r, scale=0.3, dtype=torch.float32)
+    bias = rand(N) if flags.get("bias") else None
+    b_bias = rand(N, dtype=torch.float32) if flags.get("lora_B_bias") else None
+    lora_x = rand(*lead, K) if flags.get("lora_x") else None
+    residual = rand(*lead, N) if flags.get("residual") else None
+    scale_tensor = torch.tensor(0.5) if flags.get("scale_tensor") else None
+    dy = rand(*lead, N)
+    results = {}
+    for emulate in (False, True):
+        out, hidden = fp8.lora_linear_fp8_forward(x, codes, scales, bias, A, B, b_bias, lora_x, residual, 0.75,
+                                                  scale_tensor, torch.float16, emulate)
+        grads = fp8.lora_linear_fp8_backward(dy, x, codes, scales, A, B, lora_x, hidden, 0.75, scale_tensor,
+                                             emulate)
+        results[emulate] = (out, hidden, *grads)
+    names = ("out", "hidden", "dx", "d_lora_x", "dA", "dB")
+    for name, got, want in zip(names, results[False], results[True]):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.shape == want.shape and got.dtype == want.dtype and got.is_contiguous(), name
+        if want.numel() == 0:
+            continue
+        scale = want.double().abs().max().clamp(min=1e-3)
+        err = (got.double() - want.double()).abs().max() / scale
+        assert err < 2e-2, f"{name}: max error {err:.2e} of the largest value"

@@ -255,13 +255,24 @@ needs_fp8_gpu = pytest.mark.skipif(not _cuda_fp8(), reason="needs a CUDA GPU of 
 @pytest.mark.gpu
 @needs_fp8_gpu
 def test_gpu_quantisation_is_bitwise_the_cpu_emulation():
-    x = torch.randn(257, 4096, dtype=torch.bfloat16) * torch.logspace(-4, 4, 257).reshape(-1, 1).bfloat16()
-    x[3] = 0
-    x[5, 9] = float("nan")
-    codes, dequant = fp8_kernels.quantize_rowwise(x.cuda())
-    want_codes, want_dequant = fp8_kernels.quantize_rowwise(x)
-    assert torch.equal(codes.cpu().view(torch.uint8), want_codes.view(torch.uint8))
-    assert torch.equal(dequant.cpu(), want_dequant)
+    """The Triton rowwise kernel (kernels/fp8_quantize.py) against the torch reference on CPU:
+    the same codes and scales bit for bit, also with the weight-scale fold of backward's dY, on
+    awkward widths (one tile, several tiles, a ragged last tile) and rows of zeros, NaN, inf."""
+    for C in (4096, 14336, 5000, 24):
+        x = torch.randn(257, C, dtype=torch.bfloat16) * torch.logspace(-4, 4, 257).reshape(-1, 1).bfloat16()
+        x[3] = 0
+        x[5, 9] = float("nan")
+        x[7, C - 1] = float("-inf")
+        col_scale = torch.exp2(torch.randint(-6, 6, (C,)).float())
+        for fold in (None, col_scale):
+            codes, dequant = fp8_kernels.quantize_rowwise(x.cuda(), None if fold is None else fold.cuda())
+            want_codes, want_dequant = fp8_kernels.quantize_rowwise(x, fold)
+            nan_rows = want_dequant.isnan().reshape(-1)
+            assert nan_rows.tolist() == dequant.isnan().reshape(-1).cpu().tolist()
+            assert codes.float().isnan().cpu().equal(want_codes.float().isnan())  # NaN codes: any NaN pattern
+            finite = ~want_codes.float().isnan()
+            assert torch.equal(codes.cpu().view(torch.uint8)[finite], want_codes.view(torch.uint8)[finite]), (C, fold)
+            assert torch.equal(dequant.cpu()[~nan_rows], want_dequant[~nan_rows])
 
 
 @pytest.mark.gpu

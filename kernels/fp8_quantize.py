@@ -1,0 +1,97 @@
+"""Rowwise float8 (e4m3) quantisation in one Triton kernel: kernels/fp8.py's `quantize_rowwise`
+(and its weight-scale fold for backward's dY) without fp32 temporaries.
+
+    t        = x[r, :] * col_scale        (col_scale optional: backward folds w_s into dY)
+    scale[r] = largest power of two <= 448 / max(amax(|t|), 1e-12)
+    codes    = e4m3(clamp(t * scale[r], -448, 448))      dequant[r] = 1 / scale[r]
+
+One program per row: a first pass over the row takes amax (and whether a NaN is in it), a
+second reads the row again (from L2: a row is at most tens of KB) and writes the 1-byte codes.
+Bytes per element: 2 read from memory (bf16), 1 written, against about 21 for the torch
+spelling (an fp32 product written and read back, an in-place clamp, a cast; twice that for dY,
+whose fold made one more fp32 copy). FLOPs: a handful per element; it is memory-bound.
+
+Bitwise the same as the torch reference in kernels/fp8.py (the emulation, the CPU path):
+- the ratio 448 / amax is an IEEE round-to-nearest division in both (div_rn here);
+- the power of two is taken from the ratio's exponent bits in both (no log2, whose rounding
+  could pick the power above the ratio);
+- t * scale is exact (a power of two), the clamp keeps NaN (propagate_nan), and the cast rounds
+  to nearest-even in both;
+- a NaN anywhere in the row makes the scale NaN (so every code and dequant of the row), an inf
+  makes it 0 (amax inf) exactly as the reference's formulas do.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+# In the kernel as literals: 448 (e4m3's largest finite value), 1e-12 (the amax floor) and
+# 0x7F800000 (a float32's exponent bits: 2^floor(log2(v)) for a normal v), as kernels/fp8.py.
+MAX_BLOCK_C = 4096  # columns per tile of a row (8 KB of bf16): two passes over longer rows
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    # pointers
+    x_ptr, col_scale_ptr, codes_ptr, dequant_ptr,
+    # sizes
+    C,
+    # strides
+    stride_xr, stride_xc, stride_cr,
+    # meta-parameters
+    HAS_COL_SCALE: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """codes[r, :] and dequant[r] of one row r of x (times col_scale, when given)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_C)
+    x_row = x_ptr + row * stride_xr
+    amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    nan = tl.zeros((BLOCK_C,), dtype=tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs
+        ok = cols < C
+        t = tl.load(x_row + cols * stride_xc, mask=ok, other=0.0).to(tl.float32)
+        if HAS_COL_SCALE:
+            t = t * tl.load(col_scale_ptr + cols, mask=ok, other=1.0)
+        nan = nan | (t != t).to(tl.int32)
+        amax = tl.maximum(amax, tl.abs(t))
+    row_amax = tl.max(amax, axis=0)
+    ratio = tl.math.div_rn(tl.full((), 448.0, tl.float32), tl.maximum(row_amax, 1e-12))
+    scale = (ratio.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    scale = tl.where(tl.max(nan, axis=0) > 0, float("nan"), scale)
+    tl.store(dequant_ptr + row, tl.math.div_rn(tl.full((), 1.0, tl.float32), scale))
+    codes_row = codes_ptr + row * stride_cr
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + offs
+        ok = cols < C
+        t = tl.load(x_row + cols * stride_xc, mask=ok, other=0.0).to(tl.float32)
+        if HAS_COL_SCALE:
+            t = t * tl.load(col_scale_ptr + cols, mask=ok, other=1.0)
+        q = tl.clamp(t * scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(codes_row + cols, q.to(tl.float8e4nv), mask=ok)
+
+
+def quantize_rows(t: Tensor, col_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """(codes (R, C) e4m3 contiguous, dequant (R, 1) fp32) of a 2-D CUDA tensor of any float
+    dtype and strides, rows scaled by col_scale (C,) fp32 first when given."""
+    R, C = t.shape
+    codes = torch.empty((R, C), dtype=torch.float8_e4m3fn, device=t.device)
+    dequant = torch.empty((R, 1), dtype=torch.float32, device=t.device)
+    if R == 0:
+        return codes, dequant
+    if C == 0:  # no values: unit scales, as the reference
+        return codes, dequant.fill_(1.0)
+    if col_scale is not None:
+        col_scale = col_scale.reshape(-1).to(torch.float32).contiguous()
+    block_c = min(MAX_BLOCK_C, triton.next_power_of_2(C))
+    _quantize_rows_kernel[(R,)](
+        x_ptr=t, col_scale_ptr=col_scale if col_scale is not None else dequant, codes_ptr=codes,
+        dequant_ptr=dequant, C=C, stride_xr=t.stride(0), stride_xc=t.stride(1), stride_cr=codes.stride(0),
+        HAS_COL_SCALE=col_scale is not None, BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4)
+    return codes, dequant
