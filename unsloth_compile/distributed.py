@@ -183,6 +183,23 @@ def compile_blocks(blocks: Sequence[nn.Module], options: Optional[Mapping[str, A
         block.compile(backend=backend)
 
 
+def _disable_kv_cache(model: nn.Module) -> None:
+    """Set `use_cache=False` on the transformers configs inside `model`. With the cache on, a
+    transformers model hands each block a cache object whose per-layer state Dynamo guards on,
+    so every block of a per-block compile recompiles until the recompile limit (8) leaves the
+    rest of the blocks eager (measured: 56 of 112 LoRA sites fused on llama-1b). Training does
+    not read the cache."""
+    changed = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False) is True and id(config) not in changed:
+            config.use_cache = False
+            changed.add(id(config))
+    if changed:
+        log.warning("unsloth_compile.distributed: set config.use_cache=False (a KV cache makes every compiled block "
+                    "recompile on its per-layer state; training does not use it)")
+
+
 def _frozen_params(module: nn.Module) -> set[nn.Parameter]:
     return {p for p in module.parameters() if not p.requires_grad}
 
@@ -217,6 +234,7 @@ def shard_lora_model(model: nn.Module, mesh: Any = None, *, frozen: str = "repli
         fully_shard(block, ignored_params=_frozen_params(block) if frozen == "replicate" else None, **kwargs)
     fully_shard(model, ignored_params=_frozen_params(model) if frozen == "replicate" else None, **kwargs)
     if compile:
+        _disable_kv_cache(model)
         compile_blocks(found, options, mode=mode)
     model._unsloth_fsdp_frozen = frozen  # for the report of a benchmark, and the rank check
     log.info("unsloth_compile.distributed: fully_shard on %d blocks and the root, frozen base %s%s", len(found),

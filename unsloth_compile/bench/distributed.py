@@ -42,7 +42,7 @@ import torch
 
 from . import output
 from .e2e import LLAMA_TARGETS, PRESETS, Preset, add_lora, build_model, make_batches
-from .variants import (MemoryMeter, describe_error, environment, free_memory, make_optimizer, synchronize,
+from .variants import (MemoryMeter, parse_option_value, describe_error, environment, free_memory, make_optimizer, synchronize,
                        train_step)
 
 VARIANTS = ("single", "ddp", "fsdp-shard", "fsdp-replicate")
@@ -86,7 +86,7 @@ def run_variant(variant: str, preset: Preset, device: torch.device, dtype: torch
     from ..report import collect_reports
 
     torch.manual_seed(cfg["seed"])  # the same initial model on every rank
-    options = {"inner": cfg["inner"], "summary": rank == 0}
+    options = {**cfg["options"], "inner": cfg["inner"], "summary": rank == 0}
     model, step_fn = _build(variant, preset, device, dtype, options, cfg["mp"])
     optimizer = make_optimizer(model.parameters(), cfg["lr"], device)
     batches = make_batches(preset, cfg["warmup"] + cfg["steps"], cfg["seed"] + 1000 * rank, device)
@@ -211,7 +211,8 @@ def render_markdown(data: dict) -> str:
     lines += [f"- model: {preset['note']}; {preset['config']}",
               f"- per GPU: batch {preset['batch']} x {preset['seq']} tokens, dtype {data['dtype']}, LoRA "
               f"r={preset['rank']} on {', '.join(preset['lora_targets'])}; inner {data['inner']}; "
-              f"{'FSDP2 MixedPrecisionPolicy(bf16 params, fp32 reduce)' if data['mp'] else 'no MixedPrecisionPolicy'}",
+              f"{'FSDP2 MixedPrecisionPolicy(bf16 params, fp32 reduce)' if data['mp'] else 'no MixedPrecisionPolicy'}"
+              f"{'; options ' + str(data['options']) if data.get('options') else ''}",
               f"- {data['warmup']} warm-up steps (compilation included), median over {data['steps']} timed steps "
               f"of the slowest rank's step time; scaling efficiency = tokens/s per GPU / single's", ""]
     rows = []
@@ -256,6 +257,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--timeout-min", type=float, default=30, help="collective timeout (a rank that fails hangs the rest)")
     p.add_argument("--out", default="docs/bench", help="output folder (JSON, markdown)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a backend option for every variant (repeatable), e.g. cudagraphs=true")
     p.add_argument("--baseline", help="a dist JSON whose `single` row is the 1-GPU baseline when this run has none "
                                       "(variants split over runs, e.g. under a per-command time limit)")
 
@@ -264,6 +267,20 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """--option KEY=VALUE pairs -> backend options (values as the e2e bench's --variant reads them)."""
+    from unsloth_compile.config import Config
+
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--option {pair!r}: expected KEY=VALUE, e.g. cudagraphs=true")
+        options[key.strip()] = parse_option_value(value.strip())
+    Config.from_options(options)  # a bad option fails here, not in every spawned process
+    return options
 
 
 def _config(args) -> dict:
@@ -284,7 +301,8 @@ def _config(args) -> dict:
     return {"preset": dataclasses.asdict(preset), "nproc": nproc, "variants": sorted(variants, key=VARIANTS.index),
             "device": device, "dtype": dtype, "inner": inner, "mp": args.mp, "seed": args.seed, "lr": args.lr,
             "steps": args.steps if args.steps is not None else preset.steps,
-            "warmup": args.warmup if args.warmup is not None else preset.warmup, "timeout_min": args.timeout_min}
+            "warmup": args.warmup if args.warmup is not None else preset.warmup, "timeout_min": args.timeout_min,
+            "options": _parse_options(args.option)}
 
 
 def collect(cfg: dict, out_dir: str, error: Optional[str] = None, baseline: Optional[str] = None) -> dict:
@@ -331,6 +349,7 @@ def run(args) -> dict:
         data = collect(cfg, tmp, error, args.baseline)
     # a run of some variants only is named after them, so that split runs do not overwrite each other
     some = "" if cfg["variants"] == list(VARIANTS) else "-" + "+".join(cfg["variants"])
+    some += "".join(f"-{key}-{value}" for key, value in sorted(cfg["options"].items()))
     stem = Path(args.out) / f"dist-{preset.name}-{cfg['nproc']}x{cfg['device']}{some}"
     output.write_json(stem.with_suffix(".json"), data)
     stem.with_suffix(".md").write_text(render_markdown(data))

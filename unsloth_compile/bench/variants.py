@@ -69,7 +69,7 @@ class Variant:
                 "description": self.describe()}
 
 
-def _parse_value(text: str) -> Any:
+def parse_option_value(text: str) -> Any:
     lowered = text.lower()
     if lowered in ("true", "yes", "on"):
         return True
@@ -89,7 +89,7 @@ def parse_variant(spec: str, inner: str) -> Variant:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--variant {spec!r}: option {item!r} is not key=value")
-        options[key.strip()] = _parse_value(value.strip())
+        options[key.strip()] = parse_option_value(value.strip())
     if kind == "unsloth":
         options.setdefault("inner", inner)
     return Variant(name, kind, options)
