@@ -117,18 +117,18 @@ class LoraColwiseParallel(_colwise_base()):
     and B (and B's bias) sharded by output rows, A replicated. Input replicated, output sharded
     on the last dimension (local tensor, as ColwiseParallel returns it by default)."""
 
+    layout = "column-wise"
+
+    def lora_placements(self) -> tuple[dict, dict, dict]:
+        """Placements of the base linear's, A's and B's parameters, by parameter name."""
+        from torch.distributed.tensor import Replicate, Shard
+
+        return {"weight": Shard(0), "bias": Shard(0)}, {"weight": Replicate()}, {"weight": Shard(0), "bias": Shard(0)}
+
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if not _check_lora_layer(module, type(self).__name__):
             return super()._apply(module, device_mesh)
-        from torch.distributed.tensor import Replicate, Shard, distribute_module
-
-        module._unsloth_tensor_parallel = "column-wise"  # what unsloth_compile.rank refuses to resize
-        partition = _lora_partition({"weight": Shard(0), "bias": Shard(0)}, {"weight": Replicate()},
-                                    {"weight": Shard(0), "bias": Shard(0)})
-        return distribute_module(
-            module, device_mesh, partition,
-            functools.partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-            functools.partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+        return _distribute_lora_layer(self, module, device_mesh)
 
 
 class LoraRowwiseParallel(_rowwise_base()):
@@ -136,19 +136,32 @@ class LoraRowwiseParallel(_rowwise_base()):
     sharded by input columns, B (and both biases) replicated. Input sharded on the last
     dimension, output all-reduced to a replicated local tensor."""
 
+    layout = "row-wise"
+
+    def lora_placements(self) -> tuple[dict, dict, dict]:
+        from torch.distributed.tensor import Replicate, Shard
+
+        return {"weight": Shard(1), "bias": Replicate()}, {"weight": Shard(1)}, {"weight": Replicate(),
+                                                                                "bias": Replicate()}
+
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if not _check_lora_layer(module, type(self).__name__):
             return super()._apply(module, device_mesh)
-        from torch.distributed.tensor import Replicate, Shard, distribute_module
+        from torch.distributed.tensor import Shard
 
         self.desired_input_layouts = (Shard(-1),)
-        module._unsloth_tensor_parallel = "row-wise"
-        partition = _lora_partition({"weight": Shard(1), "bias": Replicate()}, {"weight": Shard(1)},
-                                    {"weight": Replicate(), "bias": Replicate()})
-        return distribute_module(
-            module, device_mesh, partition,
-            functools.partial(self._prepare_input_fn, self.input_layouts, self.desired_input_layouts),
-            functools.partial(self._prepare_output_fn, self.output_layouts, self.use_local_output))
+        return _distribute_lora_layer(self, module, device_mesh)
+
+
+def _distribute_lora_layer(style, module: nn.Module, device_mesh) -> nn.Module:
+    """distribute_module over a whole PEFT LoRA layer with the style's placements and hooks."""
+    from torch.distributed.tensor import distribute_module
+
+    module._unsloth_tensor_parallel = style.layout  # what unsloth_compile.rank refuses to resize
+    return distribute_module(
+        module, device_mesh, _lora_partition(*style.lora_placements()),
+        functools.partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
+        functools.partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
 
 
 def lora_tp_plan(model: nn.Module, colwise: tuple[str, ...] = COLWISE,
