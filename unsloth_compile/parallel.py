@@ -1,28 +1,21 @@
-"""Tensor and pipeline parallelism for LoRA models, compiled with the unsloth backend.
+"""Tensor parallelism for LoRA models, compiled with the unsloth backend, and the data-parallel
+gradient average across the replicas of a DP x TP or DP x PP mesh.
 
-    plan = lora_tp_plan(model)                       # Llama-style blocks: q/k/v/gate/up column-wise, o/down row-wise
-    tensor_parallel(model, tp_mesh)                  # parallelize_module with that plan, then compile in place
-    stage = pipeline_stage(model, stage_index, n)    # this rank's decoder layers (+ embeddings / norm + head)
+    plan = lora_tp_plan(model)                  # Llama-style blocks: q/k/v/gate/up column-wise, o/down row-wise
+    tensor_parallel(model, mesh["tp"])          # parallelize_module with that plan, then compile in place
+    all_reduce_gradients(model, mesh["dp"].get_group())   # after backward: the replicas' mean
 
-Tensor parallelism (torch.distributed.tensor.parallel). The plan shards each PEFT LoRA layer as
-a whole, consistently with its base (`LoraColwiseParallel`, `LoraRowwiseParallel`):
+The plan shards each PEFT LoRA layer as a whole, consistently with its base
+(`LoraColwiseParallel`, `LoraRowwiseParallel`):
 
     column-wise   W: Shard(0)   A: Replicate   B: Shard(0)     x replicated, y sharded by output
     row-wise      W: Shard(1)   A: Shard(1)    B: Replicate    x sharded by input, y partial sums
 
 so that on each rank `x_l W_l^T + s (x_l A_l^T) B_l^T` is this rank's part of the layer: its
-output columns (column-wise), or its partial sum (row-wise; H = x_l A_l^T is a partial sum too,
-and B H is linear in it). The layer's parameters become DTensors and Dynamo hands the backend a
-graph over DTensors; the LoRA pass matches it as on one GPU and emits `unsloth::lora_linear` on
-DTensor operands. DTensor runs that op on the local shards through the sharding strategies
-registered here (`register_lora_sharding`) for it and for its backward: the fused op computes
-each rank's part, and DTensor inserts the collectives (an all-reduce of dX and dA after a
-column-wise layer's backward, of a row-wise layer's output and its dB). A site whose operands
-are not laid out as one of these strategies (nor all replicated) is refused by the pass with
-the placements in the reason (`dtensor_sharding.dtensor_check`): DTensor would otherwise redistribute the
-operands to fit, gathering a sharded weight.
-
-Pipeline parallelism (torch.distributed.pipelining) is in `pipeline.py`.
+output columns (column-wise), or its partial sum (row-wise). The parameters become DTensors,
+Dynamo hands the backend a graph over DTensors, and the LoRA pass fuses it as on one GPU; the
+fused op then runs on the local shards through the sharding strategies of dtensor_sharding.py,
+which also says what the pass refuses. Pipeline parallelism is in pipeline.py.
 """
 
 from __future__ import annotations
@@ -38,7 +31,7 @@ from .dtensor_sharding import register_lora_sharding
 
 log = logging.getLogger("unsloth_compile")
 
-__all__ = ["LoraColwiseParallel", "LoraRowwiseParallel", "lora_tp_plan", "tensor_parallel",
+__all__ = ["LoraColwiseParallel", "LoraRowwiseParallel", "lora_tp_plan", "tensor_parallel", "all_reduce_gradients",
            "COLWISE", "ROWWISE"]
 
 # Llama-style projection names (transformers' Llama, Mistral, Qwen2, Gemma, ...): Megatron's
