@@ -45,6 +45,7 @@ from . import lora_adapter_groups, lora_autocast
 from . import sparse24_linear
 from . import subgraphs
 from .lora_leftovers import report_leftover_lora_layers
+from ..dtensor_sharding import dtensor_check
 
 PATTERN = "lora_linear"
 
@@ -454,7 +455,8 @@ def _fuse_in_graph(gm: GraphModule, cfg: Config, report: Report) -> None:
         path = _site_path(adapters[0], base)
         for n in adds + base.nodes + [m for a in adapters for m in a.nodes]:
             consumed.add(n)
-        reason = check_site(base, adapters)
+        layout, dtensor_reason = dtensor_check(base, adapters, cfg)  # tensor parallelism: DTensor operands
+        reason = check_site(base, adapters) or dtensor_reason
         details = _details(base, adapters)
         if reason is not None:
             report.add(Site(path, PATTERN, "refused", reason, details))
@@ -466,6 +468,10 @@ def _fuse_in_graph(gm: GraphModule, cfg: Config, report: Report) -> None:
         replace_site(gm, site, cfg)
         fp8_text = fp8_linear.record(report, details, site.fp8, fp8_refusal)
         fp8_text += sparse24_linear.record(report, details, base, site.sparse24, sparse_refusal)
+        if layout is not None:  # DTensor runs the op on each rank's shards (dtensor_sharding.py)
+            details["dtensor_layout"] = layout
+            fp8_text += f", DTensor {layout} (on local shards)"
+            report.counters["lora_linear.dtensor"] += 1
         report.add(Site(path, PATTERN, "fused", describe_fused(site, details, fp8_text), details))
         report.counters["lora_linear.residual_folded"] += site.residual is not None
         report.counters["lora_linear.adapters"] += len(adapters)

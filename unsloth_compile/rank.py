@@ -194,6 +194,11 @@ class LoraAdapter:
     def check(self) -> None:
         """ValueError when this layer is a LoRA form we cannot resize."""
         A, B = self.A, self.B
+        if (layout := getattr(self.module, "_unsloth_tensor_parallel", None)) is not None:
+            raise ValueError(f"unsloth_compile.rank: {self.name}: the adapter is split by tensor parallelism "
+                             f"({layout}: A and B are DTensor shards laid out with the base weight); resizing them "
+                             f"is not supported: choose the rank before unsloth_compile.parallel.tensor_parallel, "
+                             f"or change ranks under DDP (unsloth_compile.distributed)")
         if _is_sharded(A) or _is_sharded(B):
             raise ValueError(f"unsloth_compile.rank: {self.name}: the adapter is sharded by FSDP2 (DTensor "
                              f"parameters), and fully_shard's parameter groups cannot take new shapes; choose the "

@@ -1,0 +1,183 @@
+"""LoRA fine-tuning with tensor or pipeline parallelism (and data parallelism across replicas),
+the unsloth backend compiling each rank's part; started by torchrun. The mesh shape is given:
+
+    torchrun --nproc_per_node 2 examples/train_parallel.py --tp 2                      # TP = 2
+    torchrun --nproc_per_node 2 examples/train_parallel.py --pp 2 --schedule 1f1b      # PP = 2
+    torchrun --nproc_per_node 4 examples/train_parallel.py --dp 2 --tp 2               # DP x TP
+    torchrun --nproc_per_node 4 examples/train_parallel.py --dp 2 --pp 2 --microbatches 4
+    torchrun --nproc_per_node 2 examples/train_parallel.py --tp 2 --device cpu --preset tiny --steps 3   # gloo
+
+dp x tp x pp must equal the number of processes (TP and PP together are not supported). A
+DeviceMesh of shape (dp, tp) or (dp, pp) is built; each DP replica reads its own `--batch` rows
+per step, and the replicas' LoRA gradients are averaged after backward
+(unsloth_compile.parallel.all_reduce_gradients).
+- TP (unsloth_compile.parallel.tensor_parallel): q/k/v/gate/up column-wise, o/down row-wise, the
+  adapters sharded with their base; the model compiled in place, every LoRA linear fused on the
+  local shards.
+- PP (unsloth_compile.pipeline): the decoder layers split into `pp` stages, each compiled;
+  GPipe or 1F1B over `--microbatches` microbatches of the replica's rows.
+Prints the loss per step, then tokens/s (all replicas, timed steps after `--warmup`), per GPU,
+and the peak GPU memory of each rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import unsloth_compile  # noqa: F401  registers the backend
+from unsloth_compile.bench.distributed import DIST_PRESETS
+from unsloth_compile.bench.e2e import add_lora, build_model
+from unsloth_compile.report import collect_reports
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
+    p.add_argument("--microbatches", type=int, default=2, help="PP: microbatches per step (divides --batch)")
+    p.add_argument("--preset", default="llama-1b", choices=sorted(n for n, q in DIST_PRESETS.items() if q.family == "llama"))
+    p.add_argument("--batch", type=int, help="rows per replica and step (default: the preset's)")
+    p.add_argument("--seq", type=int, help="tokens per row (default: the preset's)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compilation)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--inner", default="auto", choices=["auto", "inductor", "aot_eager", "eager"],
+                   help="auto: inductor on CUDA, aot_eager on CPU")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def setup(args) -> tuple[torch.device, bool]:
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device, own
+
+
+def build(args, device: torch.device) -> torch.nn.Module:
+    preset = DIST_PRESETS[args.preset]
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = build_model(preset, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.pp > 1 and model.get_output_embeddings().weight is model.get_input_embeddings().weight:
+        # the head and the embeddings live on different stages: one frozen copy each
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+    return add_lora(model, preset)  # r=16 on the seven projections, fp32 adapters
+
+
+def make_mesh(args, device: torch.device):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if args.tp > 1 and args.pp > 1:
+        raise SystemExit("--tp and --pp together are not supported; use one of them (with --dp)")
+    inner, name = (args.pp, "pp") if args.pp > 1 else (args.tp, "tp")
+    if args.dp * inner != world:
+        raise SystemExit(f"dp x {name} = {args.dp} x {inner} != {world} processes")
+    return init_device_mesh(device.type, (args.dp, inner), mesh_dim_names=("dp", name)), name
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device, own_group = setup(args)
+    try:
+        return train(args, device)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def train(args, device: torch.device) -> int:
+    from unsloth_compile.parallel import all_reduce_gradients, tensor_parallel
+    from unsloth_compile.pipeline import pipeline_schedule, pipeline_stage
+
+    preset = DIST_PRESETS[args.preset]
+    rows, seq = args.batch or preset.batch, args.seq or preset.seq
+    mesh, kind = make_mesh(args, device)
+    dp_group, dp_rank = mesh["dp"].get_group(), mesh["dp"].get_local_rank()
+    options = {"inner": args.inner if args.inner != "auto" else ("inductor" if device.type == "cuda" else "aot_eager"),
+               "summary": False}
+    model = build(args, device)
+    stage = schedule = None
+    if kind == "pp":
+        stage_index = mesh["pp"].get_local_rank()
+        if rows % args.microbatches:
+            raise SystemExit(f"--microbatches {args.microbatches} does not divide --batch {rows}")
+        stage, module = pipeline_stage(model, stage_index, args.pp, device, microbatch=(rows // args.microbatches, seq),
+                                       group=mesh["pp"].get_group(), options=options)
+        schedule = pipeline_schedule(stage, args.microbatches, args.schedule)
+        trained = module
+    else:
+        tensor_parallel(model, mesh["tp"], options=options)
+        trained = model
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
+    g = torch.Generator().manual_seed(args.seed + 1 + 1000 * dp_rank)  # each replica its own rows
+    first = last = True
+    if stage is not None:
+        first, last = stage.is_first, stage.is_last
+    times = []
+    with collect_reports() as report:
+        for step in range(args.warmup + args.steps):
+            ids = torch.randint(0, model.config.vocab_size, (rows, seq), generator=g).to(device)
+            start = time.perf_counter()
+            loss = torch.zeros((), device=device)
+            if schedule is not None:
+                losses = []
+                schedule.step(*([ids] if first else []), target=ids if last else None, losses=losses)
+                if last:
+                    loss = torch.stack([x.detach().float() for x in losses]).mean()
+            else:
+                out = trained(input_ids=ids, labels=ids)
+                out.loss.backward()
+                loss = out.loss.detach().float()
+            if args.dp > 1:
+                all_reduce_gradients(trained, dp_group)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+            # TP: every rank of a replica holds its loss; PP: the last stage only (the others add zeros)
+            dist.all_reduce(loss)
+            if dist.get_rank() == 0:
+                holders = args.dp * (args.tp if kind == "tp" else 1)
+                print(f"step {step}: loss {loss.item() / holders:.4f}  ({times[-1] * 1e3:.1f} ms)", flush=True)
+    fused = report.counters.get("lora_linear.fused", 0)
+    refused = report.counters.get("lora_linear.refused", 0)
+    report_timing(args, device, times[args.warmup:], rows * seq, fused, refused, kind)
+    return 0
+
+
+def report_timing(args, device, times: list[float], tokens_per_replica: int, fused: int, refused: int, kind: str):
+    """tokens/s from the slowest rank's mean step time; peak memory of every rank."""
+    step = torch.tensor([sum(times) / max(len(times), 1)], dtype=torch.float64)
+    dist.all_reduce(step, op=dist.ReduceOp.MAX)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, (peak, fused, refused))
+    if dist.get_rank() != 0:
+        return
+    world = dist.get_world_size()
+    tokens_s = args.dp * tokens_per_replica / float(step) if times else float("nan")
+    inner = args.pp if kind == "pp" else args.tp
+    print(f"mesh dp={args.dp} x {kind}={inner} on {world} x {device.type}"
+          + (f", {args.schedule}, {args.microbatches} microbatches" if kind == "pp" else ""))
+    print(f"{len(times)} timed steps: {float(step) * 1e3:.1f} ms/step, {tokens_s:,.0f} tokens/s, "
+          f"{tokens_s / world:,.0f} tokens/s per GPU")
+    print("peak memory per rank (GiB): " + ", ".join("n/a" if p != p else f"{p:.2f}" for p, _, _ in peaks))
+    print("LoRA linears per rank: " + ", ".join(f"fused {f}/{f + r}" for _, f, r in peaks))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

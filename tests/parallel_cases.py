@@ -1,0 +1,289 @@
+"""The worker side of tests/test_parallel.py: a tiny PEFT Llama trained with tensor parallelism
+(DTensor), pipeline parallelism (torch.distributed.pipelining) and their combinations with data
+parallelism, by gloo processes (this file run as a script: `--worker OUT`); the single-process
+reference; the launcher, which starts the 2-process and the 4-process groups at once.
+
+Every case runs the same schedule: STEPS AdamW steps on the same BATCH rows per step (seq SEQ),
+each rank reading its share (DP: rows split by replica; PP: the replica's rows split into
+microbatches), and records the losses, the whole gradients of the LoRA parameters it holds and
+the backend's counters. Each rank saves what it saw (`{group}-rank{r}.pt`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STEPS = 2
+BATCH = 4  # rows per step, whole batch
+SEQ = 11  # tokens per row: not a multiple of anything
+LR = 1e-2
+OPTIONS = {"inner": "aot_eager", "summary": False}
+GROUPS = {"pair": 2, "quad": 4}  # process groups launched, and their sizes
+
+
+def tiny_model():
+    import helpers
+
+    torch.manual_seed(0)
+    return helpers.peft_wrap(helpers.tiny_causal_lm("llama"))
+
+
+def batch(step: int) -> dict:
+    import helpers
+
+    return helpers.batch_for("llama", batch=BATCH, seq=SEQ, seed=step)
+
+
+def rows(b: dict, part: int, parts: int) -> dict:
+    return {k: v.chunk(parts)[part] for k, v in b.items()}
+
+
+def trainable(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (t.full_tensor() if isinstance(t, DTensor) else t).detach().float().clone()
+
+
+def adamw(params) -> torch.optim.AdamW:
+    return torch.optim.AdamW(list(params), lr=LR, eps=1e-4)  # eps: see distributed_cases._adamw
+
+
+def reference() -> dict:
+    """One eager process on the whole batch of every step."""
+    model = tiny_model()
+    opt = adamw(trainable(model).values())
+    out = {"losses": [], "grads": []}
+    for step in range(STEPS):
+        loss = model(**batch(step)).loss
+        loss.backward()
+        out["losses"].append(float(loss.detach()))
+        out["grads"].append({n: full(p.grad) for n, p in trainable(model).items()})
+        opt.step()
+        opt.zero_grad()
+    out["params"] = {n: full(p) for n, p in trainable(model).items()}
+    return out
+
+
+# ----------------------------------------------------------------------------- worker cases
+
+
+class _OpShapes:
+    """Records the (W, A, B) shapes the fused op computes with (the reference kernel on CPU)."""
+
+    def __enter__(self):
+        from unsloth_compile.kernels import reference as kernel
+
+        self.kernel, self.original, self.seen = kernel, kernel.lora_linear_forward, set()
+
+        def recording(x, weight, bias, lora_A, lora_B, *args):
+            self.seen.add((tuple(weight.shape), tuple(lora_A.shape), tuple(lora_B.shape)))
+            return self.original(x, weight, bias, lora_A, lora_B, *args)
+
+        kernel.lora_linear_forward = recording
+        return self
+
+    def __exit__(self, *exc):
+        self.kernel.lora_linear_forward = self.original
+
+
+def _train_tp(model, tp_mesh, dp_group=None, dp_rank=0, dp_size=1) -> dict:
+    from unsloth_compile.parallel import all_reduce_gradients, tensor_parallel
+    from unsloth_compile.report import collect_reports
+
+    tensor_parallel(model, tp_mesh, options=OPTIONS)
+    opt = adamw(trainable(model).values())
+    out = {"losses": [], "grads": []}
+    with collect_reports() as report, _OpShapes() as shapes:
+        for step in range(STEPS):
+            loss = model(**rows(batch(step), dp_rank, dp_size)).loss
+            loss.backward()
+            if dp_group is not None:
+                all_reduce_gradients(model, dp_group)
+                loss = loss.detach().clone()
+                torch.distributed.all_reduce(loss, group=dp_group)
+                loss /= dp_size
+            out["losses"].append(float(loss))
+            out["grads"].append({n: full(p.grad) for n, p in trainable(model).items()})
+            opt.step()
+            opt.zero_grad()
+    out["counters"] = dict(report.counters)
+    out["layouts"] = sorted({s.details.get("dtensor_layout") for s in report.sites if s.decision == "fused"},
+                            key=str)
+    out["op_shapes"] = sorted(shapes.seen)
+    out["params"] = {n: full(p) for n, p in trainable(model).items()}
+    return out
+
+
+def case_tp(world, rank) -> dict:
+    """TP over every rank; then a resize, refused; then a plan that shards A by rank, refused
+    by the pass and computed unfused (the loss must still be right)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from unsloth_compile.rank import set_rank
+
+    model = tiny_model()
+    out = _train_tp(model, init_device_mesh("cpu", (world,)))
+    try:
+        set_rank(model, 8)
+    except ValueError as error:
+        out["set_rank_error"] = str(error)
+    out["refused"] = case_tp_refused(world, rank)
+    return out
+
+
+def case_tp_refused(world, rank) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    from unsloth_compile.parallel import LoraColwiseParallel, lora_tp_plan, tensor_parallel
+    from unsloth_compile.report import collect_reports
+
+    class ShardedRank(LoraColwiseParallel):  # A split along its rank: no layout of the fused op
+        def lora_placements(self):
+            base, _, b = super().lora_placements()
+            return base, {"weight": Shard(0)}, b
+
+    torch._dynamo.reset()
+    model = tiny_model()
+    plan = {k: ShardedRank() if k.endswith("q_proj") else v for k, v in lora_tp_plan(model).items()}
+    tensor_parallel(model, init_device_mesh("cpu", (world,)), plan, options=OPTIONS)
+    with collect_reports() as report:
+        loss = model(**batch(0)).loss
+        loss.backward()
+    return {"loss": float(loss), "counters": dict(report.counters),
+            "reasons": sorted({s.reason for s in report.refused if s.pattern == "lora_linear"}),
+            "grads": {n: full(p.grad) for n, p in trainable(model).items()}}
+
+
+def _train_pp(model, schedule, stage_index, num_stages, pp_group=None, dp_group=None, dp_rank=0, dp_size=1,
+              microbatches=2) -> dict:
+    from unsloth_compile.parallel import all_reduce_gradients
+    from unsloth_compile.pipeline import pipeline_schedule, pipeline_stage
+    from unsloth_compile.report import collect_reports
+
+    mb_rows = BATCH // dp_size // microbatches
+    stage, module = pipeline_stage(model, stage_index, num_stages, "cpu", microbatch=(mb_rows, SEQ),
+                                   group=pp_group, options=OPTIONS)
+    sched = pipeline_schedule(stage, microbatches, schedule)
+    opt = adamw(trainable(module).values())
+    last = stage_index == num_stages - 1
+    out = {"losses": [], "grads": [], "last": last}
+    with collect_reports() as report:
+        for step in range(STEPS):
+            b = rows(batch(step), dp_rank, dp_size)
+            losses = []
+            if stage_index == 0:
+                sched.step(b["input_ids"], target=b["labels"] if last else None, losses=losses)
+            else:
+                sched.step(target=b["labels"] if last else None, losses=losses)
+            if dp_group is not None:
+                all_reduce_gradients(module, dp_group)
+            if last:
+                loss = torch.stack([x.detach() for x in losses]).mean()
+                if dp_group is not None:
+                    torch.distributed.all_reduce(loss, group=dp_group)
+                    loss /= dp_size
+                out["losses"].append(float(loss))
+            out["grads"].append({n: full(p.grad) for n, p in trainable(module).items()})
+            opt.step()
+            opt.zero_grad()
+    out["counters"] = dict(report.counters)
+    out["params"] = {n: full(p) for n, p in trainable(module).items()}
+    return out
+
+
+def case_pp(world, rank, schedule) -> dict:
+    return _train_pp(tiny_model(), schedule, rank, world)
+
+
+def _mesh_2d(names):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cpu", (2, 2), mesh_dim_names=names)
+
+
+def case_dp_tp(world, rank) -> dict:
+    mesh = _mesh_2d(("dp", "tp"))
+    return _train_tp(tiny_model(), mesh["tp"], mesh["dp"].get_group(), mesh["dp"].get_local_rank(), 2)
+
+
+def case_dp_pp(world, rank) -> dict:
+    mesh = _mesh_2d(("dp", "pp"))
+    pp = mesh["pp"]
+    return _train_pp(tiny_model(), "1f1b", pp.get_local_rank(), 2, pp.get_group(), mesh["dp"].get_group(),
+                     mesh["dp"].get_local_rank(), 2)
+
+
+CASES = {
+    "pair": {"tp": case_tp, "pp-gpipe": lambda w, r: case_pp(w, r, "gpipe"),
+             "pp-1f1b": lambda w, r: case_pp(w, r, "1f1b")},
+    "quad": {"dp-tp": case_dp_tp, "dp-pp": case_dp_pp},
+}
+
+
+def worker(group: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import unsloth_compile  # noqa: F401
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {}
+    for name, case in CASES[group].items():
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        results[name] = case(world, rank)
+        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
+    torch.save(results, Path(out_dir) / f"{group}-rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def launch(out: Path, timeout: float = 300) -> dict[str, list[dict]]:
+    """Start every group of GROUPS at once (torchrun's environment, no agent), wait for all; a
+    failure kills the rest and raises RuntimeError with the failed ranks' log tails."""
+    from distributed_cases import _free_port
+
+    procs = {}
+    for group, world in GROUPS.items():
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+                   OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+        for rank in range(world):
+            with open(out / f"{group}-log{rank}.txt", "w") as log:
+                procs[(group, rank)] = subprocess.Popen(
+                    [sys.executable, __file__, "--worker", group, str(out)],
+                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs.values()):
+            break
+        time.sleep(0.5)
+    codes = {key: p.poll() for key, p in procs.items()}
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    failed = [key for key, code in codes.items() if code != 0]
+    if failed:
+        raise RuntimeError("\n".join(f"{g} rank {r} exited {codes[(g, r)]}:\n"
+                                     + (out / f"{g}-log{r}.txt").read_text()[-6000:] for g, r in failed))
+    return {g: [torch.load(out / f"{g}-rank{r}.pt", weights_only=False) for r in range(w)]
+            for g, w in GROUPS.items()}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+    worker(sys.argv[2], sys.argv[3])

@@ -1,0 +1,237 @@
+"""Tensor parallelism for LoRA models, compiled with the unsloth backend, and the data-parallel
+gradient average across the replicas of a DP x TP or DP x PP mesh.
+
+    plan = lora_tp_plan(model)                  # Llama-style blocks: q/k/v/gate/up column-wise, o/down row-wise
+    tensor_parallel(model, mesh["tp"])          # parallelize_module with that plan, then compile in place
+    all_reduce_gradients(model, mesh["dp"].get_group())   # after backward: the replicas' mean
+
+The plan shards each PEFT LoRA layer as a whole, consistently with its base
+(`LoraColwiseParallel`, `LoraRowwiseParallel`):
+
+    column-wise   W: Shard(0)   A: Replicate   B: Shard(0)     x replicated, y sharded by output
+    row-wise      W: Shard(1)   A: Shard(1)    B: Replicate    x sharded by input, y partial sums
+
+so that on each rank `x_l W_l^T + s (x_l A_l^T) B_l^T` is this rank's part of the layer: its
+output columns (column-wise), or its partial sum (row-wise). The parameters become DTensors,
+Dynamo hands the backend a graph over DTensors, and the LoRA pass fuses it as on one GPU; the
+fused op then runs on the local shards through the sharding strategies of dtensor_sharding.py,
+which also says what the pass refuses. Pipeline parallelism is in pipeline.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from .dtensor_sharding import register_lora_sharding
+
+log = logging.getLogger("unsloth_compile")
+
+__all__ = ["LoraColwiseParallel", "LoraRowwiseParallel", "lora_tp_plan", "tensor_parallel", "all_reduce_gradients",
+           "COLWISE", "ROWWISE"]
+
+# Llama-style projection names (transformers' Llama, Mistral, Qwen2, Gemma, ...): Megatron's
+# pairing, so that attention and the MLP each need one all-reduce in forward and one in backward.
+COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROWWISE = ("o_proj", "down_proj")
+
+
+# ----------------------------------------------------------------------------- parallel styles
+
+
+def _lora_layer_or_reason(module: nn.Module) -> tuple[bool, Optional[str]]:
+    """(is a PEFT LoRA layer, why it cannot be sharded or None)."""
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # no PEFT: only plain linears
+        return False, None
+    if not isinstance(module, LoraLayer):
+        return False, None
+    base = module.get_base_layer()
+    if type(base) is not nn.Linear:
+        return True, f"its base is a {type(base).__name__}, not an nn.Linear"
+    if getattr(module, "fan_in_fan_out", False):
+        return True, "fan_in_fan_out (Conv1D-style) weights"
+    if any(len(getattr(module, name, {})) for name in ("lora_embedding_A", "lora_magnitude_vector")):
+        return True, "DoRA or embedding adapters"
+    if len(getattr(module, "lora_variant", {}) or {}):
+        return True, f"PEFT LoRA variants ({', '.join(sorted(module.lora_variant))})"
+    return True, None
+
+
+def _distribute(module: nn.Module, mesh, placements: dict) -> None:
+    """Replace each parameter named in `placements` by a DTensor parameter of that placement."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, placement in placements.items():
+        param = getattr(module, name, None)
+        if param is None:
+            continue
+        module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [placement]),
+                                                     requires_grad=param.requires_grad))
+
+
+def _lora_partition(base_placements: dict, a_placements: dict, b_placements: dict):
+    """A distribute_module partition_fn over a PEFT LoRA layer's submodules."""
+    def partition(name: str, module: nn.Module, mesh) -> None:
+        if name == "base_layer":
+            _distribute(module, mesh, base_placements)
+        elif name.startswith("lora_A."):
+            _distribute(module, mesh, a_placements)
+        elif name.startswith("lora_B."):
+            _distribute(module, mesh, b_placements)
+    return partition
+
+
+def _check_lora_layer(module: nn.Module, style: str) -> bool:
+    is_lora, reason = _lora_layer_or_reason(module)
+    if reason is not None:
+        raise ValueError(f"unsloth_compile.parallel.{style}: cannot shard {type(module).__name__}: {reason}. "
+                         f"Leave it out of the plan (it then stays whole on every rank) or merge it first")
+    return is_lora
+
+
+def _colwise_base():
+    from torch.distributed.tensor.parallel import ColwiseParallel
+    return ColwiseParallel
+
+
+def _rowwise_base():
+    from torch.distributed.tensor.parallel import RowwiseParallel
+    return RowwiseParallel
+
+
+class LoraColwiseParallel(_colwise_base()):
+    """`ColwiseParallel` for a PEFT LoRA linear (or a plain nn.Linear): the base weight and bias
+    and B (and B's bias) sharded by output rows, A replicated. Input replicated, output sharded
+    on the last dimension (local tensor, as ColwiseParallel returns it by default)."""
+
+    layout = "column-wise"
+
+    def lora_placements(self) -> tuple[dict, dict, dict]:
+        """Placements of the base linear's, A's and B's parameters, by parameter name."""
+        from torch.distributed.tensor import Replicate, Shard
+
+        return {"weight": Shard(0), "bias": Shard(0)}, {"weight": Replicate()}, {"weight": Shard(0), "bias": Shard(0)}
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        if not _check_lora_layer(module, type(self).__name__):
+            return super()._apply(module, device_mesh)
+        return _distribute_lora_layer(self, module, device_mesh)
+
+
+class LoraRowwiseParallel(_rowwise_base()):
+    """`RowwiseParallel` for a PEFT LoRA linear (or a plain nn.Linear): the base weight and A
+    sharded by input columns, B (and both biases) replicated. Input sharded on the last
+    dimension, output all-reduced to a replicated local tensor."""
+
+    layout = "row-wise"
+
+    def lora_placements(self) -> tuple[dict, dict, dict]:
+        from torch.distributed.tensor import Replicate, Shard
+
+        return {"weight": Shard(1), "bias": Replicate()}, {"weight": Shard(1)}, {"weight": Replicate(),
+                                                                                "bias": Replicate()}
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        if not _check_lora_layer(module, type(self).__name__):
+            return super()._apply(module, device_mesh)
+        from torch.distributed.tensor import Shard
+
+        self.desired_input_layouts = (Shard(-1),)
+        return _distribute_lora_layer(self, module, device_mesh)
+
+
+def _distribute_lora_layer(style, module: nn.Module, device_mesh) -> nn.Module:
+    """distribute_module over a whole PEFT LoRA layer with the style's placements and hooks."""
+    from torch.distributed.tensor import distribute_module
+
+    module._unsloth_tensor_parallel = style.layout  # what unsloth_compile.rank refuses to resize
+    return distribute_module(
+        module, device_mesh, _lora_partition(*style.lora_placements()),
+        functools.partial(style._prepare_input_fn, style.input_layouts, style.desired_input_layouts),
+        functools.partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
+
+
+def lora_tp_plan(model: nn.Module, colwise: tuple[str, ...] = COLWISE,
+                 rowwise: tuple[str, ...] = ROWWISE) -> dict[str, Any]:
+    """The tensor-parallel plan of a Llama-style model, for `parallelize_module`: every module
+    whose last name is in `colwise` (q/k/v/gate/up) column-wise, in `rowwise` (o/down) row-wise,
+    PEFT LoRA layers included (their A and B sharded with the base). Embeddings, norms and the
+    LM head are left whole on every rank. Raises ValueError when nothing matches."""
+    plan: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in colwise:
+            plan[name] = LoraColwiseParallel()
+        elif leaf in rowwise:
+            plan[name] = LoraRowwiseParallel()
+    if not plan:
+        raise ValueError(f"unsloth_compile.parallel.lora_tp_plan: no module named one of {colwise + rowwise}; "
+                         f"pass colwise=/rowwise= with your model's projection names")
+    return plan
+
+
+def tensor_parallel(model: nn.Module, mesh: Any, plan: Optional[Mapping[str, Any]] = None, *,
+                    compile: bool = True, options: Optional[Mapping[str, Any]] = None,
+                    mode: Optional[str] = None) -> nn.Module:
+    """Shard `model` in place over the 1-D `mesh` (`parallelize_module` with `plan`, default
+    `lora_tp_plan(model)`), then compile it in place with the unsloth backend. Every rank must
+    hold the same initial weights (distribute_tensor scatters rank 0's). Attention heads and
+    key/value heads must divide by the mesh size. Build the optimizer afterwards."""
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    if getattr(mesh, "ndim", 1) != 1:
+        raise ValueError("unsloth_compile.parallel.tensor_parallel: pass the 1-D tensor-parallel mesh "
+                         "(mesh['tp'] of a DP x TP mesh)")
+    register_lora_sharding()
+    _check_heads(model, mesh.size())
+    parallelize_module(model, mesh, dict(plan) if plan is not None else lora_tp_plan(model))
+    if compile:
+        from .integration import compile as compile_in_place
+
+        compile_in_place(model, {"cudagraphs": False, **dict(options or {})}, mode=mode)
+    return model
+
+
+def _check_heads(model: nn.Module, size: int) -> None:
+    config = getattr(model, "config", None)
+    for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value % size:
+            raise ValueError(f"unsloth_compile.parallel.tensor_parallel: {key}={value} does not divide by the "
+                             f"tensor-parallel size {size}")
+
+
+# ----------------------------------------------------------------------------- data parallelism over a mesh
+
+
+def all_reduce_gradients(model: nn.Module, group: Any) -> int:
+    """Data parallelism across the replicas of a DP x TP or DP x PP mesh: replace each trainable
+    parameter's gradient by its mean over `group` (`mesh["dp"].get_group()`), after backward and
+    before the optimizer step. One all-reduce per dtype of all the gradients flattened together
+    (the LoRA gradients are small: tens of MB for a 1B model), as compile_ddp's all-reduce after
+    backward. A DTensor gradient (under TP) is reduced through its local tensor: the mean over
+    replicas commutes with its tensor-parallel placement (a Partial sum stays one). Returns the
+    number of gradients reduced."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    locals_by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in model.parameters():
+        if p.requires_grad and p.grad is not None:
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            locals_by_dtype.setdefault(grad.dtype, []).append(grad)
+    size = dist.get_world_size(group)
+    with torch.no_grad():
+        for grads in locals_by_dtype.values():
+            flat = _flatten_dense_tensors(grads)
+            dist.all_reduce(flat, group=group)
+            flat /= size
+            for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                grad.copy_(reduced)
+    return sum(len(g) for g in locals_by_dtype.values())
