@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from contextlib import nullcontext as _nullcontext
 from typing import Optional
 
@@ -28,6 +27,7 @@ import triton
 import triton.language as tl
 import triton.testing
 
+from . import knobs
 from .launch_args import capability, processors, scale_operand
 
 # --------------------------------------------------------------------------------------------
@@ -267,27 +267,21 @@ def _set_tma_blocks(nargs):
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_K_CONTIGUOUS"] else [bk, bn]
 
 
-# UNSLOTH_LORA_AUTOTUNE=0: the first tile only (no tuning): fast correctness runs on a GPU.
-_AUTOTUNE = os.environ.get("UNSLOTH_LORA_AUTOTUNE", "1") != "0"
-
-
 # The TMA kernel's persistent flavour (one program per SM) with the two tiles that ran
 # closest to cuBLAS that way on the H200 (scripts/probe_ws_gemm.py: 1.00-1.04x at the Llama
 # MLP shapes, 1.14x at 4096 x 4096).
 _PERSISTENT_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8)]
-# UNSLOTH_LORA_PERSISTENT=0: no persistent configurations (a bisecting knob, not a user option).
-if os.environ.get("UNSLOTH_LORA_PERSISTENT", "1") == "0":
-    _PERSISTENT_TILES = []
 
 
-def _configs(pre_hook=None, persistent_tiles=None):
-    """Autotuning configurations; persistent_tiles None: a kernel without the PERSISTENT
-    parameter (the pointer one), else every tile once per flavour."""
-    tiles = _TILES if _AUTOTUNE else _TILES[:1]
+def _configs(autotune: bool, pre_hook=None, persistent_tiles=None):
+    """Autotuning configurations (knobs: autotune False keeps the first tile only, and no
+    persistent one); persistent_tiles None: a kernel without the PERSISTENT parameter (the
+    pointer one), else every tile once per flavour."""
+    tiles = _TILES if autotune else _TILES[:1]
     flavours = [(tile, {}) for tile in tiles]
     if persistent_tiles is not None:
         flavours = [(tile, {"PERSISTENT": False}) for tile in tiles]
-        flavours += [(tile, {"PERSISTENT": True}) for tile in (persistent_tiles if _AUTOTUNE else [])]
+        flavours += [(tile, {"PERSISTENT": True}) for tile in (persistent_tiles if autotune else [])]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **flavour},
                       num_stages=stages, num_warps=warps, pre_hook=pre_hook)
@@ -308,15 +302,32 @@ _KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL
 # pays ~6 configs x this; medians of a ~0.4 ms GEMM are stable well within it.
 _AUTOTUNE_BENCH = functools.partial(triton.testing.do_bench, warmup=5, rep=25)
 
-_lora_gemm_tuned = triton.autotune(
-    configs=_configs(), key=_KEY + ["stride_ak", "stride_bk", "stride_bn"],
-    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
-)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_lora_gemm_kernel))
 
-_lora_gemm_tma_tuned = triton.autotune(
-    configs=_configs(_set_tma_blocks, _PERSISTENT_TILES), key=_KEY + ["B_K_CONTIGUOUS"],
-    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
-)(_lora_gemm_tma_kernel)
+# One autotuner per configuration list the knobs select (autotune, persistent), built on first
+# use: the knobs are read at launch, and each autotuner keeps its own per-problem results.
+@functools.cache
+def _pointer_tuned(autotune: bool):
+    return triton.autotune(
+        configs=_configs(autotune), key=_KEY + ["stride_ak", "stride_bk", "stride_bn"],
+        prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+    )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_lora_gemm_kernel))
+
+
+@functools.cache
+def _tma_tuned(autotune: bool, persistent: bool):
+    return triton.autotune(
+        configs=_configs(autotune, _set_tma_blocks, _PERSISTENT_TILES if persistent else []),
+        key=_KEY + ["B_K_CONTIGUOUS"],
+        prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+    )(_lora_gemm_tma_kernel)
+
+
+def knob_key() -> tuple[str, bool, bool]:
+    """What the knobs make of this GEMM now: (main loop, autotune, persistent; no persistent
+    configuration untuned). Part of every key under which a decision about it is kept."""
+    current = knobs.current()
+    return current.main_loop, current.autotune, current.autotune and current.persistent
+
 
 # The interpreter runs one small configuration (dot needs every dimension >= 16); the TMA
 # kernel persistent, so that its programs loop over several tiles there too.
@@ -328,11 +339,6 @@ try:  # host-side TMA descriptors: Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
-
-# "auto": TMA where the strides allow it on sm_90+ (and in the interpreter); "pointer": never.
-# A knob for the benchmark's breakdown and for bisecting, not a user option.
-MAIN_LOOP = os.environ.get("UNSLOTH_LORA_MAIN_LOOP", "auto")
-
 
 log = logging.getLogger("unsloth_compile.kernels")
 
@@ -390,7 +396,7 @@ def _tma_ok(t: Tensor) -> bool:
 
 def _use_tma(a: Tensor, b: Tensor) -> tuple[bool, bool]:
     """(use the TMA kernel, b is K-contiguous) for a (M, K) @ b (K, N)."""
-    if MAIN_LOOP != "auto" or TensorDescriptor is None:
+    if knobs.current().main_loop != "auto" or TensorDescriptor is None:
         return False, False
     if a.device.type == "cuda" and capability(a.device) < (9, 0):
         return False, False
@@ -455,7 +461,7 @@ class _Plan:
         self.kernel[grid](*[named[name] for name in self.arg_names])
 
 
-# (device, dtypes, M bucket, N, K, r block, layout, flags, specialisation) -> _Plan
+# (device, dtypes, M bucket, N, K, r block, layout, flags, knob_key(), specialisation) -> _Plan
 _PLANS: dict = {}
 
 
@@ -525,7 +531,7 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
 
     shape_key = (a.device, a.dtype, u.dtype, v.dtype, out.dtype, m_bucket, N, K, named["BLOCK_R"],
                  a.stride(), b.stride(), use_tma, b_k_contiguous, named["HAS_BIAS"],
-                 named["HAS_V_BIAS"], named["HAS_RESIDUAL"], named["HAS_SCALE_TENSOR"])
+                 named["HAS_V_BIAS"], named["HAS_RESIDUAL"], named["HAS_SCALE_TENSOR"], knob_key())
     key = shape_key + _specialization(
         (a, b, u, v, out, named["bias_ptr"], named["v_bias_ptr"], named["res_ptr"], named["scale_ptr"],
          M, res_strides[0], res_strides[1]))
@@ -548,23 +554,24 @@ def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous:
     """First call of a problem: autotune (and, where TMA is possible, time the TMA main loop
     against the pointer one), launch once, and keep the compiled kernel for later calls."""
     M, N = a.shape[0], b.shape[1]
+    _, autotune, persistent = shape_key[-1]  # knob_key()
+    pointer_tuned, tma_tuned = _pointer_tuned(autotune), _tma_tuned(autotune, persistent)
 
     def grid(cfg):
         return (_programs(M, N, cfg, a.device),)
 
     def run_pointer():
-        kernel = _lora_gemm_tuned[grid](**_pointer_args(a, b), **named)
-        cfg = dict(_lora_gemm_tuned.best_config.kwargs)
-        return _Plan(kernel, cfg, False, b_k_contiguous, _base_fn(_lora_gemm_tuned).arg_names)
+        kernel = pointer_tuned[grid](**_pointer_args(a, b), **named)
+        cfg = dict(pointer_tuned.best_config.kwargs)
+        return _Plan(kernel, cfg, False, b_k_contiguous, _base_fn(pointer_tuned).arg_names)
 
     def run_tma():
         # Block shapes here are placeholders: the autotuner's pre-hook re-blocks per config.
         a_desc = TensorDescriptor.from_tensor(a, [64, 64])
         b_desc = TensorDescriptor.from_tensor(b.t() if b_k_contiguous else b, [64, 64])
-        kernel = _lora_gemm_tma_tuned[grid](a_desc=a_desc, b_desc=b_desc,
-                                             B_K_CONTIGUOUS=b_k_contiguous, **named)
-        cfg = dict(_lora_gemm_tma_tuned.best_config.kwargs)
-        return _Plan(kernel, cfg, True, b_k_contiguous, _base_fn(_lora_gemm_tma_tuned).arg_names)
+        kernel = tma_tuned[grid](a_desc=a_desc, b_desc=b_desc, B_K_CONTIGUOUS=b_k_contiguous, **named)
+        cfg = dict(tma_tuned.best_config.kwargs)
+        return _Plan(kernel, cfg, True, b_k_contiguous, _base_fn(tma_tuned).arg_names)
 
     if not use_tma:
         return run_pointer()

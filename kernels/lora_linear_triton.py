@@ -36,8 +36,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import knobs
 from .launch_args import capability
-from .lora_gemm import CHOICES, fastest, launch_lora_gemm, next_pow2  # noqa: F401  CHOICES re-exported
+from .lora_gemm import CHOICES, fastest, knob_key as gemm_knob_key, launch_lora_gemm, next_pow2  # noqa: F401  CHOICES re-exported
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
 from .reference import effective_scale as _effective_scale, rows as _rows
 
@@ -49,12 +50,6 @@ _MAX_RANK = 256
 # --------------------------------------------------------------------------------------------
 # The same product through cuBLAS, and the per-problem choice between the two
 # --------------------------------------------------------------------------------------------
-
-# "auto": per problem, time the Triton kernel against the cuBLAS composition below and keep
-# the faster; "triton" / "cublas": always that one. A knob for the benchmark and for
-# bisecting, not a user option.
-MAIN_GEMM = os.environ.get("UNSLOTH_LORA_MAIN_GEMM", "auto")
-
 
 def _cublas_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
                       scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None) -> Tensor:
@@ -89,15 +84,16 @@ def _lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: f
     a candidate only without lora_B bias and residual (which the Triton epilogue fuses) and
     with every operand in the activation dtype (cuBLAS mixes no dtypes)."""
     triton_args = (a, b, u, v, out, scale, scale_tensor, bias, v_bias, residual)
-    if (a.device.type != "cuda" or MAIN_GEMM == "triton" or v_bias is not None
+    main_gemm = knobs.current().main_gemm
+    if (a.device.type != "cuda" or main_gemm == "triton" or v_bias is not None
             or residual is not None or a.dtype not in _HALF
             or not (out.dtype == b.dtype == u.dtype == v.dtype == a.dtype)
             or (bias is not None and bias.dtype != a.dtype)):
         return launch_lora_gemm(*triton_args)
-    if MAIN_GEMM == "cublas":
+    if main_gemm == "cublas":
         return _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias)
     key = (a.device, a.dtype, next_pow2(a.shape[0]), b.shape[1], a.shape[1], next_pow2(u.shape[1]),
-           a.stride(), b.stride(), bias is not None, scale_tensor is not None)
+           a.stride(), b.stride(), bias is not None, scale_tensor is not None, gemm_knob_key())
     candidates = {  # the Triton side autotunes within its first timed call
         "triton": lambda: launch_lora_gemm(*triton_args),
         "cublas": lambda: _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias),
@@ -132,11 +128,6 @@ def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype
     return torch.mm(a, b).to(out_dtype)
 
 
-# "auto": per problem, time the Triton thin kernels (kernels/lowrank_thin.py) against cuBLAS
-# and keep the faster; "triton" / "cublas": always that one. Benchmark/bisecting knob.
-THIN = os.environ.get("UNSLOTH_LORA_THIN", "auto")
-
-
 def _thin_gemm(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tensor:
     """The result of whichever of two equivalent thin-GEMM calls is faster for this problem,
     key = (which product, device, dtypes, M bucket, wide size, r). cuBLAS alone when the
@@ -147,11 +138,8 @@ def _thin_gemm(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tens
     if key[1].type == "cpu":
         return triton_fn()
     candidates = {"triton": triton_fn, "cublas": cublas_fn}
-    return candidates[THIN if THIN != "auto" else fastest("thin GEMM", key, candidates)]()
-
-
-# UNSLOTH_LORA_THIN_PAIR=0: never the one pass over dY (a bisecting knob, not a user option).
-THIN_PAIR = os.environ.get("UNSLOTH_LORA_THIN_PAIR", "1") != "0"
+    thin = knobs.current().thin
+    return candidates[thin if thin != "auto" else fastest("thin GEMM", key, candidates)]()
 
 
 def _g_and_db(key: tuple, one_pass, apart, pair_ok: bool) -> tuple[Tensor, Tensor]:
@@ -159,9 +147,10 @@ def _g_and_db(key: tuple, one_pass, apart, pair_ok: bool) -> tuple[Tensor, Tenso
     two thin GEMMs (`apart`, each itself Triton or cuBLAS), whichever is faster for this
     problem; the one pass saves a read of dY (M x N) for fp32 partials of 1/8 of its size at
     r = 16. Under the interpreter (CPU) always the one pass, as the CPU tests check it."""
-    if not pair_ok or THIN == "cublas" or not THIN_PAIR:
+    current = knobs.current()
+    if not pair_ok or current.thin == "cublas" or not current.thin_pair:
         return apart()
-    if key[1].type == "cpu" or THIN == "triton":
+    if key[1].type == "cpu" or current.thin == "triton":
         return one_pass()
     if key not in CHOICES["thin GEMM"]:
         apart()  # settle apart's own choices first, so that their timing is not timed here

@@ -24,19 +24,18 @@ SparseSemiStructuredTensor subclasses call them (torch/sparse/semi_structured.py
 tensors so that the op stays opaque to Dynamo and AOTAutograd. Present in torch 2.1 - 2.13;
 checked with hasattr, so a torch without them runs the dense path and says why.
 
-Nothing of the project is imported here but kernels/reference.py.
+Nothing of the project is imported here but kernels/reference.py and kernels/knobs.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import knobs, reference
 from .reference import effective_scale, rows
 
 log = logging.getLogger("unsloth_compile.kernels")
@@ -51,7 +50,6 @@ SHAPE_MULTIPLE = 64
 # The dense operand's rows (M, tokens) are padded to a multiple of 8 (both backends, fp16/bf16).
 DENSE_ROW_MULTIPLE = 8
 MIN_CAPABILITY = (8, 0)  # sparse tensor cores: Ampere and newer
-GEMM_ENV = "UNSLOTH_SPARSE24_GEMM"  # auto | cusparselt | cutlass: which layout CUDA weights get
 
 _warned: set[str] = set()
 
@@ -85,16 +83,14 @@ def layout_problem(device: torch.device) -> tuple[Optional[str], Optional[str]]:
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         return None, f"CUDA capability {capability} has no sparse tensor cores (needs 8.0 or newer)"
-    wanted = os.environ.get(GEMM_ENV, "auto")
+    wanted = knobs.current().sparse24_gemm  # auto | cusparselt | cutlass
     cslt_backend = getattr(torch.backends, "cusparselt", None)
     has_cslt = hasattr(torch, "_cslt_sparse_mm") and cslt_backend is not None and cslt_backend.is_available()
     has_cutlass = (hasattr(torch, "_sparse_semi_structured_mm")
                    and hasattr(torch.sparse, "SparseSemiStructuredTensorCUTLASS"))
     if wanted == CUSPARSELT or (wanted == "auto" and has_cslt):
         return (CUSPARSELT, None) if has_cslt else (None, "cuSPARSELt is not available in this torch build")
-    if wanted in (CUTLASS, "auto"):
-        return (CUTLASS, None) if has_cutlass else (None, "torch has no CUTLASS semi-structured GEMM")
-    return None, f"{GEMM_ENV}={wanted!r}: choose auto, {CUSPARSELT} or {CUTLASS}"
+    return (CUTLASS, None) if has_cutlass else (None, "torch has no CUTLASS semi-structured GEMM")
 
 
 # ----------------------------------------------------------------------------- compression

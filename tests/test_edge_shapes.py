@@ -19,7 +19,7 @@ from unsloth_compile.kernels import reference
 
 HAS_CUDA = torch.cuda.is_available()
 lt = triton_kernel_module("lora_linear_triton")
-from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402  (re)decorated by the line above
+from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402
 from unsloth_compile.kernels import lowrank_thin as thin  # noqa: E402
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")

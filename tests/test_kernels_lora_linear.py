@@ -1,9 +1,9 @@
 """kernels/lora_linear_triton.py against kernels/reference.py and a float64 computation.
 
-Without CUDA the kernels run in the Triton interpreter (fp32/fp16, small awkward shapes);
-TRITON_INTERPRET=1 has to be set before Triton decorates the kernels, so this module sets it
-and (re)imports the kernel module. With CUDA the interpreter tests are skipped and the
-`gpu` tests run bf16/fp16 over a grid incl. Llama shapes, judged by SQNR against float64.
+Without CUDA the kernels run in the Triton interpreter (fp32/fp16, small awkward shapes;
+tests/conftest.py sets TRITON_INTERPRET=1 before Triton decorates them). With CUDA the
+interpreter tests are skipped and the `gpu` tests run bf16/fp16 over a grid incl. Llama
+shapes, judged by SQNR against float64.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from helpers import triton_kernel_module
 
 HAS_CUDA = torch.cuda.is_available()
 lt = triton_kernel_module("lora_linear_triton")
-from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402  (re)decorated by the line above
+from unsloth_compile.kernels import knobs  # noqa: E402
+from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402
 from unsloth_compile.kernels import reference  # noqa: E402
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")
@@ -217,15 +218,15 @@ def test_interpreter_expanded_grad_and_no_rows():
 
 @interp
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
-def test_interpreter_both_main_loops_agree(transposed, monkeypatch):
+def test_interpreter_both_main_loops_agree(transposed):
     """The TMA-descriptor and pointer main loops compute the same thing (aligned shape)."""
     t, grad = _make(37, 40, 24, 7, torch.float32, torch.float32, "cpu", bias=True, residual=True,
                     transposed=transposed)
     assert gemm._use_tma(t["x"], t["weight"] if transposed else t["weight"].t())[0]
     tma = _run_all(lt, t, grad)
-    monkeypatch.setattr(gemm, "MAIN_LOOP", "pointer")
-    assert not gemm._use_tma(t["x"], t["weight"])[0]
-    pointer = _run_all(lt, t, grad)
+    with knobs.patch(main_loop="pointer"):
+        assert not gemm._use_tma(t["x"], t["weight"])[0]
+        pointer = _run_all(lt, t, grad)
     for name in NAMES:
         if tma[name] is not None:
             assert torch.allclose(tma[name], pointer[name], atol=1e-5, rtol=1e-5), name
@@ -268,10 +269,10 @@ def test_interpreter_persistent_tma_programs_loop_over_tiles(b_k_contiguous):
 
 
 @interp
-def test_interpreter_fixed_persistent_config_falls_back_to_one_program_per_tile_without_tma(monkeypatch):
+@knobs.patch(main_loop="pointer")
+def test_interpreter_fixed_persistent_config_falls_back_to_one_program_per_tile_without_tma():
     """A persistent config given for operands the TMA kernel cannot take runs the pointer
     kernel with its full grid (every tile computed)."""
-    monkeypatch.setattr(gemm, "MAIN_LOOP", "pointer")
     (a, b, u, v, bias, residual), want = _gemm_operands(70, 40, 88, 7, torch.float32, "cpu", False, 13)
     out = torch.empty(70, 88)
     gemm.launch_lora_gemm(a, b, u, v, out, 0.5, None, bias=bias, residual=residual,
@@ -285,14 +286,14 @@ def test_interpreter_fixed_persistent_config_falls_back_to_one_program_per_tile_
                          ids=["r16", "r16_knob_off", "r70_over_pair_max_rank"])
 def test_interpreter_g_and_db_from_one_pass_or_apart(r, pair_enabled, expect_one_pass, monkeypatch):
     """Backward takes G and dB from one pass over dY (rows_thin_pair) at r <= PAIR_MAX_RANK
-    unless UNSLOTH_LORA_THIN_PAIR turns it off, else from the two thin kernels; either way the
+    unless the thin_pair knob turns it off, else from the two thin kernels; either way the
     gradients match float64."""
     calls = []
     one_pass = lt.rows_thin_pair
     monkeypatch.setattr(lt, "rows_thin_pair", lambda *a, **k: calls.append(1) or one_pass(*a, **k))
-    monkeypatch.setattr(lt, "THIN_PAIR", pair_enabled)
     t, grad = _make(37, 19, 23, r, torch.float32, torch.float32, "cpu", seed=r)
-    ours = _run_all(lt, t, grad)
+    with knobs.patch(thin_pair=pair_enabled):
+        ours = _run_all(lt, t, grad)
     assert len(calls) == (1 if expect_one_pass else 0)
     ref64 = _float64(t, grad)
     for name in ("dx", "dA", "dB"):
@@ -421,12 +422,11 @@ MAIN_GEMMS = ["triton", "cublas"]
 @pytest.mark.parametrize("adapter", ["fp32", "same"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name,M,K,N,r", GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
-def test_gpu_sqnr(name, M, K, N, r, dtype, adapter, main_gemm, monkeypatch):
-    monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
-    monkeypatch.setattr(lt, "THIN", main_gemm)
+def test_gpu_sqnr(name, M, K, N, r, dtype, adapter, main_gemm):
     adapter_dtype = torch.float32 if adapter == "fp32" else dtype
     t, grad = _make(M, K, N, r, dtype, adapter_dtype, "cuda", seed=r + M)
-    ours = _run_all(lt, t, grad)
+    with knobs.patch(main_gemm=main_gemm, thin=main_gemm):
+        ours = _run_all(lt, t, grad)
     ref64 = _float64(t, grad)
     torch_half = _run_all(reference, _cast(t, dtype), grad)  # PyTorch's own result in dtype
     _check_sqnr(ours, torch_half, ref64, name)
@@ -448,31 +448,30 @@ def _check_sqnr(ours, torch_half, ref64, label):
 @pytest.mark.parametrize("main_gemm", MAIN_GEMMS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("adapter", ["fp32", "same"])
-def test_gpu_variants(variant, adapter, main_gemm, monkeypatch):
-    monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
-    monkeypatch.setattr(lt, "THIN", main_gemm)
+def test_gpu_variants(variant, adapter, main_gemm):
     dtype = torch.bfloat16
     adapter_dtype = torch.float32 if adapter == "fp32" else dtype
     t, grad = _make(300, 264, 520, 16, dtype, adapter_dtype, "cuda", seed=3, **VARIANTS[variant])
-    ours = _run_all(lt, t, grad)
+    with knobs.patch(main_gemm=main_gemm, thin=main_gemm):
+        ours = _run_all(lt, t, grad)
     _check_sqnr(ours, _run_all(reference, _cast(t, dtype), grad), _float64(t, grad), variant)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("main_gemm", ["triton", "auto"])
-def test_gpu_repeated_calls_reuse_plans(main_gemm, monkeypatch):
+def test_gpu_repeated_calls_reuse_plans(main_gemm):
     """Later calls of a problem launch the cached compiled kernel directly (_Plan.launch):
     new data, an M of the same bucket with other alignment (M % 16), a misaligned x view;
     each result checked, and the plans reused rather than rebuilt per call."""
-    monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
     calls = 0
     plans_before = len(gemm._PLANS)
     for M, seed, three_d in [(640, 1, False), (640, 2, False), (637, 3, False), (600, 4, False),
                              (640, 5, True), (640, 6, True), (637, 7, False)]:
         t, grad = _make(M, 264, 520, 16, torch.bfloat16, torch.float32, "cuda", seed=seed,
                         bias=True, three_d=three_d)
-        ours = _run_all(lt, t, grad)
+        with knobs.patch(main_gemm=main_gemm):
+            ours = _run_all(lt, t, grad)
         calls += 2
         _check_sqnr(ours, _run_all(reference, _cast(t, torch.bfloat16), grad), _float64(t, grad),
                     f"M={M} seed={seed}")
