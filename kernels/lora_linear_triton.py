@@ -14,7 +14,7 @@ host functions below keep their signatures. Shapes: x (M, K) after flattening, W
               dA = s G^T X_l                    thin
     with dropout (lora_x given): dX = dY W (cuBLAS), d_lora_x = s G A (thin).
 
-Each "or" is decided per problem by timing both once (`fastest`, logged, kept in CHOICES):
+Each "or" is decided per problem by timing both once (kernels/timed_choice.py, logged):
 Triton's main product runs 0-14% behind cuBLAS on an H200 depending on the shape (persistent
 or warp-specialised alike), so which wins depends on the shape (docs/bench/kernel_notes.md).
 
@@ -38,9 +38,10 @@ from torch import Tensor
 
 from . import knobs
 from .launch_args import capability
-from .lora_gemm import CHOICES, fastest, knob_key as gemm_knob_key, launch_lora_gemm, next_pow2  # noqa: F401  CHOICES re-exported
+from .lora_gemm import knob_key as gemm_knob_key, launch_lora_gemm, next_pow2
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
 from .reference import effective_scale as _effective_scale, rows as _rows
+from .timed_choice import CHOICES, fastest
 
 _INT32_LIMIT = 2**31 - 1
 _HALF = (torch.float16, torch.bfloat16)

@@ -333,9 +333,10 @@ def choices_made() -> dict:
     """What ours chose by timing so far (per problem: main GEMM Triton or cuBLAS, thin GEMMs,
     TMA or pointer main loop) and the tile configuration of every Triton GEMM plan."""
     from ..kernels import lora_gemm as gemm
+    from ..kernels.timed_choice import CHOICES
 
     made = {kind: [{"problem": repr(key), "chosen": chosen, "ms": times} for key, (chosen, times) in table.items()]
-            for kind, table in gemm.CHOICES.items()}
+            for kind, table in CHOICES.items()}
     made["gemm plans"] = [{"problem": repr(key), "tma": plan.tma, "config": plan.config}
                           for key, plan in gemm._PLANS.items()]
     return made
