@@ -9,8 +9,8 @@ the low-rank part adds R/K of the FLOPs (0.4% at r=16, K=4096) and under 1% of t
 
 Two main loops (pointer loads for any strides and the interpreter; TMA descriptors on
 Hopper when strides are 16-byte aligned), autotuned per problem and chosen between by timing
-(kernels/timed_choice.py). The first call of a problem builds a `_Plan`; later calls launch
-the compiled kernel directly.
+(kernels/timed_choice.py). The first call of a problem builds a launch plan
+(kernels/launch_plan.py); later calls launch the compiled kernel directly.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import triton.testing
 
 from . import knobs
 from .launch_args import capability, processors, scale_operand
+from .launch_plan import Plan, specialization
 from .timed_choice import fastest
 
 # --------------------------------------------------------------------------------------------
@@ -362,19 +363,6 @@ def _use_tma(a: Tensor, b: Tensor) -> tuple[bool, bool]:
     return _tma_ok(a) and _tma_ok(b_view), b_k_contiguous
 
 
-def _specialization(values) -> tuple:
-    """What Triton specialises a kernel on besides constexprs: each pointer's element type and
-    16-byte alignment, and ints that are 1 or multiples of 16. Two calls with equal
-    specialisations and equal constexprs run the same compiled kernel."""
-    bits = []
-    for value in values:
-        if isinstance(value, Tensor):
-            bits.append((value.dtype, value.data_ptr() % 16 == 0))
-        elif isinstance(value, int) and not isinstance(value, bool):
-            bits.append((value == 1, value % 16 == 0))
-    return tuple(bits)
-
-
 def _programs(M: int, N: int, cfg: dict, device: torch.device) -> int:
     """Grid size: one program per (BLOCK_M, BLOCK_N) tile of the output, or, persistent, one
     per SM at most."""
@@ -396,38 +384,18 @@ def _descriptors(a: Tensor, b: Tensor, cfg: dict, b_k_contiguous: bool) -> dict:
                 b_desc=TensorDescriptor.from_tensor(b_view, b_block), B_K_CONTIGUOUS=b_k_contiguous)
 
 
-class _Plan:
-    """The compiled kernel and tuned configuration of one problem (dtypes, shapes bucket,
-    layout, flags, alignment), found once through the autotuner.
+class _GemmPlan(Plan):
+    """A Plan of this GEMM, and which main loop it runs (tma: the TMA kernel, else the pointer one)."""
 
-    Later calls launch `CompiledKernel[grid](*args)` directly: the autotuner's key building and
-    JITFunction.run's argument binding cost 0.1-0.2 ms of Python per launch on the H200 host
-    (cProfile, docs/bench/kernel_notes.md), as much as the whole low-rank term's GPU time.
-    """
+    __slots__ = ("tma",)
 
-    __slots__ = ("kernel", "config", "tma", "b_k_contiguous", "arg_names")
-
-    def __init__(self, kernel, config: dict, tma: bool, b_k_contiguous: bool, arg_names):
-        self.kernel, self.config, self.tma = kernel, config, tma
-        self.b_k_contiguous, self.arg_names = b_k_contiguous, arg_names
-
-    def launch(self, named: dict, M: int, N: int) -> None:
-        named.update(self.config)
-        # CompiledKernel[grid] takes the full 3-D grid (JITFunction.run pads it, we do not).
-        grid = (_programs(M, N, self.config, named["out_ptr"].device), 1, 1)
-        self.kernel[grid](*[named[name] for name in self.arg_names])
+    def __init__(self, kernel, tuned, tma: bool):
+        super().__init__(kernel, tuned)
+        self.tma = tma
 
 
-# (device, dtypes, M bucket, N, K, r block, layout, flags, knob_key(), specialisation) -> _Plan
+# (device, dtypes, M bucket, N, K, r block, layout, flags, knob_key(), specialisation) -> _GemmPlan
 _PLANS: dict = {}
-
-
-def _base_fn(tuned):
-    """The JITFunction under autotune/heuristics wrappers (for its parameter order)."""
-    fn = tuned
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    return fn
 
 
 def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
@@ -486,49 +454,47 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
                                     **launch)
         return out
 
+    knob_values = knob_key()
     shape_key = (a.device, a.dtype, u.dtype, v.dtype, out.dtype, m_bucket, N, K, named["BLOCK_R"],
                  a.stride(), b.stride(), use_tma, b_k_contiguous, named["HAS_BIAS"],
-                 named["HAS_V_BIAS"], named["HAS_RESIDUAL"], named["HAS_SCALE_TENSOR"], knob_key())
-    key = shape_key + _specialization(
+                 named["HAS_V_BIAS"], named["HAS_RESIDUAL"], named["HAS_SCALE_TENSOR"], knob_values)
+    key = shape_key + specialization(
         (a, b, u, v, out, named["bias_ptr"], named["v_bias_ptr"], named["res_ptr"], named["scale_ptr"],
          M, res_strides[0], res_strides[1]))
     plan = _PLANS.get(key)
     switch_device = a.device.index != torch.cuda.current_device()
     with torch.cuda.device(a.device) if switch_device else _nullcontext():
         if plan is None:
-            plan = _PLANS[key] = _make_plan(a, b, named, use_tma, b_k_contiguous, shape_key)
+            plan = _PLANS[key] = _make_plan(a, b, named, use_tma, b_k_contiguous, shape_key, knob_values)
         else:
             if plan.tma:
                 named.update(_descriptors(a, b, plan.config, b_k_contiguous))
             else:
                 named.update(_pointer_args(a, b), EVEN_K=K % plan.config["BLOCK_K"] == 0)
-            plan.launch(named, M, N)
+            plan.launch(named, _programs(M, N, plan.config, a.device))
     return out
 
 
 def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous: bool,
-               shape_key: tuple) -> _Plan:
+               shape_key: tuple, knob_values: tuple[str, bool, bool]) -> _GemmPlan:
     """First call of a problem: autotune (and, where TMA is possible, time the TMA main loop
     against the pointer one), launch once, and keep the compiled kernel for later calls."""
     M, N = a.shape[0], b.shape[1]
-    _, autotune, persistent = shape_key[-1]  # knob_key()
+    _, autotune, persistent = knob_values
     pointer_tuned, tma_tuned = _pointer_tuned(autotune), _tma_tuned(autotune, persistent)
 
     def grid(cfg):
         return (_programs(M, N, cfg, a.device),)
 
     def run_pointer():
-        kernel = pointer_tuned[grid](**_pointer_args(a, b), **named)
-        cfg = dict(pointer_tuned.best_config.kwargs)
-        return _Plan(kernel, cfg, False, b_k_contiguous, _base_fn(pointer_tuned).arg_names)
+        return _GemmPlan(pointer_tuned[grid](**_pointer_args(a, b), **named), pointer_tuned, tma=False)
 
     def run_tma():
         # Block shapes here are placeholders: the autotuner's pre-hook re-blocks per config.
         a_desc = TensorDescriptor.from_tensor(a, [64, 64])
         b_desc = TensorDescriptor.from_tensor(b.t() if b_k_contiguous else b, [64, 64])
         kernel = tma_tuned[grid](a_desc=a_desc, b_desc=b_desc, B_K_CONTIGUOUS=b_k_contiguous, **named)
-        cfg = dict(tma_tuned.best_config.kwargs)
-        return _Plan(kernel, cfg, True, b_k_contiguous, _base_fn(tma_tuned).arg_names)
+        return _GemmPlan(kernel, tma_tuned, tma=True)
 
     if not use_tma:
         return run_pointer()

@@ -19,7 +19,7 @@ HAS_CUDA = torch.cuda.is_available()
 lt = triton_kernel_module("lora_linear_triton")
 from unsloth_compile.kernels import knobs  # noqa: E402
 from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402
-from unsloth_compile.kernels import reference  # noqa: E402
+from unsloth_compile.kernels import launch_plan, reference  # noqa: E402
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")
 gpu = pytest.mark.gpu
@@ -341,7 +341,7 @@ def test_plan_key_follows_what_triton_specialises():
     """Plans are keyed on this: a misaligned view, another pointer dtype (a bf16 vs fp32
     lora_B bias or scale tensor), M % 16 and M == 1 must all change it."""
     base = torch.randn(64, 32)
-    spec = gemm._specialization
+    spec = launch_plan.specialization
     assert spec((base, 32)) != spec((base[:, 1:], 32))
     assert spec((base, 32)) != spec((base.half(), 32))
     assert spec((base, 48)) != spec((base, 37))
@@ -415,7 +415,7 @@ def test_gpu_variants(variant, adapter, main_gemm):
 @needs_cuda
 @pytest.mark.parametrize("main_gemm", ["triton", "auto"])
 def test_gpu_repeated_calls_reuse_plans(main_gemm):
-    """Later calls of a problem launch the cached compiled kernel directly (_Plan.launch):
+    """Later calls of a problem launch the cached compiled kernel directly (launch_plan.Plan.launch):
     new data, an M of the same bucket with other alignment (M % 16), a misaligned x view;
     each result checked, and the plans reused rather than rebuilt per call."""
     calls = 0
