@@ -1,5 +1,6 @@
 """`torch.ops.unsloth.lora_linear` on CUDA (forward and backward): host functions over the Triton
-kernels of kernels/lora_gemm.py and kernels/lowrank_thin.py, or cuBLAS where it was faster.
+kernels of kernels/lora_gemm.py and kernels/lowrank_thin.py, or cuBLAS where it was faster
+(the file name predates the cuBLAS side; unsloth_compile/ops.py imports it by that name).
 
 Same semantics as `lora_linear_forward` / `lora_linear_backward` in kernels/reference.py; the
 host functions below keep their signatures. Shapes: x (M, K) after flattening, W (N, K)
@@ -14,7 +15,8 @@ host functions below keep their signatures. Shapes: x (M, K) after flattening, W
               dA = s G^T X_l                    thin
     with dropout (lora_x given): dX = dY W (cuBLAS), d_lora_x = s G A (thin).
 
-Each "or" is decided per problem by timing both once (kernels/timed_choice.py, logged):
+Each "or" is decided per problem by timing both once (kernels/timed_choice.py, logged) or
+forced by a knob (kernels/knobs.py):
 Triton's main product runs 0-14% behind cuBLAS on an H200 depending on the shape (persistent
 or warp-specialised alike), so which wins depends on the shape (docs/bench/kernel_notes.md).
 
@@ -77,9 +79,9 @@ def _cublas_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, s
     return out.addmm_(a, b)
 
 
-def _lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
-               scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
-               v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
+def _lora_gemm_triton_or_cublas(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
+                                scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
+                                v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
     """out (M, N) = cast(a @ b + s u @ v + bias + s v_bias) (+ residual): the Triton kernel, or
     the cuBLAS composition where it was measured faster for this problem. The composition is
     a candidate only without lora_B bias and residual (which the Triton epilogue fuses) and
@@ -129,7 +131,7 @@ def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype
     return torch.mm(a, b).to(out_dtype)
 
 
-def _thin_gemm(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tensor:
+def _thin_gemm_triton_or_cublas(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tensor:
     """The result of whichever of two equivalent thin-GEMM calls is faster for this problem,
     key = (which product, device, dtypes, M bucket, wide size, r). cuBLAS alone when the
     Triton kernel does not apply (triton_ok False: the operand is not in the compute dtype).
@@ -222,7 +224,7 @@ def lora_linear_forward(
     if M == 0:  # an empty batch: nothing to launch, nor to time (see _adapter_grads)
         hidden = torch.empty((0, lora_A.shape[0]), device=x.device, dtype=lora_A.dtype)
     else:
-        hidden = _thin_gemm(  # (M, r)
+        hidden = _thin_gemm_triton_or_cublas(  # (M, r)
             ("H", x.device, compute, lora_A.dtype, next_pow2(M), adapter_in.shape[1], lora_A.shape[0]),
             lambda: rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype),
             lambda: _mm(adapter_in, lora_A.t(), compute, lora_A.dtype),
@@ -241,8 +243,8 @@ def lora_linear_forward(
         # converted in the kernel cost registers and made r=64 fp32 1.8x slower than bf16
         # (2.19 vs 1.23 x base, llama-8b.mlp.up, H200), for two copies of M*r and r*N elements.
         u, v = _operand(hidden, x.dtype), _operand(lora_B.t(), x.dtype)
-        _lora_gemm(x2d, w_t, u, v, out, scale, scale_tensor,
-                   bias=bias, v_bias=lora_B_bias, residual=res2d)
+        _lora_gemm_triton_or_cublas(x2d, w_t, u, v, out, scale, scale_tensor,
+                                    bias=bias, v_bias=lora_B_bias, residual=res2d)
     out = out.reshape(*lead, N)
     if late_residual is not None:
         out = out + late_residual
@@ -266,13 +268,14 @@ def _adapter_grads(grad2d: Tensor, adapter_in: Tensor, lora_A: Tensor, lora_B: T
 
     def g_and_db_apart() -> tuple[Tensor, Tensor]:
         # (M, r) = dY B, unscaled, in the compute dtype; (N, r) = s dY^T H
-        g = _thin_gemm(("G", device, compute, lora_B.dtype, m_bucket, N, R),
-                       lambda: rows_times_thin(grad2d, lora_B, compute),
-                       lambda: _mm(grad2d, lora_B, compute, compute))
-        db = _thin_gemm(("dB", device, compute, lora_hidden.dtype, m_bucket, N, R),
-                        lambda: thin_t_times_rows(lora_hidden, grad2d, scale, scale_tensor, adapter_dtype,
-                                                  rank_first=False),
-                        lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
+        g = _thin_gemm_triton_or_cublas(
+            ("G", device, compute, lora_B.dtype, m_bucket, N, R),
+            lambda: rows_times_thin(grad2d, lora_B, compute),
+            lambda: _mm(grad2d, lora_B, compute, compute))
+        db = _thin_gemm_triton_or_cublas(
+            ("dB", device, compute, lora_hidden.dtype, m_bucket, N, R),
+            lambda: thin_t_times_rows(lora_hidden, grad2d, scale, scale_tensor, adapter_dtype, rank_first=False),
+            lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
         return g, db
 
     g, db = _g_and_db(("G+dB", device, compute, lora_B.dtype, lora_hidden.dtype, m_bucket, N, R),
@@ -280,11 +283,11 @@ def _adapter_grads(grad2d: Tensor, adapter_in: Tensor, lora_A: Tensor, lora_B: T
                                              adapter_dtype),
                       g_and_db_apart, pair_ok=R <= PAIR_MAX_RANK)
     in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
-    da = _thin_gemm(("dA", device, in_compute, g.dtype, m_bucket, K, R),
-                    lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype,
-                                              rank_first=True),
-                    lambda: _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s,
-                    triton_ok=in_compute == adapter_in.dtype)
+    da = _thin_gemm_triton_or_cublas(
+        ("dA", device, in_compute, g.dtype, m_bucket, K, R),
+        lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype, rank_first=True),
+        lambda: _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s,
+        triton_ok=in_compute == adapter_in.dtype)
     return g, da, db
 
 
@@ -312,7 +315,7 @@ def lora_linear_backward(
     if lora_x is None:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
         if M > 0:
-            _lora_gemm(grad2d, w_nk, g, _operand(lora_A, compute), dx, scale, scale_tensor)
+            _lora_gemm_triton_or_cublas(grad2d, w_nk, g, _operand(lora_A, compute), dx, scale, scale_tensor)
         d_lora_x = None
     else:
         dx = _mm(grad2d, w_nk, compute, x.dtype) if M > 0 else x.new_empty((0, K))

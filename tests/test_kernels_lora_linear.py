@@ -365,8 +365,9 @@ GPU_SHAPES = [  # (name, M, K, N, r)
 SQNR_MARGIN_DB = 1.0
 
 
-# Both candidates of _lora_gemm and of _thin_gemm, each forced: "triton" = Triton main GEMM
-# and thin kernels, "cublas" = the cuBLAS composition and cuBLAS thin GEMMs.
+# Both candidates of _lora_gemm_triton_or_cublas and of _thin_gemm_triton_or_cublas, each
+# forced: "triton" = Triton main GEMM and thin kernels, "cublas" = the cuBLAS composition and
+# cuBLAS thin GEMMs.
 MAIN_GEMMS = ["triton", "cublas"]
 
 
