@@ -27,7 +27,7 @@ import triton.language as tl
 import triton.testing
 
 from . import knobs
-from .launch_args import capability, processors, scale_operand
+from .launch_args import capability, load_scale, processors, scale_operand
 from .launch_plan import Plan, specialization
 from .timed_choice import fastest
 
@@ -79,9 +79,7 @@ def _lowrank_epilogue(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M
     cols = offs_n % N
-    s = scale
-    if HAS_SCALE_TENSOR:
-        s = s * tl.load(scale_ptr).to(tl.float32)
+    s = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
     offs_r = tl.arange(0, BLOCK_R)
     u_ptrs = u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur
     v_ptrs = v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn

@@ -30,7 +30,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .launch_args import processors, scale_operand
+from .launch_args import load_scale, processors, scale_operand
 
 
 @triton.jit
@@ -90,10 +90,7 @@ def _thin_t_times_rows_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(t.to(x.dtype)), x, acc, input_precision=DOT_PRECISION)
-    s = scale
-    if HAS_SCALE_TENSOR:
-        s = s * tl.load(scale_ptr).to(tl.float32)
-    acc = acc * s
+    acc = acc * load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
     part_ptrs = part_ptr + pid_s * stride_ps + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc
     tl.store(part_ptrs, acc, mask=r_ok[:, None] & c_ok[None, :])
 
@@ -134,9 +131,7 @@ def _rows_thin_pair_kernel(
         tl.store(xw_part_ptr + pid_c * stride_pc + offs_m[:, None] * stride_pm + offs_r[None, :] * stride_pr,
                  xw, mask=m_ok[:, None] & r_ok[None, :])
         acc_xt = tl.dot(tl.trans(x), t.to(x.dtype), acc_xt, input_precision=DOT_PRECISION)
-    s = scale
-    if HAS_SCALE_TENSOR:
-        s = s * tl.load(scale_ptr).to(tl.float32)
+    s = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
     tl.store(xt_part_ptr + pid_g * stride_qg + offs_c[:, None] * stride_qc + offs_r[None, :] * stride_qr,
              acc_xt * s, mask=c_ok[:, None] & r_ok[None, :])
 
