@@ -162,10 +162,14 @@ def _lora_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     _lowrank_epilogue(
-        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
-        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
-        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
-        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+        acc, pid_m, pid_n,
+        u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
+        scale_ptr=scale_ptr, M=M, N=N, R=R,
+        stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
+        stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+        HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, HAS_SCALE_TENSOR=HAS_SCALE_TENSOR,
+        COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -192,10 +196,14 @@ def _tma_tile(
             b = b_desc.load([k, off_n])
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     _lowrank_epilogue(
-        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
-        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
-        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
-        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+        acc, pid_m, pid_n,
+        u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
+        scale_ptr=scale_ptr, M=M, N=N, R=R,
+        stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
+        stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+        HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, HAS_SCALE_TENSOR=HAS_SCALE_TENSOR,
+        COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -228,21 +236,31 @@ def _lora_gemm_tma_kernel(
     Llama MLP shapes on the H200 (scripts/probe_ws_gemm.py), and the autotuner keeps it where
     it is the fastest configuration.
     """
+    # Two calls of _tma_tile, not one inside a loop of one trip for the non-persistent flavour:
+    # Triton keeps that loop (sm_90 TTGIR), which changes the compiled kernel.
     if PERSISTENT:
         # not tl.cdiv: the standard-library @jit helpers break in the interpreter (see tl.full)
         tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
-            _tma_tile(tile_id, a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr,
-                      scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm,
-                      stride_rn, stride_om, stride_on, scale, B_K_CONTIGUOUS, HAS_BIAS, HAS_V_BIAS,
-                      HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE, DOT_PRECISION, BLOCK_R, BLOCK_M,
-                      BLOCK_N, BLOCK_K, GROUP_M)
+            _tma_tile(
+                tile_id, a_desc, b_desc,
+                u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr,
+                out_ptr=out_ptr, scale_ptr=scale_ptr, M=M, N=N, K=K, R=R,
+                stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
+                stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+                B_K_CONTIGUOUS=B_K_CONTIGUOUS, HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
+                HAS_SCALE_TENSOR=HAS_SCALE_TENSOR, COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION=DOT_PRECISION,
+                BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M)
     else:
-        _tma_tile(tl.program_id(0), a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr,
-                  scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm,
-                  stride_rn, stride_om, stride_on, scale, B_K_CONTIGUOUS, HAS_BIAS, HAS_V_BIAS,
-                  HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE, DOT_PRECISION, BLOCK_R, BLOCK_M,
-                  BLOCK_N, BLOCK_K, GROUP_M)
+        _tma_tile(
+            tl.program_id(0), a_desc, b_desc,
+            u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr,
+            out_ptr=out_ptr, scale_ptr=scale_ptr, M=M, N=N, K=K, R=R,
+            stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
+            stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+            B_K_CONTIGUOUS=B_K_CONTIGUOUS, HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
+            HAS_SCALE_TENSOR=HAS_SCALE_TENSOR, COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION=DOT_PRECISION,
+            BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the usual Hopper bf16 tiles; 128x256x64

@@ -202,9 +202,10 @@ def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype,
         tile = _INTERPRETER_TILE if x.device.type == "cpu" else _rows_tile(block_r)
     bm, bk, warps, stages = tile
     _rows_times_thin_kernel[(triton.cdiv(M, bm),)](
-        x, w, out, M, K, R, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1), DOT_PRECISION=_precision(x), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r,
-        num_warps=warps, num_stages=stages)
+        x_ptr=x, w_ptr=w, out_ptr=out, M=M, K=K, R=R,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wk=w.stride(0), stride_wr=w.stride(1),
+        stride_om=out.stride(0), stride_or=out.stride(1),
+        DOT_PRECISION=_precision(x), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     return out
 
 
@@ -230,10 +231,11 @@ def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional
     stride_pr, stride_pc = (part.stride(1), part.stride(2)) if rank_first else (part.stride(2), part.stride(1))
     scale_tensor = scale_operand(scale_tensor, x.device)
     _thin_t_times_rows_kernel[(col_blocks, splits)](
-        t, x, part, scale_tensor if scale_tensor is not None else part,
-        M, C, R, rows_per_split,
-        t.stride(0), t.stride(1), x.stride(0), x.stride(1), part.stride(0), stride_pc, stride_pr,
-        float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
+        t_ptr=t, x_ptr=x, part_ptr=part, scale_ptr=scale_tensor if scale_tensor is not None else part,
+        M=M, C=C, R=R, rows_per_split=rows_per_split,
+        stride_tm=t.stride(0), stride_tr=t.stride(1), stride_xm=x.stride(0), stride_xc=x.stride(1),
+        stride_ps=part.stride(0), stride_pc=stride_pc, stride_pr=stride_pr,
+        scale=float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     result = part[0] if splits == 1 else part.sum(0)
     return result if out_dtype == torch.float32 else result.to(out_dtype)
@@ -264,12 +266,14 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
     xt_part = torch.empty((groups, C, R), device=x.device, dtype=torch.float32)
     scale_tensor = scale_operand(scale_tensor, x.device)
     _rows_thin_pair_kernel[(chunks, groups)](
-        x, w, t, xw_part, xt_part, scale_tensor if scale_tensor is not None else xt_part,
-        M, C, R, rows_per_group,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1),
-        xw_part.stride(0), xw_part.stride(1), xw_part.stride(2),
-        xt_part.stride(0), xt_part.stride(1), xt_part.stride(2),
-        float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
+        x_ptr=x, w_ptr=w, t_ptr=t, xw_part_ptr=xw_part, xt_part_ptr=xt_part,
+        scale_ptr=scale_tensor if scale_tensor is not None else xt_part,
+        M=M, C=C, R=R, rows_per_group=rows_per_group,
+        stride_xm=x.stride(0), stride_xc=x.stride(1), stride_wc=w.stride(0), stride_wr=w.stride(1),
+        stride_tm=t.stride(0), stride_tr=t.stride(1),
+        stride_pc=xw_part.stride(0), stride_pm=xw_part.stride(1), stride_pr=xw_part.stride(2),
+        stride_qg=xt_part.stride(0), stride_qc=xt_part.stride(1), stride_qr=xt_part.stride(2),
+        scale=float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     xw = xw_part[0] if chunks == 1 else xw_part.sum(0)
     xt = xt_part[0] if groups == 1 else xt_part.sum(0)
