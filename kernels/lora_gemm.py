@@ -357,10 +357,6 @@ try:  # host-side TMA descriptors: Triton >= 3.4
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _tma_ok(t: Tensor) -> bool:
     """A 2-D tensor a TMA descriptor can address: unit last stride, 16-byte aligned rest."""
     size = t.element_size()
@@ -433,7 +429,7 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
     if v_bias is not None and v_bias.stride(0) != 1:
         v_bias = v_bias.contiguous()
     res_strides = residual.stride() if residual is not None else (0, 0)
-    m_bucket = next_pow2(M)
+    m_bucket = triton.next_power_of_2(M)  # M >= 1 here
     named = {
         "u_ptr": u, "v_ptr": v,
         "bias_ptr": bias if bias is not None else dummy,
@@ -451,7 +447,7 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
         "HAS_RESIDUAL": residual is not None, "HAS_SCALE_TENSOR": scale_tensor is not None,
         "COMPUTE_DTYPE": _TL_DTYPES[a.dtype],
         "DOT_PRECISION": "ieee" if a.dtype == torch.float32 else "tf32",
-        "BLOCK_R": max(16, min(64, next_pow2(R))),
+        "BLOCK_R": max(16, min(64, triton.next_power_of_2(R))),  # 16 also for R = 0 (power of 2: 0)
     }
     use_tma, b_k_contiguous = _use_tma(a, b)
 

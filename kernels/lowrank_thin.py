@@ -185,7 +185,8 @@ def _row_splits(M: int, block_m: int, programs: int, col_blocks: int) -> int:
 
 
 def _block_r(r: int) -> int:
-    return max(16, 1 << max(0, (r - 1).bit_length()))
+    """The rank padded to a power of two, at least 16 (the smallest tensor-core K); 16 for r = 0."""
+    return max(16, triton.next_power_of_2(r))
 
 
 def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype,
