@@ -29,6 +29,7 @@ import triton.testing
 from . import knobs
 from .launch_args import capability, load_scale, processors, scale_operand
 from .launch_plan import Plan, specialization
+from .precision import dot_precision
 from .timed_choice import fastest
 
 # --------------------------------------------------------------------------------------------
@@ -446,7 +447,7 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
         "HAS_BIAS": bias is not None, "HAS_V_BIAS": v_bias is not None,
         "HAS_RESIDUAL": residual is not None, "HAS_SCALE_TENSOR": scale_tensor is not None,
         "COMPUTE_DTYPE": _TL_DTYPES[a.dtype],
-        "DOT_PRECISION": "ieee" if a.dtype == torch.float32 else "tf32",
+        "DOT_PRECISION": dot_precision(a.dtype),
         "BLOCK_R": max(16, min(64, triton.next_power_of_2(R))),  # 16 also for R = 0 (power of 2: 0)
     }
     use_tma, b_k_contiguous = _use_tma(a, b)

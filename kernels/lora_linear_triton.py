@@ -40,15 +40,15 @@ from torch import Tensor
 
 from triton import next_power_of_2
 
-from . import knobs
+from . import knobs, precision
 from .launch_args import capability
 from .lora_gemm import knob_key as gemm_knob_key, launch_lora_gemm
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
+from .precision import HALF as _HALF
 from .reference import effective_scale as _effective_scale, rows as _rows
 from .timed_choice import CHOICES, fastest
 
 _INT32_LIMIT = 2**31 - 1
-_HALF = (torch.float16, torch.bfloat16)
 _MAX_RANK = 256
 
 
@@ -223,7 +223,7 @@ def lora_linear_forward(
     w_t = weight if weight_transposed else weight.t()  # (K, N) view either way
     N = w_t.shape[1]
     adapter_in = x2d if lora_x is None else _rows(lora_x)
-    compute = adapter_in.dtype if adapter_in.dtype in _HALF else lora_A.dtype
+    compute = precision.compute_dtype(adapter_in.dtype, lora_A.dtype)
     if M == 0:  # an empty batch: nothing to launch, nor to time (see _adapter_grads)
         hidden = torch.empty((0, lora_A.shape[0]), device=x.device, dtype=lora_A.dtype)
     else:
@@ -285,7 +285,7 @@ def _adapter_grads(grad2d: Tensor, adapter_in: Tensor, lora_A: Tensor, lora_B: T
                       lambda: rows_thin_pair(grad2d, lora_B, lora_hidden, scale, scale_tensor, compute,
                                              adapter_dtype),
                       g_and_db_apart, pair_ok=R <= PAIR_MAX_RANK)
-    in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
+    in_compute = precision.compute_dtype(adapter_in.dtype, adapter_dtype)
     da = _thin_gemm_triton_or_cublas(
         ("dA", device, in_compute, g.dtype, m_bucket, K, R),
         lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype, rank_first=True),
@@ -322,7 +322,7 @@ def lora_linear_backward(
         d_lora_x = None
     else:
         dx = _mm(grad2d, w_nk, compute, x.dtype) if M > 0 else x.new_empty((0, K))
-        lx_compute = lora_x.dtype if lora_x.dtype in _HALF else adapter_dtype
+        lx_compute = precision.compute_dtype(lora_x.dtype, adapter_dtype)
         d_lora_x = _mm(g * s, lora_A, lx_compute, lora_x.dtype).reshape(*lead, K)
 
     dbias = grad2d.sum(0) if needs_bias_grad else None

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .launch_args import load_scale, processors, scale_operand
+from .precision import dot_precision
 
 
 @triton.jit
@@ -172,11 +173,6 @@ _PAIR_TILE = (64, 128, 8, 3)  # (BLOCK_M, BLOCK_C, warps, stages)
 _PAIR_PROGRAMS_PER_SM = 2
 
 
-def _precision(x: Tensor) -> str:
-    # fp32 operands only reach these kernels in the interpreter tests: keep them exact there.
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
 def _row_splits(M: int, block_m: int, programs: int, col_blocks: int) -> int:
     """Splits of the M rows, each summed into its own fp32 partial: enough that col_blocks x
     splits programs keep every SM streaming, but at least 4 row tiles per split (fewer makes
@@ -206,7 +202,8 @@ def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype,
         x_ptr=x, w_ptr=w, out_ptr=out, M=M, K=K, R=R,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wk=w.stride(0), stride_wr=w.stride(1),
         stride_om=out.stride(0), stride_or=out.stride(1),
-        DOT_PRECISION=_precision(x), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r,
+        num_warps=warps, num_stages=stages)
     return out
 
 
@@ -236,7 +233,7 @@ def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional
         M=M, C=C, R=R, rows_per_split=rows_per_split,
         stride_tm=t.stride(0), stride_tr=t.stride(1), stride_xm=x.stride(0), stride_xc=x.stride(1),
         stride_ps=part.stride(0), stride_pc=stride_pc, stride_pr=stride_pr,
-        scale=float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
+        scale=float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     result = part[0] if splits == 1 else part.sum(0)
     return result if out_dtype == torch.float32 else result.to(out_dtype)
@@ -274,7 +271,7 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
         stride_tm=t.stride(0), stride_tr=t.stride(1),
         stride_pc=xw_part.stride(0), stride_pm=xw_part.stride(1), stride_pr=xw_part.stride(2),
         stride_qg=xt_part.stride(0), stride_qc=xt_part.stride(1), stride_qr=xt_part.stride(2),
-        scale=float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
+        scale=float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     xw = xw_part[0] if chunks == 1 else xw_part.sum(0)
     xt = xt_part[0] if groups == 1 else xt_part.sum(0)

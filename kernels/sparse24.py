@@ -24,7 +24,7 @@ SparseSemiStructuredTensor subclasses call them (torch/sparse/semi_structured.py
 tensors so that the op stays opaque to Dynamo and AOTAutograd. Present in torch 2.1 - 2.13;
 checked with hasattr, so a torch without them runs the dense path and says why.
 
-Nothing of the project is imported here but kernels/reference.py and kernels/knobs.py.
+Nothing of the project is imported here but kernels/reference.py, precision.py and knobs.py.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import knobs, reference
+from .precision import compute_dtype
 from .reference import effective_scale, rows
 
 log = logging.getLogger("unsloth_compile.kernels")
@@ -195,7 +196,7 @@ def lora_linear_sparse24_forward(x: Tensor, weight: Tensor, compressed: list[Ten
                                              residual, scale, scale_tensor, False, out_dtype)
     lead = x.shape[:-1]
     adapter_in = rows(x if lora_x is None else lora_x)
-    compute = _compute_dtype(adapter_in, lora_A)
+    compute = compute_dtype(adapter_in.dtype, lora_A.dtype)
     lora_hidden = (adapter_in.to(compute) @ lora_A.t().to(compute)).to(lora_A.dtype)  # (M, r)
     out = base_forward(rows(x), weight, compressed, layout)  # (M, N), fresh: accumulated into
     u, v = lora_hidden.to(out.dtype), lora_B.t().to(out.dtype)
@@ -211,11 +212,6 @@ def lora_linear_sparse24_forward(x: Tensor, weight: Tensor, compressed: list[Ten
     if residual is not None:
         out = out + rows(residual)
     return out.reshape(*lead, out.shape[-1]), lora_hidden
-
-
-def _compute_dtype(t: Tensor, lora_A: Tensor) -> torch.dtype:
-    """The dtype a thin GEMM reading `t` runs in: t's when half precision, else the adapter's."""
-    return t.dtype if t.dtype in GPU_DTYPES else lora_A.dtype
 
 
 def lora_linear_sparse24_backward(grad_out: Tensor, x: Tensor, weight: Tensor, compressed: list[Tensor],
@@ -236,7 +232,7 @@ def lora_linear_sparse24_backward(grad_out: Tensor, x: Tensor, weight: Tensor, c
     g = grad2d @ lora_B.to(x.dtype)  # (M, r), unscaled
     dB = (grad2d.t() @ lora_hidden.to(x.dtype)).to(lora_A.dtype) * s
     adapter_in = rows(x if lora_x is None else lora_x)
-    compute = _compute_dtype(adapter_in, lora_A)
+    compute = compute_dtype(adapter_in.dtype, lora_A.dtype)
     dA = (g.t().to(compute) @ adapter_in.to(compute)).to(lora_A.dtype) * s
     if lora_x is None:
         if scale_tensor is None:
