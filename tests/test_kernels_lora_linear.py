@@ -69,11 +69,11 @@ def _fwd(mod, t, out_dtype):
         t["residual"], t["scale"], t["scale_tensor"], t["weight_transposed"], out_dtype)
 
 
-def _bwd(mod, t, grad, hidden, base_dtype, needs_bias):
+def _bwd(mod, t, grad, hidden, base_dtype):
+    """(dx, d_lora_x, dA, dB): bias gradients are not the backward's (ops.side_grads)."""
     return mod.lora_linear_backward(
         grad, t["x"], t["weight"], t["lora_A"], t["lora_B"], t["lora_x"], hidden, t["scale"],
-        t["scale_tensor"], t["weight_transposed"], base_dtype, needs_bias and t["bias"] is not None,
-        needs_bias and t["lora_B_bias"] is not None)
+        t["scale_tensor"], t["weight_transposed"], base_dtype)[:4]
 
 
 def _cast(t, dtype, adapter_dtype=None):
@@ -88,13 +88,13 @@ def _cast(t, dtype, adapter_dtype=None):
     return out
 
 
-NAMES = ("out", "lora_hidden", "dx", "d_lora_x", "dA", "dB", "dbias", "d_lora_B_bias")
+NAMES = ("out", "lora_hidden", "dx", "d_lora_x", "dA", "dB")
 
 
-def _run_all(mod, t, grad, needs_bias=True):
+def _run_all(mod, t, grad):
     out_dtype = t["x"].dtype
     out, hidden = _fwd(mod, t, out_dtype)
-    grads = _bwd(mod, t, grad, hidden, t["weight"].dtype, needs_bias)
+    grads = _bwd(mod, t, grad, hidden, t["weight"].dtype)
     return dict(zip(NAMES, (out, hidden) + tuple(grads)))
 
 
@@ -202,8 +202,8 @@ def test_interpreter_expanded_grad_and_no_rows():
     t, _ = _make(37, 19, 23, 7, torch.float32, torch.float32, "cpu", bias=True)
     out, hidden = _fwd(lt, t, torch.float32)
     grad = torch.ones(()).expand_as(out)
-    ours = _bwd(lt, t, grad, hidden, torch.float32, True)
-    ref = _bwd(reference, t, grad, hidden, torch.float32, True)
+    ours = _bwd(lt, t, grad, hidden, torch.float32)
+    ref = _bwd(reference, t, grad, hidden, torch.float32)
     for name, o, r in zip(NAMES[2:], ours, ref):
         assert (o is None) == (r is None), name
         if o is not None:
@@ -212,8 +212,21 @@ def test_interpreter_expanded_grad_and_no_rows():
     t0["x"] = t0["x"][:0]
     out0, h0 = _fwd(lt, t0, torch.float32)
     assert out0.shape == (0, 23) and h0.shape == (0, 7)
-    dx0 = _bwd(lt, t0, out0, h0, torch.float32, False)[0]
+    dx0 = _bwd(lt, t0, out0, h0, torch.float32)[0]
     assert dx0.shape == (0, 19)
+
+
+@interp
+def test_backward_refuses_bias_gradients():
+    """Bias gradients are computed outside the op (ops.side_grads): asking for them is an error."""
+    t, grad = _make(5, 19, 23, 7, torch.float32, torch.float32, "cpu", bias=True, b_bias=True)
+    out, hidden = _fwd(lt, t, torch.float32)
+    args = (grad, t["x"], t["weight"], t["lora_A"], t["lora_B"], None, hidden, t["scale"], None, False,
+            torch.float32)
+    assert lt.lora_linear_backward(*args)[4:] == (None, None)
+    for flags in ((True, False), (False, True)):
+        with pytest.raises(ValueError, match="no bias gradients"):
+            lt.lora_linear_backward(*args, *flags)
 
 
 @interp
