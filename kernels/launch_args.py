@@ -1,6 +1,7 @@
 """What the kernels' hosts derive before a launch, shared by kernels/lora_gemm.py and
-kernels/lowrank_thin.py: device facts (asked once per device; they do not change) and the
-tensor scale in the form the kernels read."""
+kernels/lowrank_thin.py: device facts (asked once per device; they do not change), and the
+LoRA scale: the tensor scale in the form the kernels take (scale_operand) and how they read
+it back (load_scale, a @triton.jit helper)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+import triton
+import triton.language as tl
 
 
 @functools.lru_cache(maxsize=None)
@@ -29,3 +33,13 @@ def scale_operand(scale_tensor: Optional[Tensor], device: torch.device) -> Optio
     if scale_tensor is not None and (scale_tensor.dim() != 0 or scale_tensor.device != device):
         scale_tensor = scale_tensor.to(device=device).reshape(())
     return scale_tensor
+
+
+@triton.jit
+def load_scale(scale, scale_ptr, HAS_SCALE_TENSOR: tl.constexpr):
+    """Inside a kernel: s = scale, times the 0-d tensor at scale_ptr (in fp32) when
+    HAS_SCALE_TENSOR; scale_ptr is then what scale_operand returned, else never read."""
+    s = scale
+    if HAS_SCALE_TENSOR:
+        s = s * tl.load(scale_ptr).to(tl.float32)
+    return s

@@ -9,15 +9,13 @@ the low-rank part adds R/K of the FLOPs (0.4% at r=16, K=4096) and under 1% of t
 
 Two main loops (pointer loads for any strides and the interpreter; TMA descriptors on
 Hopper when strides are 16-byte aligned), autotuned per problem and chosen between by timing
-(`fastest`, which kernels/lora_linear_triton.py also uses for its own choices). The first call
-of a problem builds a `_Plan`; later calls launch the compiled kernel directly.
+(kernels/timed_choice.py). The first call of a problem builds a launch plan
+(kernels/launch_plan.py); later calls launch the compiled kernel directly.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
-import os
 from contextlib import nullcontext as _nullcontext
 from typing import Optional
 
@@ -28,7 +26,11 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from .launch_args import capability, processors, scale_operand
+from . import knobs
+from .launch_args import capability, load_scale, processors, scale_operand
+from .launch_plan import Plan, specialization
+from .precision import dot_precision
+from .timed_choice import fastest
 
 # --------------------------------------------------------------------------------------------
 # Kernels: one GEMM with a low-rank epilogue, in two flavours of main loop (pointer loads for
@@ -78,9 +80,7 @@ def _lowrank_epilogue(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = offs_m % M
     cols = offs_n % N
-    s = scale
-    if HAS_SCALE_TENSOR:
-        s = s * tl.load(scale_ptr).to(tl.float32)
+    s = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
     offs_r = tl.arange(0, BLOCK_R)
     u_ptrs = u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur
     v_ptrs = v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn
@@ -163,10 +163,14 @@ def _lora_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
     _lowrank_epilogue(
-        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
-        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
-        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
-        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+        acc, pid_m, pid_n,
+        u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
+        scale_ptr=scale_ptr, M=M, N=N, R=R,
+        stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
+        stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+        HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, HAS_SCALE_TENSOR=HAS_SCALE_TENSOR,
+        COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N)
 
 
 @triton.jit
@@ -193,10 +197,14 @@ def _tma_tile(
             b = b_desc.load([k, off_n])
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     _lowrank_epilogue(
-        acc, pid_m, pid_n, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
-        M, N, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om,
-        stride_on, scale, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
-        DOT_PRECISION, BLOCK_R, BLOCK_M, BLOCK_N)
+        acc, pid_m, pid_n,
+        u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
+        scale_ptr=scale_ptr, M=M, N=N, R=R,
+        stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
+        stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+        HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, HAS_SCALE_TENSOR=HAS_SCALE_TENSOR,
+        COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION=DOT_PRECISION, BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N)
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -229,21 +237,31 @@ def _lora_gemm_tma_kernel(
     Llama MLP shapes on the H200 (scripts/probe_ws_gemm.py), and the autotuner keeps it where
     it is the fastest configuration.
     """
+    # Two calls of _tma_tile, not one inside a loop of one trip for the non-persistent flavour:
+    # Triton keeps that loop (sm_90 TTGIR), which changes the compiled kernel.
     if PERSISTENT:
         # not tl.cdiv: the standard-library @jit helpers break in the interpreter (see tl.full)
         tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
-            _tma_tile(tile_id, a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr,
-                      scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm,
-                      stride_rn, stride_om, stride_on, scale, B_K_CONTIGUOUS, HAS_BIAS, HAS_V_BIAS,
-                      HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE, DOT_PRECISION, BLOCK_R, BLOCK_M,
-                      BLOCK_N, BLOCK_K, GROUP_M)
+            _tma_tile(
+                tile_id, a_desc, b_desc,
+                u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr,
+                out_ptr=out_ptr, scale_ptr=scale_ptr, M=M, N=N, K=K, R=R,
+                stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
+                stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+                B_K_CONTIGUOUS=B_K_CONTIGUOUS, HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
+                HAS_SCALE_TENSOR=HAS_SCALE_TENSOR, COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION=DOT_PRECISION,
+                BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M)
     else:
-        _tma_tile(tl.program_id(0), a_desc, b_desc, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr,
-                  scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm,
-                  stride_rn, stride_om, stride_on, scale, B_K_CONTIGUOUS, HAS_BIAS, HAS_V_BIAS,
-                  HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE, DOT_PRECISION, BLOCK_R, BLOCK_M,
-                  BLOCK_N, BLOCK_K, GROUP_M)
+        _tma_tile(
+            tl.program_id(0), a_desc, b_desc,
+            u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr,
+            out_ptr=out_ptr, scale_ptr=scale_ptr, M=M, N=N, K=K, R=R,
+            stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
+            stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+            B_K_CONTIGUOUS=B_K_CONTIGUOUS, HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
+            HAS_SCALE_TENSOR=HAS_SCALE_TENSOR, COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION=DOT_PRECISION,
+            BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, GROUP_M=GROUP_M)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the usual Hopper bf16 tiles; 128x256x64
@@ -267,27 +285,21 @@ def _set_tma_blocks(nargs):
     nargs["b_desc"].block_shape = [bn, bk] if nargs["B_K_CONTIGUOUS"] else [bk, bn]
 
 
-# UNSLOTH_LORA_AUTOTUNE=0: the first tile only (no tuning): fast correctness runs on a GPU.
-_AUTOTUNE = os.environ.get("UNSLOTH_LORA_AUTOTUNE", "1") != "0"
-
-
 # The TMA kernel's persistent flavour (one program per SM) with the two tiles that ran
 # closest to cuBLAS that way on the H200 (scripts/probe_ws_gemm.py: 1.00-1.04x at the Llama
 # MLP shapes, 1.14x at 4096 x 4096).
 _PERSISTENT_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8)]
-# UNSLOTH_LORA_PERSISTENT=0: no persistent configurations (a bisecting knob, not a user option).
-if os.environ.get("UNSLOTH_LORA_PERSISTENT", "1") == "0":
-    _PERSISTENT_TILES = []
 
 
-def _configs(pre_hook=None, persistent_tiles=None):
-    """Autotuning configurations; persistent_tiles None: a kernel without the PERSISTENT
-    parameter (the pointer one), else every tile once per flavour."""
-    tiles = _TILES if _AUTOTUNE else _TILES[:1]
+def _configs(autotune: bool, pre_hook=None, persistent_tiles=None):
+    """Autotuning configurations (knobs: autotune False keeps the first tile only, and no
+    persistent one); persistent_tiles None: a kernel without the PERSISTENT parameter (the
+    pointer one), else every tile once per flavour."""
+    tiles = _TILES if autotune else _TILES[:1]
     flavours = [(tile, {}) for tile in tiles]
     if persistent_tiles is not None:
         flavours = [(tile, {"PERSISTENT": False}) for tile in tiles]
-        flavours += [(tile, {"PERSISTENT": True}) for tile in (persistent_tiles if _AUTOTUNE else [])]
+        flavours += [(tile, {"PERSISTENT": True}) for tile in (persistent_tiles if autotune else [])]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **flavour},
                       num_stages=stages, num_warps=warps, pre_hook=pre_hook)
@@ -308,15 +320,32 @@ _KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL
 # pays ~6 configs x this; medians of a ~0.4 ms GEMM are stable well within it.
 _AUTOTUNE_BENCH = functools.partial(triton.testing.do_bench, warmup=5, rep=25)
 
-_lora_gemm_tuned = triton.autotune(
-    configs=_configs(), key=_KEY + ["stride_ak", "stride_bk", "stride_bn"],
-    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
-)(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_lora_gemm_kernel))
 
-_lora_gemm_tma_tuned = triton.autotune(
-    configs=_configs(_set_tma_blocks, _PERSISTENT_TILES), key=_KEY + ["B_K_CONTIGUOUS"],
-    prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
-)(_lora_gemm_tma_kernel)
+# One autotuner per configuration list the knobs select (autotune, persistent), built on first
+# use: the knobs are read at launch, and each autotuner keeps its own per-problem results.
+@functools.cache
+def _pointer_tuned(autotune: bool):
+    return triton.autotune(
+        configs=_configs(autotune), key=_KEY + ["stride_ak", "stride_bk", "stride_bn"],
+        prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+    )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_lora_gemm_kernel))
+
+
+@functools.cache
+def _tma_tuned(autotune: bool, persistent: bool):
+    return triton.autotune(
+        configs=_configs(autotune, _set_tma_blocks, _PERSISTENT_TILES if persistent else []),
+        key=_KEY + ["B_K_CONTIGUOUS"],
+        prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+    )(_lora_gemm_tma_kernel)
+
+
+def knob_key() -> tuple[str, bool, bool]:
+    """What the knobs make of this GEMM now: (main loop, autotune, persistent; no persistent
+    configuration untuned). Part of every key under which a decision about it is kept."""
+    current = knobs.current()
+    return current.main_loop, current.autotune, current.autotune and current.persistent
+
 
 # The interpreter runs one small configuration (dot needs every dimension >= 16); the TMA
 # kernel persistent, so that its programs loop over several tiles there too.
@@ -329,58 +358,6 @@ try:  # host-side TMA descriptors: Triton >= 3.4
 except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
-# "auto": TMA where the strides allow it on sm_90+ (and in the interpreter); "pointer": never.
-# A knob for the benchmark's breakdown and for bisecting, not a user option.
-MAIN_LOOP = os.environ.get("UNSLOTH_LORA_MAIN_LOOP", "auto")
-
-
-log = logging.getLogger("unsloth_compile.kernels")
-
-# Every choice made by timing, per kind: {problem key: (chosen, {candidate: median ms})}.
-# Keys: "main loop" (TMA vs pointer Triton GEMM), "main GEMM" (Triton vs cuBLAS composition),
-# "thin GEMM" (Triton vs cuBLAS for H, G, dA, dB). Read by tests and for diagnosis.
-CHOICES: dict[str, dict] = {"main loop": {}, "main GEMM": {}, "thin GEMM": {}}
-
-
-def _time_ms(fn) -> float:
-    # 5 ms warm-up / 25 ms of repeats: medians of the 0.03-3 ms calls here are stable within it.
-    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
-
-
-def fastest(kind: str, key: tuple, candidates: dict, timer=_time_ms) -> str:
-    """The name of the fastest of `candidates` (name -> zero-argument callable, all computing
-    the same thing) for this problem: timed once, on the problem's first call, then
-    remembered; the first listed wins a tie. Logged at INFO, as the first call of a shape
-    pays the timing (and any autotuning inside it).
-
-    A candidate that cannot run this problem (a Triton kernel out of shared memory or
-    registers at an unusual shape, say) is logged as a WARNING with its error and left out;
-    the error is raised only when no candidate runs."""
-    table = CHOICES[kind]
-    found = table.get(key)
-    if found is None:
-        times, errors = {}, {}
-        for name, fn in candidates.items():
-            try:
-                times[name] = timer(fn)
-            except Exception as error:  # noqa: BLE001  recorded, logged, re-raised if all fail
-                errors[name] = error
-                log.warning("unsloth_compile: %s for %s: candidate %r failed and is not used: %s: %s",
-                            kind, key, name, type(error).__name__, error)
-        if not times:
-            raise next(iter(errors.values()))
-        best = min(times, key=times.get)
-        times.update({name: float("inf") for name in errors})
-        table[key] = found = (best, times)
-        log.info("unsloth_compile: %s for %s: %s (%s)", kind, key, best,
-                 ", ".join(f"{name} {ms:.4f} ms" for name, ms in times.items()))
-    return found[0]
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 def _tma_ok(t: Tensor) -> bool:
     """A 2-D tensor a TMA descriptor can address: unit last stride, 16-byte aligned rest."""
     size = t.element_size()
@@ -390,26 +367,13 @@ def _tma_ok(t: Tensor) -> bool:
 
 def _use_tma(a: Tensor, b: Tensor) -> tuple[bool, bool]:
     """(use the TMA kernel, b is K-contiguous) for a (M, K) @ b (K, N)."""
-    if MAIN_LOOP != "auto" or TensorDescriptor is None:
+    if knobs.current().main_loop != "auto" or TensorDescriptor is None:
         return False, False
     if a.device.type == "cuda" and capability(a.device) < (9, 0):
         return False, False
     b_k_contiguous = b.stride(0) == 1 and b.stride(1) != 1
     b_view = b.t() if b_k_contiguous else b
     return _tma_ok(a) and _tma_ok(b_view), b_k_contiguous
-
-
-def _specialization(values) -> tuple:
-    """What Triton specialises a kernel on besides constexprs: each pointer's element type and
-    16-byte alignment, and ints that are 1 or multiples of 16. Two calls with equal
-    specialisations and equal constexprs run the same compiled kernel."""
-    bits = []
-    for value in values:
-        if isinstance(value, Tensor):
-            bits.append((value.dtype, value.data_ptr() % 16 == 0))
-        elif isinstance(value, int) and not isinstance(value, bool):
-            bits.append((value == 1, value % 16 == 0))
-    return tuple(bits)
 
 
 def _programs(M: int, N: int, cfg: dict, device: torch.device) -> int:
@@ -433,38 +397,18 @@ def _descriptors(a: Tensor, b: Tensor, cfg: dict, b_k_contiguous: bool) -> dict:
                 b_desc=TensorDescriptor.from_tensor(b_view, b_block), B_K_CONTIGUOUS=b_k_contiguous)
 
 
-class _Plan:
-    """The compiled kernel and tuned configuration of one problem (dtypes, shapes bucket,
-    layout, flags, alignment), found once through the autotuner.
+class _GemmPlan(Plan):
+    """A Plan of this GEMM, and which main loop it runs (tma: the TMA kernel, else the pointer one)."""
 
-    Later calls launch `CompiledKernel[grid](*args)` directly: the autotuner's key building and
-    JITFunction.run's argument binding cost 0.1-0.2 ms of Python per launch on the H200 host
-    (cProfile, docs/bench/kernel_notes.md), as much as the whole low-rank term's GPU time.
-    """
+    __slots__ = ("tma",)
 
-    __slots__ = ("kernel", "config", "tma", "b_k_contiguous", "arg_names")
-
-    def __init__(self, kernel, config: dict, tma: bool, b_k_contiguous: bool, arg_names):
-        self.kernel, self.config, self.tma = kernel, config, tma
-        self.b_k_contiguous, self.arg_names = b_k_contiguous, arg_names
-
-    def launch(self, named: dict, M: int, N: int) -> None:
-        named.update(self.config)
-        # CompiledKernel[grid] takes the full 3-D grid (JITFunction.run pads it, we do not).
-        grid = (_programs(M, N, self.config, named["out_ptr"].device), 1, 1)
-        self.kernel[grid](*[named[name] for name in self.arg_names])
+    def __init__(self, kernel, tuned, tma: bool):
+        super().__init__(kernel, tuned)
+        self.tma = tma
 
 
-# (device, dtypes, M bucket, N, K, r block, layout, flags, specialisation) -> _Plan
+# (device, dtypes, M bucket, N, K, r block, layout, flags, knob_key(), specialisation) -> _GemmPlan
 _PLANS: dict = {}
-
-
-def _base_fn(tuned):
-    """The JITFunction under autotune/heuristics wrappers (for its parameter order)."""
-    fn = tuned
-    while not isinstance(fn, triton.runtime.JITFunction):
-        fn = fn.fn
-    return fn
 
 
 def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
@@ -486,7 +430,7 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
     if v_bias is not None and v_bias.stride(0) != 1:
         v_bias = v_bias.contiguous()
     res_strides = residual.stride() if residual is not None else (0, 0)
-    m_bucket = next_pow2(M)
+    m_bucket = triton.next_power_of_2(M)  # M >= 1 here
     named = {
         "u_ptr": u, "v_ptr": v,
         "bias_ptr": bias if bias is not None else dummy,
@@ -503,8 +447,8 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
         "HAS_BIAS": bias is not None, "HAS_V_BIAS": v_bias is not None,
         "HAS_RESIDUAL": residual is not None, "HAS_SCALE_TENSOR": scale_tensor is not None,
         "COMPUTE_DTYPE": _TL_DTYPES[a.dtype],
-        "DOT_PRECISION": "ieee" if a.dtype == torch.float32 else "tf32",
-        "BLOCK_R": max(16, min(64, next_pow2(R))),
+        "DOT_PRECISION": dot_precision(a.dtype),
+        "BLOCK_R": max(16, min(64, triton.next_power_of_2(R))),  # 16 also for R = 0 (power of 2: 0)
     }
     use_tma, b_k_contiguous = _use_tma(a, b)
 
@@ -523,48 +467,47 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
                                     **launch)
         return out
 
+    knob_values = knob_key()
     shape_key = (a.device, a.dtype, u.dtype, v.dtype, out.dtype, m_bucket, N, K, named["BLOCK_R"],
                  a.stride(), b.stride(), use_tma, b_k_contiguous, named["HAS_BIAS"],
-                 named["HAS_V_BIAS"], named["HAS_RESIDUAL"], named["HAS_SCALE_TENSOR"])
-    key = shape_key + _specialization(
+                 named["HAS_V_BIAS"], named["HAS_RESIDUAL"], named["HAS_SCALE_TENSOR"], knob_values)
+    key = shape_key + specialization(
         (a, b, u, v, out, named["bias_ptr"], named["v_bias_ptr"], named["res_ptr"], named["scale_ptr"],
          M, res_strides[0], res_strides[1]))
     plan = _PLANS.get(key)
     switch_device = a.device.index != torch.cuda.current_device()
     with torch.cuda.device(a.device) if switch_device else _nullcontext():
         if plan is None:
-            plan = _PLANS[key] = _make_plan(a, b, named, use_tma, b_k_contiguous, shape_key)
+            plan = _PLANS[key] = _make_plan(a, b, named, use_tma, b_k_contiguous, shape_key, knob_values)
         else:
             if plan.tma:
                 named.update(_descriptors(a, b, plan.config, b_k_contiguous))
             else:
                 named.update(_pointer_args(a, b), EVEN_K=K % plan.config["BLOCK_K"] == 0)
-            plan.launch(named, M, N)
+            plan.launch(named, _programs(M, N, plan.config, a.device))
     return out
 
 
 def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous: bool,
-               shape_key: tuple) -> _Plan:
+               shape_key: tuple, knob_values: tuple[str, bool, bool]) -> _GemmPlan:
     """First call of a problem: autotune (and, where TMA is possible, time the TMA main loop
     against the pointer one), launch once, and keep the compiled kernel for later calls."""
     M, N = a.shape[0], b.shape[1]
+    _, autotune, persistent = knob_values
+    pointer_tuned, tma_tuned = _pointer_tuned(autotune), _tma_tuned(autotune, persistent)
 
     def grid(cfg):
         return (_programs(M, N, cfg, a.device),)
 
     def run_pointer():
-        kernel = _lora_gemm_tuned[grid](**_pointer_args(a, b), **named)
-        cfg = dict(_lora_gemm_tuned.best_config.kwargs)
-        return _Plan(kernel, cfg, False, b_k_contiguous, _base_fn(_lora_gemm_tuned).arg_names)
+        return _GemmPlan(pointer_tuned[grid](**_pointer_args(a, b), **named), pointer_tuned, tma=False)
 
     def run_tma():
         # Block shapes here are placeholders: the autotuner's pre-hook re-blocks per config.
         a_desc = TensorDescriptor.from_tensor(a, [64, 64])
         b_desc = TensorDescriptor.from_tensor(b.t() if b_k_contiguous else b, [64, 64])
-        kernel = _lora_gemm_tma_tuned[grid](a_desc=a_desc, b_desc=b_desc,
-                                             B_K_CONTIGUOUS=b_k_contiguous, **named)
-        cfg = dict(_lora_gemm_tma_tuned.best_config.kwargs)
-        return _Plan(kernel, cfg, True, b_k_contiguous, _base_fn(_lora_gemm_tma_tuned).arg_names)
+        kernel = tma_tuned[grid](a_desc=a_desc, b_desc=b_desc, B_K_CONTIGUOUS=b_k_contiguous, **named)
+        return _GemmPlan(kernel, tma_tuned, tma=True)
 
     if not use_tma:
         return run_pointer()

@@ -1,5 +1,6 @@
 """`torch.ops.unsloth.lora_linear` on CUDA (forward and backward): host functions over the Triton
-kernels of kernels/lora_gemm.py and kernels/lowrank_thin.py, or cuBLAS where it was faster.
+kernels of kernels/lora_gemm.py and kernels/lowrank_thin.py, or cuBLAS where it was faster
+(the file name predates the cuBLAS side; unsloth_compile/ops.py imports it by that name).
 
 Same semantics as `lora_linear_forward` / `lora_linear_backward` in kernels/reference.py; the
 host functions below keep their signatures. Shapes: x (M, K) after flattening, W (N, K)
@@ -14,7 +15,8 @@ host functions below keep their signatures. Shapes: x (M, K) after flattening, W
               dA = s G^T X_l                    thin
     with dropout (lora_x given): dX = dY W (cuBLAS), d_lora_x = s G A (thin).
 
-Each "or" is decided per problem by timing both once (`fastest`, logged, kept in CHOICES):
+Each "or" is decided per problem by timing both once (kernels/timed_choice.py, logged) or
+forced by a knob (kernels/knobs.py):
 Triton's main product runs 0-14% behind cuBLAS on an H200 depending on the shape (persistent
 or warp-specialised alike), so which wins depends on the shape (docs/bench/kernel_notes.md).
 
@@ -36,25 +38,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from triton import next_power_of_2
+
+from . import knobs, precision
 from .launch_args import capability
-from .lora_gemm import CHOICES, fastest, launch_lora_gemm, next_pow2  # noqa: F401  CHOICES re-exported
+from .lora_gemm import knob_key as gemm_knob_key, launch_lora_gemm
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
-from .reference import effective_scale as _effective_scale, rows as _rows
+from .precision import HALF as _HALF
+from .reference import effective_scale as _effective_scale, refuse_bias_grads, rows as _rows
+from .timed_choice import CHOICES, fastest
 
 _INT32_LIMIT = 2**31 - 1
-_HALF = (torch.float16, torch.bfloat16)
 _MAX_RANK = 256
 
 
 # --------------------------------------------------------------------------------------------
 # The same product through cuBLAS, and the per-problem choice between the two
 # --------------------------------------------------------------------------------------------
-
-# "auto": per problem, time the Triton kernel against the cuBLAS composition below and keep
-# the faster; "triton" / "cublas": always that one. A knob for the benchmark and for
-# bisecting, not a user option.
-MAIN_GEMM = os.environ.get("UNSLOTH_LORA_MAIN_GEMM", "auto")
-
 
 def _cublas_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
                       scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None) -> Tensor:
@@ -81,23 +81,25 @@ def _cublas_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, s
     return out.addmm_(a, b)
 
 
-def _lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
-               scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
-               v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
+def _lora_gemm_triton_or_cublas(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, scale: float,
+                                scale_tensor: Optional[Tensor], bias: Optional[Tensor] = None,
+                                v_bias: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> Tensor:
     """out (M, N) = cast(a @ b + s u @ v + bias + s v_bias) (+ residual): the Triton kernel, or
     the cuBLAS composition where it was measured faster for this problem. The composition is
     a candidate only without lora_B bias and residual (which the Triton epilogue fuses) and
     with every operand in the activation dtype (cuBLAS mixes no dtypes)."""
     triton_args = (a, b, u, v, out, scale, scale_tensor, bias, v_bias, residual)
-    if (a.device.type != "cuda" or MAIN_GEMM == "triton" or v_bias is not None
+    main_gemm = knobs.current().main_gemm
+    if (a.device.type != "cuda" or main_gemm == "triton" or v_bias is not None
             or residual is not None or a.dtype not in _HALF
             or not (out.dtype == b.dtype == u.dtype == v.dtype == a.dtype)
             or (bias is not None and bias.dtype != a.dtype)):
         return launch_lora_gemm(*triton_args)
-    if MAIN_GEMM == "cublas":
+    if main_gemm == "cublas":
         return _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias)
-    key = (a.device, a.dtype, next_pow2(a.shape[0]), b.shape[1], a.shape[1], next_pow2(u.shape[1]),
-           a.stride(), b.stride(), bias is not None, scale_tensor is not None)
+    key = (a.device, a.dtype, next_power_of_2(a.shape[0]), b.shape[1], a.shape[1],
+           next_power_of_2(u.shape[1]), a.stride(), b.stride(), bias is not None, scale_tensor is not None,
+           gemm_knob_key())
     candidates = {  # the Triton side autotunes within its first timed call
         "triton": lambda: launch_lora_gemm(*triton_args),
         "cublas": lambda: _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias),
@@ -132,12 +134,7 @@ def _mm(a: Tensor, b: Tensor, compute_dtype: torch.dtype, out_dtype: torch.dtype
     return torch.mm(a, b).to(out_dtype)
 
 
-# "auto": per problem, time the Triton thin kernels (kernels/lowrank_thin.py) against cuBLAS
-# and keep the faster; "triton" / "cublas": always that one. Benchmark/bisecting knob.
-THIN = os.environ.get("UNSLOTH_LORA_THIN", "auto")
-
-
-def _thin_gemm(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tensor:
+def _thin_gemm_triton_or_cublas(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tensor:
     """The result of whichever of two equivalent thin-GEMM calls is faster for this problem,
     key = (which product, device, dtypes, M bucket, wide size, r). cuBLAS alone when the
     Triton kernel does not apply (triton_ok False: the operand is not in the compute dtype).
@@ -147,11 +144,8 @@ def _thin_gemm(key: tuple, triton_fn, cublas_fn, triton_ok: bool = True) -> Tens
     if key[1].type == "cpu":
         return triton_fn()
     candidates = {"triton": triton_fn, "cublas": cublas_fn}
-    return candidates[THIN if THIN != "auto" else fastest("thin GEMM", key, candidates)]()
-
-
-# UNSLOTH_LORA_THIN_PAIR=0: never the one pass over dY (a bisecting knob, not a user option).
-THIN_PAIR = os.environ.get("UNSLOTH_LORA_THIN_PAIR", "1") != "0"
+    thin = knobs.current().thin
+    return candidates[thin if thin != "auto" else fastest("thin GEMM", key, candidates)]()
 
 
 def _g_and_db(key: tuple, one_pass, apart, pair_ok: bool) -> tuple[Tensor, Tensor]:
@@ -159,9 +153,10 @@ def _g_and_db(key: tuple, one_pass, apart, pair_ok: bool) -> tuple[Tensor, Tenso
     two thin GEMMs (`apart`, each itself Triton or cuBLAS), whichever is faster for this
     problem; the one pass saves a read of dY (M x N) for fp32 partials of 1/8 of its size at
     r = 16. Under the interpreter (CPU) always the one pass, as the CPU tests check it."""
-    if not pair_ok or THIN == "cublas" or not THIN_PAIR:
+    current = knobs.current()
+    if not pair_ok or current.thin == "cublas" or not current.thin_pair:
         return apart()
-    if key[1].type == "cpu" or THIN == "triton":
+    if key[1].type == "cpu" or current.thin == "triton":
         return one_pass()
     if key not in CHOICES["thin GEMM"]:
         apart()  # settle apart's own choices first, so that their timing is not timed here
@@ -228,12 +223,12 @@ def lora_linear_forward(
     w_t = weight if weight_transposed else weight.t()  # (K, N) view either way
     N = w_t.shape[1]
     adapter_in = x2d if lora_x is None else _rows(lora_x)
-    compute = adapter_in.dtype if adapter_in.dtype in _HALF else lora_A.dtype
+    compute = precision.compute_dtype(adapter_in.dtype, lora_A.dtype)
     if M == 0:  # an empty batch: nothing to launch, nor to time (see _adapter_grads)
         hidden = torch.empty((0, lora_A.shape[0]), device=x.device, dtype=lora_A.dtype)
     else:
-        hidden = _thin_gemm(  # (M, r)
-            ("H", x.device, compute, lora_A.dtype, next_pow2(M), adapter_in.shape[1], lora_A.shape[0]),
+        hidden = _thin_gemm_triton_or_cublas(  # (M, r)
+            ("H", x.device, compute, lora_A.dtype, next_power_of_2(M), adapter_in.shape[1], lora_A.shape[0]),
             lambda: rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype),
             lambda: _mm(adapter_in, lora_A.t(), compute, lora_A.dtype),
             triton_ok=compute == adapter_in.dtype)
@@ -251,8 +246,8 @@ def lora_linear_forward(
         # converted in the kernel cost registers and made r=64 fp32 1.8x slower than bf16
         # (2.19 vs 1.23 x base, llama-8b.mlp.up, H200), for two copies of M*r and r*N elements.
         u, v = _operand(hidden, x.dtype), _operand(lora_B.t(), x.dtype)
-        _lora_gemm(x2d, w_t, u, v, out, scale, scale_tensor,
-                   bias=bias, v_bias=lora_B_bias, residual=res2d)
+        _lora_gemm_triton_or_cublas(x2d, w_t, u, v, out, scale, scale_tensor,
+                                    bias=bias, v_bias=lora_B_bias, residual=res2d)
     out = out.reshape(*lead, N)
     if late_residual is not None:
         out = out + late_residual
@@ -272,40 +267,43 @@ def _adapter_grads(grad2d: Tensor, adapter_in: Tensor, lora_A: Tensor, lora_B: T
         return (grad2d.new_empty((0, R)), torch.zeros((R, K), device=device, dtype=adapter_dtype),
                 torch.zeros((N, R), device=device, dtype=adapter_dtype))
     s = _effective_scale(scale, scale_tensor)
-    m_bucket = next_pow2(M)
+    m_bucket = next_power_of_2(M)
 
     def g_and_db_apart() -> tuple[Tensor, Tensor]:
         # (M, r) = dY B, unscaled, in the compute dtype; (N, r) = s dY^T H
-        g = _thin_gemm(("G", device, compute, lora_B.dtype, m_bucket, N, R),
-                       lambda: rows_times_thin(grad2d, lora_B, compute),
-                       lambda: _mm(grad2d, lora_B, compute, compute))
-        db = _thin_gemm(("dB", device, compute, lora_hidden.dtype, m_bucket, N, R),
-                        lambda: thin_t_times_rows(lora_hidden, grad2d, scale, scale_tensor, adapter_dtype,
-                                                  rank_first=False),
-                        lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
+        g = _thin_gemm_triton_or_cublas(
+            ("G", device, compute, lora_B.dtype, m_bucket, N, R),
+            lambda: rows_times_thin(grad2d, lora_B, compute),
+            lambda: _mm(grad2d, lora_B, compute, compute))
+        db = _thin_gemm_triton_or_cublas(
+            ("dB", device, compute, lora_hidden.dtype, m_bucket, N, R),
+            lambda: thin_t_times_rows(lora_hidden, grad2d, scale, scale_tensor, adapter_dtype, rank_first=False),
+            lambda: _mm(grad2d.t(), lora_hidden, compute, adapter_dtype) * s)
         return g, db
 
     g, db = _g_and_db(("G+dB", device, compute, lora_B.dtype, lora_hidden.dtype, m_bucket, N, R),
                       lambda: rows_thin_pair(grad2d, lora_B, lora_hidden, scale, scale_tensor, compute,
                                              adapter_dtype),
                       g_and_db_apart, pair_ok=R <= PAIR_MAX_RANK)
-    in_compute = adapter_in.dtype if adapter_in.dtype in _HALF else adapter_dtype
-    da = _thin_gemm(("dA", device, in_compute, g.dtype, m_bucket, K, R),
-                    lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype,
-                                              rank_first=True),
-                    lambda: _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s,
-                    triton_ok=in_compute == adapter_in.dtype)
+    in_compute = precision.compute_dtype(adapter_in.dtype, adapter_dtype)
+    da = _thin_gemm_triton_or_cublas(
+        ("dA", device, in_compute, g.dtype, m_bucket, K, R),
+        lambda: thin_t_times_rows(g, adapter_in, scale, scale_tensor, adapter_dtype, rank_first=True),
+        lambda: _mm(g.t(), adapter_in, in_compute, adapter_dtype) * s,
+        triton_ok=in_compute == adapter_in.dtype)
     return g, da, db
 
 
 def lora_linear_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     lora_x: Optional[Tensor], lora_hidden: Tensor, scale: float, scale_tensor: Optional[Tensor],
-    weight_transposed: bool, base_dtype: torch.dtype, needs_bias_grad: bool,
-    needs_lora_B_bias_grad: bool,
-) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
-    """(dx, d_lora_x, dA, dB, dbias, d_lora_B_bias) as reference.lora_linear_backward, every
-    result contiguous; with no rows, zero dA, dB (and bias gradients) and nothing launched."""
+    weight_transposed: bool, base_dtype: torch.dtype, needs_bias_grad: bool = False,
+    needs_lora_B_bias_grad: bool = False,
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, None, None]:
+    """(dx, d_lora_x, dA, dB, None, None) as reference.lora_linear_backward (no bias gradients,
+    the two flags must be False), every result contiguous; with no rows, zero dA, dB and
+    nothing launched."""
+    refuse_bias_grads(needs_bias_grad, needs_lora_B_bias_grad)
     lead = x.shape[:-1]
     K = x.shape[-1]
     grad2d = _rows(grad_out)
@@ -322,15 +320,10 @@ def lora_linear_backward(
     if lora_x is None:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
         if M > 0:
-            _lora_gemm(grad2d, w_nk, g, _operand(lora_A, compute), dx, scale, scale_tensor)
+            _lora_gemm_triton_or_cublas(grad2d, w_nk, g, _operand(lora_A, compute), dx, scale, scale_tensor)
         d_lora_x = None
     else:
         dx = _mm(grad2d, w_nk, compute, x.dtype) if M > 0 else x.new_empty((0, K))
-        lx_compute = lora_x.dtype if lora_x.dtype in _HALF else adapter_dtype
+        lx_compute = precision.compute_dtype(lora_x.dtype, adapter_dtype)
         d_lora_x = _mm(g * s, lora_A, lx_compute, lora_x.dtype).reshape(*lead, K)
-
-    dbias = grad2d.sum(0) if needs_bias_grad else None
-    d_lora_B_bias = None
-    if needs_lora_B_bias_grad:  # _rows, not reshape(M, -1): with M = 0 the -1 is ambiguous
-        d_lora_B_bias = (_rows(grad_out).to(adapter_dtype) * s).sum(0)
-    return dx.reshape(*lead, K), d_lora_x, da, db, dbias, d_lora_B_bias
+    return dx.reshape(*lead, K), d_lora_x, da, db, None, None

@@ -30,7 +30,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .launch_args import processors, scale_operand
+from .launch_args import load_scale, processors, scale_operand
+from .precision import dot_precision
 
 
 @triton.jit
@@ -90,10 +91,7 @@ def _thin_t_times_rows_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_c[None, :] * stride_xc,
                     mask=m_ok[:, None] & c_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(t.to(x.dtype)), x, acc, input_precision=DOT_PRECISION)
-    s = scale
-    if HAS_SCALE_TENSOR:
-        s = s * tl.load(scale_ptr).to(tl.float32)
-    acc = acc * s
+    acc = acc * load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
     part_ptrs = part_ptr + pid_s * stride_ps + offs_r[:, None] * stride_pr + offs_c[None, :] * stride_pc
     tl.store(part_ptrs, acc, mask=r_ok[:, None] & c_ok[None, :])
 
@@ -134,9 +132,7 @@ def _rows_thin_pair_kernel(
         tl.store(xw_part_ptr + pid_c * stride_pc + offs_m[:, None] * stride_pm + offs_r[None, :] * stride_pr,
                  xw, mask=m_ok[:, None] & r_ok[None, :])
         acc_xt = tl.dot(tl.trans(x), t.to(x.dtype), acc_xt, input_precision=DOT_PRECISION)
-    s = scale
-    if HAS_SCALE_TENSOR:
-        s = s * tl.load(scale_ptr).to(tl.float32)
+    s = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
     tl.store(xt_part_ptr + pid_g * stride_qg + offs_c[:, None] * stride_qc + offs_r[None, :] * stride_qr,
              acc_xt * s, mask=c_ok[:, None] & r_ok[None, :])
 
@@ -177,11 +173,6 @@ _PAIR_TILE = (64, 128, 8, 3)  # (BLOCK_M, BLOCK_C, warps, stages)
 _PAIR_PROGRAMS_PER_SM = 2
 
 
-def _precision(x: Tensor) -> str:
-    # fp32 operands only reach these kernels in the interpreter tests: keep them exact there.
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
 def _row_splits(M: int, block_m: int, programs: int, col_blocks: int) -> int:
     """Splits of the M rows, each summed into its own fp32 partial: enough that col_blocks x
     splits programs keep every SM streaming, but at least 4 row tiles per split (fewer makes
@@ -190,7 +181,8 @@ def _row_splits(M: int, block_m: int, programs: int, col_blocks: int) -> int:
 
 
 def _block_r(r: int) -> int:
-    return max(16, 1 << max(0, (r - 1).bit_length()))
+    """The rank padded to a power of two, at least 16 (the smallest tensor-core K); 16 for r = 0."""
+    return max(16, triton.next_power_of_2(r))
 
 
 def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype,
@@ -207,8 +199,10 @@ def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype,
         tile = _INTERPRETER_TILE if x.device.type == "cpu" else _rows_tile(block_r)
     bm, bk, warps, stages = tile
     _rows_times_thin_kernel[(triton.cdiv(M, bm),)](
-        x, w, out, M, K, R, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-        out.stride(0), out.stride(1), DOT_PRECISION=_precision(x), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r,
+        x_ptr=x, w_ptr=w, out_ptr=out, M=M, K=K, R=R,
+        stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wk=w.stride(0), stride_wr=w.stride(1),
+        stride_om=out.stride(0), stride_or=out.stride(1),
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=bm, BLOCK_K=bk, BLOCK_R=block_r,
         num_warps=warps, num_stages=stages)
     return out
 
@@ -235,10 +229,11 @@ def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional
     stride_pr, stride_pc = (part.stride(1), part.stride(2)) if rank_first else (part.stride(2), part.stride(1))
     scale_tensor = scale_operand(scale_tensor, x.device)
     _thin_t_times_rows_kernel[(col_blocks, splits)](
-        t, x, part, scale_tensor if scale_tensor is not None else part,
-        M, C, R, rows_per_split,
-        t.stride(0), t.stride(1), x.stride(0), x.stride(1), part.stride(0), stride_pc, stride_pr,
-        float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
+        t_ptr=t, x_ptr=x, part_ptr=part, scale_ptr=scale_tensor if scale_tensor is not None else part,
+        M=M, C=C, R=R, rows_per_split=rows_per_split,
+        stride_tm=t.stride(0), stride_tr=t.stride(1), stride_xm=x.stride(0), stride_xc=x.stride(1),
+        stride_ps=part.stride(0), stride_pc=stride_pc, stride_pr=stride_pr,
+        scale=float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     result = part[0] if splits == 1 else part.sum(0)
     return result if out_dtype == torch.float32 else result.to(out_dtype)
@@ -269,12 +264,14 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
     xt_part = torch.empty((groups, C, R), device=x.device, dtype=torch.float32)
     scale_tensor = scale_operand(scale_tensor, x.device)
     _rows_thin_pair_kernel[(chunks, groups)](
-        x, w, t, xw_part, xt_part, scale_tensor if scale_tensor is not None else xt_part,
-        M, C, R, rows_per_group,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), t.stride(0), t.stride(1),
-        xw_part.stride(0), xw_part.stride(1), xw_part.stride(2),
-        xt_part.stride(0), xt_part.stride(1), xt_part.stride(2),
-        float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=_precision(x),
+        x_ptr=x, w_ptr=w, t_ptr=t, xw_part_ptr=xw_part, xt_part_ptr=xt_part,
+        scale_ptr=scale_tensor if scale_tensor is not None else xt_part,
+        M=M, C=C, R=R, rows_per_group=rows_per_group,
+        stride_xm=x.stride(0), stride_xc=x.stride(1), stride_wc=w.stride(0), stride_wr=w.stride(1),
+        stride_tm=t.stride(0), stride_tr=t.stride(1),
+        stride_pc=xw_part.stride(0), stride_pm=xw_part.stride(1), stride_pr=xw_part.stride(2),
+        stride_qg=xt_part.stride(0), stride_qc=xt_part.stride(1), stride_qr=xt_part.stride(2),
+        scale=float(scale), HAS_SCALE_TENSOR=scale_tensor is not None, DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
     xw = xw_part[0] if chunks == 1 else xw_part.sum(0)
     xt = xt_part[0] if groups == 1 else xt_part.sum(0)

@@ -24,19 +24,19 @@ SparseSemiStructuredTensor subclasses call them (torch/sparse/semi_structured.py
 tensors so that the op stays opaque to Dynamo and AOTAutograd. Present in torch 2.1 - 2.13;
 checked with hasattr, so a torch without them runs the dense path and says why.
 
-Nothing of the project is imported here but kernels/reference.py.
+Nothing of the project is imported here but kernels/reference.py, precision.py and knobs.py.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import knobs, reference
+from .precision import compute_dtype
 from .reference import effective_scale, rows
 
 log = logging.getLogger("unsloth_compile.kernels")
@@ -51,7 +51,6 @@ SHAPE_MULTIPLE = 64
 # The dense operand's rows (M, tokens) are padded to a multiple of 8 (both backends, fp16/bf16).
 DENSE_ROW_MULTIPLE = 8
 MIN_CAPABILITY = (8, 0)  # sparse tensor cores: Ampere and newer
-GEMM_ENV = "UNSLOTH_SPARSE24_GEMM"  # auto | cusparselt | cutlass: which layout CUDA weights get
 
 _warned: set[str] = set()
 
@@ -85,16 +84,14 @@ def layout_problem(device: torch.device) -> tuple[Optional[str], Optional[str]]:
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         return None, f"CUDA capability {capability} has no sparse tensor cores (needs 8.0 or newer)"
-    wanted = os.environ.get(GEMM_ENV, "auto")
+    wanted = knobs.current().sparse24_gemm  # auto | cusparselt | cutlass
     cslt_backend = getattr(torch.backends, "cusparselt", None)
     has_cslt = hasattr(torch, "_cslt_sparse_mm") and cslt_backend is not None and cslt_backend.is_available()
     has_cutlass = (hasattr(torch, "_sparse_semi_structured_mm")
                    and hasattr(torch.sparse, "SparseSemiStructuredTensorCUTLASS"))
     if wanted == CUSPARSELT or (wanted == "auto" and has_cslt):
         return (CUSPARSELT, None) if has_cslt else (None, "cuSPARSELt is not available in this torch build")
-    if wanted in (CUTLASS, "auto"):
-        return (CUTLASS, None) if has_cutlass else (None, "torch has no CUTLASS semi-structured GEMM")
-    return None, f"{GEMM_ENV}={wanted!r}: choose auto, {CUSPARSELT} or {CUTLASS}"
+    return (CUTLASS, None) if has_cutlass else (None, "torch has no CUTLASS semi-structured GEMM")
 
 
 # ----------------------------------------------------------------------------- compression
@@ -199,7 +196,7 @@ def lora_linear_sparse24_forward(x: Tensor, weight: Tensor, compressed: list[Ten
                                              residual, scale, scale_tensor, False, out_dtype)
     lead = x.shape[:-1]
     adapter_in = rows(x if lora_x is None else lora_x)
-    compute = _compute_dtype(adapter_in, lora_A)
+    compute = compute_dtype(adapter_in.dtype, lora_A.dtype)
     lora_hidden = (adapter_in.to(compute) @ lora_A.t().to(compute)).to(lora_A.dtype)  # (M, r)
     out = base_forward(rows(x), weight, compressed, layout)  # (M, N), fresh: accumulated into
     u, v = lora_hidden.to(out.dtype), lora_B.t().to(out.dtype)
@@ -217,11 +214,6 @@ def lora_linear_sparse24_forward(x: Tensor, weight: Tensor, compressed: list[Ten
     return out.reshape(*lead, out.shape[-1]), lora_hidden
 
 
-def _compute_dtype(t: Tensor, lora_A: Tensor) -> torch.dtype:
-    """The dtype a thin GEMM reading `t` runs in: t's when half precision, else the adapter's."""
-    return t.dtype if t.dtype in GPU_DTYPES else lora_A.dtype
-
-
 def lora_linear_sparse24_backward(grad_out: Tensor, x: Tensor, weight: Tensor, compressed: list[Tensor],
                                   layout: str, lora_A: Tensor, lora_B: Tensor, lora_x: Optional[Tensor],
                                   lora_hidden: Tensor, scale: float, scale_tensor: Optional[Tensor]
@@ -231,7 +223,7 @@ def lora_linear_sparse24_backward(grad_out: Tensor, x: Tensor, weight: Tensor, c
     if not _usable(compressed, layout, x.dtype):
         dx, d_lora_x, dA, dB, _, _ = reference.lora_linear_backward(
             grad_out, x, weight.to(x.dtype), lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor, False,
-            x.dtype, False, False)
+            x.dtype)
         return dx, d_lora_x, dA, dB
     lead, K = x.shape[:-1], x.shape[-1]
     grad2d = rows(grad_out).to(x.dtype)
@@ -240,7 +232,7 @@ def lora_linear_sparse24_backward(grad_out: Tensor, x: Tensor, weight: Tensor, c
     g = grad2d @ lora_B.to(x.dtype)  # (M, r), unscaled
     dB = (grad2d.t() @ lora_hidden.to(x.dtype)).to(lora_A.dtype) * s
     adapter_in = rows(x if lora_x is None else lora_x)
-    compute = _compute_dtype(adapter_in, lora_A)
+    compute = compute_dtype(adapter_in.dtype, lora_A.dtype)
     dA = (g.t().to(compute) @ adapter_in.to(compute)).to(lora_A.dtype) * s
     if lora_x is None:
         if scale_tensor is None:

@@ -15,8 +15,8 @@ import triton
 import triton.testing
 
 import unsloth_compile  # noqa: F401  registers torch.ops.unsloth.*
-from unsloth_compile.kernels import lora_gemm
-from unsloth_compile.kernels import lora_linear_triton as LT
+from unsloth_compile.kernels import knobs, lora_gemm
+from unsloth_compile.kernels.timed_choice import CHOICES
 
 def host(fn, n=40):
     for _ in range(3): fn()
@@ -39,8 +39,8 @@ for (K, N) in [(4096, 4096), (2048, 8192)]:
         out = torch.ops.unsloth.lora_linear(x, W, None, A, B, None, None, None, 2.0, None, False, x.dtype, "triton")[0]
         torch.autograd.grad(out, [x, A, B], dy)
     for mg in ("triton", "cublas", "auto"):
-        LT.MAIN_GEMM = mg
-        print(f"K={K} N={N} main_gemm={mg:6s} host ours {host(ours_step):.3f} ms  wall ours "
-              f"{triton.testing.do_bench(ours_step, rep=100, return_mode='median'):.3f}  host base {host(base_step):.3f}  wall base "
-              f"{triton.testing.do_bench(base_step, rep=100, return_mode='median'):.3f}", flush=True)
-    print("main GEMM choices:", {k[2:6]: v[0] for k, v in LT.CHOICES["main GEMM"].items()}, "plans:", len(lora_gemm._PLANS))
+        with knobs.patch(main_gemm=mg):
+            print(f"K={K} N={N} main_gemm={mg:6s} host ours {host(ours_step):.3f} ms  wall ours "
+                  f"{triton.testing.do_bench(ours_step, rep=100, return_mode='median'):.3f}  host base {host(base_step):.3f}  wall base "
+                  f"{triton.testing.do_bench(base_step, rep=100, return_mode='median'):.3f}", flush=True)
+    print("main GEMM choices:", {k[2:6]: v[0] for k, v in CHOICES["main GEMM"].items()}, "plans:", len(lora_gemm._PLANS))

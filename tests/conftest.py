@@ -6,6 +6,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
+# Without CUDA the Triton kernels run in the interpreter. Triton reads TRITON_INTERPRET when a
+# kernel is decorated (and when triton.language decorates its own helpers), so it is set here,
+# before anything imports Triton: `import unsloth_compile` does.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import unsloth_compile  # noqa: E402,F401  registers the backend and the ops
 
 

@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import importlib
 import os
-import sys
 from typing import Callable
 
 import torch
@@ -130,27 +129,16 @@ def train_and_compare(model: torch.nn.Module, batch_fn: Callable[[int], dict], *
     return Comparison(report, losses_e, losses_c)
 
 
-# Kernel modules in dependency order: a module is (re)decorated after those it imports.
-_KERNEL_MODULES = ("lowrank_thin", "lora_gemm", "lora_linear_triton")
-
-
 def triton_kernel_module(name: str):
     """unsloth_compile.kernels.<name>, its Triton kernels runnable here: without CUDA under the
-    interpreter. TRITON_INTERPRET is read when a kernel is decorated, so it is set first and
-    the kernel modules already imported (by an earlier test module) are re-decorated, the
-    ones `name` imports before it. Skips the calling test module without Triton."""
+    interpreter, which conftest.py turns on before anything imports Triton. Skips the calling
+    test module without Triton."""
     import pytest
 
-    if not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
     pytest.importorskip("triton")
-    module = None
-    for dependency in _KERNEL_MODULES[: _KERNEL_MODULES.index(name) + 1]:
-        full = f"unsloth_compile.kernels.{dependency}"
-        if not torch.cuda.is_available() and full in sys.modules:
-            module = importlib.reload(sys.modules[full])
-        else:
-            module = importlib.import_module(full)
+    module = importlib.import_module(f"unsloth_compile.kernels.{name}")
+    assert torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1", \
+        "without CUDA the kernels must be decorated under TRITON_INTERPRET=1 (tests/conftest.py)"
     return module
 
 

@@ -1,9 +1,9 @@
 """kernels/lora_linear_triton.py against kernels/reference.py and a float64 computation.
 
-Without CUDA the kernels run in the Triton interpreter (fp32/fp16, small awkward shapes);
-TRITON_INTERPRET=1 has to be set before Triton decorates the kernels, so this module sets it
-and (re)imports the kernel module. With CUDA the interpreter tests are skipped and the
-`gpu` tests run bf16/fp16 over a grid incl. Llama shapes, judged by SQNR against float64.
+Without CUDA the kernels run in the Triton interpreter (fp32/fp16, small awkward shapes;
+tests/conftest.py sets TRITON_INTERPRET=1 before Triton decorates them). With CUDA the
+interpreter tests are skipped and the `gpu` tests run bf16/fp16 over a grid incl. Llama
+shapes, judged by SQNR against float64.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from helpers import triton_kernel_module
 
 HAS_CUDA = torch.cuda.is_available()
 lt = triton_kernel_module("lora_linear_triton")
-from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402  (re)decorated by the line above
-from unsloth_compile.kernels import reference  # noqa: E402
+from unsloth_compile.kernels import knobs  # noqa: E402
+from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402
+from unsloth_compile.kernels import launch_plan, reference  # noqa: E402
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")
 gpu = pytest.mark.gpu
@@ -68,11 +69,11 @@ def _fwd(mod, t, out_dtype):
         t["residual"], t["scale"], t["scale_tensor"], t["weight_transposed"], out_dtype)
 
 
-def _bwd(mod, t, grad, hidden, base_dtype, needs_bias):
+def _bwd(mod, t, grad, hidden, base_dtype):
+    """(dx, d_lora_x, dA, dB): bias gradients are not the backward's (ops.side_grads)."""
     return mod.lora_linear_backward(
         grad, t["x"], t["weight"], t["lora_A"], t["lora_B"], t["lora_x"], hidden, t["scale"],
-        t["scale_tensor"], t["weight_transposed"], base_dtype, needs_bias and t["bias"] is not None,
-        needs_bias and t["lora_B_bias"] is not None)
+        t["scale_tensor"], t["weight_transposed"], base_dtype)[:4]
 
 
 def _cast(t, dtype, adapter_dtype=None):
@@ -87,13 +88,13 @@ def _cast(t, dtype, adapter_dtype=None):
     return out
 
 
-NAMES = ("out", "lora_hidden", "dx", "d_lora_x", "dA", "dB", "dbias", "d_lora_B_bias")
+NAMES = ("out", "lora_hidden", "dx", "d_lora_x", "dA", "dB")
 
 
-def _run_all(mod, t, grad, needs_bias=True):
+def _run_all(mod, t, grad):
     out_dtype = t["x"].dtype
     out, hidden = _fwd(mod, t, out_dtype)
-    grads = _bwd(mod, t, grad, hidden, t["weight"].dtype, needs_bias)
+    grads = _bwd(mod, t, grad, hidden, t["weight"].dtype)
     return dict(zip(NAMES, (out, hidden) + tuple(grads)))
 
 
@@ -201,8 +202,8 @@ def test_interpreter_expanded_grad_and_no_rows():
     t, _ = _make(37, 19, 23, 7, torch.float32, torch.float32, "cpu", bias=True)
     out, hidden = _fwd(lt, t, torch.float32)
     grad = torch.ones(()).expand_as(out)
-    ours = _bwd(lt, t, grad, hidden, torch.float32, True)
-    ref = _bwd(reference, t, grad, hidden, torch.float32, True)
+    ours = _bwd(lt, t, grad, hidden, torch.float32)
+    ref = _bwd(reference, t, grad, hidden, torch.float32)
     for name, o, r in zip(NAMES[2:], ours, ref):
         assert (o is None) == (r is None), name
         if o is not None:
@@ -211,21 +212,34 @@ def test_interpreter_expanded_grad_and_no_rows():
     t0["x"] = t0["x"][:0]
     out0, h0 = _fwd(lt, t0, torch.float32)
     assert out0.shape == (0, 23) and h0.shape == (0, 7)
-    dx0 = _bwd(lt, t0, out0, h0, torch.float32, False)[0]
+    dx0 = _bwd(lt, t0, out0, h0, torch.float32)[0]
     assert dx0.shape == (0, 19)
 
 
 @interp
+def test_backward_refuses_bias_gradients():
+    """Bias gradients are computed outside the op (ops.side_grads): asking for them is an error."""
+    t, grad = _make(5, 19, 23, 7, torch.float32, torch.float32, "cpu", bias=True, b_bias=True)
+    out, hidden = _fwd(lt, t, torch.float32)
+    args = (grad, t["x"], t["weight"], t["lora_A"], t["lora_B"], None, hidden, t["scale"], None, False,
+            torch.float32)
+    assert lt.lora_linear_backward(*args)[4:] == (None, None)
+    for flags in ((True, False), (False, True)):
+        with pytest.raises(ValueError, match="no bias gradients"):
+            lt.lora_linear_backward(*args, *flags)
+
+
+@interp
 @pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
-def test_interpreter_both_main_loops_agree(transposed, monkeypatch):
+def test_interpreter_both_main_loops_agree(transposed):
     """The TMA-descriptor and pointer main loops compute the same thing (aligned shape)."""
     t, grad = _make(37, 40, 24, 7, torch.float32, torch.float32, "cpu", bias=True, residual=True,
                     transposed=transposed)
     assert gemm._use_tma(t["x"], t["weight"] if transposed else t["weight"].t())[0]
     tma = _run_all(lt, t, grad)
-    monkeypatch.setattr(gemm, "MAIN_LOOP", "pointer")
-    assert not gemm._use_tma(t["x"], t["weight"])[0]
-    pointer = _run_all(lt, t, grad)
+    with knobs.patch(main_loop="pointer"):
+        assert not gemm._use_tma(t["x"], t["weight"])[0]
+        pointer = _run_all(lt, t, grad)
     for name in NAMES:
         if tma[name] is not None:
             assert torch.allclose(tma[name], pointer[name], atol=1e-5, rtol=1e-5), name
@@ -268,10 +282,10 @@ def test_interpreter_persistent_tma_programs_loop_over_tiles(b_k_contiguous):
 
 
 @interp
-def test_interpreter_fixed_persistent_config_falls_back_to_one_program_per_tile_without_tma(monkeypatch):
+@knobs.patch(main_loop="pointer")
+def test_interpreter_fixed_persistent_config_falls_back_to_one_program_per_tile_without_tma():
     """A persistent config given for operands the TMA kernel cannot take runs the pointer
     kernel with its full grid (every tile computed)."""
-    monkeypatch.setattr(gemm, "MAIN_LOOP", "pointer")
     (a, b, u, v, bias, residual), want = _gemm_operands(70, 40, 88, 7, torch.float32, "cpu", False, 13)
     out = torch.empty(70, 88)
     gemm.launch_lora_gemm(a, b, u, v, out, 0.5, None, bias=bias, residual=residual,
@@ -285,14 +299,14 @@ def test_interpreter_fixed_persistent_config_falls_back_to_one_program_per_tile_
                          ids=["r16", "r16_knob_off", "r70_over_pair_max_rank"])
 def test_interpreter_g_and_db_from_one_pass_or_apart(r, pair_enabled, expect_one_pass, monkeypatch):
     """Backward takes G and dB from one pass over dY (rows_thin_pair) at r <= PAIR_MAX_RANK
-    unless UNSLOTH_LORA_THIN_PAIR turns it off, else from the two thin kernels; either way the
+    unless the thin_pair knob turns it off, else from the two thin kernels; either way the
     gradients match float64."""
     calls = []
     one_pass = lt.rows_thin_pair
     monkeypatch.setattr(lt, "rows_thin_pair", lambda *a, **k: calls.append(1) or one_pass(*a, **k))
-    monkeypatch.setattr(lt, "THIN_PAIR", pair_enabled)
     t, grad = _make(37, 19, 23, r, torch.float32, torch.float32, "cpu", seed=r)
-    ours = _run_all(lt, t, grad)
+    with knobs.patch(thin_pair=pair_enabled):
+        ours = _run_all(lt, t, grad)
     assert len(calls) == (1 if expect_one_pass else 0)
     ref64 = _float64(t, grad)
     for name in ("dx", "dA", "dB"):
@@ -336,57 +350,11 @@ def test_cublas_composition_matches_float64(bias, scale_tensor):
     assert _rel_err(out, want) < 1e-6, _rel_err(out, want)
 
 
-@pytest.fixture
-def isolated_choices():
-    """gemm.CHOICES as it was before the test: the choice tests add made-up problems."""
-    saved = {kind: dict(table) for kind, table in gemm.CHOICES.items()}
-    yield gemm.CHOICES
-    for kind, table in saved.items():
-        gemm.CHOICES[kind].clear()
-        gemm.CHOICES[kind].update(table)
-
-
-def test_fastest_times_each_candidate_once_per_problem_and_logs(caplog, isolated_choices):
-    """The per-problem choice (TMA/pointer, Triton/cuBLAS): fastest wins, first listed on a
-    tie, timing only on a problem's first call, a log line naming the winner."""
-    timings = {"slow": 2.0, "fast": 1.0, "tie_a": 1.0, "tie_b": 1.0}
-    timed = []
-
-    def timer(fn):
-        timed.append(fn())
-        return timings[timed[-1]]
-
-    with caplog.at_level("INFO", logger="unsloth_compile.kernels"):
-        pick = gemm.fastest("main GEMM", ("test", 1), {"slow": lambda: "slow", "fast": lambda: "fast"}, timer)
-    assert pick == "fast" and timed == ["slow", "fast"]
-    assert "main GEMM" in caplog.text and "fast" in caplog.text
-    assert gemm.fastest("main GEMM", ("test", 1), {"slow": lambda: "slow", "fast": lambda: "fast"}, timer) == "fast"
-    assert timed == ["slow", "fast"], "timed again for a problem already decided"
-    assert gemm.fastest("thin GEMM", ("test", 2), {"tie_a": lambda: "tie_a", "tie_b": lambda: "tie_b"}, timer) == "tie_a"
-    assert isolated_choices["main GEMM"][("test", 1)] == ("fast", {"slow": 2.0, "fast": 1.0})
-
-
-def test_fastest_leaves_out_a_failing_candidate_with_a_warning(caplog, isolated_choices):
-    """A candidate that raises (a kernel out of resources at some shape) is not chosen, is
-    logged as a warning naming the error; when every candidate fails the error propagates."""
-    def broken():
-        raise RuntimeError("out of resource: shared memory")
-
-    with caplog.at_level("INFO", logger="unsloth_compile.kernels"):
-        pick = gemm.fastest("thin GEMM", ("test", 3), {"triton": broken, "cublas": lambda: None},
-                            timer=lambda fn: (fn(), 1.0)[1])
-    assert pick == "cublas"
-    assert "WARNING" in caplog.text and "out of resource" in caplog.text and "'triton'" in caplog.text
-    assert isolated_choices["thin GEMM"][("test", 3)][1]["triton"] == float("inf")
-    with pytest.raises(RuntimeError, match="out of resource"):
-        gemm.fastest("thin GEMM", ("test", 4), {"triton": broken}, timer=lambda fn: (fn(), 1.0)[1])
-
-
 def test_plan_key_follows_what_triton_specialises():
     """Plans are keyed on this: a misaligned view, another pointer dtype (a bf16 vs fp32
     lora_B bias or scale tensor), M % 16 and M == 1 must all change it."""
     base = torch.randn(64, 32)
-    spec = gemm._specialization
+    spec = launch_plan.specialization
     assert spec((base, 32)) != spec((base[:, 1:], 32))
     assert spec((base, 32)) != spec((base.half(), 32))
     assert spec((base, 48)) != spec((base, 37))
@@ -410,8 +378,9 @@ GPU_SHAPES = [  # (name, M, K, N, r)
 SQNR_MARGIN_DB = 1.0
 
 
-# Both candidates of _lora_gemm and of _thin_gemm, each forced: "triton" = Triton main GEMM
-# and thin kernels, "cublas" = the cuBLAS composition and cuBLAS thin GEMMs.
+# Both candidates of _lora_gemm_triton_or_cublas and of _thin_gemm_triton_or_cublas, each
+# forced: "triton" = Triton main GEMM and thin kernels, "cublas" = the cuBLAS composition and
+# cuBLAS thin GEMMs.
 MAIN_GEMMS = ["triton", "cublas"]
 
 
@@ -421,12 +390,11 @@ MAIN_GEMMS = ["triton", "cublas"]
 @pytest.mark.parametrize("adapter", ["fp32", "same"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name,M,K,N,r", GPU_SHAPES, ids=[s[0] for s in GPU_SHAPES])
-def test_gpu_sqnr(name, M, K, N, r, dtype, adapter, main_gemm, monkeypatch):
-    monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
-    monkeypatch.setattr(lt, "THIN", main_gemm)
+def test_gpu_sqnr(name, M, K, N, r, dtype, adapter, main_gemm):
     adapter_dtype = torch.float32 if adapter == "fp32" else dtype
     t, grad = _make(M, K, N, r, dtype, adapter_dtype, "cuda", seed=r + M)
-    ours = _run_all(lt, t, grad)
+    with knobs.patch(main_gemm=main_gemm, thin=main_gemm):
+        ours = _run_all(lt, t, grad)
     ref64 = _float64(t, grad)
     torch_half = _run_all(reference, _cast(t, dtype), grad)  # PyTorch's own result in dtype
     _check_sqnr(ours, torch_half, ref64, name)
@@ -448,31 +416,30 @@ def _check_sqnr(ours, torch_half, ref64, label):
 @pytest.mark.parametrize("main_gemm", MAIN_GEMMS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("adapter", ["fp32", "same"])
-def test_gpu_variants(variant, adapter, main_gemm, monkeypatch):
-    monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
-    monkeypatch.setattr(lt, "THIN", main_gemm)
+def test_gpu_variants(variant, adapter, main_gemm):
     dtype = torch.bfloat16
     adapter_dtype = torch.float32 if adapter == "fp32" else dtype
     t, grad = _make(300, 264, 520, 16, dtype, adapter_dtype, "cuda", seed=3, **VARIANTS[variant])
-    ours = _run_all(lt, t, grad)
+    with knobs.patch(main_gemm=main_gemm, thin=main_gemm):
+        ours = _run_all(lt, t, grad)
     _check_sqnr(ours, _run_all(reference, _cast(t, dtype), grad), _float64(t, grad), variant)
 
 
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("main_gemm", ["triton", "auto"])
-def test_gpu_repeated_calls_reuse_plans(main_gemm, monkeypatch):
-    """Later calls of a problem launch the cached compiled kernel directly (_Plan.launch):
+def test_gpu_repeated_calls_reuse_plans(main_gemm):
+    """Later calls of a problem launch the cached compiled kernel directly (launch_plan.Plan.launch):
     new data, an M of the same bucket with other alignment (M % 16), a misaligned x view;
     each result checked, and the plans reused rather than rebuilt per call."""
-    monkeypatch.setattr(lt, "MAIN_GEMM", main_gemm)
     calls = 0
     plans_before = len(gemm._PLANS)
     for M, seed, three_d in [(640, 1, False), (640, 2, False), (637, 3, False), (600, 4, False),
                              (640, 5, True), (640, 6, True), (637, 7, False)]:
         t, grad = _make(M, 264, 520, 16, torch.bfloat16, torch.float32, "cuda", seed=seed,
                         bias=True, three_d=three_d)
-        ours = _run_all(lt, t, grad)
+        with knobs.patch(main_gemm=main_gemm):
+            ours = _run_all(lt, t, grad)
         calls += 2
         _check_sqnr(ours, _run_all(reference, _cast(t, torch.bfloat16), grad), _float64(t, grad),
                     f"M={M} seed={seed}")

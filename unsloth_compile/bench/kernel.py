@@ -36,6 +36,8 @@ from typing import Callable, Optional
 
 import torch
 
+from ..kernels import knobs
+
 # (K, N) of each layer: K in-features, N out-features
 LAYERS = {
     "llama-8b.attn.q": (4096, 4096),
@@ -97,18 +99,13 @@ def _ours(x, W, A, B, scale):
                                          x.dtype, "triton")[0]
 
 
-def _forced_path(choice, fn):
-    """fn with kernels/lora_linear_triton.MAIN_GEMM and THIN set to choice while it runs."""
-    from ..kernels import lora_linear_triton as lt
-
-    def run():
-        saved = lt.MAIN_GEMM, lt.THIN
-        lt.MAIN_GEMM = lt.THIN = choice
-        try:
-            return fn()
-        finally:
-            lt.MAIN_GEMM, lt.THIN = saved
-    return run
+def _forced_knobs(variant: str) -> dict:
+    """The kernel knobs a variant runs under (kernels/knobs.py): ours-bf16-triton / -cublas
+    force every GEMM of ours to that side; the others change nothing."""
+    if variant in ("ours-bf16-triton", "ours-bf16-cublas"):
+        side = variant.rsplit("-", 1)[1]
+        return {"main_gemm": side, "thin": side}
+    return {}
 
 
 def _step(forward, inputs, dy):
@@ -138,9 +135,8 @@ def _make_variant(name, x, W, A32, B32, dy):
         return _step(lambda: _ours(x, W, A32, B32, SCALE), [x, A32, B32], dy)
     if name == "ours-bf16":
         return _step(lambda: _ours(x, W, A16, B16, SCALE), [x, A16, B16], dy)
-    if name in ("ours-bf16-triton", "ours-bf16-cublas"):
-        return _forced_path(name.rsplit("-", 1)[1],
-                                 _step(lambda: _ours(x, W, A16, B16, SCALE), [x, A16, B16], dy))
+    if name in ("ours-bf16-triton", "ours-bf16-cublas"):  # ours-bf16, run under _forced_knobs(name)
+        return _make_variant("ours-bf16", x, W, A32, B32, dy)
     if name.endswith(("fp8", "fp8-bf16")):
         from ..kernels.fp8 import quantize_weight
 
@@ -208,21 +204,8 @@ def run_case(layer: str, M: int, r: int, variants, device) -> list[dict]:
     for name in variants:
         row = {"layer": layer, "M": M, "K": K, "N": N, "r": r, "variant": name}
         try:
-            if name.startswith("ours"):
-                adapter = torch.float32 if name == "ours-fp32" else torch.bfloat16
-                check = lambda: _rel_err_vs_reference(x, W, A, B, dy, adapter)  # noqa: E731
-                if name.endswith(("-triton", "-cublas")):
-                    check = _forced_path(name.rsplit("-", 1)[1], check)
-                row["rel_err_vs_reference"] = check()
-            if name.endswith(("fp8", "fp8-bf16")):
-                row["weight_bytes"] = N * K + 4 * N  # e4m3 codes + fp32 row scales
-                if name.startswith("ours"):
-                    row["rel_err_vs_reference"] = _rel_err_fp8_vs_emulation(x, W, A, B, dy, name)
-            elif name == "base":
-                row["weight_bytes"] = W.numel() * W.element_size()
-            step = _make_variant(name, x, W, A, B, dy)
-            row["ms"] = _bench(step)
-            row["gpu_ms"] = _bench_graph(step)
+            with knobs.patch(**_forced_knobs(name)):
+                _measure_variant(row, name, x, W, A, B, dy)
         except Exception as error:  # one failing variant must not hide the others
             row["error"] = f"{type(error).__name__}: {error}"[:300]
             traceback.print_exc()
@@ -240,6 +223,23 @@ def run_case(layer: str, M: int, r: int, variants, device) -> list[dict]:
           "  ".join(f"{w['variant']} {w.get('gpu_ratio', nan):.3f}/{w.get('ratio', nan):.3f}"
                     for w in rows[1:]), flush=True)
     return rows
+
+
+def _measure_variant(row: dict, name: str, x, W, A, B, dy) -> None:
+    """row += the variant's check against the reference, weight bytes, eager and GPU times."""
+    if name.startswith("ours"):
+        adapter = torch.float32 if name == "ours-fp32" else torch.bfloat16
+        row["rel_err_vs_reference"] = _rel_err_vs_reference(x, W, A, B, dy, adapter)
+    K, N = W.shape[1], W.shape[0]
+    if name.endswith(("fp8", "fp8-bf16")):
+        row["weight_bytes"] = N * K + 4 * N  # e4m3 codes + fp32 row scales
+        if name.startswith("ours"):
+            row["rel_err_vs_reference"] = _rel_err_fp8_vs_emulation(x, W, A, B, dy, name)
+    elif name == "base":
+        row["weight_bytes"] = W.numel() * W.element_size()
+    step = _make_variant(name, x, W, A, B, dy)
+    row["ms"] = _bench(step)
+    row["gpu_ms"] = _bench_graph(step)
 
 
 def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
@@ -275,22 +275,14 @@ def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
         "cublas dB = dY^T H": lambda: lt._mm(dy.t(), H, dy.dtype, B.dtype),
         "cublas dA = G^T X": lambda: lt._mm(G.t(), x, x.dtype, A.dtype),
     }
-    def pointer_loop(fn):  # the same launch with the pointer main loop instead of TMA
-        def run():
-            saved, gemm.MAIN_LOOP = gemm.MAIN_LOOP, "pointer"
-            try:
-                return fn()
-            finally:
-                gemm.MAIN_LOOP = saved
-        return run
-
     for name in [n for n in pieces if n.startswith("triton") and "GEMM" in n]:
-        pieces[name.replace("triton", "triton-ptr")] = pointer_loop(pieces[name])
+        pieces[name.replace("triton", "triton-ptr")] = pieces[name]  # timed with the pointer main loop
     rows = []
     for name, fn in pieces.items():
         try:
-            rows.append({"layer": layer, "M": M, "r": r, "piece": name, "ms": _bench(fn),
-                         "gpu_ms": _bench_graph(fn)})
+            with knobs.patch(**({"main_loop": "pointer"} if name.startswith("triton-ptr") else {})):
+                rows.append({"layer": layer, "M": M, "r": r, "piece": name, "ms": _bench(fn),
+                             "gpu_ms": _bench_graph(fn)})
         except Exception as error:
             rows.append({"layer": layer, "M": M, "r": r, "piece": name, "error": f"{type(error).__name__}: {error}"[:300]})
         print(f"  {layer:20s} {name:40s} {rows[-1].get('ms', float('nan')):.4f} ms eager, "
@@ -341,9 +333,10 @@ def choices_made() -> dict:
     """What ours chose by timing so far (per problem: main GEMM Triton or cuBLAS, thin GEMMs,
     TMA or pointer main loop) and the tile configuration of every Triton GEMM plan."""
     from ..kernels import lora_gemm as gemm
+    from ..kernels.timed_choice import CHOICES
 
     made = {kind: [{"problem": repr(key), "chosen": chosen, "ms": times} for key, (chosen, times) in table.items()]
-            for kind, table in gemm.CHOICES.items()}
+            for kind, table in CHOICES.items()}
     made["gemm plans"] = [{"problem": repr(key), "tma": plan.tma, "config": plan.config}
                           for key, plan in gemm._PLANS.items()]
     return made
