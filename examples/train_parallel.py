@@ -161,7 +161,8 @@ def train(args, device: torch.device) -> int:
 
 def report_timing(args, device, times: list[float], tokens_per_replica: int, fused: int, refused: int, kind: str):
     """tokens/s from the slowest rank's mean step time; peak memory of every rank."""
-    step = torch.tensor([sum(times) / max(len(times), 1)], dtype=torch.float64)
+    # on the device the process group's backend serves (nccl: CUDA tensors only)
+    step = torch.tensor([sum(times) / max(len(times), 1)], dtype=torch.float64, device=device)
     dist.all_reduce(step, op=dist.ReduceOp.MAX)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     peaks = [None] * dist.get_world_size()

@@ -29,7 +29,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+try:  # the installed package (the GPU machine's /tmp/uc_site): its kernels/ and passes/ are mapped
+    import unsloth_compile.kernels  # noqa: F401
+except ImportError:  # a bare checkout: the repository root (passes/ and kernels/ then unmapped: fails below)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import unsloth_compile  # noqa: E402,F401  registers the ops
 from unsloth_compile.bench.kernel import LAYERS, _bench, _bench_graph  # noqa: E402
