@@ -45,7 +45,7 @@ from .launch_args import capability
 from .lora_gemm import knob_key as gemm_knob_key, launch_lora_gemm
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
 from .precision import HALF as _HALF
-from .reference import effective_scale as _effective_scale, refuse_bias_grads, rows as _rows
+from .reference import effective_scale as _effective_scale, rows as _rows
 from .timed_choice import CHOICES, fastest
 
 _INT32_LIMIT = 2**31 - 1
@@ -297,13 +297,10 @@ def _adapter_grads(grad2d: Tensor, adapter_in: Tensor, lora_A: Tensor, lora_B: T
 def lora_linear_backward(
     grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
     lora_x: Optional[Tensor], lora_hidden: Tensor, scale: float, scale_tensor: Optional[Tensor],
-    weight_transposed: bool, base_dtype: torch.dtype, needs_bias_grad: bool = False,
-    needs_lora_B_bias_grad: bool = False,
-) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, None, None]:
-    """(dx, d_lora_x, dA, dB, None, None) as reference.lora_linear_backward (no bias gradients,
-    the two flags must be False), every result contiguous; with no rows, zero dA, dB and
-    nothing launched."""
-    refuse_bias_grads(needs_bias_grad, needs_lora_B_bias_grad)
+    weight_transposed: bool, base_dtype: torch.dtype,
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """(dx, d_lora_x, dA, dB) as reference.lora_linear_backward (no bias gradients), every
+    result contiguous; with no rows, zero dA, dB and nothing launched."""
     lead = x.shape[:-1]
     K = x.shape[-1]
     grad2d = _rows(grad_out)
@@ -326,4 +323,4 @@ def lora_linear_backward(
         dx = _mm(grad2d, w_nk, compute, x.dtype) if M > 0 else x.new_empty((0, K))
         lx_compute = precision.compute_dtype(lora_x.dtype, adapter_dtype)
         d_lora_x = _mm(g * s, lora_A, lx_compute, lora_x.dtype).reshape(*lead, K)
-    return dx.reshape(*lead, K), d_lora_x, da, db, None, None
+    return dx.reshape(*lead, K), d_lora_x, da, db

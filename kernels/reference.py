@@ -83,33 +83,20 @@ def lora_linear_backward(
     scale_tensor: Optional[Tensor],
     weight_transposed: bool,
     base_dtype: torch.dtype,
-    needs_bias_grad: bool = False,
-    needs_lora_B_bias_grad: bool = False,
-) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor, None, None]:
-    """Gradients of lora_linear_forward's `out` but the biases' (see refuse_bias_grads).
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """Gradients of lora_linear_forward's `out` but the biases': those are column sums of dY
+    that unsloth_compile/ops.py takes outside the op (side_grads), where Inductor fuses them.
 
-    Returns (dx, d_lora_x, dA, dB, None, None). d_lora_x is None when the adapter reads x
+    Returns (dx, d_lora_x, dA, dB). d_lora_x is None when the adapter reads x
     itself (its part is then inside dx). There is never a gradient for `weight`: the base is
     frozen and computing dW would be a full M x N x K GEMM thrown away.
     Every result is contiguous whatever the inputs' strides (a transposed A or B, a strided
     x), dx in x's dtype: the op's fake impl promises exactly that layout to the compiler.
     """
-    refuse_bias_grads(needs_bias_grad, needs_lora_B_bias_grad)
     grad2d = rows(grad_out)
     dx = grad2d.to(base_dtype) @ (weight.t() if weight_transposed else weight)
     grad_lora = grad2d.to(lora_A.dtype) * effective_scale(scale, scale_tensor)
-    dx, d_lora_x, dA, dB = adapter_backward(grad_lora, dx, x, lora_x, lora_A, lora_B, lora_hidden)
-    return dx, d_lora_x, dA, dB, None, None
-
-
-def refuse_bias_grads(needs_bias_grad: bool, needs_lora_B_bias_grad: bool) -> None:
-    """The backward functions compute no bias gradient: those are column sums of dY that
-    unsloth_compile/ops.py computes outside the op (side_grads), where Inductor fuses them.
-    The two flags and the two trailing Nones stay in the signatures only while ops.py still
-    passes (always False) and unpacks them."""
-    if needs_bias_grad or needs_lora_B_bias_grad:
-        raise ValueError("lora_linear_backward computes no bias gradients; take them outside the op "
-                         "(unsloth_compile.ops.side_grads)")
+    return adapter_backward(grad_lora, dx, x, lora_x, lora_A, lora_B, lora_hidden)
 
 
 def adapter_backward(grad_lora: Tensor, dx: Tensor, x: Tensor, lora_x: Optional[Tensor], lora_A: Tensor,

@@ -221,10 +221,9 @@ def lora_linear_sparse24_backward(grad_out: Tensor, x: Tensor, weight: Tensor, c
     """(dx, d_lora_x, dA, dB) of lora_linear_sparse24_forward: dY W on W^T's compressed copy,
     the adapter gradients from G = dY B (M, r) as the dense op's cuBLAS path computes them."""
     if not _usable(compressed, layout, x.dtype):
-        dx, d_lora_x, dA, dB, _, _ = reference.lora_linear_backward(
+        return reference.lora_linear_backward(
             grad_out, x, weight.to(x.dtype), lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor, False,
             x.dtype)
-        return dx, d_lora_x, dA, dB
     lead, K = x.shape[:-1], x.shape[-1]
     grad2d = rows(grad_out).to(x.dtype)
     s = effective_scale(scale, scale_tensor)

@@ -205,9 +205,9 @@ def lora_linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, lora_A: Te
     if dropout_mask is not None:
         lora_x = _dropout_input(x, lora_A, dropout_mask, dropout_scale)
     module = _pick(impl, [x, weight, lora_A, lora_B, lora_x])
-    dx, d_lora_x, dA, dB, _, _ = module.lora_linear_backward(
+    dx, d_lora_x, dA, dB = module.lora_linear_backward(
         grad_out, x, weight, lora_A, lora_B, lora_x, lora_hidden, scale, scale_tensor,
-        weight_transposed, base_dtype, False, False,
+        weight_transposed, base_dtype,
     )
     return (*through_dropout(x, dx, d_lora_x, dropout_mask, dropout_scale), dA, dB)
 
