@@ -60,6 +60,9 @@ class KernelKnobs:
     # Which compressed layout a 2:4 sparse weight on CUDA gets (kernels/sparse24.py):
     # "auto" (cuSPARSELt where torch has it, else CUTLASS), "cusparselt" or "cutlass".
     sparse24_gemm: str = _env_choice("UNSLOTH_SPARSE24_GEMM", "auto")
+    # cuSPARSELt's algorithm per 2:4 problem: chosen by torch._cslt_sparse_mm_search on the
+    # problem's first call (True), or its default algorithm 0 (False: the first H200 runs).
+    sparse24_search: bool = _env_flag("UNSLOTH_SPARSE24_SEARCH")
 
     def __post_init__(self):
         allowed = {"main_gemm": _AUTO_TRITON_CUBLAS, "thin": _AUTO_TRITON_CUBLAS, "main_loop": ("auto", "pointer"),

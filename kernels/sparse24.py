@@ -126,10 +126,43 @@ def _sparse_rows_times(dense2d: Tensor, sparse: list[Tensor], layout: str, r: in
     padded = _pad_rows(dense2d.contiguous())
     if layout == CUSPARSELT:
         # transpose_result: cuSPARSELt writes (S X^T)^T row-major, no extra copy
-        out = torch._cslt_sparse_mm(sparse[0], padded.t(), transpose_result=True)
+        dense = padded.t()
+        out = torch._cslt_sparse_mm(sparse[0], dense, transpose_result=True,
+                                    alg_id=cusparselt_algorithm(sparse[0], dense))
     else:
         out = torch._sparse_semi_structured_mm(sparse[0], sparse[1], padded.t()).t()
     return out[:m].contiguous()
+
+
+# cuSPARSELt's algorithm per problem (device, dtype, sparse shape, dense shape): its default,
+# algorithm 0, ran the 2:4 GEMMs at 0.96-1.15x the dense cuBLAS time on an H200
+# (docs/bench/sparse24.md), so each problem's first call asks torch._cslt_sparse_mm_search,
+# which times cuSPARSELt's algorithms once, and later calls reuse the answer.
+_CSLT_ALGORITHMS: dict[tuple, int] = {}
+
+
+def cusparselt_algorithm(sparse: Tensor, dense: Tensor) -> int:
+    """The cuSPARSELt algorithm id for S (compressed) times `dense` (transpose_result=True)."""
+    if not knobs.current().sparse24_search or not hasattr(torch, "_cslt_sparse_mm_search"):
+        return 0
+    key = (sparse.device, sparse.dtype, tuple(sparse.shape), tuple(dense.shape), tuple(dense.stride()))
+    alg = _CSLT_ALGORITHMS.get(key)
+    if alg is not None:
+        return alg
+    if torch.cuda.is_current_stream_capturing():
+        return 0  # timing cannot run inside a CUDA graph capture: the default, not remembered
+    try:
+        alg = int(torch._cslt_sparse_mm_search(sparse, dense, transpose_result=True))
+    except RuntimeError as error:  # a torch or cuSPARSELt that cannot search: say so once, use the default
+        if "search" not in _warned:
+            _warned.add("search")
+            log.warning("unsloth_compile: torch._cslt_sparse_mm_search failed (%s); cuSPARSELt's default "
+                        "algorithm is used for 2:4 GEMMs", str(error).splitlines()[0])
+        alg = 0
+    _CSLT_ALGORITHMS[key] = alg
+    log.info("unsloth_compile: cuSPARSELt algorithm %d for %s x %s (%s)", alg, tuple(sparse.shape),
+             tuple(dense.shape), sparse.dtype)
+    return alg
 
 
 def _usable(compressed: list[Tensor], layout: str, dtype: torch.dtype) -> bool:

@@ -36,7 +36,7 @@ except ImportError:  # a bare checkout: the repository root (passes/ and kernels
 
 import unsloth_compile  # noqa: E402,F401  registers the ops
 from unsloth_compile.bench.kernel import LAYERS, _bench, _bench_graph  # noqa: E402
-from unsloth_compile.kernels import sparse24  # noqa: E402
+from unsloth_compile.kernels import knobs, sparse24  # noqa: E402
 from unsloth_compile.sparse24_mask import transposable_mask  # noqa: E402
 
 SCALE = 2.0
@@ -89,6 +89,14 @@ def _variants(W, x, A, B, dy, layouts):
         xd = x.detach()
         out[f"gemm-fwd-2:4-{layout}"] = (lambda c=c, layout=layout: sparse24.base_forward(xd, W, c, layout), None)
         out[f"gemm-bwd-2:4-{layout}"] = (lambda c=c, layout=layout: sparse24.base_grad_input(dy, W, c, layout), None)
+        if layout == "cusparselt":  # the same products with cuSPARSELt's default algorithm (no search)
+            def alg0(fn, c=c):
+                with knobs.patch(sparse24_search=False):
+                    return fn(c)
+            out["gemm-fwd-2:4-cusparselt-alg0"] = (
+                lambda alg0=alg0: alg0(lambda c: sparse24.base_forward(xd, W, c, "cusparselt")), None)
+            out["gemm-bwd-2:4-cusparselt-alg0"] = (
+                lambda alg0=alg0: alg0(lambda c: sparse24.base_grad_input(dy, W, c, "cusparselt")), None)
     xd = x.detach()
     out["gemm-fwd-dense"] = (lambda: xd @ W.t(), None)
     out["gemm-bwd-dense"] = (lambda: dy @ W, None)

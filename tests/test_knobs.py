@@ -15,14 +15,16 @@ def test_defaults_come_from_the_environment(monkeypatch):
     for knob in knobs.dataclasses.fields(knobs.KernelKnobs):
         monkeypatch.delenv(knob.metadata["env"], raising=False)
     assert knobs.KernelKnobs() == knobs.KernelKnobs(main_gemm="auto", thin="auto", thin_pair=True, main_loop="auto",
-                                                    autotune=True, persistent=True, sparse24_gemm="auto")
+                                                    autotune=True, persistent=True, sparse24_gemm="auto",
+                                                    sparse24_search=True)
     monkeypatch.setenv("UNSLOTH_LORA_MAIN_GEMM", "cublas")
     monkeypatch.setenv("UNSLOTH_LORA_AUTOTUNE", "0")
     monkeypatch.setenv("UNSLOTH_LORA_PERSISTENT", "yes")  # anything but "0" keeps a flag on
     monkeypatch.setenv("UNSLOTH_SPARSE24_GEMM", "cutlass")
+    monkeypatch.setenv("UNSLOTH_SPARSE24_SEARCH", "0")
     from_env = knobs.KernelKnobs()
-    assert (from_env.main_gemm, from_env.autotune, from_env.persistent, from_env.sparse24_gemm) == (
-        "cublas", False, True, "cutlass")
+    assert (from_env.main_gemm, from_env.autotune, from_env.persistent, from_env.sparse24_gemm,
+            from_env.sparse24_search) == ("cublas", False, True, "cutlass", False)
     monkeypatch.setenv("UNSLOTH_LORA_THIN", "fast")
     with pytest.raises(ValueError, match="UNSLOTH_LORA_THIN.*'auto', 'triton', 'cublas'"):
         knobs.KernelKnobs()

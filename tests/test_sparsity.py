@@ -350,3 +350,42 @@ def test_reachable_from_the_package():
     import unsloth_compile
 
     assert unsloth_compile.sparsity.prune is sparsity.prune
+
+
+def test_cusparselt_algorithm_is_searched_once_per_problem(monkeypatch, caplog):
+    """kernels/sparse24.cusparselt_algorithm: torch._cslt_sparse_mm_search on a problem's first
+    call, its answer reused; the default algorithm 0 with the knob off, inside a CUDA graph
+    capture (not remembered), and after a failed search (warned once)."""
+    from unsloth_compile.kernels import knobs, sparse24
+
+    calls = []
+
+    def search(sparse, dense, transpose_result=False):
+        calls.append((tuple(sparse.shape), tuple(dense.shape), transpose_result))
+        return 3 + len(calls)
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search, raising=False)
+    monkeypatch.setattr(sparse24, "_CSLT_ALGORITHMS", {})
+    sparse, dense, other = torch.zeros(64, 32), torch.zeros(64, 8).t(), torch.zeros(64, 16).t()
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert sparse24.cusparselt_algorithm(sparse, dense) == 0 and not calls  # in a capture: no timing
+    capturing[0] = False
+    assert sparse24.cusparselt_algorithm(sparse, dense) == 4
+    assert sparse24.cusparselt_algorithm(sparse, dense) == 4 and len(calls) == 1  # remembered
+    assert calls[0][2] is True  # searched as the op calls it: transposed result
+    assert sparse24.cusparselt_algorithm(sparse, other) == 5  # another problem: its own search
+    with knobs.patch(sparse24_search=False):
+        assert sparse24.cusparselt_algorithm(sparse, dense) == 0
+    monkeypatch.setattr(sparse24, "_CSLT_ALGORITHMS", {})
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("CUDA error: operation not supported\nmore")
+
+    monkeypatch.setattr(torch, "_cslt_sparse_mm_search", failing)
+    monkeypatch.setattr(sparse24, "_warned", set())
+    with caplog.at_level("WARNING", logger="unsloth_compile.kernels"):
+        assert sparse24.cusparselt_algorithm(sparse, dense) == 0
+        assert sparse24.cusparselt_algorithm(sparse, other) == 0
+    warnings = [r for r in caplog.records if "_cslt_sparse_mm_search failed" in r.getMessage()]
+    assert len(warnings) == 1 and "operation not supported" in warnings[0].getMessage()
