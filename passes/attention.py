@@ -159,6 +159,8 @@ def constant_mask_value(mask: Node) -> Optional[torch.Tensor]:
 def is_causal_mask(node: Node, mask: Node) -> bool:
     """Whether the mask is, in every batch and head, SDPA's own is_causal mask ones(L, S).tril()
     (bool: True there; additive: 0 there and -inf or the dtype's lowest value elsewhere)."""
+    if len(node.args) < 2:
+        return False  # query and key given by keyword: not a call transformers makes
     q, k = fm.example_value(node.args[0]), fm.example_value(node.args[1])
     value = fm.example_value(mask)
     if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[-2:]) != (q.shape[-2], k.shape[-2]):
@@ -168,6 +170,9 @@ def is_causal_mask(node: Node, mask: Node) -> bool:
     actual = constant_mask_value(mask)
     if actual is None:
         return False
+    for dim in range(actual.dim() - 2):  # a broadcast (expanded) dimension repeats one slice: check it once
+        if actual.stride(dim) == 0:
+            actual = actual.narrow(dim, 0, 1)
     causal = torch.ones(actual.shape[-2:], dtype=torch.bool, device=actual.device).tril()
     if actual.dtype == torch.bool:
         return bool((actual == causal).all())
