@@ -26,6 +26,10 @@ with a boolean or additive mask that eager never passes to the kernel in that fo
    its value is the same at every call: it is evaluated once at compile time, and when it is
    exactly `ones(L, S).tril()` (SDPA's own `is_causal` mask) in every batch and head, the call
    becomes `attn_mask=None, is_causal=True`. A padding mask (from an input) is never evaluated.
+   With symbolic sequence lengths (a dynamic graph) there is no value to evaluate: the mask is
+   rewritten only when its graph is transformers' `(arange(S) + c)[..., None, :] <=
+   (arange(L) + c)[..., :, None]` with S and L provably the key and query lengths, equal, and
+   the same constant offset: causal at every size.
 
 4. **A kernel preference** (option `attention_kernel`, not "auto"): every SDPA call becomes
    the same call inside `torch.nn.attention.sdpa_kernel([preferred, *the rest], set_priority=True)`
@@ -156,6 +160,74 @@ def constant_mask_value(mask: Node) -> Optional[torch.Tensor]:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def _split_offset(node) -> tuple[object, object]:
+    """(x, c) for `x + c` or `c + x` with c a constant int or a placeholder (a symbolic
+    offset); (node, 0) otherwise."""
+    if fm.is_add(node):
+        for x, c in (node.args, node.args[::-1]):
+            if isinstance(x, Node) and (isinstance(c, int) or isinstance(c, Node) and c.op == "placeholder"):
+                return x, c
+    return node, 0
+
+
+def _position_index(node) -> Optional[tuple[int, object, object]]:
+    """(axis counted from the end, length, offset) of `(arange(length) + offset)[index]` (the
+    offset added before or after indexing) whose index puts the positions on one axis and None
+    (a new size-1 axis) everywhere else."""
+    node, outer = _split_offset(node)
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    base, index = node.args
+    if not isinstance(index, tuple) or sum(isinstance(e, slice) for e in index) != 1:
+        return None
+    if any(not (e is None or e == slice(None)) for e in index):
+        return None
+    axis = next(i for i, e in enumerate(index) if isinstance(e, slice)) - len(index)
+    base, inner = _split_offset(base)
+    if not (isinstance(base, Node) and base.op == "call_function" and base.target is torch.arange
+            and len(base.args) == 1 and set(base.kwargs) <= {"device", "dtype"}):
+        return None
+    offsets = [c for c in (outer, inner) if not (isinstance(c, int) and c == 0)]
+    if len(offsets) > 1 and not all(isinstance(c, int) for c in offsets):
+        return None  # a symbolic offset plus another: not compared
+    offset = sum(offsets) if all(isinstance(c, int) for c in offsets) else offsets[0]
+    return axis, base.args[0], offset
+
+
+def _same_length(node_or_int, size) -> bool:
+    """Whether an arange's length (a SymInt placeholder node or an int) is `size` (an int or
+    SymInt of the query or key), without adding a guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    length = fm.example_value(node_or_int) if isinstance(node_or_int, Node) else node_or_int
+    return length is not None and statically_known_true(length == size)
+
+
+def is_structurally_causal(node: Node, mask: Node) -> bool:
+    """Whether the mask is `(arange(S) + c)[..., None, :] <= (arange(L) + c)[..., :, None]`
+    (through expands), with S = L the key and query lengths and the same constant offset c:
+    true for every size, so a graph with symbolic sequence lengths (where the mask cannot be
+    evaluated once) is rewritten on this proof alone."""
+    while isinstance(mask, Node) and mask.op == "call_method" and mask.target == "expand":
+        mask = mask.args[0]
+    if not isinstance(mask, Node) or mask.op != "call_function":
+        return False
+    if mask.target in (operator.le, torch.le):
+        kv, q = mask.args[:2]
+    elif mask.target in (operator.ge, torch.ge):
+        q, kv = mask.args[:2]
+    else:
+        return False
+    kv_index, q_index = _position_index(kv), _position_index(q)
+    if kv_index is None or q_index is None or kv_index[0] != -1 or q_index[0] != -2:
+        return False
+    if kv_index[2] is not q_index[2] and not (isinstance(kv_index[2], int) and kv_index[2] == q_index[2]):
+        return False  # offsets: the same int, or the same symbolic placeholder
+    query, key = fm.example_value(node.args[0]), fm.example_value(node.args[1])
+    return (_same_length(kv_index[1], key.shape[-2]) and _same_length(q_index[1], query.shape[-2])
+            and _same_length(q_index[1], key.shape[-2]))
+
+
 def is_causal_mask(node: Node, mask: Node) -> bool:
     """Whether the mask is, in every batch and head, SDPA's own is_causal mask ones(L, S).tril()
     (bool: True there; additive: 0 there and -inf or the dtype's lowest value elsewhere)."""
@@ -163,10 +235,14 @@ def is_causal_mask(node: Node, mask: Node) -> bool:
         return False  # query and key given by keyword: not a call transformers makes
     q, k = fm.example_value(node.args[0]), fm.example_value(node.args[1])
     value = fm.example_value(mask)
-    if not isinstance(value, torch.Tensor) or value.dim() < 2 or tuple(value.shape[-2:]) != (q.shape[-2], k.shape[-2]):
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
         return False
     if node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False) is not False:
         return False  # SDPA refuses a mask with is_causal=True; a symbolic flag is left alone
+    if not all(isinstance(d, int) for d in (*value.shape, q.shape[-2], k.shape[-2])):
+        return is_structurally_causal(node, mask)  # symbolic sizes: no value to evaluate
+    if tuple(value.shape[-2:]) != (q.shape[-2], k.shape[-2]):
+        return False
     actual = constant_mask_value(mask)
     if actual is None:
         return False

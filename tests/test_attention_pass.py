@@ -175,6 +175,64 @@ def test_transformers_llama_causal_masks_become_is_causal_under_tracing(monkeypa
     assert report.counters["attention.mask_causal"] == 2 and not report.counters["attention.kept"]
 
 
+def _dynamic_graph(model, *args):
+    """Dynamo's graph of `model(*args)` compiled with symbolic sizes (dynamic=True)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(model, backend=backend, dynamic=True)(*args)
+    (gm,) = graphs
+    return gm
+
+
+@pytest.mark.parametrize("kind,rewritten", [("causal", True), ("shifted", False), ("causal_padding", False)])
+def test_causal_mask_with_symbolic_lengths_is_rewritten_on_its_structure(kind, rewritten):
+    """A dynamic graph's mask cannot be evaluated: transformers' arange comparison is
+    rewritten on its structure, a shifted or padded one is kept; numerics at two lengths."""
+    torch._dynamo.reset()
+    model = Attention(kind)
+    gm = _dynamic_graph(model, torch.randn(3, 7, 16))
+    value = _sdpa_masks(gm)[0].meta["example_value"]
+    assert not isinstance(value.shape[-1], int)  # symbolic: the evaluation path cannot run
+    report = Report()
+    keep_attention_fused(gm, Config(), report)
+    assert report.counters["attention.mask_causal"] == int(rewritten)
+    for seq in (7, 12):
+        torch._dynamo.reset()
+        x = torch.randn(2, seq, 16)
+        eager_x, compiled_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        expected = model(eager_x)
+        expected.square().sum().backward()
+        from unsloth_compile.report import collect_reports
+
+        with collect_reports() as got_report:
+            got = torch.compile(model, backend="unsloth", dynamic=True, options={"inner": "aot_eager"})(compiled_x)
+        got.square().sum().backward()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(compiled_x.grad, eager_x.grad, rtol=1e-5, atol=1e-6)
+        # Dynamo may compile the frame more than once (a float attribute specialised): every
+        # compiled graph rewritten, or none
+        causal, kept = got_report.counters["attention.mask_causal"], got_report.counters["attention.kept"]
+        assert (causal >= 1 and not kept) if rewritten else (kept >= 1 and not causal)
+
+
+def test_transformers_llama_with_symbolic_lengths_gets_is_causal(monkeypatch):
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "is_torchdynamo_exporting", lambda: True)
+    torch._dynamo.reset()
+    model = peft_wrap(tiny_causal_lm("llama"))
+    gm = _dynamic_graph(model, batch_for("llama", seed=0)["input_ids"])
+    report = Report()
+    keep_attention_fused(gm, Config(), report)
+    assert report.counters["attention.mask_causal"] == 2 and not report.counters["attention.kept"]
+    assert all(n.kwargs.get("is_causal") is True
+               for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS)
+
+
 def test_dense_mask_is_kept_and_reported_absent_mask_is_silent():
     model, x = Attention("dense"), torch.randn(2, 5, 16)
     gm = _captured_graph(model, x)
