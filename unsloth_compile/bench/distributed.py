@@ -42,8 +42,8 @@ import torch
 
 from . import output
 from .e2e import LLAMA_TARGETS, PRESETS, Preset, add_lora, build_model, make_batches
-from .variants import (MemoryMeter, parse_option_value, describe_error, environment, free_memory, make_optimizer, synchronize,
-                       train_step)
+from .variants import (MemoryMeter, describe_error, environment, free_memory, make_optimizer, parse_option_value,
+                       synchronize, train_step)
 
 VARIANTS = ("single", "ddp", "fsdp-shard", "fsdp-replicate")
 # The targets on 2 GPUs (llama-1b): tokens/s per GPU against one GPU
