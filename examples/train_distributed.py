@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import time
 
 import torch
@@ -34,8 +33,8 @@ import torch.distributed as dist
 import unsloth_compile  # noqa: F401  registers the backend
 from unsloth_compile.bench.distributed import DIST_PRESETS
 from unsloth_compile.bench.e2e import add_lora, build_model
-from unsloth_compile.distributed import (DistributedRankController, compile_ddp, no_sync, shard_lora_model,
-                                         trainable_state_dict)
+from unsloth_compile.distributed import (DistributedRankController, compile_ddp, init_from_torchrun, no_sync,
+                                         shard_lora_model, trainable_state_dict)
 
 
 def parse_args(argv=None):
@@ -57,18 +56,6 @@ def parse_args(argv=None):
     p.add_argument("--save", help="directory for the adapter (rank 0 writes it)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def setup(args) -> tuple[torch.device, bool]:
-    """The process group (unless the caller made one) and this rank's device."""
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return device, own
 
 
 def build(args, device: torch.device) -> torch.nn.Module:
@@ -109,7 +96,7 @@ def batches(args, device: torch.device, vocab: int, rank: int):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, own_group = setup(args)
+    device, own_group = init_from_torchrun(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         model = build(args, device)

@@ -23,7 +23,6 @@ and the peak GPU memory of each rank.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
@@ -32,6 +31,7 @@ import torch.distributed as dist
 import unsloth_compile  # noqa: F401  registers the backend
 from unsloth_compile.bench.distributed import DIST_PRESETS
 from unsloth_compile.bench.e2e import add_lora, build_model
+from unsloth_compile.distributed import init_from_torchrun
 from unsloth_compile.report import collect_reports
 
 
@@ -53,17 +53,6 @@ def parse_args(argv=None):
                    help="auto: inductor on CUDA, aot_eager on CPU")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
-
-
-def setup(args) -> tuple[torch.device, bool]:
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return device, own
 
 
 def build(args, device: torch.device) -> torch.nn.Module:
@@ -90,7 +79,7 @@ def make_mesh(args, device: torch.device):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, own_group = setup(args)
+    device, own_group = init_from_torchrun(args.device)
     try:
         return train(args, device)
     finally:

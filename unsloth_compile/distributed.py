@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import warnings
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
@@ -58,7 +59,7 @@ log = logging.getLogger("unsloth_compile")
 
 __all__ = ["LoraDDP", "compile_ddp", "rebuild_ddp", "shard_lora_model", "find_blocks", "compile_blocks",
            "no_sync", "is_fsdp", "DistributedRankController", "FROZEN_CHOICES", "warn_if_ddp_split",
-           "trainable_state_dict"]
+           "trainable_state_dict", "init_from_torchrun"]
 
 FROZEN_CHOICES = ("replicate", "shard")
 
@@ -282,6 +283,20 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------- dynamic rank
+
+
+def init_from_torchrun(device: str = "auto") -> tuple[torch.device, bool]:
+    """This rank's device and, unless the caller made one, the process group: CUDA device
+    LOCAL_RANK (as torchrun sets it) with nccl, or the CPU with gloo ("auto": CUDA when
+    available). Returns (device, whether the group was created here, for the caller to destroy)."""
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(where)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return where, created
 
 
 def _require_process_group(what: str) -> None:
