@@ -31,6 +31,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
+from .launch_plan import launch
+
 # In the kernel as literals: 448 (e4m3's largest finite value), 1e-12 (the amax floor) and
 # 0x7F800000 (a float32's exponent bits: 2^floor(log2(v)) for a normal v), as kernels/fp8.py.
 MAX_BLOCK_C = 4096  # columns per tile of a row (8 KB of bf16): two passes over longer rows
@@ -90,8 +92,9 @@ def quantize_rows(t: Tensor, col_scale: Optional[Tensor] = None) -> tuple[Tensor
     if col_scale is not None:
         col_scale = col_scale.reshape(-1).to(torch.float32).contiguous()
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(C))
-    _quantize_rows_kernel[(R,)](
+    launch(_quantize_rows_kernel, (R,),
         x_ptr=t, col_scale_ptr=col_scale if col_scale is not None else dequant, codes_ptr=codes,
         dequant_ptr=dequant, C=C, stride_xr=t.stride(0), stride_xc=t.stride(1), stride_cr=codes.stride(0),
-        HAS_COL_SCALE=col_scale is not None, BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4)
+        HAS_COL_SCALE=col_scale is not None, BLOCK_C=block_c, num_warps=8 if block_c >= 2048 else 4,
+        num_stages=3)  # Triton's CUDA default, as measured
     return codes, dequant

@@ -63,6 +63,10 @@ class KernelKnobs:
     # cuSPARSELt's algorithm per 2:4 problem: chosen by torch._cslt_sparse_mm_search on the
     # problem's first call (True), or its default algorithm 0 (False: the first H200 runs).
     sparse24_search: bool = _env_flag("UNSLOTH_SPARSE24_SEARCH")
+    # The un-tuned Triton kernels (thin GEMMs, fp8 quantisation) launched through their
+    # compiled kernel after the first call of a specialisation (kernels/launch_plan.launch),
+    # skipping Triton's per-launch argument binding; False: always through the JITFunction.
+    direct_launch: bool = _env_flag("UNSLOTH_DIRECT_LAUNCH")
 
     def __post_init__(self):
         allowed = {"main_gemm": _AUTO_TRITON_CUBLAS, "thin": _AUTO_TRITON_CUBLAS, "main_loop": ("auto", "pointer"),

@@ -5,11 +5,15 @@ Triton upgrade that changes them is fixed here.
 
 Why: the autotuner's key building and JITFunction.run's argument binding cost 0.1-0.2 ms of
 Python per launch on the H200 host (cProfile, docs/bench/kernel_notes.md), as much as the
-whole low-rank term's GPU time. Used by kernels/lora_gemm.py.
+whole low-rank term's GPU time. Used by kernels/lora_gemm.py (`Plan`, per tuned problem) and by
+the un-tuned kernels' hosts (`launch`: lowrank_thin.py, fp8_quantize.py).
 """
 
 from __future__ import annotations
 
+import os
+
+import torch
 from torch import Tensor
 
 import triton
@@ -17,14 +21,17 @@ import triton
 
 def specialization(values) -> tuple:
     """What Triton specialises a kernel on besides constexprs: each pointer's element type and
-    16-byte alignment, and ints that are 1 or multiples of 16. Two calls with equal
-    specialisations and equal constexprs run the same compiled kernel."""
+    16-byte alignment, and ints that are 1, multiples of 16, or beyond int32 (then passed as
+    int64). Two calls with equal specialisations and equal constexprs run the same compiled
+    kernel."""
     bits = []
     for value in values:
         if isinstance(value, Tensor):
             bits.append((value.dtype, value.data_ptr() % 16 == 0))
         elif isinstance(value, int) and not isinstance(value, bool):
-            bits.append((value == 1, value % 16 == 0))
+            bits.append((value == 1, value % 16 == 0, -2**31 <= value < 2**31))
+        elif isinstance(value, bool):
+            bits.append(value)
     return tuple(bits)
 
 
@@ -54,3 +61,34 @@ class Plan:
         named.update(self.config)
         # CompiledKernel[grid] takes the full 3-D grid (JITFunction.run pads it, we do not).
         self.kernel[(programs, 1, 1)](*[named[name] for name in self.arg_names])
+
+
+# Direct launches of un-tuned kernels (the thin GEMMs, fp8 quantisation): the compiled kernel of
+# each (kernel, device, launch options, constexprs, specialisation), from its first launch.
+_DIRECT: dict = {}
+
+
+def launch(kernel, grid: tuple[int, ...], *, num_warps: int, num_stages: int, **named) -> None:
+    """`kernel[grid](**named, num_warps=..., num_stages=...)`; after the first call of a
+    specialisation, the compiled kernel is launched directly (JITFunction.run's argument
+    binding and cache lookup skipped). The interpreter (CPU) and the knob direct_launch=False
+    always take `kernel[grid]`."""
+    from . import knobs
+
+    if _interpreting() or not knobs.current().direct_launch:
+        kernel[grid](**named, num_warps=num_warps, num_stages=num_stages)
+        return
+    fn = jit_function(kernel)
+    params = fn.params
+    key = (fn, torch.cuda.current_device(), num_warps, num_stages,
+           tuple(named[p.name] for p in params if p.is_constexpr),
+           specialization(named[p.name] for p in params if not p.is_constexpr))
+    compiled = _DIRECT.get(key)
+    if compiled is None:
+        _DIRECT[key] = kernel[grid](**named, num_warps=num_warps, num_stages=num_stages)
+        return
+    compiled[tuple(grid) + (1,) * (3 - len(grid))](*[named[name] for name in fn.arg_names])
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

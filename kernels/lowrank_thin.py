@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .launch_args import load_scale, processors, scale_operand
+from .launch_plan import launch
 from .precision import dot_precision
 
 
@@ -198,7 +199,7 @@ def rows_times_thin(x: Tensor, w: Tensor, out_dtype: torch.dtype,
     if tile is None:
         tile = _INTERPRETER_TILE if x.device.type == "cpu" else _rows_tile(block_r)
     bm, bk, warps, stages = tile
-    _rows_times_thin_kernel[(triton.cdiv(M, bm),)](
+    launch(_rows_times_thin_kernel, (triton.cdiv(M, bm),),
         x_ptr=x, w_ptr=w, out_ptr=out, M=M, K=K, R=R,
         stride_xm=x.stride(0), stride_xk=x.stride(1), stride_wk=w.stride(0), stride_wr=w.stride(1),
         stride_om=out.stride(0), stride_or=out.stride(1),
@@ -228,7 +229,7 @@ def thin_t_times_rows(t: Tensor, x: Tensor, scale: float, scale_tensor: Optional
     part = torch.empty(shape, device=x.device, dtype=torch.float32)
     stride_pr, stride_pc = (part.stride(1), part.stride(2)) if rank_first else (part.stride(2), part.stride(1))
     scale_tensor = scale_operand(scale_tensor, x.device)
-    _thin_t_times_rows_kernel[(col_blocks, splits)](
+    launch(_thin_t_times_rows_kernel, (col_blocks, splits),
         t_ptr=t, x_ptr=x, part_ptr=part, scale_ptr=scale_tensor if scale_tensor is not None else part,
         M=M, C=C, R=R, rows_per_split=rows_per_split,
         stride_tm=t.stride(0), stride_tr=t.stride(1), stride_xm=x.stride(0), stride_xc=x.stride(1),
@@ -263,7 +264,7 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
     xw_part = torch.empty((chunks, M, R), device=x.device, dtype=torch.float32)
     xt_part = torch.empty((groups, C, R), device=x.device, dtype=torch.float32)
     scale_tensor = scale_operand(scale_tensor, x.device)
-    _rows_thin_pair_kernel[(chunks, groups)](
+    launch(_rows_thin_pair_kernel, (chunks, groups),
         x_ptr=x, w_ptr=w, t_ptr=t, xw_part_ptr=xw_part, xt_part_ptr=xt_part,
         scale_ptr=scale_tensor if scale_tensor is not None else xt_part,
         M=M, C=C, R=R, rows_per_group=rows_per_group,

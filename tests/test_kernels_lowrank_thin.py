@@ -131,3 +131,32 @@ def test_gpu_thin_kernels_bf16(M, K, r):
         g, db = thin.rows_thin_pair(x, b, t, 0.5, None, torch.bfloat16, torch.float32)
         for got, want in ((g, x.double() @ b.double()), (db, 0.5 * (x.double().t() @ t.double()))):
             assert _rel_err(got, want) < 4e-3, _rel_err(got, want)
+
+
+@gpu
+@needs_cuda
+def test_gpu_direct_launches_equal_the_jit_function_launches():
+    """kernels/launch_plan.launch: the second and later calls of a specialisation launch the
+    compiled kernel directly; each thin kernel (and the fp8 quantisation) gives bit for bit what
+    the JITFunction gives, also for new data in the same specialisation and a new one."""
+    from unsloth_compile.kernels import fp8_quantize, knobs, launch_plan
+
+    def results(seed, M=4096, K=2048, r=16):
+        x = _rand(M, K, dtype=torch.bfloat16, device="cuda", seed=seed)
+        w = _rand(r, K, dtype=torch.float32, device="cuda", seed=seed + 1, std=K ** -0.5)
+        t = _rand(M, r, dtype=torch.bfloat16, device="cuda", seed=seed + 2)
+        b = _rand(K, r, dtype=torch.bfloat16, device="cuda", seed=seed + 3)
+        return [thin.rows_times_thin(x, w.t(), torch.float32),
+                thin.thin_t_times_rows(t, x, 0.5, None, torch.float32, rank_first=True),
+                *thin.rows_thin_pair(x, b, t, 0.5, None, torch.bfloat16, torch.float32),
+                *(v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v for v in fp8_quantize.quantize_rows(x))]
+
+    launch_plan._DIRECT.clear()
+    with knobs.patch(direct_launch=False):
+        expected = [results(seed) for seed in (0, 10)] + [results(20, M=1000, K=1030)]
+    assert not launch_plan._DIRECT
+    got = [results(seed) for seed in (0, 10, 0)] + [results(20, M=1000, K=1030)]  # first, direct, direct, new
+    assert len(launch_plan._DIRECT) >= 5  # one compiled kernel per kernel and specialisation
+    for want, have in zip(expected[:2] + expected[:1] + expected[2:], got):
+        for w_, h_ in zip(want, have):
+            assert torch.equal(w_, h_)
