@@ -35,6 +35,11 @@ def _env_flag(name: str):
     return field(default_factory=lambda: os.environ.get(name, "1") != "0", metadata={"env": name})
 
 
+def _env_flag_off(name: str):
+    """Off unless the variable is "1": a path not yet measured on a GPU."""
+    return field(default_factory=lambda: os.environ.get(name, "0") == "1", metadata={"env": name})
+
+
 @dataclass(frozen=True)
 class KernelKnobs:
     # kernels/lora_linear_triton.py: Y = X W^T + s H B^T (and dX) as one Triton GEMM with the
@@ -66,7 +71,8 @@ class KernelKnobs:
     # The un-tuned Triton kernels (thin GEMMs, fp8 quantisation) launched through their
     # compiled kernel after the first call of a specialisation (kernels/launch_plan.launch),
     # skipping Triton's per-launch argument binding; False: always through the JITFunction.
-    direct_launch: bool = _env_flag("UNSLOTH_DIRECT_LAUNCH")
+    # Off until a GPU run has checked it bit for bit and measured the host time it saves.
+    direct_launch: bool = _env_flag_off("UNSLOTH_DIRECT_LAUNCH")
 
     def __post_init__(self):
         allowed = {"main_gemm": _AUTO_TRITON_CUBLAS, "thin": _AUTO_TRITON_CUBLAS, "main_loop": ("auto", "pointer"),

@@ -155,7 +155,8 @@ def test_gpu_direct_launches_equal_the_jit_function_launches():
     with knobs.patch(direct_launch=False):
         expected = [results(seed) for seed in (0, 10)] + [results(20, M=1000, K=1030)]
     assert not launch_plan._DIRECT
-    got = [results(seed) for seed in (0, 10, 0)] + [results(20, M=1000, K=1030)]  # first, direct, direct, new
+    with knobs.patch(direct_launch=True):  # first, direct, direct, new specialisation
+        got = [results(seed) for seed in (0, 10, 0)] + [results(20, M=1000, K=1030)]
     assert len(launch_plan._DIRECT) >= 5  # one compiled kernel per kernel and specialisation
     for want, have in zip(expected[:2] + expected[:1] + expected[2:], got):
         for w_, h_ in zip(want, have):

@@ -16,7 +16,7 @@ def test_defaults_come_from_the_environment(monkeypatch):
         monkeypatch.delenv(knob.metadata["env"], raising=False)
     assert knobs.KernelKnobs() == knobs.KernelKnobs(main_gemm="auto", thin="auto", thin_pair=True, main_loop="auto",
                                                     autotune=True, persistent=True, sparse24_gemm="auto",
-                                                    sparse24_search=True, direct_launch=True)
+                                                    sparse24_search=True, direct_launch=False)
     monkeypatch.setenv("UNSLOTH_LORA_MAIN_GEMM", "cublas")
     monkeypatch.setenv("UNSLOTH_LORA_AUTOTUNE", "0")
     monkeypatch.setenv("UNSLOTH_LORA_PERSISTENT", "yes")  # anything but "0" keeps a flag on

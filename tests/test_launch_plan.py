@@ -47,6 +47,8 @@ def direct(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(launch_plan, "_DIRECT", {})
+    with knobs.patch(direct_launch=True):
+        yield
 
 
 def _args(x, n=32, flag=True, block=64):
