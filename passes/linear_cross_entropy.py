@@ -27,6 +27,12 @@ dtypes, chunk_rows keeps a chunk's fp32 logits under the `cross_entropy_chunk_mi
 op computes the gradients of the inputs that need them in its forward (no weight gradient for
 a frozen head) and saves those, never the logits.
 
+Where the fused op cannot run because the logits are returned (or the head is not a plain
+linear), option `cross_entropy_on_logits` puts torch.ops.unsloth.logits_cross_entropy on the
+logits instead (`check_logits_site` / `replace_logits_site`): the chain must be views and one
+fp32 upcast of fp16/bf16 logits; the upcast then happens in the kernel and backward keeps the
+half-precision logits and the rows' logsumexp instead of fp32 log-probabilities (half the bytes).
+
 Only the root graph is searched: no model checkpoints its head, and a fused op inside a
 checkpoint body would run its forward (with the gradients) again in backward.
 """
@@ -224,6 +230,49 @@ def replace_site(gm: GraphModule, m: Match, cfg: Config) -> dict:
             "weight_grad": fm.requires_grad(weight), "bias": bias is not None}
 
 
+# ----------------------------------------------------------------------------- the returned-logits case
+
+
+LOGITS_PATTERN = "logits_cross_entropy"
+_FP32_UPCAST = [kernel.cast_step(torch.float32)]
+
+
+def check_logits_site(m: Match) -> Optional[str]:
+    """Why `cross_entropy(upcast(logits) through views)` cannot become the logits op, or None:
+    the chain must be exactly views and one fp32 upcast of half-precision logits, keeping the
+    vocabulary last and the rows in order (the op reads the logits as (rows, V))."""
+    if m.steps != _FP32_UPCAST:
+        return f"steps between the logits and the loss: {', '.join(m.steps) or 'none'} (only an fp32 upcast)"
+    source, logits = fm.example_value(m.head), fm.example_value(m.args["input"])
+    if not isinstance(source, torch.Tensor) or source.dtype not in (torch.float16, torch.bfloat16):
+        return "the logits are not fp16/bf16"
+    if logits.dim() != 2 or source.dim() < 1 or source.shape[-1] != logits.shape[1]:
+        return f"cross_entropy reads logits of shape {tuple(logits.shape)}, not (rows, vocabulary)"
+    if any(fm.example_value(n).shape[-1] != logits.shape[1] for n in m.chain):
+        return "a view between the logits and the loss moves the vocabulary dimension"
+    if logits.shape[0] != fm.example_value(m.args["target"]).shape[0]:
+        return "the target's length differs from the logits' rows"
+    return None
+
+
+def replace_logits_site(gm: GraphModule, m: Match) -> dict:
+    """cross_entropy(views(upcast(logits))) -> unsloth::logits_cross_entropy(logits.reshape(-1, V))."""
+    vocab = fm.example_value(m.args["input"]).shape[1]
+    with gm.graph.inserting_before(m.ce):
+        rows = gm.graph.call_method("reshape", (m.head, -1, vocab))
+        fm.set_fake_meta(rows, m.ce)
+        loss = gm.graph.call_function(torch.ops.unsloth.logits_cross_entropy.default,
+                                      (rows, m.args["target"], m.args["ignore_index"], m.args["reduction"], "auto"))
+    fm.set_fake_meta(loss, m.ce)
+    m.ce.replace_all_uses_with(loss)
+    gm.graph.erase_node(m.ce)
+    for node in reversed(m.chain):
+        if not node.users:
+            gm.graph.erase_node(node)
+    return {"vocab": vocab, "dtype": str(fm.example_value(m.head).dtype).removeprefix("torch."),
+            "reduction": m.args["reduction"]}
+
+
 def describe_fused(details: dict) -> str:
     steps = ", ".join(details["steps"]) or "none"
     head = "trainable head (weight gradient)" if details["weight_grad"] else "frozen head (no weight gradient)"
@@ -247,13 +296,31 @@ def fuse_linear_cross_entropy(gm: GraphModule, cfg: Config | None = None, report
         reason = check_arguments(m) or check_head(m)
         if reason is not None:
             report.add(Site(path, PATTERN, "refused", reason))
+            if check_arguments(m) is None:
+                _logits_cross_entropy(gm, m, cfg, report, path)
             continue
-        reason = check_uses(m)
+        reason = check_uses(m) or (None if cfg.fuse_cross_entropy else "fuse_cross_entropy=False")
         if reason is not None:
             report.add(Site(path, PATTERN, "kept", reason))
+            _logits_cross_entropy(gm, m, cfg, report, path)
             continue
         details = replace_site(gm, m, cfg)
         report.add(Site(path, PATTERN, "fused", describe_fused(details), details))
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _logits_cross_entropy(gm: GraphModule, m: Match, cfg: Config, report: Report, path: str) -> None:
+    """The fallback where the fused head + loss cannot run (cross_entropy's own arguments
+    allowed): the loss on the logits as they are, with option cross_entropy_on_logits."""
+    if not cfg.cross_entropy_on_logits:
+        return
+    reason = check_logits_site(m)
+    if reason is not None:
+        report.add(Site(path, LOGITS_PATTERN, "refused", reason))
+        return
+    details = replace_logits_site(gm, m)
+    report.add(Site(path, LOGITS_PATTERN, "fused",
+                    f"cross-entropy on the returned {details['dtype']} logits (vocab {details['vocab']}, "
+                    f"reduction {details['reduction']}): fp32 in the kernel, the rows' logsumexp saved", details))

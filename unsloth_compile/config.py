@@ -100,6 +100,12 @@ class Config:
     # budget for one chunk's fp32 logits in that op, in MiB (rows per chunk = budget / (4 V));
     # the op's peak is a few such chunks
     cross_entropy_chunk_mib: int = 256
+    # where the model returns the logits (the fused head + loss cannot run), compute the loss of
+    # `cross_entropy(logits.float(), ...)` with torch.ops.unsloth.logits_cross_entropy: upcast in
+    # the kernel; backward keeps the half-precision logits and the rows' logsumexp instead of
+    # fp32 log-probabilities (half the bytes; no fp32 rows x V tensor at all). Off until a GPU
+    # run has measured its memory and time against Inductor's (docs/bench/next-gpu-session.md)
+    cross_entropy_on_logits: bool = False
     # CUDA graphs (Inductor's cudagraph trees) for the compiled graphs when inner="inductor".
     # None (default): on for a graph whose inputs are on CUDA with static shapes, off for a
     # graph Dynamo made dynamic (one recording per shape would cost a memory pool each) and
