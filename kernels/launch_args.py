@@ -6,6 +6,7 @@ it back (load_scale, a @triton.jit helper)."""
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -26,6 +27,12 @@ def processors(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device: the program count of persistent and split
     kernels. 4 for CPU tensors (the Triton interpreter), so that programs loop there too."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter (TRITON_INTERPRET set): the CPU path of the
+    tests. Read at each call, as Triton reads it when it decorates a kernel."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def scale_operand(scale_tensor: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

@@ -11,8 +11,6 @@ the un-tuned kernels' hosts (`launch`: lowrank_thin.py, fp8_quantize.py).
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
@@ -74,8 +72,9 @@ def launch(kernel, grid: tuple[int, ...], *, num_warps: int, num_stages: int, **
     binding and cache lookup skipped). The interpreter (CPU) and the knob direct_launch=False
     always take `kernel[grid]`."""
     from . import knobs
+    from .launch_args import interpreting
 
-    if _interpreting() or not knobs.current().direct_launch:
+    if interpreting() or not knobs.current().direct_launch:
         kernel[grid](**named, num_warps=num_warps, num_stages=num_stages)
         return
     fn = jit_function(kernel)
@@ -88,7 +87,3 @@ def launch(kernel, grid: tuple[int, ...], *, num_warps: int, num_stages: int, **
         _DIRECT[key] = kernel[grid](**named, num_warps=num_warps, num_stages=num_stages)
         return
     compiled[tuple(grid) + (1,) * (3 - len(grid))](*[named[name] for name in fn.arg_names])
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

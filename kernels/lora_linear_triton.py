@@ -32,7 +32,6 @@ choice; that is how the tests run them without a GPU. On CUDA the GEMM is autotu
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -41,7 +40,7 @@ from torch import Tensor
 from triton import next_power_of_2
 
 from . import knobs, precision
-from .launch_args import capability
+from .launch_args import capability, interpreting
 from .lora_gemm import knob_key as gemm_knob_key, launch_lora_gemm
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
 from .precision import HALF as _HALF
@@ -176,10 +175,6 @@ def _operand(t: Tensor, dtype: torch.dtype) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def supports(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
              lora_x: Optional[Tensor]) -> tuple[bool, str]:
     """(True, "") when these kernels handle the inputs, else (False, the reason)."""
@@ -187,7 +182,7 @@ def supports(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
         allowed = _HALF
         if x.dtype == torch.bfloat16 and capability(x.device) < (8, 0):
             return False, f"bf16 needs compute capability >= 8.0, {x.device} has less"
-    elif x.device.type == "cpu" and _interpreting():
+    elif x.device.type == "cpu" and interpreting():
         allowed = (torch.float32, torch.float16)
     else:
         return False, f"no Triton kernel for {x.device.type} tensors (only CUDA)"

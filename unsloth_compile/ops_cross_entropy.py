@@ -29,9 +29,9 @@ def _triton(impl: str, logits: torch.Tensor) -> bool:
         return False
     if logits.device.type == "cuda":
         return True
-    from .kernels.launch_plan import _interpreting
+    from .kernels.launch_args import interpreting
 
-    return logits.device.type == "cpu" and _interpreting() and logits.dtype != torch.bfloat16
+    return logits.device.type == "cpu" and interpreting() and logits.dtype != torch.bfloat16
 
 
 def _forward(logits, target, ignore_index, reduction, impl):
