@@ -267,23 +267,29 @@ def broadcast_last_dim(mask: Node) -> bool:
 # ----------------------------------------------------------------------------- check
 
 
-def check_site(node: Node, mask: Node) -> Optional[str]:
-    """None when the mask can be rewritten, else why the call is kept as it is."""
+# What a rewritable mask is, as check_site finds it: the counter suffix of each kind.
+DROPPED, CAUSAL, DENSIFIED = "dropped", "causal", "densified"
+
+
+def check_site(node: Node, mask: Node) -> tuple[Optional[str], Optional[str]]:
+    """(kind, None) when the mask can be rewritten (DROPPED: all-True, CAUSAL: a position-only
+    causal mask, DENSIFIED: broadcast along its last dimension), else (None, why the call is
+    kept as it is). Decided once: a causal mask is evaluated here, not again by replace_site."""
     q = fm.example_value(node.args[0])
     if not isinstance(q, torch.Tensor) or q.is_nested:
-        return "query is not a plain tensor"
+        return None, "query is not a plain tensor"
     value = fm.example_value(mask)
     if not isinstance(value, torch.Tensor):
-        return "mask has no example value"
+        return None, "mask has no example value"
     if value.dtype == torch.bool and is_all_true(mask):
-        return None
+        return DROPPED, None
     if is_causal_mask(node, mask):
-        return None
+        return CAUSAL, None
     if broadcast_last_dim(mask):
-        return None
+        return DENSIFIED, None
     if value.dtype != torch.bool and value.dtype != q.dtype:
-        return f"additive mask in {value.dtype} for {q.dtype} inputs (fused kernels take bool or the query dtype)"
-    return "mask is dense along its last dimension: the fused kernels take it as it is"
+        return None, f"additive mask in {value.dtype} for {q.dtype} inputs (fused kernels take bool or the query dtype)"
+    return None, "mask is dense along its last dimension: the fused kernels take it as it is"
 
 
 # ----------------------------------------------------------------------------- replacement
@@ -309,12 +315,12 @@ def _set_mask(node: Node, mask: Optional[Node]) -> None:
         node.update_arg(3, mask)
 
 
-def replace_site(gm: GraphModule, node: Node, mask: Node) -> str:
-    """Rewrite the call's mask; returns what was done."""
-    if fm.example_value(mask).dtype == torch.bool and is_all_true(mask):
+def replace_site(gm: GraphModule, node: Node, mask: Node, kind: str) -> str:
+    """Rewrite the call's mask as check_site's `kind` says; returns what was done."""
+    if kind == DROPPED:
         _set_mask(node, None)
         return "all-True mask dropped"
-    if is_causal_mask(node, mask):
+    if kind == CAUSAL:
         _set_mask(node, None)
         if len(node.args) > 5:
             node.update_arg(5, True)
@@ -382,13 +388,11 @@ def keep_attention_fused(gm: GraphModule, cfg: Config | None = None, report: Rep
             mask = match_sdpa(node)
             if mask is None:
                 continue  # no mask: the call is the one eager makes, nothing to decide or report
-            reason = check_site(node, mask)
+            kind, reason = check_site(node, mask)
             if reason is not None:
                 report.add(Site(path, PATTERN, "kept", reason))
                 continue
-            what = replace_site(module, node, mask)
-            report.add(Site(path, PATTERN, "rewritten", what))
-            kind = "dropped" if "dropped" in what else "causal" if "is_causal" in what else "densified"
+            report.add(Site(path, PATTERN, "rewritten", replace_site(module, node, mask, kind)))
             report.counters[f"attention.mask_{kind}"] += 1
             if not mask.users:
                 _erase_dead_chain(module, mask)
