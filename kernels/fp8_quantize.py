@@ -39,6 +39,15 @@ MAX_BLOCK_C = 4096  # columns per tile of a row (8 KB of bf16): two passes over 
 
 
 @triton.jit
+def _row_tile(x_row, col_scale_ptr, cols, ok, stride_xc, HAS_COL_SCALE: tl.constexpr):
+    """One tile of a row in fp32, times its column scales when given: what both passes read."""
+    t = tl.load(x_row + cols * stride_xc, mask=ok, other=0.0).to(tl.float32)
+    if HAS_COL_SCALE:
+        t = t * tl.load(col_scale_ptr + cols, mask=ok, other=1.0)
+    return t
+
+
+@triton.jit
 def _quantize_rows_kernel(
     # pointers
     x_ptr, col_scale_ptr, codes_ptr, dequant_ptr,
@@ -58,9 +67,7 @@ def _quantize_rows_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + offs
         ok = cols < C
-        t = tl.load(x_row + cols * stride_xc, mask=ok, other=0.0).to(tl.float32)
-        if HAS_COL_SCALE:
-            t = t * tl.load(col_scale_ptr + cols, mask=ok, other=1.0)
+        t = _row_tile(x_row, col_scale_ptr, cols, ok, stride_xc, HAS_COL_SCALE)
         nan = nan | (t != t).to(tl.int32)
         amax = tl.maximum(amax, tl.abs(t))
     row_amax = tl.max(amax, axis=0)
@@ -72,9 +79,7 @@ def _quantize_rows_kernel(
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + offs
         ok = cols < C
-        t = tl.load(x_row + cols * stride_xc, mask=ok, other=0.0).to(tl.float32)
-        if HAS_COL_SCALE:
-            t = t * tl.load(col_scale_ptr + cols, mask=ok, other=1.0)
+        t = _row_tile(x_row, col_scale_ptr, cols, ok, stride_xc, HAS_COL_SCALE)
         q = tl.clamp(t * scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(codes_row + cols, q.to(tl.float8e4nv), mask=ok)
 

@@ -381,3 +381,27 @@ def test_gpu_path_of_the_lora_op_matches_the_emulation(monkeypatch, flags):
         scale = want.double().abs().max().clamp(min=1e-3)
         err = (got.double() - want.double()).abs().max() / scale
         assert err < 2e-2, f"{name}: max error {err:.2e} of the largest value"
+
+
+def test_triton_quantisation_scales_in_the_interpreter_equal_the_reference():
+    """kernels/fp8_quantize.py under the Triton interpreter: the row scales (dequant) bit for bit
+    the torch reference's, with and without the column fold, over one tile, several and a ragged
+    last one, and zero, NaN and inf rows. The codes are compared on the GPU only
+    (test_gpu_quantisation_is_bitwise_the_cpu_emulation): the interpreter's fp8 cast misrounds."""
+    pytest.importorskip("triton")
+    from unsloth_compile.kernels.fp8_quantize import quantize_rows
+
+    g = torch.Generator().manual_seed(3)
+    for C in (24, 4096, 5000):
+        x = torch.randn(37, C, generator=g) * torch.logspace(-4, 4, 37).reshape(-1, 1)
+        x[3] = 0
+        x[5, 9] = float("nan")
+        x[7, C - 1] = float("-inf")
+        x = x.half()
+        col_scale = torch.exp2(torch.randint(-6, 6, (C,), generator=g).float())
+        for fold in (None, col_scale):
+            codes, dequant = quantize_rows(x, fold)
+            _, want = fp8.quantize_rowwise(x, fold)
+            assert codes.shape == x.shape and codes.dtype == E4M3 and dequant.shape == (37, 1)
+            assert torch.equal(dequant.isnan(), want.isnan())
+            assert torch.equal(dequant[~want.isnan()], want[~want.isnan()]), (C, fold is not None)
