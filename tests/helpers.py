@@ -73,6 +73,15 @@ def batch_for(family: str, batch: int = 2, seq: int = 12, seed: int = 0) -> dict
     return {"input_ids": ids, "labels": ids}
 
 
+def llama_batch_with_prompt(step: int) -> dict:
+    """batch_for("llama", seed=step) whose first row's first 4 labels are -100: a prompt that
+    is not trained on, so that losses meet ignore_index."""
+    batch = batch_for("llama", seed=step)
+    batch["labels"] = batch["labels"].clone()
+    batch["labels"][0, :4] = -100
+    return batch
+
+
 def loss_of(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output.float().pow(2).mean()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import VOCAB, batch_for, peft_wrap, tiny_causal_lm, train_and_compare
+from helpers import VOCAB, batch_for, llama_batch_with_prompt, peft_wrap, tiny_causal_lm, train_and_compare
 
 import unsloth_compile
 from unsloth_compile import Config, Report
@@ -321,18 +321,11 @@ def _llama(tie=False):
     return tf.LlamaForCausalLM(cfg)
 
 
-def _llama_batch(step):
-    batch = batch_for("llama", seed=step)
-    batch["labels"] = batch["labels"].clone()
-    batch["labels"][0, :4] = -100  # a prompt that is not trained on
-    return batch
-
-
 def test_peft_llama_with_loss_only_fuses_and_trains_like_eager():
     """The issue's case: PEFT LoRA on every projection, frozen head; the loss and every LoRA
     gradient (through the head's input) as eager for 2 AdamW steps."""
     model = loss_only(peft_wrap(tiny_causal_lm("llama")))
-    report = train_and_compare(model, _llama_batch, steps=2).report
+    report = train_and_compare(model, llama_batch_with_prompt, steps=2).report
     assert report.counters["linear_cross_entropy.fused"] == report.graphs == 1, str(report)
     assert report.counters["lora_linear.fused"] == 14 and not report.refused, str(report)
     (site,) = [s for s in report.fused if s.pattern == "linear_cross_entropy"]
@@ -347,7 +340,7 @@ def test_full_fine_tuning_of_a_tied_llama_with_num_items_in_batch():
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
     def batch(step):
-        b = _llama_batch(step)
+        b = llama_batch_with_prompt(step)
         b["num_items_in_batch"] = torch.tensor(30)
         return b
     report = train_and_compare(model, batch, steps=2).report

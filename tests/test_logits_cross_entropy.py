@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import unsloth_compile
 from unsloth_compile.kernels import logits_cross_entropy as kernel
 
-from helpers import batch_for, peft_wrap, tiny_causal_lm, train_and_compare
+from helpers import llama_batch_with_prompt, peft_wrap, tiny_causal_lm, train_and_compare
 
 OP = torch.ops.unsloth.logits_cross_entropy
 
@@ -91,29 +91,22 @@ def test_bad_arguments_are_clear_errors():
 OPTION = {"inner": "aot_eager", "cross_entropy_on_logits": True}
 
 
-def _llama_batch(step):
-    batch = batch_for("llama", seed=step)
-    batch["labels"] = batch["labels"].clone()
-    batch["labels"][0, :4] = -100  # a prompt that is not trained on
-    return batch
-
-
 def test_stock_llama_returning_logits_trains_like_eager_with_the_option():
     model = peft_wrap(tiny_causal_lm("llama").to(torch.float16), target_modules=["q_proj"])  # fp32 adapters
-    report = unsloth_compile.explain(model, **_llama_batch(0), options={"cross_entropy_on_logits": True})
+    report = unsloth_compile.explain(model, **llama_batch_with_prompt(0), options={"cross_entropy_on_logits": True})
     (site,) = [s for s in report.sites if s.pattern == "logits_cross_entropy"]
     assert site.decision == "fused" and "float16 logits" in site.reason, str(report)
     torch._dynamo.reset()
-    result = train_and_compare(model, _llama_batch, options=OPTION, steps=2, rtol=2e-3, atol=2e-3)
+    result = train_and_compare(model, llama_batch_with_prompt, options=OPTION, steps=2, rtol=2e-3, atol=2e-3)
     assert result.report.counters["logits_cross_entropy.fused"] >= 1
 
 
 def test_off_by_default_and_refused_on_fp32_logits():
     model = peft_wrap(tiny_causal_lm("llama"), target_modules=["q_proj"])  # fp32 logits: nothing to save
-    report = unsloth_compile.explain(model, **_llama_batch(0))
+    report = unsloth_compile.explain(model, **llama_batch_with_prompt(0))
     assert not [s for s in report.sites if s.pattern == "logits_cross_entropy"]
     torch._dynamo.reset()
-    report = unsloth_compile.explain(model, **_llama_batch(0), options={"cross_entropy_on_logits": True})
+    report = unsloth_compile.explain(model, **llama_batch_with_prompt(0), options={"cross_entropy_on_logits": True})
     (site,) = [s for s in report.sites if s.pattern == "logits_cross_entropy"]
     assert site.decision == "refused" and "not fp16/bf16" in site.reason, str(report)
 
@@ -123,7 +116,7 @@ def test_saved_bytes_drop_by_half_the_fp32_log_probabilities():
     Llama that returns its logits: the fp16 logits (2 bytes an element) instead of the fp32
     log-probabilities (4), i.e. at least rows x V x 2 bytes less."""
     model = peft_wrap(tiny_causal_lm("llama").to(torch.float16), target_modules=["q_proj"])
-    batch = _llama_batch(0)
+    batch = llama_batch_with_prompt(0)
     rows, vocab = batch["input_ids"].numel(), model.config.vocab_size
 
     def saved_bytes(options):
