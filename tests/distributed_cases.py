@@ -223,7 +223,10 @@ CASES = {"ddp": case_ddp, "fsdp-shard": lambda w, r: case_fsdp(w, r, "shard"),
          "bench": case_bench}
 
 
-def worker(out_dir: str) -> None:
+def run_cases(cases: dict, save_as: str) -> None:
+    """A worker process's body (here and in parallel_cases.py): the gloo group from torchrun's
+    environment, each case in turn (Dynamo reset before it, its time printed), this rank's
+    results saved to `save_as` formatted with its rank."""
     import torch.distributed as dist
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -232,14 +235,18 @@ def worker(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
-    for name, case in CASES.items():
+    for name, case in cases.items():
         torch._dynamo.reset()
         start = time.perf_counter()
         results[name] = case(world, rank)
         print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    torch.save(results, save_as.format(rank=rank))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def worker(out_dir: str) -> None:
+    run_cases(CASES, str(Path(out_dir) / "rank{rank}.pt"))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -258,26 +265,34 @@ def launch(world: int, out: Path, timeout: float = 900) -> list[dict]:
     RuntimeError with every failed rank's log tail."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                UNSLOTH_TEST_OUT=str(out), OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
-    procs = []
-    for rank in range(world):
-        with open(out / f"log{rank}.txt", "w") as log:
-            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(out)],
-                                          env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                          stdout=log, stderr=subprocess.STDOUT))
+    run_workers({f"rank {rank}": ([sys.executable, __file__, "--worker", str(out)],
+                                  dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), out / f"log{rank}.txt")
+                 for rank in range(world)}, timeout)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def run_workers(jobs: dict, timeout: float) -> None:
+    """Start every job (name -> (argv, environment, log file)) at once and wait for all; when
+    one fails the others are killed (they would wait for it in a collective), and a
+    RuntimeError carries each failed job's log tail."""
+    procs = {}
+    for name, (argv, env, log_path) in jobs.items():
+        with open(log_path, "w") as log:
+            procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-        if any(p.poll() not in (None, 0) for p in procs):
-            break  # a rank failed: the others would wait for it in a collective
+    while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs.values()):
+            break
         time.sleep(0.5)
-    codes = [p.poll() for p in procs]
-    for p in procs:
+    codes = {name: p.poll() for name, p in procs.items()}
+    for p in procs.values():
         if p.poll() is None:
             p.kill()
             p.wait()
-    if any(code != 0 for code in codes):
-        raise RuntimeError("\n".join(f"rank {r} exited {code}:\n" + (out / f"log{r}.txt").read_text()[-6000:]
-                                      for r, code in enumerate(codes) if code != 0))
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    failed = [name for name, code in codes.items() if code != 0]
+    if failed:
+        raise RuntimeError("\n".join(f"{name} exited {codes[name]}:\n" + jobs[name][2].read_text()[-6000:]
+                                      for name in failed))
 
 
 # ----------------------------------------------------------------------------- references

@@ -12,9 +12,7 @@ the backend's counters. Each rank saves what it saw (`{group}-rank{r}.pt`).
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -232,22 +230,9 @@ CASES = {
 
 
 def worker(group: str, out_dir: str) -> None:
-    import torch.distributed as dist
+    from distributed_cases import run_cases
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import unsloth_compile  # noqa: F401
-
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    results = {}
-    for name, case in CASES[group].items():
-        torch._dynamo.reset()
-        start = time.perf_counter()
-        results[name] = case(world, rank)
-        print(f"{name}: {time.perf_counter() - start:.1f} s", flush=True)
-    torch.save(results, Path(out_dir) / f"{group}-rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    run_cases(CASES[group], str(Path(out_dir) / f"{group}-rank{{rank}}.pt"))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -256,31 +241,17 @@ def worker(group: str, out_dir: str) -> None:
 def launch(out: Path, timeout: float = 300) -> dict[str, list[dict]]:
     """Start every group of GROUPS at once (torchrun's environment, no agent), wait for all; a
     failure kills the rest and raises RuntimeError with the failed ranks' log tails."""
-    from distributed_cases import _free_port
+    from distributed_cases import _free_port, run_workers
 
-    procs = {}
+    jobs = {}
     for group, world in GROUPS.items():
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                    OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
         for rank in range(world):
-            with open(out / f"{group}-log{rank}.txt", "w") as log:
-                procs[(group, rank)] = subprocess.Popen(
-                    [sys.executable, __file__, "--worker", group, str(out)],
-                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
-        if any(p.poll() not in (None, 0) for p in procs.values()):
-            break
-        time.sleep(0.5)
-    codes = {key: p.poll() for key, p in procs.items()}
-    for p in procs.values():
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    failed = [key for key, code in codes.items() if code != 0]
-    if failed:
-        raise RuntimeError("\n".join(f"{g} rank {r} exited {codes[(g, r)]}:\n"
-                                     + (out / f"{g}-log{r}.txt").read_text()[-6000:] for g, r in failed))
+            jobs[f"{group} rank {rank}"] = ([sys.executable, __file__, "--worker", group, str(out)],
+                                            dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                            out / f"{group}-log{rank}.txt")
+    run_workers(jobs, timeout)
     return {g: [torch.load(out / f"{g}-rank{r}.pt", weights_only=False) for r in range(w)]
             for g, w in GROUPS.items()}
 
