@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+import importlib.util
 import os
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -71,6 +73,24 @@ def batch_for(family: str, batch: int = 2, seq: int = 12, seed: int = 0) -> dict
     if family == "bert":
         return {"input_ids": ids, "labels": torch.randint(0, 5, (batch,), generator=g)}
     return {"input_ids": ids, "labels": ids}
+
+
+def load_example(name: str):
+    """examples/<name>.py loaded as a module (examples are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_process_torchrun_env(monkeypatch) -> None:
+    """torchrun's environment for a 1-process group on a free local port (for an example's main)."""
+    from distributed_cases import _free_port
+
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0").items():
+        monkeypatch.setenv(key, value)
 
 
 def llama_batch_with_prompt(step: int) -> dict:

@@ -12,12 +12,11 @@ per process here); UNSLOTH_TEST_WORLD=4 runs the same checks on 4 processes.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from distributed_cases import (BENCH_ARGV, RANK_STEPS, STEPS, WORLD, _free_port, _tiny_model, launch, reference,
+from distributed_cases import (BENCH_ARGV, RANK_STEPS, STEPS, WORLD, _tiny_model, launch, reference,
                                reference_bf16)
 
 pytestmark = pytest.mark.slow
@@ -209,17 +208,12 @@ def test_example_runs_fsdp_with_accumulation_and_saves_the_adapter(monkeypatch, 
     """examples/train_distributed.py in this process as a 1-process gloo group (torchrun's
     environment): FSDP2 with the base sharded, 2 micro-batches per step, the adapter gathered and
     saved with PEFT, which loads it back."""
-    import importlib.util
-
     from peft import PeftModel
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "train_distributed.py"
-    spec = importlib.util.spec_from_file_location("train_distributed", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():
-        monkeypatch.setenv(key, value)
+    from helpers import load_example, one_process_torchrun_env
+
+    example = load_example("train_distributed")
+    one_process_torchrun_env(monkeypatch)
     save = tmp_path / "adapter"
     assert example.main(["--device", "cpu", "--preset", "tiny", "--mode", "fsdp", "--frozen", "shard", "--steps", "2",
                          "--accumulate", "2", "--batch", "1", "--seq", "16", "--inner", "aot_eager",

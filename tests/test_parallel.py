@@ -11,7 +11,6 @@ shards' shapes.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -172,17 +171,10 @@ def test_pipeline_split_and_refusals():
 def test_example_runs_tensor_parallel(monkeypatch, capsys):
     """examples/train_parallel.py in this process as a 1-process gloo group (torchrun's
     environment): the DP x TP path on a 1 x 1 mesh, with its timing printout."""
-    import importlib.util
+    from helpers import load_example, one_process_torchrun_env
 
-    from distributed_cases import _free_port
-
-    path = Path(__file__).resolve().parents[1] / "examples" / "train_parallel.py"
-    spec = importlib.util.spec_from_file_location("train_parallel", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                           LOCAL_RANK="0").items():
-        monkeypatch.setenv(key, value)
+    example = load_example("train_parallel")
+    one_process_torchrun_env(monkeypatch)
     assert example.main(["--device", "cpu", "--preset", "tiny", "--dp", "1", "--tp", "1", "--steps", "2",
                          "--batch", "2", "--seq", "16", "--inner", "aot_eager"]) == 0
     out = capsys.readouterr().out
