@@ -293,10 +293,11 @@ def fuse_linear_cross_entropy(gm: GraphModule, cfg: Config | None = None, report
         if m is None:
             continue
         path = fm.module_path(m.head if m.head.op != "output" else node)
-        reason = check_arguments(m) or check_head(m)
+        argument_problem = check_arguments(m)
+        reason = argument_problem or check_head(m)
         if reason is not None:
             report.add(Site(path, PATTERN, "refused", reason))
-            if check_arguments(m) is None:
+            if argument_problem is None:  # the head is what stops the fusion: the loss alone may run
                 _logits_cross_entropy(gm, m, cfg, report, path)
             continue
         reason = check_uses(m) or (None if cfg.fuse_cross_entropy else "fuse_cross_entropy=False")
