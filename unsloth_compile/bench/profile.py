@@ -86,7 +86,7 @@ def _device_kernels(prof) -> list[tuple[str, float, float]]:
     return kernels
 
 
-def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes]) -> dict:
+def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes], top: int = 10) -> dict:
     n = len(steps)
     by_family: dict[str, float] = collections.Counter()
     by_name: dict[str, list] = {}
@@ -98,7 +98,7 @@ def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes]) -
     wall_ms = 1e3 * sum(s.wall_s for s in steps) / n
     host_ms = 1e3 * sum(s.host_s for s in steps) / n
     busy_ms = union_us([(s, e) for _, s, e in kernels]) / 1e3 / n if kernels else None
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:10]
+    costliest = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
     return {
         "steps": n, "wall_ms": wall_ms, "host_ms": host_ms,
         "gpu_busy_ms": busy_ms, "gpu_idle_ms": None if busy_ms is None else max(wall_ms - busy_ms, 0.0),
@@ -106,7 +106,7 @@ def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes]) -
         "kernels_per_step": len(kernels) / n,
         "step_wall_ms": [round(1e3 * s.wall_s, 2) for s in steps],
         "top_kernels": [{"name": name[:160], "ms_per_step": t / 1e3 / n, "calls_per_step": c / n,
-                         "family": family_of(name)} for name, (t, c) in top],
+                         "family": family_of(name)} for name, (t, c) in costliest],
     }
 
 
@@ -136,7 +136,7 @@ def compile_counters() -> dict:
 
 
 def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup: int, seed: int, lr: float,
-                    attention_mask: bool = True, host_profile: bool = False) -> dict:
+                    attention_mask: bool = True, host_profile: bool = False, top: int = 10) -> dict:
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -166,7 +166,7 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     with torch.profiler.profile(activities=activities) as prof:
         for batch in batches[warmup:warmup + steps]:
             timed.append(one_step(batch))
-    summary = summarise(_device_kernels(prof), timed)
+    summary = summarise(_device_kernels(prof), timed, top)
     if host_profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -237,6 +237,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-attention-mask", action="store_true", help="BERT presets: batches without attention_mask")
     p.add_argument("--host-profile", action="store_true",
                    help="one more step under cProfile: the Python functions with the most own time")
+    p.add_argument("--top", type=int, default=10, help="costliest kernels listed per variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", default="docs/bench")
@@ -262,7 +263,7 @@ def run(args) -> dict:
         print(f"  profile {variant.name:<20} {variant.describe()} ...", flush=True)
         result = run_isolated(lambda: profile_variant(preset, variant, device, dtype, args.steps, args.warmup,
                                                       args.seed, args.lr, attention_mask=mask,
-                                                      host_profile=args.host_profile), device)
+                                                      host_profile=args.host_profile, top=args.top), device)
         result["variant"] = variant.to_json()
         data["results"].append(result)
         output.write_json(stem.with_suffix(".json"), data)
