@@ -13,6 +13,10 @@ eager wall time, both medians in ms:
     ours-2:4-<layout>-bf16   the same with bf16 adapters
     gemm-fwd / gemm-bwd  the two base products alone, dense vs each layout (the issue's first
                          measurement: cuSPARSELt 1.2-1.6x / 1.3-1.5x faster, H200)
+    gemm-*-cslt-<operand>  torch._cslt_sparse_mm alone, its algorithm searched, on other operand
+                         layouts: the dense operand X^T (dY^T) as a transposed view or made
+                         contiguous, the result Y^T (N x M) or Y (transpose_result); which layout
+                         the sparse product is fast in, apart from what the op does around it
 Each sparse row also carries its relative error against impl="reference" (the dense masked
 weight). Writes sparse24.json and sparse24.md under --out (default docs/bench).
 """
@@ -97,9 +101,31 @@ def _variants(W, x, A, B, dy, layouts):
                 lambda alg0=alg0: alg0(lambda c: sparse24.base_forward(xd, W, c, "cusparselt")), None)
             out["gemm-bwd-2:4-cusparselt-alg0"] = (
                 lambda alg0=alg0: alg0(lambda c: sparse24.base_grad_input(dy, W, c, "cusparselt")), None)
+    if "cusparselt" in layouts:
+        out.update(_cslt_operand_layouts(W, x.detach(), dy))
     xd = x.detach()
     out["gemm-fwd-dense"] = (lambda: xd @ W.t(), None)
     out["gemm-bwd-dense"] = (lambda: dy @ W, None)
+    return out
+
+
+def _cslt_operand_layouts(W, xd, dy):
+    """The bare cuSPARSELt product S D for S = W (forward, D from X) and S = W^T (backward, D
+    from dY) on each dense-operand layout, with the algorithm cuSPARSELt's search picks."""
+    out = {}
+    for kind, weight, rows in (("fwd", W, xd), ("bwd", W.t().contiguous(), dy)):
+        compressed = torch._cslt_compress(weight)
+        operands = {"viewT": rows.t(), "contigT": rows.t().contiguous()}
+        for operand_name, dense in operands.items():
+            for transpose_result in (False, True):
+                try:
+                    alg = int(torch._cslt_sparse_mm_search(compressed, dense, transpose_result=transpose_result))
+                except RuntimeError as error:  # the row then times cuSPARSELt's default
+                    print(f"search failed ({kind}, {operand_name}, {transpose_result}): {error}", flush=True)
+                    alg = 0
+                name = f"gemm-{kind}-cslt-{operand_name}-{'Y' if transpose_result else 'YT'}"
+                out[name] = (lambda c=compressed, d=dense, t=transpose_result, a=alg:
+                             torch._cslt_sparse_mm(c, d, transpose_result=t, alg_id=a), None)
     return out
 
 
@@ -121,7 +147,7 @@ def run(args) -> list[dict]:
             rows.append(row)
             print(json.dumps(row), flush=True)
     for row in rows:  # ratios to the dense row of the same kind (GPU time)
-        kind = row["variant"].split("-2:4")[0].removesuffix("-dense").removesuffix("-fp32")
+        kind = row["variant"].split("-2:4")[0].split("-cslt")[0].removesuffix("-dense").removesuffix("-fp32")
         denominator = {"base": "base", "ours": "base", "gemm-fwd": "gemm-fwd-dense", "gemm-bwd": "gemm-bwd-dense"}
         ref = next((r for r in rows if r["layer"] == row["layer"] and r["variant"] == denominator.get(kind, "base")),
                    None)
