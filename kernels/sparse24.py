@@ -91,7 +91,11 @@ def layout_problem(device: torch.device) -> tuple[Optional[str], Optional[str]]:
                    and hasattr(torch.sparse, "SparseSemiStructuredTensorCUTLASS"))
     if wanted == CUSPARSELT or (wanted == "auto" and has_cslt):
         return (CUSPARSELT, None) if has_cslt else (None, "cuSPARSELt is not available in this torch build")
-    return (CUTLASS, None) if has_cutlass else (None, "torch has no CUTLASS semi-structured GEMM")
+    if not has_cutlass:
+        return None, "torch has no CUTLASS semi-structured GEMM"
+    if capability[0] != 8:  # torch's kernel raises "Supported only on GPUs with compute capability 8.x"
+        return None, f"torch's CUTLASS 2:4 GEMM runs on CUDA capability 8.x only, not {capability}; use cuSPARSELt"
+    return CUTLASS, None
 
 
 # ----------------------------------------------------------------------------- compression
@@ -144,6 +148,11 @@ _CSLT_ALGORITHMS: dict[tuple, int] = {}
 def cusparselt_algorithm(sparse: Tensor, dense: Tensor) -> int:
     """The cuSPARSELt algorithm id for S (compressed) times `dense` (transpose_result=True)."""
     if not knobs.current().sparse24_search or not hasattr(torch, "_cslt_sparse_mm_search"):
+        return 0
+    if sparse.dtype != torch.bfloat16:
+        # On an H200 (torch 2.11, cuSPARSELt 0.8) the fp16 search failed with an internal error
+        # and left the context broken (the next launches hit an illegal instruction), while
+        # bf16 searched cleanly: fp16 keeps the default algorithm.
         return 0
     key = (sparse.device, sparse.dtype, tuple(sparse.shape), tuple(dense.shape), tuple(dense.stride()))
     alg = _CSLT_ALGORITHMS.get(key)

@@ -285,6 +285,23 @@ def test_shape_and_dtype_rules():
     assert sparse24.layout_problem(torch.device("cpu")) == ("dense", None)
 
 
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9), (9, 0), (10, 0)])
+def test_cutlass_layout_only_on_capability_8(monkeypatch, capability):
+    """torch's CUTLASS 2:4 GEMM raises on anything but capability 8.x (seen on an H200): asked for
+    on another GPU, the layout is refused with the reason instead of failing at the first GEMM."""
+    from unsloth_compile.kernels import knobs
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch, "_sparse_semi_structured_mm", lambda *a: None, raising=False)
+    monkeypatch.setattr(torch.sparse, "SparseSemiStructuredTensorCUTLASS", object, raising=False)
+    with knobs.patch(sparse24_gemm="cutlass"):
+        layout, reason = sparse24.layout_problem(torch.device("cuda"))
+    if capability[0] == 8:
+        assert (layout, reason) == ("cutlass", None)
+    else:
+        assert layout is None and "capability 8.x only" in reason and "cuSPARSELt" in reason
+
+
 def test_config_sparsity_option():
     assert Config.from_options({"sparsity": "2:4"}).sparsity.value == "2:4"
     with pytest.raises(ValueError, match="'none', '2:4'"):
@@ -366,7 +383,8 @@ def test_cusparselt_algorithm_is_searched_once_per_problem(monkeypatch, caplog):
 
     monkeypatch.setattr(torch, "_cslt_sparse_mm_search", search, raising=False)
     monkeypatch.setattr(sparse24, "_CSLT_ALGORITHMS", {})
-    sparse, dense, other = torch.zeros(64, 32), torch.zeros(64, 8).t(), torch.zeros(64, 16).t()
+    bf16 = dict(dtype=torch.bfloat16)
+    sparse, dense, other = torch.zeros(64, 32, **bf16), torch.zeros(64, 8, **bf16).t(), torch.zeros(64, 16, **bf16).t()
     capturing = [True]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     assert sparse24.cusparselt_algorithm(sparse, dense) == 0 and not calls  # in a capture: no timing
@@ -377,6 +395,8 @@ def test_cusparselt_algorithm_is_searched_once_per_problem(monkeypatch, caplog):
     assert sparse24.cusparselt_algorithm(sparse, other) == 5  # another problem: its own search
     with knobs.patch(sparse24_search=False):
         assert sparse24.cusparselt_algorithm(sparse, dense) == 0
+    # fp16 is never searched (its search broke the CUDA context on an H200): the default
+    assert sparse24.cusparselt_algorithm(sparse.half(), dense.half()) == 0 and len(calls) == 2
     monkeypatch.setattr(sparse24, "_CSLT_ALGORITHMS", {})
 
     def failing(*args, **kwargs):
