@@ -94,17 +94,26 @@ class _OpShapes:
         self.kernel.lora_linear_forward = self.original
 
 
-def _train_tp(model, tp_mesh, dp_group=None, dp_rank=0, dp_size=1) -> dict:
+def _train_tp(model, tp_mesh, dp_group=None, dp_rank=0, dp_size=1, **tp_options) -> dict:
+    """`tp_options`: tensor_parallel's sequence_parallel= and vocab_parallel_head= (whose loss,
+    a replicated DTensor, is computed and differentiated under loss_parallel())."""
+    import contextlib
+
+    from torch.distributed.tensor.parallel import loss_parallel
+
     from unsloth_compile.parallel import all_reduce_gradients, tensor_parallel
     from unsloth_compile.report import collect_reports
 
-    tensor_parallel(model, tp_mesh, options=OPTIONS)
+    tensor_parallel(model, tp_mesh, options=OPTIONS, **tp_options)
     opt = adamw(trainable(model).values())
     out = {"losses": [], "grads": []}
+    vocab_parallel = loss_parallel if tp_options.get("vocab_parallel_head") else contextlib.nullcontext
     with collect_reports() as report, _OpShapes() as shapes:
         for step in range(STEPS):
-            loss = model(**rows(batch(step), dp_rank, dp_size)).loss
-            loss.backward()
+            with vocab_parallel():
+                loss = model(**rows(batch(step), dp_rank, dp_size)).loss
+                loss.backward()
+            loss = full(loss)
             if dp_group is not None:
                 all_reduce_gradients(model, dp_group)
                 loss = loss.detach().clone()
@@ -119,6 +128,8 @@ def _train_tp(model, tp_mesh, dp_group=None, dp_rank=0, dp_size=1) -> dict:
                             key=str)
     out["op_shapes"] = sorted(shapes.seen)
     out["params"] = {n: full(p) for n, p in trainable(model).items()}
+    out["cross_entropy_reasons"] = sorted({s.reason for s in report.sites if s.pattern == "linear_cross_entropy"},
+                                          key=str)
     return out
 
 
@@ -137,6 +148,47 @@ def case_tp(world, rank) -> dict:
         out["set_rank_error"] = str(error)
     out["refused"] = case_tp_refused(world, rank)
     return out
+
+
+def case_tp_sp_vocab(world, rank) -> dict:
+    """TP with sequence parallelism and the vocab-parallel head; then one step of a model whose
+    head is tied to its embedding (llama-1b's), against one eager process here."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    out = _train_tp(tiny_model(), mesh, sequence_parallel=True, vocab_parallel_head=True)
+    torch._dynamo.reset()
+    out["tied"] = _one_step_tied(mesh)
+    return out
+
+
+def tiny_tied_model():
+    import helpers
+
+    torch.manual_seed(0)
+    model = helpers.tiny_causal_lm("llama")
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return helpers.peft_wrap(model)
+
+
+def _one_step_tied(mesh) -> dict:
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from unsloth_compile.parallel import tensor_parallel
+    from unsloth_compile.report import collect_reports
+
+    reference = tiny_tied_model()
+    reference(**batch(0)).loss.backward()
+    model = tensor_parallel(tiny_tied_model(), mesh, sequence_parallel=True, vocab_parallel_head=True,
+                            options=OPTIONS)
+    with collect_reports() as report, loss_parallel():
+        loss = model(**batch(0)).loss
+        loss.backward()
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return {"loss": float(full(loss)), "grads": {n: full(p.grad) for n, p in trainable(model).items()},
+            "reference_grads": {n: full(p.grad) for n, p in trainable(reference).items()},
+            "reference_loss": float(reference(**batch(0)).loss), "still_tied": head.weight is embedding.weight,
+            "weight_placements": [str(p) for p in head.weight.placements], "counters": dict(report.counters)}
 
 
 def case_tp_refused(world, rank) -> dict:
@@ -215,6 +267,13 @@ def case_dp_tp(world, rank) -> dict:
     return _train_tp(tiny_model(), mesh["tp"], mesh["dp"].get_group(), mesh["dp"].get_local_rank(), 2)
 
 
+def case_dp_tp_sp(world, rank) -> dict:
+    """DP x TP with sequence parallelism: SEQ = 11 tokens, uneven shards (6 and 5)."""
+    mesh = _mesh_2d(("dp", "tp"))
+    return _train_tp(tiny_model(), mesh["tp"], mesh["dp"].get_group(), mesh["dp"].get_local_rank(), 2,
+                     sequence_parallel=True)
+
+
 def case_dp_pp(world, rank) -> dict:
     mesh = _mesh_2d(("dp", "pp"))
     pp = mesh["pp"]
@@ -223,9 +282,9 @@ def case_dp_pp(world, rank) -> dict:
 
 
 CASES = {
-    "pair": {"tp": case_tp, "pp-gpipe": lambda w, r: case_pp(w, r, "gpipe"),
+    "pair": {"tp": case_tp, "tp-sp-vocab": case_tp_sp_vocab, "pp-gpipe": lambda w, r: case_pp(w, r, "gpipe"),
              "pp-1f1b": lambda w, r: case_pp(w, r, "1f1b")},
-    "quad": {"dp-tp": case_dp_tp, "dp-pp": case_dp_pp},
+    "quad": {"dp-tp": case_dp_tp, "dp-tp-sp": case_dp_tp_sp, "dp-pp": case_dp_pp},
 }
 
 

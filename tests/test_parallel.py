@@ -88,6 +88,30 @@ def test_dp_tp_matches_one_process(runs, ref):
         _check_tp(run["dp-tp"], ref, "dp x tp")
 
 
+@pytest.mark.parametrize("case,group", [("dp-tp-sp", "quad"), ("tp-sp-vocab", "pair")])
+def test_tp_sequence_parallel_matches_one_process(runs, ref, case, group):
+    """sequence_parallel under DP x TP = 2 x 2 (norms on sequence shards of 6 and 5 tokens, the
+    embedding's and the row-wise projections' outputs reduce-scattered, attention and MLP
+    gathering their input once), then under TP = 2 with the vocab-parallel head too (logits
+    sharded on the vocabulary, the loss under loss_parallel()): as test_tp_matches_one_process,
+    every site fused, the frozen embedding, norms and head still frozen."""
+    for run in runs[group]:
+        _check_tp(run[case], ref, case)
+    # the model returns no logits (loss_only) and the head's DTensor output is not fused with the loss
+    assert runs["pair"][0]["tp-sp-vocab"]["counters"].get("linear_cross_entropy.fused", 0) == 0
+
+
+def test_tp_tied_embedding_stays_tied(runs):
+    """A head tied to its embedding (llama-1b's), vocab-parallel with SP: both sharded on the
+    vocabulary as one parameter; loss and LoRA gradients as one process."""
+    for run in runs["pair"]:
+        r = run["tp-sp-vocab"]["tied"]
+        assert r["still_tied"] and r["weight_placements"] == ["S(0)"]
+        assert r["counters"]["lora_linear.fused"] == 14
+        assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-5)
+        _close(r["grads"], r["reference_grads"], "tied grads")
+
+
 def test_tp_resize_is_refused(runs):
     """unsloth_compile.rank under TP: refused, naming the cause and the way out."""
     error = runs["pair"][0]["tp"]["set_rank_error"]
@@ -139,6 +163,27 @@ def test_lora_tp_plan():
     assert {type(s).__name__ for k, s in plan.items() if k.endswith(("o_proj", "down_proj"))} == {"LoraRowwiseParallel"}
     with pytest.raises(ValueError, match="colwise=/rowwise="):
         lora_tp_plan(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def test_sequence_parallel_plan():
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    from unsloth_compile.parallel import GatherSequence, LoraRowwiseParallel, lora_tp_plan
+
+    model = tiny_model()
+    inner, layer = "base_model.model.model", "base_model.model.model.layers.1"
+    plan = lora_tp_plan(model, sequence_parallel=True)
+    assert {k for k, s in plan.items() if isinstance(s, SequenceParallel)} == {
+        f"{inner}.norm", *(f"{inner}.layers.{i}.{n}" for i in (0, 1)
+                           for n in ("input_layernorm", "post_attention_layernorm"))}
+    assert isinstance(plan[f"{layer}.self_attn"], GatherSequence) and isinstance(plan[f"{layer}.mlp"], GatherSequence)
+    assert type(plan[f"{inner}.embed_tokens"]) is RowwiseParallel
+    assert isinstance(plan["base_model.model.lm_head"], PrepareModuleInput)  # a whole head: gathered input
+    assert str(plan[f"{layer}.mlp.down_proj"].output_layouts) == "(Shard(dim=1),)"
+    assert isinstance(plan[f"{layer}.mlp.down_proj"], LoraRowwiseParallel)
+    head = lora_tp_plan(model, vocab_parallel_head=True)["base_model.model.lm_head"]
+    assert type(head) is ColwiseParallel and str(head.output_layouts) == "(Shard(dim=-1),)"
 
 
 def test_styles_refuse_layers_they_cannot_shard():
