@@ -33,6 +33,11 @@ def ref():
     return reference()
 
 
+@pytest.fixture(scope="module")
+def ref_tied():
+    return reference(tied=True)
+
+
 def _close(actual: dict, expected: dict, what: str) -> None:
     """Within 1e-4 of the value or of the tensor's largest element (fp32 sums in another order:
     the all-reduces, the split matmuls; measured <= 4e-5 after two AdamW steps)."""
@@ -88,28 +93,28 @@ def test_dp_tp_matches_one_process(runs, ref):
         _check_tp(run["dp-tp"], ref, "dp x tp")
 
 
-@pytest.mark.parametrize("case,group", [("dp-tp-sp", "quad"), ("tp-sp-vocab", "pair")])
-def test_tp_sequence_parallel_matches_one_process(runs, ref, case, group):
-    """sequence_parallel under DP x TP = 2 x 2 (norms on sequence shards of 6 and 5 tokens, the
-    embedding's and the row-wise projections' outputs reduce-scattered, attention and MLP
-    gathering their input once), then under TP = 2 with the vocab-parallel head too (logits
-    sharded on the vocabulary, the loss under loss_parallel()): as test_tp_matches_one_process,
-    every site fused, the frozen embedding, norms and head still frozen."""
-    for run in runs[group]:
-        _check_tp(run[case], ref, case)
-    # the model returns no logits (loss_only) and the head's DTensor output is not fused with the loss
-    assert runs["pair"][0]["tp-sp-vocab"]["counters"].get("linear_cross_entropy.fused", 0) == 0
+def test_dp_tp_sequence_parallel_matches_one_process(runs, ref):
+    """sequence_parallel under DP x TP = 2 x 2: norms on sequence shards of 6 and 5 tokens, the
+    embedding's and the row-wise projections' outputs reduce-scattered, attention and the MLP
+    gathering their input once. As test_dp_tp_matches_one_process, every site fused; the frozen
+    embedding, norms and head stay frozen (only the LoRA parameters have gradients)."""
+    for run in runs["quad"]:
+        _check_tp(run["dp-tp-sp"], ref, "dp x tp, sequence parallel")
 
 
-def test_tp_tied_embedding_stays_tied(runs):
-    """A head tied to its embedding (llama-1b's), vocab-parallel with SP: both sharded on the
-    vocabulary as one parameter; loss and LoRA gradients as one process."""
+def test_tp_sequence_and_vocab_parallel_matches_one_process(runs, ref_tied):
+    """TP = 2 with sequence_parallel and vocab_parallel_head on a tied head (llama-1b's): logits
+    sharded on the vocabulary, the loss under loss_parallel(); the head and the embedding one
+    parameter sharded on the vocabulary. Then SP alone (eager): the tied embedding stays whole."""
     for run in runs["pair"]:
-        r = run["tp-sp-vocab"]["tied"]
-        assert r["still_tied"] and r["weight_placements"] == ["S(0)"]
-        assert r["counters"]["lora_linear.fused"] == 14
-        assert r["loss"] == pytest.approx(r["reference_loss"], rel=1e-5)
-        _close(r["grads"], r["reference_grads"], "tied grads")
+        r = run["tp-sp-vocab"]
+        _check_tp(r, ref_tied, "tp, sequence and vocab parallel")
+        assert r["still_tied"] and r["head_placements"] == ["S(0)"]
+        # no logits returned (loss_only), and the head's DTensor output is not fused with the loss
+        assert r["counters"].get("linear_cross_entropy.fused", 0) == 0
+        assert r["sp_only"]["still_tied"]
+        assert r["sp_only"]["loss"] == pytest.approx(ref_tied["losses"][0], rel=1e-5)
+        _close(r["sp_only"]["grads"], ref_tied["grads"][0], "tp, sequence parallel, tied head")
 
 
 def test_tp_resize_is_refused(runs):

@@ -242,6 +242,10 @@ def _gather_hidden_states(module: nn.Module, args: tuple, kwargs: dict):
 
     if args:
         return (gathered(args[0]), *args[1:]), kwargs
+    if "hidden_states" not in kwargs:
+        raise TypeError(f"unsloth_compile.parallel: under sequence_parallel, {type(module).__name__} is called "
+                        f"without a positional input or hidden_states=: nothing to gather; leave sequence_parallel "
+                        f"off for this model")
     return args, {**kwargs, "hidden_states": gathered(kwargs["hidden_states"])}
 
 
@@ -262,7 +266,7 @@ def _embedding_and_head_plan(model: nn.Module, sequence_parallel: bool, vocab_pa
                                                    RowwiseParallel)
 
     option = "sequence_parallel" if sequence_parallel else "vocab_parallel_head"
-    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    embedding, head = (getattr(model, f"get_{side}_embeddings", lambda: None)() for side in ("input", "output"))
     embedding_name = _named(model, embedding, "input embedding", option)
     head_name = _named(model, head, "output embedding", option)
     tied = embedding.weight is head.weight
@@ -329,7 +333,7 @@ def tensor_parallel(model: nn.Module, mesh: Any, plan: Optional[Mapping[str, Any
     if plan is None:
         plan = lora_tp_plan(model, sequence_parallel=sequence_parallel, vocab_parallel_head=vocab_parallel_head)
     tied = _tied_embedding(model)
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     parallelize_module(model, mesh, dict(plan))
     # torch's styles wrap what they distribute in a new nn.Parameter, trainable: the frozen
     # embedding, norms and head would get gradients (and optimizer states)
