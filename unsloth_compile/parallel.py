@@ -236,8 +236,9 @@ def _gather_hidden_states(module: nn.Module, args: tuple, kwargs: dict):
     def gathered(hidden):
         if not isinstance(hidden, DTensor):
             raise TypeError(f"unsloth_compile.parallel: under sequence_parallel, {type(module).__name__} expects "
-                            f"its hidden_states as a DTensor sharded on the sequence (from a norm of the plan), got "
-                            f"a {type(hidden).__name__}; add the module computing it to SEQUENCE_NORMS' names")
+                            f"its hidden_states as a DTensor sharded on the sequence, from a norm named one of "
+                            f"{SEQUENCE_NORMS}, got a {type(hidden).__name__}; leave sequence_parallel off for "
+                            f"this model")
         return hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim)
 
     if args:
@@ -250,9 +251,10 @@ def _gather_hidden_states(module: nn.Module, args: tuple, kwargs: dict):
 
 
 def _named(model: nn.Module, module: Optional[nn.Module], what: str, option: str) -> str:
-    for name, candidate in model.named_modules():
-        if candidate is module and module is not None:
-            return name
+    """`module`'s name in `model`; ValueError naming `option` when the model has none."""
+    names = {id(candidate): name for name, candidate in model.named_modules()}
+    if module is not None and id(module) in names:
+        return names[id(module)]
     raise ValueError(f"unsloth_compile.parallel.lora_tp_plan: {option}=True needs the model's {what} "
                      f"(get_{what.replace(' ', '_')}s()); this model has none: leave {option} off")
 
