@@ -2,6 +2,7 @@
 the unsloth backend compiling each rank's part; started by torchrun. The mesh shape is given:
 
     torchrun --nproc_per_node 2 examples/train_parallel.py --tp 2                      # TP = 2
+    torchrun --nproc_per_node 2 examples/train_parallel.py --tp 2 --sp --vocab-parallel   # TP = 2, less memory
     torchrun --nproc_per_node 2 examples/train_parallel.py --pp 2 --schedule 1f1b      # PP = 2
     torchrun --nproc_per_node 4 examples/train_parallel.py --dp 2 --tp 2               # DP x TP
     torchrun --nproc_per_node 4 examples/train_parallel.py --dp 2 --pp 2 --microbatches 4
@@ -13,7 +14,9 @@ per step, and the replicas' LoRA gradients are averaged after backward
 (unsloth_compile.parallel.all_reduce_gradients).
 - TP (unsloth_compile.parallel.tensor_parallel): q/k/v/gate/up column-wise, o/down row-wise, the
   adapters sharded with their base; the model compiled in place, every LoRA linear fused on the
-  local shards.
+  local shards. `--sp` adds sequence parallelism (norms and the activations between the blocks
+  sharded on the sequence; the embedding sharded on the vocabulary), `--vocab-parallel` a
+  vocab-parallel LM head (logits sharded on the vocabulary, the loss under loss_parallel()).
 - PP (unsloth_compile.pipeline): the decoder layers split into `pp` stages, each compiled;
   GPipe or 1F1B over `--microbatches` microbatches of the replica's rows.
 Prints the loss per step, then tokens/s (all replicas, timed steps after `--warmup`), per GPU,
@@ -23,6 +26,7 @@ and the peak GPU memory of each rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -40,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    p.add_argument("--sp", action="store_true", help="TP: sequence parallelism (tensor_parallel(sequence_parallel=True))")
+    p.add_argument("--vocab-parallel", action="store_true",
+                   help="TP: LM head sharded on the vocabulary, loss under loss_parallel() (vocab_parallel_head=True)")
     p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
     p.add_argument("--microbatches", type=int, default=2, help="PP: microbatches per step (divides --batch)")
     p.add_argument("--preset", default="llama-1b", choices=sorted(n for n, q in DIST_PRESETS.items() if q.family == "llama"))
@@ -71,6 +78,8 @@ def make_mesh(args, device: torch.device):
     world = dist.get_world_size()
     if args.tp > 1 and args.pp > 1:
         raise SystemExit("--tp and --pp together are not supported; use one of them (with --dp)")
+    if args.pp > 1 and (args.sp or args.vocab_parallel):
+        raise SystemExit("--sp and --vocab-parallel shard a tensor-parallel model: use them with --tp, not --pp")
     inner, name = (args.pp, "pp") if args.pp > 1 else (args.tp, "tp")
     if args.dp * inner != world:
         raise SystemExit(f"dp x {name} = {args.dp} x {inner} != {world} processes")
@@ -88,6 +97,9 @@ def main(argv=None) -> int:
 
 
 def train(args, device: torch.device) -> int:
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
     from unsloth_compile.parallel import all_reduce_gradients, tensor_parallel
     from unsloth_compile.pipeline import pipeline_schedule, pipeline_stage
 
@@ -108,8 +120,11 @@ def train(args, device: torch.device) -> int:
         schedule = pipeline_schedule(stage, args.microbatches, args.schedule)
         trained = module
     else:
-        tensor_parallel(model, mesh["tp"], options=options)
+        tensor_parallel(model, mesh["tp"], sequence_parallel=args.sp, vocab_parallel_head=args.vocab_parallel,
+                        options=options)
         trained = model
+    # the vocab-parallel head's cross_entropy reduces over the vocabulary shards (forward and backward)
+    loss_context = loss_parallel if args.vocab_parallel else contextlib.nullcontext
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=args.lr)
     g = torch.Generator().manual_seed(args.seed + 1 + 1000 * dp_rank)  # each replica its own rows
     first = last = True
@@ -127,9 +142,12 @@ def train(args, device: torch.device) -> int:
                 if last:
                     loss = torch.stack([x.detach().float() for x in losses]).mean()
             else:
-                out = trained(input_ids=ids, labels=ids)
-                out.loss.backward()
+                with loss_context():
+                    out = trained(input_ids=ids, labels=ids)
+                    out.loss.backward()
                 loss = out.loss.detach().float()
+                if isinstance(loss, DTensor):  # the vocab-parallel loss: replicated
+                    loss = loss.to_local()
             if args.dp > 1:
                 all_reduce_gradients(trained, dp_group)
             optimizer.step()
@@ -162,7 +180,8 @@ def report_timing(args, device, times: list[float], tokens_per_replica: int, fus
     tokens_s = args.dp * tokens_per_replica / float(step) if times else float("nan")
     inner = args.pp if kind == "pp" else args.tp
     print(f"mesh dp={args.dp} x {kind}={inner} on {world} x {device.type}"
-          + (f", {args.schedule}, {args.microbatches} microbatches" if kind == "pp" else ""))
+          + (f", {args.schedule}, {args.microbatches} microbatches" if kind == "pp" else "")
+          + (", sequence parallel" if args.sp else "") + (", vocab-parallel head" if args.vocab_parallel else ""))
     print(f"{len(times)} timed steps: {float(step) * 1e3:.1f} ms/step, {tokens_s:,.0f} tokens/s, "
           f"{tokens_s / world:,.0f} tokens/s per GPU")
     print("peak memory per rank (GiB): " + ", ".join("n/a" if p != p else f"{p:.2f}" for p, _, _ in peaks))

@@ -25,11 +25,15 @@ OPTIONS = {"inner": "aot_eager", "summary": False}
 GROUPS = {"pair": 2, "quad": 4}  # process groups launched, and their sizes
 
 
-def tiny_model():
+def tiny_model(tied: bool = False):
+    """The tiny PEFT Llama; `tied`: its LM head tied to the embedding (as llama-1b's)."""
     import helpers
 
     torch.manual_seed(0)
-    return helpers.peft_wrap(helpers.tiny_causal_lm("llama"))
+    model = helpers.tiny_causal_lm("llama")
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return helpers.peft_wrap(model)
 
 
 def batch(step: int) -> dict:
@@ -56,9 +60,9 @@ def adamw(params) -> torch.optim.AdamW:
     return torch.optim.AdamW(list(params), lr=LR, eps=1e-4)  # eps: see distributed_cases._adamw
 
 
-def reference() -> dict:
+def reference(tied: bool = False) -> dict:
     """One eager process on the whole batch of every step."""
-    model = tiny_model()
+    model = tiny_model(tied)
     opt = adamw(trainable(model).values())
     out = {"losses": [], "grads": []}
     for step in range(STEPS):
@@ -94,17 +98,26 @@ class _OpShapes:
         self.kernel.lora_linear_forward = self.original
 
 
-def _train_tp(model, tp_mesh, dp_group=None, dp_rank=0, dp_size=1) -> dict:
+def _train_tp(model, tp_mesh, dp_group=None, dp_rank=0, dp_size=1, **tp_options) -> dict:
+    """`tp_options`: tensor_parallel's sequence_parallel= and vocab_parallel_head= (whose loss,
+    a replicated DTensor, is computed and differentiated under loss_parallel())."""
+    import contextlib
+
+    from torch.distributed.tensor.parallel import loss_parallel
+
     from unsloth_compile.parallel import all_reduce_gradients, tensor_parallel
     from unsloth_compile.report import collect_reports
 
-    tensor_parallel(model, tp_mesh, options=OPTIONS)
+    tensor_parallel(model, tp_mesh, options=OPTIONS, **tp_options)
     opt = adamw(trainable(model).values())
     out = {"losses": [], "grads": []}
+    vocab_parallel = loss_parallel if tp_options.get("vocab_parallel_head") else contextlib.nullcontext
     with collect_reports() as report, _OpShapes() as shapes:
         for step in range(STEPS):
-            loss = model(**rows(batch(step), dp_rank, dp_size)).loss
-            loss.backward()
+            with vocab_parallel():
+                loss = model(**rows(batch(step), dp_rank, dp_size)).loss
+                loss.backward()
+            loss = full(loss)
             if dp_group is not None:
                 all_reduce_gradients(model, dp_group)
                 loss = loss.detach().clone()
@@ -119,6 +132,8 @@ def _train_tp(model, tp_mesh, dp_group=None, dp_rank=0, dp_size=1) -> dict:
                             key=str)
     out["op_shapes"] = sorted(shapes.seen)
     out["params"] = {n: full(p) for n, p in trainable(model).items()}
+    out["cross_entropy_reasons"] = sorted({s.reason for s in report.sites if s.pattern == "linear_cross_entropy"},
+                                          key=str)
     return out
 
 
@@ -136,6 +151,28 @@ def case_tp(world, rank) -> dict:
     except ValueError as error:
         out["set_rank_error"] = str(error)
     out["refused"] = case_tp_refused(world, rank)
+    return out
+
+
+def case_tp_sp_vocab(world, rank) -> dict:
+    """TP with sequence parallelism and the vocab-parallel head, on a model whose head is tied to
+    its embedding (llama-1b's); then one eager step with SP alone, where the tied embedding
+    stays whole (its output sliced)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from unsloth_compile.parallel import tensor_parallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = tiny_model(tied=True)
+    out = _train_tp(model, mesh, sequence_parallel=True, vocab_parallel_head=True)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    out["still_tied"] = head.weight is embedding.weight
+    out["head_placements"] = [str(p) for p in head.weight.placements]
+    whole = tensor_parallel(tiny_model(tied=True), mesh, sequence_parallel=True, compile=False)
+    loss = whole(**batch(0)).loss
+    loss.backward()
+    out["sp_only"] = {"loss": float(loss), "grads": {n: full(p.grad) for n, p in trainable(whole).items()},
+                      "still_tied": whole.get_output_embeddings().weight is whole.get_input_embeddings().weight}
     return out
 
 
@@ -215,6 +252,13 @@ def case_dp_tp(world, rank) -> dict:
     return _train_tp(tiny_model(), mesh["tp"], mesh["dp"].get_group(), mesh["dp"].get_local_rank(), 2)
 
 
+def case_dp_tp_sp(world, rank) -> dict:
+    """DP x TP with sequence parallelism: SEQ = 11 tokens, uneven shards (6 and 5)."""
+    mesh = _mesh_2d(("dp", "tp"))
+    return _train_tp(tiny_model(), mesh["tp"], mesh["dp"].get_group(), mesh["dp"].get_local_rank(), 2,
+                     sequence_parallel=True)
+
+
 def case_dp_pp(world, rank) -> dict:
     mesh = _mesh_2d(("dp", "pp"))
     pp = mesh["pp"]
@@ -223,9 +267,9 @@ def case_dp_pp(world, rank) -> dict:
 
 
 CASES = {
-    "pair": {"tp": case_tp, "pp-gpipe": lambda w, r: case_pp(w, r, "gpipe"),
+    "pair": {"tp": case_tp, "tp-sp-vocab": case_tp_sp_vocab, "pp-gpipe": lambda w, r: case_pp(w, r, "gpipe"),
              "pp-1f1b": lambda w, r: case_pp(w, r, "1f1b")},
-    "quad": {"dp-tp": case_dp_tp, "dp-pp": case_dp_pp},
+    "quad": {"dp-tp": case_dp_tp, "dp-tp-sp": case_dp_tp_sp, "dp-pp": case_dp_pp},
 }
 
 

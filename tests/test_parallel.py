@@ -33,6 +33,11 @@ def ref():
     return reference()
 
 
+@pytest.fixture(scope="module")
+def ref_tied():
+    return reference(tied=True)
+
+
 def _close(actual: dict, expected: dict, what: str) -> None:
     """Within 1e-4 of the value or of the tensor's largest element (fp32 sums in another order:
     the all-reduces, the split matmuls; measured <= 4e-5 after two AdamW steps)."""
@@ -88,6 +93,30 @@ def test_dp_tp_matches_one_process(runs, ref):
         _check_tp(run["dp-tp"], ref, "dp x tp")
 
 
+def test_dp_tp_sequence_parallel_matches_one_process(runs, ref):
+    """sequence_parallel under DP x TP = 2 x 2: norms on sequence shards of 6 and 5 tokens, the
+    embedding's and the row-wise projections' outputs reduce-scattered, attention and the MLP
+    gathering their input once. As test_dp_tp_matches_one_process, every site fused; the frozen
+    embedding, norms and head stay frozen (only the LoRA parameters have gradients)."""
+    for run in runs["quad"]:
+        _check_tp(run["dp-tp-sp"], ref, "dp x tp, sequence parallel")
+
+
+def test_tp_sequence_and_vocab_parallel_matches_one_process(runs, ref_tied):
+    """TP = 2 with sequence_parallel and vocab_parallel_head on a tied head (llama-1b's): logits
+    sharded on the vocabulary, the loss under loss_parallel(); the head and the embedding one
+    parameter sharded on the vocabulary. Then SP alone (eager): the tied embedding stays whole."""
+    for run in runs["pair"]:
+        r = run["tp-sp-vocab"]
+        _check_tp(r, ref_tied, "tp, sequence and vocab parallel")
+        assert r["still_tied"] and r["head_placements"] == ["S(0)"]
+        # no logits returned (loss_only), and the head's DTensor output is not fused with the loss
+        assert r["counters"].get("linear_cross_entropy.fused", 0) == 0
+        assert r["sp_only"]["still_tied"]
+        assert r["sp_only"]["loss"] == pytest.approx(ref_tied["losses"][0], rel=1e-5)
+        _close(r["sp_only"]["grads"], ref_tied["grads"][0], "tp, sequence parallel, tied head")
+
+
 def test_tp_resize_is_refused(runs):
     """unsloth_compile.rank under TP: refused, naming the cause and the way out."""
     error = runs["pair"][0]["tp"]["set_rank_error"]
@@ -139,6 +168,27 @@ def test_lora_tp_plan():
     assert {type(s).__name__ for k, s in plan.items() if k.endswith(("o_proj", "down_proj"))} == {"LoraRowwiseParallel"}
     with pytest.raises(ValueError, match="colwise=/rowwise="):
         lora_tp_plan(torch.nn.Sequential(torch.nn.Linear(3, 3)))
+
+
+def test_sequence_parallel_plan():
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
+
+    from unsloth_compile.parallel import GatherSequence, LoraRowwiseParallel, lora_tp_plan
+
+    model = tiny_model()
+    inner, layer = "base_model.model.model", "base_model.model.model.layers.1"
+    plan = lora_tp_plan(model, sequence_parallel=True)
+    assert {k for k, s in plan.items() if isinstance(s, SequenceParallel)} == {
+        f"{inner}.norm", *(f"{inner}.layers.{i}.{n}" for i in (0, 1)
+                           for n in ("input_layernorm", "post_attention_layernorm"))}
+    assert isinstance(plan[f"{layer}.self_attn"], GatherSequence) and isinstance(plan[f"{layer}.mlp"], GatherSequence)
+    assert type(plan[f"{inner}.embed_tokens"]) is RowwiseParallel
+    assert isinstance(plan["base_model.model.lm_head"], PrepareModuleInput)  # a whole head: gathered input
+    assert str(plan[f"{layer}.mlp.down_proj"].output_layouts) == "(Shard(dim=1),)"
+    assert isinstance(plan[f"{layer}.mlp.down_proj"], LoraRowwiseParallel)
+    head = lora_tp_plan(model, vocab_parallel_head=True)["base_model.model.lm_head"]
+    assert type(head) is ColwiseParallel and str(head.output_layouts) == "(Shard(dim=-1),)"
 
 
 def test_styles_refuse_layers_they_cannot_shard():

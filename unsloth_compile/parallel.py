@@ -16,6 +16,20 @@ output columns (column-wise), or its partial sum (row-wise). The parameters beco
 Dynamo hands the backend a graph over DTensors, and the LoRA pass fuses it as on one GPU; the
 fused op then runs on the local shards through the sharding strategies of dtensor_sharding.py,
 which also says what the pass refuses. Pipeline parallelism is in pipeline.py.
+
+Two opt-in options shard what stays whole on every rank otherwise (the activations between the
+blocks, the embedding, the LM head and its logits):
+
+    tensor_parallel(model, mesh["tp"], sequence_parallel=True, vocab_parallel_head=True)
+    with loss_parallel():                       # torch.distributed.tensor.parallel, for the head's loss
+        model(input_ids=ids, labels=ids).loss.backward()
+
+sequence_parallel (Megatron's SP): the residual stream is a DTensor sharded on the sequence;
+the norms run on each rank's tokens (SequenceParallel), the embedding's and the row-wise
+projections' outputs are reduce-scattered to it (instead of all-reduced), attention and the
+MLP all-gather their input once (GatherSequence), so the column-wise projections still read a
+replicated x. vocab_parallel_head: the head column-wise, the logits sharded on the vocabulary,
+cross_entropy reduced over the shards under loss_parallel().
 """
 
 from __future__ import annotations
@@ -28,11 +42,12 @@ import torch
 from torch import nn
 
 from .dtensor_sharding import register_lora_sharding
+from .training_outputs import loss_only
 
 log = logging.getLogger("unsloth_compile")
 
-__all__ = ["LoraColwiseParallel", "LoraRowwiseParallel", "lora_tp_plan", "tensor_parallel", "all_reduce_gradients",
-           "COLWISE", "ROWWISE"]
+__all__ = ["LoraColwiseParallel", "LoraRowwiseParallel", "GatherSequence", "lora_tp_plan", "tensor_parallel",
+           "all_reduce_gradients", "COLWISE", "ROWWISE", "SEQUENCE_NORMS"]
 
 # Llama-style projection names (transformers' Llama, Mistral, Qwen2, Gemma, ...): Megatron's
 # pairing, so that attention and the MLP each need one all-reduce in forward and one in backward.
@@ -105,6 +120,11 @@ def _rowwise_base():
     return RowwiseParallel
 
 
+def _parallel_style_base():
+    from torch.distributed.tensor.parallel import ParallelStyle
+    return ParallelStyle
+
+
 class LoraColwiseParallel(_colwise_base()):
     """`ColwiseParallel` for a PEFT LoRA linear (or a plain nn.Linear): the base weight and bias
     and B (and B's bias) sharded by output rows, A replicated. Input replicated, output sharded
@@ -157,45 +177,199 @@ def _distribute_lora_layer(style, module: nn.Module, device_mesh) -> nn.Module:
         functools.partial(style._prepare_output_fn, style.output_layouts, style.use_local_output))
 
 
-def lora_tp_plan(model: nn.Module, colwise: tuple[str, ...] = COLWISE,
-                 rowwise: tuple[str, ...] = ROWWISE) -> dict[str, Any]:
+def lora_tp_plan(model: nn.Module, colwise: tuple[str, ...] = COLWISE, rowwise: tuple[str, ...] = ROWWISE, *,
+                 sequence_parallel: bool = False, vocab_parallel_head: bool = False) -> dict[str, Any]:
     """The tensor-parallel plan of a Llama-style model, for `parallelize_module`: every module
     whose last name is in `colwise` (q/k/v/gate/up) column-wise, in `rowwise` (o/down) row-wise,
-    PEFT LoRA layers included (their A and B sharded with the base). Embeddings, norms and the
-    LM head are left whole on every rank. Raises ValueError when nothing matches."""
+    PEFT LoRA layers included (their A and B sharded with the base). By default embeddings,
+    norms and the LM head are left whole on every rank. Raises ValueError when nothing matches.
+
+    sequence_parallel: the residual stream between the blocks is sharded on the sequence
+    (Megatron SP): the norms run on each rank's tokens, the embedding's output and the row-wise
+    projections' outputs are reduce-scattered to sequence shards instead of all-reduced, and each
+    block that holds column-wise projections (attention, MLP) all-gathers its input once.
+    vocab_parallel_head: the LM head column-wise, its logits sharded on the vocabulary (a
+    DTensor); run forward and backward under `torch.distributed.tensor.parallel.loss_parallel()`
+    so that cross_entropy reduces over the shards instead of gathering the logits."""
+    from torch.distributed.tensor import Shard
+
     plan: dict[str, Any] = {}
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
         if leaf in colwise:
             plan[name] = LoraColwiseParallel()
         elif leaf in rowwise:
-            plan[name] = LoraRowwiseParallel()
+            # under SP, reduce-scattered to the sequence shards the residual add reads, kept a DTensor
+            plan[name] = (LoraRowwiseParallel(output_layouts=Shard(1), use_local_output=False) if sequence_parallel
+                          else LoraRowwiseParallel())
     if not plan:
         raise ValueError(f"unsloth_compile.parallel.lora_tp_plan: no module named one of {colwise + rowwise}; "
                          f"pass colwise=/rowwise= with your model's projection names")
+    if sequence_parallel or vocab_parallel_head:
+        plan.update(_embedding_and_head_plan(model, sequence_parallel, vocab_parallel_head))
+    if sequence_parallel:
+        plan.update(_sequence_parallel_plan(model, plan))
+    return plan
+
+
+# Norms on the residual stream (Llama, Mistral, Qwen2; Gemma's feed-forward pair), run on sequence
+# shards under SP. Norms inside attention (Qwen3's q_norm/k_norm) read gathered heads: not these.
+SEQUENCE_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm", "norm")
+
+
+class GatherSequence(_parallel_style_base()):
+    """Before a block whose column-wise projections read its input (attention, the MLP): its
+    `hidden_states` (first positional argument or keyword), a DTensor sharded on the sequence,
+    all-gathered once, so that all of its projections read the same gathered tensor (q/k/v: one
+    all-gather forward and one reduce-scatter backward, not three). The projections then see a
+    replicated DTensor input, the column-wise layout the fused op runs."""
+
+    def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
+        module.register_forward_pre_hook(_gather_hidden_states, with_kwargs=True)
+        return module
+
+
+def _gather_hidden_states(module: nn.Module, args: tuple, kwargs: dict):
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def gathered(hidden):
+        if not isinstance(hidden, DTensor):
+            raise TypeError(f"unsloth_compile.parallel: under sequence_parallel, {type(module).__name__} expects "
+                            f"its hidden_states as a DTensor sharded on the sequence, from a norm named one of "
+                            f"{SEQUENCE_NORMS}, got a {type(hidden).__name__}; leave sequence_parallel off for "
+                            f"this model")
+        return hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim)
+
+    if args:
+        return (gathered(args[0]), *args[1:]), kwargs
+    if "hidden_states" not in kwargs:
+        raise TypeError(f"unsloth_compile.parallel: under sequence_parallel, {type(module).__name__} is called "
+                        f"without a positional input or hidden_states=: nothing to gather; leave sequence_parallel "
+                        f"off for this model")
+    return args, {**kwargs, "hidden_states": gathered(kwargs["hidden_states"])}
+
+
+def _named(model: nn.Module, module: Optional[nn.Module], what: str, option: str) -> str:
+    """`module`'s name in `model`; ValueError naming `option` when the model has none."""
+    names = {id(candidate): name for name, candidate in model.named_modules()}
+    if module is not None and id(module) in names:
+        return names[id(module)]
+    raise ValueError(f"unsloth_compile.parallel.lora_tp_plan: {option}=True needs the model's {what} "
+                     f"(get_{what.replace(' ', '_')}s()); this model has none: leave {option} off")
+
+
+def _embedding_and_head_plan(model: nn.Module, sequence_parallel: bool, vocab_parallel_head: bool) -> dict:
+    """The embedding's and the LM head's styles. Tied weights (llama-1b) stay tied: sharded
+    together on the vocabulary with a vocab-parallel head (tensor_parallel ties them again),
+    otherwise both whole."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                   RowwiseParallel)
+
+    option = "sequence_parallel" if sequence_parallel else "vocab_parallel_head"
+    embedding, head = (getattr(model, f"get_{side}_embeddings", lambda: None)() for side in ("input", "output"))
+    embedding_name = _named(model, embedding, "input embedding", option)
+    head_name = _named(model, head, "output embedding", option)
+    tied = embedding.weight is head.weight
+    between_blocks = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout
+    plan: dict[str, Any] = {}
+    if vocab_parallel_head:
+        plan[head_name] = ColwiseParallel(input_layouts=between_blocks, output_layouts=Shard(-1),
+                                          use_local_output=False)
+    elif sequence_parallel:  # a whole head on the gathered final hidden states: plain logits
+        plan[head_name] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                             use_local_output=True)
+    if sequence_parallel and tied and not vocab_parallel_head:
+        # the head needs the whole tied weight, so the embedding keeps it and each rank takes its
+        # sequence shard of the output (a slice: no communication, no second copy of the weight)
+        plan[embedding_name] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
+                                                   use_local_output=False)
+    elif sequence_parallel or tied:
+        # rows sharded on the vocabulary: each rank looks up its tokens, the sums reduce-scattered
+        # to sequence shards (SP) or all-reduced
+        plan[embedding_name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=between_blocks,
+                                               use_local_output=not sequence_parallel)
+    return plan
+
+
+def _sequence_parallel_plan(model: nn.Module, projections: Mapping[str, Any]) -> dict:
+    """SequenceParallel on the residual stream's norms, GatherSequence on each block holding a
+    column-wise projection."""
+    from torch.distributed.tensor.parallel import SequenceParallel
+
+    gathering = {name.rsplit(".", 1)[0] for name, style in projections.items()
+                 if isinstance(style, LoraColwiseParallel)}
+    plan: dict[str, Any] = {name: GatherSequence() for name in gathering}
+    for name, _ in model.named_modules():
+        inside_block = any(name.startswith(block + ".") for block in gathering)
+        if name.rsplit(".", 1)[-1] in SEQUENCE_NORMS and not inside_block:
+            plan[name] = SequenceParallel()
+    if not any(isinstance(style, SequenceParallel) for style in plan.values()):
+        raise ValueError(f"unsloth_compile.parallel.lora_tp_plan: sequence_parallel=True found no norm named one "
+                         f"of {SEQUENCE_NORMS}")
     return plan
 
 
 def tensor_parallel(model: nn.Module, mesh: Any, plan: Optional[Mapping[str, Any]] = None, *,
+                    sequence_parallel: bool = False, vocab_parallel_head: bool = False,
                     compile: bool = True, options: Optional[Mapping[str, Any]] = None,
                     mode: Optional[str] = None) -> nn.Module:
     """Shard `model` in place over the 1-D `mesh` (`parallelize_module` with `plan`, default
-    `lora_tp_plan(model)`), then compile it in place with the unsloth backend. Every rank must
-    hold the same initial weights (distribute_tensor scatters rank 0's). Attention heads and
-    key/value heads must divide by the mesh size. Build the optimizer afterwards."""
+    `lora_tp_plan(model, sequence_parallel=..., vocab_parallel_head=...)`), then compile it in
+    place with the unsloth backend. Every rank must hold the same initial weights
+    (distribute_tensor scatters rank 0's). Attention heads and key/value heads must divide by the
+    mesh size. With vocab_parallel_head, run forward and backward under `loss_parallel()`; the
+    model's training forwards then return the loss without the logits (`loss_only`). Build the
+    optimizer afterwards."""
     from torch.distributed.tensor.parallel import parallelize_module
 
     if getattr(mesh, "ndim", 1) != 1:
         raise ValueError("unsloth_compile.parallel.tensor_parallel: pass the 1-D tensor-parallel mesh "
                          "(mesh['tp'] of a DP x TP mesh)")
+    if plan is not None and (sequence_parallel or vocab_parallel_head):
+        raise ValueError("unsloth_compile.parallel.tensor_parallel: sequence_parallel= and vocab_parallel_head= "
+                         "build the plan; with plan= pass lora_tp_plan(model, sequence_parallel=..., ...) instead")
     register_lora_sharding()
     _check_heads(model, mesh.size())
-    parallelize_module(model, mesh, dict(plan) if plan is not None else lora_tp_plan(model))
+    if plan is None:
+        plan = lora_tp_plan(model, sequence_parallel=sequence_parallel, vocab_parallel_head=vocab_parallel_head)
+    tied = _tied_embedding(model)
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    parallelize_module(model, mesh, dict(plan))
+    # torch's styles wrap what they distribute in a new nn.Parameter, trainable: the frozen
+    # embedding, norms and head would get gradients (and optimizer states)
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
+    if tied:
+        _tie_again(model)
+    if vocab_parallel_head:
+        # A compiled forward returning the vocab-sharded logits beside the loss fails in backward
+        # when only the loss is differentiated (AOTAutograd: "Expected a DTensor tangent but got a
+        # plain Tensor", pytorch#172556): training forwards return the loss without the logits.
+        loss_only(model)
     if compile:
         from .integration import compile as compile_in_place
 
         compile_in_place(model, {"cudagraphs": False, **dict(options or {})}, mode=mode)
     return model
+
+
+def _tied_embedding(model: nn.Module) -> bool:
+    get_in, get_out = (getattr(model, f"get_{side}_embeddings", None) for side in ("input", "output"))
+    if get_in is None or get_out is None or get_in() is None or get_out() is None:
+        return False
+    return get_in().weight is get_out().weight
+
+
+def _tie_again(model: nn.Module) -> None:
+    """Tie the embedding and the head again where the plan sharded both alike (rows on the
+    vocabulary): parallelize_module replaced each one's weight by a DTensor of its own."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    placements = getattr(embedding.weight, "placements", None)
+    if placements is not None and placements == getattr(head.weight, "placements", None):
+        head.weight = embedding.weight
 
 
 def _check_heads(model: nn.Module, size: int) -> None:
