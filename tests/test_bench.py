@@ -213,3 +213,35 @@ def test_lossy_variants_are_the_lossy_options_only():
     assert Variant("c", "unsloth", {"sparsity": "2:4"}).lossy
     assert not Variant("d", "unsloth", {"precision": "default", "compress_activations": "none"}).lossy
     assert not Variant("e", "unsloth", {"fuse_cross_entropy": True}).lossy
+
+
+def test_sparsity_variant_prunes_by_the_chosen_method():
+    """compile_for prunes before compiling: magnitude by default, Wanda with the calibration
+    batches the bench passes (its scores follow the inputs: another mask than magnitude's on
+    inputs whose feature norms differ); wanda without calibration, or prune_method without
+    sparsity, is refused."""
+    from helpers import peft_wrap, tiny_causal_lm
+    from unsloth_compile.bench.variants import compile_for
+    from unsloth_compile.sparsity import Sparse24Linear
+
+    def pruned(method, calibration=None):
+        torch.manual_seed(0)
+        model = peft_wrap(tiny_causal_lm("llama"))
+        variant = parse_variant(f"sp=unsloth:sparsity=2:4,prune_method={method}", inner="aot_eager")
+        compile_for(model, variant, calibration=calibration)
+        return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, Sparse24Linear)}
+
+    g = torch.Generator().manual_seed(1)
+    # input ids from a narrow slice of the vocabulary: feature norms far from uniform
+    calibration = [{"input_ids": torch.randint(0, 8, (2, 16), generator=g)} for _ in range(2)]
+    magnitude, wanda = pruned("magnitude"), pruned("wanda", calibration)
+    assert magnitude and magnitude.keys() == wanda.keys()
+    assert any(not torch.equal(magnitude[n] != 0, wanda[n] != 0) for n in magnitude)
+    for w in wanda.values():  # half of each 4 x 4 tile kept
+        assert (w != 0).sum().item() == w.numel() // 2
+    with pytest.raises(ValueError, match="needs calibration batches"):
+        pruned("wanda")
+    with pytest.raises(ValueError, match="one of magnitude, wanda"):
+        pruned("random")
+    with pytest.raises(ValueError, match="prune_method is for sparsity=2:4"):
+        compile_for(peft_wrap(tiny_causal_lm("llama")), parse_variant("x=unsloth:prune_method=wanda", inner="aot_eager"))

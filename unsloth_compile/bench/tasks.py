@@ -181,17 +181,23 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     return rows.view(-1, batch_size)[:steps]
 
 
+CALIBRATION_BATCHES = 8
+
+
 def train_classifier(model: torch.nn.Module, variant: Variant, train: Split, steps: int, batch_size: int,
                      lr: float, seed: int, device: torch.device, warmup_frac: float = 0.06,
                      progress: Optional[Callable] = None, memory: Optional[MemoryMeter] = None) -> TrainResult:
     """AdamW with linear warm-up and decay; `progress(step, loss)` after each step (tqdm hook)."""
-    step_fn = compile_for(model, variant)
+    order = batch_order(len(train), steps, batch_size, seed)
+    train = train.to(device)
+    # the first training batches, for a variant that prunes with calibration (Wanda)
+    calibration = [{"input_ids": train.input_ids[idx], "attention_mask": train.attention_mask[idx]}
+                   for idx in order[:CALIBRATION_BATCHES].to(device)]
+    step_fn = compile_for(model, variant, calibration=calibration)
     optimizer = make_optimizer(model.parameters(), lr, device)
     warm = max(1, int(warmup_frac * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
-    order = batch_order(len(train), steps, batch_size, seed)
-    train = train.to(device)
     model.train()
     losses, times = [], []
     for step in range(steps):

@@ -11,6 +11,11 @@ A variant is written on the command line as `NAME=KIND[:key=value,...]`:
     unsloth         PEFT LoRA under torch.compile(backend="unsloth", options={key: value, ...})
 
 e.g. `--variant nofold=unsloth:fold_residual=false,kernels=reference`.
+
+With `sparsity=2:4` the bases are pruned before compiling, by `prune_method=magnitude` (the
+default) or `prune_method=wanda`, which scores weights on calibration batches that the bench
+passes (`bench accuracy`: the first training batches); `prune_method` is the bench's, not a
+backend option.
 """
 
 from __future__ import annotations
@@ -111,12 +116,19 @@ def resolve_inner(inner: str, device: torch.device) -> str:
     return inner
 
 
-def compile_for(model: torch.nn.Module, variant: Variant) -> Callable:
-    """The callable that trains `model` under this variant (the model itself when eager)."""
+PRUNE_METHODS = ("magnitude", "wanda")
+
+
+def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[list] = None) -> Callable:
+    """The callable that trains `model` under this variant (the model itself when eager).
+    `calibration`: batches (keyword dicts for the model) for `prune_method=wanda`."""
     if variant.kind in ("full", "eager"):
         return model
     options = dict(variant.options)
     mode = options.pop("mode", None)  # torch.compile's own argument, not a backend option
+    prune_method = str(options.pop("prune_method", "magnitude"))
+    if prune_method not in PRUNE_METHODS:
+        raise ValueError(f"variant {variant.name}: prune_method={prune_method!r}; one of {', '.join(PRUNE_METHODS)}")
     if variant.kind == "unsloth":
         from unsloth_compile import Config  # importing the package registers the backend
 
@@ -125,10 +137,15 @@ def compile_for(model: torch.nn.Module, variant: Variant) -> Callable:
             from unsloth_compile.fp8 import convert
 
             convert(model, allow_emulation=cfg.kernels.value == "reference")
-        if cfg.sparsity.value == "2:4":  # the LoRA bases pruned 2:4 (magnitude) first: the option runs them sparse
+        if cfg.sparsity.value == "2:4":  # the LoRA bases pruned 2:4 first: the option runs them sparse
             from unsloth_compile.sparsity import prune
 
-            prune(model)
+            if prune_method == "wanda" and not calibration:
+                raise ValueError(f"variant {variant.name}: prune_method=wanda needs calibration batches, which "
+                                 "only `bench accuracy` passes")
+            prune(model, prune_method, calibration=calibration if prune_method == "wanda" else None)
+        elif "prune_method" in variant.options:
+            raise ValueError(f"variant {variant.name}: prune_method is for sparsity=2:4")
         if mode is None:
             return torch.compile(model, backend="unsloth", options=options)
         # torch.compile refuses mode and options together; the backend takes both
