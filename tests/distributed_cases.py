@@ -144,6 +144,27 @@ def case_ddp(world, rank) -> dict:
     return out
 
 
+def case_ddp_half_gradients(world, rank) -> dict:
+    """compile_ddp(gradient_compression="fp16"): the gradients all-reduced in fp16 by torch's
+    comm hook (bf16's hook, the same code in another dtype, needs NCCL: refused on a CPU build),
+    which a rebuilt wrapper (a rank change) keeps."""
+    from unsloth_compile.distributed import compile_ddp, rebuild_ddp
+
+    model = _tiny_model()
+    ddp = compile_ddp(model, OPTIONS, bucket_cap_mb=TINY_BUCKET_MB, gradient_compression="fp16")
+    opt = _adamw(model)
+    out = train(model, ddp, opt, STEPS, world, rank)
+    rebuilt = rebuild_ddp(ddp)
+    out["hooks"] = [len(ddp._comm_hooks), len(rebuilt._comm_hooks)]
+    out["rebuilt_compression"] = rebuilt._unsloth_gradient_compression
+    try:
+        compile_ddp(_tiny_model(), OPTIONS, gradient_compression="bf16")
+        out["bf16_error"] = None
+    except ValueError as error:
+        out["bf16_error"] = str(error)
+    return out
+
+
 def _loss_decay_decisions(controller, rank) -> list:
     """Rank 0 sees a falling loss (alone it would grow), rank 1 a rising one: every rank must take
     the decision of the mean (shrink), then grow on a common fall (new rows: rank-dependent RNG)."""
@@ -217,7 +238,7 @@ def case_bench(world, rank) -> dict:
     return {"dir": str(out)}
 
 
-CASES = {"ddp": case_ddp, "fsdp-shard": lambda w, r: case_fsdp(w, r, "shard"),
+CASES = {"ddp": case_ddp, "ddp-fp16": case_ddp_half_gradients, "fsdp-shard": lambda w, r: case_fsdp(w, r, "shard"),
          "fsdp-replicate": lambda w, r: case_fsdp(w, r, "replicate"),
          "fsdp-mp": lambda w, r: case_fsdp(w, r, "shard", mp=True), "ddp-split": case_ddp_split,
          "bench": case_bench}

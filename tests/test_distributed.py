@@ -95,6 +95,33 @@ def test_ddp_matches_one_process_on_the_whole_batch(runs, ref):
         _same_on_every_rank(runs, "ddp", key)
 
 
+def test_ddp_half_precision_gradient_compression(runs, ref):
+    """gradient_compression="fp16": the losses and gradients as one process within the rounding
+    of each bucket's mean, but not equal to the fp32 all-reduce's (the hook ran); the same
+    gradients on every rank; the hook registered again on the rebuilt wrapper. "bf16" on a
+    build without NCCL, and a bad value, are refused with the way out."""
+    from unsloth_compile.distributed import compile_ddp
+
+    for run in runs:
+        r = run["ddp-fp16"]
+        assert r["hooks"] == [1, 1] and r["rebuilt_compression"] == "fp16"
+        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"][:len(STEPS)]),
+                                   rtol=1e-3, atol=1e-4)
+        for step in range(len(STEPS)):
+            got, exact, fp32 = r["grads"][step], ref["grads"][step], run["ddp"]["grads"][step]
+            for name in exact:
+                rel = float((got[name] - exact[name]).norm() / exact[name].norm())
+                assert rel < 1e-2, f"step {step}, {name}: relative error {rel:.2e}"
+            assert any(not torch.equal(got[n], fp32[n]) for n in exact), f"step {step}: bitwise the fp32 all-reduce"
+        if torch.version.cuda is None:
+            assert "gradient_compression='bf16' cannot run here" in r["bf16_error"] and "'fp16'" in r["bf16_error"]
+    for rank, run in enumerate(runs[1:], 1):  # bitwise: every rank applied the same half-precision mean
+        for step, grads in enumerate(run["ddp-fp16"]["grads"]):
+            assert all(torch.equal(g, runs[0]["ddp-fp16"]["grads"][step][n]) for n, g in grads.items()), (rank, step)
+    with pytest.raises(ValueError, match="gradient_compression='int8'; one of 'none', 'bf16', 'fp16'"):
+        compile_ddp(torch.nn.Linear(2, 2), gradient_compression="int8")
+
+
 def test_ddp_rank_change_is_identical_on_every_rank(runs, ref):
     """DistributedRankController: a grow with a different seed on each rank gives rank 0's new
     rows everywhere (the rebuilt DDP broadcasts them); the step after it, the parameters and the
