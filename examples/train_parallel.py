@@ -18,7 +18,9 @@ per step, and the replicas' LoRA gradients are averaged after backward
   sharded on the sequence; the embedding sharded on the vocabulary), `--vocab-parallel` a
   vocab-parallel LM head (logits sharded on the vocabulary, the loss under loss_parallel()).
 - PP (unsloth_compile.pipeline): the decoder layers split into `pp` stages, each compiled;
-  GPipe or 1F1B over `--microbatches` microbatches of the replica's rows.
+  GPipe or 1F1B over `--microbatches` microbatches of the replica's rows. Each rank compiles its
+  stage's forward and backward before the first step (all at once; `--no-stage-warmup`: inside
+  the first step, one stage after the other) and prints how long that took.
 Prints the loss per step, then tokens/s (all replicas, timed steps after `--warmup`), per GPU,
 and the peak GPU memory of each rank.
 """
@@ -36,7 +38,7 @@ import unsloth_compile  # noqa: F401  registers the backend
 from unsloth_compile.bench.distributed import DIST_PRESETS
 from unsloth_compile.bench.e2e import add_lora, build_model
 from unsloth_compile.distributed import init_from_torchrun
-from unsloth_compile.report import collect_reports
+from unsloth_compile.report import Report, collect_reports
 
 
 def parse_args(argv=None):
@@ -49,6 +51,10 @@ def parse_args(argv=None):
                    help="TP: LM head sharded on the vocabulary, loss under loss_parallel() (vocab_parallel_head=True)")
     p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
     p.add_argument("--microbatches", type=int, default=2, help="PP: microbatches per step (divides --batch)")
+    p.add_argument("--stage-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="PP: compile each stage's forward and backward on a dummy microbatch before the first "
+                        "step, all ranks at once (pipeline_stage(warmup=...)); off: the first step compiles "
+                        "the stages one after the other")
     p.add_argument("--preset", default="llama-1b", choices=sorted(n for n, q in DIST_PRESETS.items() if q.family == "llama"))
     p.add_argument("--batch", type=int, help="rows per replica and step (default: the preset's)")
     p.add_argument("--seq", type=int, help="tokens per row (default: the preset's)")
@@ -111,12 +117,21 @@ def train(args, device: torch.device) -> int:
                "summary": False}
     model = build(args, device)
     stage = schedule = None
+    stage_report = Report()
     if kind == "pp":
         stage_index = mesh["pp"].get_local_rank()
         if rows % args.microbatches:
             raise SystemExit(f"--microbatches {args.microbatches} does not divide --batch {rows}")
-        stage, module = pipeline_stage(model, stage_index, args.pp, device, microbatch=(rows // args.microbatches, seq),
-                                       group=mesh["pp"].get_group(), options=options)
+        if args.stage_warmup:
+            print(f"rank {dist.get_rank()}, stage {stage_index}: compiling forward+backward on a dummy microbatch",
+                  flush=True)
+        with collect_reports() as stage_report:  # the warm-up compiles the stage here
+            stage, module = pipeline_stage(model, stage_index, args.pp, device,
+                                           microbatch=(rows // args.microbatches, seq), group=mesh["pp"].get_group(),
+                                           options=options, warmup=args.stage_warmup)
+        if module.warmup_seconds is not None:
+            print(f"rank {dist.get_rank()}, stage {stage_index}: compiled forward+backward in "
+                  f"{module.warmup_seconds:.1f} s", flush=True)
         schedule = pipeline_schedule(stage, args.microbatches, args.schedule)
         trained = module
     else:
@@ -160,8 +175,8 @@ def train(args, device: torch.device) -> int:
             if dist.get_rank() == 0:
                 holders = args.dp * (args.tp if kind == "tp" else 1)
                 print(f"step {step}: loss {loss.item() / holders:.4f}  ({times[-1] * 1e3:.1f} ms)", flush=True)
-    fused = report.counters.get("lora_linear.fused", 0)
-    refused = report.counters.get("lora_linear.refused", 0)
+    counters = report.counters + stage_report.counters
+    fused, refused = counters.get("lora_linear.fused", 0), counters.get("lora_linear.refused", 0)
     report_timing(args, device, times[args.warmup:], rows * seq, fused, refused, kind)
     return 0
 

@@ -200,20 +200,52 @@ def case_tp_refused(world, rank) -> dict:
             "grads": {n: full(p.grad) for n, p in trainable(model).items()}}
 
 
+class _Compiles:
+    """Compilations while open: Dynamo's frames (counters["frames"]["ok"]) and every compile event
+    by trigger (DYNAMO, LAZY_BACKWARD: AOTAutograd's backward compiled at the first backward)."""
+
+    def __enter__(self):
+        from torch._dynamo.callback import callback_handler
+        from torch._dynamo.utils import counters
+
+        self.counters, self.handler, self.triggers = counters, callback_handler, []
+        self.frames_before = counters["frames"]["ok"]
+        self.handler.register_end_callback(self._record)
+        return self
+
+    def _record(self, args=None):  # torch >= 2.7 passes CallbackArgs
+        self.triggers.append(getattr(getattr(args, "callback_trigger", None), "name", "?"))
+
+    def __exit__(self, *exc):
+        self.handler.remove_end_callback(self._record)
+        self.frames = self.counters["frames"]["ok"] - self.frames_before
+
+    def summary(self) -> dict:
+        return {"frames": self.frames, "triggers": sorted(self.triggers)}
+
+
 def _train_pp(model, schedule, stage_index, num_stages, pp_group=None, dp_group=None, dp_rank=0, dp_size=1,
               microbatches=2) -> dict:
+    """pipeline_stage warms the stage up (compiles it) before the schedule: recorded are the
+    compilations during pipeline_stage and during the steps, and what the warm-up left behind."""
     from unsloth_compile.parallel import all_reduce_gradients
     from unsloth_compile.pipeline import pipeline_schedule, pipeline_stage
     from unsloth_compile.report import collect_reports
 
     mb_rows = BATCH // dp_size // microbatches
-    stage, module = pipeline_stage(model, stage_index, num_stages, "cpu", microbatch=(mb_rows, SEQ),
-                                   group=pp_group, options=OPTIONS)
+    rng = torch.get_rng_state()
+    with collect_reports() as report:  # the stage compiles inside pipeline_stage (its warm-up)
+        with _Compiles() as warm:
+            stage, module = pipeline_stage(model, stage_index, num_stages, "cpu", microbatch=(mb_rows, SEQ),
+                                           group=pp_group, options=OPTIONS)
     sched = pipeline_schedule(stage, microbatches, schedule)
     opt = adamw(trainable(module).values())
     last = stage_index == num_stages - 1
-    out = {"losses": [], "grads": [], "last": last}
-    with collect_reports() as report:
+    out = {"losses": [], "grads": [], "last": last,
+           "warmup": {**warm.summary(), "rng_kept": torch.equal(rng, torch.get_rng_state()),
+                      "grads_none": all(p.grad is None for p in trainable(module).values()),
+                      "seconds": module.warmup_seconds}}
+    with collect_reports() as step_report, _Compiles() as steps:
         for step in range(STEPS):
             b = rows(batch(step), dp_rank, dp_size)
             losses = []
@@ -232,7 +264,8 @@ def _train_pp(model, schedule, stage_index, num_stages, pp_group=None, dp_group=
             out["grads"].append({n: full(p.grad) for n, p in trainable(module).items()})
             opt.step()
             opt.zero_grad()
-    out["counters"] = dict(report.counters)
+    out["counters"] = dict(report.counters + step_report.counters)
+    out["steps_compiled"] = steps.summary()
     out["params"] = {n: full(p) for n, p in trainable(module).items()}
     return out
 

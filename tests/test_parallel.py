@@ -154,6 +154,19 @@ def test_pp_matches_one_process(runs, ref, case, group):
     assert sorted(held) == sorted(list(ref["grads"][0]) * replicas)
 
 
+@pytest.mark.parametrize("case,group", [("pp-gpipe", "pair"), ("pp-1f1b", "pair"), ("dp-pp", "quad")])
+def test_pp_warm_up_compiles_before_the_schedule(runs, case, group):
+    """pipeline_stage compiles each stage's forward (one Dynamo frame) and backward (AOTAutograd's
+    lazy backward) on a dummy microbatch; the schedule's steps then compile nothing (the same
+    guards: shapes, requires_grad, mode). The warm-up leaves no gradient and the CPU RNG state
+    as it was."""
+    for run in runs[group]:
+        r = run[case]
+        assert r["warmup"]["frames"] == 1 and r["warmup"]["triggers"] == ["DYNAMO", "LAZY_BACKWARD"], r["warmup"]
+        assert r["steps_compiled"] == {"frames": 0, "triggers": []}
+        assert r["warmup"]["grads_none"] and r["warmup"]["rng_kept"] and r["warmup"]["seconds"] > 0
+
+
 # ----------------------------------------------------------------------------- without processes
 
 

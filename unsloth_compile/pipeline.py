@@ -17,6 +17,18 @@ stage's output (`causal_lm_loss`, transformers' shifted mean); the schedule scal
 microbatch's gradients by 1 / n_microbatches, so equal-length microbatches without ignored
 labels give the whole batch's mean loss and gradients.
 
+Warm-up (`warmup=True`, the default; `warm_up_stage`): the schedule compiles lazily, one stage
+after the other. Stage s + 1 traces its forward only when stage s has compiled, run and sent its
+first activations, and the backward graphs compile at the first backward, last stage first; the
+first step pays the sum of every stage's compile times. `pipeline_stage` therefore runs the
+stage forward and backward once on a dummy microbatch of the schedule's shapes (ids on the first
+stage, hidden states that require grad on the others, a random gradient on the outputs), so
+that every rank compiles at once, before the schedule. It leaves no trace: the parameters'
+`.grad` and the RNG states are as they were, and the schedule's calls hit the same graphs (the
+same shapes, dtypes, requires_grad and mode: call `module.train()` or `.eval()` before
+`pipeline_stage`). The backend's reports of the stage are then published during
+`pipeline_stage`: open `collect_reports()` around it to see them.
+
 Layout supported: a transformers causal LM with `model.model.{embed_tokens, layers, norm,
 rotary_emb}` and `lm_head` (Llama, Mistral, Qwen2, Gemma, ...), under PEFT or not. Other layouts
 are refused with a ValueError naming what is missing.
@@ -25,6 +37,7 @@ are refused with a ValueError naming what is missing.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -33,7 +46,8 @@ from torch import nn
 
 log = logging.getLogger("unsloth_compile")
 
-__all__ = ["CausalLMStage", "split_layers", "pipeline_stage", "pipeline_schedule", "causal_lm_loss", "SCHEDULES"]
+__all__ = ["CausalLMStage", "split_layers", "pipeline_stage", "pipeline_schedule", "causal_lm_loss", "warm_up_stage",
+           "SCHEDULES"]
 
 SCHEDULES = ("gpipe", "1f1b")
 
@@ -80,6 +94,8 @@ class CausalLMStage(nn.Module):
         self.rotary_emb = decoder.rotary_emb
         self.norm = decoder.norm if last else None
         self.lm_head = lm.lm_head if last else None
+        # seconds warm_up_stage took; set now so that assigning it later adds no attribute (no guard changes)
+        self.warmup_seconds: Optional[float] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
@@ -110,16 +126,57 @@ def _free(modules: Sequence[nn.Module]) -> None:
         module.to("meta")
 
 
+def warm_up_stage(module: nn.Module, example: torch.Tensor) -> float:
+    """Compile `module`'s forward and backward now: one forward on `example` (a microbatch of the
+    shape, dtype, device and requires_grad the schedule will feed; its values do not matter) and
+    a backward from a random gradient of the output's shape (not a loss: the last stage's logits
+    get one too). Leaves no trace: the trainable parameters' `.grad` are restored (set aside
+    during the run, so an existing gradient is not added to) and the RNG states of the CPU and of
+    `example`'s device are restored (LoRA dropout draws from them). Returns the seconds taken."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    device = example.device
+    start = time.perf_counter()
+    try:
+        for p in params:
+            p.grad = None
+        with torch.random.fork_rng(devices=[device] if device.type != "cpu" else [], device_type=device.type), \
+                torch.enable_grad():
+            out = module(example)
+            torch.autograd.backward(out, torch.randn_like(out))
+            del out
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
+    return time.perf_counter() - start
+
+
+def _dummy_input(meta: torch.Tensor, device: Any, vocab_size: int) -> torch.Tensor:
+    """A tensor like `meta` (a meta-device input_args entry) on `device`, with its requires_grad;
+    drawn from its own generator (the global RNG streams are left alone)."""
+    g = torch.Generator().manual_seed(0)
+    if meta.is_floating_point():
+        x = torch.randn(meta.shape, dtype=meta.dtype, generator=g)
+    else:
+        x = torch.randint(0, vocab_size, meta.shape, dtype=meta.dtype, generator=g)
+    return x.to(device).requires_grad_(meta.requires_grad)
+
+
 def pipeline_stage(model: nn.Module, stage_index: int, num_stages: int, device: Any, *,
                    microbatch: tuple[int, int], group: Any = None, compile: bool = True,
                    options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None,
-                   free_others: bool = True, dtype: Optional[torch.dtype] = None):
+                   free_others: bool = True, dtype: Optional[torch.dtype] = None, warmup: bool = True):
     """(PipelineStage, CausalLMStage) for this rank: the stage's module built from `model`
     (split_layers), compiled in place with the unsloth backend when `compile`. `microbatch`:
     (rows, sequence length) of one microbatch, from which the shapes exchanged between stages
     are given to PipelineStage (no shape inference run through the compiled module). `group`:
     the pipeline's process group (a DeviceMesh's `mesh["pp"].get_group()`; None: the world).
-    `dtype`: of the hidden states between stages (default: the embedding's)."""
+    `dtype`: of the hidden states between stages (default: the embedding's). `warmup` (with
+    `compile`): compile forward and backward now, on a dummy microbatch (warm_up_stage), so that
+    the ranks compile in parallel rather than one after the other inside the first step; the
+    time taken is `module.warmup_seconds`."""
     from torch.distributed.pipelining import PipelineStage
 
     lm, decoder = _causal_lm_parts(model)
@@ -144,6 +201,11 @@ def pipeline_stage(model: nn.Module, stage_index: int, num_stages: int, device: 
         from .integration import compile as compile_in_place
 
         compile_in_place(module, {"cudagraphs": False, **dict(options or {})}, mode=mode)
+        if warmup:
+            example = _dummy_input(ids if first else hidden, device, lm.config.vocab_size)
+            module.warmup_seconds = warm_up_stage(module, example)
+            log.info("unsloth_compile.pipeline: stage %d: compiled forward+backward in %.1f s", stage_index,
+                     module.warmup_seconds)
     stage = PipelineStage(module, stage_index, num_stages, torch.device(device), input_args=(ids if first else hidden,),
                           output_args=logits if last else hidden, group=group)
     log.info("unsloth_compile.pipeline: stage %d of %d, layers %s%s", stage_index, num_stages,
