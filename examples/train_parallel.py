@@ -3,6 +3,7 @@ the unsloth backend compiling each rank's part; started by torchrun. The mesh sh
 
     torchrun --nproc_per_node 2 examples/train_parallel.py --tp 2                      # TP = 2
     torchrun --nproc_per_node 2 examples/train_parallel.py --tp 2 --sp --vocab-parallel   # TP = 2, less memory
+    torchrun --nproc_per_node 2 examples/train_parallel.py --tp 2 --sp --vocab-parallel --regather   # and less
     torchrun --nproc_per_node 2 examples/train_parallel.py --pp 2 --schedule 1f1b      # PP = 2
     torchrun --nproc_per_node 4 examples/train_parallel.py --dp 2 --tp 2               # DP x TP
     torchrun --nproc_per_node 4 examples/train_parallel.py --dp 2 --pp 2 --microbatches 4
@@ -16,7 +17,9 @@ per step, and the replicas' LoRA gradients are averaged after backward
   adapters sharded with their base; the model compiled in place, every LoRA linear fused on the
   local shards. `--sp` adds sequence parallelism (norms and the activations between the blocks
   sharded on the sequence; the embedding sharded on the vocabulary), `--vocab-parallel` a
-  vocab-parallel LM head (logits sharded on the vocabulary, the loss under loss_parallel()).
+  vocab-parallel LM head (logits sharded on the vocabulary, the loss under loss_parallel()),
+  `--regather` (with `--sp`) keeps only the sequence shard of each block's input for backward and
+  all-gathers it again there.
 - PP (unsloth_compile.pipeline): the decoder layers split into `pp` stages, each compiled;
   GPipe or 1F1B over `--microbatches` microbatches of the replica's rows. Each rank compiles its
   stage's forward and backward before the first step (all at once; `--no-stage-warmup`: inside
@@ -49,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--sp", action="store_true", help="TP: sequence parallelism (tensor_parallel(sequence_parallel=True))")
     p.add_argument("--vocab-parallel", action="store_true",
                    help="TP: LM head sharded on the vocabulary, loss under loss_parallel() (vocab_parallel_head=True)")
+    p.add_argument("--regather", action="store_true",
+                   help="TP with --sp: all-gather each block's input again in backward instead of keeping it "
+                        "gathered (regather_in_backward=True)")
     p.add_argument("--schedule", default="1f1b", choices=["gpipe", "1f1b"])
     p.add_argument("--microbatches", type=int, default=2, help="PP: microbatches per step (divides --batch)")
     p.add_argument("--stage-warmup", action=argparse.BooleanOptionalAction, default=True,
@@ -86,6 +92,8 @@ def make_mesh(args, device: torch.device):
         raise SystemExit("--tp and --pp together are not supported; use one of them (with --dp)")
     if args.pp > 1 and (args.sp or args.vocab_parallel):
         raise SystemExit("--sp and --vocab-parallel shard a tensor-parallel model: use them with --tp, not --pp")
+    if args.regather and not args.sp:
+        raise SystemExit("--regather all-gathers the sequence shards of --sp again in backward: add --sp")
     inner, name = (args.pp, "pp") if args.pp > 1 else (args.tp, "tp")
     if args.dp * inner != world:
         raise SystemExit(f"dp x {name} = {args.dp} x {inner} != {world} processes")
@@ -136,7 +144,7 @@ def train(args, device: torch.device) -> int:
         trained = module
     else:
         tensor_parallel(model, mesh["tp"], sequence_parallel=args.sp, vocab_parallel_head=args.vocab_parallel,
-                        options=options)
+                        regather_in_backward=args.regather, options=options)
         trained = model
     # the vocab-parallel head's cross_entropy reduces over the vocabulary shards (forward and backward)
     loss_context = loss_parallel if args.vocab_parallel else contextlib.nullcontext
@@ -196,7 +204,8 @@ def report_timing(args, device, times: list[float], tokens_per_replica: int, fus
     inner = args.pp if kind == "pp" else args.tp
     print(f"mesh dp={args.dp} x {kind}={inner} on {world} x {device.type}"
           + (f", {args.schedule}, {args.microbatches} microbatches" if kind == "pp" else "")
-          + (", sequence parallel" if args.sp else "") + (", vocab-parallel head" if args.vocab_parallel else ""))
+          + (", sequence parallel" if args.sp else "") + (", regathered in backward" if args.regather else "")
+          + (", vocab-parallel head" if args.vocab_parallel else ""))
     print(f"{len(times)} timed steps: {float(step) * 1e3:.1f} ms/step, {tokens_s:,.0f} tokens/s, "
           f"{tokens_s / world:,.0f} tokens/s per GPU")
     print("peak memory per rank (GiB): " + ", ".join("n/a" if p != p else f"{p:.2f}" for p, _, _ in peaks))

@@ -99,8 +99,9 @@ class _OpShapes:
 
 
 def _train_tp(model, tp_mesh, dp_group=None, dp_rank=0, dp_size=1, **tp_options) -> dict:
-    """`tp_options`: tensor_parallel's sequence_parallel= and vocab_parallel_head= (whose loss,
-    a replicated DTensor, is computed and differentiated under loss_parallel())."""
+    """`tp_options`: tensor_parallel's sequence_parallel=, regather_in_backward= and
+    vocab_parallel_head= (whose loss, a replicated DTensor, is computed and differentiated under
+    loss_parallel())."""
     import contextlib
 
     from torch.distributed.tensor.parallel import loss_parallel
@@ -154,25 +155,54 @@ def case_tp(world, rank) -> dict:
     return out
 
 
+def _saved_for_backward(model) -> dict:
+    """What autograd keeps for backward after one forward of `model` on step 0's batch: bytes,
+    each storage once (parameters included), and the shapes of the tensors saved. A first
+    forward compiles (the pass's tracing would reach the hooks with fake tensors)."""
+    inputs = rows(batch(0), 0, 1)  # as _train_tp passes them: labels not the same tensor as input_ids
+    model(**inputs).loss.backward()
+    storages, shapes = {}, []
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**inputs).loss.backward()
+    return {"bytes": sum(storages.values()), "shapes": shapes}
+
+
 def case_tp_sp_vocab(world, rank) -> dict:
-    """TP with sequence parallelism and the vocab-parallel head, on a model whose head is tied to
-    its embedding (llama-1b's); then one eager step with SP alone, where the tied embedding
-    stays whole (its output sliced)."""
+    """TP with sequence parallelism, its blocks' inputs all-gathered again in backward, and the
+    vocab-parallel head, on a model whose head is tied to its embedding (llama-1b's); what
+    autograd saves for backward with it and, on a second model, without regathering; then one
+    eager step with SP alone, where the tied embedding stays whole (its output sliced), and one
+    with SP regathered."""
     from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
 
     from unsloth_compile.parallel import tensor_parallel
 
     mesh = init_device_mesh("cpu", (world,))
     model = tiny_model(tied=True)
-    out = _train_tp(model, mesh, sequence_parallel=True, vocab_parallel_head=True)
+    out = _train_tp(model, mesh, sequence_parallel=True, vocab_parallel_head=True, regather_in_backward=True)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     out["still_tied"] = head.weight is embedding.weight
     out["head_placements"] = [str(p) for p in head.weight.placements]
-    whole = tensor_parallel(tiny_model(tied=True), mesh, sequence_parallel=True, compile=False)
-    loss = whole(**batch(0)).loss
-    loss.backward()
-    out["sp_only"] = {"loss": float(loss), "grads": {n: full(p.grad) for n, p in trainable(whole).items()},
-                      "still_tied": whole.get_output_embeddings().weight is whole.get_input_embeddings().weight}
+    with loss_parallel():
+        out["saved"] = {"regathered": _saved_for_backward(model)}
+        torch._dynamo.reset()
+        kept_gathered = tensor_parallel(tiny_model(tied=True), mesh, sequence_parallel=True,
+                                        vocab_parallel_head=True, options=OPTIONS)
+        out["saved"]["kept gathered"] = _saved_for_backward(kept_gathered)
+    for name, regather in (("sp_only", False), ("sp_regathered", True)):
+        whole = tensor_parallel(tiny_model(tied=True), mesh, sequence_parallel=True, regather_in_backward=regather,
+                                compile=False)
+        loss = whole(**batch(0)).loss
+        loss.backward()
+        out[name] = {"loss": float(loss), "grads": {n: full(p.grad) for n, p in trainable(whole).items()},
+                     "still_tied": whole.get_output_embeddings().weight is whole.get_input_embeddings().weight}
     return out
 
 
@@ -300,8 +330,8 @@ def case_dp_pp(world, rank) -> dict:
 
 
 CASES = {
-    "pair": {"tp": case_tp, "tp-sp-vocab": case_tp_sp_vocab, "pp-gpipe": lambda w, r: case_pp(w, r, "gpipe"),
-             "pp-1f1b": lambda w, r: case_pp(w, r, "1f1b")},
+    "pair": {"tp": case_tp, "tp-sp-vocab": case_tp_sp_vocab,
+             "pp-gpipe": lambda w, r: case_pp(w, r, "gpipe"), "pp-1f1b": lambda w, r: case_pp(w, r, "1f1b")},
     "quad": {"dp-tp": case_dp_tp, "dp-tp-sp": case_dp_tp_sp, "dp-pp": case_dp_pp},
 }
 

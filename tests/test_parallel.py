@@ -103,18 +103,39 @@ def test_dp_tp_sequence_parallel_matches_one_process(runs, ref):
 
 
 def test_tp_sequence_and_vocab_parallel_matches_one_process(runs, ref_tied):
-    """TP = 2 with sequence_parallel and vocab_parallel_head on a tied head (llama-1b's): logits
-    sharded on the vocabulary, the loss under loss_parallel(); the head and the embedding one
-    parameter sharded on the vocabulary. Then SP alone (eager): the tied embedding stays whole."""
+    """TP = 2 with sequence_parallel (its blocks' inputs all-gathered again in backward:
+    regather_in_backward) and vocab_parallel_head on a tied head (llama-1b's): logits sharded on
+    the vocabulary, the loss under loss_parallel(); the head and the embedding one parameter
+    sharded on the vocabulary. Then SP alone and SP regathered (eager): the tied embedding stays
+    whole."""
     for run in runs["pair"]:
         r = run["tp-sp-vocab"]
-        _check_tp(r, ref_tied, "tp, sequence and vocab parallel")
+        _check_tp(r, ref_tied, "tp, sequence (regathered) and vocab parallel")
         assert r["still_tied"] and r["head_placements"] == ["S(0)"]
         # no logits returned (loss_only), and the head's DTensor output is not fused with the loss
         assert r["counters"].get("linear_cross_entropy.fused", 0) == 0
-        assert r["sp_only"]["still_tied"]
-        assert r["sp_only"]["loss"] == pytest.approx(ref_tied["losses"][0], rel=1e-5)
-        _close(r["sp_only"]["grads"], ref_tied["grads"][0], "tp, sequence parallel, tied head")
+        for eager in ("sp_only", "sp_regathered"):
+            assert r[eager]["still_tied"]
+            assert r[eager]["loss"] == pytest.approx(ref_tied["losses"][0], rel=1e-5)
+            _close(r[eager]["grads"], ref_tied["grads"][0], f"tp, {eager}, tied head")
+
+
+def test_regather_in_backward_keeps_only_the_sequence_shard(runs):
+    """regather_in_backward, compiled: what each rank saves for backward no longer holds
+    attention's and the MLP's gathered input (4 tensors of 4 rows x 11 tokens x hidden 64 in the
+    two layers); it drops by at least those less their sequence shards (6 or 5 tokens), which
+    are kept instead, and by at most all of them."""
+    from parallel_cases import BATCH, SEQ
+
+    gathered_shape, hidden, fp32 = (BATCH, SEQ, 64), 64, 4
+    for rank, run in enumerate(runs["pair"]):
+        on, off = run["tp-sp-vocab"]["saved"]["regathered"], run["tp-sp-vocab"]["saved"]["kept gathered"]
+        assert off["shapes"].count(gathered_shape) == 4, off["shapes"]  # the measurement sees them
+        assert on["shapes"].count(gathered_shape) == 0, on["shapes"]
+        shard = (SEQ + 1) // 2 if rank == 0 else SEQ // 2
+        gathered_bytes, shard_bytes = (4 * BATCH * tokens * hidden * fp32 for tokens in (SEQ, shard))
+        dropped = off["bytes"] - on["bytes"]
+        assert gathered_bytes - shard_bytes <= dropped <= gathered_bytes, (rank, on["bytes"], off["bytes"])
 
 
 def test_tp_resize_is_refused(runs):
@@ -202,6 +223,10 @@ def test_sequence_parallel_plan():
     assert isinstance(plan[f"{layer}.mlp.down_proj"], LoraRowwiseParallel)
     head = lora_tp_plan(model, vocab_parallel_head=True)["base_model.model.lm_head"]
     assert type(head) is ColwiseParallel and str(head.output_layouts) == "(Shard(dim=-1),)"
+    assert not plan[f"{layer}.mlp"].regather_in_backward
+    assert lora_tp_plan(model, sequence_parallel=True, regather_in_backward=True)[f"{layer}.mlp"].regather_in_backward
+    with pytest.raises(ValueError, match="needs sequence_parallel=True"):
+        lora_tp_plan(model, regather_in_backward=True)
 
 
 def test_styles_refuse_layers_they_cannot_shard():

@@ -28,8 +28,11 @@ sequence_parallel (Megatron's SP): the residual stream is a DTensor sharded on t
 the norms run on each rank's tokens (SequenceParallel), the embedding's and the row-wise
 projections' outputs are reduce-scattered to it (instead of all-reduced), attention and the
 MLP all-gather their input once (GatherSequence), so the column-wise projections still read a
-replicated x. vocab_parallel_head: the head column-wise, the logits sharded on the vocabulary,
-cross_entropy reduced over the shards under loss_parallel().
+replicated x. With regather_in_backward=True as well, that gather is checkpointed: the LoRA
+projections' backward (x for A's gradient) reads it gathered again from the sequence shard, as
+Megatron's SP does, instead of every rank keeping it whole. vocab_parallel_head: the head
+column-wise, the logits sharded on the vocabulary, cross_entropy reduced over the shards under
+loss_parallel().
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import logging
 from typing import Any, Mapping, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .dtensor_sharding import register_lora_sharding
@@ -178,7 +182,8 @@ def _distribute_lora_layer(style, module: nn.Module, device_mesh) -> nn.Module:
 
 
 def lora_tp_plan(model: nn.Module, colwise: tuple[str, ...] = COLWISE, rowwise: tuple[str, ...] = ROWWISE, *,
-                 sequence_parallel: bool = False, vocab_parallel_head: bool = False) -> dict[str, Any]:
+                 sequence_parallel: bool = False, vocab_parallel_head: bool = False,
+                 regather_in_backward: bool = False) -> dict[str, Any]:
     """The tensor-parallel plan of a Llama-style model, for `parallelize_module`: every module
     whose last name is in `colwise` (q/k/v/gate/up) column-wise, in `rowwise` (o/down) row-wise,
     PEFT LoRA layers included (their A and B sharded with the base). By default embeddings,
@@ -190,8 +195,15 @@ def lora_tp_plan(model: nn.Module, colwise: tuple[str, ...] = COLWISE, rowwise: 
     block that holds column-wise projections (attention, MLP) all-gathers its input once.
     vocab_parallel_head: the LM head column-wise, its logits sharded on the vocabulary (a
     DTensor); run forward and backward under `torch.distributed.tensor.parallel.loss_parallel()`
-    so that cross_entropy reduces over the shards instead of gathering the logits."""
+    so that cross_entropy reduces over the shards instead of gathering the logits.
+    regather_in_backward (with sequence_parallel): the blocks keep their input's sequence shard
+    for backward and all-gather it again there (Megatron's SP), instead of keeping the gathered
+    input on every rank; one more all-gather per block in backward."""
     from torch.distributed.tensor import Shard
+
+    if regather_in_backward and not sequence_parallel:
+        raise ValueError("unsloth_compile.parallel.lora_tp_plan: regather_in_backward=True needs "
+                         "sequence_parallel=True (without it the blocks' input is not gathered)")
 
     plan: dict[str, Any] = {}
     for name, module in model.named_modules():
@@ -208,7 +220,7 @@ def lora_tp_plan(model: nn.Module, colwise: tuple[str, ...] = COLWISE, rowwise: 
     if sequence_parallel or vocab_parallel_head:
         plan.update(_embedding_and_head_plan(model, sequence_parallel, vocab_parallel_head))
     if sequence_parallel:
-        plan.update(_sequence_parallel_plan(model, plan))
+        plan.update(_sequence_parallel_plan(model, plan, regather_in_backward))
     return plan
 
 
@@ -223,15 +235,27 @@ class GatherSequence(_parallel_style_base()):
     `hidden_states` (first positional argument or keyword), a DTensor sharded on the sequence,
     all-gathered once, so that all of its projections read the same gathered tensor (q/k/v: one
     all-gather forward and one reduce-scatter backward, not three). The projections then see a
-    replicated DTensor input, the column-wise layout the fused op runs."""
+    replicated DTensor input, the column-wise layout the fused op runs. regather_in_backward:
+    the gather checkpointed, so that backward keeps the shard and gathers it again."""
+
+    def __init__(self, *, regather_in_backward: bool = False):
+        super().__init__()
+        self.regather_in_backward = regather_in_backward
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
-        module.register_forward_pre_hook(_gather_hidden_states, with_kwargs=True)
+        module.register_forward_pre_hook(functools.partial(_gather_hidden_states, self.regather_in_backward),
+                                         with_kwargs=True)
         return module
 
 
-def _gather_hidden_states(module: nn.Module, args: tuple, kwargs: dict):
-    from torch.distributed.tensor import DTensor, Replicate
+def _all_gather_sequence(hidden):
+    from torch.distributed.tensor import Replicate
+
+    return hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim)
+
+
+def _gather_hidden_states(regather_in_backward: bool, module: nn.Module, args: tuple, kwargs: dict):
+    from torch.distributed.tensor import DTensor
 
     def gathered(hidden):
         if not isinstance(hidden, DTensor):
@@ -239,7 +263,15 @@ def _gather_hidden_states(module: nn.Module, args: tuple, kwargs: dict):
                             f"its hidden_states as a DTensor sharded on the sequence, from a norm named one of "
                             f"{SEQUENCE_NORMS}, got a {type(hidden).__name__}; leave sequence_parallel off for "
                             f"this model")
-        return hidden.redistribute(placements=[Replicate()] * hidden.device_mesh.ndim)
+        if regather_in_backward:
+            # Checkpointing the all-gather alone: autograd (and, compiled, the partitioner, for
+            # which the region's collectives are user-annotated recompute) keeps the sequence
+            # shard and gathers again in backward, instead of the projections keeping the
+            # gathered x for their LoRA A's gradient.
+            # No RNG in an all-gather: nothing to stash and restore.
+            return torch.utils.checkpoint.checkpoint(_all_gather_sequence, hidden, use_reentrant=False,
+                                                     preserve_rng_state=False)
+        return _all_gather_sequence(hidden)
 
     if args:
         return (gathered(args[0]), *args[1:]), kwargs
@@ -293,14 +325,14 @@ def _embedding_and_head_plan(model: nn.Module, sequence_parallel: bool, vocab_pa
     return plan
 
 
-def _sequence_parallel_plan(model: nn.Module, projections: Mapping[str, Any]) -> dict:
+def _sequence_parallel_plan(model: nn.Module, projections: Mapping[str, Any], regather_in_backward: bool) -> dict:
     """SequenceParallel on the residual stream's norms, GatherSequence on each block holding a
     column-wise projection."""
     from torch.distributed.tensor.parallel import SequenceParallel
 
     gathering = {name.rsplit(".", 1)[0] for name, style in projections.items()
                  if isinstance(style, LoraColwiseParallel)}
-    plan: dict[str, Any] = {name: GatherSequence() for name in gathering}
+    plan: dict[str, Any] = {name: GatherSequence(regather_in_backward=regather_in_backward) for name in gathering}
     for name, _ in model.named_modules():
         inside_block = any(name.startswith(block + ".") for block in gathering)
         if name.rsplit(".", 1)[-1] in SEQUENCE_NORMS and not inside_block:
@@ -313,11 +345,11 @@ def _sequence_parallel_plan(model: nn.Module, projections: Mapping[str, Any]) ->
 
 def tensor_parallel(model: nn.Module, mesh: Any, plan: Optional[Mapping[str, Any]] = None, *,
                     sequence_parallel: bool = False, vocab_parallel_head: bool = False,
-                    compile: bool = True, options: Optional[Mapping[str, Any]] = None,
-                    mode: Optional[str] = None) -> nn.Module:
+                    regather_in_backward: bool = False, compile: bool = True,
+                    options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> nn.Module:
     """Shard `model` in place over the 1-D `mesh` (`parallelize_module` with `plan`, default
-    `lora_tp_plan(model, sequence_parallel=..., vocab_parallel_head=...)`), then compile it in
-    place with the unsloth backend. Every rank must hold the same initial weights
+    `lora_tp_plan(model, sequence_parallel=..., vocab_parallel_head=..., regather_in_backward=...)`),
+    then compile it in place with the unsloth backend. Every rank must hold the same initial weights
     (distribute_tensor scatters rank 0's). Attention heads and key/value heads must divide by the
     mesh size. With vocab_parallel_head, run forward and backward under `loss_parallel()`; the
     model's training forwards then return the loss without the logits (`loss_only`). Build the
@@ -327,13 +359,15 @@ def tensor_parallel(model: nn.Module, mesh: Any, plan: Optional[Mapping[str, Any
     if getattr(mesh, "ndim", 1) != 1:
         raise ValueError("unsloth_compile.parallel.tensor_parallel: pass the 1-D tensor-parallel mesh "
                          "(mesh['tp'] of a DP x TP mesh)")
-    if plan is not None and (sequence_parallel or vocab_parallel_head):
-        raise ValueError("unsloth_compile.parallel.tensor_parallel: sequence_parallel= and vocab_parallel_head= "
-                         "build the plan; with plan= pass lora_tp_plan(model, sequence_parallel=..., ...) instead")
+    if plan is not None and (sequence_parallel or vocab_parallel_head or regather_in_backward):
+        raise ValueError("unsloth_compile.parallel.tensor_parallel: sequence_parallel=, vocab_parallel_head= and "
+                         "regather_in_backward= build the plan; with plan= pass lora_tp_plan(model, "
+                         "sequence_parallel=..., ...) instead")
     register_lora_sharding()
     _check_heads(model, mesh.size())
     if plan is None:
-        plan = lora_tp_plan(model, sequence_parallel=sequence_parallel, vocab_parallel_head=vocab_parallel_head)
+        plan = lora_tp_plan(model, sequence_parallel=sequence_parallel, vocab_parallel_head=vocab_parallel_head,
+                            regather_in_backward=regather_in_backward)
     tied = _tied_embedding(model)
     frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
     parallelize_module(model, mesh, dict(plan))
