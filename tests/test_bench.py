@@ -243,5 +243,14 @@ def test_sparsity_variant_prunes_by_the_chosen_method():
         pruned("wanda")
     with pytest.raises(ValueError, match="one of magnitude, wanda"):
         pruned("random")
-    with pytest.raises(ValueError, match="prune_method is for sparsity=2:4"):
+    with pytest.raises(ValueError, match="prune_method and prune_layers are for sparsity=2:4"):
         compile_for(peft_wrap(tiny_causal_lm("llama")), parse_variant("x=unsloth:prune_method=wanda", inner="aot_eager"))
+
+    # prune_layers: only the matching LoRA bases (q_proj here), the others left dense
+    model = peft_wrap(tiny_causal_lm("llama"))
+    compile_for(model, parse_variant("sp=unsloth:sparsity=2:4,prune_layers=q_proj", inner="aot_eager"))
+    sparse = {n for n, m in model.named_modules() if isinstance(m, Sparse24Linear)}
+    assert sparse and sparse == {n for n in magnitude if ".q_proj." in n} and sparse != set(magnitude)
+    with pytest.raises(ValueError, match="matches no LoRA base"):
+        compile_for(peft_wrap(tiny_causal_lm("llama")),
+                    parse_variant("sp=unsloth:sparsity=2:4,prune_layers=nothing_here", inner="aot_eager"))

@@ -15,7 +15,8 @@ e.g. `--variant nofold=unsloth:fold_residual=false,kernels=reference`.
 With `sparsity=2:4` the bases are pruned before compiling, by `prune_method=magnitude` (the
 default) or `prune_method=wanda`, which scores weights on calibration batches that the bench
 passes (`bench accuracy`: the first training batches); `prune_method` is the bench's, not a
-backend option.
+backend option, as is `prune_layers=REGEX`, which prunes only the LoRA bases whose path matches
+(e.g. `prune_layers=mlp` for a Llama's MLP; the others stay dense).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import functools
 import gc
 import os
 import platform
+import re
 import time
 import traceback
 from typing import Any, Callable, Optional
@@ -129,6 +131,7 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
     prune_method = str(options.pop("prune_method", "magnitude"))
     if prune_method not in PRUNE_METHODS:
         raise ValueError(f"variant {variant.name}: prune_method={prune_method!r}; one of {', '.join(PRUNE_METHODS)}")
+    prune_layers = options.pop("prune_layers", None)
     if variant.kind == "unsloth":
         from unsloth_compile import Config  # importing the package registers the backend
 
@@ -143,9 +146,18 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
             if prune_method == "wanda" and not calibration:
                 raise ValueError(f"variant {variant.name}: prune_method=wanda needs calibration batches, which "
                                  "only `bench accuracy` passes")
-            prune(model, prune_method, calibration=calibration if prune_method == "wanda" else None)
-        elif "prune_method" in variant.options:
-            raise ValueError(f"variant {variant.name}: prune_method is for sparsity=2:4")
+            select = None
+            if prune_layers is not None:
+                pattern = re.compile(str(prune_layers))
+
+                def select(path: str, module: torch.nn.Module) -> bool:
+                    return path.endswith(".base_layer") and pattern.search(path) is not None
+            report = prune(model, prune_method, calibration=calibration if prune_method == "wanda" else None,
+                           select=select)
+            if prune_layers is not None and not report.energy:
+                raise ValueError(f"variant {variant.name}: prune_layers={prune_layers!r} matches no LoRA base")
+        elif {"prune_method", "prune_layers"} & set(variant.options):
+            raise ValueError(f"variant {variant.name}: prune_method and prune_layers are for sparsity=2:4")
         if mode is None:
             return torch.compile(model, backend="unsloth", options=options)
         # torch.compile refuses mode and options together; the backend takes both
