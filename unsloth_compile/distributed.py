@@ -61,8 +61,8 @@ from .rank import RankController
 
 log = logging.getLogger("unsloth_compile")
 
-__all__ = ["LoraDDP", "compile_ddp", "GRADIENT_COMPRESSION", "rebuild_ddp", "shard_lora_model", "find_blocks", "compile_blocks",
-           "no_sync", "is_fsdp", "DistributedRankController", "FROZEN_CHOICES", "warn_if_ddp_split",
+__all__ = ["LoraDDP", "compile_ddp", "GRADIENT_COMPRESSION", "rebuild_ddp", "shard_lora_model", "find_blocks",
+           "compile_blocks", "no_sync", "is_fsdp", "DistributedRankController", "FROZEN_CHOICES", "warn_if_ddp_split",
            "trainable_state_dict", "init_from_torchrun"]
 
 FROZEN_CHOICES = ("replicate", "shard")
@@ -127,7 +127,7 @@ def compile_ddp(model: nn.Module, options: Optional[Mapping[str, Any]] = None, *
     precision (see the module docstring). Call on every rank with the model already on its device."""
     from .integration import compile as compile_in_place
 
-    _check_gradient_compression(gradient_compression)  # before compiling: a typo costs no compile
+    _check_gradient_compression(gradient_compression)  # refused before the model is compiled in place
     _require_process_group("compile_ddp")
     compile_in_place(model, _without_cudagraphs(options), mode=mode)
     return LoraDDP(model, split_graphs=split_graphs, gradient_compression=gradient_compression, **ddp_kwargs)
