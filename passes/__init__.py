@@ -21,7 +21,8 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Con
     report = Report(graphs=1)
     if cfg.fuse_lora:
         gm = fuse_lora_linears(gm, cfg, report)
-    if cfg.fuse_cross_entropy or cfg.cross_entropy_on_logits:  # after the LoRA pass: a LoRA head is then seen as one op, and refused
+    # after the LoRA pass: a LoRA head is then seen as one op, and refused
+    if cfg.fuse_cross_entropy or cfg.cross_entropy_on_logits:
         gm = fuse_linear_cross_entropy(gm, cfg, report)
     if cfg.attention:
         gm = keep_attention_fused(gm, cfg, report)

@@ -31,7 +31,8 @@ Where the fused op cannot run because the logits are returned (or the head is no
 linear), option `cross_entropy_on_logits` puts torch.ops.unsloth.logits_cross_entropy on the
 logits instead (`check_logits_site` / `replace_logits_site`): the chain must be views and one
 fp32 upcast of fp16/bf16 logits; the upcast then happens in the kernel and backward keeps the
-half-precision logits and the rows' logsumexp instead of fp32 log-probabilities (half the bytes).
+half-precision logits and the rows' logsumexp instead of the fp32 log-probabilities eager saves
+(half the bytes; under Inductor, which fuses the upcast and log-softmax itself, measured no gain).
 
 Only the root graph is searched: no model checkpoints its head, and a fused op inside a
 checkpoint body would run its forward (with the gradients) again in backward.

@@ -103,8 +103,9 @@ class Config:
     # where the model returns the logits (the fused head + loss cannot run), compute the loss of
     # `cross_entropy(logits.float(), ...)` with torch.ops.unsloth.logits_cross_entropy: upcast in
     # the kernel; backward keeps the half-precision logits and the rows' logsumexp instead of
-    # fp32 log-probabilities (half the bytes; no fp32 rows x V tensor at all). Off until a GPU
-    # run has measured its memory and time against Inductor's (docs/bench/next-gpu-session.md)
+    # fp32 log-probabilities (half the bytes; no fp32 rows x V tensor at all). Off: on an H200
+    # (llama-1b) it saved neither time nor memory under Inductor, which fuses the upcast and the
+    # log-softmax itself (docs/bench/e2e-llama-1b.md)
     cross_entropy_on_logits: bool = False
     # CUDA graphs (Inductor's cudagraph trees) for the compiled graphs when inner="inductor".
     # None (default): on for a graph whose inputs are on CUDA with static shapes, off for a
