@@ -53,10 +53,11 @@ def _close(actual: dict, expected: dict, what: str) -> None:
 
 def _same_on_every_rank(runs, case: str, key: str) -> None:
     """Bitwise: the ranks hold the same values, not merely close ones."""
-    def flat(tree: dict, prefix="") -> dict:
+    def flat(tree, prefix="") -> dict:  # dicts and lists (one entry per step) of tensors
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
         out = {}
-        for k, v in tree.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        for k, v in items:
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, (dict, list)) else {f"{prefix}{k}": v})
         return out
 
     first = flat(runs[0][case][key])
@@ -115,9 +116,7 @@ def test_ddp_half_precision_gradient_compression(runs, ref):
             assert any(not torch.equal(got[n], fp32[n]) for n in exact), f"step {step}: bitwise the fp32 all-reduce"
         if torch.version.cuda is None:
             assert "gradient_compression='bf16' cannot run here" in r["bf16_error"] and "'fp16'" in r["bf16_error"]
-    for rank, run in enumerate(runs[1:], 1):  # bitwise: every rank applied the same half-precision mean
-        for step, grads in enumerate(run["ddp-fp16"]["grads"]):
-            assert all(torch.equal(g, runs[0]["ddp-fp16"]["grads"][step][n]) for n, g in grads.items()), (rank, step)
+    _same_on_every_rank(runs, "ddp-fp16", "grads")  # every rank applied the same half-precision mean
     with pytest.raises(ValueError, match="gradient_compression='int8'; one of 'none', 'bf16', 'fp16'"):
         compile_ddp(torch.nn.Linear(2, 2), gradient_compression="int8")
 
