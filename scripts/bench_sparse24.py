@@ -101,20 +101,19 @@ def _variants(W, x, A, B, dy, layouts):
                 lambda alg0=alg0: alg0(lambda c: sparse24.base_forward(xd, W, c, "cusparselt")), None)
             out["gemm-bwd-2:4-cusparselt-alg0"] = (
                 lambda alg0=alg0: alg0(lambda c: sparse24.base_grad_input(dy, W, c, "cusparselt")), None)
-    if "cusparselt" in layouts:
-        out.update(_cslt_operand_layouts(W, x.detach(), dy))
+            out.update(_cslt_operand_layouts(c, xd, dy))  # and the bare products on other operand layouts
     xd = x.detach()
     out["gemm-fwd-dense"] = (lambda: xd @ W.t(), None)
     out["gemm-bwd-dense"] = (lambda: dy @ W, None)
     return out
 
 
-def _cslt_operand_layouts(W, xd, dy):
+def _cslt_operand_layouts(compressed_pair, xd, dy):
     """The bare cuSPARSELt product S D for S = W (forward, D from X) and S = W^T (backward, D
-    from dY) on each dense-operand layout, with the algorithm cuSPARSELt's search picks."""
+    from dY), `compressed_pair` their cuSPARSELt copies (sparse24.compress), on each
+    dense-operand layout, with the algorithm cuSPARSELt's search picks."""
     out = {}
-    for kind, weight, rows in (("fwd", W, xd), ("bwd", W.t().contiguous(), dy)):
-        compressed = torch._cslt_compress(weight)
+    for kind, compressed, rows in zip(("fwd", "bwd"), compressed_pair, (xd, dy)):
         operands = {"viewT": rows.t(), "contigT": rows.t().contiguous()}
         for operand_name, dense in operands.items():
             for transpose_result in (False, True):
