@@ -36,6 +36,7 @@ are refused with a ValueError naming what is missing.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import Any, Mapping, Optional, Sequence
@@ -96,14 +97,15 @@ class CausalLMStage(nn.Module):
         self.lm_head = lm.lm_head if last else None
         # seconds warm_up_stage took; set now so that assigning it later adds no attribute (no guard changes)
         self.warmup_seconds: Optional[float] = None
+        from transformers.masking_utils import create_causal_mask
+        self._mask_params = frozenset(inspect.signature(create_causal_mask).parameters)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from transformers.masking_utils import create_causal_mask
 
         hidden = self.embed_tokens(x) if self.first else x
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None,
-                                  position_ids=position_ids)
+        mask = create_causal_mask(**_causal_mask_kwargs(self._mask_params, self.config, hidden, position_ids))
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers.values():
             hidden = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
@@ -111,6 +113,23 @@ class CausalLMStage(nn.Module):
         if self.last:
             hidden = self.lm_head(self.norm(hidden))
         return hidden
+
+
+def _causal_mask_kwargs(mask_params: frozenset, config, hidden: torch.Tensor,
+                        position_ids: torch.Tensor) -> dict:
+    """Keyword arguments of transformers' create_causal_mask for a cache-less forward. Its
+    parameter names changed across transformers 5.x (`cache` / `past_key_values`,
+    `inputs_embeds` / `input_embeds`, a required `cache_position` in older releases), and the
+    GPU image and the CPU machine run different releases, so the names come from its signature
+    (`mask_params`, read once outside the compiled forward)."""
+    kwargs = {"config": config, "attention_mask": None, "position_ids": position_ids}
+    kwargs["inputs_embeds" if "inputs_embeds" in mask_params else "input_embeds"] = hidden
+    for cache_name in ("cache", "past_key_values"):
+        if cache_name in mask_params:
+            kwargs[cache_name] = None
+    if "cache_position" in mask_params:
+        kwargs["cache_position"] = position_ids[0]
+    return kwargs
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
