@@ -26,6 +26,13 @@ Which saved tensors (pattern, then check, as in every pass here):
   a `mul` on the way adds its other projection operand: gate and up), read in backward only
   by pointwise ops (the activation's and the gate product's derivatives) or as a LoRA input.
   Not lowrank: an elementwise derivative needs every element, a projection has none.
+  The projections' outputs are found through casts and views (Inductor's decomposition of
+  silu reads convert_element_type(gate), while the partitioner saves gate in bf16).
+- **FFN product** (`act(gate) * up`, or `act(h)`: the next projection's input): where the
+  partition saves it beside what it is computed from, the joint graph is partitioned again
+  with the region marked MUST_RECOMPUTE, so backward recomputes it from the decompressed
+  gate and up (site "recomputed", counter `recompute_bytes_saved`, the two partitions'
+  saved bytes compared).
 Refused and reported: a forward input or a real forward output (compressing would free
 nothing), storage shared with a saved tensor kept exact, integer/bool/fp8 tensors, a last
 dimension under 16 (per-row scales would eat the saving) or, for lowrank, not above k.
@@ -108,20 +115,28 @@ def _passes_values(node: Node) -> bool:
     return _is_pointwise(node) or _is_view(node) or _is_op(node, {aten._to_copy, aten.clone})
 
 
-def is_projection_output(node: Any) -> bool:
-    """A linear's output (LoRA op, mm, addmm), through views and casts."""
+def projection_chain(node: Any) -> list[Node]:
+    """[node, ..., a linear's output (LoRA op, mm, addmm)]: the views and casts from `node`
+    back to the projection that produced it; [] when `node` is no projection output."""
+    chain = []
     for _ in range(_REGION_DEPTH):
         if not isinstance(node, Node):
-            return False
+            return []
+        chain.append(node)
         if node.op == "call_function" and node.target is operator.getitem:
-            return node.args[0].target is _LORA_FORWARD and node.args[1] == 0
+            return chain if node.args[0].target is _LORA_FORWARD and node.args[1] == 0 else []
         if _is_op(node, _PROJECTIONS):
-            return True
+            return chain
         if not (_is_view(node) or _is_op(node, {aten._to_copy, aten.clone})
                 or node.target is torch.ops.prims.convert_element_type.default):
-            return False
+            return []
         node = node.args[0]
-    return False
+    return []
+
+
+def is_projection_output(node: Any) -> bool:
+    """A linear's output (LoRA op, mm, addmm), through views and casts."""
+    return bool(projection_chain(node))
 
 
 def _feeds_projection(node: Node) -> bool:
@@ -138,7 +153,9 @@ def _feeds_projection(node: Node) -> bool:
 
 def _walk_back(start: Node, depth: int) -> tuple[set[Node], set[Node]]:
     """(pointwise/view nodes reached from `start` back through its inputs, projection
-    outputs among them or at their edge)."""
+    outputs among them or at their edge). A projection output reached through a cast or a
+    view brings the whole chain: under Inductor's decompositions silu reads
+    `convert_element_type(gate)`, and the partitioner may save `gate` itself, in bf16."""
     seen, sources, frontier = set(), set(), [start]
     for _ in range(depth):
         nxt = []
@@ -146,8 +163,9 @@ def _walk_back(start: Node, depth: int) -> tuple[set[Node], set[Node]]:
             for arg in node.all_input_nodes:
                 if arg in seen:
                     continue
-                if is_projection_output(arg):
-                    sources.add(arg)
+                chain = projection_chain(arg)
+                if chain:
+                    sources.update(chain)
                 elif _passes_values(arg):
                     seen.add(arg)
                     nxt.append(arg)
@@ -155,13 +173,14 @@ def _walk_back(start: Node, depth: int) -> tuple[set[Node], set[Node]]:
     return seen, sources
 
 
-def ffn_activation_region(fw: GraphModule) -> set[Node]:
+def ffn_activation_region(fw: GraphModule, within: Optional[set[Node]] = None) -> set[Node]:
     """Nodes of the forward graph between FFN projections: for each activation function fed
     (through pointwise ops) by a projection's output and feeding (through pointwise ops)
-    a projection's input, the projections' outputs and the pointwise nodes in between."""
+    a projection's input, the projections' outputs and the pointwise nodes in between.
+    `within`: on a joint graph, its forward nodes (the walk does not follow users outside)."""
     region: set[Node] = set()
     for act in fw.graph.nodes:
-        if not _is_op(act, _ACTIVATIONS):
+        if not _is_op(act, _ACTIVATIONS) or (within is not None and act not in within):
             continue
         back, sources = _walk_back(act, _REGION_DEPTH)
         if not sources:
@@ -172,7 +191,7 @@ def ffn_activation_region(fw: GraphModule) -> set[Node]:
             for node in frontier:
                 reaches = reaches or _feeds_projection(node)
                 for user in node.users:
-                    if user not in forward and _passes_values(user):
+                    if user not in forward and _passes_values(user) and (within is None or user in within):
                         forward.add(user)
                         nxt.append(user)
                         if _is_op(user, {aten.mul}):  # the gate product: its other operand is "up"
@@ -391,6 +410,76 @@ def _details(saved: SavedTensor, mode: str) -> dict:
             "saved": _describe(saved.fw.meta["val"]) if "val" in saved.fw.meta else None}
 
 
+# ----------------------------------------------------------------------------- recompute
+
+
+def _ancestors(nodes: list[Node]) -> set[Node]:
+    seen, stack = set(), list(nodes)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def ffn_products(joint: GraphModule, num_fwd_outputs: int) -> tuple[list[Node], dict[str, Node]]:
+    """([the pointwise nodes of each FFN activation region of the joint graph: the
+    activation, the gate product, their casts and views; not the projections' outputs],
+    {name: node} of the products among them, the region's nodes a projection reads)."""
+    output = next(iter(joint.graph.find_nodes(op="output")))
+    forward_nodes = _ancestors([n for n in output.args[0][:num_fwd_outputs] if isinstance(n, Node)])
+    nodes = [n for n in ffn_activation_region(joint, within=forward_nodes)
+             if n in forward_nodes and n.op == "call_function" and _passes_values(n)]
+    products = {storage_root(n).name: storage_root(n) for n in nodes if _feeds_projection(n)}
+    return nodes, products
+
+
+def _saved_names_and_bytes(fw: GraphModule, num_fwd_outputs: int) -> tuple[set[str], int]:
+    """(names of the forward graph's saved tensors, their bytes, each storage once)."""
+    outputs = list(next(iter(fw.graph.find_nodes(op="output"))).args[0])
+    saved = [n for n in outputs[num_fwd_outputs:] if isinstance(n, Node) and isinstance(n.meta.get("val"), torch.Tensor)]
+    roots = {storage_root(n): n for n in saved}
+    return {n.name for n in saved}, sum(nbytes(n.meta["val"]) for n in roots.values())
+
+
+def partition_recomputing_ffn_products(joint: GraphModule, joint_inputs, report: Report, **kwargs
+                                       ) -> tuple[GraphModule, GraphModule]:
+    """AOTAutograd's min-cut partition, made to recompute the FFN products it saves.
+    Where the partition saves `act(gate) * up` (the down projection's input) beside gate and
+    up (which the activation's derivative reads anyway, and which this pass compresses), the
+    region's pointwise nodes are marked MUST_RECOMPUTE and the joint graph partitioned again:
+    backward then recomputes the product from the decompressed gate and up, and a SwiGLU MLP
+    keeps two M x F tensors, not three. Kept only where it saves bytes; the bytes it frees
+    (the two partitions' saved bytes compared) are reported."""
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    n = kwargs["num_fwd_outputs"]
+    fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+    names, before = _saved_names_and_bytes(fw, n)
+    # found after the first partition: it replaces joint.graph with a CSE'd copy
+    region_nodes, products = ffn_products(joint, n)
+    saved_products = [p for name, p in products.items() if name in names]
+    if not saved_products:
+        return fw, bw
+    for node in region_nodes:
+        node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+    fw2, bw2 = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+    names2, after = _saved_names_and_bytes(fw2, n)
+    if after >= before:
+        return fw, bw
+    for product in saved_products:
+        if product.name not in names2:
+            report.add(Site(fm.module_path(product), PATTERN, "recomputed",
+                            f"ffn_product {_describe(product.meta['val'])}: recomputed in backward from "
+                            "the saved (compressed) gate and up instead of saved",
+                            {"kind": "ffn_product", "tensor": product.name}))
+    report.counters[f"{PATTERN}.recompute_bytes_saved"] += before - after
+    report.counters[f"{PATTERN}.bytes_saved"] += before - after
+    return fw2, bw2
+
+
 # ----------------------------------------------------------------------------- the partitioner
 
 
@@ -405,7 +494,8 @@ def _partitioner_base():
 
 
 class CompressSavedPartitioner(_partitioner_base()):
-    """AOTAutograd's min-cut partition, then compress_saved_activations on its two graphs.
+    """AOTAutograd's min-cut partition (made to recompute the FFN products it would save:
+    partition_recomputing_ffn_products), then compress_saved_activations on its two graphs.
     One per compiled graph: it writes that graph's report. `ran` says whether AOTAutograd
     partitioned at all (not for a graph without backward, nor when Inductor's cache
     returned compiled code without partitioning)."""
@@ -414,9 +504,12 @@ class CompressSavedPartitioner(_partitioner_base()):
         self.cfg, self.report, self.ran = cfg, report, False
 
     def __call__(self, joint: GraphModule, joint_inputs, **kwargs) -> tuple[GraphModule, GraphModule]:
-        from torch._functorch.partitioners import min_cut_rematerialization_partition
+        if self.cfg.compress_activations is CompressMode.NONE:
+            from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-        fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+            fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        else:
+            fw, bw = partition_recomputing_ffn_products(joint, joint_inputs, self.report, **kwargs)
         self.ran = True
         compress_saved_activations(fw, bw, kwargs["num_fwd_outputs"], self.cfg, self.report)
         return fw, bw
