@@ -580,9 +580,12 @@ def test_compression_on_cuda_under_inductor(mode):
         with collect_reports() as report:
             loss = compiled(input_ids=ids, labels=ids).loss
         loss.backward()
-        grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        # copies: with CUDA graphs (on by default for fp8 and int8) the gradients and the loss
+        # are graph outputs, which the next replay overwrites (the second forward below)
+        grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        loss = loss.detach().clone()
         saved, dtypes = _saved_for_backward(lambda: compiled(input_ids=ids, labels=ids).loss)
-        return loss.detach(), grads, report, saved, dtypes
+        return loss, grads, report, saved, dtypes
 
     loss0, grads0, _, saved0, _ = run("none")
     loss, grads, report, saved, dtypes = run(mode)
