@@ -65,12 +65,13 @@ def test_e2e_tiny_end_to_end_with_a_failing_variant(tmp_path, capsys):
 def test_accuracy_end_to_end_on_cpu(tmp_path):
     assert main(["accuracy", "--steps", "2", "--seeds", "2", "--max-train", "32", "--max-eval", "24",
                  "--batch-size", "8", "--device", "cpu", "--inner", "eager", "--out", str(tmp_path),
+                 "--variant", "fce=unsloth:fuse_cross_entropy=true",
                  "--variant", BROKEN]) == 0  # inner=eager: the e2e test covers aot_eager, this one the task
     data = json.loads((tmp_path / "accuracy.json").read_text())
     assert {"env", "args", "seeds", "label_names", "sizes", "runs", "summary"} <= set(data)
     assert len(data["label_names"]) == 14 and data["seeds"] == [0, 1]
     assert data["sizes"] == {"train": 32, "valid": 24, "test": 24}
-    assert len(data["runs"]) == 3 * 2
+    assert len(data["runs"]) == 4 * 2
     summary = {s["variant"]["name"]: s for s in data["summary"]}
     for name in ["peft-eager", "peft+unsloth"]:
         s = summary[name]
@@ -81,11 +82,15 @@ def test_accuracy_end_to_end_on_cpu(tmp_path):
     assert summary["peft+unsloth"]["delta_f1_points"] is not None
     unsloth_runs = [r for r in data["runs"] if r["variant"]["name"] == "peft+unsloth"]
     assert all(r["fusion"]["fused"] > 0 for r in unsloth_runs)
+    # fuse_cross_entropy=true: training returns no logits, so the classifier + CE is one more fused site
+    fce_runs = [r for r in data["runs"] if r["variant"]["name"] == "fce"]
+    assert [r["fusion"]["fused"] for r in fce_runs] == [r["fusion"]["fused"] + 1 for r in unsloth_runs]
+    assert summary["fce"]["seeds_ok"] == 2
     assert summary["broken"]["seeds_failed"] == 2 and summary["broken"]["verdict"] == "failed"
 
     rows = _md_rows((tmp_path / "accuracy.md").read_text())
     names = [r[0] for r in rows[1:]]  # after the header row
-    assert names == ["peft-eager", "peft+unsloth", "broken"]
+    assert names == ["peft-eager", "peft+unsloth", "fce", "broken"]
     assert "no_such_option" in rows[-1][-1]
 
 
