@@ -13,15 +13,19 @@ Backward then only scales the stored dh, dW, db by the incoming gradient (the Li
 approach: the gradient is computed in forward, where the logits are at hand).
 
 Cost: the same three GEMMs as eager (2 x rows x V x D FLOPs each, the dW one only for a
-trainable head) plus O(rows x V) elementwise work, done one chunk at a time. On CUDA these
-matmuls are cuBLAS calls, the bulk of the time; a Triton CE kernel over the chunk can come later.
+trainable head) plus O(rows x V) elementwise work, done one chunk at a time. In plain torch
+that elementwise work is ~6 passes over the chunk's fp32 logits (cast, logsumexp, exp,
+scatter, scale, cast back); the caller may pass `chunk_loss`, which does a chunk's loss and
+gradient from its logits in their own dtype, for the steps it can run (casts to fp32 only:
+`chunk_loss_applies`); ops.py passes the Triton cross-entropy of kernels/logits_cross_entropy.py,
+two passes over bf16 logits.
 
 This module imports nothing of the project (kernels/ depends on torch only).
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -99,11 +103,26 @@ def _steps_backward(grad: Tensor, steps: Sequence[str], values: Sequence[float],
     return grad
 
 
+# (logits z of a chunk, its targets, ignore_index, grad_scale or None) -> (the chunk's loss sum
+# in fp32, d loss / d z in z's dtype (times grad_scale, zero on ignored rows) or None)
+ChunkLoss = Callable[[Tensor, Tensor, int, Optional[Tensor]], tuple[Tensor, Optional[Tensor]]]
+_CHUNK_LOSS_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def chunk_loss_applies(steps: Sequence[str], linear_dtype: torch.dtype) -> bool:
+    """Whether a ChunkLoss computes what the steps + cross-entropy compute: no steps, or only
+    the loss's upcast to fp32 (which it does in registers), on fp32/bf16/fp16 logits."""
+    return linear_dtype in _CHUNK_LOSS_DTYPES and all(step == cast_step(torch.float32) for step in steps)
+
+
 def _chunk(h_c: Tensor, t_c: Tensor, weight: Tensor, bias: Optional[Tensor], ignore_index: int,
-           steps: Sequence[str], values: Sequence[float], grad_scale: Optional[Tensor]):
+           steps: Sequence[str], values: Sequence[float], grad_scale: Optional[Tensor],
+           chunk_loss: Optional[ChunkLoss] = None):
     """(loss sum of the chunk in fp32, d loss / d z of the chunk or None), where z is the
     chunk's linear output; grad_scale None: no gradient wanted."""
     z = torch.nn.functional.linear(h_c, weight, bias)
+    if chunk_loss is not None and chunk_loss_applies(steps, z.dtype):
+        return chunk_loss(z, t_c, ignore_index, grad_scale)
     x, kept = _apply_steps(z, steps, values)
     del z  # (x may be z itself: no steps)
     # fp32 at least (float64 stays float64: the tests' oracle); x itself when x is already
@@ -129,9 +148,11 @@ def _chunk(h_c: Tensor, t_c: Tensor, weight: Tensor, bias: Optional[Tensor], ign
 def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], target: Tensor,
                                  ignore_index: int, reduction: str, steps: Sequence[str],
                                  values: Sequence[float], chunk_rows: int, grad_hidden: bool,
-                                 grad_weight: bool, grad_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                                 grad_weight: bool, grad_bias: bool, chunk_loss: Optional[ChunkLoss] = None
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(loss, dhidden, dweight, dbias) for an incoming gradient of 1; a gradient not asked
-    for is an empty tensor. hidden (..., D), weight (V, D), target (...) of hidden's rows."""
+    for is an empty tensor. hidden (..., D), weight (V, D), target (...) of hidden's rows.
+    `chunk_loss`: a chunk's loss and gradient from its logits, where chunk_loss_applies."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not 'mean' or 'sum'")
     if len(steps) != len(values):
@@ -158,7 +179,8 @@ def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[
     with torch.autocast(h.device.type, enabled=False):  # the linear in the dtypes eager's ran in
         for start in range(0, rows, step):
             h_c = h[start:start + step]
-            loss_c, dz = _chunk(h_c, t[start:start + step], weight, bias, ignore_index, steps, values, grad_scale)
+            loss_c, dz = _chunk(h_c, t[start:start + step], weight, bias, ignore_index, steps, values, grad_scale,
+                                chunk_loss)
             loss += loss_c
             if dz is None:
                 continue

@@ -22,7 +22,7 @@ unsloth::lora_linear: the op takes a plain linear head), a head computing in ano
 than its input (autocast), anything else between the head and the loss.
 
 Replacement: `torch.ops.unsloth.linear_cross_entropy(hidden, weight, bias, target, ignore_index,
-reduction, steps, step_values, chunk_rows)`; the steps run inside the op in eager's order and
+reduction, steps, step_values, chunk_rows, impl)`; the steps run inside the op in eager's order and
 dtypes, chunk_rows keeps a chunk's fp32 logits under the `cross_entropy_chunk_mib` budget. The
 op computes the gradients of the inputs that need them in its forward (no weight gradient for
 a frozen head) and saves those, never the logits.
@@ -216,7 +216,7 @@ def replace_site(gm: GraphModule, m: Match, cfg: Config) -> dict:
     vocab = fm.example_value(weight).shape[0]
     chunk_rows = kernel.chunk_rows_for(vocab, cfg.cross_entropy_chunk_mib * 2**20)
     args = (hidden, weight, bias, m.args["target"], m.args["ignore_index"], m.args["reduction"],
-            list(m.steps), list(m.values), chunk_rows)
+            list(m.steps), list(m.values), chunk_rows, cfg.kernels.value)
     with gm.graph.inserting_before(m.ce):
         fused = gm.graph.call_function(torch.ops.unsloth.linear_cross_entropy.default, args)
     fm.set_fake_meta(fused, m.ce)

@@ -119,7 +119,7 @@ def test_frozen_head_gets_no_weight_gradient(monkeypatch):
     real = lce.linear_cross_entropy_forward
 
     def spy(*args):
-        flags.append(args[-3:])
+        flags.append(args[-4:-1])  # grad_hidden, grad_weight, grad_bias (then chunk_loss)
         return real(*args)
     monkeypatch.setattr(lce, "linear_cross_entropy_forward", spy)
     h, w, _, t = _inputs(bias=False)
@@ -141,6 +141,31 @@ def test_backward_scales_by_the_incoming_gradient():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for g, e in zip(got_grads, want_grads):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,steps,tol", [(torch.float32, [], 1e-5), (torch.float16, ["to:float32"], 2e-3)])
+def test_triton_chunk_loss_equals_the_torch_chunks(monkeypatch, dtype, steps, tol):
+    """A chunk's loss and gradient by the Triton cross-entropy kernels (impl "auto": CUDA, or
+    the interpreter here) equal the plain-torch chunks (impl "reference"): 53 columns (no
+    multiple of a tile), ignored rows, chunks of 5 of 38 rows, weight and bias gradients."""
+    from unsloth_compile import ops
+    from unsloth_compile.kernels.launch_args import interpreting
+
+    if not (interpreting() or torch.cuda.is_available()):
+        pytest.skip("the Triton path runs on CUDA or in the interpreter (TRITON_INTERPRET=1)")
+    calls = []
+    real = ops._triton_chunk_loss
+    monkeypatch.setattr(ops, "_triton_chunk_loss", lambda *a: calls.append(1) or real(*a))
+    h, w, b, t = _inputs(dtype=dtype)
+    results = {}
+    for impl in ("auto", "reference"):
+        leaves = [x.detach().clone().requires_grad_(True) for x in (h, w, b)]
+        loss = OP(*leaves, t, -100, "mean", steps, [0.0] * len(steps), 5, impl)
+        loss.backward()
+        results[impl] = [loss.detach()] + [x.grad for x in leaves]
+    assert len(calls) == 8  # ceil(38 / 5) chunks, all on the Triton path; none with "reference"
+    for got, want in zip(results["auto"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
 def test_opcheck():

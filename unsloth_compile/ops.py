@@ -310,16 +310,17 @@ _lib.impl("lora_linear", _lora_linear_autograd, "Autograd")
 # The first is what the pass emits; its autograd runs the second, which computes the gradients
 # chunk by chunk while the chunk's logits exist (kernels/linear_cross_entropy.py), and saves
 # them: backward only scales them by the incoming gradient. Nothing of size rows x vocab is
-# saved. One plain-torch implementation serves every device for now: on CUDA its cost is the
-# cuBLAS matmuls per chunk.
+# saved. The matmuls are torch's (cuBLAS); a chunk's loss and gradient from its logits run
+# the Triton cross-entropy kernels (kernels/logits_cross_entropy.py) on CUDA and in the
+# interpreter (not bf16 there), plain torch elsewhere or with impl="reference".
 
 from .kernels import linear_cross_entropy as _lce  # noqa: E402
 
 _LCE_ARGS = ("Tensor hidden, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
              "str[] steps, float[] step_values, int chunk_rows")
-_lib.define(f"linear_cross_entropy({_LCE_ARGS}) -> Tensor")
-_lib.define(f"linear_cross_entropy_forward({_LCE_ARGS}, bool grad_hidden, bool grad_weight, bool grad_bias) "
-            "-> (Tensor, Tensor, Tensor, Tensor)")
+_lib.define(f"linear_cross_entropy({_LCE_ARGS}, str impl=\"auto\") -> Tensor")
+_lib.define(f"linear_cross_entropy_forward({_LCE_ARGS}, bool grad_hidden, bool grad_weight, bool grad_bias, "
+            "str impl=\"auto\") -> (Tensor, Tensor, Tensor, Tensor)")
 
 
 def _lce_loss_like(hidden: Tensor, steps) -> Tensor:
@@ -327,13 +328,13 @@ def _lce_loss_like(hidden: Tensor, steps) -> Tensor:
 
 
 @torch.library.register_fake("unsloth::linear_cross_entropy")
-def _(hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows):
+def _(hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows, impl="auto"):
     return _lce_loss_like(hidden, steps)
 
 
 @torch.library.register_fake("unsloth::linear_cross_entropy_forward")
 def _(hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows,
-      grad_hidden, grad_weight, grad_bias):
+      grad_hidden, grad_weight, grad_bias, impl="auto"):
     # contiguous gradients, as the implementation returns them; empty where not asked for
     dh = hidden.new_empty(hidden.shape) if grad_hidden else hidden.new_empty((0,))
     dw = weight.new_empty(weight.shape) if grad_weight else weight.new_empty((0,))
@@ -341,19 +342,35 @@ def _(hidden, weight, bias, target, ignore_index, reduction, steps, step_values,
     return _lce_loss_like(hidden, steps), dh, dw, db
 
 
+def _triton_chunk_loss(logits: Tensor, target: Tensor, ignore_index: int, grad_scale: Optional[Tensor]):
+    """kernels/linear_cross_entropy.ChunkLoss with the Triton kernels: the sum of the chunk's
+    losses and lse in one pass over its logits, the gradient (times grad_scale) in another."""
+    from .kernels import logits_cross_entropy as ce
+
+    loss_sum, lse = ce.cross_entropy_forward(logits, target, ignore_index, "sum")
+    if grad_scale is None:
+        return loss_sum, None
+    return loss_sum, ce.cross_entropy_backward(grad_scale, logits, target, lse, ignore_index, "sum")
+
+
 def _linear_cross_entropy_forward(hidden, weight, bias, target, ignore_index, reduction, steps, step_values,
-                                  chunk_rows, grad_hidden, grad_weight, grad_bias):
+                                  chunk_rows, grad_hidden, grad_weight, grad_bias, impl="auto"):
+    from .ops_cross_entropy import _triton as _triton_cross_entropy
+
+    chunk_loss = _triton_chunk_loss if _triton_cross_entropy(impl, hidden) else None
     # no autograd inside: the gradients are computed by hand (and out= matmuls refuse it)
     with torch.no_grad():
         return _lce.linear_cross_entropy_forward(hidden, weight, bias, target, ignore_index, reduction, steps,
-                                                 step_values, chunk_rows, grad_hidden, grad_weight, grad_bias)
+                                                 step_values, chunk_rows, grad_hidden, grad_weight, grad_bias,
+                                                 chunk_loss)
 
 
-def _linear_cross_entropy(hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows):
+def _linear_cross_entropy(hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows,
+                          impl="auto"):
     """Without autograd (no gradient wanted): the loss only, no gradient computed."""
     return torch.ops.unsloth.linear_cross_entropy_forward.default(
         hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows,
-        False, False, False)[0]
+        False, False, False, impl)[0]
 
 
 _lib.impl("linear_cross_entropy", _linear_cross_entropy, "CompositeExplicitAutograd")
@@ -367,13 +384,14 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
     backward scales those by the incoming gradient (a 0-d tensor)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows):
+    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows,
+                impl):
         needs = ctx.needs_input_grad
         grad_bias = bias is not None and needs[2]
         with torch._C._AutoDispatchBelowAutograd():
             loss, dh, dw, db = torch.ops.unsloth.linear_cross_entropy_forward.default(
                 hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows,
-                needs[0], needs[1], grad_bias)
+                needs[0], needs[1], grad_bias, impl)
         ctx.save_for_backward(dh, dw, db)
         ctx.grads = (needs[0], needs[1], grad_bias)
         return loss
@@ -383,12 +401,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         dh, dw, db = ctx.saved_tensors
         wants = ctx.grads
         scaled = [(g * grad_loss).to(g.dtype) if want else None for g, want in zip((dh, dw, db), wants)]
-        return (*scaled, None, None, None, None, None, None)
+        return (*scaled, None, None, None, None, None, None, None)
 
 
 def _linear_cross_entropy_autograd(hidden, weight, bias, target, ignore_index, reduction, steps, step_values,
-                                   chunk_rows):
-    inputs = (hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows)
+                                   chunk_rows, impl="auto"):
+    inputs = (hidden, weight, bias, target, ignore_index, reduction, steps, step_values, chunk_rows, impl)
     if torch.is_grad_enabled() and torch._C._any_requires_grad(hidden, weight, bias):
         return _LinearCrossEntropyFunction.apply(*inputs)
     with torch._C._AutoDispatchBelowAutograd():
