@@ -47,7 +47,11 @@ torch >= 2.9), `torch._dynamo.backends.common.aot_autograd` and
 `torch._dynamo.backends.debugging.boxed_nop` (aot_eager's own parts), and the partitioned
 graphs' layout described above, which AOTAutograd reads back from the graphs (the number
 of saved tensors is counted from the forward's output node, as torch's own fp8 activation
-quantization pass, partitioners.enable_activation_quantization, relies on).
+quantization pass, partitioners.enable_activation_quantization, relies on). The FFN-product
+recompute (`partition_recomputing_ffn_products`, in the recompute section) also relies on the
+min-cut partitioner honouring `node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE` (what
+selective activation checkpointing sets) and on it replacing `joint.graph` with a CSE'd copy
+(nodes keep their names), so the region is found again after the first partition.
 """
 
 from __future__ import annotations
@@ -132,11 +136,6 @@ def projection_chain(node: Any) -> list[Node]:
             return []
         node = node.args[0]
     return []
-
-
-def is_projection_output(node: Any) -> bool:
-    """A linear's output (LoRA op, mm, addmm), through views and casts."""
-    return bool(projection_chain(node))
 
 
 def _feeds_projection(node: Node) -> bool:
