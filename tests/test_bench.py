@@ -223,8 +223,8 @@ def test_lossy_variants_are_the_lossy_options_only():
 def test_sparsity_variant_prunes_by_the_chosen_method():
     """compile_for prunes before compiling: magnitude by default, Wanda with the calibration
     batches the bench passes (its scores follow the inputs: another mask than magnitude's on
-    inputs whose feature norms differ); wanda without calibration, or prune_method without
-    sparsity, is refused."""
+    inputs whose feature norms differ), wanda-ls Wanda's mask with refit weights; wanda or *-ls
+    without calibration, or prune_method without sparsity, is refused."""
     from helpers import peft_wrap, tiny_causal_lm
     from unsloth_compile.bench.variants import compile_for
     from unsloth_compile.sparsity import Sparse24Linear
@@ -246,6 +246,13 @@ def test_sparsity_variant_prunes_by_the_chosen_method():
         assert (w != 0).sum().item() == w.numel() // 2
     with pytest.raises(ValueError, match="needs calibration batches"):
         pruned("wanda")
+    # wanda-ls: Wanda's mask, the kept weights refit on the same batches
+    refit = pruned("wanda-ls", calibration)
+    assert refit.keys() == wanda.keys() and all(torch.equal(refit[n] != 0, wanda[n] != 0) for n in wanda)
+    assert any(not torch.equal(refit[n], wanda[n]) for n in wanda)
+    for method in ("wanda-ls", "magnitude-ls"):
+        with pytest.raises(ValueError, match=f"prune_method={method} needs calibration batches"):
+            pruned(method)
     with pytest.raises(ValueError, match="one of magnitude, wanda"):
         pruned("random")
     with pytest.raises(ValueError, match="prune_method and prune_layers are for sparsity=2:4"):

@@ -3,6 +3,7 @@ separate from the runtime rewrite (passes/sparse24_linear.py).
 
     report = unsloth_compile.sparsity.prune(model)                      # magnitude
     report = unsloth_compile.sparsity.prune(model, "wanda", calibration=batches)
+    report = unsloth_compile.sparsity.prune(model, "wanda", calibration=batches, reconstruct=True)
     print(report)             # per layer: kept-weight energy, or why it was left dense
     model = torch.compile(model, backend="unsloth", options={"sparsity": "2:4"})
     unsloth_compile.sparsity.revert(model)   # back to nn.Linear / Conv1D with the pruned weight
@@ -13,6 +14,11 @@ the sparse tensor cores, zeroes the rest of the weight in place and (convert=Tru
 base for a `Sparse24Linear`. Scores: "magnitude" |W|; "wanda" |W| * ||X_j||_2, the norm of
 each input feature over calibration batches run through the model (forward hooks on the
 bases). The report gives each layer's kept-weight energy (sum of kept w^2 / sum of w^2).
+reconstruct=True then refits the kept weights of each layer by least squares so that it
+reproduces the dense layer's outputs on the calibration inputs (sparse24_reconstruct.py; the
+same pass also sums each base's H = X^T X, K x K float64 per layer, from the dense model's
+activations); the mask is unchanged and the report adds each layer's relative output error on
+the calibration inputs, masked against reconstructed.
 
 `Sparse24Linear` keeps the dense masked weight (a frozen parameter: the CPU path, the
 reference, what state_dict saves) and, on CUDA, compressed copies of W and W^T
@@ -39,6 +45,8 @@ from .dense_linear import conversion_targets, dense_weight, frozen_dense, is_con
 from .dense_linear import lora_base_layers  # noqa: F401  part of this module's API
 from .kernels import sparse24
 from .sparse24_mask import kept_energy, sparsity_problem, transposable_mask
+from .sparse24_reconstruct import reconstruct as reconstruct_kept
+from .sparse24_reconstruct import relative_output_error
 
 log = logging.getLogger("unsloth_compile.sparsity")
 
@@ -141,16 +149,27 @@ class Sparse24Linear(nn.Module):
 @dataclasses.dataclass
 class SparsityReport:
     method: str  # "magnitude", "wanda", or "none" (convert of an already pruned model)
+    reconstructed: bool = False  # kept weights refit by least squares on the calibration inputs
     energy: dict[str, float] = dataclasses.field(default_factory=dict)  # path -> kept-weight energy
+    # path -> relative output error on the calibration inputs, ||X (W - W0)^T|| / ||X W0^T||,
+    # of the masked dense weight and of the reconstructed one (reconstructed layers only)
+    output_error: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     converted: list[str] = dataclasses.field(default_factory=list)  # paths now Sparse24Linear
     refused: dict[str, str] = dataclasses.field(default_factory=dict)  # path -> why left as it is
 
     def __str__(self) -> str:
         mean = sum(self.energy.values()) / len(self.energy) if self.energy else float("nan")
-        lines = [f"unsloth_compile.sparsity: {len(self.energy)} base linear(s) pruned 2:4 ({self.method}), "
+        how = f"{self.method}, kept weights refit by least squares" if self.reconstructed else self.method
+        lines = [f"unsloth_compile.sparsity: {len(self.energy)} base linear(s) pruned 2:4 ({how}), "
                  f"{len(self.converted)} converted to Sparse24Linear, {len(self.refused)} left as they are; "
                  f"mean kept-weight energy {mean:.4f}"]
-        lines += [f"  {path}: kept energy {e:.4f}" for path, e in self.energy.items()]
+        if self.output_error:
+            before, after = (sum(e[i] for e in self.output_error.values()) / len(self.output_error) for i in (0, 1))
+            lines[0] += f"; mean calibration output error {before:.4f} masked -> {after:.4f} reconstructed"
+        for path, e in self.energy.items():
+            errors = self.output_error.get(path)
+            lines.append(f"  {path}: kept energy {e:.4f}" + ("" if errors is None else
+                         ", calibration output error %.4f masked -> %.4f reconstructed" % errors))
         lines += [f"  {path}: not pruned: {reason}" for path, reason in self.refused.items()]
         return "\n".join(lines)
 
@@ -164,16 +183,32 @@ def _run(model: nn.Module, batch) -> None:
         model(batch)
 
 
-def input_feature_norms(model: nn.Module, modules: dict[str, nn.Module], calibration: Iterable) -> dict[str, Tensor]:
-    """||X_j||_2 over every calibration token, per input feature j of each module: the model
-    runs each batch in eval mode without gradients; forward pre-hooks sum x^2 by column."""
+@dataclasses.dataclass
+class Calibration:
+    """What the calibration pass measured at each module's input, per path: ||X_j||_2 of each
+    input feature j over every calibration token (Wanda's scores), and, when asked, the Gram
+    matrix H = X^T X (float64, K x K: least-squares reconstruction)."""
+    norms: dict[str, Tensor]
+    grams: dict[str, Tensor]
+
+
+def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iterable,
+              grams: bool = False) -> Calibration:
+    """One pass of the calibration batches through the model (eval mode, no gradients);
+    forward pre-hooks on `modules` sum x^2 by column and (grams) x^T x, in float64."""
     sums: dict[str, Tensor] = {}
+    gram_sums: dict[str, Tensor] = {}
+
+    def accumulate(store: dict[str, Tensor], path: str, part: Tensor) -> None:
+        store[path] = part if path not in store else store[path] + part
 
     def hook_for(path: str):
         def hook(_module, args):
             x = args[0].detach()
-            part = x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
-            sums[path] = part if path not in sums else sums[path] + part
+            x = x.reshape(-1, x.shape[-1]).double()
+            accumulate(sums, path, x.pow(2).sum(0))
+            if grams:
+                accumulate(gram_sums, path, x.t() @ x)
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(p)) for p, m in modules.items()]
@@ -191,20 +226,24 @@ def input_feature_norms(model: nn.Module, modules: dict[str, nn.Module], calibra
     if missing:
         raise ValueError(f"unsloth_compile.sparsity: the calibration batches never reached {', '.join(missing[:3])}"
                          f"{' ...' if len(missing) > 3 else ''}: pass batches the model's forward takes")
-    return {p: s.sqrt() for p, s in sums.items()}
+    return Calibration({p: s.sqrt() for p, s in sums.items()}, gram_sums)
 
 
 def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Iterable] = None,
-          select: Optional[Callable[[str, nn.Module], bool]] = None, convert: bool = True) -> SparsityReport:
+          select: Optional[Callable[[str, nn.Module], bool]] = None, convert: bool = True,
+          reconstruct: bool = False) -> SparsityReport:
     """Prune the frozen base of every LoRA layer (or what `select(path, module)` picks) to a
     transposable 2:4 mask, in place, and (convert) swap each for a Sparse24Linear.
-    Deterministic: the same weights (and calibration) give the same masks."""
+    reconstruct: refit the kept weights by least squares on the calibration inputs (same mask).
+    Deterministic: the same weights (and calibration) give the same masks and weights."""
     if method not in METHODS:
         raise ValueError(f"unsloth_compile.sparsity.prune: method={method!r}; choose one of {', '.join(METHODS)}")
-    if method == "wanda" and calibration is None:
-        raise ValueError("unsloth_compile.sparsity.prune: method='wanda' needs calibration= (batches for the "
-                         "model's forward), its scores weigh |W| by each input feature's norm")
-    report = SparsityReport(method)
+    for needed, why in ((method == "wanda", "method='wanda' weighs |W| by each input feature's norm on them"),
+                        (reconstruct, "reconstruct=True refits the kept weights to the dense outputs on them")):
+        if needed and calibration is None:
+            raise ValueError(f"unsloth_compile.sparsity.prune: {why}: pass calibration= (batches for the "
+                             "model's forward)")
+    report = SparsityReport(method, reconstructed=reconstruct)
     todo = []
     for parent, attr, path in conversion_targets(model, select):
         module = getattr(parent, attr)
@@ -214,25 +253,39 @@ def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Ite
             report.refused[path] = reason
         else:
             todo.append((parent, attr, path, module))
-    norms = {}
-    if method == "wanda" and todo:
-        norms = input_feature_norms(model, {path: module for _, _, path, module in todo}, calibration)
+    measured = Calibration({}, {})
+    if (method == "wanda" or reconstruct) and todo:
+        measured = calibrate(model, {path: module for _, _, path, module in todo}, calibration, grams=reconstruct)
     for parent, attr, path, module in todo:
-        weight = dense_weight(module)
-        with torch.no_grad():
-            score = weight.detach().abs().float()
-            if method == "wanda":
-                score = score * norms[path].to(score.device, torch.float32)
-            mask = transposable_mask(score)
-            report.energy[path] = kept_energy(weight, mask)
-            weight.mul_(mask)  # a Conv1D's transposed view writes through to its (K, N) weight
-        log.info("unsloth_compile.sparsity: %s pruned 2:4 (%s), kept-weight energy %.4f", path, method,
-                 report.energy[path])
+        _prune_layer(dense_weight(module), path, method, measured, report)
         if convert:
             setattr(parent, attr, Sparse24Linear.from_dense(module))
             report.converted.append(path)
     log.info("%s", report)
     return report
+
+
+def _prune_layer(weight: Tensor, path: str, method: str, measured: Calibration, report: SparsityReport) -> None:
+    """Mask `weight` in place (a Conv1D's transposed view writes through to its (K, N) weight),
+    refit its kept entries when `measured` has its Gram matrix, and record what it kept."""
+    with torch.no_grad():
+        score = weight.detach().abs().float()
+        if method == "wanda":
+            score = score * measured.norms[path].to(score.device, torch.float32)
+        mask = transposable_mask(score)
+        report.energy[path] = kept_energy(weight, mask)
+        gram = measured.grams.get(path)
+        if gram is None:
+            weight.mul_(mask)
+        else:
+            dense = weight.detach().clone()
+            masked_error = relative_output_error(dense * mask, dense, gram)
+            weight.copy_(reconstruct_kept(dense, mask, gram))
+            report.output_error[path] = (masked_error, relative_output_error(weight, dense, gram))
+    errors = report.output_error.get(path)
+    log.info("unsloth_compile.sparsity: %s pruned 2:4 (%s), kept-weight energy %.4f%s", path, method,
+             report.energy[path], "" if errors is None else
+             ", calibration output error %.4f masked -> %.4f reconstructed" % errors)
 
 
 def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None) -> SparsityReport:

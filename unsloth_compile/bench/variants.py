@@ -14,7 +14,9 @@ e.g. `--variant nofold=unsloth:fold_residual=false,kernels=reference`.
 
 With `sparsity=2:4` the bases are pruned before compiling, by `prune_method=magnitude` (the
 default) or `prune_method=wanda`, which scores weights on calibration batches that the bench
-passes (`bench accuracy`: the first training batches); `prune_method` is the bench's, not a
+passes (`bench accuracy`: the first training batches); `-ls` after either (`wanda-ls`) also
+refits the kept weights by least squares on those batches (`prune(..., reconstruct=True)`).
+`prune_method` is the bench's, not a
 backend option, as is `prune_layers=REGEX`, which prunes only the LoRA bases whose path matches
 (e.g. `prune_layers=mlp` for a Llama's MLP; the others stay dense).
 """
@@ -118,12 +120,13 @@ def resolve_inner(inner: str, device: torch.device) -> str:
     return inner
 
 
-PRUNE_METHODS = ("magnitude", "wanda")
+# "<score>-ls": the mask by that score, then the kept weights refit by least squares
+PRUNE_METHODS = ("magnitude", "wanda", "magnitude-ls", "wanda-ls")
 
 
 def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[list] = None) -> Callable:
     """The callable that trains `model` under this variant (the model itself when eager).
-    `calibration`: batches (keyword dicts for the model) for `prune_method=wanda`."""
+    `calibration`: batches (keyword dicts for the model) for `prune_method=wanda` or `*-ls`."""
     if variant.kind in ("full", "eager"):
         return model
     options = dict(variant.options)
@@ -143,17 +146,18 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
         if cfg.sparsity.value == "2:4":  # the LoRA bases pruned 2:4 first: the option runs them sparse
             from unsloth_compile.sparsity import prune
 
-            if prune_method == "wanda" and not calibration:
-                raise ValueError(f"variant {variant.name}: prune_method=wanda needs calibration batches, which "
-                                 "only `bench accuracy` passes")
+            score, reconstruct = prune_method.removesuffix("-ls"), prune_method.endswith("-ls")
+            if (score == "wanda" or reconstruct) and not calibration:
+                raise ValueError(f"variant {variant.name}: prune_method={prune_method} needs calibration batches, "
+                                 "which only `bench accuracy` passes")
             select = None
             if prune_layers is not None:
                 pattern = re.compile(str(prune_layers))
 
                 def select(path: str, module: torch.nn.Module) -> bool:
                     return path.endswith(".base_layer") and pattern.search(path) is not None
-            report = prune(model, prune_method, calibration=calibration if prune_method == "wanda" else None,
-                           select=select)
+            report = prune(model, score, calibration=calibration if score == "wanda" or reconstruct else None,
+                           select=select, reconstruct=reconstruct)
             if prune_layers is not None and not report.energy:
                 raise ValueError(f"variant {variant.name}: prune_layers={prune_layers!r} matches no LoRA base")
         elif {"prune_method", "prune_layers"} & set(variant.options):
