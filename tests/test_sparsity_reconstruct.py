@@ -145,3 +145,15 @@ def test_reconstruct_needs_calibration():
         sparsity.prune(_mlp(), "magnitude", reconstruct=True)
     with pytest.raises(ValueError, match="never reached"):
         sparsity.prune(_mlp(), "magnitude", calibration=[], reconstruct=True)
+
+
+def test_reconstruct_refuses_grams_over_the_budget(monkeypatch):
+    """The Gram matrices (float64 K x K per layer, all held during the one calibration pass)
+    are counted before the pass: over sparsity.GRAM_BUDGET_BYTES the call is refused, naming
+    the way out, and nothing is pruned."""
+    model, batches = _mlp(), _calibration()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(sparsity, "GRAM_BUDGET_BYTES", 1000)
+    with pytest.raises(ValueError, match="Gram matrix per layer.*select="):
+        sparsity.prune(model, "wanda", calibration=batches, reconstruct=True)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -192,10 +192,21 @@ class Calibration:
     grams: dict[str, Tensor]
 
 
+# what reconstruct=True may hold at once in Gram matrices (Llama-1B's 112 bases would need 11 GiB)
+GRAM_BUDGET_BYTES = 8 * 2**30
+
+
 def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iterable,
               grams: bool = False) -> Calibration:
     """One pass of the calibration batches through the model (eval mode, no gradients);
     forward pre-hooks on `modules` sum x^2 by column and (grams) x^T x, in float64."""
+    if grams:
+        need = sum(8 * m.weight.shape[-1] ** 2 for m in modules.values())  # one float64 K x K per layer
+        if need > GRAM_BUDGET_BYTES:
+            raise ValueError(
+                f"unsloth_compile.sparsity: reconstruct=True keeps a float64 K x K Gram matrix per layer, "
+                f"{need / 2**30:.1f} GiB for these {len(modules)} layers (limit {GRAM_BUDGET_BYTES / 2**30:.0f} GiB, "
+                "sparsity.GRAM_BUDGET_BYTES): prune in several calls, each with a select= that picks fewer layers")
     sums: dict[str, Tensor] = {}
     gram_sums: dict[str, Tensor] = {}
 
