@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import functools
 import math
+from typing import Optional
 
 import pytest
 import torch
@@ -333,13 +334,16 @@ def test_partitioned_graphs_save_the_compressed_tensors(monkeypatch, mode):
 # ----------------------------------------------------------------------------- tiny PEFT Llama
 
 
-def _saved_for_backward(fn):
-    """(bytes, Counter of dtypes) of what autograd keeps for backward, each storage once."""
+def _saved_for_backward(fn, kept: Optional[list] = None):
+    """(bytes, Counter of dtypes) of what autograd keeps for backward, each storage once;
+    `kept`, when given, gets (dtype, shape) of every saved tensor, in order."""
     storages, dtypes = {}, collections.Counter()
 
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         dtypes[t.dtype] += 1
+        if kept is not None:
+            kept.append((t.dtype, tuple(t.shape)))
         return t
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
@@ -528,10 +532,7 @@ def test_bf16_gated_mlp_under_inductor_decompositions(mode):
         with collect_reports() as report:
             compiled(x).float().sum().backward()
         kept = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, tuple(t.shape))) or t,
-                                                      lambda t: t):
-            compiled(x)
-        saved, _ = _saved_for_backward(lambda: compiled(x))
+        saved, _ = _saved_for_backward(lambda: compiled(x), kept)
         return report, saved, kept
 
     _, saved0, kept0 = run("none")

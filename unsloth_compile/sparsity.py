@@ -167,9 +167,7 @@ class SparsityReport:
             before, after = (sum(e[i] for e in self.output_error.values()) / len(self.output_error) for i in (0, 1))
             lines[0] += f"; mean calibration output error {before:.4f} masked -> {after:.4f} reconstructed"
         for path, e in self.energy.items():
-            errors = self.output_error.get(path)
-            lines.append(f"  {path}: kept energy {e:.4f}" + ("" if errors is None else
-                         ", calibration output error %.4f masked -> %.4f reconstructed" % errors))
+            lines.append(f"  {path}: kept energy {e:.4f}{_error_text(self.output_error.get(path))}")
         lines += [f"  {path}: not pruned: {reason}" for path, reason in self.refused.items()]
         return "\n".join(lines)
 
@@ -293,10 +291,13 @@ def _prune_layer(weight: Tensor, path: str, method: str, measured: Calibration, 
             masked_error = relative_output_error(dense * mask, dense, gram)
             weight.copy_(reconstruct_kept(dense, mask, gram))
             report.output_error[path] = (masked_error, relative_output_error(weight, dense, gram))
-    errors = report.output_error.get(path)
     log.info("unsloth_compile.sparsity: %s pruned 2:4 (%s), kept-weight energy %.4f%s", path, method,
-             report.energy[path], "" if errors is None else
-             ", calibration output error %.4f masked -> %.4f reconstructed" % errors)
+             report.energy[path], _error_text(report.output_error.get(path)))
+
+
+def _error_text(errors: Optional[tuple[float, float]]) -> str:
+    """A layer's calibration output errors (masked, reconstructed) for the report and the log."""
+    return "" if errors is None else ", calibration output error %.4f masked -> %.4f reconstructed" % errors
 
 
 def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None) -> SparsityReport:
