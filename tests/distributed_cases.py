@@ -122,6 +122,7 @@ def case_ddp(world, rank) -> dict:
         out = train(model, lambda **b: controller.ddp(**b), opt, STEPS, world, rank,
                     sync_off=lambda: no_sync(controller.ddp))
         out["counters"] = dict(report.counters)
+    out["broadcast_buffers"] = [ddp.broadcast_buffers]  # compile_ddp's default
     out["buckets"] = len(controller.ddp.bucket_num_param_list) if hasattr(controller.ddp, "bucket_num_param_list") \
         else None
     for k, r in enumerate(RANK_STEPS):
@@ -132,6 +133,7 @@ def case_ddp(world, rank) -> dict:
         more = train(model, lambda **b: controller.ddp(**b), opt, (1,), world, rank, first_step=len(STEPS) + k)
         out["losses"] += more["losses"]
         out["grads"] += more["grads"]
+    out["broadcast_buffers"].append(controller.ddp.broadcast_buffers)  # kept by the wrapper rebuilt at the rank change
     try:
         old(**_batch(0, world, rank))
     except RuntimeError as error:
@@ -238,13 +240,44 @@ def case_bench(world, rank) -> dict:
     return {"dir": str(out)}
 
 
+def case_ddp_cuda(world, rank, cudagraphs: bool) -> dict:
+    """GPU only (tests/test_distributed_gpu.py): compile_ddp on Inductor, one GPU per rank, with
+    or without CUDA graphs, on the shared schedule (its no_sync-accumulated step included: the
+    first micro-batch's gradients are alive in the graph pool's outputs when the second replays)."""
+    from types import SimpleNamespace
+
+    from unsloth_compile.distributed import compile_ddp, no_sync
+    from unsloth_compile.report import collect_reports
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    model = _tiny_model().to(device)
+    ddp = compile_ddp(model, {"inner": "inductor", "cudagraphs": cudagraphs, "summary": False},
+                      device_ids=[rank], bucket_cap_mb=TINY_BUCKET_MB)
+    opt = _adamw(model)
+
+    def forward(**batch):  # the loss copied to the CPU (autograd follows the copy): train() sums there
+        return SimpleNamespace(loss=ddp(**{k: v.to(device) for k, v in batch.items()}).loss.cpu())
+
+    with collect_reports() as report:
+        out = train(model, forward, opt, STEPS, world, rank, sync_off=lambda: no_sync(ddp))
+    out["counters"] = dict(report.counters)
+    out["grads"] = [{n: g.cpu() for n, g in step.items()} for step in out["grads"]]
+    out["params"] = {n: _full(p).cpu() for n, p in _trainable(model).items()}
+    return out
+
+
 CASES = {"ddp": case_ddp, "ddp-fp16": case_ddp_half_gradients, "fsdp-shard": lambda w, r: case_fsdp(w, r, "shard"),
          "fsdp-replicate": lambda w, r: case_fsdp(w, r, "replicate"),
          "fsdp-mp": lambda w, r: case_fsdp(w, r, "shard", mp=True), "ddp-split": case_ddp_split,
          "bench": case_bench}
 
 
-def run_cases(cases: dict, save_as: str) -> None:
+CUDA_CASES = {"ddp-cuda": lambda w, r: case_ddp_cuda(w, r, False),
+              "ddp-cuda-graphs": lambda w, r: case_ddp_cuda(w, r, True)}
+
+
+def run_cases(cases: dict, save_as: str, backend: str = "gloo") -> None:
     """A worker process's body (here and in parallel_cases.py): the gloo group from torchrun's
     environment, each case in turn (Dynamo reset before it, its time printed), this rank's
     results saved to `save_as` formatted with its rank."""
@@ -253,7 +286,7 @@ def run_cases(cases: dict, save_as: str) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import unsloth_compile  # noqa: F401
 
-    dist.init_process_group("gloo")
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for name, case in cases.items():
@@ -266,8 +299,11 @@ def run_cases(cases: dict, save_as: str) -> None:
     dist.destroy_process_group()
 
 
-def worker(out_dir: str) -> None:
-    run_cases(CASES, str(Path(out_dir) / "rank{rank}.pt"))
+def worker(out_dir: str, cuda: bool = False) -> None:
+    if cuda:  # NCCL for DDP's CUDA gradients, gloo for train()'s CPU loss all-reduce
+        run_cases(CUDA_CASES, str(Path(out_dir) / "rank{rank}.pt"), backend="cpu:gloo,cuda:nccl")
+    else:
+        run_cases(CASES, str(Path(out_dir) / "rank{rank}.pt"))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -280,13 +316,14 @@ def _free_port() -> int:
 
 
 
-def launch(world: int, out: Path, timeout: float = 900) -> list[dict]:
+def launch(world: int, out: Path, timeout: float = 900, cuda: bool = False) -> list[dict]:
     """Start `world` worker processes (torchrun's environment, no agent: each process saves the
     seconds an extra Python start costs), wait for all; a failure kills the others and raises
     RuntimeError with every failed rank's log tail."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                UNSLOTH_TEST_OUT=str(out), OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
-    run_workers({f"rank {rank}": ([sys.executable, __file__, "--worker", str(out)],
+    argv = [sys.executable, __file__, "--worker-cuda" if cuda else "--worker", str(out)]
+    run_workers({f"rank {rank}": (argv,
                                   dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), out / f"log{rank}.txt")
                  for rank in range(world)}, timeout)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
@@ -350,5 +387,5 @@ def reference_bf16(world: int) -> dict:
 
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
-    worker(sys.argv[2])
+if __name__ == "__main__" and sys.argv[1:2] in (["--worker"], ["--worker-cuda"]):
+    worker(sys.argv[2], cuda=sys.argv[1] == "--worker-cuda")

@@ -96,6 +96,15 @@ def test_ddp_matches_one_process_on_the_whole_batch(runs, ref):
         _same_on_every_rank(runs, "ddp", key)
 
 
+def test_ddp_buffers_are_not_rebroadcast_unless_a_module_keeps_running_statistics(runs):
+    from unsloth_compile.distributed import _buffers_change_in_forward
+
+    assert runs[0]["ddp"]["broadcast_buffers"] == [False, False]  # the Llama's buffers are constants
+    assert _buffers_change_in_forward(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)))
+    assert not _buffers_change_in_forward(torch.nn.BatchNorm1d(3, track_running_stats=False))
+    assert not _buffers_change_in_forward(_tiny_model())
+
+
 def test_ddp_half_precision_gradient_compression(runs, ref):
     """gradient_compression="fp16": the losses and gradients as one process within the rounding
     of each bucket's mean, but not equal to the fp32 all-reduce's (the hook ran); the same

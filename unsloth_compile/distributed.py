@@ -14,7 +14,12 @@ trainable parameters' bytes in reverse graph order), and a cut through a LoRA li
 halves unfusable (tests/test_distributed.py forces small buckets: 4 of 14 sites fused with the
 split, 14 without). Without the split the whole backward runs as one graph and the all-reduce
 of the LoRA gradients (tens of MB for a 1B model) follows it instead of overlapping it.
-`split_graphs=True` restores Dynamo's default. `gradient_compression="bf16"` (or "fp16")
+`split_graphs=True` restores Dynamo's default. CUDA graphs keep the backend's default (on for
+static shapes): issued op by op, two processes on one host fell far behind one (2 x H200,
+llama-1b: 0.63 scaling efficiency without graphs, 0.93 with). `broadcast_buffers` defaults to
+False unless a module keeps running statistics: DDP's init already copies rank 0's buffers, and
+re-broadcasting constant ones at each forward made every forward wait for the other rank
+(0.934 -> 0.966 without it). `gradient_compression="bf16"` (or "fp16")
 all-reduces the gradients in half precision (torch's `bf16_compress_hook`): half the bytes of
 PEFT's fp32 LoRA gradients, each bucket's mean rounded to bf16 once. That pays where the
 all-reduce is slow, as between two GPUs without NVLink peer access (on 2 x H200 in a VM, NCCL's
@@ -114,22 +119,39 @@ class LoraDDP(DistributedDataParallel):
 
 def _without_cudagraphs(options: Optional[Mapping[str, Any]]) -> dict:
     """`options` with cudagraphs=False unless the caller chose: the single-process default (on
-    for static shapes) is not taken under DDP or FSDP2, untested there (FSDP2 all-gathers
-    parameters into new storage each step, which a recorded graph cannot follow)."""
+    for static shapes) is not taken under FSDP2, which all-gathers parameters into new storage
+    each step, which a recorded graph cannot follow. (Under DDP the default stands: the
+    parameters keep their storage, tests/test_distributed_gpu.py.)"""
     return {"cudagraphs": False, **dict(options or {})}
+
+
+def _buffers_change_in_forward(model: nn.Module) -> bool:
+    """Whether a module updates buffers in its forward in training: normalisations that keep
+    running statistics (BatchNorm, InstanceNorm with track_running_stats). Transformer buffers
+    (rotary frequencies, position ids) are constants."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return any(isinstance(m, _NormBase) and m.track_running_stats for m in model.modules())
 
 
 def compile_ddp(model: nn.Module, options: Optional[Mapping[str, Any]] = None, *, mode: Optional[str] = None,
                 split_graphs: bool = False, gradient_compression: str = "none", **ddp_kwargs: Any) -> LoraDDP:
     """Compile `model` in place with the unsloth backend (`unsloth_compile.compile`), then wrap it
     in DDP (`ddp_kwargs`: DistributedDataParallel's, e.g. device_ids=[local_rank]).
+    CUDA graphs follow the backend's default (on for static shapes on CUDA; `cudagraphs=False`
+    in `options` turns them off). `broadcast_buffers` defaults to False unless a module keeps
+    running statistics (BatchNorm): DDP's init already copies rank 0's buffers to every rank,
+    and re-broadcasting constant buffers at each forward makes the ranks wait for each other
+    there (see the module docstring).
     `gradient_compression`: "none", or "bf16"/"fp16" to all-reduce the gradients in half
     precision (see the module docstring). Call on every rank with the model already on its device."""
     from .integration import compile as compile_in_place
 
     _check_gradient_compression(gradient_compression)  # refused before the model is compiled in place
     _require_process_group("compile_ddp")
-    compile_in_place(model, _without_cudagraphs(options), mode=mode)
+    if "broadcast_buffers" not in ddp_kwargs:
+        ddp_kwargs["broadcast_buffers"] = _buffers_change_in_forward(model)
+    compile_in_place(model, options, mode=mode)
     return LoraDDP(model, split_graphs=split_graphs, gradient_compression=gradient_compression, **ddp_kwargs)
 
 
