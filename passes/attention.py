@@ -31,14 +31,22 @@ with a boolean or additive mask that eager never passes to the kernel in that fo
    (arange(L) + c)[..., :, None]` with S and L provably the key and query lengths, equal, and
    the same constant offset: causal at every size.
 
-4. **A kernel preference** (option `attention_kernel`, not "auto"): every SDPA call becomes
+4. **k and v repeated to the query heads** (option `attention_gqa`): transformers' `repeat_kv`,
+   `x[:, :, None, :, :].expand(b, h_kv, n, s, d).reshape(b, h_kv * n, s, d)`, feeding an SDPA
+   call without a mask (after the rewrites above). Under tracing transformers repeats where
+   eager passes `enable_gqa=True` (it decides on the mask it built, case 3). The call takes k
+   and v at their own heads with `enable_gqa=True`, which repeats them the same way (query
+   head j reads kv head j // n): the same values, no repeat kernels, and backward keeps the
+   k and v of the kv heads, not n copies.
+
+5. **A kernel preference** (option `attention_kernel`, not "auto"): every SDPA call becomes
    the same call inside `torch.nn.attention.sdpa_kernel([preferred, *the rest], set_priority=True)`
    (`prefer_flash` and the like below), so that AOTAutograd, which picks the kernel when it
    traces, picks the preferred one where it can run the inputs and torch's next choice where it
    cannot. For a measured case where torch's choice is slower in the compiled step.
 
 Replacement: the same SDPA call with `attn_mask=None` (and `is_causal=True` for 3), or with the
-densified mask. Values are
+densified mask, or (4) with the unrepeated k and v and `enable_gqa=True`. Values are
 the same function of the inputs (an all-True mask masks nothing; a densified mask holds the
 same values); on CUDA the kernel that runs then is the one eager's dispatcher picks.
 
@@ -340,6 +348,67 @@ def replace_site(gm: GraphModule, node: Node, mask: Node, kind: str) -> str:
     return f"mask broadcast along its last dimension made dense ({tuple(fm.example_value(dense).shape)})"
 
 
+# ----------------------------------------------------------------------------- grouped-query attention
+
+
+def repeated_heads(node) -> Optional[tuple[Node, int]]:
+    """(x, n) when `node` is transformers' repeat_kv of x: `x[:, :, None, :, :]` expanded to n
+    copies along the new axis and reshaped to n * h_kv heads (copies of a head adjacent, as
+    SDPA's enable_gqa repeats); checked on the example values' shapes, n > 1."""
+    if not (isinstance(node, Node) and (node.op == "call_method" and node.target in ("reshape", "view")
+                                        or node.op == "call_function" and node.target is torch.reshape)):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, Node) and expand.op == "call_method" and expand.target == "expand"):
+        return None
+    unsqueezed = expand.args[0]
+    if not (isinstance(unsqueezed, Node) and unsqueezed.op == "call_function" and unsqueezed.target is operator.getitem):
+        return None
+    source, index = unsqueezed.args
+    if not isinstance(index, tuple) or [e is None for e in index][:3] != [False, False, True] or \
+            any(e is not None and e != slice(None) and e is not Ellipsis for e in index) or index.count(None) != 1:
+        return None
+    values = [fm.example_value(n) for n in (source, unsqueezed, expand, node)]
+    if not all(isinstance(v, torch.Tensor) for v in values):
+        return None
+    x, u, e, r = (tuple(v.shape) for v in values)
+    if len(x) != 4 or u != (x[0], x[1], 1, x[2], x[3]):
+        return None
+    n = e[2] if len(e) == 5 else 0
+    if n < 2 or e != (x[0], x[1], n, x[2], x[3]) or r != (x[0], x[1] * n, x[2], x[3]):
+        return None
+    return source, n
+
+
+def check_gqa(node: Node) -> tuple[Optional[tuple[Node, Node]], Optional[str]]:
+    """((k, v) unrepeated, None) when the call can take them with enable_gqa=True; (None, why
+    not) when k and v are repeated but the call cannot; (None, None) when they are not repeated."""
+    if len(node.args) < 3:
+        return None, None
+    key, value = repeated_heads(node.args[1]), repeated_heads(node.args[2])
+    if key is None and value is None:
+        return None, None
+    if key is None or value is None or key[1] != value[1]:
+        return None, "k and v are not both repeated by the same factor"
+    if match_sdpa(node) is not None:
+        return None, "k and v repeated for a call with a mask (the GQA kernels take none)"
+    if node.kwargs.get("enable_gqa", False):
+        return None, "enable_gqa is already set"
+    return (key[0], value[0]), None
+
+
+def replace_gqa(gm: GraphModule, node: Node, key: Node, value: Node) -> str:
+    repeated = [node.args[1], node.args[2]]
+    groups = fm.example_value(repeated[0]).shape[1] // fm.example_value(key).shape[1]
+    node.update_arg(1, key)
+    node.update_arg(2, value)
+    node.update_kwarg("enable_gqa", True)
+    for r in repeated:
+        _erase_dead_chain(gm, r)
+    return (f"k and v repeated {groups}x to the query heads taken at their "
+            f"{fm.example_value(key).shape[1]} heads with enable_gqa=True")
+
+
 # ----------------------------------------------------------------------------- kernel preference
 
 
@@ -386,16 +455,22 @@ def keep_attention_fused(gm: GraphModule, cfg: Config | None = None, report: Rep
                 report.add(Site(path, PATTERN, "rewritten", f"{kernel} kernel tried first (attention_kernel)"))
                 report.counters[f"attention.prefer_{kernel}"] += 1
             mask = match_sdpa(node)
-            if mask is None:
-                continue  # no mask: the call is the one eager makes, nothing to decide or report
-            kind, reason = check_site(node, mask)
-            if reason is not None:
-                report.add(Site(path, PATTERN, "kept", reason))
-                continue
-            report.add(Site(path, PATTERN, "rewritten", replace_site(module, node, mask, kind)))
-            report.counters[f"attention.mask_{kind}"] += 1
-            if not mask.users:
-                _erase_dead_chain(module, mask)
+            if mask is not None:  # no mask: the call is the one eager makes, nothing to decide
+                kind, reason = check_site(node, mask)
+                if reason is not None:
+                    report.add(Site(path, PATTERN, "kept", reason))
+                else:
+                    report.add(Site(path, PATTERN, "rewritten", replace_site(module, node, mask, kind)))
+                    report.counters[f"attention.mask_{kind}"] += 1
+                    if not mask.users:
+                        _erase_dead_chain(module, mask)
+            if cfg is not None and cfg.attention_gqa:
+                kv, reason = check_gqa(node)
+                if reason is not None:
+                    report.add(Site(path, PATTERN, "kept", reason))
+                elif kv is not None:
+                    report.add(Site(path, PATTERN, "rewritten", replace_gqa(module, node, *kv)))
+                    report.counters["attention.gqa"] += 1
     recompile(modules)
     return gm
 

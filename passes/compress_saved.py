@@ -472,7 +472,7 @@ def partition_recomputing_ffn_products(joint: GraphModule, joint_inputs, report:
         if product.name not in names2:
             report.add(Site(fm.module_path(product), PATTERN, "recomputed",
                             f"ffn_product {_describe(product.meta['val'])}: recomputed in backward from "
-                            "the saved (compressed) gate and up instead of saved",
+                            "the saved gate and up (compressed, where compress_activations is on) instead of saved",
                             {"kind": "ffn_product", "tensor": product.name}))
     report.counters[f"{PATTERN}.recompute_bytes_saved"] += before - after
     report.counters[f"{PATTERN}.bytes_saved"] += before - after
@@ -503,7 +503,7 @@ class CompressSavedPartitioner(_partitioner_base()):
         self.cfg, self.report, self.ran = cfg, report, False
 
     def __call__(self, joint: GraphModule, joint_inputs, **kwargs) -> tuple[GraphModule, GraphModule]:
-        if self.cfg.compress_activations is CompressMode.NONE:
+        if self.cfg.compress_activations is CompressMode.NONE and not self.cfg.recomputes_ffn_products:
             from torch._functorch.partitioners import min_cut_rematerialization_partition
 
             fw, bw = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
@@ -516,7 +516,8 @@ class CompressSavedPartitioner(_partitioner_base()):
     def __reduce__(self):
         # Inductor pickles its config into cache keys: what identifies this partitioner is
         # its mode and k (uuid adds the code), not the report it writes.
-        return (_restored_partitioner, (self.cfg.compress_activations.value, self.cfg.compress_lowrank_k))
+        return (_restored_partitioner, (self.cfg.compress_activations.value, self.cfg.compress_lowrank_k,
+                                        self.cfg.recomputes_ffn_products))
 
     def uuid(self) -> Any:
         """Inductor's cache key part: the mode, k and the code that rewrites and computes."""
@@ -527,7 +528,7 @@ class CompressSavedPartitioner(_partitioner_base()):
 
         files = tuple(m.__file__ for m in (compress, ops_compress, rewrite)) + (__file__,)
         return (PATTERN, self.cfg.compress_activations.value, self.cfg.compress_lowrank_k,
-                get_hash_for_files(files))
+                self.cfg.recomputes_ffn_products, get_hash_for_files(files))
 
 
 def compressing_aot_eager(partitioner: CompressSavedPartitioner) -> Callable:
@@ -540,15 +541,15 @@ def compressing_aot_eager(partitioner: CompressSavedPartitioner) -> Callable:
                         keep_inference_input_mutations=True)
 
 
-def _restored_partitioner(mode: str, k: int) -> CompressSavedPartitioner:
-    return CompressSavedPartitioner(Config(compress_activations=mode, compress_lowrank_k=k, inner="aot_eager"),
-                                    Report())
+def _restored_partitioner(mode: str, k: int, recompute: bool = False) -> CompressSavedPartitioner:
+    return CompressSavedPartitioner(Config(compress_activations=mode, compress_lowrank_k=k,
+                                           recompute_ffn_products=recompute, inner="aot_eager"), Report())
 
 
 def compile_compressed(gm: GraphModule, example_inputs, cfg: Config, report: Report,
                        inductor_patches: dict) -> Callable:
-    """The backend's inner compile when compress_activations is on: aot_eager or Inductor
-    with CompressSavedPartitioner as the partitioner."""
+    """The backend's inner compile when compress_activations or recompute_ffn_products is on:
+    aot_eager or Inductor with CompressSavedPartitioner as the partitioner."""
     partitioner = CompressSavedPartitioner(cfg, report)
     if cfg.inner.value == "aot_eager":
         compiled = compressing_aot_eager(partitioner)(gm, example_inputs)
@@ -558,7 +559,7 @@ def compile_compressed(gm: GraphModule, example_inputs, cfg: Config, report: Rep
 
         if not hasattr(inductor_config, "custom_partitioner_fn"):
             raise RuntimeError(
-                f"unsloth_compile: compress_activations with inner='inductor' needs "
+                f"unsloth_compile: compress_activations / recompute_ffn_products with inner='inductor' needs "
                 f"torch._inductor.config.custom_partitioner_fn (torch >= 2.9), not in torch "
                 f"{torch.__version__}; use inner='aot_eager' or compress_activations='none'")
         compiled = compile_fx(gm, example_inputs,
@@ -569,8 +570,9 @@ def compile_compressed(gm: GraphModule, example_inputs, cfg: Config, report: Rep
             compiled = keep_outputs_across_replays(compiled)
     if not partitioner.ran and torch.is_grad_enabled() and any(
             getattr(x, "requires_grad", False) for x in example_inputs):
+        what = "compression" if cfg.compress_activations is not CompressMode.NONE else "recomputed FFN products"
         report.add(Site("<graph>", PATTERN, "skipped",
-                        "AOTAutograd did not partition this graph: Inductor's cache returned code compiled "
-                        "earlier (with the same compression), so its sites are not listed; "
+                        f"AOTAutograd did not partition this graph: Inductor's cache returned code compiled "
+                        f"earlier (with the same {what}), so its sites are not listed; "
                         "TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 lists them"))
     return compiled

@@ -413,3 +413,78 @@ def test_prefer_functions_set_the_backend_priority(monkeypatch):
         torch.testing.assert_close(out, real(q, q, q, is_causal=True))
         assert seen[-1] == int(backend)
         assert pickle.loads(pickle.dumps(attention.PREFERRED[name])) is attention.PREFERRED[name]
+
+
+# ----------------------------------------------------------------------------- grouped-query attention
+
+
+class RepeatedKV(torch.nn.Module):
+    """SDPA on k and v repeated to the query heads: `order` "grouped" as transformers' repeat_kv
+    (query head j reads kv head j // n, what enable_gqa computes), "tiled" the other way round
+    (head j reads kv head j % h_kv: not GQA, must be left alone)."""
+
+    def __init__(self, order: str = "grouped", heads: int = 6, kv_heads: int = 2, head_dim: int = 8):
+        super().__init__()
+        self.order, self.heads, self.kv_heads, self.head_dim = order, heads, kv_heads, head_dim
+        self.q = torch.nn.Linear(16, heads * head_dim)
+        self.kv = torch.nn.Linear(16, 2 * kv_heads * head_dim)
+
+    def repeat(self, x):
+        b, h, s, d = x.shape
+        n = self.heads // h
+        if self.order == "grouped":
+            return x[:, :, None, :, :].expand(b, h, n, s, d).reshape(b, h * n, s, d)
+        return x[:, None, :, :, :].expand(b, n, h, s, d).reshape(b, n * h, s, d)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, self.repeat(k), self.repeat(v), is_causal=True)
+        return out.transpose(1, 2).reshape(b, s, -1)
+
+
+def _sdpa_calls(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
+
+
+def test_repeated_kv_becomes_enable_gqa_and_keeps_the_values():
+    torch.manual_seed(0)
+    model, x = RepeatedKV("grouped"), torch.randn(3, 11, 16)
+    gm = _captured_graph(model, x)
+    report = Report()
+    keep_attention_fused(gm, Config(attention_gqa=True), report)
+    (call,) = _sdpa_calls(gm)
+    assert call.kwargs["enable_gqa"] is True and report.counters["attention.gqa"] == 1
+    assert [tuple(a.meta["example_value"].shape) for a in call.args[1:3]] == [(3, 2, 11, 8)] * 2
+    assert not [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"]  # repeats erased
+    report = _compare(model, x, attention_gqa=True)
+    assert report.counters["attention.gqa"] == 1
+
+
+def test_tiled_repeat_is_not_gqa_and_option_off_leaves_the_repeat():
+    torch.manual_seed(0)
+    for model, options in ((RepeatedKV("tiled"), {"attention_gqa": True}), (RepeatedKV("grouped"), {"attention_gqa": False})):
+        x = torch.randn(2, 5, 16)
+        gm = _captured_graph(model, x)
+        report = Report()
+        keep_attention_fused(gm, Config(**options), report)
+        assert "enable_gqa" not in _sdpa_calls(gm)[0].kwargs and not report.counters["attention.gqa"]
+        _compare(model, x, **options)
+
+
+def test_transformers_llama_repeat_kv_under_tracing_gets_enable_gqa(monkeypatch):
+    """The GPU image's graph (transformers 5.17 on torch 2.11: a causal mask built under tracing,
+    so transformers repeats k and v instead of passing enable_gqa): the mask becomes is_causal,
+    then k and v go in at their 2 heads; training matches eager."""
+    import transformers.masking_utils as masking
+
+    monkeypatch.setattr(masking, "is_torchdynamo_exporting", lambda: True)
+    model = peft_wrap(tiny_causal_lm("llama"))
+    ids = batch_for("llama", seed=0)
+    gm = _captured_graph(model, ids["input_ids"])
+    assert all("enable_gqa" not in c.kwargs or not c.kwargs["enable_gqa"] for c in _sdpa_calls(gm))
+    result = train_and_compare(model, lambda step: batch_for("llama", seed=step),
+                               options={"inner": "aot_eager", "attention_gqa": True}, steps=2)
+    counters = result.report.counters
+    assert counters["attention.mask_causal"] == 2 and counters["attention.gqa"] == 2 and not counters["attention.kept"]

@@ -209,19 +209,27 @@ def test_bad_options_are_clear_value_errors():
         unsloth_compile.compile(torch.nn.Linear(4, 4), compress_activations="yes")
 
 
-def test_none_never_touches_the_partition(monkeypatch):
+def test_none_without_recompute_never_touches_the_partition(monkeypatch):
     import unsloth_compile.passes.compress_saved as cs
 
     def fail(*args, **kwargs):
-        raise AssertionError("compile_compressed called with compress_activations='none'")
+        raise AssertionError("compile_compressed called with compress_activations='none', recompute off")
     monkeypatch.setattr(cs, "compile_compressed", fail)
     model = peft_wrap(torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.SiLU(), torch.nn.Linear(48, 32)),
                       target_modules=["0", "2"])
     x = torch.randn(5, 32)
     with collect_reports() as report:
-        torch.compile(model, backend="unsloth", options={"inner": "aot_eager"})(x).sum().backward()
+        torch.compile(model, backend="unsloth", options={"inner": "aot_eager", "recompute_ffn_products": False})(
+            x).sum().backward()
     assert report.counters["lora_linear.fused"] == 2
     assert not [s for s in report.sites if s.pattern == "compress_saved"]
+    # by default the partitioner runs without compressing: silu's output, the second linear's
+    # input, is recomputed in backward, nothing is compressed
+    torch._dynamo.reset()
+    monkeypatch.undo()
+    with collect_reports() as report:
+        torch.compile(model, backend="unsloth", options={"inner": "aot_eager"})(x).sum().backward()
+    assert {s.decision for s in report.sites if s.pattern == "compress_saved"} == {"recomputed"}
 
 
 def test_explain_lists_the_sites_of_a_gelu_mlp():
@@ -362,7 +370,10 @@ def llama_run(mode: str, dropout: float = 0.0, k: int = 16, repeats: int = 0, ba
     model.train()
     batch = batch_for("llama")
     embeds = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_()
-    options = {"inner": "aot_eager", "compress_activations": mode, "compress_lowrank_k": k, "summary": False}
+    # "none" is the exact partition, the FFN products saved (not the default's recomputation),
+    # so that the compressed runs' savings are counted against all that the graph would keep
+    options = {"inner": "aot_eager", "compress_activations": mode, "compress_lowrank_k": k, "summary": False,
+               "recompute_ffn_products": mode != "none"}
     compiled = torch.compile(model, backend=backend, options=options if backend == "unsloth" else None)
 
     def forward():
@@ -491,7 +502,9 @@ def inductor_partition_backend(mode: str):
     from unsloth_compile.passes.compress_saved import CompressSavedPartitioner
 
     def backend(gm, example_inputs):
-        cfg = Config(inner="aot_eager", compress_activations=mode, summary=False)
+        # "none": the exact partition (FFN products saved), the reference the savings count from
+        cfg = Config(inner="aot_eager", compress_activations=mode, summary=False,
+                     recompute_ffn_products=mode != "none")
         gm, report = run_passes(gm, example_inputs, cfg)
         partitioner = CompressSavedPartitioner(cfg, report)
         with torch._inductor.config.patch(custom_partitioner_fn=partitioner):

@@ -34,10 +34,6 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
 
         warn_if_ddp_split(report)
     try:  # published after the inner compile: AOTAutograd's partition adds compress_saved sites
-        if cfg.compress_activations is not CompressMode.NONE:  # aot_eager / Inductor, our partitioner
-            from .passes.compress_saved import compile_compressed
-
-            return compile_compressed(gm, example_inputs, cfg, report, inductor_patches(cfg, example_inputs, report))
         return _inner_compile(gm, example_inputs, cfg, report)
     finally:
         publish(report, log_it=cfg.report)
@@ -49,6 +45,11 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
                    report: Report | None = None) -> Callable:
     if cfg.inner is Inner.EAGER:
         return gm.forward
+    if cfg.compress_activations is not CompressMode.NONE or cfg.recomputes_ffn_products:  # our partitioner
+        from .passes.compress_saved import compile_compressed
+
+        report = report if report is not None else Report()
+        return compile_compressed(gm, example_inputs, cfg, report, inductor_patches(cfg, example_inputs, report))
     if cfg.inner is Inner.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 
