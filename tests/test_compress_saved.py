@@ -589,7 +589,8 @@ def test_compression_on_cuda_under_inductor(mode):
         model = peft_wrap(tf.LlamaForCausalLM(cfg).to(torch.bfloat16)).cuda()
         model.train()
         ids = torch.randint(0, 512, (2, 128), device="cuda")
-        options = {"compress_activations": compress, "compress_lowrank_k": 64, "summary": False}
+        options = {"compress_activations": compress, "compress_lowrank_k": 64, "summary": False,
+                   "recompute_ffn_products": compress != "none"}  # "none": the exact partition
         compiled = torch.compile(model, backend="unsloth", options=options)
         with collect_reports() as report:
             loss = compiled(input_ids=ids, labels=ids).loss
@@ -601,8 +602,11 @@ def test_compression_on_cuda_under_inductor(mode):
         saved, dtypes = _saved_for_backward(lambda: compiled(input_ids=ids, labels=ids).loss)
         return loss, grads, report, saved, dtypes
 
-    loss0, grads0, _, saved0, _ = run("none")
-    loss, grads, report, saved, dtypes = run(mode)
+    # caches off: a graph AOTAutograd's cache returns is not partitioned again, so its sites would
+    # not be listed (a second run of this test on a warm machine failed that way)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        loss0, grads0, _, saved0, _ = run("none")
+        loss, grads, report, saved, dtypes = run(mode)
     torch.testing.assert_close(loss, loss0, rtol=1e-3, atol=1e-3)
     for name, g in grads.items():
         cos = cosine(g, grads0[name])
