@@ -394,6 +394,13 @@ def check_gqa(node: Node) -> tuple[Optional[tuple[Node, Node]], Optional[str]]:
         return None, "k and v repeated for a call with a mask (the GQA kernels take none)"
     if node.kwargs.get("enable_gqa", False):
         return None, "enable_gqa is already set"
+    q = fm.example_value(node.args[0])
+    if isinstance(q, torch.Tensor) and q.device.type == "cuda" and (
+            q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] > 256):
+        # torch 2.11: the efficient kernel refuses grouped heads, so outside flash's and cuDNN's
+        # range enable_gqa would fall to the math path, slower than repeating
+        return None, (f"k and v kept repeated: {q.dtype} with head_dim {q.shape[-1]} is outside the GQA kernels' "
+                      "range (fp16/bf16, head_dim <= 256)")
     return (key[0], value[0]), None
 
 

@@ -488,3 +488,25 @@ def test_transformers_llama_repeat_kv_under_tracing_gets_enable_gqa(monkeypatch)
                                options={"inner": "aot_eager", "attention_gqa": True}, steps=2)
     counters = result.report.counters
     assert counters["attention.mask_causal"] == 2 and counters["attention.gqa"] == 2 and not counters["attention.kept"]
+
+
+def test_gqa_is_kept_on_cuda_outside_the_gqa_kernels_range():
+    """On CUDA, fp32 (or head_dim > 256) with enable_gqa would leave the fused kernels (the
+    efficient kernel refuses grouped heads): the repeat stays, reported. The query's example
+    value is replaced by a fake CUDA tensor (no GPU needed)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from unsloth_compile.passes.attention import check_gqa
+
+    torch.manual_seed(0)
+    gm = _captured_graph(RepeatedKV("grouped"), torch.randn(2, 5, 16))
+    (call,) = _sdpa_calls(gm)
+    assert check_gqa(call) == ((call.args[1].args[0].args[0].args[0], call.args[2].args[0].args[0].args[0]), None)
+    mode = FakeTensorMode()
+    for dtype, head_dim, ok in ((torch.float32, 8, False), (torch.bfloat16, 8, True), (torch.float16, 256, True),
+                                (torch.bfloat16, 320, False)):
+        call.args[0].meta["example_value"] = FakeTensor(
+            mode, torch.empty(2, 6, 5, head_dim, dtype=dtype, device="meta"), torch.device("cuda"))
+        kv, reason = check_gqa(call)
+        assert (kv is not None) == ok and (reason is None) == ok, (dtype, head_dim, reason)
+        assert ok or "outside the GQA kernels' range" in reason
