@@ -284,5 +284,12 @@ def test_ignore_padding_refusals():
     with pytest.raises(ValueError, match=r"input is \(2, 5, 64\), which the attention_mask \(2, 4\) does not index"):
         sparsity.prune(model, "wanda", calibration=[{"x": x, "attention_mask": torch.ones(2, 4)}],
                        ignore_padding=True)
+    with pytest.raises(ValueError, match=r"input is \(2, 5, 64\), which the attention_mask \(3, 5\) does not index"):
+        sparsity.prune(model, "wanda", calibration=[{"x": x, "attention_mask": torch.ones(3, 5)}],
+                       ignore_padding=True)
+    pooled = _Tokens(_mlp())  # one row per sequence (a pooler's input): nothing to leave out
+    report = sparsity.prune(pooled, "wanda", calibration=[{"x": x[:, 0], "attention_mask": torch.ones(2, 5)}],
+                            ignore_padding=True)
+    assert len(report.energy) == 3
     with pytest.raises(ValueError, match="method='magnitude' without reconstruct=True uses none"):
         sparsity.prune(model, "magnitude", ignore_padding=True)

@@ -52,10 +52,13 @@ def padding_mask(batch, ignore_padding: bool) -> Optional[Tensor]:
 
 
 def token_rows(x: Tensor, mask: Optional[Tensor], path: str) -> Tensor:
-    """A layer's input (..., K) as (tokens, K) float64, only the tokens `mask` keeps."""
-    if mask is None:
+    """A layer's input (..., K) as (tokens, K) float64, only the tokens `mask` keeps. An input
+    indexed by the mask's leading dimensions only (a pooler's (batch, K), one row per sequence)
+    has no padding: every row is kept."""
+    lead = tuple(x.shape[:-1])
+    if mask is None or (len(lead) < mask.dim() and lead == tuple(mask.shape[:len(lead)])):
         return x.reshape(-1, x.shape[-1]).double()
-    if tuple(x.shape[:-1]) != tuple(mask.shape):
+    if lead != tuple(mask.shape):
         raise ValueError(f"unsloth_compile.sparsity.prune: ignore_padding=True, but {path}'s input is "
                          f"{tuple(x.shape)}, which the attention_mask {tuple(mask.shape)} does not index: pass "
                          "ignore_padding=False")
