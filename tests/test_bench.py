@@ -255,7 +255,25 @@ def test_sparsity_variant_prunes_by_the_chosen_method():
             pruned(method)
     with pytest.raises(ValueError, match="one of magnitude, wanda"):
         pruned("random")
-    with pytest.raises(ValueError, match="prune_method and prune_layers are for sparsity=2:4"):
+    # sparsegpt-ls, sequential, padding left out, 1 of the 2 batches: as prune() called directly
+    from unsloth_compile.sparsity import prune
+
+    padded = [dict(b, attention_mask=torch.ones_like(b["input_ids"])) for b in calibration]
+    options = "sparsegpt-ls,prune_sequential=layer,prune_padding=ignore,prune_calibration=1"
+    torch.manual_seed(0)
+    direct = peft_wrap(tiny_causal_lm("llama"))
+    prune(direct, "sparsegpt", calibration=padded[:1], reconstruct=True, sequential=True, target="layer",
+          ignore_padding=True)
+    obs = pruned(options, padded)
+    assert obs.keys() == wanda.keys()
+    assert all(torch.equal(obs[n], m.weight) for n, m in direct.named_modules() if isinstance(m, Sparse24Linear))
+    for bad, match in (("wanda,prune_sequential=dense", "prune_sequential='dense'; one of off, model, layer"),
+                       ("wanda,prune_padding=drop", "prune_padding='drop'; one of include, ignore"),
+                       ("wanda,prune_calibration=0", "prune_calibration=0; a count"),
+                       ("wanda,prune_calibration=3", "prune_calibration=3, but the bench passes 2")):
+        with pytest.raises(ValueError, match=match):
+            pruned(bad, calibration)
+    with pytest.raises(ValueError, match="prune_method, prune_layers, .* are for sparsity=2:4"):
         compile_for(peft_wrap(tiny_causal_lm("llama")), parse_variant("x=unsloth:prune_method=wanda", inner="aot_eager"))
 
     # prune_layers: only the matching LoRA bases (q_proj here), the others left dense

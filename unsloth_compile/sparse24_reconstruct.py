@@ -13,6 +13,13 @@ lam = DAMPING * mean(diag(H)). The ridge term pulls towards the dense weight, no
 as SparseGPT's damped Hessian does: a feature the calibration never excites keeps its weight
 instead of being zeroed, and a singular H (fewer tokens than features) still solves.
 
+Sequential pruning (sparsity.prune(..., sequential=True)) fits the layer to a target output Y
+that its pruned-model inputs X~ do not give exactly: the dense model's output X W0^T at that
+layer. With H = X~^T X~ and B = X~^T Y (K x N), min ||X~ w_i - y_i||^2 + lam ||w_i - w0_i||^2 is
+the same problem as above around the dense refit w*_i = (H + lam I)^-1 (B_i + lam w0_i)
+(`dense_refit`): reconstruct(w*, mask, H) solves it on the kept set, since
+(H + lam I) w*_i = B_i + lam w0_i is its right-hand side.
+
 Cost: H is K x K float64 per layer (MiniLM's FFN down projection, K = 1536: 18 MiB), and one
 Cholesky of size K/2 per output row, batched.
 """
@@ -76,3 +83,22 @@ def relative_output_error(weight: Tensor, dense: Tensor, gram: Tensor) -> float:
     if den == 0:
         return 0.0 if num == 0 else float("inf")
     return (num / den) ** 0.5
+
+
+def dense_refit(dense: Tensor, gram: Tensor, cross: Tensor) -> Tensor:
+    """w* (N, K) float64: the dense weight minimising ||X~ w_i - y_i||^2 + lam ||w_i - w0_i||^2,
+    H = `gram` = X~^T X~, `cross` = X~^T Y (K, N), lam = damping(H)."""
+    w0 = dense.detach().to(gram.device, torch.float64)
+    lam = damping(gram)
+    system = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return torch.cholesky_solve(cross + lam * w0.t(), torch.linalg.cholesky(system)).t()
+
+
+def relative_error_to(weight: Tensor, gram: Tensor, cross: Tensor, target_energy: float) -> float:
+    """||X~ W^T - Y||_F / ||Y||_F from H = X~^T X~, B = X~^T Y and ||Y||_F^2 alone:
+    tr(W H W^T) - 2 tr(W B) + ||Y||^2. 0.0 when both are zero, inf when only Y is."""
+    w = weight.detach().to(gram.device, torch.float64)
+    num = max(float(((w @ gram) * w).sum() - 2 * (w * cross.t()).sum() + target_energy), 0.0)
+    if target_energy <= 0:
+        return 0.0 if num == 0 else float("inf")
+    return (num / target_energy) ** 0.5

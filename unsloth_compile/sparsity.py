@@ -4,6 +4,8 @@ separate from the runtime rewrite (passes/sparse24_linear.py).
     report = unsloth_compile.sparsity.prune(model)                      # magnitude
     report = unsloth_compile.sparsity.prune(model, "wanda", calibration=batches)
     report = unsloth_compile.sparsity.prune(model, "wanda", calibration=batches, reconstruct=True)
+    report = unsloth_compile.sparsity.prune(model, "sparsegpt", calibration=batches, reconstruct=True,
+                                            sequential=True, ignore_padding=True)
     print(report)             # per layer: kept-weight energy, or why it was left dense
     model = torch.compile(model, backend="unsloth", options={"sparsity": "2:4"})
     unsloth_compile.sparsity.revert(model)   # back to nn.Linear / Conv1D with the pruned weight
@@ -18,7 +20,12 @@ reconstruct=True then refits the kept weights of each layer by least squares so 
 reproduces the dense layer's outputs on the calibration inputs (sparse24_reconstruct.py; the
 same pass also sums each base's H = X^T X, K x K float64 per layer, from the dense model's
 activations); the mask is unchanged and the report adds each layer's relative output error on
-the calibration inputs, masked against reconstructed.
+the calibration inputs, masked against reconstructed. "sparsegpt" chooses the mask by OBS
+saliency w^2 / [H^-1]_jj column group by column group, updating the free weights as it goes
+(sparse24_obs.py); reconstruct=True then refits its mask exactly. sequential=True prunes the
+layers in forward order, each measured on the inputs of the model pruned so far and fitted to
+the dense model's outputs of that layer (sparse24_sequential.py). ignore_padding=True leaves
+the tokens the batches' attention_mask marks 0 out of every statistic.
 
 `Sparse24Linear` keeps the dense masked weight (a frozen parameter: the CPU path, the
 reference, what state_dict saves) and, on CUDA, compressed copies of W and W^T
@@ -45,12 +52,15 @@ from .dense_linear import conversion_targets, dense_weight, frozen_dense, is_con
 from .dense_linear import lora_base_layers  # noqa: F401  part of this module's API
 from .kernels import sparse24
 from .sparse24_mask import kept_energy, sparsity_problem, transposable_mask
+from .sparse24_obs import obs_prune
+from .sparse24_reconstruct import dense_refit, relative_error_to
 from .sparse24_reconstruct import reconstruct as reconstruct_kept
-from .sparse24_reconstruct import relative_output_error
+from .sparse24_sequential import (TARGETS, LayerStats, forward_groups, group_stats, padding_mask, run_batch,
+                                  stats_bytes, token_rows)
 
 log = logging.getLogger("unsloth_compile.sparsity")
 
-METHODS = ("magnitude", "wanda")
+METHODS = ("magnitude", "wanda", "sparsegpt")
 
 
 def unsupported(module: nn.Module) -> Optional[str]:
@@ -148,8 +158,10 @@ class Sparse24Linear(nn.Module):
 
 @dataclasses.dataclass
 class SparsityReport:
-    method: str  # "magnitude", "wanda", or "none" (convert of an already pruned model)
+    method: str  # "magnitude", "wanda", "sparsegpt", or "none" (convert of an already pruned model)
     reconstructed: bool = False  # kept weights refit by least squares on the calibration inputs
+    sequential: Optional[str] = None  # the target ("model" or "layer") when pruned layer by layer
+    ignore_padding: bool = False  # calibration statistics over the attention mask's tokens only
     energy: dict[str, float] = dataclasses.field(default_factory=dict)  # path -> kept-weight energy
     # path -> relative output error on the calibration inputs, ||X (W - W0)^T|| / ||X W0^T||,
     # of the masked dense weight and of the reconstructed one (reconstructed layers only)
@@ -159,26 +171,21 @@ class SparsityReport:
 
     def __str__(self) -> str:
         mean = sum(self.energy.values()) / len(self.energy) if self.energy else float("nan")
-        how = f"{self.method}, kept weights refit by least squares" if self.reconstructed else self.method
+        how = self.method + (", OBS updates" if self.method == "sparsegpt" and not self.reconstructed else "")
+        how += ", kept weights refit by least squares" if self.reconstructed else ""
+        if self.sequential is not None:
+            how += f", sequential (fitted to the dense {self.sequential}'s outputs)"
+        how += ", padding left out of the calibration" if self.ignore_padding else ""
         lines = [f"unsloth_compile.sparsity: {len(self.energy)} base linear(s) pruned 2:4 ({how}), "
                  f"{len(self.converted)} converted to Sparse24Linear, {len(self.refused)} left as they are; "
                  f"mean kept-weight energy {mean:.4f}"]
         if self.output_error:
             before, after = (sum(e[i] for e in self.output_error.values()) / len(self.output_error) for i in (0, 1))
-            lines[0] += f"; mean calibration output error {before:.4f} masked -> {after:.4f} reconstructed"
+            lines[0] += f"; mean calibration output error {before:.4f} masked -> {after:.4f} {_FINAL}"
         for path, e in self.energy.items():
             lines.append(f"  {path}: kept energy {e:.4f}{_error_text(self.output_error.get(path))}")
         lines += [f"  {path}: not pruned: {reason}" for path, reason in self.refused.items()]
         return "\n".join(lines)
-
-
-def _run(model: nn.Module, batch) -> None:
-    if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
 
 
 @dataclasses.dataclass
@@ -195,9 +202,10 @@ GRAM_BUDGET_BYTES = 8 * 2**30
 
 
 def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iterable,
-              grams: bool = False) -> Calibration:
+              grams: bool = False, ignore_padding: bool = False) -> Calibration:
     """One pass of the calibration batches through the model (eval mode, no gradients);
-    forward pre-hooks on `modules` sum x^2 by column and (grams) x^T x, in float64."""
+    forward pre-hooks on `modules` sum x^2 by column and (grams) x^T x, in float64, over every
+    token or (ignore_padding) those the batch's attention_mask keeps."""
     if grams:
         need = sum(8 * m.weight.shape[-1] ** 2 for m in modules.values())  # one float64 K x K per layer
         if need > GRAM_BUDGET_BYTES:
@@ -207,14 +215,14 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iter
                 "sparsity.GRAM_BUDGET_BYTES): prune in several calls, each with a select= that picks fewer layers")
     sums: dict[str, Tensor] = {}
     gram_sums: dict[str, Tensor] = {}
+    tokens: Optional[Tensor] = None  # the running batch's attention mask (ignore_padding)
 
     def accumulate(store: dict[str, Tensor], path: str, part: Tensor) -> None:
         store[path] = part if path not in store else store[path] + part
 
     def hook_for(path: str):
         def hook(_module, args):
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).double()
+            x = token_rows(args[0].detach(), tokens, path)
             accumulate(sums, path, x.pow(2).sum(0))
             if grams:
                 accumulate(gram_sums, path, x.t() @ x)
@@ -226,7 +234,8 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iter
     try:
         with torch.no_grad():
             for batch in calibration:
-                _run(model, batch)
+                tokens = padding_mask(batch, ignore_padding)
+                run_batch(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -240,19 +249,21 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iter
 
 def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Iterable] = None,
           select: Optional[Callable[[str, nn.Module], bool]] = None, convert: bool = True,
-          reconstruct: bool = False) -> SparsityReport:
+          reconstruct: bool = False, sequential: bool = False, target: Optional[str] = None,
+          ignore_padding: bool = False) -> SparsityReport:
     """Prune the frozen base of every LoRA layer (or what `select(path, module)` picks) to a
     transposable 2:4 mask, in place, and (convert) swap each for a Sparse24Linear.
+    method: "magnitude", "wanda", or "sparsegpt" (OBS saliency and updates, sparse24_obs.py).
     reconstruct: refit the kept weights by least squares on the calibration inputs (same mask).
-    Deterministic: the same weights (and calibration) give the same masks and weights."""
-    if method not in METHODS:
-        raise ValueError(f"unsloth_compile.sparsity.prune: method={method!r}; choose one of {', '.join(METHODS)}")
-    for needed, why in ((method == "wanda", "method='wanda' weighs |W| by each input feature's norm on them"),
-                        (reconstruct, "reconstruct=True refits the kept weights to the dense outputs on them")):
-        if needed and calibration is None:
-            raise ValueError(f"unsloth_compile.sparsity.prune: {why}: pass calibration= (batches for the "
-                             "model's forward)")
-    report = SparsityReport(method, reconstructed=reconstruct)
+    sequential: prune layer by layer in forward order, each calibrated on the inputs the pruned
+    layers before it give (sparse24_sequential.py); target: what each layer is fitted to,
+    "model" (the dense model's output of that layer, the default) or "layer" (the dense layer
+    on the pruned inputs). ignore_padding: calibration statistics only over the tokens each
+    batch's attention_mask keeps (batches are dicts with one). Deterministic: the same weights (and calibration) give the same
+    masks and weights."""
+    target = _check_prune_arguments(method, calibration, reconstruct, sequential, target, ignore_padding)
+    report = SparsityReport(method, reconstructed=reconstruct, sequential=target if sequential else None,
+                            ignore_padding=ignore_padding)
     todo = []
     for parent, attr, path in conversion_targets(model, select):
         module = getattr(parent, attr)
@@ -262,11 +273,20 @@ def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Ite
             report.refused[path] = reason
         else:
             todo.append((parent, attr, path, module))
-    measured = Calibration({}, {})
-    if (method == "wanda" or reconstruct) and todo:
-        measured = calibrate(model, {path: module for _, _, path, module in todo}, calibration, grams=reconstruct)
+    modules = {path: module for _, _, path, module in todo}
+    grams = reconstruct or method == "sparsegpt"
+    if sequential and todo:
+        _prune_sequentially(model, modules, list(calibration), method, grams, target, report)
+    else:
+        measured = Calibration({}, {})
+        if (method != "magnitude" or reconstruct) and todo:
+            measured = calibrate(model, modules, calibration, grams=grams, ignore_padding=ignore_padding)
+        for path, module in modules.items():
+            stats = None
+            if path in measured.norms:
+                stats = LayerStats(measured.norms[path], measured.grams.get(path))
+            _prune_layer(dense_weight(module), path, method, stats, reconstruct, report)
     for parent, attr, path, module in todo:
-        _prune_layer(dense_weight(module), path, method, measured, report)
         if convert:
             setattr(parent, attr, Sparse24Linear.from_dense(module))
             report.converted.append(path)
@@ -274,30 +294,97 @@ def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Ite
     return report
 
 
-def _prune_layer(weight: Tensor, path: str, method: str, measured: Calibration, report: SparsityReport) -> None:
+def _check_prune_arguments(method: str, calibration, reconstruct: bool, sequential: bool,
+                           target: Optional[str], ignore_padding: bool) -> str:
+    """prune's arguments checked, with the way out; returns the target ("model" by default)."""
+    if method not in METHODS:
+        raise ValueError(f"unsloth_compile.sparsity.prune: method={method!r}; choose one of {', '.join(METHODS)}")
+    if target is not None and not sequential:
+        raise ValueError(f"unsloth_compile.sparsity.prune: target={target!r} is what sequential pruning fits each "
+                         "layer to: pass sequential=True with it")
+    target = "model" if target is None else target
+    if target not in TARGETS:
+        raise ValueError(f"unsloth_compile.sparsity.prune: target={target!r}; choose one of {', '.join(TARGETS)}")
+    if sequential and method == "magnitude" and not reconstruct:
+        raise ValueError("unsloth_compile.sparsity.prune: sequential=True changes what calibration measures, and "
+                         "method='magnitude' without reconstruct=True measures nothing: use method='wanda' or "
+                         "'sparsegpt', or reconstruct=True")
+    if ignore_padding and method == "magnitude" and not reconstruct:
+        raise ValueError("unsloth_compile.sparsity.prune: ignore_padding=True is about the calibration "
+                         "statistics, and method='magnitude' without reconstruct=True uses none")
+    for needed, why in ((method == "wanda", "method='wanda' weighs |W| by each input feature's norm on them"),
+                        (method == "sparsegpt", "method='sparsegpt' weighs and updates W by their Gram matrix"),
+                        (reconstruct, "reconstruct=True refits the kept weights to the dense outputs on them")):
+        if needed and calibration is None:
+            raise ValueError(f"unsloth_compile.sparsity.prune: {why}: pass calibration= (batches for the "
+                             "model's forward)")
+    return target
+
+
+def _prune_sequentially(model: nn.Module, modules: dict[str, nn.Module], calibration: list, method: str,
+                        grams: bool, target: str, report: SparsityReport) -> None:
+    """Each group of layers (forward order) measured on the inputs of the model pruned so far,
+    then pruned; for target "model" each pruned layer's dense weight is held until the end."""
+    if not calibration:
+        raise ValueError("unsloth_compile.sparsity.prune: sequential=True needs at least one calibration batch")
+    groups = forward_groups(model, modules, calibration[0])
+    shapes = {p: tuple(dense_weight(m).shape) for p, m in modules.items()}
+    need = max(stats_bytes([shapes[p] for p in group], grams, target) for group in groups)
+    if need > GRAM_BUDGET_BYTES:
+        raise ValueError(
+            f"unsloth_compile.sparsity: sequential pruning holds one group's float64 statistics at once, "
+            f"{need / 2**30:.1f} GiB for the largest (limit {GRAM_BUDGET_BYTES / 2**30:.0f} GiB, "
+            "sparsity.GRAM_BUDGET_BYTES): use target='layer' (no K x N cross term), or prune the layers of "
+            "a group in separate calls with select=")
+    dense: dict[str, Tensor] = {}
+    for group in groups:
+        measured = group_stats(model, modules, group, calibration, lambda p: dense_weight(modules[p]), grams,
+                               target, dense, report.ignore_padding)
+        for path in group:
+            if target == "model":
+                dense[path] = modules[path].weight.detach().clone()
+            _prune_layer(dense_weight(modules[path]), path, method, measured[path], report.reconstructed, report)
+
+
+def _prune_layer(weight: Tensor, path: str, method: str, stats: Optional[LayerStats], reconstruct: bool,
+                 report: SparsityReport) -> None:
     """Mask `weight` in place (a Conv1D's transposed view writes through to its (K, N) weight),
-    refit its kept entries when `measured` has its Gram matrix, and record what it kept."""
+    refit or update its kept entries when `stats` has its Gram matrix, and record what it kept."""
     with torch.no_grad():
-        score = weight.detach().abs().float()
+        dense = weight.detach().clone()
+        score = dense.abs().float()
         if method == "wanda":
-            score = score * measured.norms[path].to(score.device, torch.float32)
-        mask = transposable_mask(score)
-        report.energy[path] = kept_energy(weight, mask)
-        gram = measured.grams.get(path)
+            score = score * stats.norms.to(score.device, torch.float32)
+        gram = None if stats is None else stats.gram
         if gram is None:
+            mask = transposable_mask(score)
             weight.mul_(mask)
         else:
-            dense = weight.detach().clone()
-            masked_error = relative_output_error(dense * mask, dense, gram)
-            weight.copy_(reconstruct_kept(dense, mask, gram))
-            report.output_error[path] = (masked_error, relative_output_error(weight, dense, gram))
+            cross, energy = stats.cross, stats.target_energy
+            if cross is None:  # the target is the dense layer on these inputs: B = H W0^T
+                w0 = dense.to(gram.device, torch.float64)
+                cross, energy = gram @ w0.t(), float(((w0 @ gram) * w0).sum())
+            fit = dense_refit(dense, gram, cross) if stats.cross is not None else dense
+            if method == "sparsegpt":
+                mask, updated = obs_prune(fit, gram)
+            else:
+                mask, updated = transposable_mask(score), None
+            if reconstruct:
+                updated = reconstruct_kept(fit, mask, gram)
+            masked_error = relative_error_to(dense * mask, gram, cross, energy)
+            weight.copy_(dense * mask if updated is None else updated.to(weight.device, weight.dtype))
+            report.output_error[path] = (masked_error, relative_error_to(weight, gram, cross, energy))
+        report.energy[path] = kept_energy(dense, mask)
     log.info("unsloth_compile.sparsity: %s pruned 2:4 (%s), kept-weight energy %.4f%s", path, method,
              report.energy[path], _error_text(report.output_error.get(path)))
 
 
 def _error_text(errors: Optional[tuple[float, float]]) -> str:
     """A layer's calibration output errors (masked, reconstructed) for the report and the log."""
-    return "" if errors is None else ", calibration output error %.4f masked -> %.4f reconstructed" % errors
+    return "" if errors is None else f", calibration output error {errors[0]:.4f} masked -> {errors[1]:.4f} {_FINAL}"
+
+
+_FINAL = "reconstructed"  # the weight as written: refit, or updated by OBS
 
 
 def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None) -> SparsityReport:

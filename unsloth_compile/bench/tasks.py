@@ -181,7 +181,8 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     return rows.view(-1, batch_size)[:steps]
 
 
-CALIBRATION_BATCHES = 8
+# the first training batches passed for calibration; a variant uses prune_calibration of them (8)
+MAX_CALIBRATION_BATCHES = 64
 
 
 def train_classifier(model: torch.nn.Module, variant: Variant, train: Split, steps: int, batch_size: int,
@@ -192,7 +193,7 @@ def train_classifier(model: torch.nn.Module, variant: Variant, train: Split, ste
     train = train.to(device)
     # the first training batches, for a variant that prunes with calibration (Wanda)
     calibration = [{"input_ids": train.input_ids[idx], "attention_mask": train.attention_mask[idx]}
-                   for idx in order[:CALIBRATION_BATCHES].to(device)]
+                   for idx in order[:MAX_CALIBRATION_BATCHES].to(device)]
     step_fn = compile_for(model, variant, calibration=calibration)
     optimizer = make_optimizer(model.parameters(), lr, device)
     warm = max(1, int(warmup_frac * steps))

@@ -16,9 +16,14 @@ With `sparsity=2:4` the bases are pruned before compiling, by `prune_method=magn
 default) or `prune_method=wanda`, which scores weights on calibration batches that the bench
 passes (`bench accuracy`: the first training batches); `-ls` after either (`wanda-ls`) also
 refits the kept weights by least squares on those batches (`prune(..., reconstruct=True)`).
-`prune_method` is the bench's, not a
-backend option, as is `prune_layers=REGEX`, which prunes only the LoRA bases whose path matches
-(e.g. `prune_layers=mlp` for a Llama's MLP; the others stay dense).
+`prune_method=sparsegpt` chooses the mask by OBS saliency with SparseGPT's weight updates
+(`sparsegpt-ls` refits that mask exactly). `prune_sequential=model|layer` prunes layer by layer
+in forward order, each calibrated on the pruned model's inputs and fitted to the dense model's
+(or the dense layer's) outputs (`prune(..., sequential=True, target=...)`); `prune_padding=ignore`
+leaves padded tokens out of the calibration (`ignore_padding=True`); `prune_calibration=N` uses
+N calibration batches (default 8, at most the MAX_CALIBRATION_BATCHES the bench passes).
+`prune_*` are the bench's, not backend options, as is `prune_layers=REGEX`, which prunes only
+the LoRA bases whose path matches (e.g. `prune_layers=mlp` for a Llama's MLP; the others stay dense).
 """
 
 from __future__ import annotations
@@ -121,12 +126,40 @@ def resolve_inner(inner: str, device: torch.device) -> str:
 
 
 # "<score>-ls": the mask by that score, then the kept weights refit by least squares
-PRUNE_METHODS = ("magnitude", "wanda", "magnitude-ls", "wanda-ls")
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt", "magnitude-ls", "wanda-ls", "sparsegpt-ls")
+PRUNE_OPTIONS = ("prune_method", "prune_layers", "prune_sequential", "prune_padding", "prune_calibration")
+CALIBRATION_BATCHES = 8  # what prune_calibration defaults to
+
+
+def _prune_kwargs(variant: Variant, options: dict, calibration: Optional[list]) -> dict:
+    """prune()'s calibration, sequential, target and ignore_padding from the variant's prune_*
+    options (popped from `options`)."""
+    sequential = options.pop("prune_sequential", "off")
+    sequential = "off" if sequential is False else str(sequential)  # parse_option_value reads "off" as False
+    padding = str(options.pop("prune_padding", "include"))
+    count = options.pop("prune_calibration", None)
+    if sequential not in ("off", "model", "layer"):
+        raise ValueError(f"variant {variant.name}: prune_sequential={sequential!r}; one of off, model, layer")
+    if padding not in ("include", "ignore"):
+        raise ValueError(f"variant {variant.name}: prune_padding={padding!r}; one of include, ignore")
+    if count is None:
+        count = CALIBRATION_BATCHES if calibration is None else min(CALIBRATION_BATCHES, len(calibration))
+    elif not str(count).isdigit() or int(count) < 1:
+        raise ValueError(f"variant {variant.name}: prune_calibration={count}; a count of batches, at least 1")
+    if calibration is not None and int(count) > len(calibration):
+        raise ValueError(f"variant {variant.name}: prune_calibration={count}, but the bench passes "
+                         f"{len(calibration)} calibration batches")
+    kwargs = {"calibration": None if calibration is None else calibration[:int(count)],
+              "ignore_padding": padding == "ignore"}
+    if sequential != "off":
+        kwargs.update(sequential=True, target=sequential)
+    return kwargs
 
 
 def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[list] = None) -> Callable:
     """The callable that trains `model` under this variant (the model itself when eager).
-    `calibration`: batches (keyword dicts for the model) for `prune_method=wanda` or `*-ls`."""
+    `calibration`: batches (keyword dicts for the model) for `prune_method=wanda`, `sparsegpt` or
+    `*-ls`; the first `prune_calibration` of them are used."""
     if variant.kind in ("full", "eager"):
         return model
     options = dict(variant.options)
@@ -135,6 +168,7 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
     if prune_method not in PRUNE_METHODS:
         raise ValueError(f"variant {variant.name}: prune_method={prune_method!r}; one of {', '.join(PRUNE_METHODS)}")
     prune_layers = options.pop("prune_layers", None)
+    prune_kwargs = _prune_kwargs(variant, options, calibration)
     if variant.kind == "unsloth":
         from unsloth_compile import Config  # importing the package registers the backend
 
@@ -147,7 +181,8 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
             from unsloth_compile.sparsity import prune
 
             score, reconstruct = prune_method.removesuffix("-ls"), prune_method.endswith("-ls")
-            if (score == "wanda" or reconstruct) and not calibration:
+            calibrated = score != "magnitude" or reconstruct
+            if calibrated and not calibration:
                 raise ValueError(f"variant {variant.name}: prune_method={prune_method} needs calibration batches, "
                                  "which only `bench accuracy` passes")
             select = None
@@ -156,12 +191,13 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
 
                 def select(path: str, module: torch.nn.Module) -> bool:
                     return path.endswith(".base_layer") and pattern.search(path) is not None
-            report = prune(model, score, calibration=calibration if score == "wanda" or reconstruct else None,
-                           select=select, reconstruct=reconstruct)
+            batches = prune_kwargs.pop("calibration")
+            report = prune(model, score, calibration=batches if calibrated else None, select=select,
+                           reconstruct=reconstruct, **prune_kwargs)
             if prune_layers is not None and not report.energy:
                 raise ValueError(f"variant {variant.name}: prune_layers={prune_layers!r} matches no LoRA base")
-        elif {"prune_method", "prune_layers"} & set(variant.options):
-            raise ValueError(f"variant {variant.name}: prune_method and prune_layers are for sparsity=2:4")
+        elif set(PRUNE_OPTIONS) & set(variant.options):
+            raise ValueError(f"variant {variant.name}: {', '.join(PRUNE_OPTIONS)} are for sparsity=2:4")
         if mode is None:
             return torch.compile(model, backend="unsloth", options=options)
         # torch.compile refuses mode and options together; the backend takes both
