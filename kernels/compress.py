@@ -26,8 +26,9 @@ top-k right singular subspace of this step's X, from a randomized range finder w
 power iteration (Halko, Martinsson, Tropp 2011, alg. 4.3): Omega (K x k) Gaussian,
 Q = orth(X^T X Omega). Then s G^T Z Q^T = s G^T X Q Q^T drops only the part of X outside
 that subspace: biased, but where activations have a decaying spectrum its error is far
-below the random projection's (on MiniLM's LoRA inputs, k = 128: relative error of dA 0.23
-for K = 384 and 0.32 for K = 1536, against 1.75 and 3.5; docs/bench/compress-lowrank-error.md).
+below the random projection's (on MiniLM's LoRA inputs, k = 128: relative error of dA
+0.23-0.29 for K = 384 and 0.38-0.48 for K = 1536, against 1.7 and 3.4;
+docs/bench/compress-lowrank-error.md).
 Cost 2 M K k more flops than the random projection (X Omega, X^T Y) and a QR of K x k; the
 same bytes are saved (Z and Q). With M <= k, Q spans all of X's rows and dA is exact.
 
