@@ -156,13 +156,18 @@ def _lora_backward_args(node: Node) -> list:
     return args
 
 
+# compress_lowrank_projection -> the op computing P from x (kernels/compress.py)
+_PROJECTIONS = {"range": unsloth.range_projection.default, "random": unsloth.random_projection.default}
+
+
 def lowrank(fw: GraphModule, bw: GraphModule, saved: Node, placeholder: Node, uses: list[tuple[Node, int]],
-            k: int, num_fwd_outputs: int) -> list[Node]:
-    """x -> P, and Z = x' P per distinct adapter input x' (one per dropout mask); each LoRA
-    backward reading x becomes lora_linear_backward_projected on its Z and P."""
+            k: int, projection_kind: str, num_fwd_outputs: int) -> list[Node]:
+    """x -> P (from x itself for "range", the range finder on x without any dropout mask),
+    and Z = x' P per distinct adapter input x' (one per dropout mask); each LoRA backward
+    reading x becomes lora_linear_backward_projected on its Z and P."""
     lora_dtype = _lora_backward_args(uses[0][0])[3].meta["val"].dtype
     with fw.graph.inserting_after(saved):
-        projection = call(fw.graph, unsloth.random_projection.default, (saved, k, lora_dtype), saved,
+        projection = call(fw.graph, _PROJECTIONS[projection_kind], (saved, k, lora_dtype), saved,
                           name=f"{saved.name}_projection")
     fw_nodes = {n.name: n for n in fw.graph.nodes}
     order = {n: i for i, n in enumerate(fw.graph.nodes)}

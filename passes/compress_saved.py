@@ -14,7 +14,7 @@ the same names. A saved tensor t chosen here becomes
 so the forward computes exactly what it computed before (t itself is untouched and freed
 after its last forward use) and only what backward reads is approximated. With "lowrank",
 the LoRA op's input x becomes Z = x' P and P (x' = what the adapter read: x, cast, times the
-dropout mask), and each `lora_linear_backward` reading it becomes
+dropout mask; P from x by the range finder, or random: `compress_lowrank_projection`), and each `lora_linear_backward` reading it becomes
 `lora_linear_backward_projected`, whose dA = s (G^T Z) P^T (kernels/compress.py).
 
 Which saved tensors (pattern, then check, as in every pass here):
@@ -383,7 +383,8 @@ def compress_saved_activations(fw: GraphModule, bw: GraphModule, num_fwd_outputs
         value = saved.fw.meta["val"]
         if cfg.compress_activations is CompressMode.LOWRANK:
             uses = lora_backward_uses(saved.bw)[0]
-            new = rewrite.lowrank(fw, bw, saved.fw, saved.bw, uses, cfg.compress_lowrank_k, num_fwd_outputs)
+            new = rewrite.lowrank(fw, bw, saved.fw, saved.bw, uses, cfg.compress_lowrank_k,
+                                  cfg.compress_lowrank_projection.value, num_fwd_outputs)
         else:
             new = rewrite.rowwise(fw, bw, saved.fw, saved.bw, mode, num_fwd_outputs)
         stored = [n.meta["val"] for n in new]
@@ -515,12 +516,12 @@ class CompressSavedPartitioner(_partitioner_base()):
 
     def __reduce__(self):
         # Inductor pickles its config into cache keys: what identifies this partitioner is
-        # its mode and k (uuid adds the code), not the report it writes.
+        # its mode, k, projection and recomputation (uuid adds the code), not the report it writes.
         return (_restored_partitioner, (self.cfg.compress_activations.value, self.cfg.compress_lowrank_k,
-                                        self.cfg.recomputes_ffn_products))
+                                        self.cfg.compress_lowrank_projection.value, self.cfg.recomputes_ffn_products))
 
     def uuid(self) -> Any:
-        """Inductor's cache key part: the mode, k and the code that rewrites and computes."""
+        """Inductor's cache key part: the mode, k, projection and the code that rewrites and computes."""
         from torch._inductor.custom_graph_pass import get_hash_for_files
 
         from .. import ops_compress
@@ -528,7 +529,8 @@ class CompressSavedPartitioner(_partitioner_base()):
 
         files = tuple(m.__file__ for m in (compress, ops_compress, rewrite)) + (__file__,)
         return (PATTERN, self.cfg.compress_activations.value, self.cfg.compress_lowrank_k,
-                self.cfg.recomputes_ffn_products, get_hash_for_files(files))
+                self.cfg.compress_lowrank_projection.value, self.cfg.recomputes_ffn_products,
+                get_hash_for_files(files))
 
 
 def compressing_aot_eager(partitioner: CompressSavedPartitioner) -> Callable:
@@ -541,9 +543,10 @@ def compressing_aot_eager(partitioner: CompressSavedPartitioner) -> Callable:
                         keep_inference_input_mutations=True)
 
 
-def _restored_partitioner(mode: str, k: int, recompute: bool = False) -> CompressSavedPartitioner:
+def _restored_partitioner(mode: str, k: int, projection: str, recompute: bool = False) -> CompressSavedPartitioner:
     return CompressSavedPartitioner(Config(compress_activations=mode, compress_lowrank_k=k,
-                                           recompute_ffn_products=recompute, inner="aot_eager"), Report())
+                                           compress_lowrank_projection=projection, recompute_ffn_products=recompute,
+                                           inner="aot_eager"), Report())
 
 
 def compile_compressed(gm: GraphModule, example_inputs, cfg: Config, report: Report,

@@ -5,6 +5,7 @@
     compress_rowwise(x, fmt) -> (q, scale)           fmt "fp8" (e4m3) or "int8"
     decompress_rowwise(q, scale, dtype) -> x~
     random_projection(x, k, dtype) -> P (K, k)       a fresh draw per call (private generator)
+    range_projection(x, k, dtype) -> Q (K, k)        orthonormal, ~ x's top-k row space (fresh Omega)
     project_rows(x, P, dropout_mask?, dropout_scale) -> Z = x' P
     lora_linear_backward_projected(...) -> (dx, d_lora_x, dA, dB)   dA from Z and P
 
@@ -30,6 +31,8 @@ _lib.define("decompress_rowwise(Tensor q, Tensor scale, ScalarType dtype) -> Ten
 # for aten's random ops).
 _lib.define("random_projection(Tensor x, int k, ScalarType dtype) -> Tensor",
             tags=(torch.Tag.nondeterministic_seeded,))
+_lib.define("range_projection(Tensor x, int k, ScalarType dtype) -> Tensor",
+            tags=(torch.Tag.nondeterministic_seeded,))
 _lib.define("project_rows(Tensor x, Tensor projection, Tensor? dropout_mask=None, "
             "float dropout_scale=1.0, ScalarType? out_dtype=None) -> Tensor")
 _lib.define(
@@ -47,7 +50,8 @@ _seeds.manual_seed(0x5EED)
 
 
 def seed_projections(seed: int) -> None:
-    """Restart the sequence of random projections (compress_activations="lowrank")."""
+    """Restart the sequence of random draws of compress_activations="lowrank" (the random
+    projections P, the range finder's Omega)."""
     _seeds.manual_seed(seed)
 
 
@@ -87,6 +91,16 @@ def _(x, k, dtype):
     return x.new_empty((x.shape[-1], k), dtype=dtype)
 
 
+def range_projection(x: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    seed = int(torch.randint(0, 2**62, (1,), generator=_seeds))
+    return ref.range_projection(x, k, seed, dtype)
+
+
+@torch.library.register_fake("unsloth::range_projection")
+def _(x, k, dtype):
+    return x.new_empty((x.shape[-1], k), dtype=dtype)
+
+
 def project_rows(x: Tensor, projection: Tensor, dropout_mask: Optional[Tensor] = None,
                  dropout_scale: float = 1.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     return ref.project_rows(x, projection, dropout_mask, dropout_scale, out_dtype)
@@ -116,6 +130,6 @@ def _(grad_out, x_proj, projection, x_dtype, weight, lora_A, lora_B, lora_x_dtyp
             lora_B.new_empty(lora_B.shape))
 
 
-for _name in ("compress_rowwise", "decompress_rowwise", "random_projection", "project_rows",
+for _name in ("compress_rowwise", "decompress_rowwise", "random_projection", "range_projection", "project_rows",
               "lora_linear_backward_projected"):
     _lib.impl(_name, globals()[_name], "CompositeExplicitAutograd")
