@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Callable, Iterable, Optional
+from typing import Callable, Container, Iterable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -81,7 +81,8 @@ class _Reached(Exception):
 
 
 @contextlib.contextmanager
-def _eval_no_grad(model: nn.Module):
+def eval_no_grad(model: nn.Module):
+    """The model in eval mode without gradients for the block, its training flag restored after."""
     was_training = model.training
     model.eval()
     try:
@@ -122,12 +123,9 @@ def forward_groups(model: nn.Module, modules: dict[str, nn.Module], batch) -> li
             reached.add(path)
             calls.append((path, x))
 
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         _run_until(model, batch, modules, last="", seen=seen)
-    missing = [p for p in modules if p not in reached]
-    if missing:
-        raise ValueError(f"unsloth_compile.sparsity: the calibration batches never reached {', '.join(missing[:3])}"
-                         f"{' ...' if len(missing) > 3 else ''}: pass batches the model's forward takes")
+    require_reached(modules, reached)
     groups: list[list[str]] = []
     for i, (path, x) in enumerate(calls):
         if i and x is calls[i - 1][1]:
@@ -135,6 +133,14 @@ def forward_groups(model: nn.Module, modules: dict[str, nn.Module], batch) -> li
         else:
             groups.append([path])
     return groups
+
+
+def require_reached(modules: Iterable[str], reached: Container[str]) -> None:
+    """ValueError naming the modules the calibration forward never reached."""
+    missing = [p for p in modules if p not in reached]
+    if missing:
+        raise ValueError(f"unsloth_compile.sparsity: the calibration batches never reached {', '.join(missing[:3])}"
+                         f"{' ...' if len(missing) > 3 else ''}: pass batches the model's forward takes")
 
 
 @contextlib.contextmanager
@@ -163,7 +169,7 @@ def group_stats(model: nn.Module, modules: dict[str, nn.Module], group: list[str
     def add(old: Optional[Tensor], part: Tensor) -> Tensor:
         return part if old is None else old + part
 
-    with _eval_no_grad(model):
+    with eval_no_grad(model):
         for batch in calibration:
             tokens = padding_mask(batch, ignore_padding)
             outputs: dict[str, Tensor] = {}

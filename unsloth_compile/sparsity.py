@@ -55,8 +55,8 @@ from .sparse24_mask import kept_energy, sparsity_problem, transposable_mask
 from .sparse24_obs import obs_prune
 from .sparse24_reconstruct import dense_refit, relative_error_to
 from .sparse24_reconstruct import reconstruct as reconstruct_kept
-from .sparse24_sequential import (TARGETS, LayerStats, forward_groups, group_stats, padding_mask, run_batch,
-                                  stats_bytes, token_rows)
+from .sparse24_sequential import (TARGETS, LayerStats, eval_no_grad, forward_groups, group_stats, padding_mask,
+                                  require_reached, run_batch, stats_bytes, token_rows)
 
 log = logging.getLogger("unsloth_compile.sparsity")
 
@@ -188,24 +188,16 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-@dataclasses.dataclass
-class Calibration:
-    """What the calibration pass measured at each module's input, per path: ||X_j||_2 of each
-    input feature j over every calibration token (Wanda's scores), and, when asked, the Gram
-    matrix H = X^T X (float64, K x K: least-squares reconstruction)."""
-    norms: dict[str, Tensor]
-    grams: dict[str, Tensor]
-
-
 # what reconstruct=True may hold at once in Gram matrices (Llama-1B's 112 bases would need 11 GiB)
 GRAM_BUDGET_BYTES = 8 * 2**30
 
 
 def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iterable,
-              grams: bool = False, ignore_padding: bool = False) -> Calibration:
+              grams: bool = False, ignore_padding: bool = False) -> dict[str, LayerStats]:
     """One pass of the calibration batches through the model (eval mode, no gradients);
     forward pre-hooks on `modules` sum x^2 by column and (grams) x^T x, in float64, over every
-    token or (ignore_padding) those the batch's attention_mask keeps."""
+    token or (ignore_padding) those the batch's attention_mask keeps. Per path: ||X_j||_2 of
+    each input feature j (Wanda's scores) and, when asked, H = X^T X (least squares, OBS)."""
     if grams:
         need = sum(8 * m.weight.shape[-1] ** 2 for m in modules.values())  # one float64 K x K per layer
         if need > GRAM_BUDGET_BYTES:
@@ -229,22 +221,16 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iter
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(p)) for p, m in modules.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_no_grad(model):
             for batch in calibration:
                 tokens = padding_mask(batch, ignore_padding)
                 run_batch(model, batch)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
-    missing = [p for p in modules if p not in sums]
-    if missing:
-        raise ValueError(f"unsloth_compile.sparsity: the calibration batches never reached {', '.join(missing[:3])}"
-                         f"{' ...' if len(missing) > 3 else ''}: pass batches the model's forward takes")
-    return Calibration({p: s.sqrt() for p, s in sums.items()}, gram_sums)
+    require_reached(modules, sums)
+    return {p: LayerStats(s.sqrt(), gram_sums.get(p)) for p, s in sums.items()}
 
 
 def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Iterable] = None,
@@ -278,14 +264,11 @@ def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Ite
     if sequential and todo:
         _prune_sequentially(model, modules, list(calibration), method, grams, target, report)
     else:
-        measured = Calibration({}, {})
+        measured = {}
         if (method != "magnitude" or reconstruct) and todo:
             measured = calibrate(model, modules, calibration, grams=grams, ignore_padding=ignore_padding)
         for path, module in modules.items():
-            stats = None
-            if path in measured.norms:
-                stats = LayerStats(measured.norms[path], measured.grams.get(path))
-            _prune_layer(dense_weight(module), path, method, stats, reconstruct, report)
+            _prune_layer(dense_weight(module), path, method, measured.get(path), reconstruct, report)
     for parent, attr, path, module in todo:
         if convert:
             setattr(parent, attr, Sparse24Linear.from_dense(module))
