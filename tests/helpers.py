@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import importlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -181,3 +182,44 @@ def dynamo_graphs(model, *args, **kwargs) -> list:
 
     torch.compile(model, backend=backend)(*args, **kwargs)
     return graphs
+
+
+def saved_for_backward(fn: Callable, kept: Optional[list] = None):
+    """(bytes, Counter of dtypes) of what autograd keeps for backward while `fn()` runs, each
+    storage once; `kept`, when given, gets (dtype, shape) of every saved tensor, in order."""
+    storages, dtypes = {}, collections.Counter()
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        dtypes[t.dtype] += 1
+        if kept is not None:
+            kept.append((t.dtype, tuple(t.shape)))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values()), dtypes
+
+
+def correlated_inputs(tokens: int, k: int, seed: int) -> torch.Tensor:
+    """Never-zero float64 inputs whose features are correlated (a random mixing plus an offset),
+    as a layer's activations are: what gives a least-squares refit something to exploit."""
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
+    return (torch.randn(tokens, k, generator=g) @ mixing + 0.5).double()
+
+
+def lora_base_inputs(model: torch.nn.Module, batches) -> dict:
+    """What each LoRA base layer of `model` sees on `batches` (one positional input each),
+    concatenated, float64, by path."""
+    from unsloth_compile import sparsity
+
+    seen, handles = {}, []
+    for path, layer in sparsity.lora_base_layers(model):
+        handles.append(layer.base_layer.register_forward_pre_hook(
+            lambda _m, args, path=path: seen.setdefault(path, []).append(args[0].detach().double())))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for handle in handles:
+        handle.remove()
+    return {path: torch.cat(xs) for path, xs in seen.items()}

@@ -14,13 +14,12 @@ from __future__ import annotations
 import collections
 import functools
 import math
-from typing import Optional
 
 import pytest
 import torch
 
 import unsloth_compile
-from helpers import batch_for, peft_wrap, tiny_causal_lm
+from helpers import batch_for, peft_wrap, saved_for_backward, tiny_causal_lm
 from unsloth_compile import Config
 from unsloth_compile.kernels import compress as ref
 from unsloth_compile.ops_compress import seed_projections
@@ -422,22 +421,6 @@ def test_partitioned_graphs_save_the_compressed_tensors(monkeypatch, mode):
 # ----------------------------------------------------------------------------- tiny PEFT Llama
 
 
-def _saved_for_backward(fn, kept: Optional[list] = None):
-    """(bytes, Counter of dtypes) of what autograd keeps for backward, each storage once;
-    `kept`, when given, gets (dtype, shape) of every saved tensor, in order."""
-    storages, dtypes = {}, collections.Counter()
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        dtypes[t.dtype] += 1
-        if kept is not None:
-            kept.append((t.dtype, tuple(t.shape)))
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values()), dtypes
-
-
 @functools.lru_cache(maxsize=None)
 def llama_run(mode: str, dropout: float = 0.0, k: int = 16, repeats: int = 0, backend: str = "unsloth",
               projection: str = "range"):
@@ -466,7 +449,7 @@ def llama_run(mode: str, dropout: float = 0.0, k: int = 16, repeats: int = 0, ba
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     grads["dX"] = embeds.grad.clone()
-    saved_bytes, dtypes = _saved_for_backward(forward)
+    saved_bytes, dtypes = saved_for_backward(forward)
     mean_dA = None
     if repeats:
         a_params = {n: p for n, p in model.named_parameters() if "lora_A" in n}
@@ -632,7 +615,7 @@ def test_bf16_gated_mlp_under_inductor_decompositions(mode):
         with collect_reports() as report:
             compiled(x).float().sum().backward()
         kept = []
-        saved, _ = _saved_for_backward(lambda: compiled(x), kept)
+        saved, _ = saved_for_backward(lambda: compiled(x), kept)
         return report, saved, kept
 
     _, saved0, kept0 = run("none")
@@ -686,7 +669,7 @@ def test_compression_on_cuda_under_inductor(mode):
         # are graph outputs, which the next replay overwrites (the second forward below)
         grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
         loss = loss.detach().clone()
-        saved, dtypes = _saved_for_backward(lambda: compiled(input_ids=ids, labels=ids).loss)
+        saved, dtypes = saved_for_backward(lambda: compiled(input_ids=ids, labels=ids).loss)
         return loss, grads, report, saved, dtypes
 
     # caches off: a graph AOTAutograd's cache returns is not partitioned again, so its sites would

@@ -8,20 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import batch_for, peft_wrap, tiny_causal_lm
+from helpers import batch_for, peft_wrap, saved_for_backward, tiny_causal_lm
 from unsloth_compile import Config
 from unsloth_compile.report import collect_reports
-
-
-def _saved_bytes(fn) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def _run(recompute: bool):
@@ -36,7 +25,7 @@ def _run(recompute: bool):
         loss = compiled(**batch).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    saved = _saved_bytes(lambda: compiled(**batch).loss)
+    saved, _ = saved_for_backward(lambda: compiled(**batch).loss)
     torch._dynamo.reset()
     return loss.detach(), grads, report, saved
 

@@ -12,17 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import correlated_inputs, lora_base_inputs
 from unsloth_compile import sparsity
 from unsloth_compile.sparse24_mask import sparsity_problem, transposable_mask
 from unsloth_compile.sparse24_reconstruct import DAMPING, reconstruct, relative_output_error
-
-
-def _correlated_inputs(tokens: int, k: int, seed: int) -> torch.Tensor:
-    """Never-zero inputs whose features are correlated (a random mixing plus an offset), as a
-    layer's activations are: what gives the refit something to exploit."""
-    g = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
-    return (torch.randn(tokens, k, generator=g) @ mixing + 0.5).double()
 
 
 def _reference_refit(w0: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +37,7 @@ def test_refit_matches_a_float64_least_squares_reference(n, k, tokens):
     """Awkward shapes, fewer tokens than features (singular H: the damping makes it solvable)."""
     g = torch.Generator().manual_seed(n * 1000 + k)
     w = torch.randn(n, k, generator=g)
-    x = _correlated_inputs(tokens, k, seed=k)
+    x = correlated_inputs(tokens, k, seed=k)
     mask = transposable_mask(w.abs())
     refit = reconstruct(w, mask, x.t() @ x)
     assert refit.dtype == w.dtype and refit.shape == w.shape
@@ -56,7 +49,7 @@ def test_refit_matches_a_float64_least_squares_reference(n, k, tokens):
 
 def test_refit_lowers_the_output_error_and_the_error_is_what_x_gives():
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(3))
-    x = _correlated_inputs(500, 96, seed=4)
+    x = correlated_inputs(500, 96, seed=4)
     gram = x.t() @ x
     mask = transposable_mask(w.abs())
     masked, refit = w * mask, reconstruct(w, mask, gram)
@@ -69,7 +62,7 @@ def test_refit_lowers_the_output_error_and_the_error_is_what_x_gives():
 
 def test_refit_in_bf16_keeps_the_mask():
     w = torch.randn(16, 32, generator=torch.Generator().manual_seed(5)).bfloat16()
-    x = _correlated_inputs(40, 32, seed=6)
+    x = correlated_inputs(40, 32, seed=6)
     mask = transposable_mask(w.abs())
     refit = reconstruct(w, mask, x.t() @ x)
     assert refit.dtype == torch.bfloat16 and torch.equal(refit[~mask].float(), torch.zeros(int((~mask).sum())))
@@ -88,31 +81,17 @@ def _mlp():
 
 
 def _calibration():
-    return [_correlated_inputs(30, 64, seed=s).float() for s in range(3)]
+    return [correlated_inputs(30, 64, seed=s).float() for s in range(3)]
 
 
 def _base_weights(model):
     return {path: layer.base_layer.weight.detach().clone() for path, layer in sparsity.lora_base_layers(model)}
 
 
-def _base_inputs(model, batches):
-    """What each base layer of the (dense) model sees on the batches, concatenated."""
-    seen, handles = {}, []
-    for path, layer in sparsity.lora_base_layers(model):
-        handles.append(layer.base_layer.register_forward_pre_hook(
-            lambda _m, args, path=path: seen.setdefault(path, []).append(args[0].detach().double())))
-    with torch.no_grad():
-        for batch in batches:
-            model(batch)
-    for handle in handles:
-        handle.remove()
-    return {path: torch.cat(xs) for path, xs in seen.items()}
-
-
 @pytest.mark.parametrize("method", ["wanda", "magnitude"])
 def test_prune_with_reconstruct_keeps_the_mask_and_refits_on_the_calibration(method):
     dense, batches = _mlp(), _calibration()
-    w0, inputs = _base_weights(dense), _base_inputs(dense, batches)
+    w0, inputs = _base_weights(dense), lora_base_inputs(dense, batches)
     plain_model = copy.deepcopy(dense)
     plain = sparsity.prune(plain_model, method, calibration=batches)
     refit_model = copy.deepcopy(dense)

@@ -13,17 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import correlated_inputs, lora_base_inputs
 from unsloth_compile import sparsity
 from unsloth_compile.sparse24_mask import sparsity_problem, transposable_mask
 from unsloth_compile.sparse24_obs import obs_prune
 from unsloth_compile.sparse24_reconstruct import (damping, dense_refit, reconstruct, relative_error_to,
                                                   relative_output_error)
-
-
-def _correlated_inputs(tokens: int, k: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(k, k, generator=g) / k ** 0.5 + torch.eye(k)
-    return (torch.randn(tokens, k, generator=g) @ mixing + 0.5).double()
 
 
 def _reference_obs(w0: torch.Tensor, gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +45,7 @@ def test_obs_sweep_matches_the_float64_definition(n, k, tokens, block):
     """Awkward shapes, fewer tokens than features, blocks that do not divide K."""
     g = torch.Generator().manual_seed(n * 100 + k)
     w = torch.randn(n, k, generator=g)
-    x = _correlated_inputs(tokens, k, seed=k)
+    x = correlated_inputs(tokens, k, seed=k)
     mask, pruned = obs_prune(w, x.t() @ x, block=block)
     want_mask, want = _reference_obs(w, x.t() @ x)
     assert torch.equal(mask, want_mask)
@@ -64,7 +59,7 @@ def test_obs_sweep_beats_wanda_on_the_output_error():
     OBS mask, with or without the final least-squares refit, leaves a smaller calibration output
     error than Wanda's mask refit by least squares (wanda-ls)."""
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(7))
-    x = _correlated_inputs(1024, 256, seed=8)
+    x = correlated_inputs(1024, 256, seed=8)
     gram = x.t() @ x
     wanda_mask = transposable_mask(w.abs() * gram.diagonal().sqrt().float())
     wanda_ls = relative_output_error(reconstruct(w, wanda_mask, gram), w, gram)
@@ -75,7 +70,7 @@ def test_obs_sweep_beats_wanda_on_the_output_error():
 
 def test_obs_sweep_is_deterministic_and_checks_shapes():
     w = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
-    x = _correlated_inputs(30, 16, seed=2)
+    x = correlated_inputs(30, 16, seed=2)
     a, b = obs_prune(w, x.t() @ x), obs_prune(w.clone(), (x.t() @ x).clone())
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="multiples of 4"):
@@ -89,7 +84,7 @@ def test_refit_to_another_target_matches_lstsq():
     float64 lstsq; relative_error_to against the error computed from X~ and Y directly."""
     g = torch.Generator().manual_seed(3)
     w0 = torch.randn(8, 24, generator=g).double()
-    x = _correlated_inputs(60, 24, seed=4)
+    x = correlated_inputs(60, 24, seed=4)
     x_pruned = x + 0.1 * torch.randn(60, 24, generator=g).double()
     y = x @ w0.t()
     gram, cross = x_pruned.t() @ x_pruned, x_pruned.t() @ y
@@ -119,25 +114,11 @@ def _mlp():
 
 
 def _calibration():
-    return [_correlated_inputs(40, 64, seed=s).float() for s in range(4)]
+    return [correlated_inputs(40, 64, seed=s).float() for s in range(4)]
 
 
 def _bases(model):
     return {path: layer.base_layer for path, layer in sparsity.lora_base_layers(model)}
-
-
-def _inputs(model, batches):
-    """Each base layer's inputs over the batches, concatenated, float64."""
-    seen, handles = {}, []
-    for path, base in _bases(model).items():
-        handles.append(base.register_forward_pre_hook(
-            lambda _m, args, path=path: seen.setdefault(path, []).append(args[0].detach().double())))
-    with torch.no_grad():
-        for batch in batches:
-            model(batch)
-    for handle in handles:
-        handle.remove()
-    return {path: torch.cat(xs) for path, xs in seen.items()}
 
 
 @pytest.mark.parametrize("method, refit", [("wanda", True), ("sparsegpt", False), ("sparsegpt", True),
@@ -152,10 +133,10 @@ def test_sequential_prune_fits_each_layer_on_the_pruned_inputs(method, refit, ta
     report = sparsity.prune(model, method, calibration=batches, reconstruct=refit, sequential=True,
                             target=target, convert=False)
     assert report.sequential == target and "sequential" in str(report)
-    dense_inputs = _inputs(dense, batches)
+    dense_inputs = lora_base_inputs(dense, batches)
     replay = copy.deepcopy(dense)
     for path, base in _bases(replay).items():
-        x, w0 = _inputs(replay, batches)[path], base.weight.detach().double()
+        x, w0 = lora_base_inputs(replay, batches)[path], base.weight.detach().double()
         gram = x.t() @ x
         y = (dense_inputs[path] if target == "model" else x) @ w0.t()
         fit = dense_refit(w0, gram, x.t() @ y)
@@ -196,7 +177,7 @@ def test_sequential_prune_lowers_the_final_output_error():
     """Calibrated on the pruned inputs and fitted to the dense model's outputs, the pruned MLP's
     output on held-out inputs is closer to the dense one than with every layer pruned at once."""
     dense, batches = _mlp(), _calibration()
-    held = _correlated_inputs(200, 64, seed=99).float()
+    held = correlated_inputs(200, 64, seed=99).float()
     with torch.no_grad():
         want = dense(held)
     errors = {}
@@ -259,7 +240,7 @@ def test_ignore_padding_measures_only_the_attended_tokens(sequential):
     lengths = [[7, 3, 10], [1, 10, 4]]
     padded, real = [], []
     for s, lens in enumerate(lengths):
-        x = _correlated_inputs(30, 64, seed=s).float().reshape(3, 10, 64)
+        x = correlated_inputs(30, 64, seed=s).float().reshape(3, 10, 64)
         mask = (torch.arange(10)[None, :] < torch.tensor(lens)[:, None]).long()
         noise = 50 * torch.randn(3, 10, 64, generator=g)  # what a pad token carries: anything
         padded.append({"x": torch.where(mask[..., None].bool(), x, noise), "attention_mask": mask})
