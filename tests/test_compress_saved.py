@@ -138,6 +138,8 @@ def test_range_projection_against_float64(lead, K, k, dtype):
     if math.prod(lead) <= k:  # Q spans every row of X: the projection is exact
         torch.testing.assert_close(x64 @ q @ q.t(), x64, rtol=0, atol=2e-5 * x64.abs().max().item())
     assert ops.range_projection(x, k, torch.bfloat16).dtype == torch.bfloat16
+    # the layout the fake kernel gives (Inductor asserts it on CUDA): row-major
+    assert q.is_contiguous() and ops.range_projection(x, k, torch.bfloat16).is_contiguous()
     seed_projections(5)
     assert torch.equal(ops.range_projection(x, k, torch.float32).double(), q)  # reproducible
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -93,7 +93,8 @@ def _(x, k, dtype):
 
 def range_projection(x: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     seed = int(torch.randint(0, 2**62, (1,), generator=_seeds))
-    return ref.range_projection(x, k, seed, dtype)
+    # QR's Q is column-major; the fake (and Inductor's stride assert) promise row-major
+    return ref.range_projection(x, k, seed, dtype).contiguous()
 
 
 @torch.library.register_fake("unsloth::range_projection")
