@@ -169,6 +169,29 @@ def test_profile_families_and_interval_union():
     assert union_us([]) == 0
 
 
+def test_profile_idle_is_charged_to_the_phase_that_launched_next():
+    from unsloth_compile.bench.profile import idle_by_phase, summarise, StepTimes
+
+    # one step 0..100 us: forward runs 0..30 on the CPU, backward 30..60, synchronize 60..100
+    phases = [("forward", 0, 30), ("backward", 30, 60), ("synchronize", 60, 100)]
+    kernels = [("k_fwd", 5, 20), ("k_fwd2", 10, 25),  # lead-in 5 us (forward); overlap counts once
+               ("k_bwd", 40, 70),                      # 15 us idle waiting on backward's launch
+               ("k_late", 80, 90),                     # 10 us idle, launched while synchronising
+               ("k_other_step", 150, 160)]             # outside the step: ignored
+    got = idle_by_phase(kernels, phases, [(0, 100)], longest=2)
+    assert got["idle_ms_by_phase"] == {"backward": 0.015, "synchronize": 0.010, "forward": 0.005}
+    assert got["host_ms_by_phase"] == {"forward": 0.030, "backward": 0.030, "synchronize": 0.040}
+    assert got["longest_idle"] == [
+        {"idle_us": 15, "phase": "backward", "after": "k_fwd2", "before": "k_bwd"},
+        {"idle_us": 10, "phase": "synchronize", "after": "k_bwd", "before": "k_late"}]
+    # the costliest kernels of each family, per step
+    summary = summarise([("Memcpy DtoD", 0, 4), ("Memcpy DtoD", 10, 12), ("triton_poi_fused_add_0", 0, 1)],
+                        [StepTimes(1.0, 0.5)], per_family=1)
+    assert summary["top_kernels_by_family"] == {
+        "copies": [{"name": "Memcpy DtoD", "ms_per_step": 0.006, "calls_per_step": 2.0}],
+        "fused elementwise": [{"name": "triton_poi_fused_add_0", "ms_per_step": 0.001, "calls_per_step": 1.0}]}
+
+
 def test_profile_tiny_on_cpu(tmp_path):
     assert main(["profile", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu",
                  "--variants", "peft-eager,peft+unsloth", "--host-profile", "--out", str(tmp_path)]) == 0

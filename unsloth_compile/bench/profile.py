@@ -10,7 +10,11 @@ the warm-up), then `--steps` steps run under `torch.profiler`. Per step:
 - GPU busy: the union of the kernels' intervals (overlapping kernels counted once);
 - GPU idle: wall time minus GPU busy (launch gaps, host-bound stretches, synchronisations);
 - GPU time by family: kernel durations summed per family (`FAMILIES`), plus the ten
-  costliest kernels by name;
+  costliest kernels by name and the costliest few of each family (what "copies" are, say);
+- GPU idle by phase: each stretch where no kernel ran is charged to the step phase (forward,
+  backward, optimizer, zero_grad, synchronize) whose Python was running when the next kernel
+  started, i.e. the phase the GPU was waiting for; the longest stretches are listed with the
+  kernels on either side;
 - each profiled step's own wall time (a re-recorded CUDA graph or a recompile shows as one
   slow step, not as a higher mean only);
 - Dynamo/Inductor counters that decide whether CUDA graphs ran (`cudagraph_skips`,
@@ -81,12 +85,83 @@ def _device_kernels(prof) -> list[tuple[str, float, float]]:
     """(name, start_us, end_us) of every device kernel (and memcpy/memset) the profiler saw."""
     kernels = []
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        # record_function ranges (ours, the optimizer's) also appear on the GPU timeline as
+        # annotations spanning their kernels: not kernels, and they would hide idle time
+        annotation = getattr(event, "is_user_annotation", False) or event.name.startswith(("phase:", "step:"))
+        if event.device_type == torch.autograd.DeviceType.CUDA and not annotation:
             kernels.append((event.name, float(event.time_range.start), float(event.time_range.end)))
     return kernels
 
 
-def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes], top: int = 10) -> dict:
+def _cpu_ranges(prof, prefix: str) -> list[tuple[str, float, float]]:
+    """(name without prefix, start_us, end_us) of the CPU record_function ranges named prefix*."""
+    return [(event.name[len(prefix):], float(event.time_range.start), float(event.time_range.end))
+            for event in prof.events()
+            if event.device_type == torch.autograd.DeviceType.CPU and event.name.startswith(prefix)]
+
+
+def phased_train_step(step_fn, batch: dict, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
+    """`variants.train_step` with each phase in a named profiler range, then the synchronise;
+    returns the host time (s) until every launch was issued."""
+    from torch.profiler import record_function
+
+    t0 = time.perf_counter()
+    with record_function("phase:forward"):
+        loss = step_fn(**batch).loss
+    with record_function("phase:backward"):
+        loss.backward()
+    with record_function("phase:optimizer"):
+        optimizer.step()
+    with record_function("phase:zero_grad"):
+        optimizer.zero_grad(set_to_none=True)
+    host_s = time.perf_counter() - t0
+    with record_function("phase:synchronize"):
+        synchronize(device)
+    return host_s
+
+
+PHASES = ("forward", "backward", "optimizer", "zero_grad", "synchronize")
+
+
+def idle_by_phase(kernels: list[tuple[str, float, float]], phases: list[tuple[str, float, float]],
+                  steps: list[tuple[float, float]], longest: int = 8) -> dict:
+    """Charge every GPU-idle stretch inside a step to the phase whose CPU range holds the start of
+    the kernel that ended the stretch (the launch the GPU waited for); a step's lead-in (its
+    first Python line to its first kernel) counts too. `phases` and `steps` are CPU ranges
+    (name, start_us, end_us) / (start_us, end_us) on the profiler's clock, which kernels share."""
+    ordered = sorted(kernels, key=lambda k: k[1])
+    by_phase: dict[str, float] = collections.Counter()
+    stretches = []
+
+    def phase_at(t: float) -> str:
+        for name, start, end in phases:
+            if start <= t < end:
+                return name
+        return "between phases"
+
+    for step_start, step_end in steps:
+        inside = [k for k in ordered if step_start <= k[1] < step_end]
+        busy_until, previous = step_start, "step start"
+        for name, start, end in inside:
+            if start > busy_until:
+                gap = start - busy_until
+                phase = phase_at(start)
+                by_phase[phase] += gap
+                stretches.append({"idle_us": gap, "phase": phase, "after": previous[:90], "before": name[:90]})
+            if end > busy_until:
+                busy_until, previous = end, name
+    n = max(len(steps), 1)
+    stretches.sort(key=lambda s: -s["idle_us"])
+    host_by_phase: dict[str, float] = collections.Counter()
+    for name, start, end in phases:
+        host_by_phase[name] += end - start
+    return {"idle_ms_by_phase": {k: v / 1e3 / n for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
+            "host_ms_by_phase": {k: v / 1e3 / n for k, v in host_by_phase.items()},
+            "longest_idle": stretches[:longest]}
+
+
+def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes], top: int = 10,
+              per_family: int = 4) -> dict:
     n = len(steps)
     by_family: dict[str, float] = collections.Counter()
     by_name: dict[str, list] = {}
@@ -98,7 +173,13 @@ def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes], t
     wall_ms = 1e3 * sum(s.wall_s for s in steps) / n
     host_ms = 1e3 * sum(s.host_s for s in steps) / n
     busy_ms = union_us([(s, e) for _, s, e in kernels]) / 1e3 / n if kernels else None
-    costliest = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    costliest = ranked[:top]
+    family_tops: dict[str, list] = {}
+    for name, (t, c) in ranked:
+        listed = family_tops.setdefault(family_of(name), [])
+        if len(listed) < per_family:
+            listed.append({"name": name[:160], "ms_per_step": t / 1e3 / n, "calls_per_step": c / n})
     return {
         "steps": n, "wall_ms": wall_ms, "host_ms": host_ms,
         "gpu_busy_ms": busy_ms, "gpu_idle_ms": None if busy_ms is None else max(wall_ms - busy_ms, 0.0),
@@ -107,18 +188,20 @@ def summarise(kernels: list[tuple[str, float, float]], steps: list[StepTimes], t
         "step_wall_ms": [round(1e3 * s.wall_s, 2) for s in steps],
         "top_kernels": [{"name": name[:160], "ms_per_step": t / 1e3 / n, "calls_per_step": c / n,
                          "family": family_of(name)} for name, (t, c) in costliest],
+        "top_kernels_by_family": family_tops,
     }
 
 
-def host_functions(profiler: cProfile.Profile, limit: int = 25) -> list[dict]:
-    """The `limit` Python functions with the most own time in a cProfile run, with their calls."""
+def host_functions(profiler: cProfile.Profile, limit: int = 25, key: str = "own_ms") -> list[dict]:
+    """The `limit` Python functions with the most own (or `key="cumulative_ms"`) time in a
+    cProfile run, with their calls."""
     stats = pstats.Stats(profiler)
     rows = []
     for (filename, line, name), (_, calls, own, cumulative, _) in stats.stats.items():
         where = filename if filename.startswith("~") else f"{'/'.join(Path(filename).parts[-2:])}:{line}"
         rows.append({"function": f"{where}({name})", "calls": calls, "own_ms": 1e3 * own,
                      "cumulative_ms": 1e3 * cumulative})
-    return sorted(rows, key=lambda r: -r["own_ms"])[:limit]
+    return sorted(rows, key=lambda r: -r[key])[:limit]
 
 
 def compile_counters() -> dict:
@@ -165,14 +248,22 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     timed = []
     with torch.profiler.profile(activities=activities) as prof:
         for batch in batches[warmup:warmup + steps]:
-            timed.append(one_step(batch))
-    summary = summarise(_device_kernels(prof), timed, top)
+            synchronize(device)
+            t0 = time.perf_counter()
+            with torch.profiler.record_function("step:"):
+                host_s = phased_train_step(step_fn, batch, optimizer, device)
+            timed.append(StepTimes(time.perf_counter() - t0, host_s))
+    kernels = _device_kernels(prof)
+    summary = summarise(kernels, timed, top)
+    summary.update(idle_by_phase(kernels, _cpu_ranges(prof, "phase:"),
+                                 [(start, end) for _, start, end in _cpu_ranges(prof, "step:")]))
     if host_profile:
         profiler = cProfile.Profile()
         profiler.enable()
         summary["host_profile_step"] = dataclasses.asdict(one_step(batches[-1]))
         profiler.disable()
         summary["host_functions"] = host_functions(profiler)
+        summary["host_functions_cumulative"] = host_functions(profiler, 40, key="cumulative_ms")
     summary["counters"] = compile_counters()
     summary["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     summary["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
@@ -211,6 +302,22 @@ def render_markdown(data: dict) -> str:
                 ["kernel", "family", "ms/step", "calls/step"],
                 [[k["name"][:100], k["family"], output.fmt(k["ms_per_step"], ".2f"), output.fmt(k["calls_per_step"], ".0f")]
                  for k in r["top_kernels"]]))
+        if r["status"] == "ok" and r.get("idle_ms_by_phase"):
+            lines += ["", f"### {r['variant']['name']}: GPU idle by the phase it waited for (ms/step)", ""]
+            lines.append(output.markdown_table(
+                list(r["idle_ms_by_phase"]), [[output.fmt(v, ".2f") for v in r["idle_ms_by_phase"].values()]]))
+            lines += ["", "host (CPU) ms per phase: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in r.get("host_ms_by_phase", {}).items()), "", "longest idle stretches:", ""]
+            lines.append(output.markdown_table(
+                ["idle us", "phase", "after kernel", "before kernel"],
+                [[output.fmt(g["idle_us"], ".0f"), g["phase"], g["after"][:60], g["before"][:60]]
+                 for g in r["longest_idle"]]))
+        if r["status"] == "ok" and r.get("top_kernels_by_family"):
+            lines += ["", f"### {r['variant']['name']}: costliest kernels of each family", ""]
+            lines.append(output.markdown_table(
+                ["family", "kernel", "ms/step", "calls/step"],
+                [[family, k["name"][:90], output.fmt(k["ms_per_step"], ".2f"), output.fmt(k["calls_per_step"], ".0f")]
+                 for family, listed in r["top_kernels_by_family"].items() for k in listed]))
         if r["status"] == "ok":
             lines += ["", f"per-step wall ms: {r.get('step_wall_ms')}; counters: {r.get('counters')}"]
         if r["status"] == "ok" and r.get("host_functions"):
@@ -221,6 +328,11 @@ def render_markdown(data: dict) -> str:
                 ["function", "calls", "own ms", "cumulative ms"],
                 [[f["function"][-110:], f["calls"], output.fmt(f["own_ms"], ".1f"), output.fmt(f["cumulative_ms"], ".1f")]
                  for f in r["host_functions"]]))
+            lines += ["", "the same step, by cumulative time (the call path down to what costs):", ""]
+            lines.append(output.markdown_table(
+                ["function", "calls", "own ms", "cumulative ms"],
+                [[f["function"][-110:], f["calls"], output.fmt(f["own_ms"], ".1f"), output.fmt(f["cumulative_ms"], ".1f")]
+                 for f in r.get("host_functions_cumulative", [])]))
     return "\n".join(lines) + "\n"
 
 
@@ -273,4 +385,4 @@ def run(args) -> dict:
     return data
 
 
-__all__ = ["add_arguments", "run", "family_of", "union_us", "summarise", "parse_variant"]
+__all__ = ["add_arguments", "run", "family_of", "union_us", "summarise", "idle_by_phase", "parse_variant"]
