@@ -40,7 +40,9 @@ def test_e2e_tiny_end_to_end_with_a_failing_variant(tmp_path, capsys):
         r = by_name[name]
         assert r["status"] == "ok", r.get("traceback")
         assert r["step_time_s"] > 0 and r["throughput"] > 0 and math.isfinite(r["loss_final"])
-        assert len(r["step_times_s"]) == 2 and len(r["losses"]) == 3
+        # 1 warm-up + 2 synchronised steps, then 2 pipelined steps (no per-step synchronise)
+        assert len(r["step_times_s"]) == 2 and len(r["losses"]) == 5
+        assert r["pipelined_step_time_s"] > 0 and r["pipelined_throughput"] > 0
     assert by_name["peft-eager"]["throughput_vs_peft_eager"] == pytest.approx(1.0)
     # Same init, same batches, fp32: every LoRA variant trains to the same loss.
     for name in ["peft+aot_eager", "peft+unsloth"]:
@@ -206,6 +208,8 @@ def test_profile_tiny_on_cpu(tmp_path):
         # the cProfile step: functions sorted by own time, the step's own Python among them
         own = [f["own_ms"] for f in r["host_functions"]]
         assert own == sorted(own, reverse=True) and len(own) > 5
+        forward = [f["cumulative_ms"] for f in r["host_functions_forward"]]  # a forward alone
+        assert forward == sorted(forward, reverse=True) and len(forward) > 5
     # the compiled variant: Dynamo's graph counters are there, eager has none
     assert by_name["peft+unsloth"]["counters"].get("stats.unique_graphs", 0) >= 1
     assert "stats.unique_graphs" not in by_name["peft-eager"]["counters"]

@@ -230,7 +230,7 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     model.train()
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)
-    batches = make_batches(preset, warmup + steps + int(host_profile), seed, device, attention_mask=attention_mask)
+    batches = make_batches(preset, warmup + steps + 2 * int(host_profile), seed, device, attention_mask=attention_mask)
 
     def one_step(batch) -> StepTimes:
         synchronize(device)
@@ -260,10 +260,19 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     if host_profile:
         profiler = cProfile.Profile()
         profiler.enable()
-        summary["host_profile_step"] = dataclasses.asdict(one_step(batches[-1]))
+        summary["host_profile_step"] = dataclasses.asdict(one_step(batches[-2]))
         profiler.disable()
         summary["host_functions"] = host_functions(profiler)
-        summary["host_functions_cumulative"] = host_functions(profiler, 40, key="cumulative_ms")
+        # the forward alone, from an idle GPU: what the step's lead-in (its first Python line to
+        # its first kernel) is made of
+        synchronize(device)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        loss = step_fn(**batches[-1]).loss
+        profiler.disable()
+        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+        summary["host_functions_forward"] = host_functions(profiler, 40, key="cumulative_ms")
     summary["counters"] = compile_counters()
     summary["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     summary["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
@@ -328,11 +337,11 @@ def render_markdown(data: dict) -> str:
                 ["function", "calls", "own ms", "cumulative ms"],
                 [[f["function"][-110:], f["calls"], output.fmt(f["own_ms"], ".1f"), output.fmt(f["cumulative_ms"], ".1f")]
                  for f in r["host_functions"]]))
-            lines += ["", "the same step, by cumulative time (the call path down to what costs):", ""]
+            lines += ["", "the forward of one more step alone, by cumulative time (the call path down to what costs):", ""]
             lines.append(output.markdown_table(
                 ["function", "calls", "own ms", "cumulative ms"],
-                [[f["function"][-110:], f["calls"], output.fmt(f["own_ms"], ".1f"), output.fmt(f["cumulative_ms"], ".1f")]
-                 for f in r.get("host_functions_cumulative", [])]))
+                [[f["function"][-110:], f["calls"], output.fmt(f["own_ms"], ".2f"), output.fmt(f["cumulative_ms"], ".2f")]
+                 for f in r.get("host_functions_forward", [])]))
     return "\n".join(lines) + "\n"
 
 
