@@ -55,3 +55,25 @@ def test_recompute_default_follows_the_partition_and_true_needs_one():
     assert not Config.from_options({"inner": "inductor", "recompute_ffn_products": False}).recomputes_ffn_products
     with pytest.raises(ValueError, match="recompute_ffn_products=True needs AOTAutograd"):
         Config.from_options({"recompute_ffn_products": True, "inner": "eager"})
+
+
+def test_explain_reports_the_recomputed_products_a_real_compile_makes():
+    """explain() runs AOTAutograd's partition (aot_eager) unless nothing there is on, so its
+    report lists the FFN products the default compile recomputes; with the option off it
+    stays plain eager and lists none."""
+    import unsloth_compile
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = peft_wrap(tiny_causal_lm("llama"))
+    model.train()
+    report = unsloth_compile.explain(model, **batch_for("llama", batch=3, seq=13))
+    recomputed = [s for s in report.sites if s.pattern == "compress_saved" and s.decision == "recomputed"]
+    assert sorted(s.module.split("layers.")[1] for s in recomputed) == ["0.mlp", "1.mlp"]
+    assert report.counters["lora_linear.fused"] == 14  # the LoRA sites as before
+    torch._dynamo.reset()
+    off = unsloth_compile.explain(model, **batch_for("llama", batch=3, seq=13),
+                                  options={"recompute_ffn_products": False})
+    assert not [s for s in off.sites if s.pattern == "compress_saved"]
+    assert off.counters["lora_linear.fused"] == 14
+    torch._dynamo.reset()

@@ -18,14 +18,20 @@ def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, ver
             **kwargs: Any) -> Report:
     """Compile `model` with the unsloth backend on these inputs and return the report.
 
-    Runs one forward pass (no backward) with the graph executed eagerly after our passes
-    (`inner="eager"`, so nothing is handed to Inductor), under a forked RNG so that dropout
-    draws do not shift the caller's random stream. `options` are the backend's options (the
-    one-line summary is off unless `summary=True`).
+    Runs one forward pass (no backward) with the graph executed after our passes by AOTAutograd
+    without Inductor (`inner="aot_eager"`), under a forked RNG so that dropout draws do not
+    shift the caller's random stream. `options` are the backend's options (the one-line
+    summary is off unless `summary=True`).
+
+    aot_eager, not eager: what the backend does at AOTAutograd's forward/backward partition
+    (the FFN products recomputed by default, compressed saves) happens only there, and a
+    report without it would not be the report of a real compile. Plain eager only where
+    nothing of that is on (`recompute_ffn_products=False`, no compression), or when asked.
     """
     options = dict(options or {})
-    # eager, unless compress_activations is on: its sites come from AOTAutograd's partition
-    options.setdefault("inner", "eager" if options.get("compress_activations", "none") == "none" else "aot_eager")
+    at_partition = (options.get("compress_activations", "none") != "none"
+                    or options.get("recompute_ffn_products") is not False)
+    options.setdefault("inner", "aot_eager" if at_partition else "eager")
     options.setdefault("summary", False)  # the caller gets the whole report
 
     def backend(gm, example_inputs):
