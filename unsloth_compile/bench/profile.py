@@ -101,26 +101,16 @@ def _cpu_ranges(prof, prefix: str) -> list[tuple[str, float, float]]:
 
 
 def phased_train_step(step_fn, batch: dict, optimizer: torch.optim.Optimizer, device: torch.device) -> float:
-    """`variants.train_step` with each phase in a named profiler range, then the synchronise;
-    returns the host time (s) until every launch was issued."""
+    """`variants.train_step` with each phase in a named profiler range (`phase:forward`, ...),
+    then the synchronise in its own; returns the host time (s) until every launch was issued."""
     from torch.profiler import record_function
 
     t0 = time.perf_counter()
-    with record_function("phase:forward"):
-        loss = step_fn(**batch).loss
-    with record_function("phase:backward"):
-        loss.backward()
-    with record_function("phase:optimizer"):
-        optimizer.step()
-    with record_function("phase:zero_grad"):
-        optimizer.zero_grad(set_to_none=True)
+    train_step(step_fn, batch, optimizer, phase=lambda name: record_function(f"phase:{name}"))
     host_s = time.perf_counter() - t0
     with record_function("phase:synchronize"):
         synchronize(device)
     return host_s
-
-
-PHASES = ("forward", "backward", "optimizer", "zero_grad", "synchronize")
 
 
 def idle_by_phase(kernels: list[tuple[str, float, float]], phases: list[tuple[str, float, float]],

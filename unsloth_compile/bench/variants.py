@@ -28,6 +28,7 @@ the LoRA bases whose path matches (e.g. `prune_layers=mlp` for a Llama's MLP; th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gc
@@ -209,13 +210,19 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
     return torch.compile(model, backend=variant.kind)
 
 
-def train_step(step_fn: Callable, batch: dict, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+def train_step(step_fn: Callable, batch: dict, optimizer: torch.optim.Optimizer,
+               phase: Callable[[str], Any] = lambda name: contextlib.nullcontext()) -> torch.Tensor:
     """One training step as every benchmark times it: forward (only `.loss` read), backward,
-    optimizer step, gradients set to None. Returns the loss."""
-    loss = step_fn(**batch).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer step, gradients set to None. Returns the loss. `phase(name)`: a context around
+    each of the four (`bench profile` names them for the profiler)."""
+    with phase("forward"):
+        loss = step_fn(**batch).loss
+    with phase("backward"):
+        loss.backward()
+    with phase("optimizer"):
+        optimizer.step()
+    with phase("zero_grad"):
+        optimizer.zero_grad(set_to_none=True)
     return loss
 
 
