@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -184,20 +184,30 @@ def dynamo_graphs(model, *args, **kwargs) -> list:
     return graphs
 
 
+def saved_tensors(fn: Callable) -> tuple[Any, list]:
+    """(fn()'s result, every tensor autograd saved for backward while it ran, in order)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the tensors' storages, each storage once (views and repeats share one)."""
+    return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
+
+
 def saved_for_backward(fn: Callable, kept: Optional[list] = None):
     """(bytes, Counter of dtypes) of what autograd keeps for backward while `fn()` runs, each
     storage once; `kept`, when given, gets (dtype, shape) of every saved tensor, in order."""
-    storages, dtypes = {}, collections.Counter()
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        dtypes[t.dtype] += 1
-        if kept is not None:
-            kept.append((t.dtype, tuple(t.shape)))
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values()), dtypes
+    _, saved = saved_tensors(fn)
+    if kept is not None:
+        kept.extend((t.dtype, tuple(t.shape)) for t in saved)
+    return storage_bytes(saved), collections.Counter(t.dtype for t in saved)
 
 
 def correlated_inputs(tokens: int, k: int, seed: int) -> torch.Tensor:

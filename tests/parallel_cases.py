@@ -159,18 +159,12 @@ def _saved_for_backward(model) -> dict:
     """What autograd keeps for backward after one forward of `model` on step 0's batch: bytes,
     each storage once (parameters included), and the shapes of the tensors saved. A first
     forward compiles (the pass's tracing would reach the hooks with fake tensors)."""
+    import helpers
+
     inputs = rows(batch(0), 0, 1)  # as _train_tp passes them: labels not the same tensor as input_ids
     model(**inputs).loss.backward()
-    storages, shapes = {}, []
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        shapes.append(tuple(t.shape))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**inputs).loss.backward()
-    return {"bytes": sum(storages.values()), "shapes": shapes}
+    _, saved = helpers.saved_tensors(lambda: model(**inputs).loss.backward())
+    return {"bytes": helpers.storage_bytes(saved), "shapes": [tuple(t.shape) for t in saved]}
 
 
 def case_tp_sp_vocab(world, rank) -> dict:

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from helpers import VOCAB, batch_for, llama_batch_with_prompt, peft_wrap, tiny_causal_lm, train_and_compare
+from helpers import (VOCAB, batch_for, llama_batch_with_prompt, peft_wrap, saved_for_backward, saved_tensors,
+                     tiny_causal_lm, train_and_compare)
 
 import unsloth_compile
 from unsloth_compile import Config, Report
@@ -184,13 +185,9 @@ def test_saved_for_backward_holds_no_rows_by_vocab_tensor():
         h, w, _, t = _inputs(rows=rows, dim=dim, vocab=vocab, bias=False)
         h.requires_grad_(True)
         w.requires_grad_(trainable)
-        saved = []
-
-        def pack(x):
-            saved.append(tuple(x.shape))
-            return x
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            loss = OP(h, w, None, t, -100, "mean", ["to:float32"], [0.0], 8)
+        loss, tensors = saved_tensors(lambda: OP(h, w, None, t, -100, "mean", ["to:float32"], [0.0], 8))
+        saved = [tuple(x.shape) for x in tensors]
+        del tensors
         loss.backward()
         big = [s for s in saved if torch.Size(s).numel() >= rows * vocab]
         assert not big, saved
@@ -412,14 +409,7 @@ def test_saved_bytes_compiled_fused_vs_unfused():
     def saved_bytes(options):
         compiled = torch.compile(copy.deepcopy(model), backend="unsloth", options={"inner": "aot_eager", **options})
         compiled(ids, labels).backward()  # compile outside the measurement
-        seen = {}
-
-        def pack(x):
-            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-            return x
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            compiled(ids, labels)
-        return sum(seen.values())
+        return saved_for_backward(lambda: compiled(ids, labels))[0]
     unfused = saved_bytes({"fuse_cross_entropy": False})
     fused = saved_bytes({})
     assert unfused - fused >= rows * vocab * 4, (unfused, fused)

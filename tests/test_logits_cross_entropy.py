@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import unsloth_compile
 from unsloth_compile.kernels import logits_cross_entropy as kernel
 
-from helpers import llama_batch_with_prompt, peft_wrap, tiny_causal_lm, train_and_compare
+from helpers import llama_batch_with_prompt, peft_wrap, saved_for_backward, saved_tensors, tiny_causal_lm, train_and_compare
 
 OP = torch.ops.unsloth.logits_cross_entropy
 
@@ -65,9 +65,7 @@ def test_op_matches_float64_and_eager_fp32(impl, dtype, rows, vocab, ignore, red
 def test_backward_saves_the_logits_and_the_rows_logsumexp_only():
     logits, target = _inputs(32, 1000, torch.float16)
     x = logits.requires_grad_()
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        OP(x, target, -100, "mean", "auto")
+    _, saved = saved_tensors(lambda: OP(x, target, -100, "mean", "auto"))
     assert sorted(tuple(t.shape) for t in saved) == [(32,), (32,), (32, 1000)]
     assert [t.dtype for t in saved if t.shape == (32, 1000)] == [torch.float16]  # the logits, not fp32
 
@@ -123,14 +121,7 @@ def test_saved_bytes_drop_by_half_the_fp32_log_probabilities():
         torch._dynamo.reset()
         compiled = torch.compile(copy.deepcopy(model), backend="unsloth", options={"inner": "aot_eager", **options})
         compiled(**batch).loss.backward()
-        seen = {}
-
-        def pack(x):
-            seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-            return x
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            compiled(**batch).loss
-        return sum(seen.values())
+        return saved_for_backward(lambda: compiled(**batch).loss)[0]
     without, with_option = saved_bytes({}), saved_bytes({"cross_entropy_on_logits": True})
     assert without - with_option >= rows * vocab * 2 * 0.9, (without, with_option)
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import unsloth_compile
-from helpers import batch_for, count_lora_layers, peft_wrap, tiny_causal_lm, train_and_compare
+from helpers import batch_for, count_lora_layers, peft_wrap, saved_tensors, tiny_causal_lm, train_and_compare
 
 
 def llama_batch(step):
@@ -235,15 +235,8 @@ def test_compiled_dropout_lora_saves_a_mask_not_the_dropped_input():
     model = torch.compile(copy.deepcopy(eager_model), backend="unsloth", options={"inner": "aot_eager"})
     x = torch.randn(8, 32, requires_grad=True)
     model(x).sum().backward()  # compile outside the hook (tracing saves fake tensors)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        torch.manual_seed(1)
-        out = model(x)
+    torch.manual_seed(1)
+    out, saved = saved_tensors(lambda: model(x))
     full = [t for t in saved if t.shape == x.shape]
     assert sorted(str(t.dtype) for t in full) == ["torch.bool", "torch.float32"], [t.dtype for t in full]
     assert any(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in full)

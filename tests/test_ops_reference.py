@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import unsloth_compile  # noqa: F401
+from helpers import saved_tensors
 from unsloth_compile.kernels import reference
 
 
@@ -69,14 +70,7 @@ def test_with_dropout_input_x_is_not_saved_for_backward():
     """With lora_x (the dropout output) backward needs only x's shape and dtype: x's storage
     must not be among the saved tensors; the gradients still match the formula."""
     inp = make_inputs(lora_x=True, dtype=torch.float32)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, _ = torch.ops.unsloth.lora_linear(**inp)
+    (out, _), saved = saved_tensors(lambda: torch.ops.unsloth.lora_linear(**inp))
     x_ptr = inp["x"].untyped_storage().data_ptr()
     assert not any(t.untyped_storage().data_ptr() == x_ptr for t in saved), "x was saved"
     assert any(t.untyped_storage().data_ptr() == inp["lora_x"].untyped_storage().data_ptr() for t in saved)
@@ -168,14 +162,8 @@ def test_dropout_mask_gradcheck_opcheck_and_bad_input():
 
 def test_dropout_mask_saves_the_mask_not_the_dropped_input():
     inp = make_inputs(dtype=torch.bfloat16, adapter_dtype=torch.float32)
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        torch.ops.unsloth.lora_linear(**inp, dropout_mask=_mask(inp["x"].shape), dropout_scale=1.25)
+    _, saved = saved_tensors(
+        lambda: torch.ops.unsloth.lora_linear(**inp, dropout_mask=_mask(inp["x"].shape), dropout_scale=1.25))
     full = [t for t in saved if t.shape == inp["x"].shape]
     assert sorted(str(t.dtype) for t in full) == ["torch.bfloat16", "torch.bool"], full
 
