@@ -311,3 +311,23 @@ def test_sparsity_variant_prunes_by_the_chosen_method():
     with pytest.raises(ValueError, match="matches no LoRA base"):
         compile_for(peft_wrap(tiny_causal_lm("llama")),
                     parse_variant("sp=unsloth:sparsity=2:4,prune_layers=nothing_here", inner="aot_eager"))
+
+
+@pytest.mark.parametrize("name", ["llama-1b", "llama-narrow-deep", "llama-long", "llama-big-vocab", "bert-large"])
+def test_gpu_presets_build_and_carry_their_targets(name):
+    """Every GPU preset builds (on the meta device: shapes only), its sequence fits the model,
+    each LoRA target names modules that exist, and the presets beyond the two headline ones
+    carry the never-slower / never-more-memory targets against PEFT eager."""
+    from unsloth_compile.bench.e2e import PRESETS, build_model
+
+    preset = PRESETS[name]
+    model = build_model(preset, torch.device("meta"), torch.bfloat16)
+    names = [n for n, _ in model.named_modules()]
+    for target in preset.lora_targets:
+        assert any(n.endswith("." + target) for n in names), (name, target)
+    if preset.family == "llama":
+        assert preset.seq <= preset.config["max_position_embeddings"]
+        assert preset.config["hidden_size"] % preset.config["num_attention_heads"] == 0
+    if name not in ("llama-1b", "bert-large"):
+        assert {(t.metric, t.baseline, t.op, t.threshold) for t in preset.targets} == {
+            ("throughput", "peft-eager", ">=", 1.0), ("peak_mem", "peft-eager", "<=", 1.0)}

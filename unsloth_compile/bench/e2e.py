@@ -78,6 +78,14 @@ _BERT_TARGETS = (
     Target("(PEFT eager LoRA samples/s vs full fine-tuning, for reference)", "throughput", "peft-eager", "full",
            ">=", 1.5),
 )
+# The brief's floor for every model, not only the two presets: never slower than PEFT eager,
+# never more memory. The shapes where a LoRA backend is likeliest to lose: small sites (narrow
+# and deep: per-op overhead dominates), long sequences (attention dominates), a big vocabulary
+# (the head and the loss dominate).
+_NEVER_WORSE_TARGETS = (
+    Target("tokens/s >= PEFT eager (never slower)", "throughput", "unsloth", "peft-eager", ">=", 1.0),
+    Target("peak memory <= PEFT eager", "peak_mem", "unsloth", "peft-eager", "<=", 1.0),
+)
 _LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096)
 _BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
@@ -87,6 +95,19 @@ PRESETS = {p.name: p for p in (
            targets=_LLAMA_1B_TARGETS, note="Llama-3.2-1B shapes, random init"),
     Preset("bert-large", "bert-qa", _BERT_LARGE, batch=32, seq=384, lora_targets=BERT_TARGETS,
            modules_to_save=("qa_outputs",), targets=_BERT_TARGETS, note="BERT-large QA shapes, random init"),
+    Preset("llama-narrow-deep", "llama",
+           dict(hidden_size=256, intermediate_size=704, num_hidden_layers=32, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=True, max_position_embeddings=1024),
+           batch=8, seq=512, lora_targets=LLAMA_TARGETS, targets=_NEVER_WORSE_TARGETS,
+           note="hidden 256, 32 layers: 224 small LoRA sites (K, N 128-704), random init"),
+    Preset("llama-long", "llama", dict(_LLAMA_1B, num_hidden_layers=4, max_position_embeddings=16384),
+           batch=1, seq=16384, lora_targets=LLAMA_TARGETS, targets=_NEVER_WORSE_TARGETS,
+           note="llama-1b's layers, 4 of them, one 16,384-token sequence: attention-bound, random init"),
+    Preset("llama-big-vocab", "llama",
+           dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=4, vocab_size=256000, tie_word_embeddings=False, max_position_embeddings=2048),
+           batch=4, seq=1024, lora_targets=LLAMA_TARGETS, targets=_NEVER_WORSE_TARGETS,
+           note="hidden 1024, 8 layers, a 256,000-token untied head: head- and loss-bound, random init"),
     Preset("tiny", "llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True),
            batch=2, seq=64, lora_targets=LLAMA_TARGETS, steps=4, warmup=2, targets=_LLAMA_1B_TARGETS,
