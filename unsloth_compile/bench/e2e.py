@@ -5,9 +5,9 @@
 
 Per variant: median step time over the timed steps (warm-up, which includes compilation,
 excluded; each step synchronised, so the host's lead-in to its first kernel counts), tokens/s
-(or samples/s), the same steps once more without a per-step synchronise (total time / steps:
-what a loop that reads its loss only now and then gets, the host running ahead), peak memory, the loss after all steps, and ratios to PEFT
-eager. The targets of DESIGN.md are printed against the measured ratios. Every variant runs
+(or samples/s), as many steps again without a per-step synchronise (total time / steps: what
+a loop that reads its loss only now and then gets, the host running ahead), peak memory, the
+loss after all steps, and ratios to PEFT eager. The targets of DESIGN.md are printed against the measured ratios. Every variant runs
 in isolation (memory freed, `torch._dynamo.reset()` between) and a variant that fails is
 reported as failed with its error. Results are rewritten after every variant, so a run that
 is cut short still leaves the variants it finished.
@@ -201,7 +201,7 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)
     batches = make_batches(preset, warmup + steps, seed, device, attention_mask=attention_mask)
-    # the pipelined pass: the timed batches again (separate tensors), no synchronise in between
+    # the pipelined pass: as many fresh batches as timed ones, no synchronise in between
     pipelined_batches = make_batches(preset, warmup + steps, seed + 1, device, attention_mask=attention_mask)[warmup:]
     losses, times = [], []
     with collect_reports() as report:
