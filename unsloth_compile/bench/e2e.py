@@ -7,10 +7,10 @@ Per variant: median step time over the timed steps (warm-up, which includes comp
 excluded; each step synchronised, so the host's lead-in to its first kernel counts), tokens/s
 (or samples/s), as many steps again without a per-step synchronise (total time / steps: what
 a loop that reads its loss only now and then gets, the host running ahead), peak memory, the
-loss after all steps, and ratios to PEFT eager. The targets of DESIGN.md are printed against the measured ratios. Every variant runs
-in isolation (memory freed, `torch._dynamo.reset()` between) and a variant that fails is
-reported as failed with its error. Results are rewritten after every variant, so a run that
-is cut short still leaves the variants it finished.
+loss after all steps, and ratios to PEFT eager. The targets of DESIGN.md are printed against
+the measured ratios. Every variant runs in isolation (memory freed, `torch._dynamo.reset()`
+between) and a variant that fails is reported as failed with its error. Results are rewritten
+after every variant, so a run that is cut short still leaves the variants it finished.
 """
 
 from __future__ import annotations
