@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .backend import unsloth
+from .config import CompressMode, Config
 from .report import Report, collect_reports
 
 
@@ -29,8 +30,9 @@ def explain(model: torch.nn.Module, *args: Any, options: dict | None = None, ver
     nothing of that is on (`recompute_ffn_products=False`, no compression), or when asked.
     """
     options = dict(options or {})
-    at_partition = (options.get("compress_activations", "none") != "none"
-                    or options.get("recompute_ffn_products") is not False)
+    # the options as the backend would read them, with a partition: do they act there?
+    partitioned = Config.from_options({**options, "inner": "aot_eager"})
+    at_partition = partitioned.compress_activations is not CompressMode.NONE or partitioned.recomputes_ffn_products
     options.setdefault("inner", "aot_eager" if at_partition else "eager")
     options.setdefault("summary", False)  # the caller gets the whole report
 
