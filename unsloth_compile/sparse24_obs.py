@@ -22,16 +22,15 @@ import torch
 from torch import Tensor
 
 from .sparse24_mask import transposable_mask
-from .sparse24_reconstruct import damping
+from .sparse24_reconstruct import damped
 
 # Columns per lazy update (a multiple of 4, the tile width); SparseGPT's default.
 BLOCK = 128
 
 
-def inverse_cholesky(gram: Tensor, lam: float) -> Tensor:
-    """U, upper triangular, with U^T U = (H + lam I)^-1 (float64)."""
-    h = gram.double() + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+def inverse_cholesky(gram: Tensor) -> Tensor:
+    """U, upper triangular, with U^T U = (H + lam I)^-1 (float64, lam = damping(H))."""
+    inv = torch.cholesky_inverse(torch.linalg.cholesky(damped(gram)))
     return torch.linalg.cholesky(inv, upper=True)
 
 
@@ -45,7 +44,7 @@ def obs_prune(weight: Tensor, gram: Tensor, block: int = BLOCK) -> tuple[Tensor,
     if block % 4:
         raise ValueError(f"block={block} must be a multiple of 4 (the tile width)")
     w = weight.detach().to(gram.device, torch.float64).clone()
-    u = inverse_cholesky(gram, damping(gram))
+    u = inverse_cholesky(gram)
     mask = torch.zeros(n, k, dtype=torch.bool, device=gram.device)
     for b0 in range(0, k, block):
         b1 = min(b0 + block, k)

@@ -41,6 +41,12 @@ def damping(gram: Tensor) -> float:
     return DAMPING * mean_diag if mean_diag > 0 else 1.0
 
 
+def damped(gram: Tensor) -> Tensor:
+    """H + lam I in float64, lam = damping(H): the system every refit and the OBS sweep solve."""
+    eye = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
+    return gram.double() + damping(gram) * eye
+
+
 def kept_indices(mask: Tensor) -> Tensor:
     """(N, s) long: the kept columns of each row, ascending; every row must keep s of them."""
     counts = mask.sum(1)
@@ -89,9 +95,7 @@ def dense_refit(dense: Tensor, gram: Tensor, cross: Tensor) -> Tensor:
     """w* (N, K) float64: the dense weight minimising ||X~ w_i - y_i||^2 + lam ||w_i - w0_i||^2,
     H = `gram` = X~^T X~, `cross` = X~^T Y (K, N), lam = damping(H)."""
     w0 = dense.detach().to(gram.device, torch.float64)
-    lam = damping(gram)
-    system = gram + lam * torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)
-    return torch.cholesky_solve(cross + lam * w0.t(), torch.linalg.cholesky(system)).t()
+    return torch.cholesky_solve(cross + damping(gram) * w0.t(), torch.linalg.cholesky(damped(gram))).t()
 
 
 def relative_error_to(weight: Tensor, gram: Tensor, cross: Tensor, target_energy: float) -> float:
