@@ -189,9 +189,16 @@ def case_fsdp(world, rank, frozen, mp=False) -> dict:
     from unsloth_compile.rank import set_rank
     from unsloth_compile.report import collect_reports
 
+    import unsloth_compile.distributed as distributed
+
     model = _tiny_model()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp else None
-    shard_lora_model(model, frozen=frozen, options=OPTIONS, mp_policy=policy)
+    compile_blocks, block_cudagraphs = distributed.compile_blocks, []
+    distributed.compile_blocks = lambda *a, **kw: (block_cudagraphs.append(kw.get("cudagraphs")), compile_blocks(*a, **kw))
+    try:
+        shard_lora_model(model, frozen=frozen, options=OPTIONS, mp_policy=policy)
+    finally:
+        distributed.compile_blocks = compile_blocks
     opt = _adamw(model)
     with collect_reports() as report:
         out = train(model, model, opt, STEPS[:1] if mp else STEPS, world, rank, sync_off=lambda: no_sync(model))
@@ -201,6 +208,7 @@ def case_fsdp(world, rank, frozen, mp=False) -> dict:
     out["kinds"] = {"trainable_dtensor": all(isinstance(p, DTensor) for p in _trainable(model).values()),
                     "frozen_dtensor": [isinstance(p, DTensor) for p in model.parameters() if not p.requires_grad]}
     out["adam"] = _adam_state(opt, model)
+    out["block_cudagraphs"] = block_cudagraphs
     for name, call in (("set_rank", lambda: set_rank(model, 8, optimizer=opt)),
                        ("controller", lambda: DistributedRankController(model, opt))):
         try:
@@ -267,6 +275,58 @@ def case_ddp_cuda(world, rank, cudagraphs: bool) -> dict:
     return out
 
 
+def _count_graph_recordings() -> list:
+    """A one-element list counting cudagraph trees' recordings from now on (a test's probe of
+    Inductor internals: CUDAGraphTreeManager.record_function is called once per recording)."""
+    from torch._inductor import cudagraph_trees
+
+    count = [0]
+    original = cudagraph_trees.CUDAGraphTreeManager.record_function
+
+    def counting(self, *args, **kwargs):
+        count[0] += 1
+        return original(self, *args, **kwargs)
+
+    cudagraph_trees.CUDAGraphTreeManager.record_function = counting
+    return count
+
+
+def case_fsdp_cuda(world, rank, cudagraphs) -> dict:
+    """GPU only: shard_lora_model(frozen="replicate") on Inductor, one GPU per rank, with CUDA
+    graphs (None: shard_lora_model's default) or without, on the shared schedule; then plain
+    steps with the graphs' recordings counted per step (a graph that re-recorded every step,
+    as under frozen="shard", would be correct yet slow)."""
+    from types import SimpleNamespace
+
+    from unsloth_compile.distributed import no_sync, shard_lora_model
+    from unsloth_compile.report import collect_reports
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    model = _tiny_model().to(device)
+    options = {"inner": "inductor", "summary": False}
+    if cudagraphs is not None:
+        options["cudagraphs"] = cudagraphs
+    shard_lora_model(model, frozen="replicate", options=options)
+    opt = _adamw(model)
+
+    def forward(**batch):
+        return SimpleNamespace(loss=model(**{k: v.to(device) for k, v in batch.items()}).loss.cpu())
+
+    recordings = _count_graph_recordings()
+    with collect_reports() as report:
+        out = train(model, forward, opt, STEPS, world, rank, sync_off=lambda: no_sync(model))
+        out["recordings_per_step"] = []
+        for step in range(4):
+            before = recordings[0]
+            train(model, forward, opt, (1,), world, rank, first_step=len(STEPS) + step)
+            out["recordings_per_step"].append(recordings[0] - before)
+    out["counters"] = dict(report.counters)
+    out["grads"] = [{n: g.cpu() for n, g in step.items()} for step in out["grads"]]
+    out["params"] = {n: _full(p).cpu() for n, p in _trainable(model).items()}
+    return out
+
+
 CASES = {"ddp": case_ddp, "ddp-fp16": case_ddp_half_gradients, "fsdp-shard": lambda w, r: case_fsdp(w, r, "shard"),
          "fsdp-replicate": lambda w, r: case_fsdp(w, r, "replicate"),
          "fsdp-mp": lambda w, r: case_fsdp(w, r, "shard", mp=True), "ddp-split": case_ddp_split,
@@ -274,7 +334,9 @@ CASES = {"ddp": case_ddp, "ddp-fp16": case_ddp_half_gradients, "fsdp-shard": lam
 
 
 CUDA_CASES = {"ddp-cuda": lambda w, r: case_ddp_cuda(w, r, False),
-              "ddp-cuda-graphs": lambda w, r: case_ddp_cuda(w, r, True)}
+              "ddp-cuda-graphs": lambda w, r: case_ddp_cuda(w, r, True),
+              "fsdp-cuda": lambda w, r: case_fsdp_cuda(w, r, False),
+              "fsdp-cuda-graphs": lambda w, r: case_fsdp_cuda(w, r, None)}
 
 
 def run_cases(cases: dict, save_as: str, backend: str = "gloo") -> None:

@@ -152,7 +152,8 @@ def test_fsdp2_matches_one_process(runs, ref, frozen):
     """FSDP2 with per-block compilation, frozen base sharded or replicated: every site fused,
     loss and LoRA gradients (the accumulated step under set_requires_gradient_sync(False)) and
     parameters after the steps as one eager process; what is a DTensor shard is what the
-    choice says; resizing a sharded adapter is refused with the way out."""
+    choice says, and CUDA graphs are left to the backend only with the base replicated;
+    resizing a sharded adapter is refused with the way out."""
     case = f"fsdp-{frozen}"
     initial = {n: p.detach() for n, p in _tiny_model().named_parameters() if not p.requires_grad}
     for run in runs:
@@ -166,6 +167,11 @@ def test_fsdp2_matches_one_process(runs, ref, frozen):
         assert r["frozen"] and all(torch.equal(v, initial[n]) for n, v in r["frozen"].items())
         assert r["kinds"]["trainable_dtensor"]
         assert set(r["kinds"]["frozen_dtensor"]) == {frozen == "shard"}
+        # the LM head and loss after the blocks compiled too: the CE pass saw them (kept: the
+        # model returns its logits), as on one process
+        assert r["counters"].get("linear_cross_entropy.kept", 0) >= 1, r["counters"]
+        # CUDA graphs: the backend's default (None) only where FSDP2 re-gathers no base weight
+        assert r["block_cudagraphs"] == [None if frozen == "replicate" else False]
         assert "sharded by FSDP2" in r["set_rank_error"] and "before sharding" in r["set_rank_error"]
         assert "cannot change while FSDP2 shards" in r["controller_error"] and "compile_ddp" in r["controller_error"]
 
@@ -330,3 +336,25 @@ def test_per_block_compile_of_a_deep_model_compiles_once_with_the_kv_cache_off()
     assert graphs <= 2 and fused == 7 * graphs
     graphs_with_cache, _ = _deep_block_compile_graphs(disable_cache=False)
     assert graphs_with_cache >= 8  # what the fix avoids: one graph per block up to the limit
+
+
+def test_block_cudagraphs_default_yields_to_the_callers_choice():
+    from unsloth_compile.distributed import _block_cudagraphs
+
+    assert _block_cudagraphs(None, False) == {"cudagraphs": False}
+    assert _block_cudagraphs({"inner": "aot_eager"}, None) == {"inner": "aot_eager"}
+    assert _block_cudagraphs({"cudagraphs": True}, False) == {"cudagraphs": True}
+    assert _block_cudagraphs({"cudagraphs": False}, None) == {"cudagraphs": False}
+
+
+def test_the_module_around_the_blocks_is_found_for_the_head_compile():
+    from torch import nn
+
+    from unsloth_compile.distributed import _stack_and_owner, find_blocks
+
+    model = _tiny_model()
+    assert _stack_and_owner(model, find_blocks(model)) == ("base_model.model.model", "base_model.model")
+    layers = model.base_model.model.model.layers
+    assert _stack_and_owner(model, [layers[0], model.base_model.model.lm_head]) is None  # two containers
+    bare = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    assert _stack_and_owner(bare, list(bare)) is None  # the blocks' container is the model: nothing around it

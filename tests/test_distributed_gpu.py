@@ -1,5 +1,7 @@
-"""DDP over the compiled model on 2 GPUs (NCCL), with and without CUDA graphs: the step that
-`bench dist`'s `ddp-graphs` variant times must train what DDP without graphs trains.
+"""DDP over the compiled model and FSDP2 with the frozen base replicated, on 2 GPUs (NCCL), with
+and without CUDA graphs: the steps that `bench dist` times with graphs (compile_ddp's and
+shard_lora_model(frozen="replicate")'s defaults) must train what the same wrapper trains
+without them.
 
 GPU only, at least 2 GPUs. Two processes (tests/distributed_cases.py, `--worker-cuda`) each run
 the tiny PEFT Llama in fp32 through compile_ddp on Inductor, first without CUDA graphs, then
@@ -53,3 +55,23 @@ def test_ddp_with_cuda_graphs_trains_what_ddp_without_them_trains(runs):
         _close(graphs["params"], plain["params"], 1e-4, f"rank {rank}: parameters after training")
     for name, value in runs[0]["ddp-cuda-graphs"]["params"].items():  # the ranks stayed in sync
         assert torch.equal(value, runs[1]["ddp-cuda-graphs"]["params"][name]), name
+
+
+def test_fsdp2_with_the_base_replicated_replays_cuda_graphs_and_trains_what_it_trains_without(runs):
+    ref = reference(WORLD)
+    for rank, run in enumerate(runs):
+        plain, graphs = run["fsdp-cuda"], run["fsdp-cuda-graphs"]
+        assert graphs["counters"].get("cudagraphs.on", 0) >= 1, graphs["counters"]  # shard_lora_model's default
+        assert not any(k.startswith("cudagraphs.on") for k in plain["counters"]), plain["counters"]
+        assert plain["counters"].get("lora_linear.fused", 0) == graphs["counters"].get("lora_linear.fused", 0) > 0
+        # recorded while warming up, then replayed: FSDP2's unsharded adapters come back at the
+        # addresses the graphs were recorded with (a move would re-record at every step)
+        assert graphs["recordings_per_step"][-2:] == [0, 0], graphs["recordings_per_step"]
+        assert plain["recordings_per_step"] == [0, 0, 0, 0], plain["recordings_per_step"]
+        torch.testing.assert_close(torch.tensor(graphs["losses"]), torch.tensor(plain["losses"]), rtol=1e-5, atol=1e-6)
+        for step in range(len(STEPS)):
+            _close(graphs["grads"][step], plain["grads"][step], 1e-4, f"rank {rank} step {step}: graphs vs none")
+            _close(graphs["grads"][step], ref["grads"][step], 2e-2, f"rank {rank} step {step}: graphs vs eager")
+        _close(graphs["params"], plain["params"], 1e-4, f"rank {rank}: parameters after training")
+    for name, value in runs[0]["fsdp-cuda-graphs"]["params"].items():
+        assert torch.equal(value, runs[1]["fsdp-cuda-graphs"]["params"][name]), name

@@ -39,6 +39,9 @@ not compiled. `frozen` chooses what happens to the frozen base weights:
   whole base, as under DDP, and only the trainable parameters, their gradients and their
   optimizer state are sharded (communication: the adapters only). `MixedPrecisionPolicy` then
   casts only the trainable parameters: store the base in the dtype it should compute in.
+  The blocks keep the backend's CUDA-graph default (on for static shapes): only the small
+  unsharded adapters are allocated anew each step, at the same addresses in steady state,
+  so the recorded graphs replay. With "shard" the graphs are off (`_block_cudagraphs`).
 
 Dynamic rank (unsloth_compile.rank) under DDP: `DistributedRankController` averages the window
 loss over ranks, takes rank 0's decision everywhere, and after a resize rebuilds the DDP wrapper
@@ -117,12 +120,18 @@ class LoraDDP(DistributedDataParallel):
             return super().forward(*inputs, **kwargs)
 
 
-def _without_cudagraphs(options: Optional[Mapping[str, Any]]) -> dict:
-    """`options` with cudagraphs=False unless the caller chose: the single-process default (on
-    for static shapes) is not taken under FSDP2, which all-gathers parameters into new storage
-    each step, which a recorded graph cannot follow. (Under DDP the default stands: the
-    parameters keep their storage, tests/test_distributed_gpu.py.)"""
-    return {"cudagraphs": False, **dict(options or {})}
+def _block_cudagraphs(options: Optional[Mapping[str, Any]], default: Optional[bool]) -> dict:
+    """`options` with cudagraphs=`default` unless the caller chose. FSDP2 all-gathers each
+    sharded parameter into new storage at every unshard, and a recorded graph reads its
+    parameters at the addresses it was recorded with: cudagraph trees notice the move and
+    re-record (correct, but 1790 ms per llama-1b step on 2 x H200 against 219 without graphs),
+    so blocks whose frozen base is sharded run without graphs. With the base replicated only
+    the adapters move, and in steady state FSDP2's allocations repeat step after step, so the
+    graphs replay (123 ms against 187 without; docs/bench/dist-2xh200-2026-11-30-s8.md)."""
+    options = dict(options or {})
+    if default is not None:
+        options.setdefault("cudagraphs", default)
+    return options
 
 
 def _buffers_change_in_forward(model: nn.Module) -> bool:
@@ -219,17 +228,65 @@ def find_blocks(model: nn.Module, blocks: Optional[Iterable[Union[str, nn.Module
 
 
 def compile_blocks(blocks: Sequence[nn.Module], options: Optional[Mapping[str, Any]] = None, *,
-                   mode: Optional[str] = None) -> None:
-    """Compile each block in place with the unsloth backend; one summary line for all of them."""
+                   mode: Optional[str] = None, cudagraphs: Optional[bool] = False,
+                   head_of: Optional[nn.Module] = None) -> None:
+    """Compile each block in place with the unsloth backend; one summary line for all of them.
+    `cudagraphs` is the CUDA-graph setting unless `options` has one: False (the default) for
+    blocks whose parameters FSDP2 re-gathers into new storage each step, None for the backend's
+    own default (on for static shapes), which pays where only small adapters move.
+    `head_of`: the model the blocks belong to; what its forward runs after the blocks (the LM
+    head and the loss of a transformers model) is compiled too (`_compile_after_blocks`)."""
     from .backend import unsloth
     from .config import Config
     from .summary import SummaryLedger
 
-    options = _without_cudagraphs(options)
+    options = _block_cudagraphs(options, cudagraphs)
     Config.from_options(options, mode)  # a bad option fails now, not at the first forward
     backend = functools.partial(unsloth, options=options, mode=mode, ledger=SummaryLedger())
     for block in blocks:
         block.compile(backend=backend)
+    if head_of is not None:
+        _compile_after_blocks(head_of, blocks, backend)
+
+
+def _stack_and_owner(model: nn.Module, blocks: Sequence[nn.Module]) -> Optional[tuple[str, str]]:
+    """(qualified name of the module whose forward runs the blocks, name of the module that calls
+    it), e.g. ("base_model.model.model", "base_model.model") for a PEFT Llama: the blocks'
+    common container, or the module holding their ModuleList; None when the blocks do not sit
+    in one container or that container is the model itself (nothing runs around it)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    parents = {names[id(b)].rpartition(".")[0] for b in blocks if id(b) in names}
+    if len(parents) != 1:
+        return None
+    stack = parents.pop()
+    modules = dict(model.named_modules())
+    if isinstance(modules.get(stack), (nn.ModuleList, nn.Sequential)) and stack:
+        stack = stack.rpartition(".")[0]
+    if not stack:
+        return None
+    return stack, stack.rpartition(".")[0]
+
+
+def _compile_after_blocks(model: nn.Module, blocks: Sequence[nn.Module], backend) -> bool:
+    """Compile the forward of the module that calls the blocks' stack (a transformers
+    `...ForCausalLM`), with the stack's own forward left to eager (`torch.compiler.disable`: the
+    compiled blocks inside it keep their graphs, FSDP2's hooks stay outside every graph). Dynamo
+    breaks the graph at the stack's call and compiles what follows it, the LM head and the loss,
+    as on one GPU: Inductor's fused log-softmax instead of eager's fp32 copy of the logits and
+    separate passes (about 8 ms of a llama-1b step on an H200). Returns False, logged, where the
+    model's layout is not recognised (then only the blocks are compiled)."""
+    found = _stack_and_owner(model, blocks)
+    if found is None:
+        log.info("unsloth_compile.distributed: the blocks do not sit in one stack inside the model; only the "
+                 "blocks are compiled, the head and loss run eagerly")
+        return False
+    modules = dict(model.named_modules())
+    stack, owner = modules[found[0]], modules[found[1]]
+    stack.forward = torch.compiler.disable(stack.forward)
+    owner.forward = torch.compile(owner.forward, backend=backend)
+    log.info("unsloth_compile.distributed: %s compiled around its eager %s (the head and loss after the blocks)",
+             found[1] or type(model).__name__, found[0])
+    return True
 
 
 def _disable_kv_cache(model: nn.Module) -> None:
@@ -256,9 +313,10 @@ def _frozen_params(module: nn.Module) -> set[nn.Parameter]:
 def shard_lora_model(model: nn.Module, mesh: Any = None, *, frozen: str = "replicate", compile: bool = True,
                      options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None,
                      blocks: Optional[Iterable[Union[str, nn.Module]]] = None, mp_policy: Any = None,
-                     reshard_after_forward: Optional[bool] = None) -> nn.Module:
+                     reshard_after_forward: Optional[bool] = None, compile_head: bool = True) -> nn.Module:
     """FSDP2 over a LoRA model, in place: `fully_shard` on each block, then on the root; each block
-    compiled in place with the unsloth backend when `compile`. `frozen="replicate"` keeps the
+    compiled in place with the unsloth backend when `compile`, and with `compile_head` what runs
+    after the blocks (LM head and loss; `_compile_after_blocks`). `frozen="replicate"` keeps the
     frozen base whole on every rank and shards only the trainable parameters (and so their
     gradients and optimizer state); `frozen="shard"` shards everything (see the module docstring).
     `mesh`, `mp_policy` (a MixedPrecisionPolicy) and `reshard_after_forward` go to fully_shard
@@ -284,7 +342,13 @@ def shard_lora_model(model: nn.Module, mesh: Any = None, *, frozen: str = "repli
     fully_shard(model, ignored_params=_frozen_params(model) if frozen == "replicate" else None, **kwargs)
     if compile:
         _disable_kv_cache(model)
-        compile_blocks(found, options, mode=mode)
+        if frozen == "shard" and (options or {}).get("cudagraphs") is True:
+            warnings.warn("unsloth_compile.distributed: cudagraphs=True with frozen='shard': FSDP2 re-gathers the "
+                          "base weights into new storage every step, so every block's graph re-records each step "
+                          "(measured 8x slower than without graphs on llama-1b); use frozen='replicate' for graphs",
+                          stacklevel=2)
+        compile_blocks(found, options, mode=mode, cudagraphs=None if frozen == "replicate" else False,
+                       head_of=model if compile_head else None)
     model._unsloth_fsdp_frozen = frozen  # for the report of a benchmark, and the rank check
     log.info("unsloth_compile.distributed: fully_shard on %d blocks and the root, frozen base %s%s", len(found),
              "replicated" if frozen == "replicate" else "sharded", ", blocks compiled" if compile else "")
