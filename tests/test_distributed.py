@@ -358,3 +358,11 @@ def test_the_module_around_the_blocks_is_found_for_the_head_compile():
     assert _stack_and_owner(model, [layers[0], model.base_model.model.lm_head]) is None  # two containers
     bare = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     assert _stack_and_owner(bare, list(bare)) is None  # the blocks' container is the model: nothing around it
+
+
+def test_fsdp_graphs_replay_only_with_the_base_replicated_and_resharded_after_forward():
+    from unsloth_compile.distributed import fsdp_graphs_replay
+
+    assert fsdp_graphs_replay("replicate", None) and fsdp_graphs_replay("replicate", True)
+    assert not fsdp_graphs_replay("replicate", False)  # measured: re-recorded at every step
+    assert not fsdp_graphs_replay("shard", None) and not fsdp_graphs_replay("shard", True)

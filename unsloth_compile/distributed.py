@@ -30,8 +30,9 @@ FSDP2 (`torch.distributed.fsdp.fully_shard`, public since torch 2.6; `ignored_pa
 `_no_split_modules`, or the `blocks` given), then to the root. Each block is compiled in place
 after it is sharded: FSDP2's hooks run outside the compiled graph (they are
 `torch._dynamo.disable`d), and inside it the block's parameters are the plain unsharded tensors,
-so the LoRA pass sees the same graph as on one GPU. Embeddings, final norm, LM head and loss are
-not compiled. `frozen` chooses what happens to the frozen base weights:
+so the LoRA pass sees the same graph as on one GPU. With `compile_head` (the default) the LM head
+and loss after the blocks are compiled too (`_compile_after_blocks`); embeddings and final norm
+run eagerly. `frozen` chooses what happens to the frozen base weights:
 - "shard": every parameter is sharded; the frozen base is all-gathered before each block's
   forward and again in backward (communication: the whole base, twice per step). Pays when the
   base does not fit on one GPU.
@@ -70,7 +71,7 @@ from .rank import RankController
 log = logging.getLogger("unsloth_compile")
 
 __all__ = ["LoraDDP", "compile_ddp", "GRADIENT_COMPRESSION", "rebuild_ddp", "shard_lora_model", "find_blocks",
-           "compile_blocks", "no_sync", "is_fsdp", "DistributedRankController", "FROZEN_CHOICES", "warn_if_ddp_split",
+           "compile_blocks", "fsdp_graphs_replay", "no_sync", "is_fsdp", "DistributedRankController", "FROZEN_CHOICES", "warn_if_ddp_split",
            "trainable_state_dict", "init_from_torchrun"]
 
 FROZEN_CHOICES = ("replicate", "shard")
@@ -123,15 +124,25 @@ class LoraDDP(DistributedDataParallel):
 def _block_cudagraphs(options: Optional[Mapping[str, Any]], default: Optional[bool]) -> dict:
     """`options` with cudagraphs=`default` unless the caller chose. FSDP2 all-gathers each
     sharded parameter into new storage at every unshard, and a recorded graph reads its
-    parameters at the addresses it was recorded with: cudagraph trees notice the move and
-    re-record (correct, but 1790 ms per llama-1b step on 2 x H200 against 219 without graphs),
-    so blocks whose frozen base is sharded run without graphs. With the base replicated only
-    the adapters move, and in steady state FSDP2's allocations repeat step after step, so the
-    graphs replay (123 ms against 187 without; docs/bench/dist-2xh200-2026-11-30-s8.md)."""
+    parameters at the addresses it was recorded with: cudagraph trees notice a move and
+    re-record (correct, but 1790 ms per llama-1b step on 2 x H200 with the base sharded,
+    against 220-270 without graphs), so blocks whose frozen base is sharded run without graphs.
+    With the base replicated only the adapters move, and in steady state FSDP2's allocations
+    repeat step after step, so the graphs replay (115 ms against 194 without, one run;
+    docs/bench/dist-2xh200-2026-11-30-s8.md)."""
     options = dict(options or {})
     if default is not None:
         options.setdefault("cudagraphs", default)
     return options
+
+
+def fsdp_graphs_replay(frozen: str, reshard_after_forward: Optional[bool]) -> bool:
+    """Whether the per-block CUDA graphs replay under shard_lora_model with these choices: only
+    where the unsharded parameters come back at the addresses the graphs were recorded with.
+    Measured on llama-1b (2 x H200): frozen="shard" re-recorded every step (1790 ms), and so did
+    frozen="replicate" with reshard_after_forward=False (1451 ms), whose unshards fall elsewhere
+    in the step's allocations; "replicate" with FSDP2's default replays (115 ms)."""
+    return frozen == "replicate" and reshard_after_forward is not False
 
 
 def _buffers_change_in_forward(model: nn.Module) -> bool:
@@ -273,12 +284,14 @@ def _compile_after_blocks(model: nn.Module, blocks: Sequence[nn.Module], backend
     compiled blocks inside it keep their graphs, FSDP2's hooks stay outside every graph). Dynamo
     breaks the graph at the stack's call and compiles what follows it, the LM head and the loss,
     as on one GPU: Inductor's fused log-softmax instead of eager's fp32 copy of the logits and
-    separate passes (about 8 ms of a llama-1b step on an H200). Returns False, logged, where the
-    model's layout is not recognised (then only the blocks are compiled)."""
+    separate passes (llama-1b, 2 x H200, same-run A/B: 115.1 -> 110.9 ms with the base
+    replicated, 272.2 -> 223.7 ms sharded). Returns False, with a warning, where the model's
+    layout is not recognised (then only the blocks are compiled)."""
     found = _stack_and_owner(model, blocks)
     if found is None:
-        log.info("unsloth_compile.distributed: the blocks do not sit in one stack inside the model; only the "
-                 "blocks are compiled, the head and loss run eagerly")
+        log.warning("unsloth_compile.distributed: the blocks do not sit in one container inside the model, so "
+                    "what runs around them is not compiled (only the blocks are); pass compile_head=False to "
+                    "silence this")
         return False
     modules = dict(model.named_modules())
     stack, owner = modules[found[0]], modules[found[1]]
@@ -342,12 +355,14 @@ def shard_lora_model(model: nn.Module, mesh: Any = None, *, frozen: str = "repli
     fully_shard(model, ignored_params=_frozen_params(model) if frozen == "replicate" else None, **kwargs)
     if compile:
         _disable_kv_cache(model)
-        if frozen == "shard" and (options or {}).get("cudagraphs") is True:
-            warnings.warn("unsloth_compile.distributed: cudagraphs=True with frozen='shard': FSDP2 re-gathers the "
-                          "base weights into new storage every step, so every block's graph re-records each step "
-                          "(measured 8x slower than without graphs on llama-1b); use frozen='replicate' for graphs",
-                          stacklevel=2)
-        compile_blocks(found, options, mode=mode, cudagraphs=None if frozen == "replicate" else False,
+        graphs_replay = fsdp_graphs_replay(frozen, reshard_after_forward)
+        if not graphs_replay and (options or {}).get("cudagraphs") is True:
+            warnings.warn(f"unsloth_compile.distributed: cudagraphs=True with frozen={frozen!r}"
+                          f"{', reshard_after_forward=False' if reshard_after_forward is False else ''}: FSDP2's "
+                          "unsharded parameters move between steps, so every block's graph re-records at each "
+                          "step (measured 7-8x slower than without graphs on llama-1b); graphs replay with "
+                          "frozen='replicate' and the default reshard_after_forward", stacklevel=2)
+        compile_blocks(found, options, mode=mode, cudagraphs=None if graphs_replay else False,
                        head_of=model if compile_head else None)
     model._unsloth_fsdp_frozen = frozen  # for the report of a benchmark, and the rank check
     log.info("unsloth_compile.distributed: fully_shard on %d blocks and the root, frozen base %s%s", len(found),
