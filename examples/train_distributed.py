@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 2 examples/train_distributed.py --mode fsdp --frozen replicate
     torchrun --nproc_per_node 2 examples/train_distributed.py --mode fsdp --frozen shard --mp --preset llama-8b
     torchrun --nproc_per_node 2 examples/train_distributed.py --mode ddp --accumulate 4 --grow-at 5:32
+    torchrun --nproc_per_node 2 examples/train_distributed.py --mode fsdp --grow-at 5:32
     torchrun --nproc_per_node 2 examples/train_distributed.py --device cpu --preset tiny --steps 3   # gloo, CPU
 
 One process per GPU (any number, 1 included). What each mode does (unsloth_compile/distributed.py):
@@ -16,9 +17,10 @@ One process per GPU (any number, 1 included). What each mode does (unsloth_compi
 The model is a random-init Llama of a benchmark preset (`--preset`), or `--model NAME_OR_PATH`
 (transformers `from_pretrained`); the batches are random tokens, different on every rank.
 `--accumulate K` accumulates K micro-batches per optimizer step, the first K-1 without
-gradient communication (`unsloth_compile.distributed.no_sync`). `--grow-at STEP:R` (DDP) sets
-every adapter to rank R before that step (DistributedRankController: identical on every rank,
-DDP rebuilt). `--save DIR` writes the adapter with PEFT's save_pretrained (gathered under FSDP2).
+gradient communication (`unsloth_compile.distributed.no_sync`). `--grow-at STEP:R` sets every
+adapter to rank R before that step, identically on every rank: DistributedRankController under
+DDP (the wrapper rebuilt), ShardedRankController under FSDP2 (the model rebuilt from `build`,
+sharded and compiled again, AdamW state carried over). `--save DIR` writes the adapter with PEFT's save_pretrained (gathered under FSDP2).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ import torch.distributed as dist
 import unsloth_compile  # noqa: F401  registers the backend
 from unsloth_compile.bench.distributed import DIST_PRESETS
 from unsloth_compile.bench.e2e import add_lora, build_model
-from unsloth_compile.distributed import (DistributedRankController, compile_ddp, init_from_torchrun, no_sync,
-                                         shard_lora_model, trainable_state_dict)
+from unsloth_compile.distributed import (DistributedRankController, ShardedRankController, compile_ddp,
+                                         init_from_torchrun, no_sync, shard_lora_model, trainable_state_dict)
 
 
 def parse_args(argv=None):
@@ -49,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--grow-at", help="STEP:R, DDP only: every adapter to rank R before optimizer step STEP")
+    p.add_argument("--grow-at", help="STEP:R: every adapter to rank R before optimizer step STEP")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--inner", default="auto", choices=["auto", "inductor", "aot_eager", "eager"],
                    help="auto: inductor on CUDA, aot_eager on CPU")
@@ -71,18 +73,26 @@ def build(args, device: torch.device) -> torch.nn.Module:
     return add_lora(base, preset)  # r=16 on the seven projections, fp32 adapters
 
 
-def wrap(args, model: torch.nn.Module, device: torch.device):
-    """(the callable to train, the module whose parameters the optimizer takes)."""
-    inner = args.inner if args.inner != "auto" else ("inductor" if device.type == "cuda" else "aot_eager")
-    options = {"inner": inner}
-    if args.mode == "ddp":
-        return compile_ddp(model, options, device_ids=[device.index] if device.type == "cuda" else None)
+def backend_options(args, device: torch.device) -> dict:
+    return {"inner": args.inner if args.inner != "auto" else ("inductor" if device.type == "cuda" else "aot_eager")}
+
+
+def shard_kwargs(args, device: torch.device) -> dict:
+    """shard_lora_model's arguments (also what ShardedRankController shards a rebuilt model with)."""
     policy = None
     if args.mp:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    return shard_lora_model(model, frozen=args.frozen, options=options, mp_policy=policy)
+    return {"frozen": args.frozen, "options": backend_options(args, device), "mp_policy": policy}
+
+
+def wrap(args, model: torch.nn.Module, device: torch.device):
+    """The callable to train: the DDP wrapper, or the model sharded in place."""
+    if args.mode == "ddp":
+        return compile_ddp(model, backend_options(args, device),
+                           device_ids=[device.index] if device.type == "cuda" else None)
+    return shard_lora_model(model, **shard_kwargs(args, device))
 
 
 def batches(args, device: torch.device, vocab: int, rank: int):
@@ -104,16 +114,23 @@ def main(argv=None) -> int:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
         controller = None
         if args.grow_at:
-            if args.mode != "ddp":
-                raise SystemExit("--grow-at: LoRA ranks can change under DDP only (FSDP2's shards are fixed)")
             grow_step, grow_rank = map(int, args.grow_at.split(":"))
-            controller = DistributedRankController(trained, optimizer, policy="manual")
+            if args.mode == "ddp":
+                controller = DistributedRankController(trained, optimizer, policy="manual")
+            else:
+                controller = ShardedRankController(
+                    trained, optimizer, "manual", build=lambda: build(args, device), shard=shard_kwargs(args, device),
+                    make_optimizer=lambda params: torch.optim.AdamW(params, lr=args.lr))
         data = batches(args, device, model.config.vocab_size, rank)
         tokens, start = 0, time.perf_counter()
         for step in range(args.steps):
             if controller is not None and step == grow_step:
                 controller.set_rank(grow_rank)
-                trained = controller.ddp  # the rebuilt DDP wrapper
+                if args.mode == "ddp":
+                    trained = controller.ddp  # the rebuilt DDP wrapper
+                else:  # the rebuilt sharded model and its optimizer
+                    trained = model = controller.model
+                    optimizer = controller.optimizer
             loss_sum = torch.zeros((), device=device)
             for micro in range(args.accumulate):
                 batch = next(data)

@@ -218,6 +218,42 @@ def case_fsdp(world, rank, frozen, mp=False) -> dict:
     return out
 
 
+def case_fsdp_rank(world, rank, frozen) -> dict:
+    """ShardedRankController(policy="manual") on shard_lora_model: the shared schedule, then each
+    RANK_STEPS grow (seeded differently on each rank) and one step through the rebuilt model."""
+    from torch.distributed.tensor import DTensor
+
+    from unsloth_compile.distributed import ShardedRankController, no_sync, shard_lora_model
+    from unsloth_compile.report import collect_reports
+
+    shard = {"frozen": frozen, "options": OPTIONS}
+    model = shard_lora_model(_tiny_model(), **shard)
+    frozen_before = {n: _full(p) for n, p in model.named_parameters() if not p.requires_grad}
+    opt = _adamw(model)
+    controller = ShardedRankController(model, opt, "manual", build=_tiny_model, shard=shard,
+                                       make_optimizer=lambda params: torch.optim.AdamW(params, lr=LR, eps=1e-4))
+    out = train(model, model, opt, STEPS, world, rank, sync_off=lambda: no_sync(model))
+    for k, r in enumerate(RANK_STEPS):
+        torch.manual_seed(100 + k + 10 * rank)  # a grow draws new rows: different on each rank
+        controller.set_rank(r)
+        with collect_reports() as report:
+            more = train(controller.model, controller.model, controller.optimizer, (1,), world, rank,
+                         first_step=len(STEPS) + k)
+        out["losses"] += more["losses"]
+        out["grads"] += more["grads"]
+    new = controller.model
+    out["ranks"] = sorted(set(controller.ranks.values()))
+    out["new_objects"] = [new is not model, controller.optimizer is not opt]
+    out["sharded_again"] = all(isinstance(p, DTensor) for p in _trainable(new).values())
+    out["fused_after"] = report.counters.get("lora_linear.fused", 0)
+    out["refused_after"] = report.counters.get("lora_linear.refused", 0)
+    out["frozen_unchanged"] = all(torch.equal(_full(p), frozen_before[n])
+                                  for n, p in new.named_parameters() if not p.requires_grad)
+    out["params"] = {n: _full(p) for n, p in _trainable(new).items()}
+    out["adam"] = _adam_state(controller.optimizer, new)
+    return out
+
+
 def case_ddp_split(world, rank) -> dict:
     import warnings
 
@@ -330,6 +366,8 @@ def case_fsdp_cuda(world, rank, cudagraphs) -> dict:
 CASES = {"ddp": case_ddp, "ddp-fp16": case_ddp_half_gradients, "fsdp-shard": lambda w, r: case_fsdp(w, r, "shard"),
          "fsdp-replicate": lambda w, r: case_fsdp(w, r, "replicate"),
          "fsdp-mp": lambda w, r: case_fsdp(w, r, "shard", mp=True), "ddp-split": case_ddp_split,
+         "fsdp-rank-replicate": lambda w, r: case_fsdp_rank(w, r, "replicate"),
+         "fsdp-rank-shard": lambda w, r: case_fsdp_rank(w, r, "shard"),
          "bench": case_bench}
 
 

@@ -153,7 +153,7 @@ def test_fsdp2_matches_one_process(runs, ref, frozen):
     loss and LoRA gradients (the accumulated step under set_requires_gradient_sync(False)) and
     parameters after the steps as one eager process; what is a DTensor shard is what the
     choice says, and CUDA graphs are left to the backend only with the base replicated;
-    resizing a sharded adapter is refused with the way out."""
+    resizing a sharded adapter in place is refused with the way out (ShardedRankController)."""
     case = f"fsdp-{frozen}"
     initial = {n: p.detach() for n, p in _tiny_model().named_parameters() if not p.requires_grad}
     for run in runs:
@@ -172,8 +172,8 @@ def test_fsdp2_matches_one_process(runs, ref, frozen):
         assert r["counters"].get("linear_cross_entropy.kept", 0) >= 1, r["counters"]
         # CUDA graphs: the backend's default (None) only where FSDP2 re-gathers no base weight
         assert r["block_cudagraphs"] == [None if frozen == "replicate" else False]
-        assert "sharded by FSDP2" in r["set_rank_error"] and "before sharding" in r["set_rank_error"]
-        assert "cannot change while FSDP2 shards" in r["controller_error"] and "compile_ddp" in r["controller_error"]
+        assert "sharded by FSDP2" in r["set_rank_error"] and "ShardedRankController" in r["set_rank_error"]
+        assert "is for DDP" in r["controller_error"] and "ShardedRankController" in r["controller_error"]
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -247,8 +247,9 @@ def test_bench_dist_on_gloo(runs, tmp_path):
 
 def test_example_runs_fsdp_with_accumulation_and_saves_the_adapter(monkeypatch, tmp_path, capsys):
     """examples/train_distributed.py in this process as a 1-process gloo group (torchrun's
-    environment): FSDP2 with the base sharded, 2 micro-batches per step, the adapter gathered and
-    saved with PEFT, which loads it back."""
+    environment): FSDP2 with the base sharded, 2 micro-batches per step, a grow to rank 8 at step 1
+    (ShardedRankController: the model rebuilt and sharded again), the adapter gathered and saved
+    with PEFT, which loads it back at rank 8."""
     from peft import PeftModel
 
     from helpers import load_example, one_process_torchrun_env
@@ -258,7 +259,7 @@ def test_example_runs_fsdp_with_accumulation_and_saves_the_adapter(monkeypatch, 
     save = tmp_path / "adapter"
     assert example.main(["--device", "cpu", "--preset", "tiny", "--mode", "fsdp", "--frozen", "shard", "--steps", "2",
                          "--accumulate", "2", "--batch", "1", "--seq", "16", "--inner", "aot_eager",
-                         "--save", str(save)]) == 0
+                         "--grow-at", "1:8", "--save", str(save)]) == 0
     out = capsys.readouterr().out
     assert "step 1: loss" in out and "adapters identical on every rank: yes" in out
     import torch.distributed as dist
@@ -271,6 +272,7 @@ def test_example_runs_fsdp_with_accumulation_and_saves_the_adapter(monkeypatch, 
     loaded = PeftModel.from_pretrained(build_model(DIST_PRESETS["tiny"], torch.device("cpu"), torch.float32), save)
     trained = {n: p for n, p in loaded.named_parameters() if "lora_" in n}
     assert len(trained) == 28 and any(float(p.abs().sum()) > 0 for n, p in trained.items() if "lora_B" in n)
+    assert {p.shape[0] for n, p in trained.items() if "lora_A" in n} == {8}
 
 
 def test_clear_errors_without_a_process_group():
@@ -366,3 +368,26 @@ def test_fsdp_graphs_replay_only_with_the_base_replicated_and_resharded_after_fo
     assert fsdp_graphs_replay("replicate", None) and fsdp_graphs_replay("replicate", True)
     assert not fsdp_graphs_replay("replicate", False)  # measured: re-recorded at every step
     assert not fsdp_graphs_replay("shard", None) and not fsdp_graphs_replay("shard", True)
+
+
+@pytest.mark.parametrize("frozen", ["replicate", "shard"])
+def test_fsdp2_rank_change_rebuilds_the_model_identically_on_every_rank(runs, ref, frozen):
+    """ShardedRankController under FSDP2: the steps before the change as one process, then a grow
+    to rank 8 (new rows drawn from a different seed on each rank: rank 0's kept), one more step;
+    loss, gradients, parameters and AdamW state after it as one eager process that grew with
+    rank 0's seed; the ranks bitwise identical; every site fused again in the rebuilt model; the
+    model and optimizer are new objects, sharded again, and the frozen base is unchanged."""
+    case = f"fsdp-rank-{frozen}"
+    n = len(STEPS) + len(RANK_STEPS)
+    for run in runs:
+        r = run[case]
+        _check_steps(r, ref, n, case)
+        _close(r["params"], ref["params"], f"{case} params after the rank change")
+        for name, state in ref["adam"].items():
+            _close(r["adam"][name], state, f"{case} AdamW state of {name}")
+        assert r["ranks"] == [8] and r["new_objects"] == [True, True] and r["sharded_again"]
+        # the rebuilt blocks compile anew at rank 8 (a graph per distinct block graph): every
+        # site fused, none refused
+        assert r["fused_after"] >= _lora_sites() and r["refused_after"] == 0 and r["frozen_unchanged"]
+    _same_on_every_rank(runs, case, "params")
+    _same_on_every_rank(runs, case, "adam")

@@ -1,10 +1,11 @@
 """Multi-GPU LoRA training with the unsloth backend: DDP over a compiled model, FSDP2 with
-per-block compilation, and dynamic rank under DDP.
+per-block compilation, and dynamic rank under both.
 
     ddp = compile_ddp(model, device_ids=[local_rank])          # model compiled in place, then DDP
     model = shard_lora_model(model, frozen="replicate")         # FSDP2 on each block + root, blocks compiled
     with no_sync(ddp_or_fsdp_model): ...                        # gradient accumulation, either wrapper
     controller = DistributedRankController(ddp, optimizer, ...) # ranks change identically on every rank
+    controller = ShardedRankController(model, optimizer, build=..., make_optimizer=...)  # the same under FSDP2
 
 DDP. Every rank holds the whole model; the trainable (LoRA) gradients are all-reduced. The model
 is compiled in place (`unsloth_compile.compile`) before DDP wraps it, so `state_dict` keys and
@@ -48,8 +49,12 @@ Dynamic rank (unsloth_compile.rank) under DDP: `DistributedRankController` avera
 loss over ranks, takes rank 0's decision everywhere, and after a resize rebuilds the DDP wrapper
 (DDP's reducer holds the old Parameters and cannot take new shapes), whose init broadcasts rank
 0's parameters (a grow draws random rows from each rank's own RNG) and checks that every rank
-has the same shapes. Under FSDP2 a resize is refused: the adapters are DTensor shards owned by
-fully_shard's parameter groups, which cannot be rebuilt in place.
+has the same shapes. Under FSDP2 the adapters are DTensor shards owned by fully_shard's parameter
+groups, which cannot take new shapes in place (`set_rank` on the sharded model refuses), so
+`ShardedRankController` rebuilds: whole state gathered, a fresh model from the caller's `build`
+loaded, resized as on one process, rank 0's values taken, sharded and compiled again, the
+optimizer state carried to a new optimizer through torch.distributed.checkpoint's full state
+dicts.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ from .rank import RankController
 log = logging.getLogger("unsloth_compile")
 
 __all__ = ["LoraDDP", "compile_ddp", "GRADIENT_COMPRESSION", "rebuild_ddp", "shard_lora_model", "find_blocks",
-           "compile_blocks", "fsdp_graphs_replay", "no_sync", "is_fsdp", "DistributedRankController", "FROZEN_CHOICES", "warn_if_ddp_split",
+           "compile_blocks", "fsdp_graphs_replay", "ShardedRankController", "no_sync", "is_fsdp", "DistributedRankController", "FROZEN_CHOICES", "warn_if_ddp_split",
            "trainable_state_dict", "init_from_torchrun"]
 
 FROZEN_CHOICES = ("replicate", "shard")
@@ -462,11 +467,7 @@ class DistributedRankController(RankController):
         super().__init__(ddp.module, optimizer, policy, **kwargs)
 
     def advance(self) -> list:
-        if (self.steps + 1) % self.window == 0 and self.policy is not None:
-            total = torch.tensor([sum(self._losses), len(self._losses)], dtype=torch.float64,
-                                 device=_collective_device())
-            dist.all_reduce(total)
-            self._losses = [float(total[0] / total[1])] if total[1] > 0 else []
+        _average_window_loss(self)
         return super().advance()
 
     def _change(self, ranks: list[int], reason: str) -> list:
@@ -478,11 +479,122 @@ class DistributedRankController(RankController):
         return plans
 
 
+def _average_window_loss(controller: RankController) -> None:
+    """At the end of a window, the window's losses replaced by their mean over all ranks, so that
+    every rank's policy sees the same number (one all-reduce per window)."""
+    if (controller.steps + 1) % controller.window == 0 and controller.policy is not None:
+        total = torch.tensor([sum(controller._losses), len(controller._losses)], dtype=torch.float64,
+                             device=_collective_device())
+        dist.all_reduce(total)
+        controller._losses = [float(total[0] / total[1])] if total[1] > 0 else []
+
+
 _FSDP_RESIZE = (
-    "unsloth_compile.distributed: LoRA ranks cannot change while FSDP2 shards the adapters (they are DTensor "
-    "shards owned by fully_shard's parameter groups, fixed when it was applied). Choose the rank before "
-    "shard_lora_model, or train under DDP (compile_ddp) with DistributedRankController, which rebuilds the "
-    "wrapper after each resize")
+    "unsloth_compile.distributed: DistributedRankController is for DDP; under FSDP2 the adapters are DTensor "
+    "shards owned by fully_shard's parameter groups, fixed when it was applied, so LoRA ranks change through "
+    "ShardedRankController(model, optimizer, build=..., make_optimizer=...), which rebuilds the sharded model "
+    "at the new ranks")
+
+
+class ShardedRankController(RankController):
+    """A RankController for a model under `shard_lora_model` (FSDP2). fully_shard fixes each
+    block's parameter group when it is applied, so a resize rebuilds the model: every rank
+    gathers the whole model and optimizer state (torch.distributed.checkpoint's full state
+    dicts), builds a fresh unsharded model with `build()`, loads that state into it, resizes
+    it as one process would (`unsloth_compile.rank`, optimizer state migrated), takes rank
+    0's values of every trainable parameter (a grow draws new rows from each rank's RNG),
+    shards and compiles it again with `shard_lora_model(**shard)`, and gives the migrated
+    optimizer state to a new optimizer from `make_optimizer(trainable parameters)`.
+
+    So after a change train through `controller.model` and `controller.optimizer` (new objects;
+    the old ones are dropped). Create it on every rank with the same arguments and call
+    `step(loss)` on every rank at the same points: decisions are taken on the loss averaged
+    over ranks and broadcast from rank 0, as in DistributedRankController.
+
+    build: a callable returning the model as it was before `shard_lora_model` (same
+        architecture and LoRA configuration, on this rank's device); its weights are replaced
+        by the gathered ones, so how it initialises them does not matter. The RNG state is
+        restored after it runs.
+    shard: the keyword arguments of the `shard_lora_model` call that sharded `model`
+        (frozen=, options=, mp_policy=, ...); `frozen` defaults to the model's.
+    Costs of a change: the whole model gathered on every rank next to the sharded one (with
+    frozen="shard", the full base in memory for the duration of the change), and the blocks
+    compiled again. The "importance" policy reads per-parameter gradient statistics, which
+    are shards here: it is refused; "loss-decay" and "manual" are supported. An LR scheduler
+    would keep driving the old optimizer: refused too."""
+
+    _sharded_ok = True
+
+    def __init__(self, model: nn.Module, optimizer: Any = None, policy: str = "loss-decay", *,
+                 build: Any, make_optimizer: Any, shard: Optional[Mapping[str, Any]] = None, **kwargs: Any):
+        if not is_fsdp(model):
+            raise TypeError(f"unsloth_compile.distributed.ShardedRankController: expected a model sharded by "
+                            f"shard_lora_model, got {type(model).__name__}; under DDP use DistributedRankController")
+        if policy == "importance":
+            raise ValueError("unsloth_compile.distributed.ShardedRankController: policy='importance' scores each "
+                             "layer from its gradients, which FSDP2 holds as shards; use 'loss-decay' or 'manual'")
+        if kwargs.get("scheduler") is not None:
+            raise ValueError("unsloth_compile.distributed.ShardedRankController: a rank change replaces the optimizer, "
+                             "so an LR scheduler would keep driving the old one; set the learning rate on "
+                             "controller.optimizer yourself")
+        if not callable(build) or not callable(make_optimizer):
+            raise TypeError("unsloth_compile.distributed.ShardedRankController: build and make_optimizer must be "
+                            "callables (build() -> the unsharded model, make_optimizer(params) -> optimizer)")
+        _require_process_group("ShardedRankController")
+        self.build, self.make_optimizer = build, make_optimizer
+        self.shard = {"frozen": getattr(model, "_unsloth_fsdp_frozen", "replicate"), **dict(shard or {})}
+        super().__init__(model, optimizer, policy, **kwargs)
+
+    def advance(self) -> list:
+        _average_window_loss(self)
+        return super().advance()
+
+    def _change(self, ranks: list[int], reason: str) -> list:
+        box = [list(ranks), reason]
+        dist.broadcast_object_list(box, src=0, device=_collective_device())
+        ranks, reason = box
+        if tuple(ranks) == self._config():
+            return []
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_optimizer_state_dict)
+
+        from .rank import LoraAdapter
+
+        full = StateDictOptions(full_state_dict=True)
+        names = {id(m): n for n, m in self.model.named_modules()}
+        slots = [(a.name, names[id(a.module)], a.adapter) for a in self.adapters]
+        state = get_model_state_dict(self.model, options=full)
+        optimizer_state = get_optimizer_state_dict(self.model, self.optimizer, options=full) \
+            if self.optimizer is not None else None
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):  # a grow's new rows come from the RNG as the caller left it
+            model = self.build()
+        if is_fsdp(model) or _has_sharded_params(model):
+            raise ValueError("unsloth_compile.distributed.ShardedRankController: build() returned a sharded model; "
+                             "it must return the model as it was before shard_lora_model")
+        model.load_state_dict(state)
+        del state
+        optimizer = None
+        if optimizer_state is not None:
+            optimizer = self.make_optimizer([p for p in model.parameters() if p.requires_grad])
+            set_optimizer_state_dict(model, optimizer, optimizer_state, options=full)
+        modules = dict(model.named_modules())
+        self.model, self.optimizer = model, optimizer
+        self.adapters = [LoraAdapter(name, modules[path], adapter) for name, path, adapter in slots]
+        plans = super()._change(ranks, reason)
+        with torch.no_grad():  # rank 0's new rows everywhere (old rows are equal already)
+            for p in model.parameters():
+                if p.requires_grad:
+                    dist.broadcast(p.data, src=0)
+        if optimizer is not None:
+            optimizer_state = get_optimizer_state_dict(model, optimizer, options=full)
+        shard_lora_model(model, **self.shard)
+        if optimizer is not None:
+            self.optimizer = self.make_optimizer([p for p in model.parameters() if p.requires_grad])
+            set_optimizer_state_dict(model, self.optimizer, optimizer_state, options=full)
+        log.info("unsloth_compile.distributed: rebuilt the sharded model at the new LoRA ranks (%s); train through "
+                 "controller.model and controller.optimizer", reason)
+        return plans
 
 
 def _collective_device() -> torch.device:

@@ -191,18 +191,20 @@ class LoraAdapter:
             alpha = self.scale * self._rank_norm(self.rank)
         return float(alpha) / self._rank_norm(r)
 
-    def check(self) -> None:
-        """ValueError when this layer is a LoRA form we cannot resize."""
+    def check(self, sharded_ok: bool = False) -> None:
+        """ValueError when this layer is a LoRA form we cannot resize (FSDP2 shards included,
+        unless `sharded_ok`: a controller that rebuilds the sharded model to resize it)."""
         A, B = self.A, self.B
         if (layout := getattr(self.module, "_unsloth_tensor_parallel", None)) is not None:
             raise ValueError(f"unsloth_compile.rank: {self.name}: the adapter is split by tensor parallelism "
                              f"({layout}: A and B are DTensor shards laid out with the base weight); resizing them "
                              f"is not supported: choose the rank before unsloth_compile.parallel.tensor_parallel, "
                              f"or change ranks under DDP (unsloth_compile.distributed)")
-        if _is_sharded(A) or _is_sharded(B):
+        if not sharded_ok and (_is_sharded(A) or _is_sharded(B)):
             raise ValueError(f"unsloth_compile.rank: {self.name}: the adapter is sharded by FSDP2 (DTensor "
-                             f"parameters), and fully_shard's parameter groups cannot take new shapes; choose the "
-                             f"rank before sharding, or train under DDP (unsloth_compile.distributed)")
+                             f"parameters), and fully_shard's parameter groups cannot take new shapes in place; "
+                             f"use unsloth_compile.distributed.ShardedRankController, which rebuilds the sharded "
+                             f"model at the new ranks, choose the rank before sharding, or train under DDP")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"unsloth_compile.rank: {self.name}: lora_A {tuple(A.shape)} and lora_B "
                              f"{tuple(B.shape)} are not (r, in) and (out, r) matrices")
@@ -266,7 +268,7 @@ def _peft_adapters(name: str, module: nn.Module, adapter_name: Optional[str]) ->
 
 
 def find_lora_adapters(model: nn.Module, modules: Optional[Iterable[ModuleSpec]] = None,
-                       adapter_name: Optional[str] = None) -> list[LoraAdapter]:
+                       adapter_name: Optional[str] = None, sharded_ok: bool = False) -> list[LoraAdapter]:
     """The LoRA adapters to resize: every LoRA layer of `model` (modules=None), or the given
     modules (objects, qualified names, or fnmatch patterns of names). ValueError for a module
     that is not a supported LoRA layer or a name that matches nothing."""
@@ -303,7 +305,7 @@ def find_lora_adapters(model: nn.Module, modules: Optional[Iterable[ModuleSpec]]
                 "expected a PEFT LoraLayer or a module with lora_A/lora_B (Parameters or nn.Linear) and a "
                 "float `scale` (see unsloth_compile.rank's docstring)")
     for adapter in adapters:
-        adapter.check()
+        adapter.check(sharded_ok)
     if not adapters:
         raise ValueError("unsloth_compile.rank: the model has no LoRA layer to resize")
     return adapters
@@ -593,6 +595,10 @@ class RankController:
     init_rank x number of adapters) or "manual" (only `set_rank` calls change anything).
     """
 
+    # True in a subclass that resizes FSDP2-sharded adapters by rebuilding the model
+    # (unsloth_compile.distributed.ShardedRankController)
+    _sharded_ok = False
+
     def __init__(self, model: nn.Module, optimizer: Any = None, policy: str = "loss-decay",
                  modules: Optional[Iterable[ModuleSpec]] = None, init_rank: int = 4, min_rank: int = 4,
                  max_rank: int = 16, window: int = 50, threshold: float = 0.95, scheduler: Any = None, *,
@@ -606,7 +612,7 @@ class RankController:
         if window < 1 or threshold <= 0:
             raise ValueError(f"unsloth_compile.rank: window={window} must be >= 1 and threshold={threshold} > 0")
         self.model, self.policy_name = model, policy
-        self.adapters = find_lora_adapters(model, modules, adapter_name)
+        self.adapters = find_lora_adapters(model, modules, adapter_name, self._sharded_ok)
         self.init_rank, self.min_rank, self.max_rank = init_rank, min_rank, max_rank
         self.window, self.raise_recompile_limit = window, raise_recompile_limit
         self.budget = budget if budget is not None else init_rank * len(self.adapters)
@@ -675,7 +681,8 @@ class RankController:
         (default: all of the controller's adapters)."""
         chosen = None
         if modules is not None:
-            chosen = {(id(a.module), a.adapter) for a in find_lora_adapters(self.model, modules)}
+            chosen = {(id(a.module), a.adapter) for a in find_lora_adapters(self.model, modules,
+                                                                                sharded_ok=self._sharded_ok)}
             unknown = chosen - {(id(a.module), a.adapter) for a in self.adapters}
             if unknown:
                 raise ValueError("unsloth_compile.rank: `modules` names LoRA layers this controller does not manage")
