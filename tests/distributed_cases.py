@@ -363,6 +363,40 @@ def case_fsdp_cuda(world, rank, cudagraphs) -> dict:
     return out
 
 
+def case_fsdp_cuda_rank(world, rank) -> dict:
+    """GPU only: ShardedRankController on shard_lora_model(frozen="replicate") on Inductor with
+    its default CUDA graphs: the shared schedule, a grow to RANK_STEPS (seeded differently on each
+    rank), one step through the rebuilt model (its blocks compiled and recorded anew)."""
+    from types import SimpleNamespace
+
+    from unsloth_compile.distributed import ShardedRankController, no_sync, shard_lora_model
+    from unsloth_compile.report import collect_reports
+
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    shard = {"frozen": "replicate", "options": {"inner": "inductor", "summary": False}}
+    model = shard_lora_model(_tiny_model().to(device), **shard)
+    controller = ShardedRankController(model, _adamw(model), "manual", build=lambda: _tiny_model().to(device),
+                                       shard=shard,
+                                       make_optimizer=lambda params: torch.optim.AdamW(params, lr=LR, eps=1e-4))
+
+    def forward(**batch):
+        return SimpleNamespace(loss=controller.model(**{k: v.to(device) for k, v in batch.items()}).loss.cpu())
+
+    with collect_reports() as report:
+        out = train(model, forward, controller.optimizer, STEPS, world, rank, sync_off=lambda: no_sync(model))
+        for k, r in enumerate(RANK_STEPS):
+            torch.manual_seed(100 + k + 10 * rank)
+            controller.set_rank(r)
+            more = train(controller.model, forward, controller.optimizer, (1,), world, rank, first_step=len(STEPS) + k)
+            out["losses"] += more["losses"]
+            out["grads"] += more["grads"]
+    out["counters"] = dict(report.counters)
+    out["grads"] = [{n: g.cpu() for n, g in step.items()} for step in out["grads"]]
+    out["params"] = {n: _full(p).cpu() for n, p in _trainable(controller.model).items()}
+    return out
+
+
 CASES = {"ddp": case_ddp, "ddp-fp16": case_ddp_half_gradients, "fsdp-shard": lambda w, r: case_fsdp(w, r, "shard"),
          "fsdp-replicate": lambda w, r: case_fsdp(w, r, "replicate"),
          "fsdp-mp": lambda w, r: case_fsdp(w, r, "shard", mp=True), "ddp-split": case_ddp_split,
@@ -374,7 +408,8 @@ CASES = {"ddp": case_ddp, "ddp-fp16": case_ddp_half_gradients, "fsdp-shard": lam
 CUDA_CASES = {"ddp-cuda": lambda w, r: case_ddp_cuda(w, r, False),
               "ddp-cuda-graphs": lambda w, r: case_ddp_cuda(w, r, True),
               "fsdp-cuda": lambda w, r: case_fsdp_cuda(w, r, False),
-              "fsdp-cuda-graphs": lambda w, r: case_fsdp_cuda(w, r, None)}
+              "fsdp-cuda-graphs": lambda w, r: case_fsdp_cuda(w, r, None),
+              "fsdp-cuda-rank": case_fsdp_cuda_rank}
 
 
 def run_cases(cases: dict, save_as: str, backend: str = "gloo") -> None:

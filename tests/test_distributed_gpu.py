@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distributed_cases import STEPS, launch, reference
+from distributed_cases import RANK_STEPS, STEPS, launch, reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -75,3 +75,20 @@ def test_fsdp2_with_the_base_replicated_replays_cuda_graphs_and_trains_what_it_t
         _close(graphs["params"], plain["params"], 1e-4, f"rank {rank}: parameters after training")
     for name, value in runs[0]["fsdp-cuda-graphs"]["params"].items():
         assert torch.equal(value, runs[1]["fsdp-cuda-graphs"]["params"][name]), name
+
+
+def test_fsdp2_rank_change_with_cuda_graphs_trains_as_one_eager_process(runs):
+    """ShardedRankController on 2 GPUs with the replicated base's CUDA graphs: the rebuilt model
+    (new blocks, recorded anew) takes the grow and trains on, close to one eager process grown
+    with rank 0's seed (the Triton kernels' TF32 tolerance), the ranks identical."""
+    ref = reference(WORLD)
+    n = len(STEPS) + len(RANK_STEPS)
+    for rank, run in enumerate(runs):
+        r = run["fsdp-cuda-rank"]
+        assert r["counters"].get("cudagraphs.on", 0) >= 2, r["counters"]  # before and after the rebuild
+        torch.testing.assert_close(torch.tensor(r["losses"][:n]), torch.tensor(ref["losses"][:n]), rtol=2e-2, atol=1e-4)
+        for step in range(n):
+            _close(r["grads"][step], ref["grads"][step], 2e-2, f"rank {rank} step {step}: vs eager")
+        _close(r["params"], ref["params"], 2e-2, f"rank {rank}: parameters after the rank change")
+    for name, value in runs[0]["fsdp-cuda-rank"]["params"].items():
+        assert torch.equal(value, runs[1]["fsdp-cuda-rank"]["params"][name]), name

@@ -76,8 +76,9 @@ from .rank import RankController
 log = logging.getLogger("unsloth_compile")
 
 __all__ = ["LoraDDP", "compile_ddp", "GRADIENT_COMPRESSION", "rebuild_ddp", "shard_lora_model", "find_blocks",
-           "compile_blocks", "fsdp_graphs_replay", "ShardedRankController", "no_sync", "is_fsdp", "DistributedRankController", "FROZEN_CHOICES", "warn_if_ddp_split",
-           "trainable_state_dict", "init_from_torchrun"]
+           "compile_blocks", "fsdp_graphs_replay", "no_sync", "is_fsdp", "DistributedRankController",
+           "ShardedRankController", "FROZEN_CHOICES", "warn_if_ddp_split", "trainable_state_dict",
+           "init_from_torchrun"]
 
 FROZEN_CHOICES = ("replicate", "shard")
 GRADIENT_COMPRESSION = ("none", "bf16", "fp16")
