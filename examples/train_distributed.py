@@ -20,7 +20,8 @@ The model is a random-init Llama of a benchmark preset (`--preset`), or `--model
 gradient communication (`unsloth_compile.distributed.no_sync`). `--grow-at STEP:R` sets every
 adapter to rank R before that step, identically on every rank: DistributedRankController under
 DDP (the wrapper rebuilt), ShardedRankController under FSDP2 (the model rebuilt from `build`,
-sharded and compiled again, AdamW state carried over). `--save DIR` writes the adapter with PEFT's save_pretrained (gathered under FSDP2).
+sharded and compiled again, AdamW state carried over). `--save DIR` writes the adapter with
+PEFT's save_pretrained (gathered under FSDP2).
 """
 
 from __future__ import annotations

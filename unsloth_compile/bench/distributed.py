@@ -23,8 +23,8 @@ Variants (unsloth_compile.distributed):
                      (CUDA graphs on for static shapes: its default)
     fsdp-replicate-nographs   the same with options cudagraphs=False
     fsdp-replicate-keep       the same with reshard_after_forward=False: the adapters gathered
-                     once per step, kept unsharded from forward to backward (with CUDA graphs it
-                     re-recorded every step: 1451 ms on llama-1b, 2 x H200)
+                     once per step, kept unsharded from forward to backward; CUDA graphs off
+                     (with them it re-recorded every step: 1451 ms on llama-1b, 2 x H200)
     fsdp-shard-nohead, fsdp-replicate-nohead   with compile_head=False: the LM head and loss
                      after the blocks left to eager (the default before 2026-11-30's eighth session)
 
