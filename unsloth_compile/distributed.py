@@ -444,7 +444,27 @@ def _has_sharded_params(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-class DistributedRankController(RankController):
+class _AgreedRankController(RankController):
+    """What every multi-process controller shares: the policy sees the window's loss averaged
+    over all ranks (one all-reduce per window), and a change takes rank 0's ranks and reason on
+    every rank (`_agreed`), so all ranks resize at the same steps to the same ranks."""
+
+    def advance(self) -> list:
+        if (self.steps + 1) % self.window == 0 and self.policy is not None:
+            total = torch.tensor([sum(self._losses), len(self._losses)], dtype=torch.float64,
+                                 device=_collective_device())
+            dist.all_reduce(total)
+            self._losses = [float(total[0] / total[1])] if total[1] > 0 else []
+        return super().advance()
+
+    @staticmethod
+    def _agreed(ranks: list[int], reason: str) -> tuple[list[int], str]:
+        box = [list(ranks), reason]
+        dist.broadcast_object_list(box, src=0, device=_collective_device())
+        return box[0], box[1]
+
+
+class DistributedRankController(_AgreedRankController):
     """A RankController for a model under DDP (see `unsloth_compile.rank`): create it on every rank
     with the DDP wrapper, call `step(loss)` on every rank at the same points, and run the model
     through `controller.ddp`, which is rebuilt after each resize.
@@ -467,27 +487,11 @@ class DistributedRankController(RankController):
         self.ddp = ddp
         super().__init__(ddp.module, optimizer, policy, **kwargs)
 
-    def advance(self) -> list:
-        _average_window_loss(self)
-        return super().advance()
-
     def _change(self, ranks: list[int], reason: str) -> list:
-        box = [list(ranks), reason]
-        dist.broadcast_object_list(box, src=0, device=_collective_device())
-        plans = super()._change(box[0], box[1])
+        plans = super()._change(*self._agreed(ranks, reason))
         if plans:
             self.ddp = rebuild_ddp(self.ddp)
         return plans
-
-
-def _average_window_loss(controller: RankController) -> None:
-    """At the end of a window, the window's losses replaced by their mean over all ranks, so that
-    every rank's policy sees the same number (one all-reduce per window)."""
-    if (controller.steps + 1) % controller.window == 0 and controller.policy is not None:
-        total = torch.tensor([sum(controller._losses), len(controller._losses)], dtype=torch.float64,
-                             device=_collective_device())
-        dist.all_reduce(total)
-        controller._losses = [float(total[0] / total[1])] if total[1] > 0 else []
 
 
 _FSDP_RESIZE = (
@@ -497,7 +501,7 @@ _FSDP_RESIZE = (
     "at the new ranks")
 
 
-class ShardedRankController(RankController):
+class ShardedRankController(_AgreedRankController):
     """A RankController for a model under `shard_lora_model` (FSDP2). fully_shard fixes each
     block's parameter group when it is applied, so a resize rebuilds the model: every rank
     gathers the whole model and optimizer state (torch.distributed.checkpoint's full state
@@ -546,14 +550,8 @@ class ShardedRankController(RankController):
         self.shard = {"frozen": getattr(model, "_unsloth_fsdp_frozen", "replicate"), **dict(shard or {})}
         super().__init__(model, optimizer, policy, **kwargs)
 
-    def advance(self) -> list:
-        _average_window_loss(self)
-        return super().advance()
-
     def _change(self, ranks: list[int], reason: str) -> list:
-        box = [list(ranks), reason]
-        dist.broadcast_object_list(box, src=0, device=_collective_device())
-        ranks, reason = box
+        ranks, reason = self._agreed(ranks, reason)
         if tuple(ranks) == self._config():
             return []
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
