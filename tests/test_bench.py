@@ -226,6 +226,40 @@ def test_e2e_bert_runs_with_and_without_attention_mask(tmp_path):
     assert "attention_mask in the batch: no" in (tmp_path / "e2e-tiny-bert-nomask.md").read_text()
 
 
+def test_floor_variant_trains_only_the_norms_and_is_reported_as_the_floor(tmp_path):
+    """`floor`: the frozen model (no adapters) with only its norms trainable, under the backend.
+    Its backward still reaches every layer (each layer's norms get a gradient), the e2e table
+    gets an "above the floor" section, and `bench accuracy` refuses it (it fine-tunes nothing)."""
+    from unsloth_compile.bench.e2e import PRESETS, build_model, freeze_to_norms
+
+    model = build_model(PRESETS["tiny"], torch.device("cpu"), torch.float32)
+    trainable = freeze_to_norms(model)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("norm" in n for n in names) and trainable == sum(
+        p.numel() for p in model.parameters() if p.requires_grad)
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    with pytest.raises(ValueError, match="no \\*Norm module"):
+        freeze_to_norms(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+    assert main(["e2e", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu",
+                 "--variants", "peft-eager", "--variant", "floor=floor", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "e2e-tiny.json").read_text())
+    floor = next(r for r in data["results"] if r["variant"]["name"] == "floor")
+    assert floor["status"] == "ok", floor.get("traceback")
+    assert floor["trainable_params"] == trainable and floor["fusion"]["fused"] == 0
+    text = (tmp_path / "e2e-tiny.md").read_text()
+    assert "## Above the floor (floor:" in text
+    above = next(r for r in _md_rows(text) if r[0] == "peft-eager" and len(r) == 4)
+    eager = next(r for r in data["results"] if r["variant"]["name"] == "peft-eager")
+    assert float(above[2]) == pytest.approx(1e3 * (eager["step_time_s"] - floor["step_time_s"]), abs=0.06)
+    with pytest.raises(SystemExit, match="train only the norms"):
+        main(["accuracy", "--steps", "1", "--device", "cpu", "--variants", "peft-eager", "--variant", "floor=floor",
+              "--out", str(tmp_path)])
+
+
 def test_compile_mode_variants():
     from unsloth_compile.bench.e2e import default_variants
 

@@ -171,6 +171,10 @@ def run(args) -> dict:
         args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     seeds = parse_seeds(args.seeds)
     variants = select_variants(default_variants(inner, device), args.variants, args.variant, inner)
+    floors = [v.name for v in variants if v.kind == "floor"]
+    if floors:  # a speed yardstick (nothing but the norms trains), not a way to fine-tune
+        raise SystemExit(f"accuracy: variant(s) {floors} of kind 'floor' train only the norms; "
+                         "they are for bench e2e and bench profile")
     try:
         data = tasks.load_sections(tasks.load_tokenizer(), Path(args.data_dir))
     except tasks.ModelPackageMissing as error:

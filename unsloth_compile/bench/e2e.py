@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from . import output
-from .variants import (MemoryMeter, Variant, compile_for, environment, make_optimizer, resolve_device,
+from .variants import (BACKEND_KINDS, MemoryMeter, Variant, compile_for, environment, make_optimizer, resolve_device,
                        resolve_inner, run_isolated, select_variants, synchronize, train_step)
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -159,6 +159,30 @@ def add_lora(model: torch.nn.Module, preset: Preset) -> torch.nn.Module:
     return get_peft_model(model, config)  # adapters in fp32 on a bf16 base: PEFT's default
 
 
+def freeze_to_norms(model: torch.nn.Module) -> int:
+    """The `floor` variant's model: every parameter frozen except the norms' (RMSNorm, LayerNorm
+    weights and biases), so that the backward runs dX through every frozen linear, attention and
+    the head, as under LoRA, while the optimizer has (almost) nothing to do. Returns the number
+    of trainable parameters; a model without norm modules is refused."""
+    norms = [m for m in model.modules() if type(m).__name__.endswith("Norm")]
+    if not norms:
+        raise ValueError(f"floor: {type(model).__name__} has no *Norm module whose weights could train alone")
+    model.requires_grad_(False)
+    for module in norms:
+        module.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def prepare_model(model: torch.nn.Module, variant: Variant, preset: Preset) -> torch.nn.Module:
+    """The variant's trainable model: PEFT LoRA on it, or (floor) only the norms trainable, or
+    (full) every parameter."""
+    if variant.lora:
+        return add_lora(model, preset)
+    if variant.kind == "floor":
+        freeze_to_norms(model)
+    return model
+
+
 def make_batches(preset: Preset, count: int, seed: int, device: torch.device,
                  attention_mask: bool = True) -> list[dict]:
     """Random token batches. BERT batches carry an all-ones attention_mask unless
@@ -190,9 +214,7 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
 
     meter = MemoryMeter(device)
     torch.manual_seed(seed)
-    model = build_model(preset, device, dtype)
-    if variant.lora:
-        model = add_lora(model, preset)
+    model = prepare_model(build_model(preset, device, dtype), variant, preset)
     if variant.options.get("fuse_cross_entropy") is True and preset.family == "llama":
         from ..training_outputs import loss_only
 
@@ -231,7 +253,7 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
               "peak_mem_bytes": meter.peak_bytes(),
               "peak_reserved_bytes": meter.peak_reserved_bytes(), "mem_kind": meter.kind, "loss_final": losses[-1], "losses": losses,
               "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    if variant.kind == "unsloth":
+    if variant.kind in BACKEND_KINDS:
         result["fusion"] = {"graphs": report.graphs, "fused": len(report.fused), "refused": len(report.refused),
                             "counters": dict(report.counters),
                             "refusal_reasons": dict(report.refusal_reasons())}
@@ -279,6 +301,21 @@ def check_targets(preset: Preset, results: list[dict], device: torch.device) -> 
     return checks
 
 
+def _floor_lines(results: list[dict]) -> list[str]:
+    """With a `floor` variant in the run: each LoRA variant's step time above it, i.e. what
+    the adapters cost on top of the frozen model's own forward and dX backward."""
+    floor = next((r for r in results if r["variant"]["kind"] == "floor" and r["status"] == "ok"), None)
+    if floor is None:
+        return []
+    rows = [[r["variant"]["name"], output.fmt(1e3 * r["step_time_s"], ".1f"),
+             output.fmt(1e3 * (r["step_time_s"] - floor["step_time_s"]), ".1f"),
+             output.fmt(r["step_time_s"] / floor["step_time_s"], ".2f", "x")]
+            for r in results if r["status"] == "ok" and r["variant"]["kind"] not in ("floor", "full")]
+    return ["", f"## Above the floor ({floor['variant']['name']}: {1e3 * floor['step_time_s']:.1f} ms, the frozen "
+            "model's forward and dX backward with no adapter, norms trained)", "",
+            output.markdown_table(["variant", "step ms", "ms above the floor", "x the floor"], rows)]
+
+
 def render_markdown(data: dict) -> str:
     preset, unit = data["preset"], data["unit"]
     mem_label = {"cuda_max_allocated": "peak mem GiB (CUDA max allocated)",
@@ -311,6 +348,7 @@ def render_markdown(data: dict) -> str:
     lines.append(output.markdown_table(
         ["variant", "what", "status", "step ms (median)", unit, f"{unit} vs PEFT eager", "pipelined ms/step", mem_label,
          "mem vs PEFT eager", "peak reserved GiB", "final loss", "warm-up s", "fused/refused sites", "error"], rows))
+    lines += _floor_lines(data["results"])
     if data["targets"]:
         lines += ["", "## Targets (DESIGN.md), measured in this run", ""]
         lines.append(output.markdown_table(

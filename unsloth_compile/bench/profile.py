@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from . import output
-from .e2e import PRESETS, add_lora, build_model, make_batches
+from .e2e import PRESETS, build_model, make_batches, prepare_model
 from .variants import (Variant, compile_for, environment, make_optimizer, parse_variant, resolve_device,
                        resolve_inner, run_isolated, synchronize, train_step)
 
@@ -214,9 +214,7 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
 
     counters.clear()
     torch.manual_seed(seed)
-    model = build_model(preset, device, dtype)
-    if variant.lora:
-        model = add_lora(model, preset)
+    model = prepare_model(build_model(preset, device, dtype), variant, preset)
     model.train()
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)

@@ -9,6 +9,10 @@ A variant is written on the command line as `NAME=KIND[:key=value,...]`:
     inductor        PEFT LoRA under torch.compile(backend="inductor")
     aot_eager       PEFT LoRA under torch.compile(backend="aot_eager") (CPU stand-in for inductor)
     unsloth         PEFT LoRA under torch.compile(backend="unsloth", options={key: value, ...})
+    floor           no adapters: the frozen model with only its norms trainable, under
+                    torch.compile(backend="unsloth", options=...). The backward still computes dX
+                    through every frozen linear and the head, so this is the work any LoRA method
+                    pays on top of which LoRA adds its own (`bench e2e` and `bench profile` only)
 
 e.g. `--variant nofold=unsloth:fold_residual=false,kernels=reference`.
 
@@ -41,7 +45,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-KINDS = ("full", "eager", "inductor", "aot_eager", "unsloth")
+KINDS = ("full", "eager", "inductor", "aot_eager", "unsloth", "floor")
+# Kinds compiled by the backend, which take its options
+BACKEND_KINDS = ("unsloth", "floor")
 # Options that change numerics on purpose: their accuracy drop is reported, not held to 0.3 points.
 LOSSY_OPTIONS = ("precision", "compress_activations", "sparsity")
 
@@ -56,14 +62,15 @@ class Variant:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"variant {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if set(self.options) - {"mode"} and self.kind != "unsloth":
-            raise ValueError(f"variant {self.name!r}: options other than mode are only meaningful for kind 'unsloth'")
+        if set(self.options) - {"mode"} and self.kind not in BACKEND_KINDS:
+            raise ValueError(f"variant {self.name!r}: options other than mode are only meaningful for kinds "
+                             f"{' and '.join(BACKEND_KINDS)}")
         if "mode" in self.options and self.kind in ("full", "eager"):
             raise ValueError(f"variant {self.name!r}: mode is a torch.compile mode; kind {self.kind!r} is not compiled")
 
     @property
     def lora(self) -> bool:
-        return self.kind != "full"
+        return self.kind not in ("full", "floor")
 
     @property
     def lossy(self) -> bool:
@@ -77,6 +84,8 @@ class Variant:
         if self.kind in ("inductor", "aot_eager"):
             return f"PEFT LoRA + torch.compile({self.kind})"
         opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        if self.kind == "floor":
+            return 'floor: no LoRA, frozen base, norms trained, backend="unsloth"' + (f" ({opts})" if opts else "")
         return 'PEFT LoRA + backend="unsloth"' + (f" ({opts})" if opts else "")
 
     def to_json(self) -> dict:
@@ -105,7 +114,7 @@ def parse_variant(spec: str, inner: str) -> Variant:
         if not eq:
             raise ValueError(f"--variant {spec!r}: option {item!r} is not key=value")
         options[key.strip()] = parse_option_value(value.strip())
-    if kind == "unsloth":
+    if kind in BACKEND_KINDS:
         options.setdefault("inner", inner)
     return Variant(name, kind, options)
 
@@ -170,7 +179,7 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
         raise ValueError(f"variant {variant.name}: prune_method={prune_method!r}; one of {', '.join(PRUNE_METHODS)}")
     prune_layers = options.pop("prune_layers", None)
     prune_kwargs = _prune_kwargs(variant, options, calibration)
-    if variant.kind == "unsloth":
+    if variant.kind in BACKEND_KINDS:
         from unsloth_compile import Config  # importing the package registers the backend
 
         cfg = Config.from_options(options, mode)  # a bad option fails here, not after Dynamo traced the model
