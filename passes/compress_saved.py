@@ -76,6 +76,13 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 aten = torch.ops.aten
 _LORA_BACKWARD = torch.ops.unsloth.lora_linear_backward.default
 _LORA_FORWARD = torch.ops.unsloth.lora_linear.default
+# Every LoRA op family's forward (dense, fp8 base, 2:4 base) -> the position of its lora_x
+# argument. The FFN region (what recompute_ffn_products and the activation compression act
+# on) is bounded by their outputs whatever the base's storage; only the dense op's backward
+# is rewritten by the LoRA-input compression.
+_LORA_FORWARDS = {op: [a.name for a in op._schema.arguments].index("lora_x")
+                  for op in (_LORA_FORWARD, torch.ops.unsloth.lora_linear_fp8.default,
+                             torch.ops.unsloth.lora_linear_sparse24.default)}
 # Activation functions as they appear in aten graphs, and what Inductor's decompositions
 # turn them into (silu -> x / (1 + exp(-x)), gelu -> erf or tanh).
 _ACTIVATIONS = {aten.silu, aten.gelu, aten.relu, aten.sigmoid, aten.tanh, aten.erf, aten.exp,
@@ -128,7 +135,7 @@ def projection_chain(node: Any) -> list[Node]:
             return []
         chain.append(node)
         if node.op == "call_function" and node.target is operator.getitem:
-            return chain if node.args[0].target is _LORA_FORWARD and node.args[1] == 0 else []
+            return chain if node.args[0].target in _LORA_FORWARDS and node.args[1] == 0 else []
         if _is_op(node, _PROJECTIONS):
             return chain
         if not (_is_view(node) or _is_op(node, {aten._to_copy, aten.clone})
@@ -141,7 +148,8 @@ def projection_chain(node: Any) -> list[Node]:
 def _feeds_projection(node: Node) -> bool:
     """Read by a linear as its input: a LoRA op's x / lora_x, or an operand of mm / addmm."""
     for user in node.users:
-        if user.target is _LORA_FORWARD and node in (user.args[0], user.args[6] if len(user.args) > 6 else None):
+        lora_x = _LORA_FORWARDS.get(user.target) if user.op == "call_function" else None
+        if lora_x is not None and node in (user.args[0], user.args[lora_x] if len(user.args) > lora_x else None):
             return True
         if _is_op(user, _PROJECTIONS) and node in user.args[-2:]:
             return True
