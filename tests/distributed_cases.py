@@ -491,26 +491,47 @@ def run_workers(jobs: dict, timeout: float) -> None:
 # ----------------------------------------------------------------------------- references
 
 
-def reference(world: int, dtype=torch.float32) -> dict:
-    """One process, eager, the whole batch of every step, the same schedule (and rank 0's seeds)."""
+def reference(world: int, dtype=torch.float32, device=None) -> dict:
+    """One process, eager, the whole batch of every step, the same schedule (and rank 0's seeds).
+    `device`: where the model lives, as in the case compared with it. A grow draws its new rows
+    from the generator of the adapters' device, and CPU and CUDA generators give different rows
+    for one seed, so a CUDA case needs a CUDA reference; results come back on the CPU."""
+    from types import SimpleNamespace
+
     from unsloth_compile.rank import set_rank
 
     model = _tiny_model(dtype)
     for p in _trainable(model).values():
         p.data = p.data.float()  # PEFT's fp32 adapters on a low-precision base
+    forward = model
+    if device is not None:
+        model = model.to(device)
+
+        def forward(**batch):
+            return SimpleNamespace(loss=model(**{k: v.to(device) for k, v in batch.items()}).loss.cpu())
     opt = _adamw(model)
-    out = train(model, model, opt, STEPS, world, None)
+    out = train(model, forward, opt, STEPS, world, None)
     out["params_before_rank"] = {n: _full(p) for n, p in _trainable(model).items()}
     out["adam_before_rank"] = _adam_state(opt, model)
     for k, r in enumerate(RANK_STEPS):
         torch.manual_seed(100 + k)
         set_rank(model, r, optimizer=opt)
-        more = train(model, model, opt, (1,), world, None, first_step=len(STEPS) + k)
+        more = train(model, forward, opt, (1,), world, None, first_step=len(STEPS) + k)
         out["losses"] += more["losses"]
         out["grads"] += more["grads"]
     out["params"] = {n: _full(p) for n, p in _trainable(model).items()}
     out["adam"] = _adam_state(opt, model)
-    return out
+    return _to_cpu(out) if device is not None else out
+
+
+def _to_cpu(value):
+    if torch.is_tensor(value):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_cpu(v) for v in value]
+    return value
 
 
 def reference_bf16(world: int) -> dict:

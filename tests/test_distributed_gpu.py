@@ -80,8 +80,9 @@ def test_fsdp2_with_the_base_replicated_replays_cuda_graphs_and_trains_what_it_t
 def test_fsdp2_rank_change_with_cuda_graphs_trains_as_one_eager_process(runs):
     """ShardedRankController on 2 GPUs with the replicated base's CUDA graphs: the rebuilt model
     (new blocks, recorded anew) takes the grow and trains on, close to one eager process grown
-    with rank 0's seed (the Triton kernels' TF32 tolerance), the ranks identical."""
-    ref = reference(WORLD)
+    with rank 0's seed (the Triton kernels' TF32 tolerance), the ranks identical. The reference
+    runs on CUDA: the grow's new rows come from the CUDA generator there, as in the workers."""
+    ref = reference(WORLD, device=torch.device("cuda", 0))
     n = len(STEPS) + len(RANK_STEPS)
     for rank, run in enumerate(runs):
         r = run["fsdp-cuda-rank"]
