@@ -36,9 +36,14 @@ Two flavours of every GEMM, bitwise the same quantisation:
   of 16, `a` row-major, `b` column-major, fp32 scales (M, 1) and (1, N), bf16 output.
 
 On the GPU, the quantisation is one Triton kernel (kernels/fp8_quantize.py, bitwise the torch
-spelling here), and the LoRA term runs on the bf16 path's thin Triton kernels (lowrank_thin,
-lora_linear_triton's adapter gradients) beside the fp8 GEMMs (`_lora_*_on_gpu` below). Only
-kernels/ modules are imported.
+spelling here), and the LoRA term's thin products run on the bf16 path's Triton kernels
+(lowrank_thin, lora_linear_triton's adapter gradients). The LoRA op's two GEMMs (`_lora_*_on_gpu`
+below) are, per problem and chosen by timing (kernels/timed_choice.py, kind "fp8 GEMM"; the
+knob UNSLOTH_LORA_MAIN_GEMM=triton/cublas forces one): torch._scaled_mm followed by a rank-r
+cuBLAS addmm of the LoRA term into its output, or the Triton FP8 GEMM with the term in its
+epilogue (kernels/fp8_gemm.py; Hopper). The fused kernel adds the term to the fp32 tile and
+rounds once, where the composition rounds the fp8 product to bf16 first. Only kernels/ modules
+are imported.
 """
 
 from __future__ import annotations
@@ -209,7 +214,7 @@ def lora_linear_fp8_forward(x: Tensor, weight: Tensor, weight_scale: Optional[Te
     w_codes, w_dequant = stored_or_quantized(weight, weight_scale)
     if not emulate and x.dtype in HALF:
         return _lora_forward_on_gpu(x, w_codes, w_dequant, bias, lora_A, lora_B, lora_B_bias, lora_x, residual,
-                                    effective_scale(scale, scale_tensor), out_dtype)
+                                    scale, scale_tensor, out_dtype)
     base = rows(fp8_linear_forward(x, w_codes, w_dequant, bias, emulate))
     adapter_in = rows(x if lora_x is None else lora_x).to(lora_A.dtype)
     lora_hidden = adapter_in @ lora_A.t()
@@ -242,12 +247,13 @@ def lora_linear_fp8_backward(grad_out: Tensor, x: Tensor, weight: Tensor, weight
 
 def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Optional[Tensor], lora_A: Tensor,
                          lora_B: Tensor, lora_B_bias: Optional[Tensor], lora_x: Optional[Tensor],
-                         residual: Optional[Tensor], s, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                         residual: Optional[Tensor], scale: float, scale_tensor: Optional[Tensor],
+                         out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """The forward as the bf16 kernels compute the LoRA term: H = X_l A^T by the thin Triton
-    GEMM (operands rounded to x's dtype, fp32 accumulation; H kept in the adapter dtype), then
-    one rank-r GEMM that accumulates s H B^T into the fp8 GEMM's output in place (cuBLAS addmm,
-    fp32 accumulation): the M x N output is written by the fp8 GEMM and read and written once
-    more, instead of the emulation's fp32 copies of X and of the output."""
+    GEMM (operands rounded to x's dtype, fp32 accumulation; H kept in the adapter dtype), X
+    quantised by rows once, then the fp8 GEMM with s H B^T: fused in its epilogue, or
+    torch._scaled_mm and one rank-r cuBLAS addmm into its output in place (the M x N output read
+    and written once more), whichever `_fp8_gemm` measured faster for the problem."""
     from .lowrank_thin import rows_times_thin
 
     x2d = rows(x)
@@ -256,15 +262,30 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
         lora_hidden = rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype)
     else:
         lora_hidden = adapter_in.to(lora_A.dtype) @ lora_A.t()
-    out = base_forward(x2d, w_codes, w_dequant, emulate=False)
-    if out.dtype != x.dtype:
-        out = out.to(x.dtype)
-    if bias is not None:
-        out += bias
-    out.addmm_((lora_hidden * s).to(out.dtype), lora_B.t().to(out.dtype))
-    if lora_B_bias is not None:
-        out += (lora_B_bias * s).to(out.dtype)
-    out = out.to(out_dtype)
+    s = effective_scale(scale, scale_tensor)
+    x_codes, x_dequant = quantize_rowwise(x2d)
+
+    def with_scaled_mm() -> Tensor:
+        out = _scaled_gemm(x_codes, x_dequant, w_codes.t(), w_dequant.reshape(1, -1), emulate=False)
+        if out.dtype != x.dtype:
+            out = out.to(x.dtype)
+        if bias is not None:
+            out += bias
+        out.addmm_((lora_hidden * s).to(out.dtype), lora_B.t().to(out.dtype))
+        if lora_B_bias is not None:
+            out += (lora_B_bias * s).to(out.dtype)
+        return out
+
+    def fused() -> Tensor:
+        from .fp8_gemm import fp8_lora_gemm
+
+        out = torch.empty((x2d.shape[0], w_codes.shape[0]), device=x.device, dtype=x.dtype)
+        return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, _in_dtype(lora_hidden, x.dtype),
+                             _in_dtype(lora_B.t(), x.dtype), out, scale, scale_tensor, bias=bias, v_bias=lora_B_bias)
+
+    key = ("forward", x.device, x.dtype, _bucket(x2d.shape[0]), w_codes.shape[0], w_codes.shape[1],
+           lora_A.shape[0], bias is not None, lora_B_bias is not None, scale_tensor is not None)
+    out = _fp8_gemm(key, x_codes, w_codes, with_scaled_mm, fused).to(out_dtype)
     if residual is not None:
         out = out + rows(residual)
     return out.reshape(*x.shape[:-1], out.shape[-1]), lora_hidden
@@ -275,8 +296,9 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
                           scale_tensor: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """dX = dY W in fp8 (dY quantised by rows with W's row scales folded in, one Triton pass);
     G = dY B, dA, dB by the bf16 path's thin Triton kernels (lora_linear_triton's adapter
-    gradients, read from dY in x's dtype); the adapter's share s G A accumulated into dX (or
-    d_lora_x) by one rank-r cuBLAS addmm."""
+    gradients, read from dY in x's dtype); the adapter's share s G A added to dX in the fp8
+    GEMM's epilogue or by one rank-r cuBLAS addmm after torch._scaled_mm (`_fp8_gemm`'s choice),
+    or, with lora_x, computed apart as d_lora_x."""
     from .lora_linear_triton import _adapter_grads
 
     grad2d = rows(grad_out)
@@ -284,14 +306,63 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
         grad2d = grad2d.to(x.dtype)
     adapter_in = rows(x if lora_x is None else lora_x)
     g, dA, dB = _adapter_grads(grad2d, adapter_in, lora_A, lora_B, lora_hidden, scale, scale_tensor)
-    dx = base_grad_input(grad2d, w_codes, w_dequant, emulate=False)
-    if dx.dtype != x.dtype:
-        dx = dx.to(x.dtype)
-    g_scaled = g * effective_scale(scale, scale_tensor)
-    lead, K = x.shape[:-1], x.shape[-1]
-    if lora_x is None:
-        dx.addmm_(g_scaled.to(dx.dtype), lora_A.to(dx.dtype))
-        d_lora_x = None
-    else:
-        d_lora_x = (g_scaled.to(lora_x.dtype) @ lora_A.to(lora_x.dtype)).reshape(*lead, K)
-    return dx.reshape(*lead, K), d_lora_x, dA, dB
+    g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=w_dequant)
+    w_t = w_codes.t().contiguous()  # (K, N): W_q K-contiguous for dY W, a transient copy
+    s = effective_scale(scale, scale_tensor)
+    M, (K, N) = grad2d.shape[0], w_t.shape
+    lead = x.shape[:-1]
+    ones = torch.ones(1, K, dtype=torch.float32, device=w_codes.device)
+
+    def base_only() -> Tensor:
+        dx = _scaled_gemm(g_codes, g_dequant, w_t.t(), ones, emulate=False)
+        return dx if dx.dtype == x.dtype else dx.to(x.dtype)
+
+    if lora_x is not None:
+        d_lora_x = ((g * s).to(lora_x.dtype) @ lora_A.to(lora_x.dtype)).reshape(*lead, K)
+        return base_only().reshape(*lead, K), d_lora_x, dA, dB
+
+    def with_scaled_mm() -> Tensor:
+        dx = base_only()
+        dx.addmm_((g * s).to(dx.dtype), lora_A.to(dx.dtype))
+        return dx
+
+    def fused() -> Tensor:
+        from .fp8_gemm import fp8_lora_gemm
+
+        dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
+        return fp8_lora_gemm(g_codes, g_dequant, w_t, None, _in_dtype(g, x.dtype), _in_dtype(lora_A, x.dtype), dx,
+                             scale, scale_tensor)
+
+    key = ("backward", x.device, x.dtype, _bucket(M), K, N, lora_A.shape[0], False, False, scale_tensor is not None)
+    dx = _fp8_gemm(key, g_codes, w_t, with_scaled_mm, fused)
+    return dx.reshape(*lead, K), None, dA, dB
+
+
+def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype with a unit last stride (one copy kernel at most): a fused epilogue operand."""
+    if t.dtype == dtype and t.stride(-1) == 1:
+        return t
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
+def _bucket(m: int) -> int:
+    """Rows rounded up to a power of two: problems of one bucket share a timed choice."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def _fp8_gemm(key: tuple, a_codes: Tensor, b_codes: Tensor, with_scaled_mm, fused) -> Tensor:
+    """The LoRA op's fp8 GEMM plus its low-rank term: `fused` (kernels/fp8_gemm.py, where it can
+    run) or `with_scaled_mm`, as the knob main_gemm says ("triton", "cublas") or, on "auto",
+    whichever ran this problem faster when first timed (kernels/timed_choice.py, logged); under
+    the Triton interpreter (CPU tests of this GPU path) the fused kernel unless the knob says cublas."""
+    from . import knobs
+    from .fp8_gemm import unsupported
+    from .timed_choice import fastest
+
+    main_gemm = knobs.current().main_gemm
+    if main_gemm == "cublas" or a_codes.shape[0] == 0 or unsupported(a_codes, b_codes) is not None:
+        return with_scaled_mm()
+    if main_gemm == "triton" or a_codes.device.type == "cpu":  # the interpreter: what the CPU tests check
+        return fused()
+    candidates = {"scaled_mm": with_scaled_mm, "triton": fused}
+    return candidates[fastest("fp8 GEMM", key, candidates)]()

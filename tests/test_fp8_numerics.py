@@ -339,16 +339,22 @@ def test_opcheck_of_the_four_fp8_ops():
 
 
 @pytest.mark.skipif(not _HAS_CPU_SCALED_MM, reason="this torch has no CPU torch._scaled_mm")
+@pytest.mark.parametrize("main_gemm", ["cublas", "triton"])
 @pytest.mark.parametrize("flags", [dict(), dict(bias=True, lora_B_bias=True, residual=True), dict(lora_x=True),
                                    dict(scale_tensor=True), dict(lead=(1,)), dict(lead=(3, 0))],
                          ids=["plain", "biases-residual", "lora_x", "scale_tensor", "one-row", "empty"])
-def test_gpu_path_of_the_lora_op_matches_the_emulation(monkeypatch, flags):
+def test_gpu_path_of_the_lora_op_matches_the_emulation(monkeypatch, flags, main_gemm):
     """kernels/fp8.py's GPU path (emulate=False on fp16 activations: Triton quantisation on CUDA,
-    torch._scaled_mm, the thin Triton GEMMs in the interpreter, rank-r addmm) run on CPU with
-    CUDA's layout rules asserted, against the emulation: the same fp8 base, the LoRA term
-    rounded to fp16 operands instead of computed in fp32."""
-    checked, _ = _checked_scaled_mm(torch._scaled_mm)
+    the thin Triton GEMMs in the interpreter) run on CPU against the emulation: the same fp8
+    base, the LoRA term rounded to fp16 operands instead of computed in fp32. The fp8 GEMM and
+    its LoRA term both ways: torch._scaled_mm with CUDA's layout rules asserted and a rank-r
+    addmm (main_gemm="cublas"), or the Triton FP8 GEMM with the term in its epilogue, in the
+    interpreter ("triton"; with lora_x the op takes torch._scaled_mm for dX either way)."""
+    from unsloth_compile.kernels import knobs
+
+    checked, calls = _checked_scaled_mm(torch._scaled_mm)
     monkeypatch.setattr(torch, "_scaled_mm", checked)
+
     g = torch.Generator().manual_seed(7)
     lead, K, N, r = flags.get("lead", (2, 9)), 64, 48, 5
 
@@ -365,11 +371,17 @@ def test_gpu_path_of_the_lora_op_matches_the_emulation(monkeypatch, flags):
     dy = rand(*lead, N)
     results = {}
     for emulate in (False, True):
-        out, hidden = fp8.lora_linear_fp8_forward(x, codes, scales, bias, A, B, b_bias, lora_x, residual, 0.75,
-                                                  scale_tensor, torch.float16, emulate)
-        grads = fp8.lora_linear_fp8_backward(dy, x, codes, scales, A, B, lora_x, hidden, 0.75, scale_tensor,
-                                             emulate)
+        with knobs.patch(main_gemm=main_gemm):
+            out, hidden = fp8.lora_linear_fp8_forward(x, codes, scales, bias, A, B, b_bias, lora_x, residual, 0.75,
+                                                      scale_tensor, torch.float16, emulate)
+            grads = fp8.lora_linear_fp8_backward(dy, x, codes, scales, A, B, lora_x, hidden, 0.75, scale_tensor,
+                                                 emulate)
         results[emulate] = (out, hidden, *grads)
+    rows = x.numel() // K
+    # which GEMM ran: torch._scaled_mm for the forward and dX with "cublas", for dX alone with
+    # lora_x under "triton" (that dX has no LoRA term to fuse), never on an empty batch
+    expected = 0 if rows == 0 else (2 if main_gemm == "cublas" else int(lora_x is not None))
+    assert len(calls) == expected, calls
     names = ("out", "hidden", "dx", "d_lora_x", "dA", "dB")
     for name, got, want in zip(names, results[False], results[True]):
         if want is None:

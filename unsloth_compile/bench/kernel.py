@@ -19,6 +19,10 @@ Variants, all timed as fwd+bwd (autograd, gradients of x and of the adapters) in
     ours-fp8 / ours-fp8-bf16
                   torch.ops.unsloth.lora_linear_fp8, W stored in fp8, fp32 / bf16 adapters
                   (rows carry weight_bytes: the stored base, 2 N K in bf16, N K + 4 N in fp8)
+    ours-fp8-triton / ours-fp8-cublas
+                  ours-fp8 with both fp8 GEMMs forced to the Triton FP8 GEMM with the LoRA term
+                  in its epilogue (kernels/fp8_gemm.py) or to torch._scaled_mm plus a rank-r
+                  addmm of the term; ours-fp8 picks per problem by timing
 Plus a breakdown of ours (r=16, fp32 adapters): each kernel of forward and backward alone,
 and the Triton GEMM with no low-rank term against cuBLAS.
 
@@ -48,7 +52,8 @@ LAYERS = {
 RANKS = (8, 16, 64)
 TOKENS = 8192
 VARIANTS = ("base", "peft-fp32", "peft-bf16", "inductor", "ours-fp32", "ours-bf16", "ours-bf16-triton",
-            "ours-bf16-cublas", "unsloth", "base-fp8", "ours-fp8", "ours-fp8-bf16")
+            "ours-bf16-cublas", "unsloth", "base-fp8", "ours-fp8", "ours-fp8-bf16", "ours-fp8-triton",
+            "ours-fp8-cublas")
 SCALE = 2.0  # lora_alpha / r; its value does not change the cost
 
 
@@ -105,6 +110,8 @@ def _forced_knobs(variant: str) -> dict:
     if variant in ("ours-bf16-triton", "ours-bf16-cublas"):
         side = variant.rsplit("-", 1)[1]
         return {"main_gemm": side, "thin": side}
+    if variant in ("ours-fp8-triton", "ours-fp8-cublas"):  # the fp8 GEMM only; thin GEMMs as ours-fp8
+        return {"main_gemm": variant.rsplit("-", 1)[1]}
     return {}
 
 
@@ -137,6 +144,8 @@ def _make_variant(name, x, W, A32, B32, dy):
         return _step(lambda: _ours(x, W, A16, B16, SCALE), [x, A16, B16], dy)
     if name in ("ours-bf16-triton", "ours-bf16-cublas"):  # ours-bf16, run under _forced_knobs(name)
         return _make_variant("ours-bf16", x, W, A32, B32, dy)
+    if name in ("ours-fp8-triton", "ours-fp8-cublas"):  # ours-fp8, run under _forced_knobs(name)
+        return _make_variant("ours-fp8", x, W, A32, B32, dy)
     if name.endswith(("fp8", "fp8-bf16")):
         from ..kernels.fp8 import quantize_weight
 
@@ -174,12 +183,13 @@ def _rel_err_vs_reference(x, W, A, B, dy, adapter_dtype) -> dict:
 
 
 def _rel_err_fp8_vs_emulation(x, W, A, B, dy, name) -> dict:
-    """ours-fp8 (torch._scaled_mm) against impl="reference" (kernels/fp8.py's emulation: the
-    same quantisation, fp32 GEMMs), and its out / dx against float64 as SQNR in dB."""
+    """ours-fp8 (with the fp8 GEMM the knobs in force pick: timed, Triton or torch._scaled_mm)
+    against impl="reference" (kernels/fp8.py's emulation: the same quantisation, fp32 GEMMs),
+    and its out / dx against float64 as SQNR in dB."""
     from ..kernels.fp8 import quantize_weight
 
     Wq, ws = quantize_weight(W)
-    adapter = torch.float32 if name == "ours-fp8" else torch.bfloat16
+    adapter = torch.bfloat16 if name == "ours-fp8-bf16" else torch.float32
     results = {}
     for impl in ("auto", "reference"):
         A_, B_ = (t.detach().to(adapter).requires_grad_() for t in (A, B))
@@ -231,7 +241,7 @@ def _measure_variant(row: dict, name: str, x, W, A, B, dy) -> None:
         adapter = torch.float32 if name == "ours-fp32" else torch.bfloat16
         row["rel_err_vs_reference"] = _rel_err_vs_reference(x, W, A, B, dy, adapter)
     K, N = W.shape[1], W.shape[0]
-    if name.endswith(("fp8", "fp8-bf16")):
+    if "fp8" in name:
         row["weight_bytes"] = N * K + 4 * N  # e4m3 codes + fp32 row scales
         if name.startswith("ours"):
             row["rel_err_vs_reference"] = _rel_err_fp8_vs_emulation(x, W, A, B, dy, name)

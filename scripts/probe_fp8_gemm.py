@@ -1,0 +1,158 @@
+"""How close does a Triton FP8 GEMM come to cuBLAS's (torch._scaled_mm), with and without the
+bf16 LoRA term in its epilogue? The question behind issue 13's speed targets: `_scaled_mm`
+takes no (M, N) addend, so the fp8 LoRA op adds s H B^T in a separate pass over Y
+(kernels/fp8.py); only a Triton FP8 GEMM with that term in its epilogue could remove the pass,
+and it pays only if its main loop runs near cuBLAS's FP8 rate.
+
+    python scripts/probe_fp8_gemm.py [--out DIR]
+
+Times, at the Llama shapes of the kernel benchmark (M = 8192), Y = X W^T by bf16 cuBLAS, by
+`torch._scaled_mm` (e4m3, rowwise scales, bf16 out), and by one TMA Triton kernel (e4m3 operands,
+rowwise scales applied to the fp32 accumulator) over a few tiles, persistent or one program
+per tile, with and without `+ s U V` (U (M, 16), V (16, N), bf16) in the epilogue; prints us,
+TFLOP/s and ratios; writes probe_fp8_gemm.json. Not a test, not part of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+E4M3 = torch.float8_e4m3fn
+RANK = 16
+
+
+@triton.jit
+def _tile_of(tile_id, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    # grouped order: GROUP_M row tiles share each column tile while it is in L2
+    per_group = GROUP_M * tiles_n
+    first_m = (tile_id // per_group) * GROUP_M
+    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (tile_id % per_group) % rows_in_group, (tile_id % per_group) // rows_in_group
+
+
+@triton.jit
+def _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
+              HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = _tile_of(tile_id, tiles_m, tiles_n, GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, k])
+        b = b_desc.load([pid_n * BLOCK_N, k])
+        acc = tl.dot(a, tl.trans(b), acc)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # dequantise: one scale per row of X, one per row of W (column of Y)
+    acc = acc * tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)[:, None]
+    acc = acc * tl.load(b_scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
+    if HAS_LORA:  # + s U V, bf16 operands, fp32 accumulation into the same tile
+        offs_r = tl.arange(0, R)
+        u = tl.load(u_ptr + rows[:, None] * R + offs_r[None, :], mask=rows[:, None] < M, other=0.0)
+        v = tl.load(v_ptr + offs_r[:, None] * N + cols[None, :], mask=cols[None, :] < N, other=0.0)
+        acc = tl.dot((u.to(tl.float32) * scale).to(tl.bfloat16), v, acc)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    tl.store(c_ptr + rows[:, None] * N + cols[None, :], acc.to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def _fp8_gemm_kernel(a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
+                     HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+    if PERSISTENT:
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=False):
+            _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
+                      HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _fp8_tile(tl.program_id(0), a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
+                  HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+def triton_fp8_gemm(a, b, a_scale, b_scale, c, cfg, persistent, lora=None, scale=2.0):
+    bm, bn, bk, stages, warps = cfg
+    M, K = a.shape
+    N = b.shape[0]
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    u, v = lora if lora is not None else (c, c)  # unused pointers without the LoRA term
+    _fp8_gemm_kernel[(min(sms, tiles) if persistent else tiles,)](
+        TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+        a_scale, b_scale, u, v, c, M, N, K, scale, HAS_LORA=lora is not None, R=RANK,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=persistent, num_stages=stages, num_warps=warps)
+    return c
+
+
+def quantize_rows(t):
+    """e4m3 codes and fp32 dequantisation scales, one per row (amax / 448)."""
+    scale = t.float().abs().amax(dim=1).clamp(min=1e-12) / torch.finfo(E4M3).max
+    return (t.float() / scale[:, None]).to(E4M3), scale
+
+
+CONFIGS = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8)]
+SHAPES = [(8192, 4096, 4096), (8192, 14336, 4096), (8192, 4096, 14336), (8192, 8192, 2048)]  # M, N, K
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for M, N, K in SHAPES:
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) / K ** 0.5
+        xq, xs = quantize_rows(x)
+        wq, ws = quantize_rows(w)
+        u = torch.randn(M, RANK, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(RANK, N, device="cuda", dtype=torch.bfloat16) / 64
+        c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        flops = 2 * M * N * K
+        bf16_ms = do_bench(lambda: torch.mm(x, w.t(), out=c), rep=100)
+
+        def scaled():
+            return torch._scaled_mm(xq, wq.t(), scale_a=xs[:, None], scale_b=ws[None, :], out_dtype=torch.bfloat16)
+
+        ref = scaled()
+        ref_lora = ref.float() + 2.0 * (u.float() @ v.float())
+        fp8_ms = do_bench(scaled, rep=100)
+        # what the fp8 LoRA op does today after _scaled_mm: the low-rank term as one more pass over Y
+        y = scaled()
+        add_ms = do_bench(lambda: y.addmm_(u, v, alpha=2.0), rep=100)
+        print(f"M={M} N={N} K={K}: bf16 cuBLAS {bf16_ms * 1e3:.1f} us ({flops / bf16_ms / 1e9:.0f} TFLOP/s); "
+              f"_scaled_mm {fp8_ms * 1e3:.1f} us ({flops / fp8_ms / 1e9:.0f} TFLOP/s, {fp8_ms / bf16_ms:.3f}x bf16); "
+              f"+ the LoRA pass over Y {add_ms * 1e3:.1f} us", flush=True)
+        common = dict(M=M, N=N, K=K, bf16_us=bf16_ms * 1e3, scaled_mm_us=fp8_ms * 1e3, lora_pass_us=add_ms * 1e3)
+        rows.append(dict(common, variant="_scaled_mm", us=fp8_ms * 1e3, vs_scaled_mm=1.0, vs_bf16=fp8_ms / bf16_ms))
+        for cfg in CONFIGS:
+            for persistent in (False, True):
+                for lora in (None, (u, v)):
+                    name = f"triton {'persistent' if persistent else 'per-tile'} {cfg}{' +LoRA' if lora else ''}"
+                    try:
+                        out = triton_fp8_gemm(xq, wq, xs, ws, c, cfg, persistent, lora)
+                        want = ref_lora if lora else ref.float()
+                        err = float((out.float() - want).norm() / want.norm())
+                        ms = do_bench(lambda: triton_fp8_gemm(xq, wq, xs, ws, c, cfg, persistent, lora), rep=100)
+                        rows.append(dict(common, variant=name, us=ms * 1e3, vs_scaled_mm=ms / fp8_ms,
+                                         vs_bf16=ms / bf16_ms, err=err))
+                        print(f"  {name:52s} {ms * 1e3:8.1f} us {flops / ms / 1e9:5.0f} TFLOP/s "
+                              f"{ms / fp8_ms:6.3f}x _scaled_mm {ms / bf16_ms:6.3f}x bf16 err {err:.1e}", flush=True)
+                    except Exception as error:  # noqa: BLE001  a probe keeps going
+                        print(f"  {name:52s} failed: {type(error).__name__}: {str(error)[:160]}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "probe_fp8_gemm.json"), "w") as f:
+        json.dump(dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                       rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

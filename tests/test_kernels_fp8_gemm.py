@@ -1,0 +1,159 @@
+"""kernels/fp8_gemm.py: the Triton FP8 GEMM with the LoRA term in its epilogue, against a
+float64 formula and against kernels/fp8.py's emulation (the fp8 numerics' reference): rowwise
+dequantisation of both operands, + s U V, bias and s v_bias, a tensor scale, no column scale
+(the backward's form), ragged tiles. CPU: the Triton interpreter (one small configuration);
+GPU (marker `gpu`): the autotuned kernel at larger shapes, and the LoRA op choosing it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from unsloth_compile.kernels import fp8
+from unsloth_compile.kernels.fp8_gemm import fp8_lora_gemm, unsupported
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _problem(M, N, K, R, dtype, device, seed=0, bias=False, v_bias=False, col_scale=True):
+    g = torch.Generator().manual_seed(seed)
+    # rows of different magnitudes, so that the per-row scales matter
+    x = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, M).reshape(-1, 1)
+    w = torch.randn(N, K, generator=g) * K ** -0.5 * torch.logspace(-1, 1, N).reshape(-1, 1)
+    a_codes, a_dequant = fp8.quantize_rowwise(x)
+    b_codes, b_dequant = fp8.quantize_rowwise(w)
+    if not col_scale:  # codes that stand for themselves (the backward folds W's scales into dY)
+        b_codes = (torch.randn(N, K, generator=g) * 2).to(E4M3)
+    u = (torch.randn(M, R, generator=g) * 0.5).to(dtype)
+    v = (torch.randn(R, N, generator=g) * 0.5).to(dtype)
+    args = dict(a_codes=a_codes, a_dequant=a_dequant.reshape(-1), b_codes=b_codes,
+                b_dequant=b_dequant.reshape(-1) if col_scale else None, u=u, v=v,
+                bias=torch.randn(N, generator=g).to(dtype) if bias else None,
+                v_bias=torch.randn(N, generator=g) if v_bias else None)
+    return {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in args.items()}
+
+
+def _float64(p, scale):
+    base = p["a_codes"].double() @ p["b_codes"].double().t() * p["a_dequant"].double().reshape(-1, 1)
+    if p["b_dequant"] is not None:
+        base = base * p["b_dequant"].double().reshape(1, -1)
+    out = base + scale * (p["u"].double() @ p["v"].double())
+    if p["bias"] is not None:
+        out = out + p["bias"].double()
+    if p["v_bias"] is not None:
+        out = out + scale * p["v_bias"].double()
+    return out
+
+
+def _emulated(p, scale):
+    """kernels/fp8.py's emulation of the base (fp32 GEMM of the codes, both scales, rounded to
+    bf16 as torch._scaled_mm returns), plus the LoRA term and biases in fp32."""
+    ones = torch.ones(1, p["b_codes"].shape[0], device=p["a_codes"].device)
+    b_dequant = ones if p["b_dequant"] is None else p["b_dequant"].reshape(1, -1)
+    base = fp8._scaled_gemm(p["a_codes"], p["a_dequant"].reshape(-1, 1), p["b_codes"].t(), b_dequant, emulate=True)
+    out = base.float() + scale * (p["u"].float() @ p["v"].float())
+    if p["bias"] is not None:
+        out = out + p["bias"].float()
+    if p["v_bias"] is not None:
+        out = out + scale * p["v_bias"].float()
+    return out
+
+
+def _check(p, out, scale, dtype):
+    want = _float64(p, scale)
+    err = ((out.double() - want).abs().max() / want.abs().max()).item()
+    # one rounding of the fp32 tile to the output dtype (the fp8 products are exact in fp32
+    # up to accumulation order): a few ulps of the largest value
+    ulp = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    assert err <= 2 * ulp, f"max error {err:.2e} of the largest value against float64"
+    # the emulation rounds the fp8 product to bf16 before the LoRA term (as torch._scaled_mm
+    # returns it): half a bf16 ulp of difference on top of ours
+    emulated = _emulated(p, scale)
+    err_emulated = ((out.double() - emulated.double()).abs().max() / emulated.double().abs().max()).item()
+    assert err_emulated <= 2 ** -9 + 2 * ulp, f"max error {err_emulated:.2e} against the emulation"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter case (CPU); the GPU cases run below")
+@pytest.mark.parametrize("M, N, K, R, flags", [
+    (37, 48, 64, 5, {}),
+    (16, 32, 32, 16, {"bias": True, "v_bias": True}),
+    (50, 80, 96, 3, {"col_scale": False}),  # the backward's form: no column scale
+    (1, 16, 48, 8, {"scale_tensor": True}),
+], ids=["ragged", "biases", "no-column-scale", "one-row-tensor-scale"])
+def test_interpreter_matches_float64_and_the_emulation(M, N, K, R, flags):
+    pytest.importorskip("triton")
+    import os
+
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        pytest.skip("needs TRITON_INTERPRET=1 (the README's test command sets it)")
+    dtype = torch.float16  # the interpreter's bf16 is unreliable
+    p = _problem(M, N, K, R, dtype, torch.device("cpu"), bias=flags.get("bias", False),
+                 v_bias=flags.get("v_bias", False), col_scale=flags.get("col_scale", True))
+    assert unsupported(p["a_codes"], p["b_codes"]) is None
+    scale_tensor = torch.tensor(0.5) if flags.get("scale_tensor") else None
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    fp8_lora_gemm(out=out, scale=0.75, scale_tensor=scale_tensor, **p)
+    _check(p, out, 0.75 * (0.5 if scale_tensor is not None else 1.0), dtype)
+
+
+def test_unsupported_says_why():
+    codes = torch.zeros(4, 32, dtype=E4M3)
+    assert "K differs" in (unsupported(codes, torch.zeros(4, 48, dtype=E4M3)) or "")
+    assert "must be 2-D" in (unsupported(codes.float(), codes) or "")
+    assert "must be 2-D" in (unsupported(torch.zeros(4, 64, dtype=E4M3)[:, ::2], codes) or "")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a CUDA GPU of capability 9.0 (TMA, fp8 tensor cores)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M, N, K, R, flags", [
+    (1000, 1024, 512, 16, {}),
+    (4096, 1536, 2048, 16, {"bias": True, "v_bias": True}),
+    (333, 2048, 1024, 8, {"col_scale": False}),
+    (8, 256, 4096, 64, {}),
+])
+def test_gpu_kernel_matches_float64_and_the_emulation(M, N, K, R, flags, dtype):
+    p = _problem(M, N, K, R, dtype, _device(), bias=flags.get("bias", False), v_bias=flags.get("v_bias", False),
+                 col_scale=flags.get("col_scale", True))
+    assert unsupported(p["a_codes"], p["b_codes"]) is None
+    out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
+    fp8_lora_gemm(out=out, scale=0.75, **p)
+    _check(p, out, 0.75, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a CUDA GPU of capability 9.0")
+@pytest.mark.parametrize("main_gemm", ["triton", "cublas", "auto"])
+def test_gpu_lora_op_gives_the_same_results_with_either_fp8_gemm(main_gemm):
+    """The fp8 LoRA op forward and backward with the fused kernel, with torch._scaled_mm and a
+    separate LoRA pass, and with the timed choice: each within bf16 rounding of the emulation."""
+    from unsloth_compile.kernels import knobs
+    from unsloth_compile.kernels.timed_choice import CHOICES
+
+    g = torch.Generator().manual_seed(1)
+    M, K, N, r = 2048, 1024, 3072, 16
+    x = torch.randn(M, K, generator=g).bfloat16().cuda()
+    dy = torch.randn(M, N, generator=g).bfloat16().cuda()
+    codes, scales = fp8.quantize_weight((torch.randn(N, K, generator=g) * K ** -0.5).cuda())
+    A = (torch.randn(r, K, generator=g) * 0.05).cuda()
+    B = (torch.randn(N, r, generator=g) * 0.05).cuda()
+    results = {}
+    for emulate in (False, True):
+        with knobs.patch(main_gemm=main_gemm):
+            out, hidden = fp8.lora_linear_fp8_forward(x, codes, scales, None, A, B, None, None, None, 2.0, None,
+                                                      torch.bfloat16, emulate)
+            dx, _, dA, dB = fp8.lora_linear_fp8_backward(dy, x, codes, scales, A, B, None, hidden, 2.0, None, emulate)
+        results[emulate] = (out, dx, dA, dB)
+    for name, got, want in zip(("out", "dx", "dA", "dB"), results[False], results[True]):
+        err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+        assert err < 2e-2, f"{main_gemm}: {name} max error {err:.2e}"
+    if main_gemm == "auto":
+        chosen = {key[0]: value[0] for key, value in CHOICES["fp8 GEMM"].items() if key[3:6] == (M, N, K)
+                  or key[3:6] == (M, K, N)}
+        assert set(chosen) == {"forward", "backward"} and set(chosen.values()) <= {"triton", "scaled_mm"}, chosen
