@@ -63,18 +63,26 @@ def _emulated(p, scale):
     return out
 
 
-def _check(p, out, scale, dtype):
+# Hopper's fp8 tensor cores accumulate a K loop in less than fp32 (Triton does not promote the
+# partial sums; cuBLAS, behind torch._scaled_mm, does): measured on the H200 at K <= 4096, up to
+# 2.1e-3 of the largest output (4 fp16 ulps) against float64, and the op's output SQNR against
+# float64 unchanged (28.47-28.51 dB with this kernel, 28.49-28.50 with _scaled_mm: fp8's own
+# rounding dominates; docs/bench/kernel-fp8-s9.md). The interpreter accumulates in fp32.
+GPU_ACCUMULATION = 4e-3
+
+
+def _check(p, out, scale, dtype, accumulation=0.0):
     want = _float64(p, scale)
     err = ((out.double() - want).abs().max() / want.abs().max()).item()
     # one rounding of the fp32 tile to the output dtype (the fp8 products are exact in fp32
     # up to accumulation order): a few ulps of the largest value
     ulp = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
-    assert err <= 2 * ulp, f"max error {err:.2e} of the largest value against float64"
+    assert err <= 2 * ulp + accumulation, f"max error {err:.2e} of the largest value against float64"
     # the emulation rounds the fp8 product to bf16 before the LoRA term (as torch._scaled_mm
     # returns it): half a bf16 ulp of difference on top of ours
     emulated = _emulated(p, scale)
     err_emulated = ((out.double() - emulated.double()).abs().max() / emulated.double().abs().max()).item()
-    assert err_emulated <= 2 ** -9 + 2 * ulp, f"max error {err_emulated:.2e} against the emulation"
+    assert err_emulated <= 2 ** -9 + 2 * ulp + accumulation, f"max error {err_emulated:.2e} against the emulation"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter case (CPU); the GPU cases run below")
@@ -123,7 +131,7 @@ def test_gpu_kernel_matches_float64_and_the_emulation(M, N, K, R, flags, dtype):
     assert unsupported(p["a_codes"], p["b_codes"]) is None
     out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
     fp8_lora_gemm(out=out, scale=0.75, **p)
-    _check(p, out, 0.75, dtype)
+    _check(p, out, 0.75, dtype, accumulation=GPU_ACCUMULATION)
 
 
 @pytest.mark.gpu
