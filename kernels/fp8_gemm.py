@@ -32,15 +32,10 @@ import triton.language as tl
 
 from . import knobs
 from .launch_args import capability, interpreting, processors, scale_operand
-from .lora_gemm import _lowrank_epilogue, _tile_coords
-
-try:  # host-side TMA descriptors: Triton >= 3.4
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:  # pragma: no cover
-    TensorDescriptor = None
+# the bf16 kernel's tile order, epilogue, small-problem pruning and descriptor import, shared
+from .lora_gemm import _TL_DTYPES, TensorDescriptor, _lowrank_epilogue, _prune_configs, _tile_coords
 
 E4M3 = torch.float8_e4m3fn
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -117,13 +112,6 @@ def _set_blocks(nargs):
     nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
 
 
-def _prune(configs, named_args, **kwargs):
-    # small problems: tiles much taller than M only waste work
-    m_bucket = named_args["M_BUCKET"] if "M_BUCKET" in named_args else kwargs["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m_bucket)]
-    return kept or configs[:1]
-
-
 @functools.cache
 def _tuned(autotune: bool):
     tiles = _TILES if autotune else _TILES[:1]
@@ -132,7 +120,7 @@ def _tuned(autotune: bool):
                for bm, bn, bk, stages, warps, persistent in tiles]
     return triton.autotune(
         configs=configs, key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS"],
-        prune_configs_by={"early_config_prune": _prune},
+        prune_configs_by={"early_config_prune": _prune_configs},
         do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25),
     )(_fp8_lora_gemm_kernel)
 
