@@ -9,8 +9,11 @@ and it pays only if its main loop runs near cuBLAS's FP8 rate.
 Times, at the Llama shapes of the kernel benchmark (M = 8192), Y = X W^T by bf16 cuBLAS, by
 `torch._scaled_mm` (e4m3, rowwise scales, bf16 out), and by one TMA Triton kernel (e4m3 operands,
 rowwise scales applied to the fp32 accumulator) over a few tiles, persistent or one program
-per tile, with and without `+ s U V` (U (M, 16), V (16, N), bf16) in the epilogue; prints us,
-TFLOP/s and ratios; writes probe_fp8_gemm.json. Not a test, not part of the package.
+per tile, with and without `+ s U V` (U (M, 16), V (16, N), bf16) in the epilogue, with the K
+loop accumulated by the tensor cores or "promoted" (each K block's product from a fresh
+accumulator, added in fp32: Hopper's fp8 tensor cores keep fewer bits than fp32 over a long K);
+prints us, TFLOP/s, ratios and the max error against the codes' exact (float64) product;
+writes probe_fp8_gemm.json. Not a test, not part of the package.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _tile_of(tile_id, tiles_m, tiles_n, GROUP_M: tl.constexpr):
 @triton.jit
 def _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
               HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr):
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
     pid_m, pid_n = _tile_of(tile_id, tiles_m, tiles_n, GROUP_M)
@@ -49,7 +52,10 @@ def _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c
     for k in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k])
         b = b_desc.load([pid_n * BLOCK_N, k])
-        acc = tl.dot(a, tl.trans(b), acc)
+        if PROMOTE:  # each K block's product from a fresh accumulator, added in fp32 (CUDA cores)
+            acc += tl.dot(a, tl.trans(b))
+        else:  # the tensor cores accumulate the whole K loop (not promoted on Hopper)
+            acc = tl.dot(a, tl.trans(b), acc)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # dequantise: one scale per row of X, one per row of W (column of Y)
@@ -67,18 +73,19 @@ def _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c
 @triton.jit
 def _fp8_gemm_kernel(a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
                      HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr):
+                     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
+                     PROMOTE: tl.constexpr):
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=False):
             _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
-                      HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                      HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PROMOTE)
     else:
         _fp8_tile(tl.program_id(0), a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
-                  HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                  HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PROMOTE)
 
 
-def triton_fp8_gemm(a, b, a_scale, b_scale, c, cfg, persistent, lora=None, scale=2.0):
+def triton_fp8_gemm(a, b, a_scale, b_scale, c, cfg, persistent, lora=None, scale=2.0, promote=False):
     bm, bn, bk, stages, warps = cfg
     M, K = a.shape
     N = b.shape[0]
@@ -88,7 +95,8 @@ def triton_fp8_gemm(a, b, a_scale, b_scale, c, cfg, persistent, lora=None, scale
     _fp8_gemm_kernel[(min(sms, tiles) if persistent else tiles,)](
         TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
         a_scale, b_scale, u, v, c, M, N, K, scale, HAS_LORA=lora is not None, R=RANK,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=persistent, num_stages=stages, num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=persistent, PROMOTE=promote, num_stages=stages,
+        num_warps=warps)
     return c
 
 
@@ -124,6 +132,8 @@ def main() -> None:
 
         ref = scaled()
         ref_lora = ref.float() + 2.0 * (u.float() @ v.float())
+        # what both fp8 GEMMs approximate: the codes' exact product, in float64
+        exact = (xq.double() @ wq.double().t()) * xs.double()[:, None] * ws.double()[None, :]
         fp8_ms = do_bench(scaled, rep=100)
         # what the fp8 LoRA op does today after _scaled_mm: the low-rank term as one more pass over Y
         y = scaled()
@@ -133,19 +143,27 @@ def main() -> None:
               f"+ the LoRA pass over Y {add_ms * 1e3:.1f} us", flush=True)
         common = dict(M=M, N=N, K=K, bf16_us=bf16_ms * 1e3, scaled_mm_us=fp8_ms * 1e3, lora_pass_us=add_ms * 1e3)
         rows.append(dict(common, variant="_scaled_mm", us=fp8_ms * 1e3, vs_scaled_mm=1.0, vs_bf16=fp8_ms / bf16_ms))
+        scaled_err = float((ref.double() - exact).abs().max() / exact.abs().max())
+        print(f"  _scaled_mm: max error against the exact product {scaled_err:.1e} of the largest value", flush=True)
         for cfg in CONFIGS:
             for persistent in (False, True):
-                for lora in (None, (u, v)):
-                    name = f"triton {'persistent' if persistent else 'per-tile'} {cfg}{' +LoRA' if lora else ''}"
+                for lora, promote in ((None, False), ((u, v), False), (None, True), ((u, v), True)):
+                    name = (f"triton {'persistent' if persistent else 'per-tile'} {cfg}{' +LoRA' if lora else ''}"
+                            f"{' promoted' if promote else ''}")
                     try:
-                        out = triton_fp8_gemm(xq, wq, xs, ws, c, cfg, persistent, lora)
+                        out = triton_fp8_gemm(xq, wq, xs, ws, c, cfg, persistent, lora, promote=promote)
                         want = ref_lora if lora else ref.float()
                         err = float((out.float() - want).norm() / want.norm())
-                        ms = do_bench(lambda: triton_fp8_gemm(xq, wq, xs, ws, c, cfg, persistent, lora), rep=100)
+                        exact_err = (None if lora else
+                                     float((out.double() - exact).abs().max() / exact.abs().max()))
+                        ms = do_bench(lambda: triton_fp8_gemm(xq, wq, xs, ws, c, cfg, persistent, lora,
+                                                              promote=promote), rep=100)
                         rows.append(dict(common, variant=name, us=ms * 1e3, vs_scaled_mm=ms / fp8_ms,
-                                         vs_bf16=ms / bf16_ms, err=err))
-                        print(f"  {name:52s} {ms * 1e3:8.1f} us {flops / ms / 1e9:5.0f} TFLOP/s "
-                              f"{ms / fp8_ms:6.3f}x _scaled_mm {ms / bf16_ms:6.3f}x bf16 err {err:.1e}", flush=True)
+                                         vs_bf16=ms / bf16_ms, err=err, max_err_vs_exact=exact_err,
+                                         scaled_mm_max_err_vs_exact=scaled_err))
+                        print(f"  {name:62s} {ms * 1e3:8.1f} us {flops / ms / 1e9:5.0f} TFLOP/s "
+                              f"{ms / fp8_ms:6.3f}x _scaled_mm {ms / bf16_ms:6.3f}x bf16 err {err:.1e}"
+                              + ("" if exact_err is None else f" max err vs exact {exact_err:.1e}"), flush=True)
                     except Exception as error:  # noqa: BLE001  a probe keeps going
                         print(f"  {name:52s} failed: {type(error).__name__}: {str(error)[:160]}", flush=True)
     os.makedirs(args.out, exist_ok=True)
