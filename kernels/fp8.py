@@ -161,6 +161,12 @@ def _scaled_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant:
 def base_forward(x2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate: bool) -> Tensor:
     """X W^T (M, N) in bf16: X quantised by rows here, W stored as (codes, row dequant)."""
     x_codes, x_dequant = quantize_rowwise(x2d)
+    return _codes_times_weight(x_codes, x_dequant, w_codes, w_dequant, emulate)
+
+
+def _codes_times_weight(x_codes: Tensor, x_dequant: Tensor, w_codes: Tensor, w_dequant: Tensor,
+                        emulate: bool) -> Tensor:
+    """X W^T (M, N) in bf16 from X already quantised by rows."""
     return _scaled_gemm(x_codes, x_dequant, w_codes.t(), w_dequant.reshape(1, -1), emulate)
 
 
@@ -168,9 +174,15 @@ def base_grad_input(grad2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate:
     """dY W (M, K) in bf16: G = dY diag(w_s) (exact: w_s is a power of two) quantised by rows,
     times W_q, whose column-major layout is a transient transposed copy."""
     g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=w_dequant)
-    b = w_codes if emulate else w_codes.t().contiguous().t()
+    return _grad_codes_times_weight(g_codes, g_dequant, w_codes if emulate else w_codes.t().contiguous().t(),
+                                    emulate)
+
+
+def _grad_codes_times_weight(g_codes: Tensor, g_dequant: Tensor, w_codes: Tensor, emulate: bool) -> Tensor:
+    """G_q W_q (M, K) in bf16 from G = dY diag(w_s) already quantised by rows; w_codes (N, K),
+    column-major on the torch._scaled_mm path. W's scales are in G, so its own are ones."""
     ones = torch.ones(1, w_codes.shape[1], dtype=torch.float32, device=w_codes.device)
-    return _scaled_gemm(g_codes, g_dequant, b, ones, emulate)
+    return _scaled_gemm(g_codes, g_dequant, w_codes, ones, emulate)
 
 
 def stored_or_quantized(weight: Tensor, weight_scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -254,6 +266,9 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
     quantised by rows once, then the fp8 GEMM with s H B^T: fused in its epilogue, or
     torch._scaled_mm and one rank-r cuBLAS addmm into its output in place (the M x N output read
     and written once more), whichever `_fp8_gemm` measured faster for the problem."""
+    from triton import next_power_of_2
+
+    from .lora_linear_triton import _operand
     from .lowrank_thin import rows_times_thin
 
     x2d = rows(x)
@@ -266,7 +281,7 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
     x_codes, x_dequant = quantize_rowwise(x2d)
 
     def with_scaled_mm() -> Tensor:
-        out = _scaled_gemm(x_codes, x_dequant, w_codes.t(), w_dequant.reshape(1, -1), emulate=False)
+        out = _codes_times_weight(x_codes, x_dequant, w_codes, w_dequant, emulate=False)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         if bias is not None:
@@ -280,10 +295,10 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
         from .fp8_gemm import fp8_lora_gemm
 
         out = torch.empty((x2d.shape[0], w_codes.shape[0]), device=x.device, dtype=x.dtype)
-        return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, _in_dtype(lora_hidden, x.dtype),
-                             _in_dtype(lora_B.t(), x.dtype), out, scale, scale_tensor, bias=bias, v_bias=lora_B_bias)
+        return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, _operand(lora_hidden, x.dtype),
+                             _operand(lora_B.t(), x.dtype), out, scale, scale_tensor, bias=bias, v_bias=lora_B_bias)
 
-    key = ("forward", x.device, x.dtype, _bucket(x2d.shape[0]), w_codes.shape[0], w_codes.shape[1],
+    key = ("forward", x.device, x.dtype, next_power_of_2(x2d.shape[0]), w_codes.shape[0], w_codes.shape[1],
            lora_A.shape[0], bias is not None, lora_B_bias is not None, scale_tensor is not None)
     out = _fp8_gemm(key, x_codes, w_codes, with_scaled_mm, fused).to(out_dtype)
     if residual is not None:
@@ -299,7 +314,9 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
     gradients, read from dY in x's dtype); the adapter's share s G A added to dX in the fp8
     GEMM's epilogue or by one rank-r cuBLAS addmm after torch._scaled_mm (`_fp8_gemm`'s choice),
     or, with lora_x, computed apart as d_lora_x."""
-    from .lora_linear_triton import _adapter_grads
+    from triton import next_power_of_2
+
+    from .lora_linear_triton import _adapter_grads, _operand
 
     grad2d = rows(grad_out)
     if grad2d.dtype != x.dtype:
@@ -311,10 +328,9 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
     s = effective_scale(scale, scale_tensor)
     M, (K, N) = grad2d.shape[0], w_t.shape
     lead = x.shape[:-1]
-    ones = torch.ones(1, K, dtype=torch.float32, device=w_codes.device)
 
     def base_only() -> Tensor:
-        dx = _scaled_gemm(g_codes, g_dequant, w_t.t(), ones, emulate=False)
+        dx = _grad_codes_times_weight(g_codes, g_dequant, w_t.t(), emulate=False)
         return dx if dx.dtype == x.dtype else dx.to(x.dtype)
 
     if lora_x is not None:
@@ -330,24 +346,13 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
         from .fp8_gemm import fp8_lora_gemm
 
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        return fp8_lora_gemm(g_codes, g_dequant, w_t, None, _in_dtype(g, x.dtype), _in_dtype(lora_A, x.dtype), dx,
+        return fp8_lora_gemm(g_codes, g_dequant, w_t, None, _operand(g, x.dtype), _operand(lora_A, x.dtype), dx,
                              scale, scale_tensor)
 
-    key = ("backward", x.device, x.dtype, _bucket(M), K, N, lora_A.shape[0], False, False, scale_tensor is not None)
+    key = ("backward", x.device, x.dtype, next_power_of_2(M), K, N, lora_A.shape[0], False, False,
+           scale_tensor is not None)
     dx = _fp8_gemm(key, g_codes, w_t, with_scaled_mm, fused)
     return dx.reshape(*lead, K), None, dA, dB
-
-
-def _in_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype with a unit last stride (one copy kernel at most): a fused epilogue operand."""
-    if t.dtype == dtype and t.stride(-1) == 1:
-        return t
-    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
-
-
-def _bucket(m: int) -> int:
-    """Rows rounded up to a power of two: problems of one bucket share a timed choice."""
-    return 1 << max(m - 1, 0).bit_length()
 
 
 def _fp8_gemm(key: tuple, a_codes: Tensor, b_codes: Tensor, with_scaled_mm, fused) -> Tensor:
