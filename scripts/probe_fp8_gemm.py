@@ -28,26 +28,17 @@ import triton.language as tl
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from unsloth_compile.kernels.lora_gemm import _tile_coords  # the grouped tile order the package's GEMMs use
+
 E4M3 = torch.float8_e4m3fn
 RANK = 16
-
-
-@triton.jit
-def _tile_of(tile_id, tiles_m, tiles_n, GROUP_M: tl.constexpr):
-    # grouped order: GROUP_M row tiles share each column tile while it is in L2
-    per_group = GROUP_M * tiles_n
-    first_m = (tile_id // per_group) * GROUP_M
-    rows_in_group = tl.minimum(tiles_m - first_m, GROUP_M)
-    return first_m + (tile_id % per_group) % rows_in_group, (tile_id % per_group) // rows_in_group
 
 
 @triton.jit
 def _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
               HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr):
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = _tile_of(tile_id, tiles_m, tiles_n, GROUP_M)
+    pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k])
