@@ -13,7 +13,7 @@ one fp8 copy of W with one scale vector serves both GEMMs: N K + 4 N bytes inste
 rowwise layout torch._scaled_mm wants for `b`) brings the weight back to 2 N K bytes; a
 per-tensor scale saves the same as ours but one outlier row then coarsens every row.
 torch._scaled_mm takes `b` column-major only, so dY W reads W_q transposed: a transient
-K x N fp8 copy per backward call (N K bytes read and written, freed at once).
+K x N fp8 copy per backward call (N K bytes read and written, freed at once; `transposed_codes`).
 
 Conventions (torchao's float8 rowwise recipe; scales are dequantisation multipliers, what
 torch._scaled_mm multiplies by):
@@ -38,10 +38,9 @@ Two flavours of every GEMM, bitwise the same quantisation:
 On the GPU, the quantisation is one Triton kernel (kernels/fp8_quantize.py, bitwise the torch
 spelling here), and the LoRA term's thin products run on the bf16 path's Triton kernels
 (lowrank_thin, lora_linear_triton's adapter gradients). The LoRA op's two GEMMs (`_lora_*_on_gpu`
-below) are, per problem and chosen by timing (kernels/timed_choice.py, kind "fp8 GEMM"; the
-knob UNSLOTH_LORA_MAIN_GEMM=triton/cublas forces one): torch._scaled_mm followed by a rank-r
-cuBLAS addmm of the LoRA term into its output, or the Triton FP8 GEMM with the term in its
-epilogue (kernels/fp8_gemm.py; Hopper). The fused kernel adds the term to the fp32 tile and
+below) are the Triton FP8 GEMM with the term in its epilogue (kernels/fp8_gemm.py) wherever it
+runs (Hopper), else torch._scaled_mm followed by a rank-r cuBLAS addmm of the LoRA term into its
+output (`_fp8_gemm`; the knob UNSLOTH_LORA_MAIN_GEMM=cublas forces the latter). The fused kernel adds the term to the fp32 tile and
 rounds once, where the composition rounds the fp8 product to bf16 first. Only kernels/ modules
 are imported.
 """
@@ -174,8 +173,21 @@ def base_grad_input(grad2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate:
     """dY W (M, K) in bf16: G = dY diag(w_s) (exact: w_s is a power of two) quantised by rows,
     times W_q, whose column-major layout is a transient transposed copy."""
     g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=w_dequant)
-    return _grad_codes_times_weight(g_codes, g_dequant, w_codes if emulate else w_codes.t().contiguous().t(),
+    return _grad_codes_times_weight(g_codes, g_dequant, w_codes if emulate else transposed_codes(w_codes).t(),
                                     emulate)
+
+
+def transposed_codes(w_codes: Tensor) -> Tensor:
+    """W_q^T (K, N) contiguous, the backward's transient copy: on CUDA (and under the Triton
+    interpreter) one tiled Triton kernel (kernels/fp8_transpose.py: torch's strided copy of a
+    1-byte dtype runs at an eighth of the memory's rate), elsewhere torch."""
+    from .launch_args import interpreting
+
+    if w_codes.device.type == "cuda" or interpreting():
+        from .fp8_transpose import transpose_codes
+
+        return transpose_codes(w_codes)
+    return w_codes.t().contiguous()
 
 
 def _grad_codes_times_weight(g_codes: Tensor, g_dequant: Tensor, w_codes: Tensor, emulate: bool) -> Tensor:
@@ -265,9 +277,7 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
     GEMM (operands rounded to x's dtype, fp32 accumulation; H kept in the adapter dtype), X
     quantised by rows once, then the fp8 GEMM with s H B^T: fused in its epilogue, or
     torch._scaled_mm and one rank-r cuBLAS addmm into its output in place (the M x N output read
-    and written once more), whichever `_fp8_gemm` measured faster for the problem."""
-    from triton import next_power_of_2
-
+    and written once more) where the fused kernel cannot run (`_fp8_gemm`)."""
     from .lora_linear_triton import _operand
     from .lowrank_thin import rows_times_thin
 
@@ -298,9 +308,7 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
         return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, _operand(lora_hidden, x.dtype),
                              _operand(lora_B.t(), x.dtype), out, scale, scale_tensor, bias=bias, v_bias=lora_B_bias)
 
-    key = ("forward", x.device, x.dtype, next_power_of_2(x2d.shape[0]), w_codes.shape[0], w_codes.shape[1],
-           lora_A.shape[0], bias is not None, lora_B_bias is not None, scale_tensor is not None)
-    out = _fp8_gemm(key, x_codes, w_codes, with_scaled_mm, fused).to(out_dtype)
+    out = _fp8_gemm("forward", x_codes, w_codes, with_scaled_mm, fused).to(out_dtype)
     if residual is not None:
         out = out + rows(residual)
     return out.reshape(*x.shape[:-1], out.shape[-1]), lora_hidden
@@ -314,8 +322,6 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
     gradients, read from dY in x's dtype); the adapter's share s G A added to dX in the fp8
     GEMM's epilogue or by one rank-r cuBLAS addmm after torch._scaled_mm (`_fp8_gemm`'s choice),
     or, with lora_x, computed apart as d_lora_x."""
-    from triton import next_power_of_2
-
     from .lora_linear_triton import _adapter_grads, _operand
 
     grad2d = rows(grad_out)
@@ -324,7 +330,7 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
     adapter_in = rows(x if lora_x is None else lora_x)
     g, dA, dB = _adapter_grads(grad2d, adapter_in, lora_A, lora_B, lora_hidden, scale, scale_tensor)
     g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=w_dequant)
-    w_t = w_codes.t().contiguous()  # (K, N): W_q K-contiguous for dY W, a transient copy
+    w_t = transposed_codes(w_codes)  # (K, N): W_q K-contiguous for dY W, a transient copy
     s = effective_scale(scale, scale_tensor)
     M, (K, N) = grad2d.shape[0], w_t.shape
     lead = x.shape[:-1]
@@ -349,25 +355,29 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
         return fp8_lora_gemm(g_codes, g_dequant, w_t, None, _operand(g, x.dtype), _operand(lora_A, x.dtype), dx,
                              scale, scale_tensor)
 
-    key = ("backward", x.device, x.dtype, next_power_of_2(M), K, N, lora_A.shape[0], False, False,
-           scale_tensor is not None)
-    dx = _fp8_gemm(key, g_codes, w_t, with_scaled_mm, fused)
+    dx = _fp8_gemm("backward", g_codes, w_t, with_scaled_mm, fused)
     return dx.reshape(*lead, K), None, dA, dB
 
 
-def _fp8_gemm(key: tuple, a_codes: Tensor, b_codes: Tensor, with_scaled_mm, fused) -> Tensor:
-    """The LoRA op's fp8 GEMM plus its low-rank term: `fused` (kernels/fp8_gemm.py, where it can
-    run) or `with_scaled_mm`, as the knob main_gemm says ("triton", "cublas") or, on "auto",
-    whichever ran this problem faster when first timed (kernels/timed_choice.py, logged); under
-    the Triton interpreter (CPU tests of this GPU path) the fused kernel unless the knob says cublas."""
+def _fp8_gemm(direction: str, a_codes: Tensor, b_codes: Tensor, with_scaled_mm, fused) -> Tensor:
+    """The LoRA op's fp8 GEMM plus its low-rank term: `fused` (kernels/fp8_gemm.py) wherever it
+    can run, else `with_scaled_mm`; the knob main_gemm="cublas" forces the latter.
+
+    Why not timed per problem, as the bf16 path's main GEMM is: timed alone (back to back,
+    triton.testing.do_bench), the two were within 5% at the Llama-8B MLP backward and the timing
+    picked torch._scaled_mm, whose step then ran 742 + 48 us (GEMM, LoRA addmm) against the
+    fused kernel's 676 us; forced either way inside whole fwd+bwd steps the fused kernel was
+    faster at all four benchmark shapes (scripts/profile_fp8_op.py, H200, 2026-12-01: 612 vs
+    689, 1819 vs 1979, 1857 vs 1970, 685 vs 751 us per step)."""
     from . import knobs
     from .fp8_gemm import unsupported
-    from .timed_choice import fastest
 
-    main_gemm = knobs.current().main_gemm
-    if main_gemm == "cublas" or a_codes.shape[0] == 0 or unsupported(a_codes, b_codes) is not None:
+    if knobs.current().main_gemm == "cublas" or a_codes.shape[0] == 0:
         return with_scaled_mm()
-    if main_gemm == "triton" or a_codes.device.type == "cpu":  # the interpreter: what the CPU tests check
-        return fused()
-    candidates = {"scaled_mm": with_scaled_mm, "triton": fused}
-    return candidates[fastest("fp8 GEMM", key, candidates)]()
+    problem = unsupported(a_codes, b_codes)
+    if problem is not None:
+        if knobs.current().main_gemm == "triton":
+            raise RuntimeError(f"unsloth_compile: main_gemm='triton' but the Triton FP8 GEMM cannot run "
+                               f"the {direction} GEMM {tuple(a_codes.shape)} x {tuple(b_codes.shape)}^T: {problem}")
+        return with_scaled_mm()
+    return fused()

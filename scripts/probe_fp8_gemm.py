@@ -37,20 +37,28 @@ RANK = 16
 @triton.jit
 def _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
               HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr):
+              BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, B_MN: tl.constexpr,
+              A_BLOCKS: tl.constexpr):
     pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        a = a_desc.load([pid_m * BLOCK_M, k])
-        b = b_desc.load([pid_n * BLOCK_N, k])
-        if PROMOTE:  # each K block's product from a fresh accumulator, added in fp32 (CUDA cores)
-            acc += tl.dot(a, tl.trans(b))
-        else:  # the tensor cores accumulate the whole K loop (not promoted on Hopper)
-            acc = tl.dot(a, tl.trans(b), acc)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    for k in range(0, K, BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, k])
+        if B_MN:  # B stored (K, N), N contiguous: the backward's W_q as stored, no transposed copy
+            b = b_desc.load([k, pid_n * BLOCK_N])
+        else:
+            b = tl.trans(b_desc.load([pid_n * BLOCK_N, k]))
+        if A_BLOCKS:  # one scale per row and 128-wide K block of A, applied to each block's product
+            block_scale = tl.load(a_scale_ptr + (rows % M) * tl.cdiv(K, BLOCK_K) + k // BLOCK_K)
+            acc += tl.dot(a, b) * block_scale[:, None]
+        elif PROMOTE:  # each K block's product from a fresh accumulator, added in fp32 (CUDA cores)
+            acc += tl.dot(a, b)
+        else:  # the tensor cores accumulate the whole K loop (not promoted on Hopper)
+            acc = tl.dot(a, b, acc)
     # dequantise: one scale per row of X, one per row of W (column of Y)
-    acc = acc * tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)[:, None]
+    if not A_BLOCKS:
+        acc = acc * tl.load(a_scale_ptr + rows, mask=rows < M, other=0.0)[:, None]
     acc = acc * tl.load(b_scale_ptr + cols, mask=cols < N, other=0.0)[None, :]
     if HAS_LORA:  # + s U V, bf16 operands, fp32 accumulation into the same tile
         offs_r = tl.arange(0, R)
@@ -65,30 +73,41 @@ def _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c
 def _fp8_gemm_kernel(a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
                      HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PERSISTENT: tl.constexpr,
-                     PROMOTE: tl.constexpr):
+                     PROMOTE: tl.constexpr, B_MN: tl.constexpr, A_BLOCKS: tl.constexpr):
     if PERSISTENT:
         tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=False):
             _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
-                      HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PROMOTE)
+                      HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PROMOTE, B_MN, A_BLOCKS)
     else:
         _fp8_tile(tl.program_id(0), a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c_ptr, M, N, K, scale,
-                  HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PROMOTE)
+                  HAS_LORA, R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, PROMOTE, B_MN, A_BLOCKS)
 
 
-def triton_fp8_gemm(a, b, a_scale, b_scale, c, cfg, persistent, lora=None, scale=2.0, promote=False):
+def triton_fp8_gemm(a, b, a_scale, b_scale, c, cfg, persistent, lora=None, scale=2.0, promote=False,
+                    b_mn=False, a_blocks=False):
+    """b (N, K), or (K, N) with b_mn; a_scale (M,), or (M, K / 128) with a_blocks."""
     bm, bn, bk, stages, warps = cfg
     M, K = a.shape
-    N = b.shape[0]
-    sms = torch.cuda.get_device_properties(a.device).multi_processor_count
+    N = b.shape[1] if b_mn else b.shape[0]
+    sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     u, v = lora if lora is not None else (c, c)  # unused pointers without the LoRA term
     _fp8_gemm_kernel[(min(sms, tiles) if persistent else tiles,)](
-        TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+        TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bk, bn] if b_mn else [bn, bk]),
         a_scale, b_scale, u, v, c, M, N, K, scale, HAS_LORA=lora is not None, R=RANK,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=persistent, PROMOTE=promote, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, PERSISTENT=persistent, PROMOTE=promote, B_MN=b_mn,
+        A_BLOCKS=a_blocks, num_stages=stages,
         num_warps=warps)
     return c
+
+
+def quantize_blocks(t, block=128):
+    """e4m3 codes and fp32 dequantisation scales, one per row and 128-wide column block."""
+    R, C = t.shape
+    blocks = t.float().reshape(R, C // block, block)
+    scale = blocks.abs().amax(dim=2).clamp(min=1e-12) / torch.finfo(E4M3).max
+    return (blocks / scale[:, :, None]).to(E4M3).reshape(R, C), scale.contiguous()
 
 
 def quantize_rows(t):
@@ -157,6 +176,37 @@ def main() -> None:
                               + ("" if exact_err is None else f" max err vs exact {exact_err:.1e}"), flush=True)
                     except Exception as error:  # noqa: BLE001  a probe keeps going
                         print(f"  {name:52s} failed: {type(error).__name__}: {str(error)[:160]}", flush=True)
+        # the backward's questions: W_q read as stored ((K, N) here: N contiguous) instead of a
+        # transposed copy, and A scaled per 128-wide K block (dY quantised in one pass with G, dB)
+        w_kn = wq.t().contiguous()
+        copy_ms = do_bench(lambda: wq.t().contiguous(), rep=100)
+        print(f"  the transposed copy of W_q ({N} x {K} e4m3): {copy_ms * 1e3:.1f} us", flush=True)
+        rows.append(dict(common, variant="transpose copy of W_q", us=copy_ms * 1e3))
+        xq_b, xs_b = quantize_blocks(x)
+        exact_b = ((xq_b.double().reshape(M, K // 128, 128) * xs_b.double()[:, :, None]).reshape(M, K)
+                   @ wq.double().t()) * ws.double()[None, :]
+        for cfg in CONFIGS[:1] + CONFIGS[2:]:
+            for persistent in (False, True):
+                for b_mn, a_blocks, promote in ((True, False, False), (True, False, True), (False, True, False),
+                                                (True, True, False)):
+                    name = (f"triton {'persistent' if persistent else 'per-tile'} {cfg}"
+                            f"{' B as stored (K, N)' if b_mn else ''}{' A 1x128 blocks' if a_blocks else ''}"
+                            f"{' promoted' if promote else ''}")
+                    a_, as_, want = (xq_b, xs_b, exact_b) if a_blocks else (xq, xs, exact)
+                    b_ = w_kn if b_mn else wq
+                    try:
+                        out = triton_fp8_gemm(a_, b_, as_, ws, c, cfg, persistent, promote=promote, b_mn=b_mn,
+                                              a_blocks=a_blocks)
+                        exact_err = float((out.double() - want).abs().max() / want.abs().max())
+                        ms = do_bench(lambda: triton_fp8_gemm(a_, b_, as_, ws, c, cfg, persistent, promote=promote,
+                                                              b_mn=b_mn, a_blocks=a_blocks), rep=100)
+                        rows.append(dict(common, variant=name, us=ms * 1e3, vs_scaled_mm=ms / fp8_ms,
+                                         vs_bf16=ms / bf16_ms, max_err_vs_exact=exact_err))
+                        print(f"  {name:62s} {ms * 1e3:8.1f} us {flops / ms / 1e9:5.0f} TFLOP/s "
+                              f"{ms / fp8_ms:6.3f}x _scaled_mm {ms / bf16_ms:6.3f}x bf16 max err vs exact "
+                              f"{exact_err:.1e}", flush=True)
+                    except Exception as error:  # noqa: BLE001  a probe keeps going
+                        print(f"  {name:52s} failed: {type(error).__name__}: {str(error)[:300]}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "probe_fp8_gemm.json"), "w") as f:
         json.dump(dict(card=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,

@@ -397,14 +397,16 @@ def test_gpu_path_of_the_lora_op_matches_the_emulation(monkeypatch, flags, main_
 
 def test_triton_quantisation_scales_in_the_interpreter_equal_the_reference():
     """kernels/fp8_quantize.py under the Triton interpreter: the row scales (dequant) bit for bit
-    the torch reference's, with and without the column fold, over one tile, several and a ragged
-    last one, and zero, NaN and inf rows. The codes are compared on the GPU only
+    the torch reference's, with and without the column fold, on rows held whole (24, 4096, 5000)
+    and rows read twice in tiles with a ragged last one (16400 > MAX_ONE_TILE), and zero, NaN
+    and inf rows. The codes are compared on the GPU only
     (test_gpu_quantisation_is_bitwise_the_cpu_emulation): the interpreter's fp8 cast misrounds."""
     pytest.importorskip("triton")
-    from unsloth_compile.kernels.fp8_quantize import quantize_rows
+    from unsloth_compile.kernels.fp8_quantize import MAX_ONE_TILE, quantize_rows
 
     g = torch.Generator().manual_seed(3)
-    for C in (24, 4096, 5000):
+    assert 16400 > MAX_ONE_TILE
+    for C in (24, 4096, 5000, 16400):
         x = torch.randn(37, C, generator=g) * torch.logspace(-4, 4, 37).reshape(-1, 1)
         x[3] = 0
         x[5, 9] = float("nan")

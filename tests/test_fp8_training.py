@@ -257,8 +257,9 @@ needs_fp8_gpu = pytest.mark.skipif(not _cuda_fp8(), reason="needs a CUDA GPU of 
 def test_gpu_quantisation_is_bitwise_the_cpu_emulation():
     """The Triton rowwise kernel (kernels/fp8_quantize.py) against the torch reference on CPU:
     the same codes and scales bit for bit, also with the weight-scale fold of backward's dY, on
-    awkward widths (one tile, several tiles, a ragged last tile) and rows of zeros, NaN, inf."""
-    for C in (4096, 14336, 5000, 24):
+    awkward widths (rows held whole, rows read twice in tiles with a ragged last one: 20000) and
+    rows of zeros, NaN, inf."""
+    for C in (4096, 14336, 5000, 24, 20000):
         x = torch.randn(257, C, dtype=torch.bfloat16) * torch.logspace(-4, 4, 257).reshape(-1, 1).bfloat16()
         x[3] = 0
         x[5, 9] = float("nan")

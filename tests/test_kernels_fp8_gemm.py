@@ -140,9 +140,9 @@ def test_gpu_kernel_matches_float64_and_the_emulation(M, N, K, R, flags, dtype):
 @pytest.mark.parametrize("main_gemm", ["triton", "cublas", "auto"])
 def test_gpu_lora_op_gives_the_same_results_with_either_fp8_gemm(main_gemm):
     """The fp8 LoRA op forward and backward with the fused kernel, with torch._scaled_mm and a
-    separate LoRA pass, and with the timed choice: each within bf16 rounding of the emulation."""
+    separate LoRA pass, and on auto (the fused kernel on Hopper): each within bf16 rounding of
+    the emulation."""
     from unsloth_compile.kernels import knobs
-    from unsloth_compile.kernels.timed_choice import CHOICES
 
     g = torch.Generator().manual_seed(1)
     M, K, N, r = 2048, 1024, 3072, 16
@@ -161,7 +161,26 @@ def test_gpu_lora_op_gives_the_same_results_with_either_fp8_gemm(main_gemm):
     for name, got, want in zip(("out", "dx", "dA", "dB"), results[False], results[True]):
         err = ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
         assert err < 2e-2, f"{main_gemm}: {name} max error {err:.2e}"
-    if main_gemm == "auto":
-        chosen = {key[0]: value[0] for key, value in CHOICES["fp8 GEMM"].items() if key[3:6] == (M, N, K)
-                  or key[3:6] == (M, K, N)}
-        assert set(chosen) == {"forward", "backward"} and set(chosen.values()) <= {"triton", "scaled_mm"}, chosen
+
+
+@pytest.mark.parametrize("main_gemm,runs_on_cpu_codes,want", [
+    ("auto", True, "fused"), ("triton", True, "fused"), ("cublas", True, "scaled_mm"),
+    ("auto", False, "scaled_mm"), ("triton", False, "error")])
+def test_the_op_takes_the_fused_gemm_wherever_it_runs(main_gemm, runs_on_cpu_codes, want):
+    """`_fp8_gemm`: auto and triton take the fused kernel where `unsupported` says it runs (here:
+    the interpreter with K-contiguous e4m3 codes), cublas always torch._scaled_mm; where it cannot
+    run (codes not K-contiguous), auto falls back to torch._scaled_mm and triton raises, naming why."""
+    from unsloth_compile.kernels import knobs
+
+    codes = fp8.quantize_weight(torch.randn(32, 64))[0]
+    b_codes = codes if runs_on_cpu_codes else codes.t().contiguous().t()
+    calls = []
+    run = lambda: fp8._fp8_gemm("forward", codes, b_codes, lambda: calls.append("scaled_mm"),  # noqa: E731
+                                lambda: calls.append("fused"))
+    with knobs.patch(main_gemm=main_gemm):
+        if want == "error":
+            with pytest.raises(RuntimeError, match="K-contiguous"):
+                run()
+            return
+        run()
+    assert calls == [want]

@@ -22,7 +22,7 @@ Variants, all timed as fwd+bwd (autograd, gradients of x and of the adapters) in
     ours-fp8-triton / ours-fp8-cublas
                   ours-fp8 with both fp8 GEMMs forced to the Triton FP8 GEMM with the LoRA term
                   in its epilogue (kernels/fp8_gemm.py) or to torch._scaled_mm plus a rank-r
-                  addmm of the term; ours-fp8 picks per problem by timing
+                  addmm of the term; ours-fp8 takes the Triton one wherever it runs
 Plus a breakdown of ours (r=16, fp32 adapters): each kernel of forward and backward alone,
 and the Triton GEMM with no low-rank term against cuBLAS.
 
@@ -183,7 +183,7 @@ def _rel_err_vs_reference(x, W, A, B, dy, adapter_dtype) -> dict:
 
 
 def _rel_err_fp8_vs_emulation(x, W, A, B, dy, name) -> dict:
-    """ours-fp8 (with the fp8 GEMM the knobs in force pick: timed, Triton or torch._scaled_mm)
+    """ours-fp8 (with the fp8 GEMM the knobs in force pick: Triton where it runs, or torch._scaled_mm)
     against impl="reference" (kernels/fp8.py's emulation: the same quantisation, fp32 GEMMs),
     and its out / dx against float64 as SQNR in dB."""
     from ..kernels.fp8 import quantize_weight
