@@ -301,15 +301,25 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
             out += (lora_B_bias * s).to(out.dtype)
         return out
 
+    # The residual goes into the fused kernel's epilogue (as `out.to(x.dtype) + residual`, one
+    # pass over the output fewer: 0.74 ms per llama-1b step for its 32 o/down projections) when
+    # that is what the op computes: out_dtype is x's and the add does not promote.
+    fuse_residual = (residual is not None and out_dtype == x.dtype
+                     and torch.promote_types(out_dtype, residual.dtype) == out_dtype)
+    residual_added = False  # set by `fused` when its epilogue added the residual
+
     def fused() -> Tensor:
         from .fp8_gemm import fp8_lora_gemm
 
+        nonlocal residual_added
         out = torch.empty((x2d.shape[0], w_codes.shape[0]), device=x.device, dtype=x.dtype)
+        residual_added = fuse_residual
         return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, _operand(lora_hidden, x.dtype),
-                             _operand(lora_B.t(), x.dtype), out, scale, scale_tensor, bias=bias, v_bias=lora_B_bias)
+                             _operand(lora_B.t(), x.dtype), out, scale, scale_tensor, bias=bias, v_bias=lora_B_bias,
+                             residual=rows(residual) if fuse_residual else None)
 
     out = _fp8_gemm("forward", x_codes, w_codes, with_scaled_mm, fused).to(out_dtype)
-    if residual is not None:
+    if residual is not None and not residual_added:
         out = out + rows(residual)
     return out.reshape(*x.shape[:-1], out.shape[-1]), lora_hidden
 

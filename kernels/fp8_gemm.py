@@ -1,7 +1,7 @@
 """The Triton FP8 GEMM with the LoRA term in its epilogue: the fp8 LoRA op's main product on
 Hopper (kernels/fp8.py chooses it or torch._scaled_mm per problem, by timing).
 
-    out = cast(diag(a_s) A_q B_q^T diag(b_s) + s U V + bias + s v_bias)
+    out = cast(diag(a_s) A_q B_q^T diag(b_s) + s U V + bias + s v_bias) (+ residual)
       forward : A_q = X_q (M, K) by rows,  B_q = W_q (N, K) as stored, b_s = w_s,  U = H, V = B^T
       backward: A_q = G_q (M, N), G = dY diag(w_s) by rows,  B_q = W_q^T (K, N), no b_s,  U = G, V = A
 
@@ -40,11 +40,12 @@ E4M3 = torch.float8_e4m3fn
 
 @triton.jit
 def _fp8_tile(
-    tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, out_ptr, scale_ptr,
+    tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr,
+    scale_ptr,
     M, N, K, R,
-    stride_um, stride_ur, stride_vr, stride_vn, stride_om, stride_on,
+    stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om, stride_on,
     scale,
-    HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr,
+    HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -64,48 +65,51 @@ def _fp8_tile(
         acc = acc * tl.load(b_scale_ptr + cols)[None, :]
     _lowrank_epilogue(
         acc, pid_m, pid_n,
-        u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=out_ptr, out_ptr=out_ptr,
+        u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
         scale_ptr=scale_ptr, M=M, N=N, R=R,
         stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
-        stride_rm=0, stride_rn=0, stride_om=stride_om, stride_on=stride_on, scale=scale,
-        HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=False, HAS_SCALE_TENSOR=HAS_SCALE_TENSOR,
+        stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+        HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, HAS_SCALE_TENSOR=HAS_SCALE_TENSOR,
         COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION="tf32", BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["R", "M_BUCKET", "stride_um", "stride_vn"])
 def _fp8_lora_gemm_kernel(
-    a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, out_ptr, scale_ptr,
+    a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
     M, N, K, R,
     M_BUCKET,  # next power of two of M: an autotuning key only
-    stride_um, stride_ur, stride_vr, stride_vn, stride_om, stride_on,
+    stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om, stride_on,
     scale,
-    HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr,
+    HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr,  # one program per SM looping over tiles, else one per tile
 ):
-    """out (M, N) = cast(diag(a_s) A_q B_q^T diag(b_s) + s U V + bias + s v_bias); A_q (M, K)
-    and B_q (N, K) e4m3 behind K-contiguous descriptors, a_s (M,) and b_s (N,) fp32."""
+    """out (M, N) = cast(diag(a_s) A_q B_q^T diag(b_s) + s U V + bias + s v_bias) (+ residual);
+    A_q (M, K) and B_q (N, K) e4m3 behind K-contiguous descriptors, a_s (M,) and b_s (N,) fp32."""
     if PERSISTENT:
         tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
             _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr,
-                      out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_om,
-                      stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
+                      res_ptr, out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn,
+                      stride_rm, stride_rn, stride_om, stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS,
+                      HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
                       BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
         _fp8_tile(tl.program_id(0), a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr,
-                  out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_om,
-                  stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
+                  res_ptr, out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm,
+                  stride_rn, stride_om, stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL,
+                  HAS_SCALE_TENSOR, COMPUTE_DTYPE,
                   BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, persistent): the probe's fastest tiles at
 # the Llama-8B shapes (128 x 256 x 128 one program per tile at three of four, persistent at
-# 4096 x 4096; 256 x 128 x 128 close behind at the down projection), and the first with a
-# fourth stage (192 KB of operand buffers: the autotuner drops it where it does not fit).
-_TILES = [(128, 256, 128, 3, 8, False), (128, 256, 128, 3, 8, True), (256, 128, 128, 3, 8, False),
-          (128, 256, 128, 4, 8, False)]
+# 4096 x 4096; 256 x 128 x 128 close behind at the down projection). Adding a four-stage
+# 128 x 256 and a 128 x 128 tile (for the small sites) made the kernel table worse, not better
+# (8b mlp.down 0.714 against 0.661-0.665 in two runs with these three; H200, 2026-12-01): the
+# autotuner times each tile alone, back to back, which does not rank them as a step runs them.
+_TILES = [(128, 256, 128, 3, 8, False), (128, 256, 128, 3, 8, True), (256, 128, 128, 3, 8, False)]
 
 
 def _set_blocks(nargs):
@@ -121,7 +125,7 @@ def _tuned(autotune: bool):
                              num_stages=stages, num_warps=warps, pre_hook=_set_blocks)
                for bm, bn, bk, stages, warps, persistent in tiles]
     return triton.autotune(
-        configs=configs, key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS"],
+        configs=configs, key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL"],
         prune_configs_by={"early_config_prune": _prune_configs},
         do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25),
     )(_fp8_lora_gemm_kernel)
@@ -152,12 +156,15 @@ def unsupported(a_codes: Tensor, b_codes: Tensor) -> Optional[str]:
 
 def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant: Optional[Tensor], u: Tensor,
                   v: Tensor, out: Tensor, scale: float, scale_tensor: Optional[Tensor] = None,
-                  bias: Optional[Tensor] = None, v_bias: Optional[Tensor] = None) -> Tensor:
-    """out (M, N) = cast(diag(a_dequant) A_q B_q^T diag(b_dequant) + s u @ v + bias + s v_bias).
+                  bias: Optional[Tensor] = None, v_bias: Optional[Tensor] = None,
+                  residual: Optional[Tensor] = None) -> Tensor:
+    """out (M, N) = cast(diag(a_dequant) A_q B_q^T diag(b_dequant) + s u @ v + bias + s v_bias)
+    (+ residual, after the cast, as torch's `out.to(dtype) + residual`).
 
     a_codes (M, K), b_codes (N, K) e4m3, K-contiguous; a_dequant (M,) / b_dequant (N,) fp32
     (b_dequant None: ones); u (M, R), v (R, N) in the compute dtype (out's half dtype); bias,
-    v_bias (N,). `unsupported` must have said None."""
+    v_bias (N,); residual (M, N) of any strides, not aliasing out. `unsupported` must have said
+    None."""
     M, K = a_codes.shape
     N = b_codes.shape[0]
     R = u.shape[1]
@@ -171,11 +178,14 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         u_ptr=u, v_ptr=v,
         bias_ptr=dummy if bias is None else bias.contiguous(),
         v_bias_ptr=dummy if v_bias is None else v_bias.contiguous(),
+        res_ptr=dummy if residual is None else residual,
         out_ptr=out, scale_ptr=dummy if scale_tensor is None else scale_tensor,
         M=M, N=N, K=K, R=R, M_BUCKET=triton.next_power_of_2(M),
         stride_um=u.stride(0), stride_ur=u.stride(1), stride_vr=v.stride(0), stride_vn=v.stride(1),
+        stride_rm=0 if residual is None else residual.stride(0), stride_rn=0 if residual is None else residual.stride(1),
         stride_om=out.stride(0), stride_on=out.stride(1), scale=float(scale),
         HAS_B_SCALE=b_dequant is not None, HAS_BIAS=bias is not None, HAS_V_BIAS=v_bias is not None,
+        HAS_RESIDUAL=residual is not None,
         HAS_SCALE_TENSOR=scale_tensor is not None, COMPUTE_DTYPE=_TL_DTYPES[u.dtype],
         BLOCK_R=max(16, min(64, triton.next_power_of_2(R))),
     )

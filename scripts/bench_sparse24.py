@@ -39,7 +39,7 @@ except ImportError:  # a bare checkout: the repository root (passes/ and kernels
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import unsloth_compile  # noqa: E402,F401  registers the ops
-from unsloth_compile.bench.kernel import LAYERS, _bench, _bench_graph  # noqa: E402
+from unsloth_compile.bench.kernel import DEFAULT_LAYERS, LAYERS, _bench, _bench_graph  # noqa: E402
 from unsloth_compile.kernels import knobs, sparse24  # noqa: E402
 from unsloth_compile.sparse24_mask import transposable_mask  # noqa: E402
 
@@ -174,7 +174,7 @@ def render(rows: list[dict], env: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", default=",".join(LAYERS))
+    p.add_argument("--layers", default=",".join(DEFAULT_LAYERS))
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--layouts", default="cusparselt,cutlass")

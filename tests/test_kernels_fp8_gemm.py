@@ -19,7 +19,7 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _problem(M, N, K, R, dtype, device, seed=0, bias=False, v_bias=False, col_scale=True):
+def _problem(M, N, K, R, dtype, device, seed=0, bias=False, v_bias=False, col_scale=True, residual=False):
     g = torch.Generator().manual_seed(seed)
     # rows of different magnitudes, so that the per-row scales matter
     x = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, M).reshape(-1, 1)
@@ -33,7 +33,9 @@ def _problem(M, N, K, R, dtype, device, seed=0, bias=False, v_bias=False, col_sc
     args = dict(a_codes=a_codes, a_dequant=a_dequant.reshape(-1), b_codes=b_codes,
                 b_dequant=b_dequant.reshape(-1) if col_scale else None, u=u, v=v,
                 bias=torch.randn(N, generator=g).to(dtype) if bias else None,
-                v_bias=torch.randn(N, generator=g) if v_bias else None)
+                v_bias=torch.randn(N, generator=g) if v_bias else None,
+                # strided (a transposed view), as the epilogue reads it by strides
+                residual=torch.randn(N, M, generator=g).to(dtype).t() if residual else None)
     return {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in args.items()}
 
 
@@ -46,6 +48,8 @@ def _float64(p, scale):
         out = out + p["bias"].double()
     if p["v_bias"] is not None:
         out = out + scale * p["v_bias"].double()
+    if p["residual"] is not None:
+        out = out + p["residual"].double()
     return out
 
 
@@ -60,6 +64,8 @@ def _emulated(p, scale):
         out = out + p["bias"].float()
     if p["v_bias"] is not None:
         out = out + scale * p["v_bias"].float()
+    if p["residual"] is not None:
+        out = out + p["residual"].float()
     return out
 
 
@@ -77,6 +83,8 @@ def _check(p, out, scale, dtype, accumulation=0.0):
     # one rounding of the fp32 tile to the output dtype (the fp8 products are exact in fp32
     # up to accumulation order): a few ulps of the largest value
     ulp = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    if p["residual"] is not None:  # cast, add the residual, cast again: one more rounding
+        accumulation += ulp
     assert err <= 2 * ulp + accumulation, f"max error {err:.2e} of the largest value against float64"
     # the emulation rounds the fp8 product to bf16 before the LoRA term (as torch._scaled_mm
     # returns it): half a bf16 ulp of difference on top of ours
@@ -91,7 +99,8 @@ def _check(p, out, scale, dtype, accumulation=0.0):
     (16, 32, 32, 16, {"bias": True, "v_bias": True}),
     (50, 80, 96, 3, {"col_scale": False}),  # the backward's form: no column scale
     (1, 16, 48, 8, {"scale_tensor": True}),
-], ids=["ragged", "biases", "no-column-scale", "one-row-tensor-scale"])
+    (21, 40, 64, 4, {"residual": True, "bias": True}),
+], ids=["ragged", "biases", "no-column-scale", "one-row-tensor-scale", "residual"])
 def test_interpreter_matches_float64_and_the_emulation(M, N, K, R, flags):
     pytest.importorskip("triton")
     import os
@@ -100,7 +109,8 @@ def test_interpreter_matches_float64_and_the_emulation(M, N, K, R, flags):
         pytest.skip("needs TRITON_INTERPRET=1 (the README's test command sets it)")
     dtype = torch.float16  # the interpreter's bf16 is unreliable
     p = _problem(M, N, K, R, dtype, torch.device("cpu"), bias=flags.get("bias", False),
-                 v_bias=flags.get("v_bias", False), col_scale=flags.get("col_scale", True))
+                 v_bias=flags.get("v_bias", False), col_scale=flags.get("col_scale", True),
+                 residual=flags.get("residual", False))
     assert unsupported(p["a_codes"], p["b_codes"]) is None
     scale_tensor = torch.tensor(0.5) if flags.get("scale_tensor") else None
     out = torch.full((M, N), float("nan"), dtype=dtype)
@@ -124,10 +134,11 @@ def test_unsupported_says_why():
     (4096, 1536, 2048, 16, {"bias": True, "v_bias": True}),
     (333, 2048, 1024, 8, {"col_scale": False}),
     (8, 256, 4096, 64, {}),
+    (777, 1024, 2048, 16, {"residual": True}),
 ])
 def test_gpu_kernel_matches_float64_and_the_emulation(M, N, K, R, flags, dtype):
     p = _problem(M, N, K, R, dtype, _device(), bias=flags.get("bias", False), v_bias=flags.get("v_bias", False),
-                 col_scale=flags.get("col_scale", True))
+                 col_scale=flags.get("col_scale", True), residual=flags.get("residual", False))
     assert unsupported(p["a_codes"], p["b_codes"]) is None
     out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
     fp8_lora_gemm(out=out, scale=0.75, **p)

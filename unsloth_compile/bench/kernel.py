@@ -48,7 +48,12 @@ LAYERS = {
     "llama-8b.mlp.up": (4096, 14336),
     "llama-8b.mlp.down": (14336, 4096),
     "llama-1b.mlp.up": (2048, 8192),
+    # the llama-1b preset's other projections (small sites: the overheads weigh more)
+    "llama-1b.attn.q": (2048, 2048),
+    "llama-1b.attn.k": (2048, 512),
+    "llama-1b.mlp.down": (8192, 2048),
 }
+DEFAULT_LAYERS = list(LAYERS)[:4]  # the four shapes; the others on request (--layers)
 RANKS = (8, 16, 64)
 TOKENS = 8192
 VARIANTS = ("base", "peft-fp32", "peft-bf16", "inductor", "ours-fp32", "ours-bf16", "ours-bf16-triton",
@@ -418,11 +423,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m unsloth_compile.bench kernel", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/bench", help="folder for kernel.json and kernel.md")
-    parser.add_argument("--layers", nargs="*", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--layers", nargs="*", default=DEFAULT_LAYERS, choices=list(LAYERS))
     parser.add_argument("--ranks", nargs="*", type=int, default=list(RANKS))
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tokens", type=int, default=TOKENS, help="M, rows of x")
-    parser.add_argument("--breakdown-layers", nargs="*", default=list(LAYERS), choices=list(LAYERS),
+    parser.add_argument("--breakdown-layers", nargs="*", default=DEFAULT_LAYERS, choices=list(LAYERS),
                         help="layers for the per-kernel breakdown (none: skip it)")
     parser.add_argument("--profile", action="store_true", help="host-overhead profile (llama-8b.attn.q, r=16)")
     args = parser.parse_args(list(argv or []))
