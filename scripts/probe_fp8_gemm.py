@@ -12,8 +12,13 @@ rowwise scales applied to the fp32 accumulator) over a few tiles, persistent or 
 per tile, with and without `+ s U V` (U (M, 16), V (16, N), bf16) in the epilogue, with the K
 loop accumulated by the tensor cores or "promoted" (each K block's product from a fresh
 accumulator, added in fp32: Hopper's fp8 tensor cores keep fewer bits than fp32 over a long K);
-prints us, TFLOP/s, ratios and the max error against the codes' exact (float64) product;
-writes probe_fp8_gemm.json. Not a test, not part of the package.
+then the backward's questions: torch's transposed copy of W_q, the GEMM reading W_q as stored
+((K, N), N contiguous: no copy), and A scaled per row and 128-wide K block (what quantising dY
+inside the G/dB pass would need); prints us, TFLOP/s, ratios and the max error against the
+codes' exact (float64) product; writes probe_fp8_gemm.json. Not a test, not part of the package.
+H200 answers (docs/bench/probe-fp8-gemm-2026-12-01.log), each variant's fastest tile against the
+fastest plain one per shape: promotion +39-43%, 1 x 128 blocks +47-53%, W_q as stored 6.8-8.0x
+the time; the transposed copy 92-347 us.
 """
 
 from __future__ import annotations
