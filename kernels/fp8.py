@@ -40,9 +40,9 @@ spelling here), and the LoRA term's thin products run on the bf16 path's Triton 
 (lowrank_thin, lora_linear_triton's adapter gradients). The LoRA op's two GEMMs (`_lora_*_on_gpu`
 below) are the Triton FP8 GEMM with the term in its epilogue (kernels/fp8_gemm.py) wherever it
 runs (Hopper), else torch._scaled_mm followed by a rank-r cuBLAS addmm of the LoRA term into its
-output (`_fp8_gemm`; the knob UNSLOTH_LORA_MAIN_GEMM=cublas forces the latter). The fused kernel adds the term to the fp32 tile and
-rounds once, where the composition rounds the fp8 product to bf16 first. Only kernels/ modules
-are imported.
+output (`_fp8_gemm`; the knob UNSLOTH_LORA_MAIN_GEMM=cublas forces the latter). The fused kernel
+adds the term to the fp32 tile and rounds once, where the composition rounds the fp8 product to
+bf16 first. Only kernels/ modules are imported.
 """
 
 from __future__ import annotations

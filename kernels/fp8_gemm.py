@@ -1,5 +1,5 @@
 """The Triton FP8 GEMM with the LoRA term in its epilogue: the fp8 LoRA op's main product on
-Hopper (kernels/fp8.py chooses it or torch._scaled_mm per problem, by timing).
+Hopper (kernels/fp8.py takes it wherever it runs, else torch._scaled_mm; `_fp8_gemm` says why).
 
     out = cast(diag(a_s) A_q B_q^T diag(b_s) + s U V + bias + s v_bias) (+ residual)
       forward : A_q = X_q (M, K) by rows,  B_q = W_q (N, K) as stored, b_s = w_s,  U = H, V = B^T
@@ -105,10 +105,11 @@ def _fp8_lora_gemm_kernel(
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, persistent): the probe's fastest tiles at
 # the Llama-8B shapes (128 x 256 x 128 one program per tile at three of four, persistent at
-# 4096 x 4096; 256 x 128 x 128 close behind at the down projection). Adding a four-stage
-# 128 x 256 and a 128 x 128 tile (for the small sites) made the kernel table worse, not better
-# (8b mlp.down 0.714 against 0.661-0.665 in two runs with these three; H200, 2026-12-01): the
-# autotuner times each tile alone, back to back, which does not rank them as a step runs them.
+# 4096 x 4096; 256 x 128 x 128 close behind at the down projection). A four-stage 128 x 256
+# and a 128 x 128 tile (for the small sites) were tried in the autotuner and withdrawn: mixed
+# in the kernel table (8b mlp.down 0.714 against 0.661-0.688 in three runs with these three,
+# 1b mlp.up 0.793 against 0.823-0.838; H200, 2026-12-01, docs/bench/kernel-fp8-s10*.md), and
+# the autotuner times each tile alone, back to back, which is not how a step runs them.
 _TILES = [(128, 256, 128, 3, 8, False), (128, 256, 128, 3, 8, True), (256, 128, 128, 3, 8, False)]
 
 
@@ -182,7 +183,8 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         out_ptr=out, scale_ptr=dummy if scale_tensor is None else scale_tensor,
         M=M, N=N, K=K, R=R, M_BUCKET=triton.next_power_of_2(M),
         stride_um=u.stride(0), stride_ur=u.stride(1), stride_vr=v.stride(0), stride_vn=v.stride(1),
-        stride_rm=0 if residual is None else residual.stride(0), stride_rn=0 if residual is None else residual.stride(1),
+        stride_rm=residual.stride(0) if residual is not None else 0,
+        stride_rn=residual.stride(1) if residual is not None else 0,
         stride_om=out.stride(0), stride_on=out.stride(1), scale=float(scale),
         HAS_B_SCALE=b_dequant is not None, HAS_BIAS=bias is not None, HAS_V_BIAS=v_bias is not None,
         HAS_RESIDUAL=residual is not None,

@@ -6,7 +6,8 @@ at the kernel benchmark's Llama shapes (M = 8192, r = 16, fp32 adapters, bf16 ac
 
 Prints, per layer and variant, one step's kernels in launch order with their GPU times and
 the step's total; writes profile_fp8_op.json. The op runs as `bench kernel`'s ours-fp8, -triton
-and -cublas (the knob main_gemm forced; the thin GEMMs' timed choices settle in the warm-up). Not a test, not part of the package.
+and -cublas (the knob main_gemm forced; the thin GEMMs' timed choices settle in the warm-up).
+Not a test, not part of the package.
 """
 
 from __future__ import annotations
