@@ -33,6 +33,7 @@ import triton.language as tl
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from unsloth_compile.bench.kernel import DEFAULT_LAYERS, LAYERS, TOKENS  # the benchmark's shapes
 from unsloth_compile.kernels.lora_gemm import _tile_coords  # the grouped tile order the package's GEMMs use
 
 E4M3 = torch.float8_e4m3fn
@@ -122,7 +123,8 @@ def quantize_rows(t):
 
 
 CONFIGS = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8)]
-SHAPES = [(8192, 4096, 4096), (8192, 14336, 4096), (8192, 4096, 14336), (8192, 8192, 2048)]  # M, N, K
+# (M, N, K) of X W^T at the kernel benchmark's four default layers (its LAYERS give (K, N))
+SHAPES = [(TOKENS, N, K) for K, N in (LAYERS[layer] for layer in DEFAULT_LAYERS)]
 
 
 def main() -> None:

@@ -21,6 +21,8 @@ import triton.language as tl
 from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from unsloth_compile.bench.kernel import DEFAULT_LAYERS, LAYERS, TOKENS  # the benchmark's shapes
+
 
 @triton.jit
 def _tile_of(tile_id, tiles_m, tiles_n, GROUP_M: tl.constexpr):
@@ -63,7 +65,8 @@ def persistent_gemm(a, b, c, cfg, ws):
 
 CONFIGS = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 64, 5, 4),
            (256, 128, 64, 3, 8), (128, 256, 128, 2, 8)]
-SHAPES = [(8192, 4096, 4096), (8192, 14336, 4096), (8192, 4096, 14336), (8192, 8192, 2048)]  # M, N, K
+# (M, N, K) of X W^T at the kernel benchmark's four default layers (its LAYERS give (K, N))
+SHAPES = [(TOKENS, N, K) for K, N in (LAYERS[layer] for layer in DEFAULT_LAYERS)]
 
 
 def main() -> None:

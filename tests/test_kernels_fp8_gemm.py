@@ -39,18 +39,20 @@ def _problem(M, N, K, R, dtype, device, seed=0, bias=False, v_bias=False, col_sc
     return {k: (t.to(device) if isinstance(t, torch.Tensor) else t) for k, t in args.items()}
 
 
+def _plus_terms(base, p, scale, dtype):
+    """base + s U V + bias + s v_bias + residual, each term in `dtype`."""
+    out = base + scale * (p["u"].to(dtype) @ p["v"].to(dtype))
+    for term, weight in ((p["bias"], 1.0), (p["v_bias"], scale), (p["residual"], 1.0)):
+        if term is not None:
+            out = out + weight * term.to(dtype)
+    return out
+
+
 def _float64(p, scale):
     base = p["a_codes"].double() @ p["b_codes"].double().t() * p["a_dequant"].double().reshape(-1, 1)
     if p["b_dequant"] is not None:
         base = base * p["b_dequant"].double().reshape(1, -1)
-    out = base + scale * (p["u"].double() @ p["v"].double())
-    if p["bias"] is not None:
-        out = out + p["bias"].double()
-    if p["v_bias"] is not None:
-        out = out + scale * p["v_bias"].double()
-    if p["residual"] is not None:
-        out = out + p["residual"].double()
-    return out
+    return _plus_terms(base, p, scale, torch.float64)
 
 
 def _emulated(p, scale):
@@ -59,14 +61,7 @@ def _emulated(p, scale):
     ones = torch.ones(1, p["b_codes"].shape[0], device=p["a_codes"].device)
     b_dequant = ones if p["b_dequant"] is None else p["b_dequant"].reshape(1, -1)
     base = fp8._scaled_gemm(p["a_codes"], p["a_dequant"].reshape(-1, 1), p["b_codes"].t(), b_dequant, emulate=True)
-    out = base.float() + scale * (p["u"].float() @ p["v"].float())
-    if p["bias"] is not None:
-        out = out + p["bias"].float()
-    if p["v_bias"] is not None:
-        out = out + scale * p["v_bias"].float()
-    if p["residual"] is not None:
-        out = out + p["residual"].float()
-    return out
+    return _plus_terms(base.float(), p, scale, torch.float32)
 
 
 # Hopper's fp8 tensor cores accumulate a K loop in less than fp32 (Triton does not promote the
