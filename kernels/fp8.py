@@ -172,9 +172,23 @@ def _codes_times_weight(x_codes: Tensor, x_dequant: Tensor, w_codes: Tensor, w_d
 def base_grad_input(grad2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate: bool) -> Tensor:
     """dY W (M, K) in bf16: G = dY diag(w_s) (exact: w_s is a power of two) quantised by rows,
     times W_q, whose column-major layout is a transient transposed copy."""
-    g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=w_dequant)
+    g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=fold_scales(w_dequant))
     return _grad_codes_times_weight(g_codes, g_dequant, w_codes if emulate else transposed_codes(w_codes).t(),
                                     emulate)
+
+
+# Rows of dY wider than this read W's scales for the fold in bf16 (exact: powers of two of
+# fp32's exponent range, 2^-48 and up): at 14336 each row read 57 KB of fp32 scales from L2 and
+# the fold cost 120 against 102 us (H200, scripts/sweep_fp8_quantize.py); narrower, the cast's
+# extra launch costs about what it saves.
+FOLD_IN_BF16_FROM = 8192
+
+
+def fold_scales(w_dequant: Tensor) -> Tensor:
+    """W's row dequant scales as backward's quantisation of dY reads them for the fold."""
+    if w_dequant.device.type == "cuda" and w_dequant.numel() > FOLD_IN_BF16_FROM:
+        return w_dequant.to(torch.bfloat16)
+    return w_dequant
 
 
 def transposed_codes(w_codes: Tensor) -> Tensor:
@@ -313,8 +327,11 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
         from .fp8_gemm import fp8_lora_gemm
 
         out = torch.empty((x2d.shape[0], w_codes.shape[0]), device=x.device, dtype=x.dtype)
-        return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, _operand(lora_hidden, x.dtype),
-                             _operand(lora_B.t(), x.dtype), out, scale, scale_tensor, bias=bias, v_bias=lora_B_bias,
+        # B^T is (r, N) with stride r along N: the epilogue's loads of it would be strided (one
+        # transaction per element), so it is made contiguous in x's dtype first (r N elements,
+        # one small copy); H (M, r) and the backward's A (r, K) are read as they are.
+        return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, lora_hidden, _operand(lora_B.t(), x.dtype),
+                             out, scale, scale_tensor, bias=bias, v_bias=lora_B_bias,
                              residual=rows(residual) if fuse_residual else None)
 
     out = _fp8_gemm("forward", x_codes, w_codes, with_scaled_mm, fused).to(out_dtype)
@@ -331,14 +348,14 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
     gradients, read from dY in x's dtype); the adapter's share s G A added to dX in the fp8
     GEMM's epilogue or by one rank-r cuBLAS addmm after torch._scaled_mm (`_fp8_gemm`'s choice),
     or, with lora_x, computed apart as d_lora_x."""
-    from .lora_linear_triton import _adapter_grads, _operand
+    from .lora_linear_triton import _adapter_grads
 
     grad2d = rows(grad_out)
     if grad2d.dtype != x.dtype:
         grad2d = grad2d.to(x.dtype)
     adapter_in = rows(x if lora_x is None else lora_x)
     g, dA, dB = _adapter_grads(grad2d, adapter_in, lora_A, lora_B, lora_hidden, scale, scale_tensor)
-    g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=w_dequant)
+    g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=fold_scales(w_dequant))
     w_t = transposed_codes(w_codes)  # (K, N): W_q K-contiguous for dY W, a transient copy
     s = effective_scale(scale, scale_tensor)
     M, (K, N) = grad2d.shape[0], w_t.shape
@@ -361,8 +378,7 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
         from .fp8_gemm import fp8_lora_gemm
 
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
-        return fp8_lora_gemm(g_codes, g_dequant, w_t, None, _operand(g, x.dtype), _operand(lora_A, x.dtype), dx,
-                             scale, scale_tensor)
+        return fp8_lora_gemm(g_codes, g_dequant, w_t, None, g, lora_A, dx, scale, scale_tensor)
 
     dx = _fp8_gemm("backward", g_codes, w_t, with_scaled_mm, fused)
     return dx.reshape(*lead, K), None, dA, dB

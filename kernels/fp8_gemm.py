@@ -163,9 +163,10 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
     (+ residual, after the cast, as torch's `out.to(dtype) + residual`).
 
     a_codes (M, K), b_codes (N, K) e4m3, K-contiguous; a_dequant (M,) / b_dequant (N,) fp32
-    (b_dequant None: ones); u (M, R), v (R, N) in the compute dtype (out's half dtype); bias,
-    v_bias (N,); residual (M, N) of any strides, not aliasing out. `unsupported` must have said
-    None."""
+    (b_dequant None: ones); u (M, R), v (R, N) of any float dtype and strides: the epilogue
+    multiplies u's tile by s in fp32 and rounds both to out's half dtype for the tensor cores
+    (so an fp32 adapter needs no cast copy beforehand); bias, v_bias (N,); residual (M, N) of
+    any strides, not aliasing out. `unsupported` must have said None."""
     M, K = a_codes.shape
     N = b_codes.shape[0]
     R = u.shape[1]
@@ -188,7 +189,7 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         stride_om=out.stride(0), stride_on=out.stride(1), scale=float(scale),
         HAS_B_SCALE=b_dequant is not None, HAS_BIAS=bias is not None, HAS_V_BIAS=v_bias is not None,
         HAS_RESIDUAL=residual is not None,
-        HAS_SCALE_TENSOR=scale_tensor is not None, COMPUTE_DTYPE=_TL_DTYPES[u.dtype],
+        HAS_SCALE_TENSOR=scale_tensor is not None, COMPUTE_DTYPE=_TL_DTYPES[out.dtype],
         BLOCK_R=max(16, min(64, triton.next_power_of_2(R))),
     )
 

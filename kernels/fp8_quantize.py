@@ -5,10 +5,12 @@
     scale[r] = largest power of two <= 448 / max(amax(|t|), 1e-12)
     codes    = e4m3(clamp(t * scale[r], -448, 448))      dequant[r] = 1 / scale[r]
 
-One program per row. A row of up to MAX_ONE_TILE columns (every Llama width, 14336 included)
-is loaded once and kept in registers: amax (and whether a NaN is in it), then the codes from the
-same values. A longer row takes two passes over tiles of MAX_BLOCK_C: amax first, then the
-codes (the row read again, from L2 if it is still there). Bytes per element: 2 read (bf16), 1
+A row of up to MAX_ONE_TILE columns (every Llama width, 14336 included) is loaded once and
+kept in registers: amax (and whether a NaN is in it), then the codes from the same values;
+narrow rows go several to a program (`one_tile_config`, measured: 3.8-4.3 TB/s at M = 8192 from
+2048 columns up on the H200, above torch's own bf16 -> e4m3 cast at 2.9-3.3). A longer row, one
+per program, takes two passes over tiles of MAX_BLOCK_C: amax first, then the codes (the row
+read again, from L2 if it is still there). Bytes per element: 2 read (bf16), 1
 written, against about 21 for the torch spelling (an fp32 product written and read back, an
 in-place clamp, a cast; twice that for dY, whose fold made one more fp32 copy). FLOPs: a handful
 per element; it is memory-bound. Why one pass: at dY's width 14336 the two-pass kernel (tiles of
@@ -48,7 +50,7 @@ def _row_tile(x_row, col_scale_ptr, cols, ok, stride_xc, HAS_COL_SCALE: tl.const
     """One tile of a row in fp32, times its column scales when given: what both passes read."""
     t = tl.load(x_row + cols * stride_xc, mask=ok, other=0.0).to(tl.float32)
     if HAS_COL_SCALE:
-        t = t * tl.load(col_scale_ptr + cols, mask=ok, other=1.0)
+        t = t * tl.load(col_scale_ptr + cols, mask=ok, other=1.0).to(tl.float32)
     return t
 
 
@@ -66,26 +68,32 @@ def _quantize_rows_kernel(
     # pointers
     x_ptr, col_scale_ptr, codes_ptr, dequant_ptr,
     # sizes
-    C,
+    R, C,
     # strides
     stride_xr, stride_xc, stride_cr,
     # meta-parameters
-    HAS_COL_SCALE: tl.constexpr, BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr,
+    HAS_COL_SCALE: tl.constexpr, ROWS: tl.constexpr, BLOCK_C: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
-    """codes[r, :] and dequant[r] of one row r of x (times col_scale, when given). ONE_TILE:
-    the row is one tile (C <= BLOCK_C), read once."""
-    row = tl.program_id(0).to(tl.int64)
+    """codes and dequant of ROWS rows of x (times col_scale, when given). ONE_TILE: the rows
+    are one (ROWS, BLOCK_C) tile (C <= BLOCK_C), read once; else ROWS is 1 and the row is read
+    twice in tiles."""
     offs = tl.arange(0, BLOCK_C)
-    x_row = x_ptr + row * stride_xr
-    codes_row = codes_ptr + row * stride_cr
     if ONE_TILE:
-        ok = offs < C
-        t = _row_tile(x_row, col_scale_ptr, offs, ok, stride_xc, HAS_COL_SCALE)
-        scale = _row_scale(tl.max(tl.abs(t), axis=0), tl.max((t != t).to(tl.int32), axis=0))
-        tl.store(dequant_ptr + row, tl.math.div_rn(tl.full((), 1.0, tl.float32), scale))
-        q = tl.clamp(t * scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(codes_row + offs, q.to(tl.float8e4nv), mask=ok)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        rows_ok = rows < R
+        ok = rows_ok[:, None] & (offs < C)[None, :]
+        t = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xr + offs[None, :] * stride_xc, mask=ok,
+                    other=0.0).to(tl.float32)
+        if HAS_COL_SCALE:
+            t = t * tl.load(col_scale_ptr + offs, mask=offs < C, other=1.0).to(tl.float32)[None, :]
+        scale = _row_scale(tl.max(tl.abs(t), axis=1), tl.max((t != t).to(tl.int32), axis=1))
+        tl.store(dequant_ptr + rows, tl.math.div_rn(tl.full((ROWS,), 1.0, tl.float32), scale), mask=rows_ok)
+        q = tl.clamp(t * scale[:, None], -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(codes_ptr + rows.to(tl.int64)[:, None] * stride_cr + offs[None, :], q.to(tl.float8e4nv), mask=ok)
     else:
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * stride_xr
+        codes_row = codes_ptr + row * stride_cr
         amax = tl.zeros((BLOCK_C,), dtype=tl.float32)
         nan = tl.zeros((BLOCK_C,), dtype=tl.int32)
         for c0 in range(0, C, BLOCK_C):
@@ -104,9 +112,24 @@ def _quantize_rows_kernel(
             tl.store(codes_row + cols, q.to(tl.float8e4nv), mask=ok)
 
 
-def quantize_rows(t: Tensor, col_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def one_tile_config(block_c: int, fold: bool) -> tuple[int, int]:
+    """(rows per program, warps) of rows held whole, BLOCK_C = C rounded up to a power of two:
+    the fastest of scripts/sweep_fp8_quantize.py at M = 8192 on the H200 (2026-12-01,
+    docs/bench/sweep-fp8-quantize-2026-12-01.log), 3.8-4.3 TB/s from C = 2048 up. Narrow rows
+    go several to a program (2048 elements, 4096 with the fold) so that each has enough
+    loads in flight; 8 warps from 8192 up (16, the earlier choice, took 91 against 83 us at
+    14336, and 4 warps spill). With the fold, 2 rows of 2048 (13.3 against 13.9 us)."""
+    if block_c >= 8192:
+        return 1, 8
+    return min(8, max(1, (4096 if fold else 2048) // block_c)), 4
+
+
+def quantize_rows(t: Tensor, col_scale: Optional[Tensor] = None,
+                  config: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
     """(codes (R, C) e4m3 contiguous, dequant (R, 1) fp32) of a 2-D CUDA tensor of any float
-    dtype and strides, rows scaled by col_scale (C,) fp32 first when given."""
+    dtype and strides, rows scaled by col_scale (C,) first when given (fp32, or bf16: powers of
+    two are exact in both, and bf16 halves what each row reads of it). config: (rows per
+    program, warps) of a row held whole instead of one_tile_config's (sweeps)."""
     R, C = t.shape
     codes = torch.empty((R, C), dtype=torch.float8_e4m3fn, device=t.device)
     dequant = torch.empty((R, 1), dtype=torch.float32, device=t.device)
@@ -115,13 +138,19 @@ def quantize_rows(t: Tensor, col_scale: Optional[Tensor] = None) -> tuple[Tensor
     if C == 0:  # no values: unit scales, as the reference
         return codes, dequant.fill_(1.0)
     if col_scale is not None:
-        col_scale = col_scale.reshape(-1).to(torch.float32).contiguous()
+        col_scale = col_scale.reshape(-1)
+        if col_scale.dtype not in (torch.float32, torch.bfloat16):
+            col_scale = col_scale.float()
+        col_scale = col_scale.contiguous()
     one_tile = C <= MAX_ONE_TILE
-    block_c = triton.next_power_of_2(C) if one_tile else MAX_BLOCK_C
-    launch(_quantize_rows_kernel, (R,),
+    if one_tile:
+        block_c = triton.next_power_of_2(C)
+        rows, warps = config or one_tile_config(block_c, col_scale is not None)
+    else:
+        block_c, rows, warps = MAX_BLOCK_C, 1, 16
+    launch(_quantize_rows_kernel, (triton.cdiv(R, rows),),
         x_ptr=t, col_scale_ptr=col_scale if col_scale is not None else dequant, codes_ptr=codes,
-        dequant_ptr=dequant, C=C, stride_xr=t.stride(0), stride_xc=t.stride(1), stride_cr=codes.stride(0),
-        HAS_COL_SCALE=col_scale is not None, BLOCK_C=block_c, ONE_TILE=one_tile,
-        num_warps=16 if block_c >= 8192 else 8 if block_c >= 2048 else 4,
-        num_stages=3)  # Triton's CUDA default, as measured
+        dequant_ptr=dequant, R=R, C=C, stride_xr=t.stride(0), stride_xc=t.stride(1), stride_cr=codes.stride(0),
+        HAS_COL_SCALE=col_scale is not None, ROWS=rows, BLOCK_C=block_c, ONE_TILE=one_tile,
+        num_warps=warps, num_stages=3)  # Triton's CUDA default, as measured
     return codes, dequant

@@ -399,7 +399,8 @@ def test_triton_quantisation_scales_in_the_interpreter_equal_the_reference():
     """kernels/fp8_quantize.py under the Triton interpreter: the row scales (dequant) bit for bit
     the torch reference's, with and without the column fold, on rows held whole (24, 4096, 5000)
     and rows read twice in tiles with a ragged last one (16400 > MAX_ONE_TILE), and zero, NaN
-    and inf rows. The codes are compared on the GPU only
+    and inf rows; several rows per program (a ragged last program), and the fold's scales in
+    fp32 or bf16 (the same codes). The codes are compared on the GPU only
     (test_gpu_quantisation_is_bitwise_the_cpu_emulation): the interpreter's fp8 cast misrounds."""
     pytest.importorskip("triton")
     from unsloth_compile.kernels.fp8_quantize import MAX_ONE_TILE, quantize_rows
@@ -413,9 +414,14 @@ def test_triton_quantisation_scales_in_the_interpreter_equal_the_reference():
         x[7, C - 1] = float("-inf")
         x = x.half()
         col_scale = torch.exp2(torch.randint(-6, 6, (C,), generator=g).float())
-        for fold in (None, col_scale):
-            codes, dequant = quantize_rows(x, fold)
-            _, want = fp8.quantize_rowwise(x, fold)
+        # rows per program and warps: the default, and 2 / 8 rows (37 rows: a ragged last program)
+        configs = (None, (2, 4), (8, 1)) if C <= MAX_ONE_TILE else (None,)
+        for fold, config in itertools.product((None, col_scale, col_scale.bfloat16()), configs):
+            codes, dequant = quantize_rows(x, fold, config=config)
+            _, want = fp8.quantize_rowwise(x, None if fold is None else fold.float())
             assert codes.shape == x.shape and codes.dtype == E4M3 and dequant.shape == (37, 1)
             assert torch.equal(dequant.isnan(), want.isnan())
-            assert torch.equal(dequant[~want.isnan()], want[~want.isnan()]), (C, fold is not None)
+            assert torch.equal(dequant[~want.isnan()], want[~want.isnan()]), (C, fold, config)
+            if fold is not None and fold.dtype == torch.bfloat16:  # the same codes as the fp32 fold
+                assert torch.equal(codes.view(torch.uint8), quantize_rows(x, col_scale, config=config)[0].view(
+                    torch.uint8)), (C, config)

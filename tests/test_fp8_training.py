@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import weakref
 
 import pytest
@@ -258,21 +259,25 @@ def test_gpu_quantisation_is_bitwise_the_cpu_emulation():
     """The Triton rowwise kernel (kernels/fp8_quantize.py) against the torch reference on CPU:
     the same codes and scales bit for bit, also with the weight-scale fold of backward's dY, on
     awkward widths (rows held whole, rows read twice in tiles with a ragged last one: 20000) and
-    rows of zeros, NaN, inf."""
+    rows of zeros, NaN, inf; several rows per program (257 rows: a ragged last program) and the
+    fold's scales in bf16."""
+    from unsloth_compile.kernels.fp8_quantize import MAX_ONE_TILE, quantize_rows
+
     for C in (4096, 14336, 5000, 24, 20000):
         x = torch.randn(257, C, dtype=torch.bfloat16) * torch.logspace(-4, 4, 257).reshape(-1, 1).bfloat16()
         x[3] = 0
         x[5, 9] = float("nan")
         x[7, C - 1] = float("-inf")
         col_scale = torch.exp2(torch.randint(-6, 6, (C,)).float())
-        for fold in (None, col_scale):
-            codes, dequant = fp8_kernels.quantize_rowwise(x.cuda(), None if fold is None else fold.cuda())
-            want_codes, want_dequant = fp8_kernels.quantize_rowwise(x, fold)
+        configs = [None, (2, 4), (4, 8)] if C <= MAX_ONE_TILE else [None]
+        for fold, config in itertools.product((None, col_scale, col_scale.bfloat16()), configs):
+            codes, dequant = quantize_rows(x.cuda(), None if fold is None else fold.cuda(), config=config)
+            want_codes, want_dequant = fp8_kernels.quantize_rowwise(x, None if fold is None else fold.float())
             nan_rows = want_dequant.isnan().reshape(-1)
             assert nan_rows.tolist() == dequant.isnan().reshape(-1).cpu().tolist()
             assert codes.float().isnan().cpu().equal(want_codes.float().isnan())  # NaN codes: any NaN pattern
             finite = ~want_codes.float().isnan()
-            assert torch.equal(codes.cpu().view(torch.uint8)[finite], want_codes.view(torch.uint8)[finite]), (C, fold)
+            assert torch.equal(codes.cpu().view(torch.uint8)[finite], want_codes.view(torch.uint8)[finite]), (C, config)
             assert torch.equal(dequant.cpu()[~nan_rows], want_dequant[~nan_rows])
 
 
