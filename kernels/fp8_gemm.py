@@ -31,9 +31,9 @@ import triton
 import triton.language as tl
 
 from . import knobs
-from .launch_args import capability, interpreting, processors, scale_operand
+from .launch_args import capability, interpreting, load_scale, processors, scale_operand
 # the bf16 kernel's tile order, epilogue, small-problem pruning and descriptor import, shared
-from .lora_gemm import _TL_DTYPES, TensorDescriptor, _lowrank_epilogue, _prune_configs, _tile_coords
+from .lora_gemm import _TL_DTYPES, TensorDescriptor, _lowrank_epilogue, _prune_configs, _store_tile, _tile_coords
 
 E4M3 = torch.float8_e4m3fn
 
@@ -47,30 +47,56 @@ def _fp8_tile(
     scale,
     HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One output tile: the fp8 main loop (TMA zero-fills rows past M and the K tail), the
-    rows' and columns' dequantisation scales, then the low-rank epilogue and the store."""
+    rows' and columns' dequantisation scales, then the low-rank term and the store.
+
+    PREFETCH (R <= BLOCK_R): the scales and the (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles
+    are loaded before the main loop, so that their latency hides behind it instead of
+    following it on every tile; the same arithmetic as `_lowrank_epilogue`, in its order."""
     pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # rows/columns past the edge wrap around (as in the epilogue): their loads stay in bounds
+    rows = offs_m % M
+    cols = offs_n % N
+    if PREFETCH:
+        a_scale = tl.load(a_scale_ptr + rows)
+        if HAS_B_SCALE:
+            b_scale = tl.load(b_scale_ptr + cols)
+        s = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
+        offs_r = tl.arange(0, BLOCK_R)
+        u = tl.load(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                    mask=offs_r[None, :] < R, other=0.0).to(tl.float32) * s
+        v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
+                    mask=offs_r[:, None] < R, other=0.0)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k])
         b = b_desc.load([pid_n * BLOCK_N, k])
         acc = tl.dot(a, b.T, acc)
-    # rows/columns past the edge wrap around (as in the epilogue): their loads stay in bounds
-    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
-    acc = acc * tl.load(a_scale_ptr + rows)[:, None]
-    if HAS_B_SCALE:
-        cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        acc = acc * tl.load(b_scale_ptr + cols)[None, :]
-    _lowrank_epilogue(
-        acc, pid_m, pid_n,
-        u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
-        scale_ptr=scale_ptr, M=M, N=N, R=R,
-        stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
-        stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
-        HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL, HAS_SCALE_TENSOR=HAS_SCALE_TENSOR,
-        COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION="tf32", BLOCK_R=BLOCK_R, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    if PREFETCH:
+        acc = acc * a_scale[:, None]
+        if HAS_B_SCALE:
+            acc = acc * b_scale[None, :]
+        acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision="tf32")
+        _store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
+                    stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
+    else:
+        acc = acc * tl.load(a_scale_ptr + rows)[:, None]
+        if HAS_B_SCALE:
+            acc = acc * tl.load(b_scale_ptr + cols)[None, :]
+        _lowrank_epilogue(
+            acc, pid_m, pid_n,
+            u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
+            scale_ptr=scale_ptr, M=M, N=N, R=R,
+            stride_um=stride_um, stride_ur=stride_ur, stride_vr=stride_vr, stride_vn=stride_vn,
+            stride_rm=stride_rm, stride_rn=stride_rn, stride_om=stride_om, stride_on=stride_on, scale=scale,
+            HAS_BIAS=HAS_BIAS, HAS_V_BIAS=HAS_V_BIAS, HAS_RESIDUAL=HAS_RESIDUAL,
+            HAS_SCALE_TENSOR=HAS_SCALE_TENSOR, COMPUTE_DTYPE=COMPUTE_DTYPE, DOT_PRECISION="tf32", BLOCK_R=BLOCK_R,
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
 
 
 @triton.jit(do_not_specialize=["R", "M_BUCKET", "stride_um", "stride_vn"])
@@ -82,6 +108,7 @@ def _fp8_lora_gemm_kernel(
     scale,
     HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
+    PREFETCH: tl.constexpr,  # the low-rank term in one BLOCK_R block: its tiles loaded up front
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr,  # one program per SM looping over tiles, else one per tile
 ):
@@ -94,13 +121,13 @@ def _fp8_lora_gemm_kernel(
                       res_ptr, out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn,
                       stride_rm, stride_rn, stride_om, stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS,
                       HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
-                      BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                      BLOCK_R, PREFETCH, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
         _fp8_tile(tl.program_id(0), a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr,
                   res_ptr, out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm,
                   stride_rn, stride_om, stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL,
                   HAS_SCALE_TENSOR, COMPUTE_DTYPE,
-                  BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                  BLOCK_R, PREFETCH, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, persistent): the probe's fastest tiles at
@@ -126,7 +153,8 @@ def _tuned(autotune: bool):
                              num_stages=stages, num_warps=warps, pre_hook=_set_blocks)
                for bm, bn, bk, stages, warps, persistent in tiles]
     return triton.autotune(
-        configs=configs, key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL"],
+        configs=configs,
+        key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL", "PREFETCH"],
         prune_configs_by={"early_config_prune": _prune_configs},
         do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25),
     )(_fp8_lora_gemm_kernel)
@@ -158,7 +186,7 @@ def unsupported(a_codes: Tensor, b_codes: Tensor) -> Optional[str]:
 def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant: Optional[Tensor], u: Tensor,
                   v: Tensor, out: Tensor, scale: float, scale_tensor: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, v_bias: Optional[Tensor] = None,
-                  residual: Optional[Tensor] = None) -> Tensor:
+                  residual: Optional[Tensor] = None, prefetch: Optional[bool] = None) -> Tensor:
     """out (M, N) = cast(diag(a_dequant) A_q B_q^T diag(b_dequant) + s u @ v + bias + s v_bias)
     (+ residual, after the cast, as torch's `out.to(dtype) + residual`).
 
@@ -166,12 +194,17 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
     (b_dequant None: ones); u (M, R), v (R, N) of any float dtype and strides: the epilogue
     multiplies u's tile by s in fp32 and rounds both to out's half dtype for the tensor cores
     (so an fp32 adapter needs no cast copy beforehand); bias, v_bias (N,); residual (M, N) of
-    any strides, not aliasing out. `unsupported` must have said None."""
+    any strides, not aliasing out. prefetch: load the low-rank tiles before the main loop
+    (default: when r fits one block of BLOCK_R, i.e. r <= 64; False for probes). `unsupported`
+    must have said None."""
     M, K = a_codes.shape
     N = b_codes.shape[0]
     R = u.shape[1]
     if M == 0 or N == 0:
         return out
+    block_r = max(16, min(64, triton.next_power_of_2(R)))
+    if prefetch and R > block_r:
+        raise ValueError(f"prefetch takes the low-rank term in one block of {block_r}, r = {R}")
     dummy = out  # never read: the matching HAS_* flag is False
     scale_tensor = scale_operand(scale_tensor, a_codes.device)
     named = dict(
@@ -190,7 +223,8 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         HAS_B_SCALE=b_dequant is not None, HAS_BIAS=bias is not None, HAS_V_BIAS=v_bias is not None,
         HAS_RESIDUAL=residual is not None,
         HAS_SCALE_TENSOR=scale_tensor is not None, COMPUTE_DTYPE=_TL_DTYPES[out.dtype],
-        BLOCK_R=max(16, min(64, triton.next_power_of_2(R))),
+        BLOCK_R=block_r,
+        PREFETCH=R <= block_r if prefetch is None else prefetch,
     )
 
     def programs(cfg) -> int:

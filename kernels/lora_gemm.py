@@ -91,6 +91,26 @@ def _lowrank_epilogue(
         acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PRECISION)
         u_ptrs += BLOCK_R * stride_ur
         v_ptrs += BLOCK_R * stride_vr
+    _store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
+                stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
+
+
+@triton.jit
+def _store_tile(
+    acc, offs_m, offs_n, s,
+    # pointers
+    bias_ptr, v_bias_ptr, res_ptr, out_ptr,
+    # sizes
+    M, N,
+    # strides
+    stride_rm, stride_rn, stride_om, stride_on,
+    # meta-parameters
+    HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    """The epilogue's end: acc (+ bias + s v_bias) cast to out's dtype (+ residual), stored
+    where the tile lies inside (M, N)."""
+    rows = offs_m % M
+    cols = offs_n % N
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
     if HAS_V_BIAS:

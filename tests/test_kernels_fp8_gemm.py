@@ -95,7 +95,9 @@ def _check(p, out, scale, dtype, accumulation=0.0):
     (50, 80, 96, 3, {"col_scale": False}),  # the backward's form: no column scale
     (1, 16, 48, 8, {"scale_tensor": True}),
     (21, 40, 64, 4, {"residual": True, "bias": True}),
-], ids=["ragged", "biases", "no-column-scale", "one-row-tensor-scale", "residual"])
+    (37, 48, 64, 5, {"prefetch": False}),  # the low-rank tiles loaded after the main loop
+    (19, 32, 64, 80, {"bias": True}),  # r > 64: two rank blocks, loaded after the main loop
+], ids=["ragged", "biases", "no-column-scale", "one-row-tensor-scale", "residual", "no-prefetch", "rank-80"])
 def test_interpreter_matches_float64_and_the_emulation(M, N, K, R, flags):
     pytest.importorskip("triton")
     import os
@@ -109,7 +111,7 @@ def test_interpreter_matches_float64_and_the_emulation(M, N, K, R, flags):
     assert unsupported(p["a_codes"], p["b_codes"]) is None
     scale_tensor = torch.tensor(0.5) if flags.get("scale_tensor") else None
     out = torch.full((M, N), float("nan"), dtype=dtype)
-    fp8_lora_gemm(out=out, scale=0.75, scale_tensor=scale_tensor, **p)
+    fp8_lora_gemm(out=out, scale=0.75, scale_tensor=scale_tensor, prefetch=flags.get("prefetch"), **p)
     _check(p, out, 0.75 * (0.5 if scale_tensor is not None else 1.0), dtype)
 
 
@@ -130,13 +132,15 @@ def test_unsupported_says_why():
     (333, 2048, 1024, 8, {"col_scale": False}),
     (8, 256, 4096, 64, {}),
     (777, 1024, 2048, 16, {"residual": True}),
+    (1000, 1024, 512, 16, {"prefetch": False}),
+    (300, 512, 1024, 96, {"bias": True}),  # r > 64: two rank blocks, no prefetch
 ])
 def test_gpu_kernel_matches_float64_and_the_emulation(M, N, K, R, flags, dtype):
     p = _problem(M, N, K, R, dtype, _device(), bias=flags.get("bias", False), v_bias=flags.get("v_bias", False),
                  col_scale=flags.get("col_scale", True), residual=flags.get("residual", False))
     assert unsupported(p["a_codes"], p["b_codes"]) is None
     out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
-    fp8_lora_gemm(out=out, scale=0.75, **p)
+    fp8_lora_gemm(out=out, scale=0.75, prefetch=flags.get("prefetch"), **p)
     _check(p, out, 0.75, dtype, accumulation=GPU_ACCUMULATION)
 
 

@@ -1,0 +1,88 @@
+"""What does the fp8 GEMM's low-rank epilogue cost, and how its operands are read? The package's
+kernel (kernels/fp8_gemm.py `fp8_lora_gemm`, autotuned as shipped) at the kernel benchmark's
+Llama shapes (M = 8192, r = 16), in the two forms the fp8 LoRA op calls it:
+
+    forward : X_q W_q^T diag(w_s) + s H B^T    H (M, r) fp32 (the adapter dtype), B^T (r, N)
+    backward: G_q W_q^T             + s G A      G (M, r) bf16, A (r, K) fp32
+
+Variants: the low-rank tiles loaded before the main loop ("prefetch", the default for r <= 64)
+or after it; in the forward, B^T read as the (r, N) view of the (N, r) parameter (stride r
+along N) instead of a contiguous bf16 copy. torch._scaled_mm alone (no low-rank term, no
+epilogue) is timed beside them as the floor.
+
+    python scripts/probe_fp8_epilogue.py [--out DIR]
+
+GPU time per call (CUDA-graph replay, bench.kernel._bench_graph); prints one line per variant
+and writes probe_fp8_epilogue.json. Not a test, not part of the package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+from unsloth_compile.bench.kernel import DEFAULT_LAYERS, LAYERS, TOKENS, _bench_graph
+from unsloth_compile.kernels.fp8 import quantize_rowwise, transposed_codes
+from unsloth_compile.kernels.fp8_gemm import fp8_lora_gemm
+
+RANK = 16
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=".")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)
+    results = []
+    M = TOKENS
+    for name in DEFAULT_LAYERS:
+        K, N = LAYERS[name]
+        x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * K ** -0.5
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+        A = torch.randn(RANK, K, device="cuda") * K ** -0.5
+        B = torch.randn(N, RANK, device="cuda") * 0.01
+        x_codes, x_dequant = quantize_rowwise(x)
+        w_codes, w_dequant = quantize_rowwise(w)
+        g_codes, g_dequant = quantize_rowwise(dy, w_dequant.reshape(-1))
+        w_t = transposed_codes(w_codes)
+        h = (x.float() @ A.t())
+        g = (dy.float() @ B).bfloat16()
+        forms = {
+            "forward": dict(a_codes=x_codes, a_dequant=x_dequant, b_codes=w_codes, b_dequant=w_dequant, u=h,
+                            out=torch.empty(M, N, device="cuda", dtype=torch.bfloat16)),
+            "backward": dict(a_codes=g_codes, a_dequant=g_dequant, b_codes=w_t, b_dequant=None, u=g, v=A,
+                             out=torch.empty(M, K, device="cuda", dtype=torch.bfloat16)),
+        }
+        v_copy = B.t().contiguous().bfloat16()
+        for form, p in forms.items():
+            floor = _bench_graph(lambda: torch._scaled_mm(
+                p["a_codes"], p["b_codes"].t(), scale_a=p["a_dequant"],
+                scale_b=(p["b_dequant"].reshape(1, -1) if p["b_dequant"] is not None
+                         else torch.ones(1, p["b_codes"].shape[0], device="cuda")),
+                out_dtype=torch.bfloat16))
+            variants = {"prefetch": dict(prefetch=True), "after the main loop": dict(prefetch=False)}
+            if form == "forward":
+                variants = {f"{k}, B^T contiguous bf16": dict(v, v=v_copy) for k, v in variants.items()}
+                variants["prefetch, B^T strided fp32 view"] = dict(prefetch=True, v=B.t())
+            line = {}
+            for label, extra in variants.items():
+                call = dict(p, **extra)
+                ms = _bench_graph(lambda: fp8_lora_gemm(scale=2.0, **call))
+                line[label] = ms * 1e3
+                results.append(dict(layer=name, form=form, variant=label, us=ms * 1e3, scaled_mm_us=floor * 1e3))
+                print(f"{name:18s} {form:8s} {label:40s} {ms * 1e3:8.1f} us  ({ms / floor:.3f}x _scaled_mm alone, "
+                      f"{floor * 1e3:.1f} us)", flush=True)
+        del x, w, dy
+        torch.cuda.empty_cache()
+    with open(os.path.join(args.out, "probe_fp8_epilogue.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, M=M, rank=RANK,
+                       results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
