@@ -292,6 +292,7 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
     quantised by rows once, then the fp8 GEMM with s H B^T: fused in its epilogue, or
     torch._scaled_mm and one rank-r cuBLAS addmm into its output in place (the M x N output read
     and written once more) where the fused kernel cannot run (`_fp8_gemm`)."""
+    from .fp8_gemm import PREFETCH_MAX_RANK
     from .lora_linear_triton import _operand
     from .lowrank_thin import rows_times_thin
 
@@ -327,12 +328,13 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
         from .fp8_gemm import fp8_lora_gemm
 
         out = torch.empty((x2d.shape[0], w_codes.shape[0]), device=x.device, dtype=x.dtype)
-        # B^T is (r, N) with stride r along N: the epilogue's loads of it would be strided (one
-        # transaction per element), so it is made contiguous in x's dtype first (r N elements,
-        # one small copy); H (M, r) and the backward's A (r, K) are read as they are.
-        return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, lora_hidden, _operand(lora_B.t(), x.dtype),
-                             out, scale, scale_tensor, bias=bias, v_bias=lora_B_bias,
-                             residual=rows(residual) if fuse_residual else None)
+        # H, and B^T as the (r, N) view of B (stride r along N), are read as they are: at r <= 64
+        # the kernel loads both tiles before its main loop, where the strided loads cost nothing
+        # measurable (scripts/probe_fp8_epilogue.py, H200: within 2% either way of a contiguous
+        # bf16 copy of B^T); past that, loaded after it, B^T is copied contiguous first.
+        v = lora_B.t() if lora_B.shape[1] <= PREFETCH_MAX_RANK else _operand(lora_B.t(), x.dtype)
+        return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, lora_hidden, v, out, scale, scale_tensor,
+                             bias=bias, v_bias=lora_B_bias, residual=rows(residual) if fuse_residual else None)
 
     out = _fp8_gemm("forward", x_codes, w_codes, with_scaled_mm, fused).to(out_dtype)
     if residual is not None and not fuse_residual:

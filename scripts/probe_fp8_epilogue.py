@@ -10,7 +10,11 @@ or after it; in the forward, B^T read as the (r, N) view of the (N, r) parameter
 along N) instead of a contiguous bf16 copy. torch._scaled_mm alone (no low-rank term, no
 epilogue) is timed beside them as the floor.
 
-    python scripts/probe_fp8_epilogue.py [--out DIR]
+    python scripts/probe_fp8_epilogue.py [--out DIR] [--tiles]
+
+--tiles: instead, each candidate tile of the kernel alone (the autotuner given one
+configuration), prefetch on: one program per tile, persistent, and persistent with the tile
+loop and the K loop flattened into one pipelined loop (tl.range(flatten=True)).
 
 GPU time per call (CUDA-graph replay, bench.kernel._bench_graph); prints one line per variant
 and writes probe_fp8_epilogue.json. Not a test, not part of the package.
@@ -26,14 +30,26 @@ import torch
 
 from unsloth_compile.bench.kernel import DEFAULT_LAYERS, LAYERS, TOKENS, _bench_graph
 from unsloth_compile.kernels.fp8 import quantize_rowwise, transposed_codes
+from unsloth_compile.kernels import fp8_gemm
 from unsloth_compile.kernels.fp8_gemm import fp8_lora_gemm
 
 RANK = 16
+# (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, persistent, flatten), as kernels/fp8_gemm.py's _TILES
+CANDIDATE_TILES = [(128, 256, 128, 3, 8, False, False), (128, 256, 128, 3, 8, True, False),
+                   (128, 256, 128, 3, 8, True, True), (128, 256, 128, 4, 8, True, True),
+                   (256, 128, 128, 3, 8, True, True), (128, 128, 128, 4, 8, True, True)]
+
+
+def one_tile(tile):
+    """The kernel's autotuner with this configuration alone."""
+    fp8_gemm._TILES = [tile]
+    fp8_gemm._tuned.cache_clear()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
+    parser.add_argument("--tiles", action="store_true", help="time each candidate tile alone")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
@@ -65,21 +81,31 @@ def main() -> None:
                 scale_b=(p["b_dequant"].reshape(1, -1) if p["b_dequant"] is not None
                          else torch.ones(1, p["b_codes"].shape[0], device="cuda")),
                 out_dtype=torch.bfloat16))
-            variants = {"prefetch": dict(prefetch=True), "after the main loop": dict(prefetch=False)}
-            if form == "forward":
-                variants = {f"{k}, B^T contiguous bf16": dict(v, v=v_copy) for k, v in variants.items()}
-                variants["prefetch, B^T strided fp32 view"] = dict(prefetch=True, v=B.t())
-            line = {}
+            if args.tiles:
+                variants = {str(tile): dict(tile=tile) for tile in CANDIDATE_TILES}
+            else:
+                variants = {"prefetch": dict(prefetch=True), "after the main loop": dict(prefetch=False)}
+                if form == "forward":
+                    variants = {f"{k}, B^T contiguous bf16": dict(v, v=v_copy) for k, v in variants.items()}
+                    variants["prefetch, B^T strided fp32 view"] = dict(prefetch=True, v=B.t())
+            if form == "forward" and args.tiles:
+                p = dict(p, v=B.t())
             for label, extra in variants.items():
+                extra = dict(extra)
+                if "tile" in extra:
+                    one_tile(extra.pop("tile"))
                 call = dict(p, **extra)
-                ms = _bench_graph(lambda: fp8_lora_gemm(scale=2.0, **call))
-                line[label] = ms * 1e3
+                try:
+                    ms = _bench_graph(lambda: fp8_lora_gemm(scale=2.0, **call))
+                except Exception as exc:  # a tile that does not compile here: say so, go on
+                    print(f"{name:18s} {form:8s} {label:40s} {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                    continue
                 results.append(dict(layer=name, form=form, variant=label, us=ms * 1e3, scaled_mm_us=floor * 1e3))
                 print(f"{name:18s} {form:8s} {label:40s} {ms * 1e3:8.1f} us  ({ms / floor:.3f}x _scaled_mm alone, "
                       f"{floor * 1e3:.1f} us)", flush=True)
         del x, w, dy
         torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "probe_fp8_epilogue.json"), "w") as f:
+    with open(os.path.join(args.out, "probe_fp8_tiles.json" if args.tiles else "probe_fp8_epilogue.json"), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, M=M, rank=RANK,
                        results=results), f, indent=1)
 
