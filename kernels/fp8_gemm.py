@@ -111,13 +111,12 @@ def _fp8_lora_gemm_kernel(
     PREFETCH: tl.constexpr,  # the low-rank term in one BLOCK_R block: its tiles loaded up front
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr,  # one program per SM looping over tiles, else one per tile
-    FLATTEN: tl.constexpr,  # persistent: the tile loop and the K loop pipelined as one
 ):
     """out (M, N) = cast(diag(a_s) A_q B_q^T diag(b_s) + s U V + bias + s v_bias) (+ residual);
     A_q (M, K) and B_q (N, K) e4m3 behind K-contiguous descriptors, a_s (M,) and b_s (N,) fp32."""
     if PERSISTENT:
         tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
-        for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=FLATTEN):
+        for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
             _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr,
                       res_ptr, out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn,
                       stride_rm, stride_rn, stride_om, stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS,
@@ -131,14 +130,17 @@ def _fp8_lora_gemm_kernel(
                   BLOCK_R, PREFETCH, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, persistent, flatten): the probe's fastest tiles at
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, persistent): the probe's fastest tiles at
 # the Llama-8B shapes (128 x 256 x 128 one program per tile at three of four, persistent at
 # 4096 x 4096; 256 x 128 x 128 close behind at the down projection). A four-stage 128 x 256
 # and a 128 x 128 tile (for the small sites) were tried in the autotuner and withdrawn: mixed
 # in the kernel table (8b mlp.down 0.714 against 0.661-0.688 in three runs with these three,
 # 1b mlp.up 0.793 against 0.823-0.838; H200, 2026-12-01, docs/bench/kernel-fp8-s10*.md), and
 # the autotuner times each tile alone, back to back, which is not how a step runs them.
-_TILES = [(128, 256, 128, 3, 8, False, False), (128, 256, 128, 3, 8, True, False), (256, 128, 128, 3, 8, False, False)]
+# Persistent with the tile and K loops flattened into one pipelined loop (tl.range(flatten=True),
+# Triton 3.6) took 4-46x the time in the forward form and 1.15-1.5x in the backward's
+# (docs/bench/probe-fp8-tiles-2026-12-01.log): not offered.
+_TILES = [(128, 256, 128, 3, 8, False), (128, 256, 128, 3, 8, True), (256, 128, 128, 3, 8, False)]
 
 
 # The largest rank block of the epilogue (BLOCK_R), so the largest rank whose low-rank tiles
@@ -155,10 +157,9 @@ def _set_blocks(nargs):
 @functools.cache
 def _tuned(autotune: bool):
     tiles = _TILES if autotune else _TILES[:1]
-    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": persistent,
-                              "FLATTEN": flatten},
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "PERSISTENT": persistent},
                              num_stages=stages, num_warps=warps, pre_hook=_set_blocks)
-               for bm, bn, bk, stages, warps, persistent, flatten in tiles]
+               for bm, bn, bk, stages, warps, persistent in tiles]
     return triton.autotune(
         configs=configs,
         key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL", "PREFETCH"],
@@ -169,7 +170,7 @@ def _tuned(autotune: bool):
 
 # The interpreter runs one small configuration (tl.dot needs every dimension >= 16; fp8 K
 # blocks of 32 bytes), persistent, so that its programs loop over several tiles.
-_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "PERSISTENT": True, "FLATTEN": False}
+_INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2, "PERSISTENT": True}
 
 
 def unsupported(a_codes: Tensor, b_codes: Tensor) -> Optional[str]:

@@ -337,3 +337,87 @@ def test_gpu_below_8_9_refuses_fp8_with_the_way_out():
         model = peft_wrap(tiny_causal_lm("llama", dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="compute capability 8.9"):
         fp8.convert(model)
+
+
+def _tied_lora_llama():
+    """A tiny PEFT Llama whose lm_head shares the input embedding's weight (as Llama-3.2-1B)."""
+    model = peft_wrap(tiny_causal_lm("llama"))
+    inner = model.get_base_model()
+    inner.lm_head.weight = inner.model.embed_tokens.weight
+    return model
+
+
+def test_fp8_layers_all_stores_the_lm_head_too_and_counts_a_tied_weight_as_kept():
+    """convert with frozen_linears (what precision="fp8", fp8_layers="all" converts): the 14 LoRA
+    bases and the lm_head, not the adapters; the lm_head's weight is tied to the embedding, so
+    it is reported shared and no bytes are counted saved for it (the embedding keeps it); the
+    compiled model (lm_head as a standalone fp8_linear) trains as the eager converted one."""
+    torch.manual_seed(0)
+    model = _tied_lora_llama()
+    inner = model.get_base_model()
+    bases = _weights_of_bases(model)
+    report = fp8.convert(model, select=fp8.frozen_linears)
+    assert len(report.converted) == 15 and "base_model.model.lm_head" in report.converted
+    assert not any("lora_" in path for path in report.converted)
+    assert report.shared == {"base_model.model.lm_head": "base_model.model.model.embed_tokens.weight"}
+    assert report.dense_bytes == sum(4 * w.numel() for w in bases)  # the lm_head's not among them
+    vocab, hidden = inner.model.embed_tokens.weight.shape
+    assert report.fp8_bytes == sum(w.numel() + 4 * w.shape[0] for w in bases) + vocab * hidden + 4 * vocab
+    assert "its dense weight stays" in str(report) and isinstance(inner.lm_head, fp8.Fp8Linear)
+    result = train_and_compare(model, lambda step: batch_for("llama", seed=step), options=AOT, steps=2,
+                               rtol=1e-3, atol=1e-4)
+    assert result.report.counters["fp8_linear.stored"] == 14
+
+
+def test_compile_with_fp8_layers_all_converts_every_frozen_linear_and_checks_the_option():
+    import warnings
+
+    model = _tied_lora_llama()
+    unsloth_compile.compile(model, precision="fp8", fp8_layers="all", **AOT)
+    inner = model.get_base_model()
+    assert isinstance(inner.lm_head, fp8.Fp8Linear)
+    assert all(isinstance(m, fp8.Fp8Linear) for m in (l.base_layer for _, l in fp8.lora_base_layers(model)))
+    model(**batch_for("llama", seed=0)).loss.backward()
+    with pytest.raises(ValueError, match="fp8_layers='all' says which layers precision='fp8' stores"):
+        unsloth_compile.Config.from_options({"fp8_layers": "all"})
+    with pytest.raises(ValueError, match="option fp8_layers='some' is not valid"):
+        unsloth_compile.Config.from_options({"precision": "fp8", "fp8_layers": "some"})
+    # the backend alone converts nothing: it says so where a dense linear is left in the graph
+    dense = peft_wrap(tiny_causal_lm("llama"))
+    compiled = torch.compile(dense, backend="unsloth", options={**AOT, "precision": "fp8", "fp8_layers": "all"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(**batch_for("llama", seed=0))
+    assert any("the backend does not convert modules" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@needs_fp8_gpu
+def test_gpu_lm_head_in_fp8_keeps_logits_dx_and_loss_at_the_fp8_bar():
+    """A llama-1b-sized lm_head (2048 -> 128256, bf16) stored in fp8 (fp8_layers="all"), on 2048
+    tokens with random targets: logits and dX within 25 dB SQNR of float64 (torchao's bar, as for
+    the LoRA bases), the cross-entropy within 1% of the bf16 layer's, and the dense layer's own
+    error as a yardstick."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hidden, vocab, tokens = 2048, 128256, 2048
+    dense = nn.Linear(hidden, vocab, bias=False, device="cuda", dtype=torch.bfloat16).requires_grad_(False)
+    dense.weight.copy_(torch.randn(vocab, hidden, device="cuda", generator=g) * hidden ** -0.5)
+    head = fp8.Fp8Linear.from_dense(dense)
+    h = torch.randn(tokens, hidden, device="cuda", generator=g, dtype=torch.bfloat16)
+    target = torch.randint(0, vocab, (tokens,), device="cuda", generator=g)
+    results = {}
+    for name, layer in (("fp8", head), ("bf16", dense)):
+        x = h.detach().requires_grad_()
+        logits = layer(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        loss.backward()
+        results[name] = (logits, x.grad, loss.item())
+    want_logits = h.double() @ dense.weight.double().t()
+    dlogits = torch.softmax(want_logits, dim=-1)
+    dlogits[torch.arange(tokens), target] -= 1
+    want_dx = (dlogits / tokens) @ dense.weight.double()
+    for name in ("fp8", "bf16"):
+        logits, dx, loss = results[name]
+        print(name, f"logits {sqnr_db(logits, want_logits):.1f} dB, dX {sqnr_db(dx, want_dx):.1f} dB, loss {loss:.5f}")
+    assert sqnr_db(results["fp8"][0], want_logits) >= 25 and sqnr_db(results["fp8"][1], want_dx) >= 25
+    assert abs(results["fp8"][2] - results["bf16"][2]) <= 0.01 * results["bf16"][2]

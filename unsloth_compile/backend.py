@@ -9,6 +9,7 @@ Registered twice over: as the `torch_dynamo_backends` entry point `unsloth` (so
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -16,7 +17,7 @@ import torch
 from torch._dynamo.backends.registry import register_backend
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.* before any graph is compiled
-from .config import CompressMode, Config, Inner
+from .config import CompressMode, Config, Fp8Layers, Inner
 from .report import Report, publish
 from .summary import SummaryLedger, summarize
 
@@ -29,6 +30,8 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     from .passes import run_passes
 
     gm, report = run_passes(gm, example_inputs, cfg)
+    if cfg.fp8_layers is Fp8Layers.ALL:
+        _warn_if_nothing_converted(gm)
     if report.refused:  # under DDP's graph splitting a bucket boundary may have cut a LoRA site
         from .distributed import warn_if_ddp_split
 
@@ -39,6 +42,21 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
         publish(report, log_it=cfg.report)
         if cfg.summary:
             summarize(report, example_inputs, ledger)
+
+
+def _warn_if_nothing_converted(gm: torch.fx.GraphModule) -> None:
+    """fp8_layers="all" acts where modules are converted (unsloth_compile.compile,
+    unsloth_compile.fp8.convert), not in the backend: say so when this graph still multiplies
+    by dense weights outside LoRA sites and runs no converted (fp8) linear of its own."""
+    fp8_linear = (torch.ops.unsloth.fp8_linear, torch.ops.unsloth.fp8_linear.default)
+    dense = (torch._C._nn.linear, torch.nn.functional.linear, torch.ops.aten.linear.default)
+    targets = {node.target for node in gm.graph.nodes if node.op == "call_function"}
+    if any(t in targets for t in dense) and not any(t in targets for t in fp8_linear):
+        warnings.warn(
+            "unsloth_compile: fp8_layers='all' but this graph's linears outside LoRA layers are not in fp8: "
+            "the backend does not convert modules. Use unsloth_compile.compile(model, precision='fp8', "
+            "fp8_layers='all'), or unsloth_compile.fp8.convert(model, select=unsloth_compile.fp8.frozen_linears) "
+            "before torch.compile", stacklevel=2)
 
 
 def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config,

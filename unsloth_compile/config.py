@@ -35,6 +35,13 @@ class Precision(str, enum.Enum):
     FP8 = "fp8"  # float8 e4m3 with rowwise scales (CUDA capability >= 8.9; emulated on CPU)
 
 
+class Fp8Layers(str, enum.Enum):
+    """Which frozen linears unsloth_compile.compile stores in fp8 under precision="fp8"."""
+
+    LORA = "lora"  # the frozen base of every LoRA layer
+    ALL = "all"  # every frozen nn.Linear / Conv1D: the LoRA bases and the rest (a causal LM's lm_head)
+
+
 class Sparsity(str, enum.Enum):
     """Whether fused LoRA linears run a 2:4-pruned frozen base on the sparse tensor cores."""
 
@@ -93,6 +100,11 @@ class Config:
     # unsloth_compile.fp8.convert is stored in fp8 (half the memory) and always runs so; with
     # this option a dense base is quantised on each call instead (no memory saved).
     precision: Precision = Precision.DEFAULT
+    # with precision="fp8", what unsloth_compile.compile converts: "all" adds the frozen linears
+    # outside LoRA layers (llama-1b's lm_head: 1.21x -> 1.27x the bf16 backend's tokens/s, H200).
+    # The backend alone converts nothing (unsloth_compile.fp8.convert(model,
+    # select=unsloth_compile.fp8.frozen_linears) does it before torch.compile).
+    fp8_layers: Fp8Layers = Fp8Layers.LORA
     # 2:4: LoRA linears whose base unsloth_compile.sparsity.prune converted run X W^T and dY W
     # on the compressed weight (cuSPARSELt or CUTLASS; cuSPARSELt alone measured 1.2-1.6x
     # faster than dense cuBLAS at the Llama shapes, H200); other sites are reported refused
@@ -173,6 +185,7 @@ class Config:
             elif isinstance(field.default, int) and not isinstance(field.default, bool):
                 object.__setattr__(self, field.name, _positive_int(field.name, value))
         self._check_compression()
+        self._check_fp8_layers()
         self._check_sparsity()
         if self.mode not in _MODES:
             raise ValueError(
@@ -206,6 +219,13 @@ class Config:
                 "range finder's Omega) from a new host seed at each step, which a CUDA graph replay "
                 "would freeze into one; use "
                 "cudagraphs=False and a mode without CUDA graphs, or another compress_activations"
+            )
+
+    def _check_fp8_layers(self) -> None:
+        if self.fp8_layers is Fp8Layers.ALL and self.precision is not Precision.FP8:
+            raise ValueError(
+                f"unsloth_compile: fp8_layers='all' says which layers precision='fp8' stores in fp8, "
+                f"but precision={self.precision.value!r}; add precision='fp8' or drop fp8_layers"
             )
 
     def _check_sparsity(self) -> None:

@@ -109,19 +109,39 @@ class Fp8Linear(nn.Module):
 class ConversionReport:
     converted: list[str] = dataclasses.field(default_factory=list)  # module paths
     refused: dict[str, str] = dataclasses.field(default_factory=dict)  # module path -> reason
-    dense_bytes: int = 0  # the converted weights before
-    fp8_bytes: int = 0  # after: codes and scales
+    # converted, but the dense weight stays: module path -> the other holder (tied embeddings)
+    shared: dict[str, str] = dataclasses.field(default_factory=dict)
+    dense_bytes: int = 0  # the converted weights before, those freed by the conversion only
+    fp8_bytes: int = 0  # after: codes and scales (of every converted layer, shared ones too)
 
     @property
     def saved_bytes(self) -> int:
         return self.dense_bytes - self.fp8_bytes
 
     def __str__(self) -> str:
-        lines = [f"unsloth_compile.fp8: {len(self.converted)} base linear(s) stored in fp8, "
+        lines = [f"unsloth_compile.fp8: {len(self.converted)} linear(s) stored in fp8, "
                  f"{len(self.refused)} left as they are; weights {self.dense_bytes / 2**20:.1f} MiB -> "
                  f"{self.fp8_bytes / 2**20:.1f} MiB ({self.saved_bytes / 2**20:.1f} MiB saved)"]
+        lines += [f"  {path}: in fp8, but its dense weight stays: it is also {other} (tied); the fp8 copy "
+                  f"adds its bytes, for speed" for path, other in self.shared.items()]
         lines += [f"  {path}: not converted: {reason}" for path, reason in self.refused.items()]
         return "\n".join(lines)
+
+
+def frozen_linears(path: str, module: nn.Module) -> bool:
+    """convert's `select` for every frozen linear (precision="fp8", fp8_layers="all"): each
+    nn.Linear / Conv1D whose weight takes no gradient, LoRA bases and others (a causal LM's
+    lm_head), not the adapters' own linears (trainable) nor PEFT's LoRA wrappers (not linears)."""
+    weight = dense_weight(module)
+    return weight is not None and not weight.requires_grad
+
+
+def _other_holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> the paths it is reachable by (more than one: tied)."""
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    return holders
 
 
 def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None,
@@ -129,10 +149,13 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
     """Store frozen base linears of `model` in fp8, in place; returns what was done.
 
     `select(path, module)` picks the modules to convert (default: the `base_layer` of every
-    LoRA layer). On a CUDA device below capability 8.9 it raises (the fp8 GEMMs cannot run
+    LoRA layer; `frozen_linears`: every frozen linear). A weight that another module shares
+    (tied embeddings) is converted for speed but not freed: the report lists it as shared and
+    counts no bytes saved for it. On a CUDA device below capability 8.9 it raises (the fp8 GEMMs cannot run
     there) unless `allow_emulation` (kernels="reference": the slow emulation, for accuracy
     checks)."""
     report = ConversionReport()
+    holders = _other_holders(model)
     for parent, attr, path in conversion_targets(model, select):
         module = getattr(parent, attr)
         if isinstance(module, Fp8Linear):
@@ -145,7 +168,12 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
         if weight.device.type == "cuda" and not allow_emulation:
             fp8_kernels.require_scaled_mm(weight.device)
         converted = Fp8Linear.from_dense(module)
-        report.dense_bytes += weight.numel() * weight.element_size()
+        own = {f"{path}.weight"}
+        others = [name for name in holders.get(id(module.weight), []) if name not in own]
+        if others:  # tied (an lm_head and the input embedding): the dense weight is not freed
+            report.shared[path] = others[0]
+        else:
+            report.dense_bytes += weight.numel() * weight.element_size()
         report.fp8_bytes += converted.weight_fp8.numel() + 4 * converted.weight_scale.numel()
         setattr(parent, attr, converted)
         report.converted.append(path)

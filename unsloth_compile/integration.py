@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .backend import unsloth
-from .config import Config, KernelChoice, Precision
+from .config import Config, Fp8Layers, KernelChoice, Precision
 from .summary import SummaryLedger
 
 
@@ -47,7 +47,8 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
     be given together. `fullgraph` and `dynamic` are `torch.compile`'s. A model that is already
     `torch.compile`'s wrapper is unwrapped: its module is compiled in place and returned. The
     one-line summary keeps running totals for this model alone. With precision="fp8" the LoRA
-    layers' frozen bases are first stored in fp8 (`unsloth_compile.fp8.convert`), in place.
+    layers' frozen bases (with fp8_layers="all": every frozen linear) are first stored in fp8
+    (`unsloth_compile.fp8.convert`), in place.
     """
     options = _merge_options(options, option_kwargs, mode)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
@@ -57,9 +58,10 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
                         f"for a function use torch.compile(fn, backend='unsloth')")
     cfg = Config.from_options(options, mode)
     if cfg.precision is Precision.FP8:  # in place, as the compile: the bf16 bases are freed
-        from .fp8 import convert
+        from .fp8 import convert, frozen_linears
 
-        convert(model, allow_emulation=cfg.kernels is KernelChoice.REFERENCE)
+        convert(model, select=frozen_linears if cfg.fp8_layers is Fp8Layers.ALL else None,
+                allow_emulation=cfg.kernels is KernelChoice.REFERENCE)
     backend = functools.partial(unsloth, options=options, mode=mode, ledger=SummaryLedger())
     model.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     return model

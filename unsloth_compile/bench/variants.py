@@ -28,8 +28,6 @@ leaves padded tokens out of the calibration (`ignore_padding=True`); `prune_cali
 N calibration batches (default 8, at most the MAX_CALIBRATION_BATCHES the bench passes).
 `prune_*` are the bench's, not backend options, as is `prune_layers=REGEX`, which prunes only
 the LoRA bases whose path matches (e.g. `prune_layers=mlp` for a Llama's MLP; the others stay dense).
-`fp8_layers=all` (the bench's, with precision=fp8) stores every frozen linear in fp8, the LoRA
-bases and the others (a causal LM's lm_head), instead of the LoRA bases only.
 """
 
 from __future__ import annotations
@@ -143,15 +141,6 @@ PRUNE_OPTIONS = ("prune_method", "prune_layers", "prune_sequential", "prune_padd
 CALIBRATION_BATCHES = 8  # what prune_calibration defaults to
 
 
-def _frozen_linears(path: str, module) -> bool:
-    """fp8_layers=all: every nn.Linear whose weight is frozen (LoRA bases, lm_head), not the
-    adapters' own linears."""
-    import torch
-
-    return (type(module) is torch.nn.Linear and not module.weight.requires_grad
-            and ".lora_" not in f".{path}")
-
-
 def _prune_kwargs(variant: Variant, options: dict, calibration: Optional[list]) -> dict:
     """prune()'s calibration, sequential, target and ignore_padding from the variant's prune_*
     options (popped from `options`)."""
@@ -189,18 +178,15 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
     if prune_method not in PRUNE_METHODS:
         raise ValueError(f"variant {variant.name}: prune_method={prune_method!r}; one of {', '.join(PRUNE_METHODS)}")
     prune_layers = options.pop("prune_layers", None)
-    fp8_layers = str(options.pop("fp8_layers", "lora"))
-    if fp8_layers not in ("lora", "all"):
-        raise ValueError(f"variant {variant.name}: fp8_layers={fp8_layers!r}; one of lora, all")
     prune_kwargs = _prune_kwargs(variant, options, calibration)
     if variant.kind in BACKEND_KINDS:
         from unsloth_compile import Config  # importing the package registers the backend
 
         cfg = Config.from_options(options, mode)  # a bad option fails here, not after Dynamo traced the model
         if cfg.precision.value == "fp8":  # the frozen bases stored in fp8 first, as unsloth_compile.compile does
-            from unsloth_compile.fp8 import convert
+            from unsloth_compile.fp8 import convert, frozen_linears
 
-            convert(model, select=_frozen_linears if fp8_layers == "all" else None,
+            convert(model, select=frozen_linears if cfg.fp8_layers.value == "all" else None,
                     allow_emulation=cfg.kernels.value == "reference")
         if cfg.sparsity.value == "2:4":  # the LoRA bases pruned 2:4 first: the option runs them sparse
             from unsloth_compile.sparsity import prune
