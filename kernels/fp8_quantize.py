@@ -117,8 +117,8 @@ def one_tile_config(block_c: int, fold: bool) -> tuple[int, int]:
     the fastest of scripts/sweep_fp8_quantize.py at M = 8192 on the H200 (2026-12-01,
     docs/bench/sweep-fp8-quantize-2026-12-01.log), 3.8-4.3 TB/s from C = 2048 up. Narrow rows
     go several to a program (2048 elements, 4096 with the fold) so that each has enough
-    loads in flight; 8 warps from 8192 up (16, the earlier choice, took 91 against 83 us at
-    14336, and 4 warps spill). With the fold, 2 rows of 2048 (13.3 against 13.9 us)."""
+    loads in flight; 8 warps from 8192 up (at 14336: 83 us, against 91 with 16, the earlier
+    choice, and 102 with 4). With the fold, 2 rows of 2048 (13.3 against 13.9 us)."""
     if block_c >= 8192:
         return 1, 8
     return min(8, max(1, (4096 if fold else 2048) // block_c)), 4

@@ -132,7 +132,8 @@ def main() -> None:
                     config = (rows, warps)
                     try:
                         codes, dq = quantize_rows(x, col_scale, config=config)
-                        ok = torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8)) and torch.equal(dq, want_dq)
+                        ok = (torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
+                              and torch.equal(dq, want_dq))
                         record(kind, C, f"rows {rows} warps {warps}",
                                _bench_graph(lambda: quantize_rows(x, col_scale, config=config)), nbytes, ok)
                     except Exception as exc:  # a configuration that does not compile: say so, go on

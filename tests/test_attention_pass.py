@@ -67,7 +67,9 @@ def _sdpa_masks(gm):
     return [n.kwargs.get("attn_mask") for n in gm.graph.nodes if n.op == "call_function" and n.target in SDPA_TARGETS]
 
 
-def _compare(model, x, **options):
+def _compare(model, x, param_atol=1e-6, **options):
+    """Compiled against eager: outputs, input gradient and each parameter's gradient (that one
+    within param_atol: a sum over the batch, which a rewrite may order differently)."""
     eager_x, compiled_x = x.clone().requires_grad_(), x.clone().requires_grad_()
     expected = model(eager_x)
     expected.square().sum().backward()
@@ -81,7 +83,7 @@ def _compare(model, x, **options):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(compiled_x.grad, eager_x.grad, rtol=1e-5, atol=1e-6)
     for p, g in zip(model.parameters(), expected_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=param_atol)
     return report
 
 
@@ -458,7 +460,9 @@ def test_repeated_kv_becomes_enable_gqa_and_keeps_the_values():
     assert call.kwargs["enable_gqa"] is True and report.counters["attention.gqa"] == 1
     assert [tuple(a.meta["example_value"].shape) for a in call.args[1:3]] == [(3, 2, 11, 8)] * 2
     assert not [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"]  # repeats erased
-    report = _compare(model, x, attention_gqa=True)
+    # enable_gqa sums a group's k/v gradients inside SDPA's backward, the repeat in expand's:
+    # another order of fp32 sums (measured: one element of 512 off by 3.7e-6, torch 2.13 CPU)
+    report = _compare(model, x, param_atol=1e-5, attention_gqa=True)
     assert report.counters["attention.gqa"] == 1
 
 

@@ -178,7 +178,12 @@ def test_adapters_with_different_dropout_draws_are_fused(dropouts):
     model = _peft_with_adapters(dropouts)
     n_params = sum("lora_" in n for n, p in model.named_parameters())
     assert n_params == 2 * len(dropouts) * 3 * 2  # A and B per adapter, 3 targets, 2 layers
-    result = train_and_compare(model, lambda step: batch_for("llama", seed=step), steps=2)
+    # atol 5e-5 rather than 1e-5: AdamW divides by sqrt(v), so a gradient element near zero
+    # whose last bits differ (the op adds the other adapters' terms as its residual, in
+    # another order than eager's sum) moves its parameter by a visibly different fraction of
+    # lr (measured: one element of 288 off by 2.2e-5 after 2 steps, torch 2.13 CPU, where the
+    # losses and gradients had matched at 1e-5; the helper applies one atol to all three).
+    result = train_and_compare(model, lambda step: batch_for("llama", seed=step), steps=2, atol=5e-5)
     report = result.report
     assert report.counters["lora_linear.fused"] == 6 and report.counters["lora_linear.refused"] == 0, report
     for site in report.fused:

@@ -151,9 +151,9 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
     `select(path, module)` picks the modules to convert (default: the `base_layer` of every
     LoRA layer; `frozen_linears`: every frozen linear). A weight that another module shares
     (tied embeddings) is converted for speed but not freed: the report lists it as shared and
-    counts no bytes saved for it. On a CUDA device below capability 8.9 it raises (the fp8 GEMMs cannot run
-    there) unless `allow_emulation` (kernels="reference": the slow emulation, for accuracy
-    checks)."""
+    counts no bytes saved for it. On a CUDA device below capability 8.9 it raises (the fp8
+    GEMMs cannot run there) unless `allow_emulation` (kernels="reference": the slow emulation,
+    for accuracy checks)."""
     report = ConversionReport()
     holders = _other_holders(model)
     for parent, attr, path in conversion_targets(model, select):
