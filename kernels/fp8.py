@@ -177,16 +177,17 @@ def base_grad_input(grad2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate:
                                     emulate)
 
 
-# Rows of dY wider than this read W's scales for the fold in bf16 (exact: powers of two of
+# Rows of dY this wide or wider read W's scales for the fold in bf16 (exact: powers of two of
 # fp32's exponent range, 2^-48 and up): at 14336 each row read 57 KB of fp32 scales from L2 and
-# the fold cost 120 against 102 us (H200, scripts/sweep_fp8_quantize.py); narrower, the cast's
-# extra launch costs about what it saves.
+# the fold cost 120 against 102 us, at 8192 57 against 50 (one row per program; H200,
+# scripts/sweep_fp8_quantize.py); narrower, two rows per program share the fp32 scales and the
+# cast's extra launch would cost about what it saves.
 FOLD_IN_BF16_FROM = 8192
 
 
 def fold_scales(w_dequant: Tensor) -> Tensor:
     """W's row dequant scales as backward's quantisation of dY reads them for the fold."""
-    if w_dequant.device.type == "cuda" and w_dequant.numel() > FOLD_IN_BF16_FROM:
+    if w_dequant.device.type == "cuda" and w_dequant.numel() >= FOLD_IN_BF16_FROM:
         return w_dequant.to(torch.bfloat16)
     return w_dequant
 
@@ -330,8 +331,8 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
         out = torch.empty((x2d.shape[0], w_codes.shape[0]), device=x.device, dtype=x.dtype)
         # H, and B^T as the (r, N) view of B (stride r along N), are read as they are: at r <= 64
         # the kernel loads both tiles before its main loop, where the strided loads cost nothing
-        # measurable (scripts/probe_fp8_epilogue.py, H200: within 2% either way of a contiguous
-        # bf16 copy of B^T); past that, loaded after it, B^T is copied contiguous first.
+        # measurable (scripts/probe_fp8_epilogue.py, H200: from 8% faster to 2% slower than with a
+        # contiguous bf16 copy of B^T); past that, loaded after it, B^T is copied contiguous first.
         v = lora_B.t() if lora_B.shape[1] <= PREFETCH_MAX_RANK else _operand(lora_B.t(), x.dtype)
         return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, lora_hidden, v, out, scale, scale_tensor,
                              bias=bias, v_bias=lora_B_bias, residual=rows(residual) if fuse_residual else None)

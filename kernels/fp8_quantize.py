@@ -116,12 +116,15 @@ def one_tile_config(block_c: int, fold: bool) -> tuple[int, int]:
     """(rows per program, warps) of rows held whole, BLOCK_C = C rounded up to a power of two:
     the fastest of scripts/sweep_fp8_quantize.py at M = 8192 on the H200 (2026-12-01,
     docs/bench/sweep-fp8-quantize-2026-12-01.log), 3.8-4.3 TB/s from C = 2048 up. Narrow rows
-    go several to a program (2048 elements, 4096 with the fold) so that each has enough
-    loads in flight; 8 warps from 8192 up (at 14336: 83 us, against 91 with 16, the earlier
-    choice, and 102 with 4). With the fold, 2 rows of 2048 (13.3 against 13.9 us)."""
+    go several to a program (2048 elements, 4096 with the fold, whose fp32 scales then serve
+    several rows) so that each has enough loads in flight; 8 warps from 8192 up (at 14336:
+    83 us, against 91 with 16, the earlier choice, and 102 with 4). The fold's figures are with
+    fp32 scales up to 8192 columns and bf16 past that (kernels/fp8.py's fold_scales)."""
     if block_c >= 8192:
         return 1, 8
-    return min(8, max(1, (4096 if fold else 2048) // block_c)), 4
+    if fold:  # at least 2 rows: the column scales read once serve both (26.6 against 29.1 us at 4096)
+        return min(8, max(2, 4096 // block_c)), 4
+    return min(8, max(1, 2048 // block_c)), 4
 
 
 def quantize_rows(t: Tensor, col_scale: Optional[Tensor] = None,
