@@ -33,7 +33,8 @@ import triton.language as tl
 from . import knobs
 from .launch_args import capability, interpreting, load_scale, processors, scale_operand
 # the bf16 kernel's tile order, epilogue, small-problem pruning and descriptor import, shared
-from .lora_gemm import _TL_DTYPES, TensorDescriptor, _lowrank_epilogue, _prune_configs, _store_tile, _tile_coords
+from .lora_gemm import (_TL_DTYPES, TensorDescriptor, _lowrank_epilogue, _lowrank_tiles, _prune_configs, _store_tile,
+                        _tile_coords)
 
 E4M3 = torch.float8_e4m3fn
 
@@ -53,41 +54,37 @@ def _fp8_tile(
     """One output tile: the fp8 main loop (TMA zero-fills rows past M and the K tail), the
     rows' and columns' dequantisation scales, then the low-rank term and the store.
 
-    PREFETCH (R <= BLOCK_R): the scales and the (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles
-    are loaded before the main loop, so that their latency hides behind it instead of
-    following it on every tile; the same arithmetic as `_lowrank_epilogue`, in its order."""
+    The dequantisation scales are loaded before the main loop, and with PREFETCH (R <= BLOCK_R)
+    so are the (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles (`_lowrank_tiles`, as the epilogue
+    loads them), so that their latency hides behind the loop instead of following it on every
+    tile; the same arithmetic as `_lowrank_epilogue`, in its order."""
     pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows/columns past the edge wrap around (as in the epilogue): their loads stay in bounds
     rows = offs_m % M
     cols = offs_n % N
+    a_scale = tl.load(a_scale_ptr + rows)
+    if HAS_B_SCALE:
+        b_scale = tl.load(b_scale_ptr + cols)
     if PREFETCH:
-        a_scale = tl.load(a_scale_ptr + rows)
-        if HAS_B_SCALE:
-            b_scale = tl.load(b_scale_ptr + cols)
         s = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
         offs_r = tl.arange(0, BLOCK_R)
-        u = tl.load(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                    mask=offs_r[None, :] < R, other=0.0).to(tl.float32) * s
-        v = tl.load(v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn,
-                    mask=offs_r[:, None] < R, other=0.0)
+        u, v = _lowrank_tiles(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                              v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn, offs_r, R, s)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k])
         b = b_desc.load([pid_n * BLOCK_N, k])
         acc = tl.dot(a, b.T, acc)
+    acc = acc * a_scale[:, None]
+    if HAS_B_SCALE:
+        acc = acc * b_scale[None, :]
     if PREFETCH:
-        acc = acc * a_scale[:, None]
-        if HAS_B_SCALE:
-            acc = acc * b_scale[None, :]
         acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision="tf32")
         _store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
                     stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
     else:
-        acc = acc * tl.load(a_scale_ptr + rows)[:, None]
-        if HAS_B_SCALE:
-            acc = acc * tl.load(b_scale_ptr + cols)[None, :]
         _lowrank_epilogue(
             acc, pid_m, pid_n,
             u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,

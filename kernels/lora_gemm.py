@@ -54,6 +54,15 @@ def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def _lowrank_tiles(u_ptrs, v_ptrs, offs_r, r_left, s):
+    """One BLOCK_R block of the low-rank term's operands: s U[rows, block] in fp32 and
+    V[block, cols] as stored, ranks past r_left masked to zero."""
+    u = tl.load(u_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(tl.float32) * s
+    v = tl.load(v_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
+    return u, v
+
+
+@triton.jit
 def _lowrank_epilogue(
     acc, pid_m, pid_n,
     # pointers
@@ -85,9 +94,7 @@ def _lowrank_epilogue(
     u_ptrs = u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur
     v_ptrs = v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn
     for r0 in range(0, R, BLOCK_R):
-        r_left = R - r0
-        u = tl.load(u_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(tl.float32) * s
-        v = tl.load(v_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
+        u, v = _lowrank_tiles(u_ptrs, v_ptrs, offs_r, R - r0, s)
         acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PRECISION)
         u_ptrs += BLOCK_R * stride_ur
         v_ptrs += BLOCK_R * stride_vr
