@@ -34,21 +34,21 @@ from . import knobs
 from .launch_args import capability, interpreting, load_scale, processors, scale_operand
 # the bf16 kernel's tile order, epilogue, small-problem pruning and descriptor import, shared
 from .lora_gemm import (_TL_DTYPES, TensorDescriptor, _lowrank_epilogue, _lowrank_tiles, _prune_configs, _store_tile,
-                        _tile_coords)
+                        _tile_coords, _tile_value)
 
 E4M3 = torch.float8_e4m3fn
 
 
 @triton.jit
 def _fp8_tile(
-    tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr,
+    tile_id, a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr,
     scale_ptr,
     M, N, K, R,
     stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om, stride_on,
     scale,
     HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
-    PREFETCH: tl.constexpr,
+    PREFETCH: tl.constexpr, TMA_STORE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One output tile: the fp8 main loop (TMA zero-fills rows past M and the K tail), the
@@ -82,8 +82,15 @@ def _fp8_tile(
         acc = acc * b_scale[None, :]
     if PREFETCH:
         acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision="tf32")
-        _store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
-                    stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
+        if TMA_STORE:  # through shared memory by one bulk copy (clipped at the edges), which runs on
+            # while a persistent program's next tile loads; a program that exits after the store
+            # waits for it (one tile per program: 12-17% slower with it, H200, 2026-12-01)
+            out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N],
+                           _tile_value(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, M, N, stride_rm,
+                                       stride_rn, COMPUTE_DTYPE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL))
+        else:
+            _store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
+                        stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
     else:
         _lowrank_epilogue(
             acc, pid_m, pid_n,
@@ -98,7 +105,7 @@ def _fp8_tile(
 
 @triton.jit(do_not_specialize=["R", "M_BUCKET", "stride_um", "stride_vn"])
 def _fp8_lora_gemm_kernel(
-    a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
+    a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
     M, N, K, R,
     M_BUCKET,  # next power of two of M: an autotuning key only
     stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om, stride_on,
@@ -106,6 +113,7 @@ def _fp8_lora_gemm_kernel(
     HAS_B_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, BLOCK_R: tl.constexpr,
     PREFETCH: tl.constexpr,  # the low-rank term in one BLOCK_R block: its tiles loaded up front
+    TMA_STORE: tl.constexpr,  # persistent programs (with PREFETCH) store their tiles through out_desc
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     PERSISTENT: tl.constexpr,  # one program per SM looping over tiles, else one per tile
 ):
@@ -114,17 +122,17 @@ def _fp8_lora_gemm_kernel(
     if PERSISTENT:
         tiles = ((M + BLOCK_M - 1) // BLOCK_M) * ((N + BLOCK_N - 1) // BLOCK_N)
         for tile_id in tl.range(tl.program_id(0), tiles, tl.num_programs(0)):
-            _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr,
+            _fp8_tile(tile_id, a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr,
                       res_ptr, out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn,
                       stride_rm, stride_rn, stride_om, stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS,
                       HAS_RESIDUAL, HAS_SCALE_TENSOR, COMPUTE_DTYPE,
-                      BLOCK_R, PREFETCH, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                      BLOCK_R, PREFETCH, TMA_STORE, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     else:
-        _fp8_tile(tl.program_id(0), a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr, v_bias_ptr,
-                  res_ptr, out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn, stride_rm,
-                  stride_rn, stride_om, stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL,
+        _fp8_tile(tl.program_id(0), a_desc, b_desc, out_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, bias_ptr,
+                  v_bias_ptr, res_ptr, out_ptr, scale_ptr, M, N, K, R, stride_um, stride_ur, stride_vr, stride_vn,
+                  stride_rm, stride_rn, stride_om, stride_on, scale, HAS_B_SCALE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL,
                   HAS_SCALE_TENSOR, COMPUTE_DTYPE,
-                  BLOCK_R, PREFETCH, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+                  BLOCK_R, PREFETCH, False, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, persistent): the probe's fastest tiles at
@@ -136,7 +144,12 @@ def _fp8_lora_gemm_kernel(
 # the autotuner times each tile alone, back to back, which is not how a step runs them.
 # Persistent with the tile and K loops flattened into one pipelined loop (tl.range(flatten=True),
 # Triton 3.6) took 4-46x the time in the forward form and 1.15-1.5x in the backward's
-# (docs/bench/probe-fp8-tiles-2026-12-01.log): not offered.
+# (docs/bench/probe-fp8-tiles-2026-12-01.log): not offered; nor K blocks of 256 (two stages):
+# 1.07-1.23x _scaled_mm at the eight GEMMs (docs/bench/probe-fp8-gemm-2026-12-01-s12.log).
+# The persistent tile stores through a TMA descriptor (where `fp8_lora_gemm` can): the fastest
+# configuration at 5 of the 8 GEMMs there, e.g. the 8B up projection's forward 799 us against
+# 815 us (one program per tile) and 845 us (persistent, tl.store); one program per tile with a
+# TMA store was 12-17% slower (each program waits for its store before it exits).
 _TILES = [(128, 256, 128, 3, 8, False), (128, 256, 128, 3, 8, True), (256, 128, 128, 3, 8, False)]
 
 
@@ -149,6 +162,8 @@ def _set_blocks(nargs):
     """Autotuner pre-hook: the descriptors' block shapes follow the configuration tried."""
     nargs["a_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
     nargs["b_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+    if nargs["out_desc"] is not None:
+        nargs["out_desc"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_N"]]
 
 
 @functools.cache
@@ -159,7 +174,8 @@ def _tuned(autotune: bool):
                for bm, bn, bk, stages, warps, persistent in tiles]
     return triton.autotune(
         configs=configs,
-        key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL", "PREFETCH"],
+        key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL", "PREFETCH",
+             "TMA_STORE"],
         prune_configs_by={"early_config_prune": _prune_configs},
         do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25),
     )(_fp8_lora_gemm_kernel)
@@ -191,7 +207,8 @@ def unsupported(a_codes: Tensor, b_codes: Tensor) -> Optional[str]:
 def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant: Optional[Tensor], u: Tensor,
                   v: Tensor, out: Tensor, scale: float, scale_tensor: Optional[Tensor] = None,
                   bias: Optional[Tensor] = None, v_bias: Optional[Tensor] = None,
-                  residual: Optional[Tensor] = None, prefetch: Optional[bool] = None) -> Tensor:
+                  residual: Optional[Tensor] = None, prefetch: Optional[bool] = None,
+                  tma_store: Optional[bool] = None) -> Tensor:
     """out (M, N) = cast(diag(a_dequant) A_q B_q^T diag(b_dequant) + s u @ v + bias + s v_bias)
     (+ residual, after the cast, as torch's `out.to(dtype) + residual`).
 
@@ -200,8 +217,11 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
     multiplies u's tile by s in fp32 and rounds both to out's half dtype for the tensor cores
     (so an fp32 adapter needs no cast copy beforehand); bias, v_bias (N,); residual (M, N) of
     any strides, not aliasing out. prefetch: load the low-rank tiles before the main loop
-    (default: when r fits one block of BLOCK_R, i.e. r <= 64; False for probes). `unsupported`
-    must have said None."""
+    (default: when r fits one block of BLOCK_R, i.e. r <= 64; False for probes). tma_store: the
+    persistent configurations store their output tiles through a TMA descriptor (default: where
+    it can, i.e. on the prefetch path with out's rows contiguous and 16-byte aligned; True: raise
+    where it cannot; False: never; one program per tile always stores by tl.store).
+    `unsupported` must have said None."""
     M, K = a_codes.shape
     N = b_codes.shape[0]
     R = u.shape[1]
@@ -231,6 +251,11 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         BLOCK_R=block_r,
         PREFETCH=R <= block_r if prefetch is None else prefetch,
     )
+    store_ok = (named["PREFETCH"] and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
+                and out.data_ptr() % 16 == 0)
+    if tma_store and not store_ok:
+        raise ValueError("tma_store needs the prefetch path and out's rows contiguous and 16-byte aligned")
+    named["TMA_STORE"] = store_ok and tma_store is not False
 
     def programs(cfg) -> int:
         tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
@@ -240,11 +265,15 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         cfg = _INTERPRETER_CONFIG
         _fp8_lora_gemm_kernel[(programs(cfg),)](
             a_desc=TensorDescriptor.from_tensor(a_codes, [cfg["BLOCK_M"], cfg["BLOCK_K"]]),
-            b_desc=TensorDescriptor.from_tensor(b_codes, [cfg["BLOCK_N"], cfg["BLOCK_K"]]), **named, **cfg)
+            b_desc=TensorDescriptor.from_tensor(b_codes, [cfg["BLOCK_N"], cfg["BLOCK_K"]]),
+            out_desc=(TensorDescriptor.from_tensor(out, [cfg["BLOCK_M"], cfg["BLOCK_N"]])
+                      if named["TMA_STORE"] else None), **named, **cfg)
         return out
     # block shapes here are placeholders: the autotuner's pre-hook re-blocks per configuration
     a_desc = TensorDescriptor.from_tensor(a_codes, [64, 64])
     b_desc = TensorDescriptor.from_tensor(b_codes, [64, 64])
+    out_desc = TensorDescriptor.from_tensor(out, [64, 64]) if named["TMA_STORE"] else None
     with torch.cuda.device(a_codes.device):
-        _tuned(knobs.current().autotune)[lambda meta: (programs(meta),)](a_desc=a_desc, b_desc=b_desc, **named)
+        _tuned(knobs.current().autotune)[lambda meta: (programs(meta),)](a_desc=a_desc, b_desc=b_desc,
+                                                                         out_desc=out_desc, **named)
     return out

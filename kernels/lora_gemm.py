@@ -103,6 +103,33 @@ def _lowrank_epilogue(
 
 
 @triton.jit
+def _tile_value(
+    acc, offs_m, offs_n, s,
+    # pointers
+    bias_ptr, v_bias_ptr, res_ptr,
+    # sizes
+    M, N,
+    # strides
+    stride_rm, stride_rn,
+    # meta-parameters
+    OUT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    """The epilogue's end before the store: acc (+ bias + s v_bias) cast to OUT_DTYPE (+ residual)."""
+    rows = offs_m % M
+    cols = offs_n % N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
+    if HAS_V_BIAS:
+        acc += s * tl.load(v_bias_ptr + cols).to(tl.float32)[None, :]
+    y = acc.to(OUT_DTYPE)
+    if HAS_RESIDUAL:
+        # PyTorch's `out.to(dtype) + residual`: round, add in fp32, round again.
+        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn)
+        y = (y.to(tl.float32) + res.to(tl.float32)).to(OUT_DTYPE)
+    return y
+
+
+@triton.jit
 def _store_tile(
     acc, offs_m, offs_n, s,
     # pointers
@@ -116,18 +143,8 @@ def _store_tile(
 ):
     """The epilogue's end: acc (+ bias + s v_bias) cast to out's dtype (+ residual), stored
     where the tile lies inside (M, N)."""
-    rows = offs_m % M
-    cols = offs_n % N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    if HAS_V_BIAS:
-        acc += s * tl.load(v_bias_ptr + cols).to(tl.float32)[None, :]
-    out_dtype = out_ptr.dtype.element_ty
-    y = acc.to(out_dtype)
-    if HAS_RESIDUAL:
-        # PyTorch's `out.to(dtype) + residual`: round, add in fp32, round again.
-        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn)
-        y = (y.to(tl.float32) + res.to(tl.float32)).to(out_dtype)
+    y = _tile_value(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, M, N, stride_rm, stride_rn,
+                    out_ptr.dtype.element_ty, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y, mask=mask)
 

@@ -10,10 +10,14 @@ or after it; in the forward, B^T read as the (r, N) view of the (N, r) parameter
 along N) instead of a contiguous bf16 copy. torch._scaled_mm alone (no low-rank term, no
 epilogue) is timed beside them as the floor.
 
-    python scripts/probe_fp8_epilogue.py [--out DIR] [--tiles]
+    python scripts/probe_fp8_epilogue.py [--out DIR] [--tiles | --store]
 
 --tiles: instead, each candidate tile of the kernel alone (the autotuner given one
-configuration), prefetch on, one program per tile or persistent.
+configuration), prefetch on, one program per tile or persistent. --store: the first four
+candidate tiles alone, the persistent ones each with the output tile stored by tl.store
+(through registers, masked) and by a TMA descriptor (the kernel's default for them). The run
+that chose the default (docs/bench/probe-fp8-gemm-2026-12-01-s12.log) also timed one program
+per tile with a TMA store: 12-17% slower, since each program waits for its store to finish.
 
 GPU time per call (CUDA-graph replay, bench.kernel._bench_graph); prints one line per variant
 and writes probe_fp8_epilogue.json. Not a test, not part of the package.
@@ -38,7 +42,9 @@ RANK = 16
 # (tl.range(flatten=True)): 4-46x the time forward, 1.15-1.5x backward (H200, Triton 3.6,
 # docs/bench/probe-fp8-tiles-2026-12-01.log); the kernel no longer takes that flag.
 CANDIDATE_TILES = [(128, 256, 128, 3, 8, False), (128, 256, 128, 3, 8, True), (256, 128, 128, 3, 8, False),
-                   (256, 128, 128, 3, 8, True), (128, 128, 128, 4, 8, True)]
+                   (256, 128, 128, 3, 8, True), (128, 128, 128, 4, 8, True),
+                   # K blocks of 256 (half the loop iterations, two stages in 192 KB), twelfth session
+                   (128, 256, 256, 2, 8, False), (128, 256, 256, 2, 8, True)]
 
 
 def one_tile(tile):
@@ -51,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=".")
     parser.add_argument("--tiles", action="store_true", help="time each candidate tile alone")
+    parser.add_argument("--store", action="store_true",
+                        help="time the shipped tiles with the output stored by tl.store and by a TMA descriptor")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
@@ -82,14 +90,17 @@ def main() -> None:
                 scale_b=(p["b_dequant"].reshape(1, -1) if p["b_dequant"] is not None
                          else torch.ones(1, p["b_codes"].shape[0], device="cuda")),
                 out_dtype=torch.bfloat16))
-            if args.tiles:
+            if args.store:
+                variants = {f"{tile} {label}": dict(tile=tile, tma_store=flag) for tile in CANDIDATE_TILES[:4]
+                            for label, flag in (("tl.store", False), ("TMA store", None)) if tile[5] or not flag}
+            elif args.tiles:
                 variants = {str(tile): dict(tile=tile) for tile in CANDIDATE_TILES}
             else:
                 variants = {"prefetch": dict(prefetch=True), "after the main loop": dict(prefetch=False)}
                 if form == "forward":
                     variants = {f"{k}, B^T contiguous bf16": dict(v, v=v_copy) for k, v in variants.items()}
                     variants["prefetch, B^T strided fp32 view"] = dict(prefetch=True, v=B.t())
-            if form == "forward" and args.tiles:
+            if form == "forward" and (args.tiles or args.store):
                 p = dict(p, v=B.t())
             for label, extra in variants.items():
                 extra = dict(extra)
@@ -106,7 +117,8 @@ def main() -> None:
                       f"{floor * 1e3:.1f} us)", flush=True)
         del x, w, dy
         torch.cuda.empty_cache()
-    with open(os.path.join(args.out, "probe_fp8_tiles.json" if args.tiles else "probe_fp8_epilogue.json"), "w") as f:
+    name = "probe_fp8_store.json" if args.store else "probe_fp8_tiles.json" if args.tiles else "probe_fp8_epilogue.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, M=M, rank=RANK,
                        results=results), f, indent=1)
 

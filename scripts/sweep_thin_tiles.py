@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import torch
 import triton
 import triton.language as tl
 from triton.testing import do_bench
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kernels.lowrank_thin import rows_thin_pair, rows_times_thin, thin_t_times_rows  # noqa: E402
-from unsloth_compile.bench.kernel import _bench_graph  # noqa: E402
+from unsloth_compile.bench.kernel import _bench_graph
+from unsloth_compile.kernels.lowrank_thin import rows_thin_pair, rows_times_thin, thin_t_times_rows
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -71,7 +69,10 @@ T_ROWS_TILES = [((64, 128, 4, 3), 264), ((64, 128, 4, 4), 528), ((128, 128, 8, 3
                 ((64, 128, 4, 3), 132), ((32, 128, 4, 4), 528)]
 PAIR_TILES = [((64, 256, 8, 3), 132), ((64, 256, 8, 3), 264), ((64, 256, 4, 3), 264), ((32, 256, 4, 4), 264),
               ((64, 128, 4, 4), 264), ((64, 128, 4, 4), 528), ((128, 128, 8, 3), 264), ((32, 128, 4, 4), 528),
-              ((128, 64, 4, 4), 528), ((64, 64, 4, 4), 528), ((64, 128, 8, 3), 264), ((128, 256, 8, 2), 132)]
+              ((128, 64, 4, 4), 528), ((64, 64, 4, 4), 528), ((64, 128, 8, 3), 264), ((128, 256, 8, 2), 132),
+              # wider column chunks: fewer fp32 partials of G = dY B (chunks x M x r), twelfth session
+              ((32, 256, 8, 3), 264), ((32, 512, 8, 3), 264), ((32, 512, 8, 2), 264), ((32, 512, 4, 3), 264),
+              ((16, 512, 4, 3), 264), ((64, 512, 8, 2), 264), ((16, 1024, 8, 2), 264), ((32, 512, 8, 3), 528)]
 
 
 def main() -> None:

@@ -97,7 +97,12 @@ def _check(p, out, scale, dtype, accumulation=0.0):
     (21, 40, 64, 4, {"residual": True, "bias": True}),
     (37, 48, 64, 5, {"prefetch": False}),  # the low-rank tiles loaded after the main loop
     (19, 32, 64, 80, {"bias": True}),  # r > 64: two rank blocks, loaded after the main loop
-], ids=["ragged", "biases", "no-column-scale", "one-row-tensor-scale", "residual", "no-prefetch", "rank-80"])
+    # the interpreter's configuration is persistent: its tiles are stored by TMA where they can
+    # be (the cases above), here by tl.store
+    (37, 48, 64, 5, {"tma_store": False}),
+    (21, 40, 64, 4, {"residual": True, "bias": True, "tma_store": False}),
+], ids=["ragged", "biases", "no-column-scale", "one-row-tensor-scale", "residual", "no-prefetch", "rank-80",
+        "tl-store-ragged", "tl-store-residual"])
 def test_interpreter_matches_float64_and_the_emulation(M, N, K, R, flags):
     pytest.importorskip("triton")
     import os
@@ -111,7 +116,8 @@ def test_interpreter_matches_float64_and_the_emulation(M, N, K, R, flags):
     assert unsupported(p["a_codes"], p["b_codes"]) is None
     scale_tensor = torch.tensor(0.5) if flags.get("scale_tensor") else None
     out = torch.full((M, N), float("nan"), dtype=dtype)
-    fp8_lora_gemm(out=out, scale=0.75, scale_tensor=scale_tensor, prefetch=flags.get("prefetch"), **p)
+    fp8_lora_gemm(out=out, scale=0.75, scale_tensor=scale_tensor, prefetch=flags.get("prefetch"),
+                  tma_store=flags.get("tma_store"), **p)
     _check(p, out, 0.75 * (0.5 if scale_tensor is not None else 1.0), dtype)
 
 
@@ -134,13 +140,27 @@ def test_unsupported_says_why():
     (777, 1024, 2048, 16, {"residual": True}),
     (1000, 1024, 512, 16, {"prefetch": False}),
     (300, 512, 1024, 96, {"bias": True}),  # r > 64: two rank blocks, no prefetch
+    # the persistent tile alone, its output tiles stored by TMA (ragged M, residual and biases)
+    (1000, 1024, 512, 16, {"persistent_tma": True}),
+    (777, 1024, 2048, 16, {"residual": True, "bias": True, "v_bias": True, "persistent_tma": True}),
 ])
-def test_gpu_kernel_matches_float64_and_the_emulation(M, N, K, R, flags, dtype):
+def test_gpu_kernel_matches_float64_and_the_emulation(M, N, K, R, flags, dtype, monkeypatch):
+    from unsloth_compile.kernels import fp8_gemm
+
+    if flags.get("persistent_tma"):
+        persistent = [tile for tile in fp8_gemm._TILES if tile[5]]
+        assert persistent
+        monkeypatch.setattr(fp8_gemm, "_TILES", persistent)
+        fp8_gemm._tuned.cache_clear()
     p = _problem(M, N, K, R, dtype, _device(), bias=flags.get("bias", False), v_bias=flags.get("v_bias", False),
                  col_scale=flags.get("col_scale", True), residual=flags.get("residual", False))
     assert unsupported(p["a_codes"], p["b_codes"]) is None
     out = torch.full((M, N), float("nan"), dtype=dtype, device="cuda")
-    fp8_lora_gemm(out=out, scale=0.75, prefetch=flags.get("prefetch"), **p)
+    try:
+        fp8_lora_gemm(out=out, scale=0.75, prefetch=flags.get("prefetch"),
+                      tma_store=True if flags.get("persistent_tma") else None, **p)
+    finally:
+        fp8_gemm._tuned.cache_clear()
     _check(p, out, 0.75, dtype, accumulation=GPU_ACCUMULATION)
 
 
