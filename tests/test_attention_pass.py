@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from unsloth_compile import Config, Report
 from unsloth_compile.backend import inductor_patches
-from unsloth_compile.passes import keep_attention_fused
+from unsloth_compile.passes.attention import keep_attention_fused
 from unsloth_compile.passes.attention import SDPA_TARGETS, is_all_true
 
 from helpers import batch_for, dynamo_graphs, peft_wrap, tiny_causal_lm, train_and_compare

@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 import unsloth_compile
 from helpers import batch_for, count_lora_layers, dynamo_graphs, peft_wrap, tiny_causal_lm, train_and_compare
 from unsloth_compile import Config, Report, fuse_lora_linears
-from unsloth_compile.passes import run_passes, subgraphs
+from unsloth_compile.passes import subgraphs
+from unsloth_compile.passes.pipeline import run_passes
 
 LORA_OP = torch.ops.unsloth.lora_linear.default
 CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint

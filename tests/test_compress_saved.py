@@ -570,7 +570,7 @@ def inductor_partition_backend(mode: str):
     from torch._dynamo.backends.debugging import boxed_nop
     from torch._inductor import compile_fx as inductor
 
-    from unsloth_compile.passes import run_passes
+    from unsloth_compile.passes.pipeline import run_passes
     from unsloth_compile.passes.compress_saved import CompressSavedPartitioner
 
     def backend(gm, example_inputs):

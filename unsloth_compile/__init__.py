@@ -4,12 +4,16 @@
     model = unsloth_compile.compile(model, **options)    # the same, in place, options checked first
 """
 
-from . import ops  # noqa: F401  registers torch.ops.unsloth.*
+from .source_layout import map_source_subpackages
+
+map_source_subpackages(__name__, __file__)  # passes/ and kernels/ of a source tree, before anything imports them
+
+from . import ops  # noqa: F401,E402  registers torch.ops.unsloth.*
 from .config import Config
 from .backend import unsloth
 from .report import Report, Site
 from .explain import explain
-from .passes import fuse_lora_linears
+from .passes.lora_linear import fuse_lora_linears
 from .integration import compile  # noqa: A004  unsloth_compile.compile(model): in place, options validated first
 from .training_outputs import loss_only, restore_logits  # training forward without logits: the fused cross-entropy fires
 from . import fp8, sparsity  # noqa: F401  so that unsloth_compile.fp8 / .sparsity work after the package import

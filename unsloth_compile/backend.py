@@ -27,7 +27,7 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     """`ledger`: whose running totals the one-line summary adds to (one per model compiled by
     `unsloth_compile.compile`); None for the process-wide one."""
     cfg = Config.from_options(options, mode)
-    from .passes import run_passes
+    from .passes.pipeline import run_passes
 
     gm, report = run_passes(gm, example_inputs, cfg)
     if cfg.fp8_layers is Fp8Layers.ALL:

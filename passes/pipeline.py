@@ -1,5 +1,8 @@
-"""FX passes over Dynamo graphs: find LoRA-fine-tuning patterns, rewrite them into
-`torch.ops.unsloth.*` calls. See README.md in this folder for the invariants."""
+"""The pass pipeline: every enabled FX pass over one Dynamo graph, in order.
+
+The passes find LoRA-fine-tuning patterns and rewrite them into `torch.ops.unsloth.*` calls;
+README.md in this folder gives their invariants. This folder has no `__init__.py` on purpose:
+a checkout on `sys.path` must never hide an installed distribution named `passes`."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from .attention import keep_attention_fused
 from .linear_cross_entropy import fuse_linear_cross_entropy
 from .lora_linear import fuse_lora_linears
 
-__all__ = ["run_passes", "fuse_lora_linears", "keep_attention_fused", "fuse_linear_cross_entropy"]
+__all__ = ["run_passes"]
 
 
 def run_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config) -> tuple[torch.fx.GraphModule, Report]:
