@@ -82,3 +82,16 @@ def test_peft_llama_compiles_from_the_repository_root():
         """)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fused 14" in result.stdout
+
+
+def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
+    pytest.importorskip("setuptools")
+    result = run_in_root(f"""
+        import warnings, setuptools.build_meta as build
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build.prepare_metadata_for_build_wheel({str(tmp_path)!r})
+        messages = [f"{{w.category.__name__}}: {{str(w.message).splitlines()[0]}}" for w in caught]
+        assert not [m for m in messages if "Deprecat" in m], messages
+        """)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
