@@ -94,6 +94,7 @@ def test_autocast_fp32_model_fuses_every_site_in_the_autocast_dtype(dtype):
     assert error_c <= error_e * 1.1, (error_c, error_e)
 
 
+@pytest.mark.smoke
 def test_autocast_bf16_model_with_fp32_adapters():
     """PEFT's fp32 adapters on a bf16 base under bf16 autocast: eager computes the adapters in
     bf16 too (before, the op computed them in fp32). Dropout goes in as the dropped tensor,

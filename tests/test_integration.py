@@ -166,6 +166,7 @@ def _train(model, tmp_path, callbacks=(), steps=5):
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
+@pytest.mark.smoke
 def test_trainer_callback_compiles_in_place_and_runs_fused_ops(tmp_path, monkeypatch):
     from unsloth_compile import UnslothCompileCallback
 

@@ -7,6 +7,7 @@ from helpers import batch_for, count_lora_layers, peft_wrap, tiny_causal_lm, tra
 FAMILIES = ["llama", "mistral", "qwen2", "bert", "gpt2", "opt"]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("family", FAMILIES)
 def test_peft_all_linear_fp32_matches_eager(family):
     extra = {"fan_in_fan_out": True} if family == "gpt2" else {}
@@ -46,6 +47,7 @@ def test_residual_folding_can_be_switched_off():
     assert result.report.counters["lora_linear.residual_folded"] == 0
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no_dropout", "dropout_mask"])
 def test_varying_sequence_length_compiles_dynamic_graph(dropout):
     """Real batches vary in length: Dynamo's second compile marks the dim dynamic; the pass and
