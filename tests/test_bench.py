@@ -26,8 +26,9 @@ def _md_rows(text: str) -> list[list[str]]:
 
 
 def test_e2e_tiny_end_to_end_with_a_failing_variant(tmp_path, capsys):
+    # a failed variant: reported in its row and the exit status says so
     assert main(["e2e", "--preset", "tiny", "--steps", "2", "--warmup", "1", "--device", "cpu",
-                 "--out", str(tmp_path), "--variant", BROKEN]) == 0
+                 "--out", str(tmp_path), "--variant", BROKEN]) == 1
     data = json.loads((tmp_path / "e2e-tiny.json").read_text())
     assert {"preset", "env", "steps", "warmup", "unit", "mem_kind", "results", "targets"} <= set(data)
     assert {"device", "date", "versions"} <= set(data["env"])
@@ -61,14 +62,16 @@ def test_e2e_tiny_end_to_end_with_a_failing_variant(tmp_path, capsys):
     assert variant_rows["peft+unsloth"][2] == "ok"
     png = (tmp_path / "e2e-tiny.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    assert "| broken |" in capsys.readouterr().out  # the table is printed too
+    captured = capsys.readouterr()
+    assert "| broken |" in captured.out  # the table is printed too
+    assert "bench e2e: 1 variant run(s) failed" in captured.err and "broken: ValueError" in captured.err
 
 
 def test_accuracy_end_to_end_on_cpu(tmp_path):
     assert main(["accuracy", "--steps", "2", "--seeds", "2", "--max-train", "32", "--max-eval", "24",
                  "--batch-size", "8", "--device", "cpu", "--inner", "eager", "--out", str(tmp_path),
                  "--variant", "fce=unsloth:fuse_cross_entropy=true",
-                 "--variant", BROKEN]) == 0  # inner=eager: the e2e test covers aot_eager, this one the task
+                 "--variant", BROKEN]) == 1  # inner=eager: the e2e test covers aot_eager, this one the task
     data = json.loads((tmp_path / "accuracy.json").read_text())
     assert {"env", "args", "seeds", "label_names", "sizes", "runs", "summary"} <= set(data)
     assert len(data["label_names"]) == 14 and data["seeds"] == [0, 1]
@@ -94,6 +97,79 @@ def test_accuracy_end_to_end_on_cpu(tmp_path):
     names = [r[0] for r in rows[1:]]  # after the header row
     assert names == ["peft-eager", "peft+unsloth", "fce", "broken"]
     assert "no_such_option" in rows[-1][-1]
+
+
+TWO_LINES = "the first line says why\nthe second line is detail"
+
+
+def _table_row(path, name: str) -> list[str]:
+    return next(r for r in _md_rows(path.read_text()) if r[0] == name)
+
+
+def test_e2e_exits_nonzero_with_the_errors_first_line_in_its_row(tmp_path, monkeypatch, capsys):
+    """Every variant failing (here a monkeypatched failure with a two-line message) used to
+    leave the exit status at 0; now it is 1, and each row shows the error's first line."""
+    from unsloth_compile.bench import e2e
+
+    def fail(preset, variant, *args, **kwargs):
+        raise RuntimeError(TWO_LINES)
+
+    monkeypatch.setattr(e2e, "run_variant", fail)
+    assert main(["e2e", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                 "--variants", "peft-eager", "--variant", "nonsense=unsloth:nonsense=1",
+                 "--out", str(tmp_path)]) == 1
+    row = _table_row(tmp_path / "e2e-tiny.md", "peft-eager")
+    assert row[2] == "failed" and row[-1] == "RuntimeError: the first line says why"
+    assert "second line" not in (tmp_path / "e2e-tiny.md").read_text()
+    err = capsys.readouterr().err
+    assert "2 variant run(s) failed" in err and "peft-eager: RuntimeError: the first line says why" in err
+
+
+def test_e2e_invalid_option_fails_loudly(tmp_path):
+    """An option the backend refuses: exit 1, the refusal's first line in the variant's row."""
+    assert main(["e2e", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                 "--variants", "peft-eager", "--variant", "name=unsloth:nonsense=1", "--out", str(tmp_path)]) == 1
+    data = json.loads((tmp_path / "e2e-tiny.json").read_text())
+    assert [r["status"] for r in data["results"]] == ["ok", "failed"]
+    error = _table_row(tmp_path / "e2e-tiny.md", "name")[-1]
+    assert error.startswith("ValueError: unsloth_compile: unknown option(s) 'nonsense'")
+
+
+def test_profile_exits_nonzero_with_the_errors_first_line_in_its_row(tmp_path, monkeypatch):
+    from unsloth_compile.bench import profile
+
+    def fail(*args, **kwargs):
+        raise RuntimeError(TWO_LINES)
+
+    monkeypatch.setattr(profile, "profile_variant", fail)
+    assert main(["profile", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--device", "cpu",
+                 "--variants", "peft-eager", "--out", str(tmp_path)]) == 1
+    text = (tmp_path / "profile-tiny.md").read_text()
+    assert "| peft-eager | FAILED: RuntimeError: the first line says why |" in text and "second line" not in text
+
+
+def test_dist_exits_nonzero_when_its_processes_fail(tmp_path, monkeypatch):
+    import torch.multiprocessing as mp
+
+    def crash(*args, **kwargs):
+        raise RuntimeError(TWO_LINES)
+
+    monkeypatch.setattr(mp, "start_processes", crash)
+    assert main(["dist", "--preset", "tiny", "--device", "cpu", "--nproc", "2", "--variants", "single,ddp",
+                 "--out", str(tmp_path)]) == 1
+    text = next(tmp_path.glob("dist-*.md")).read_text()
+    assert text.count("RuntimeError: the first line says why") == 2 and "second line" not in text
+
+
+def test_kernel_table_names_a_failed_variants_error():
+    from unsloth_compile.bench.kernel import render_markdown
+
+    env = {"device": "H100", "date": "d", "tokens": 8, "versions": {"torch": "t", "triton": "t", "python": "p"}}
+    rows = [{"layer": "l", "r": 16, "K": 4, "N": 4, "variant": "base", "ms": 1.0, "gpu_ms": 1.0},
+            {"layer": "l", "r": 16, "K": 4, "N": 4, "variant": "ours-bf16", "error": "ValueError: " + TWO_LINES}]
+    text = render_markdown({"environment": env, "argv": [], "variants": ["base", "ours-bf16"], "results": rows,
+                            "breakdown": []})
+    assert "| 1.000 | failed: ValueError: the first line says why |" in text
 
 
 def test_run_isolated_reports_any_exception_as_failed():

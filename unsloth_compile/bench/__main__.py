@@ -1,13 +1,17 @@
 """`python -m unsloth_compile.bench {e2e,accuracy,kernel} ...`
 
     e2e       train steps of a random-init model under each variant (full FT, PEFT eager,
-              PEFT + torch.compile, PEFT + backend="unsloth"): step time, throughput, memory
+              PEFT + torch.compile, PEFT + backend="unsloth"): step time, throughput, memory;
+              --lengths uniform:LOW-HIGH|debian and --layouts padded,packed for real batches
     accuracy  LoRA fine-tune pretrained MiniLM-L6 on Debian package sections, several seeds:
               test macro-F1 and accuracy of PEFT eager vs backend="unsloth"
     profile   one training step per variant: GPU time by kernel family, host time, GPU idle
     kernel    one LoRA linear against its frozen base linear (unsloth_compile.bench.kernel)
     dist      N processes (one GPU each) under DDP and FSDP2 against one GPU: tokens/s per GPU,
               scaling efficiency, peak memory per GPU (unsloth_compile.bench.distributed)
+
+Every subcommand exits with status 1 when a variant it ran failed (its row gives the first line
+of the error; the JSON keeps the traceback).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return kernel_main(argv[1:]) or 0
 
-    from . import accuracy, distributed, e2e, profile
+    from . import accuracy, distributed, e2e, output, profile
 
     # peft probes `model.is_gradient_checkpointing`, which transformers 5 deprecates: noise, not news
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -41,14 +45,23 @@ def main(argv: list[str] | None = None) -> int:
     distributed.add_arguments(sub.add_parser("dist", help="DDP and FSDP2 on N GPUs against one GPU"))
     args = parser.parse_args(argv)
     if args.command == "e2e":
-        e2e.run(args)
+        failed = [line for data in e2e.run(args) for line in output.failures(data["results"])]
     elif args.command == "dist":
-        distributed.run(args)
+        failed = output.failures(distributed.run(args)["results"])
     elif args.command == "profile":
-        profile.run(args)
+        failed = output.failures(profile.run(args)["results"])
     else:
-        accuracy.run(args)
-    return 0
+        failed = output.failures(accuracy.run(args)["runs"])
+    return exit_status(args.command, failed)
+
+
+def exit_status(command: str, failed: list[str]) -> int:
+    """1 when a variant that was asked for failed: its row says why, and a script or CI job
+    running the bench must not read a table of failures as a result."""
+    if not failed:
+        return 0
+    print(f"bench {command}: {len(failed)} variant run(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def render_markdown(data: dict) -> str:
     rows = []
     for e in data["summary"]:
         p = e["paired_delta_f1_points"]
-        errors = sorted({r["error"] for r in data["runs"] if r["variant"]["name"] == e["variant"]["name"]
+        errors = sorted({output.first_line(r["error"]) for r in data["runs"] if r["variant"]["name"] == e["variant"]["name"]
                          and r["status"] != "ok"})
         rows.append([e["variant"]["name"], e["variant"]["description"], f"{e['seeds_ok']}/{e['seeds_ok'] + e['seeds_failed']}",
                      spread(e["macro_f1"]), spread(e["accuracy"]), output.fmt(e["delta_f1_points"], "+.2f"),

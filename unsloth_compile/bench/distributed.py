@@ -255,7 +255,7 @@ def render_markdown(data: dict) -> str:
                      output.fmt(scaled("peak_mem_bytes", 2**-30), ".2f"),
                      output.fmt(scaled("setup_peak_bytes", 2**-30), ".2f"),
                      output.fmt(r.get("loss_final"), ".4f"),
-                     f"{fusion['fused']}/{fusion['refused']}" if fusion else "-", "" if ok else r.get("error", "")])
+                     f"{fusion['fused']}/{fusion['refused']}" if fusion else "-", "" if ok else output.first_line(r.get("error", ""))])
     lines.append(output.markdown_table(
         ["variant", "GPUs", "status", "step ms", "tokens/s per GPU", "tokens/s", "scaling efficiency", "target",
          gib, "setup peak GiB", "final loss", "fused/refused (rank 0)", "error"], rows))

@@ -10,7 +10,20 @@ a loop that reads its loss only now and then gets, the host running ahead), peak
 loss after all steps, and ratios to PEFT eager. The targets of DESIGN.md are printed against
 the measured ratios. Every variant runs in isolation (memory freed, `torch._dynamo.reset()`
 between) and a variant that fails is reported as failed with its error. Results are rewritten
-after every variant, so a run that is cut short still leaves the variants it finished.
+after every variant, so a run that is cut short still leaves the variants it finished; the
+command exits with status 1 when any variant failed. Every run also reports the wall time of
+all its synchronised steps (compiles included) and how many graphs were compiled.
+
+Real length distributions (causal LM presets):
+
+    python -m unsloth_compile.bench e2e --preset llama-1b --lengths uniform:256-2048 \
+        --layouts padded --variants peft-eager,peft+inductor,peft+unsloth,peft+unsloth@packed
+
+`--lengths` (bench/lengths.py) draws each sequence's length, `--layouts` / a NAME@packed variant
+choose the batches' form (bench/batch_layouts.py): padded rows with an attention mask, or
+sequences packed into rows and flattened as transformers' DataCollatorWithFlattening does.
+Then the table reports real (non-pad) tokens/s and the median step time over the steps after
+the warm-up, the wall time of all steps and ratios to PEFT eager on padded batches.
 """
 
 from __future__ import annotations
@@ -23,9 +36,14 @@ from typing import Optional
 
 import torch
 
-from . import output
+from . import lengths as length_specs
+from .e2e_results import add_ratios, check_targets, render_markdown, write_outputs
+from .batch_layouts import LAYOUTS, SequenceStream, make_real_batches, real_tokens
+from .lengths import LengthSpec, parse_lengths
 from .variants import (BACKEND_KINDS, MemoryMeter, Variant, compile_for, environment, make_optimizer, resolve_device,
                        resolve_inner, run_isolated, select_variants, synchronize, train_step)
+
+FIXED_LENGTHS = LengthSpec("fixed")
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BERT_TARGETS = ("query", "key", "value", "dense")
@@ -85,6 +103,15 @@ _BERT_TARGETS = (
 _NEVER_WORSE_TARGETS = (
     Target("tokens/s >= PEFT eager (never slower)", "throughput", "unsloth", "peft-eager", ">=", 1.0),
     Target("peak memory <= PEFT eager", "peak_mem", "unsloth", "peft-eager", "<=", 1.0),
+)
+# DESIGN.md's real-data figures (llama-1b shapes, lengths uniform 256-2048, 4 rows), judged on
+# any causal LM preset run with a length distribution (for form only on the others)
+_REAL_DATA_TARGETS = (
+    Target("real tokens/s >= 1.8x PEFT eager, padded batches", "throughput", "unsloth", "peft-eager", ">=", 1.8),
+    Target("real tokens/s >= 2.5x PEFT eager (padded), packed batches", "throughput", "unsloth@packed", "peft-eager",
+           ">=", 2.5),
+    Target("wall time of all steps, compiles included, <= 1/1.5 of PEFT eager's (padded, same sequences)", "wall",
+           "unsloth", "peft-eager", "<=", 1 / 1.5),
 )
 _LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096)
@@ -175,7 +202,11 @@ def freeze_to_norms(model: torch.nn.Module) -> int:
 
 def prepare_model(model: torch.nn.Module, variant: Variant, preset: Preset) -> torch.nn.Module:
     """The variant's trainable model: PEFT LoRA on it, or (floor) only the norms trainable, or
-    (full) every parameter."""
+    (full) every parameter. On packed batches the model keeps no KV cache: transformers reads
+    restarting position_ids as sequence boundaries only when there is none, and use_cache=True
+    (Llama's default) makes one even in training, so packed sequences would attend to each other."""
+    if variant.layout == "packed":
+        model.config.use_cache = False
     if variant.lora:
         return add_lora(model, preset)
     if variant.kind == "floor":
@@ -208,8 +239,25 @@ def make_batches(preset: Preset, count: int, seed: int, device: torch.device,
 # ----------------------------------------------------------------------------- one variant
 
 
+def make_length_batches(preset: Preset, lengths: LengthSpec, layout: str, count: int, seed: int,
+                        device: torch.device) -> list[dict]:
+    """`count` batches of `preset.batch` rows whose sequence lengths follow `lengths`, in
+    `layout` (bench/batch_layouts.py); one seed, one stream of sequences, for every variant."""
+    stream = SequenceStream(lengths, preset.seq, preset.config["vocab_size"], seed)
+    return make_real_batches(layout, stream, count, preset.batch, preset.seq, device)
+
+
+def dynamo_graphs() -> int:
+    """Graphs Dynamo has handed to a backend in this process (each frame compiled, recompiles
+    and the pieces around a graph break included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
 def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: torch.dtype, steps: int,
-                warmup: int, seed: int, lr: float, attention_mask: bool = True) -> dict:
+                warmup: int, seed: int, lr: float, attention_mask: bool = True,
+                lengths: LengthSpec = FIXED_LENGTHS) -> dict:
     from ..report import collect_reports
 
     meter = MemoryMeter(device)
@@ -222,37 +270,44 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
     model.train()
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)
-    batches = make_batches(preset, warmup + steps, seed, device, attention_mask=attention_mask)
-    # the pipelined pass: as many fresh batches as timed ones, no synchronise in between
-    pipelined_batches = make_batches(preset, warmup + steps, seed + 1, device, attention_mask=attention_mask)[warmup:]
-    losses, times = [], []
+    real_data = lengths.kind != "fixed" or variant.layout != "padded"
+    if real_data:  # every batch of its own size: a pipelined pass would time other batches, so none runs
+        batches = make_length_batches(preset, lengths, variant.layout, warmup + steps, seed, device)
+        pipelined_batches = []
+    else:
+        batches = make_batches(preset, warmup + steps, seed, device, attention_mask=attention_mask)
+        # the pipelined pass: as many fresh batches as timed ones, no synchronise in between
+        pipelined_batches = make_batches(preset, warmup + steps, seed + 1, device,
+                                         attention_mask=attention_mask)[warmup:]
+    tokens = [real_tokens(batch) for batch in batches]
+    graphs_before = dynamo_graphs()
     with collect_reports() as report:
-        start = time.perf_counter()
-        for step, batch in enumerate(batches):
+        losses, times, ends = _synchronised_steps(step_fn, batches, optimizer, device, meter)
+        pipelined_s = None
+        if pipelined_batches:
             synchronize(device)
             t0 = time.perf_counter()
-            loss = train_step(step_fn, batch, optimizer)
+            pipelined_losses = [train_step(step_fn, batch, optimizer).detach() for batch in pipelined_batches]
             synchronize(device)
-            times.append(time.perf_counter() - t0)
-            losses.append(loss.item())
+            pipelined_s = (time.perf_counter() - t0) / len(pipelined_batches)
+            losses += [loss.item() for loss in pipelined_losses]
             meter.sample()
-            if step + 1 == warmup:
-                warmup_s = time.perf_counter() - start
-        synchronize(device)
-        t0 = time.perf_counter()
-        pipelined_losses = [train_step(step_fn, batch, optimizer).detach() for batch in pipelined_batches]
-        synchronize(device)
-        pipelined_s = (time.perf_counter() - t0) / max(len(pipelined_batches), 1)
-        losses += [loss.item() for loss in pipelined_losses]
-        meter.sample()
     timed = sorted(times[warmup:])
     median = timed[len(timed) // 2]
-    result = {"step_time_s": median, "step_times_s": times[warmup:], "warmup_s": warmup_s if warmup else 0.0,
-              "throughput": preset.items_per_step() / median,
-              "pipelined_step_time_s": pipelined_s, "pipelined_throughput": preset.items_per_step() / pipelined_s,
+    steady_tokens_per_s = sum(tokens[warmup:]) / sum(times[warmup:])
+    result = {"layout": variant.layout, "step_time_s": median, "step_times_s": times[warmup:],
+              "warmup_s": ends[warmup - 1] if warmup else 0.0,
+              "throughput": steady_tokens_per_s if real_data else preset.items_per_step() / median,
+              "pipelined_step_time_s": pipelined_s,
+              "pipelined_throughput": pipelined_s and preset.items_per_step() / pipelined_s,
+              "steps_run": len(batches), "all_step_times_s": times, "wall_s_all_steps": ends[-1],
+              "real_tokens_per_step": tokens, "real_tokens_total": sum(tokens),
+              "steady_real_tokens_per_s": steady_tokens_per_s, "steady_step_time_s": median,
+              "compiles": {"dynamo_graphs": dynamo_graphs() - graphs_before,
+                           "backend_graphs": report.graphs if variant.kind in BACKEND_KINDS else None},
               "peak_mem_bytes": meter.peak_bytes(),
-              "peak_reserved_bytes": meter.peak_reserved_bytes(), "mem_kind": meter.kind, "loss_final": losses[-1], "losses": losses,
-              "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+              "peak_reserved_bytes": meter.peak_reserved_bytes(), "mem_kind": meter.kind, "loss_final": losses[-1],
+              "losses": losses, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if variant.kind in BACKEND_KINDS:
         result["fusion"] = {"graphs": report.graphs, "fused": len(report.fused), "refused": len(report.refused),
                             "counters": dict(report.counters),
@@ -260,116 +315,23 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
     return result
 
 
-# ----------------------------------------------------------------------------- results
-
-
-def _by_role(results: list[dict], role: str) -> Optional[dict]:
-    for r in results:
-        if r["variant"]["role"] == role and r["status"] == "ok":
-            return r
-    return None
-
-
-def add_ratios(results: list[dict]) -> None:
-    base = _by_role(results, "peft-eager")
-    for r in results:
-        ok = base is not None and r["status"] == "ok"
-        r["throughput_vs_peft_eager"] = r["throughput"] / base["throughput"] if ok else None
-        # CPU RSS deltas are sampled and allocator-dependent: no ratio is drawn from them
-        mem_ok = ok and r["mem_kind"] == "cuda_max_allocated" and r["peak_mem_bytes"] and base["peak_mem_bytes"]
-        r["peak_mem_vs_peft_eager"] = r["peak_mem_bytes"] / base["peak_mem_bytes"] if mem_ok else None
-
-
-def check_targets(preset: Preset, results: list[dict], device: torch.device) -> list[dict]:
-    checks = []
-    for t in preset.targets:
-        num, den = _by_role(results, t.variant), _by_role(results, t.baseline)
-        entry = {"target": t.description, "required": f"{t.op} {t.threshold}", "measured": None,
-                 "variant": num and num["variant"]["name"], "baseline": den and den["variant"]["name"]}
-        if num is None or den is None:
-            entry["verdict"] = "n/a: a variant it needs failed or was not run"
-        elif t.metric == "peak_mem" and device.type != "cuda":
-            entry["verdict"] = "n/a: CPU RSS is not a peak-memory measurement"
-        else:
-            key = "throughput" if t.metric == "throughput" else "peak_mem_bytes"
-            entry["measured"] = num[key] / den[key]
-            met = entry["measured"] >= t.threshold if t.op == ">=" else entry["measured"] <= t.threshold
-            entry["verdict"] = "met" if met else "NOT met"
-            if device.type != "cuda":
-                entry["verdict"] += " (CPU run: not a claim)"
-        checks.append(entry)
-    return checks
-
-
-def _floor_lines(results: list[dict]) -> list[str]:
-    """With a `floor` variant in the run: each LoRA variant's step time above it, i.e. what
-    the adapters cost on top of the frozen model's own forward and dX backward."""
-    floor = next((r for r in results if r["variant"]["kind"] == "floor" and r["status"] == "ok"), None)
-    if floor is None:
-        return []
-    rows = [[r["variant"]["name"], output.fmt(1e3 * r["step_time_s"], ".1f"),
-             output.fmt(1e3 * (r["step_time_s"] - floor["step_time_s"]), ".1f"),
-             output.fmt(r["step_time_s"] / floor["step_time_s"], ".2f", "x")]
-            for r in results if r["status"] == "ok" and r["variant"]["kind"] not in ("floor", "full")]
-    return ["", f"## Above the floor ({floor['variant']['name']}: {1e3 * floor['step_time_s']:.1f} ms, the frozen "
-            "model's forward and dX backward with no adapter, norms trained)", "",
-            output.markdown_table(["variant", "step ms", "ms above the floor", "x the floor"], rows)]
-
-
-def render_markdown(data: dict) -> str:
-    preset, unit = data["preset"], data["unit"]
-    mem_label = {"cuda_max_allocated": "peak mem GiB (CUDA max allocated)",
-                 "cpu_rss_delta_sampled": "RSS delta GiB (CPU, sampled, not peak)"}[data["mem_kind"]]
-    lines = output.header_lines(f"e2e: {data.get('name', preset['name'])} on {data['env']['device']}", data["env"])
-    lines += [f"- model: {preset['note']}; {preset['family']} {preset['config']}",
-              f"- batch {preset['batch']} x {preset['seq']}, dtype {data['dtype']}, LoRA r={preset['rank']} "
-              f"alpha={preset['alpha']} on {', '.join(preset['lora_targets'])}; AdamW "
-              f"({'fused' if data['env']['device_type'] == 'cuda' else 'foreach'})",
-              *([f"- attention_mask in the batch: {'yes (all ones)' if data['attention_mask'] else 'no'}"]
-                if data.get("attention_mask") is not None else []),
-              f"- {data['warmup']} warm-up steps (compilation included, not timed), median of {data['steps']} "
-              f"timed steps, each synchronised (targets are judged on these); then the same number of steps "
-              f"without a per-step synchronise (\"pipelined\": total / steps, the host running ahead); "
-              f"loss after {data['warmup'] + 2 * data['steps']} steps", ""]
-    rows = []
-    for r in data["results"]:
-        v, ok = r["variant"], r["status"] == "ok"
-        fusion = r.get("fusion")
-        rows.append([v["name"], v["description"], r["status"],
-                     output.fmt(r.get("step_time_s") and 1e3 * r["step_time_s"], ".1f"),
-                     output.fmt(r.get("throughput"), ",.0f"), output.fmt(r.get("throughput_vs_peft_eager"), ".2f", "x"),
-                     output.fmt(r.get("pipelined_step_time_s") and 1e3 * r["pipelined_step_time_s"], ".1f"),
-                     output.fmt(r.get("peak_mem_bytes") and r["peak_mem_bytes"] / 2**30, ".2f"),
-                     output.fmt(r.get("peak_mem_vs_peft_eager"), ".2f", "x"),
-                     output.fmt(r.get("peak_reserved_bytes") and r["peak_reserved_bytes"] / 2**30, ".2f"),
-                     output.fmt(r.get("loss_final"), ".4f"), output.fmt(r.get("warmup_s"), ".1f"),
-                     f"{fusion['fused']}/{fusion['refused']}" if fusion else "-",
-                     "" if ok else r.get("error", "")])
-    lines.append(output.markdown_table(
-        ["variant", "what", "status", "step ms (median)", unit, f"{unit} vs PEFT eager", "pipelined ms/step", mem_label,
-         "mem vs PEFT eager", "peak reserved GiB", "final loss", "warm-up s", "fused/refused sites", "error"], rows))
-    lines += _floor_lines(data["results"])
-    if data["targets"]:
-        lines += ["", "## Targets (DESIGN.md), measured in this run", ""]
-        lines.append(output.markdown_table(
-            ["target", "variant / baseline", "measured", "required", "verdict"],
-            [[t["target"], f"{t['variant']} / {t['baseline']}", output.fmt(t["measured"], ".2f", "x"), t["required"],
-              t["verdict"]] for t in data["targets"]]))
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(data: dict, out: Path) -> dict:
-    stem = out / f"e2e-{data.get('name', data['preset']['name'])}"
-    output.write_json(stem.with_suffix(".json"), data)
-    stem.with_suffix(".md").write_text(render_markdown(data))
-    results = data["results"]
-    gib = [r.get("peak_mem_bytes") and r["peak_mem_bytes"] / 2**30 for r in results]
-    mem_label = "peak GiB (CUDA)" if data["mem_kind"] == "cuda_max_allocated" else "RSS delta GiB (CPU, not peak)"
-    output.bar_chart(stem.with_suffix(".png"), f"{data['preset']['name']} on {data['env']['device']}, {data['env']['date']}",
-                     [r["variant"]["name"] for r in results],
-                     [(data["unit"], [r.get("throughput") for r in results]), (mem_label, gib)],
-                     [r["status"] != "ok" for r in results])
-    return {k: str(stem.with_suffix(k)) for k in (".json", ".md", ".png")}
+def _synchronised_steps(step_fn, batches: list[dict], optimizer, device: torch.device,
+                        meter: MemoryMeter) -> tuple[list[float], list[float], list[float]]:
+    """Each batch one synchronised step: the losses, each step's time, and the wall time from
+    the first step's start to each step's end (compiles, loss reads and all in between)."""
+    losses, times, ends = [], [], []
+    synchronize(device)
+    start = time.perf_counter()
+    for batch in batches:
+        synchronize(device)
+        t0 = time.perf_counter()
+        loss = train_step(step_fn, batch, optimizer)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        meter.sample()
+        ends.append(time.perf_counter() - start)
+    return losses, times, ends
 
 
 # ----------------------------------------------------------------------------- command line
@@ -385,9 +347,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner", default="auto", choices=["auto", "inductor", "aot_eager", "eager"],
                    help="the unsloth backend's inner compiler and the torch.compile baseline's backend; "
                         "auto: inductor on CUDA, aot_eager on CPU (Inductor's C++ compile dominates there)")
-    p.add_argument("--variants", help="comma list of default variants to run (default: all)")
+    p.add_argument("--variants", help="comma list of default variants to run (default: all); a name ending in "
+                                       "@padded or @packed runs on that layout only (peft+unsloth@packed)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KIND[:k=v,...]",
-                   help="an extra variant, e.g. nofold=unsloth:fold_residual=false (repeatable)")
+                   help="an extra variant, e.g. nofold=unsloth:fold_residual=false (repeatable); NAME@packed "
+                        "runs it on packed batches only")
+    p.add_argument("--lengths", default="fixed", type=_lengths_arg, help=length_specs.HELP)
+    p.add_argument("--layouts", default="padded", type=_layouts_arg,
+                   help="comma list of batch layouts every variant runs on (a variant named NAME@LAYOUT runs "
+                        "on its own only): padded (each batch right-padded to its longest row, attention_mask) "
+                        "and packed (sequences placed into rows of at most seq tokens, flattened by "
+                        "DataCollatorWithFlattening: position_ids restart, no mask); causal LM presets only for "
+                        "packed. A variant on another layout than padded is named NAME@LAYOUT")
     p.add_argument("--attention-mask", default="both", choices=["yes", "no", "both"],
                    help="BERT presets: batches with an all-ones attention_mask, without, or one run of each "
                         "(the second written as e2e-NAME-nomask.*); causal LM presets ignore it")
@@ -396,12 +367,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="docs/bench", help="output folder (JSON, markdown, PNG)")
 
 
+def _lengths_arg(text: str) -> LengthSpec:
+    try:
+        return parse_lengths(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _layouts_arg(text: str) -> list[str]:
+    layouts = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in layouts if t not in LAYOUTS]
+    if unknown or not layouts:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {', '.join(LAYOUTS)}")
+    return list(dict.fromkeys(layouts))
+
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # The comparison that matters most runs first, so that a run cut short (a time limit, a crash
 # of the process) still holds it; the table keeps the order of the variants as given.
-_RUN_FIRST = {"peft-eager": 0, "unsloth": 1, "peft-compile": 2, "full": 3}
+_RUN_FIRST = {"peft-eager": 0, "unsloth": 1, "unsloth@packed": 2, "peft-compile": 3, "full": 4}
 
 
 def run(args) -> list[dict]:
@@ -414,6 +400,20 @@ def run(args) -> list[dict]:
     return [run_one(args, attention_mask=True), run_one(args, attention_mask=False)]
 
 
+def _check_real_data(preset: Preset, lengths: LengthSpec, variants: list[Variant]) -> bool:
+    """Whether this run feeds batches of varying lengths or packed ones; refused, with the reason,
+    where the preset cannot take them."""
+    packed = [v.name for v in variants if v.layout != "padded"]
+    if preset.family != "llama" and (lengths.kind != "fixed" or packed):
+        raise SystemExit(f"--lengths {lengths} / packed variants {packed}: causal LM presets only "
+                         f"({preset.name} is {preset.family})")
+    try:
+        lengths.check(preset.seq, preset.name)
+    except ValueError as error:
+        raise SystemExit(f"--lengths: {error}") from None
+    return lengths.kind != "fixed" or bool(packed)
+
+
 def run_one(args, attention_mask: bool) -> dict:
     preset = PRESETS[args.preset]
     device = resolve_device(args.device)
@@ -423,26 +423,36 @@ def run_one(args, attention_mask: bool) -> dict:
     warmup = args.warmup if args.warmup is not None else preset.warmup
     if steps < 1:
         raise SystemExit("--steps must be at least 1")
-    variants = select_variants(default_variants(inner), args.variants, args.variant, inner)
+    lengths = getattr(args, "lengths", FIXED_LENGTHS)
+    variants = select_variants(default_variants(inner), args.variants, args.variant, inner,
+                               layouts=getattr(args, "layouts", ["padded"]))
+    real_data = _check_real_data(preset, lengths, variants)
+    if lengths.kind != "fixed":
+        preset = dataclasses.replace(preset, targets=_REAL_DATA_TARGETS)
     env = environment(device)
     data = {"bench": "e2e", "preset": dataclasses.asdict(preset), "unit": preset.unit, "dtype": str(dtype),
             "inner": inner, "steps": steps, "warmup": warmup, "seed": args.seed, "lr": args.lr, "env": env,
             "mem_kind": MemoryMeter(device).kind, "results": [], "targets": [],
             "attention_mask": attention_mask if preset.family != "llama" else None,
-            "name": preset.name + ("" if attention_mask or preset.family == "llama" else "-nomask")}
+            "lengths": str(lengths), "lengths_description": lengths.describe(preset.seq), "real_data": real_data,
+            "layouts": list(dict.fromkeys(v.layout for v in variants)), "rows": preset.batch,
+            "name": preset.name + ("" if attention_mask or preset.family == "llama" else "-nomask")
+            + ("" if lengths.kind == "fixed" else "-" + str(lengths).replace(":", ""))}
     out = Path(args.out)
     print(f"e2e {preset.name} on {env['device']}: {len(variants)} variants, {warmup} warm-up + {steps} timed steps")
     for variant in sorted(variants, key=lambda v: _RUN_FIRST.get(v.role, len(_RUN_FIRST))):
         print(f"  {variant.name:<20} {variant.describe()} ...", flush=True)
         result = run_isolated(lambda: run_variant(preset, variant, device, dtype, steps, warmup, args.seed, args.lr,
-                                                  attention_mask),
+                                                  attention_mask, lengths),
                               device)
         result["variant"] = variant.to_json()
         data["results"].append(result)
         data["results"].sort(key=lambda r: [v.name for v in variants].index(r["variant"]["name"]))
         add_ratios(data["results"])
         data["targets"] = check_targets(preset, data["results"], device)
-        status = (f"{result['throughput']:,.0f} {preset.unit}, step {1e3 * result['step_time_s']:.1f} ms"
+        unit = "real tokens/s (steady)" if real_data else preset.unit
+        status = (f"{result['throughput']:,.0f} {unit}, step {1e3 * result['step_time_s']:.1f} ms, "
+                  f"{result['wall_s_all_steps']:.1f} s for all {result['steps_run']} steps"
                   if result["status"] == "ok" else f"FAILED: {result['error']}")
         print(f"  {'':<20} -> {status}", flush=True)
         paths = write_outputs(data, out)

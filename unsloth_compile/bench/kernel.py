@@ -41,6 +41,7 @@ from typing import Callable, Optional
 import torch
 
 from ..kernels import knobs
+from .output import first_line
 
 # (K, N) of each layer: K in-features, N out-features
 LAYERS = {
@@ -363,6 +364,15 @@ def environment(device) -> dict:
     return {**common_environment(device), "tokens": TOKENS}
 
 
+def _cell(row: Optional[dict], key: str) -> str:
+    """A ratio, or why there is none: the first line of the variant's error."""
+    if row is not None and row.get(key) is not None:
+        return f"{row[key]:.3f}"
+    if row is not None and row.get("error"):
+        return "failed: " + first_line(row["error"], 120).replace("|", "\\|")
+    return "failed"
+
+
 def render_markdown(data: dict) -> str:
     env = data["environment"]
     v = env["versions"]
@@ -384,10 +394,10 @@ def render_markdown(data: dict) -> str:
                   "|" + "---|" * (5 + len(variants))]
         for (layer, r), rows in by_case.items():
             base = rows.get("base", {})
-            cells = [rows[w].get(ratio_key) if w in rows else None for w in variants]
+            cells = [_cell(rows.get(w), ratio_key) for w in variants]
             lines.append(f"| {layer} | {base.get('K')} | {base.get('N')} | {r} | "
-                         + (f"{base[ms_key]:.3f}" if ms_key in base else "failed") + " | "
-                         + " | ".join("failed" if c is None else f"{c:.3f}" for c in cells) + " |")
+                         + (f"{base[ms_key]:.3f}" if ms_key in base else _cell(base, ms_key)) + " | "
+                         + " | ".join(cells) + " |")
         lines.append("")
     if data.get("breakdown"):
         lines += ["", "## Breakdown of ours (fp32 adapters): each piece alone", "",
@@ -396,7 +406,8 @@ def render_markdown(data: dict) -> str:
                   "| layer | r | piece | GPU ms | eager ms |", "|---|---|---|---|---|"]
         for row in data["breakdown"]:
             if "ms" not in row:
-                lines.append(f"| {row['layer']} | {row['r']} | {row['piece']} | {row.get('error', 'failed')} | |")
+                lines.append(f"| {row['layer']} | {row['r']} | {row['piece']} | "
+                         f"failed: {first_line(row.get('error', ''), 120)} | |")
                 continue
             gpu = f"{row['gpu_ms']:.4f}" if "gpu_ms" in row else "-"
             lines.append(f"| {row['layer']} | {row['r']} | {row['piece']} | {gpu} | {row['ms']:.4f} |")
@@ -459,4 +470,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         data["profile"] = profile_host("llama-8b.attn.q", args.tokens, 16, device)
         write()
     print(render_markdown(data))
+    failed = [f"{row['layer']} r={row['r']} {row.get('variant') or row.get('piece')}: {first_line(row['error'])}"
+              for row in data["results"] + data["breakdown"] if "error" in row]
+    if failed:  # the table says which; the exit status tells a script that something did not run
+        print(f"bench kernel: {len(failed)} failed:\n  " + "\n  ".join(failed))
+        return 1
     return 0

@@ -23,6 +23,28 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def first_line(text: Any, limit: int = 200) -> str:
+    """The first non-empty line of an error, for a table cell (the whole one stays in the JSON)."""
+    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def failures(results: Sequence[dict]) -> list[str]:
+    """`name: first line of its error` for every result whose status is not ok; `bench` exits
+    non-zero when this is not empty. A row carried over from an earlier run's file
+    (`baseline_from`) was not run here and is not counted."""
+    lines = []
+    for r in results:
+        if r.get("status", "ok") == "ok" or r.get("baseline_from"):
+            continue
+        variant = r.get("variant")
+        name = variant.get("name") if isinstance(variant, dict) else str(variant)
+        if "seed" in r:
+            name += f" (seed {r['seed']})"
+        lines.append(f"{name}: {first_line(r.get('error') or 'failed, no error recorded')}")
+    return lines
+
+
 def fmt(value: Optional[float], spec: str = ".3g", suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"

@@ -284,7 +284,7 @@ def render_markdown(data: dict) -> str:
     rows = []
     for r in data["results"]:
         if r["status"] != "ok":
-            rows.append([r["variant"]["name"], "FAILED: " + r.get("error", "")] + ["-"] * (4 + len(families)))
+            rows.append([r["variant"]["name"], "FAILED: " + output.first_line(r.get("error", ""))] + ["-"] * (4 + len(families)))
             continue
         rows.append([r["variant"]["name"], output.fmt(r["wall_ms"], ".1f"), output.fmt(r["host_ms"], ".1f"),
                      output.fmt(r["gpu_busy_ms"], ".1f"), output.fmt(r["gpu_idle_ms"], ".1f"),

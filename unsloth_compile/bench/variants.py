@@ -45,6 +45,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .batch_layouts import LAYOUTS
+
 KINDS = ("full", "eager", "inductor", "aot_eager", "unsloth", "floor")
 # Kinds compiled by the backend, which take its options
 BACKEND_KINDS = ("unsloth", "floor")
@@ -58,10 +60,13 @@ class Variant:
     kind: str  # one of KINDS
     options: dict = dataclasses.field(default_factory=dict)  # backend options (unsloth only)
     role: Optional[str] = None  # "full", "peft-eager", "peft-compile", "unsloth": what targets refer to
+    layout: str = "padded"  # the batches' form (bench/batch_layouts.py); `bench e2e --layouts` varies it
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"variant {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"variant {self.name!r}: layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if set(self.options) - {"mode"} and self.kind not in BACKEND_KINDS:
             raise ValueError(f"variant {self.name!r}: options other than mode are only meaningful for kinds "
                              f"{' and '.join(BACKEND_KINDS)}")
@@ -77,6 +82,8 @@ class Variant:
         return any(self.options.get(k) not in (None, False, "none", "off", "default") for k in LOSSY_OPTIONS)
 
     def describe(self) -> str:
+        if self.layout != "padded":
+            return f"{dataclasses.replace(self, layout='padded').describe()}, {self.layout} batches"
         if self.kind == "full":
             return "full fine-tuning, eager"
         if self.kind == "eager":
@@ -90,7 +97,7 @@ class Variant:
 
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "options": dict(self.options), "role": self.role,
-                "description": self.describe()}
+                "layout": self.layout, "description": self.describe()}
 
 
 def parse_option_value(text: str) -> Any:
@@ -313,12 +320,13 @@ def run_isolated(fn: Callable[[], dict], device: torch.device) -> dict:
 
 
 def describe_error(error: BaseException, limit: int = 400) -> str:
-    """One line: the outer exception's type and the root cause's message (Dynamo wraps a
-    backend's error in BackendCompilerFailed whose own first line says only 'raised:')."""
+    """One line: the outer exception's type and the first line of the root cause's message
+    (Dynamo wraps a backend's error in BackendCompilerFailed whose own first line says only
+    'raised:'). The rest of the message is in the traceback that `run_isolated` keeps."""
     root = error
     while root.__cause__ is not None and root.__cause__ is not root:
         root = root.__cause__
-    text = " ".join(line.strip() for line in str(root).splitlines() if line.strip())
+    text = next((line.strip() for line in str(root).splitlines() if line.strip()), "")
     text = text.split("Set TORCHDYNAMO_VERBOSE=1")[0].strip()  # Dynamo's boilerplate advice
     head = type(error).__name__ if root is error else f"{type(error).__name__} <- {type(root).__name__}"
     message = f"{head}: {text}" if text else head
@@ -352,19 +360,49 @@ def environment(device: torch.device) -> dict:
             "threads": torch.get_num_threads()}
 
 
+def split_layout(name: str) -> tuple[str, Optional[str]]:
+    """`peft+unsloth@packed` -> ("peft+unsloth", "packed"); a name without a layout suffix -> (name, None)."""
+    base, at, layout = name.rpartition("@")
+    return (base, layout) if at and base and layout in LAYOUTS else (name, None)
+
+
+def at_layout(variant: Variant, layout: str) -> Variant:
+    """The variant on `layout`'s batches: padded keeps its name and role (the baseline ratios and
+    targets refer to those), another layout suffixes both with @LAYOUT."""
+    if layout == "padded":
+        return dataclasses.replace(variant, layout=layout)
+    return dataclasses.replace(variant, name=f"{variant.name}@{layout}", layout=layout,
+                               role=variant.role and f"{variant.role}@{layout}")
+
+
 def select_variants(defaults: list[Variant], selected: Optional[str], extra_specs: list[str],
-                    inner: str) -> list[Variant]:
+                    inner: str, layouts: Optional[list[str]] = None) -> list[Variant]:
     """The defaults named in `selected` (a comma list; None keeps all), then the extra
     `NAME=KIND[:k=v,...]` specs; names must be known and unique. Shared by `bench e2e` and
-    `bench accuracy`."""
-    variants = defaults
+    `bench accuracy`. With `layouts` (bench e2e), a name ending in @padded or @packed runs on
+    that layout only and every other variant runs once per layout in `layouts`."""
+    def layouts_of(name: str) -> tuple[str, list[str]]:
+        base, layout = split_layout(name) if layouts is not None else (name, None)
+        return base, [layout] if layout else list(layouts or ["padded"])
+
+    wanted: dict[str, list[str]] = {}
+    variants = list(defaults)
     if selected:
-        keep = {n.strip() for n in selected.split(",") if n.strip()}
-        unknown = sorted(keep - {v.name for v in variants})
+        for name in filter(None, (n.strip() for n in selected.split(","))):
+            base, chosen = layouts_of(name)
+            wanted.setdefault(base, []).extend(chosen)
+        unknown = sorted(set(wanted) - {v.name for v in variants})
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; defaults are {[v.name for v in variants]}")
-        variants = [v for v in variants if v.name in keep]
-    variants = variants + [parse_variant(spec, inner) for spec in extra_specs]
+        variants = [v for v in variants if v.name in wanted]
+    else:
+        wanted = {v.name: layouts_of(v.name)[1] for v in variants}
+    for spec in extra_specs:
+        variant = parse_variant(spec, inner)
+        base, chosen = layouts_of(variant.name)
+        variants.append(dataclasses.replace(variant, name=base))
+        wanted[base] = wanted.get(base, []) + chosen
+    variants = [at_layout(v, layout) for v in variants for layout in dict.fromkeys(wanted[v.name])]
     if not variants:
         raise SystemExit("no variant to run: --variants selected none and no --variant was given")
     names = [v.name for v in variants]
