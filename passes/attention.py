@@ -7,7 +7,10 @@ with a boolean or additive mask that eager never passes to the kernel in that fo
    through views, expands, device moves and `&` with other all-True masks). Under tracing,
    transformers cannot look at the padding mask's values, so it builds such a mask where eager
    passes none (`_ignore_*_mask_sdpa` returns False when tracing). Masking nothing, it is
-   dropped: the call is the one eager makes, and keeps the kernel eager gets.
+   dropped: the call is the one eager makes, and keeps the kernel eager gets. The same for a
+   mask that tests positions against 0 (`arange(n)[...] >= 0`, transformers' bidirectional mask
+   without a padding mask: true at every size) and for any mask built from positions alone that
+   evaluates, once at compile time, to all True (or all 0, additive).
 2. **A mask broadcast along its last dimension** (stride 0 there, an `expand` of a (.., 1)
    tensor). Every fused CUDA kernel requires the mask's last dimension to have stride 1 and
    refuses it (`sdp_utils.cpp`: "All fused kernels require the last dimension of the input to
@@ -111,7 +114,27 @@ def is_all_true(node, depth: int = 0) -> bool:
     if node.op == "call_method" and node.target in _SHAPE_METHODS or \
             node.op == "call_function" and node.target in _SHAPE_FUNCTIONS:
         return is_all_true(node.args[0], depth + 1)
-    return False
+    return is_nonnegative_position_test(node)
+
+
+def is_nonnegative_position_test(node: Node) -> bool:
+    """Whether the node is `(arange(n) + c)[index] >= k` (or `k <= ...`, `> k - 1`) with int
+    c >= 0 >= k: True at every position and every size. transformers' bidirectional mask without
+    a padding mask is this test (`q_idx >= 0`) when it does not skip the mask under tracing."""
+    if node.op != "call_function" or len(node.args) != 2:
+        return False
+    if node.target in (operator.ge, torch.ge, operator.gt, torch.gt):
+        positions, bound = node.args
+    elif node.target in (operator.le, torch.le, operator.lt, torch.lt):
+        bound, positions = node.args
+    else:
+        return False
+    if not isinstance(bound, int) or isinstance(bound, bool):
+        return False
+    strict = node.target in (operator.gt, torch.gt, operator.lt, torch.lt)
+    index = _position_index(positions)
+    return (index is not None and isinstance(index[2], int) and index[2] >= 0
+            and (bound < 0 if strict else bound <= 0))
 
 
 # Pure, deterministic ops a position-only mask is built from (transformers' sdpa_mask and friends).
@@ -266,6 +289,18 @@ def is_causal_mask(node: Node, mask: Node) -> bool:
     return bool(((actual == 0) | blocked).all() and ((actual == 0) == causal).all())
 
 
+def masks_nothing(mask: Node) -> bool:
+    """Whether a mask built from positions alone (no graph input, concrete sizes) masks no
+    element: True everywhere (bool) or 0 everywhere (additive), evaluated once at compile time."""
+    value = fm.example_value(mask)
+    if not isinstance(value, torch.Tensor) or not all(isinstance(d, int) for d in value.shape):
+        return False
+    actual = constant_mask_value(mask)
+    if actual is None:
+        return False
+    return bool(actual.all()) if actual.dtype == torch.bool else bool(actual.is_floating_point() and (actual == 0).all())
+
+
 def broadcast_last_dim(mask: Node) -> bool:
     value = fm.example_value(mask)
     return (isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[-1] != 1
@@ -277,6 +312,8 @@ def broadcast_last_dim(mask: Node) -> bool:
 
 # What a rewritable mask is, as check_site finds it: the counter suffix of each kind.
 DROPPED, CAUSAL, DENSIFIED = "dropped", "causal", "densified"
+# meta flag of the block-diagonal mask packed_attention.py builds (reported there, left here)
+PACKED_MASK = "unsloth_packed_mask"
 
 
 def check_site(node: Node, mask: Node) -> tuple[Optional[str], Optional[str]]:
@@ -289,7 +326,7 @@ def check_site(node: Node, mask: Node) -> tuple[Optional[str], Optional[str]]:
     value = fm.example_value(mask)
     if not isinstance(value, torch.Tensor):
         return None, "mask has no example value"
-    if value.dtype == torch.bool and is_all_true(mask):
+    if value.dtype == torch.bool and is_all_true(mask) or masks_nothing(mask):
         return DROPPED, None
     if is_causal_mask(node, mask):
         return CAUSAL, None
@@ -411,7 +448,7 @@ def replace_gqa(gm: GraphModule, node: Node, key: Node, value: Node) -> str:
     node.update_arg(2, value)
     node.update_kwarg("enable_gqa", True)
     for r in repeated:
-        _erase_dead_chain(gm, r)
+        erase_dead_chain(gm, r)
     return (f"k and v repeated {groups}x to the query heads taken at their "
             f"{fm.example_value(key).shape[1]} heads with enable_gqa=True")
 
@@ -462,7 +499,9 @@ def keep_attention_fused(gm: GraphModule, cfg: Config | None = None, report: Rep
                 report.add(Site(path, PATTERN, "rewritten", f"{kernel} kernel tried first (attention_kernel)"))
                 report.counters[f"attention.prefer_{kernel}"] += 1
             mask = match_sdpa(node)
-            if mask is not None:  # no mask: the call is the one eager makes, nothing to decide
+            if mask is not None and mask.meta.get(PACKED_MASK):
+                pass  # packed sequences' mask: packed_attention.py decided and reported it
+            elif mask is not None:  # no mask: the call is the one eager makes, nothing to decide
                 kind, reason = check_site(node, mask)
                 if reason is not None:
                     report.add(Site(path, PATTERN, "kept", reason))
@@ -470,7 +509,7 @@ def keep_attention_fused(gm: GraphModule, cfg: Config | None = None, report: Rep
                     report.add(Site(path, PATTERN, "rewritten", replace_site(module, node, mask, kind)))
                     report.counters[f"attention.mask_{kind}"] += 1
                     if not mask.users:
-                        _erase_dead_chain(module, mask)
+                        erase_dead_chain(module, mask)
             if cfg is not None and cfg.attention_gqa:
                 kv, reason = check_gqa(node)
                 if reason is not None:
@@ -482,7 +521,7 @@ def keep_attention_fused(gm: GraphModule, cfg: Config | None = None, report: Rep
     return gm
 
 
-def _erase_dead_chain(gm: GraphModule, node: Node) -> None:
+def erase_dead_chain(gm: GraphModule, node: Node) -> None:
     """The mask's producers that nothing else reads go with it (no side effects in them)."""
     stack = [node]
     while stack:

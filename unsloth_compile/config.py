@@ -119,6 +119,10 @@ class Config:
     # own heads with enable_gqa=True, as eager does: backward keeps k and v at the kv heads
     # (llama-1b on an H200: 0.83 GiB less reserved, step time within run-to-run noise)
     attention_gqa: bool = True
+    # sequences packed into one row (position_ids restart at each sequence, no attention_mask:
+    # DataCollatorWithFlattening, TRL padding_free) attend only within their sequence: a causal
+    # SDPA call gets the block-diagonal causal mask computed from position_ids in the graph
+    attention_packed: bool = True
     # rewrite LM head + cross_entropy into torch.ops.unsloth.linear_cross_entropy, chunked over
     # rows so the full-vocabulary logits never exist (where the model does not return them:
     # see unsloth_compile.loss_only)
