@@ -37,6 +37,9 @@ class Attention(torch.nn.Module):
         if self.mask_kind == "broadcast":
             keep_query = (x[..., 0] > -0.5)  # data-dependent values, one per (batch, query)
             return keep_query[:, None, :, None].expand(b, 1, s, s)
+        if self.mask_kind == "positions_nonnegative":  # transformers 5.17's BERT mask without attention_mask
+            q_idx = torch.arange(s, device=x.device)[None, None, :, None]
+            return (q_idx >= 0).expand(b, -1, s, s)
         if self.mask_kind == "dense":
             return torch.rand(b, 1, s, s, generator=None, device=x.device) > 0.3
         if self.mask_kind.startswith(("causal", "shifted")):  # as transformers' sdpa_mask builds it
@@ -99,6 +102,20 @@ def test_all_true_mask_is_dropped():
     # the mask's producers went with it: nothing builds a bool tensor any more
     assert not [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "new_ones"]
     report = _compare(model, x)
+    assert report.counters["attention.mask_dropped"] == 1
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_positions_tested_against_zero_are_an_all_true_mask(dynamic):
+    """`arange(s) >= 0`, broadcast along the keys: masks nothing at any size, so it is dropped
+    (not made dense, which would keep the call off the kernels that take no mask)."""
+    torch._dynamo.reset()
+    model = Attention("positions_nonnegative")
+    gm = _dynamic_graph(model, torch.randn(3, 7, 16)) if dynamic else _captured_graph(model, torch.randn(3, 7, 16))
+    report = Report()
+    keep_attention_fused(gm, Config(), report)
+    assert _sdpa_masks(gm) == [None] and report.counters["attention.mask_dropped"] == 1
+    report = _compare(model, torch.randn(2, 9, 16))
     assert report.counters["attention.mask_dropped"] == 1
 
 
