@@ -14,26 +14,31 @@ Pattern (Dynamo graph, before `attention.py`): a graph input named `position_ids
 (`attn_mask=None, is_causal=True`, or a causal mask built from positions alone, as
 `attention.is_causal_mask` recognises it), query and key length L and batch b (or b == 1).
 
-Replacement: the same call with `is_causal=False` and the mask
+Replacement, by the option `attention_packed`:
+- "varlen" (and "auto" where the call's inputs are fp16/bf16 CUDA tensors that
+  flash-attention's varlen kernels take): the call becomes
+  `torch.ops.unsloth.packed_attention(q, k, v, position_ids, scale)[0]`
+  (unsloth_compile/ops_packed_attention.py): every sequence its own causal problem, no work
+  spent across sequences, so a packed row costs what its sequences cost alone; k and v are
+  taken at their own heads (grouped heads are the kernels' own, transformers' repeat_kv is
+  undone). The op reads the sequence boundaries on the host (one sync a call): such a graph
+  does not run as CUDA graphs.
+- "mask" (and "auto" elsewhere: CPU, fp32, attention dropout, head dim > 256): the same call
+  with `is_causal=False` and the mask
 
     start = diff(position_ids, prepend=position_ids[:, :1] - 1) != 1
     seq   = start.cumsum(-1)                                   sequence index of each token
     mask  = (seq_q == seq_kv) & (position_kv <= position_q)    (b, 1, L, L), bool
 
-computed once per graph in the graph. Inside one sequence positions step by 1, so
-`position_kv <= position_q` is the causal test there; across sequences `seq` differs. Rows of
-unpacked position_ids (0..L-1, or any run that steps by 1) are one sequence, and the mask is
-SDPA's own causal mask: the same values as before. A call that took k and v at their kv heads
-(`enable_gqa=True`) gets them repeated to the query heads (as transformers' `repeat_kv` does),
-because no fused CUDA kernel takes grouped heads together with a mask; without the repeat the
-call would fall to the math path.
-
-Why a mask: it is exact on every device (the CPU reference and the tests compare against the
-unpacked model), a bool mask dense along its last dimension keeps CUDA's fused
-memory-efficient kernel (bf16, no fp32 math path), and the graph stays free of data-dependent
-shapes, so it compiles once for every packing of the same total length. A varlen kernel
-(flash-attention with cumulative sequence lengths) would skip the masked blocks; it needs the
-number of sequences on the host (a sync per step) and is not used.
+  computed once per graph in the graph. Inside one sequence positions step by 1, so
+  `position_kv <= position_q` is the causal test there; across sequences `seq` differs. A call
+  that took k and v at their kv heads (`enable_gqa=True`) gets them repeated to the query heads
+  (as transformers' `repeat_kv` does), because no fused CUDA kernel takes grouped heads together
+  with a mask; without the repeat the call would fall to the math path. A bool mask dense along
+  its last dimension keeps CUDA's fused memory-efficient kernel (bf16, no fp32 math path), and
+  the graph stays free of data-dependent shapes; every query still spends work on the whole row.
+Rows of unpacked position_ids (0..L-1, or any run that steps by 1) are one sequence each: both
+forms compute SDPA's own causal attention there.
 
 Check: `position_ids` is an integer tensor of two dimensions; the query is a plain tensor whose
 length and batch match; the call is in the Dynamo graph itself (the bodies of checkpointed
@@ -50,10 +55,11 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ..config import Config
+from ..config import Config, PackedAttention
+from ..ops_packed_attention import flash_supports
 from ..report import Report, Site
 from . import fx_match as fm
-from .attention import PACKED_MASK, SDPA_TARGETS, erase_dead_chain, is_causal_mask, match_sdpa
+from .attention import PACKED_MASK, SDPA_TARGETS, erase_dead_chain, is_causal_mask, match_sdpa, repeated_heads
 from .subgraphs import graph_modules, recompile
 
 PATTERN = "attention"
@@ -150,6 +156,50 @@ def _repeat_heads(gm: GraphModule, x: Node, groups: int, like: Node) -> Node:
     return _add(gm, like, m, "flatten", copies, 1, 2)
 
 
+def varlen_or_reason(node: Node, cfg: Config) -> tuple[bool, str]:
+    """(the call becomes torch.ops.unsloth.packed_attention, why not)."""
+    if cfg.attention_packed is PackedAttention.MASK:
+        return False, "attention_packed='mask'"
+    dropout = _flag(node, "dropout_p", 4) or 0.0
+    if not isinstance(dropout, (int, float)) or dropout:
+        return False, "attention dropout (the varlen op takes none)"
+    if _flag(node, "scale", 6) is not None and not isinstance(_flag(node, "scale", 6), (int, float)):
+        return False, "a scale that is not a constant"
+    if cfg.attention_packed is PackedAttention.VARLEN:
+        return True, ""
+    q, k = fm.example_value(node.args[0]), fm.example_value(node.args[1])
+    return flash_supports(q, k)
+
+
+def _unrepeated(value: Node) -> Node:
+    """k or v before transformers' repeat_kv (the op takes grouped heads itself)."""
+    repeated = repeated_heads(value)
+    return repeated[0] if repeated is not None else value
+
+
+def replace_site_varlen(gm: GraphModule, node: Node, position_ids: Node) -> str:
+    q = fm.example_value(node.args[0])
+    scale = _flag(node, "scale", 6)
+    scale = float(scale) if scale is not None else q.shape[-1] ** -0.5
+    key, value = _unrepeated(node.args[1]), _unrepeated(node.args[2])
+    replaced_mask = match_sdpa(node)
+    with gm.graph.inserting_before(node):
+        call = gm.graph.call_function(torch.ops.unsloth.packed_attention.default,
+                                      (node.args[0], key, value, position_ids, scale))
+        out = gm.graph.call_function(operator.getitem, (call, 0))
+    fm.set_fake_meta(call, node)
+    fm.set_fake_meta(out, node)
+    repeated = [node.args[1], node.args[2]]
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
+    for dead in [*repeated, replaced_mask]:
+        if isinstance(dead, Node) and not dead.users:
+            erase_dead_chain(gm, dead)
+    heads = fm.example_value(key).shape[1]
+    return (f"packed sequences: torch.ops.unsloth.packed_attention (varlen kernels, k and v at their "
+            f"{heads} heads)")
+
+
 def replace_site(gm: GraphModule, node: Node, mask: Node) -> str:
     with gm.graph.inserting_before(node):
         if node.kwargs.get("enable_gqa", False):
@@ -180,6 +230,7 @@ def mask_packed_sequences(gm: GraphModule, cfg: Config | None = None, report: Re
     """Give every causal SDPA call of a graph fed packed `position_ids` (and no
     `attention_mask`) the block-diagonal causal mask; report each candidate."""
     report = report if report is not None else Report()
+    cfg = cfg if cfg is not None else Config()
     position_ids = find_input(gm, _POSITION_IDS)
     if position_ids is None or find_input(gm, _ATTENTION_MASK) is not None:
         return gm  # nothing packed to honour: the calls are the ones eager makes
@@ -198,10 +249,16 @@ def mask_packed_sequences(gm: GraphModule, cfg: Config | None = None, report: Re
             if reason is not None:
                 report.add(Site(path, PATTERN, "kept", reason))
                 continue
-            if mask is None:
-                with gm.graph.inserting_before(node):
-                    mask = build_packed_mask(gm, position_ids, node)
-            report.add(Site(path, PATTERN, "rewritten", replace_site(gm, node, mask)))
+            varlen, why_not = varlen_or_reason(node, cfg)
+            if varlen:
+                report.add(Site(path, PATTERN, "rewritten", replace_site_varlen(gm, node, position_ids)))
+                report.counters["attention.packed_varlen"] += 1
+            else:
+                if mask is None:
+                    with gm.graph.inserting_before(node):
+                        mask = build_packed_mask(gm, position_ids, node)
+                description = replace_site(gm, node, mask)
+                report.add(Site(path, PATTERN, "rewritten", f"{description}; not the varlen op: {why_not}"))
             report.counters["attention.packed"] += 1
     recompile(modules)
     return gm

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import Config
+from ..config import Config, PackedAttention
 from ..report import Report
 from .attention import keep_attention_fused
 from .broadcast_embedding import lookup_broadcast_rows_once
@@ -33,7 +33,7 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Con
         gm = fuse_linear_cross_entropy(gm, cfg, report)
     # before the attention pass: causal calls of packed rows get their mask, and the attention
     # pass then leaves them (no enable_gqa on a call with a mask: no fused CUDA kernel takes both)
-    if cfg.attention_packed:
+    if cfg.attention_packed is not PackedAttention.OFF:
         gm = mask_packed_sequences(gm, cfg, report)
     if cfg.attention:
         gm = keep_attention_fused(gm, cfg, report)

@@ -78,13 +78,16 @@ def _packed_compiled(model, seqs, options=None, **kwargs):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("use_cache", [None, False])
-def test_packed_losses_and_lora_grads_match_unpacked_eager(family, use_cache):
+@pytest.mark.parametrize("route", ["auto", "varlen"])
+def test_packed_losses_and_lora_grads_match_unpacked_eager(family, use_cache, route):
+    """"auto" on CPU is the block-diagonal mask; "varlen" is torch.ops.unsloth.packed_attention
+    (its reference here, flash-attention's varlen kernels on CUDA)."""
     torch._dynamo.reset()
     model = _model(family)
     seqs = _sequences()
     expected_logits, expected_losses, expected_grads = _unpacked_eager(model, seqs)
     kwargs = {} if use_cache is None else {"use_cache": use_cache}
-    logits, losses, grads, report = _packed_compiled(model, seqs, **kwargs)
+    logits, losses, grads, report = _packed_compiled(model, seqs, options={"attention_packed": route}, **kwargs)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)  # the 1-token one too
     torch.testing.assert_close(losses, expected_losses, rtol=1e-5, atol=1e-5)
     assert grads.keys() == expected_grads.keys() and len(grads) == 28  # 14 LoRA sites, A and B
@@ -93,6 +96,7 @@ def test_packed_losses_and_lora_grads_match_unpacked_eager(family, use_cache):
     assert report.counters["lora_linear.fused"] == 14 and not report.counters["lora_linear.refused"]
     if use_cache is None:  # transformers passed is_causal=True: the pass masks the boundaries
         assert report.counters["attention.packed"] == 2
+        assert report.counters["attention.packed_varlen"] == (2 if route == "varlen" else 0)
 
 
 def test_attention_never_crosses_a_sequence_boundary():

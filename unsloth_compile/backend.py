@@ -18,8 +18,11 @@ from torch._dynamo.backends.registry import register_backend
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.* before any graph is compiled
 from .config import CompressMode, Config, Fp8Layers, Inner
+from .checkpoint_tracing import configure as configure_checkpoint_tracing
+from .checkpoint_tracing import ignore_transformers_warning_once, log_settings_once
+from .graph_breaks import running_model
 from .report import Report, publish
-from .summary import SummaryLedger, summarize
+from .summary import SummaryLedger, begin, ledger_or_process, summarize
 
 
 def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
@@ -27,6 +30,10 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     """`ledger`: whose running totals the one-line summary adds to (one per model compiled by
     `unsloth_compile.compile`); None for the process-wide one."""
     cfg = Config.from_options(options, mode)
+    ignore_transformers_warning_once()  # for the traces after this one, when transformers came later
+    log_settings_once()
+    if cfg.summary:
+        begin(running_model(), ledger)
     from .passes.pipeline import run_passes
 
     gm, report = run_passes(gm, example_inputs, cfg)
@@ -37,7 +44,8 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
 
         warn_if_ddp_split(report)
     try:  # published after the inner compile: AOTAutograd's partition adds compress_saved sites
-        return _inner_compile(gm, example_inputs, cfg, report)
+        compiled = _inner_compile(gm, example_inputs, cfg, report)
+        return ledger_or_process(ledger).watch(compiled) if cfg.summary else compiled  # ends the warm-up
     finally:
         publish(report, log_it=cfg.report)
         if cfg.summary:
@@ -67,23 +75,45 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
         from .passes.compress_saved import compile_compressed
 
         report = report if report is not None else Report()
-        return compile_compressed(gm, example_inputs, cfg, report, inductor_patches(cfg, example_inputs, report))
+        return compile_compressed(gm, example_inputs, cfg, report, inductor_patches(cfg, example_inputs, report, gm))
     if cfg.inner is Inner.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = inductor_patches(cfg, example_inputs, report)
+    patches = inductor_patches(cfg, example_inputs, report, gm)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     return keep_outputs_across_replays(compiled) if patches.get("triton.cudagraphs") else compiled
 
 
-def cudagraphs_decision(cfg: Config, example_inputs: Sequence[Any] | None) -> tuple[bool, str]:
+# Ops that read device values on the host while they run: a CUDA graph cannot capture them.
+_HOST_SYNCING_OPS = ("packed_attention",)
+
+
+def host_syncing_op(gm: torch.fx.GraphModule | None) -> str | None:
+    """The name of an op of the graph that syncs with the host, if any."""
+    if gm is None:
+        return None
+    for node in gm.graph.nodes:
+        # an OpOverload prints as unsloth.packed_attention.default, its packet without .default
+        if node.op == "call_function" and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            name = str(node.target)
+            if any(name.split(".")[:2] == ["unsloth", op] for op in _HOST_SYNCING_OPS):
+                return f"torch.ops.{name}"
+    return None
+
+
+def cudagraphs_decision(cfg: Config, example_inputs: Sequence[Any] | None,
+                        gm: torch.fx.GraphModule | None = None) -> tuple[bool, str]:
     """(run this graph as CUDA graphs, why) for the default mode; other modes bring their own
     setting (torch's table). See Config.cudagraphs."""
     if cfg.cudagraphs is False:
         return False, "cudagraphs=False"
+    syncing = host_syncing_op(gm)
+    if syncing is not None:
+        # even when asked for: capturing a host sync fails, and the backend never lets it
+        return False, f"{syncing} reads sequence boundaries on the host"
     if cfg.cudagraphs is True:
         return True, "cudagraphs=True"
     if cfg.compress_activations is CompressMode.LOWRANK:
@@ -102,7 +132,7 @@ def cudagraphs_decision(cfg: Config, example_inputs: Sequence[Any] | None) -> tu
 
 
 def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
-                     report: Report | None = None) -> dict:
+                     report: Report | None = None, gm: torch.fx.GraphModule | None = None) -> dict:
     """Inductor config for this backend's mode and options. torch.compile's own mode is not
     seen by a custom backend with options, so the mode's settings (torch's own table,
     `list_mode_options`) are applied here; in the default mode, CUDA graphs per
@@ -111,7 +141,7 @@ def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
 
     patches = dict(list_mode_options(cfg.mode))
     if cfg.mode == "default":
-        use, why = cudagraphs_decision(cfg, example_inputs)
+        use, why = cudagraphs_decision(cfg, example_inputs, gm)
         if use:
             # Plain cudagraph trees, as mode="reduce-overhead" has them. Not
             # cudagraph_skip_dynamic_graphs: with graph partitioning (torch >= 2.9) it cut
@@ -120,6 +150,10 @@ def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
             patches["triton.cudagraphs"] = True
         if report is not None:
             report.counters["cudagraphs.on" if use else f"cudagraphs.off ({why})"] += 1
+    elif patches.get("triton.cudagraphs") and host_syncing_op(gm) is not None:
+        patches["triton.cudagraphs"] = False  # the mode's CUDA graphs cannot capture a host sync
+        if report is not None:
+            report.counters[f"cudagraphs.off ({host_syncing_op(gm)} reads sequence boundaries on the host)"] += 1
     return patches
 
 
@@ -203,3 +237,4 @@ def _register_without_entry_point() -> None:
 
 
 _register_without_entry_point()
+configure_checkpoint_tracing()  # before anything is traced: torch.compile(backend="unsloth") imports this module

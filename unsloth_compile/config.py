@@ -58,6 +58,16 @@ class AttentionKernel(str, enum.Enum):
     CUDNN = "cudnn"
 
 
+class PackedAttention(str, enum.Enum):
+    """How causal attention over packed rows (position_ids restarting, no mask) is kept within
+    each sequence."""
+
+    AUTO = "auto"  # the varlen kernels where they run the inputs (CUDA, fp16/bf16), the mask elsewhere
+    VARLEN = "varlen"  # torch.ops.unsloth.packed_attention everywhere (its reference off CUDA)
+    MASK = "mask"  # the block-diagonal causal mask in the graph, on SDPA's fused masked kernel
+    OFF = "off"  # leave the calls as transformers makes them
+
+
 def _positive_int(name: str, value: Any) -> int:
     """An int option: an int >= 1, or its decimal string (as the bench's command line gives it)."""
     if isinstance(value, str) and value.strip().isdigit():
@@ -121,8 +131,10 @@ class Config:
     attention_gqa: bool = True
     # sequences packed into one row (position_ids restart at each sequence, no attention_mask:
     # DataCollatorWithFlattening, TRL padding_free) attend only within their sequence: a causal
-    # SDPA call gets the block-diagonal causal mask computed from position_ids in the graph
-    attention_packed: bool = True
+    # SDPA call becomes torch.ops.unsloth.packed_attention (flash-attention's varlen kernels, no
+    # work across sequences) or gets the block-diagonal causal mask computed from position_ids
+    # in the graph. True and False mean "auto" and "off".
+    attention_packed: PackedAttention = PackedAttention.AUTO
     # rewrite LM head + cross_entropy into torch.ops.unsloth.linear_cross_entropy, chunked over
     # rows so the full-vocabulary logits never exist (where the model does not return them:
     # see unsloth_compile.loss_only)
@@ -170,6 +182,8 @@ class Config:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "attention_packed" and isinstance(value, bool):
+                value = PackedAttention.AUTO if value else PackedAttention.OFF
             if isinstance(field.default, enum.Enum):
                 enum_type = type(field.default)
                 try:

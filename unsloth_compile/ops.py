@@ -419,3 +419,4 @@ from . import ops_fp8  # noqa: E402,F401  torch.ops.unsloth.*fp8* (needs the hel
 from . import ops_compress  # noqa: E402,F401  torch.ops.unsloth.* that compress saved tensors (issue 12)
 from . import ops_sparse  # noqa: E402,F401  torch.ops.unsloth.*sparse24* (2:4 frozen bases, issue 15)
 from . import ops_cross_entropy  # noqa: E402,F401  torch.ops.unsloth.logits_cross_entropy* (returned logits)
+from . import ops_packed_attention  # noqa: E402,F401  torch.ops.unsloth.packed_attention (padding-free rows)
