@@ -22,6 +22,7 @@ import torch
 from .backend import unsloth
 from .config import Config, Fp8Layers, KernelChoice, Precision
 from .summary import SummaryLedger
+from .trl_support import compile_target, find_fused_lm_head, keeps_lm_head_dense
 
 
 def _merge_options(options: Optional[Mapping[str, Any]], option_kwargs: Mapping[str, Any],
@@ -48,7 +49,10 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
     `torch.compile`'s wrapper is unwrapped: its module is compiled in place and returned. The
     one-line summary keeps running totals for this model alone. With precision="fp8" the LoRA
     layers' frozen bases (with fp8_layers="all": every frozen linear) are first stored in fp8
-    (`unsloth_compile.fp8.convert`), in place.
+    (`unsloth_compile.fp8.convert`), in place. A model whose forward a TRL trainer replaced by
+    its fused LM head has its backbone compiled and the head left to run as in eager
+    (`unsloth_compile.trl_support`); compile such a model after building the trainer, or use the
+    callback.
     """
     options = _merge_options(options, option_kwargs, mode)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
@@ -57,13 +61,17 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
         raise TypeError(f"unsloth_compile.compile: expected a torch.nn.Module, got {type(model).__name__}; "
                         f"for a function use torch.compile(fn, backend='unsloth')")
     cfg = Config.from_options(options, mode)
+    trl_head = find_fused_lm_head(model)
     if cfg.precision is Precision.FP8:  # in place, as the compile: the bf16 bases are freed
         from .fp8 import convert, frozen_linears
 
-        convert(model, select=frozen_linears if cfg.fp8_layers is Fp8Layers.ALL else None,
-                allow_emulation=cfg.kernels is KernelChoice.REFERENCE)
+        select = frozen_linears if cfg.fp8_layers is Fp8Layers.ALL else None
+        if select is not None and trl_head is not None:
+            select = keeps_lm_head_dense(trl_head, select)
+        convert(model, select=select, allow_emulation=cfg.kernels is KernelChoice.REFERENCE)
     backend = functools.partial(unsloth, options=options, mode=mode, ledger=SummaryLedger())
-    model.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    target = compile_target(model, trl_head, report_it=cfg.report, summary=cfg.summary)
+    target.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     return model
 
 
