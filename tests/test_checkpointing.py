@@ -1,10 +1,15 @@
 """Gradient checkpointing: Dynamo puts each checkpointed region (transformers'
-`gradient_checkpointing_enable()`, `use_reentrant` True or False) into a
+`gradient_checkpointing_enable()`, `use_reentrant` True, False or unset) into a
 `tag_activation_checkpoint` higher-order op whose body is a GraphModule; the LoRA pass fuses
-inside that body (passes/subgraphs.py), and AOTAutograd recomputes the fused op in backward."""
+inside that body (passes/subgraphs.py), and AOTAutograd recomputes the fused op in backward.
+A Python side effect inside the region (the `kernels` package's wrapper of transformers'
+attention forwards) would make Dynamo run the region eagerly: unsloth_compile/checkpoint_tracing.py."""
 
+import copy
+import math
 import operator
 import re
+import warnings
 
 import pytest
 import torch
@@ -15,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 import unsloth_compile
 from helpers import batch_for, count_lora_layers, dynamo_graphs, peft_wrap, tiny_causal_lm, train_and_compare
 from unsloth_compile import Config, Report, fuse_lora_linears
+from unsloth_compile.report import collect_reports
 from unsloth_compile.passes import subgraphs
 from unsloth_compile.passes.pipeline import run_passes
 
@@ -23,9 +29,11 @@ CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
 PROJECTION_PATH = re.compile(r"(^|\.)layers\.[01]\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 
 
-def checkpointed_llama(reentrant: bool, dropout: float, **lora_kwargs) -> nn.Module:
+def checkpointed_llama(reentrant: bool | None, dropout: float, **lora_kwargs) -> nn.Module:
+    """reentrant None: transformers' default (no kwargs)."""
     model = tiny_causal_lm("llama")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    kwargs = None if reentrant is None else {"use_reentrant": reentrant}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     model = peft_wrap(model, lora_dropout=dropout, **lora_kwargs)
     model.train()  # checkpointing is only active in training mode
     return model
@@ -36,11 +44,15 @@ def capture(model, batch) -> list[GraphModule]:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True, None])
 def test_checkpointed_peft_llama_fuses_every_site_and_trains_like_eager(reentrant, dropout):
     model = checkpointed_llama(reentrant, dropout)
-    result = train_and_compare(model, lambda s: batch_for("llama", seed=s), steps=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train_and_compare(model, lambda s: batch_for("llama", seed=s), steps=3)
     report = result.report
+    said = [str(w.message) for w in caught if "unsloth_compile" in str(w.message)]
+    assert not said, said  # neither "no LoRA linear found" nor "ran outside every compiled graph"
     assert report.counters["lora_linear.fused"] == count_lora_layers(model) == 14, str(report)
     assert report.counters["lora_linear.refused"] == 0, str(report)
     # Reported at the LoRA layer inside the body, not at the checkpointed decoder layer.
@@ -223,3 +235,115 @@ def test_real_inductor_trains_a_checkpointed_model_with_dropout_like_eager():
                                    options={}, rtol=1e-4, atol=1e-4)
     assert result.report.counters["lora_linear.fused"] == 3
     assert all(s.details["dropout_as_mask"] for s in result.report.fused)
+
+
+# ----------------------------------------------------------------------------- side effects in the region
+
+
+def kernelized_checkpointed_model() -> nn.Module:
+    """Two LoRA layers in a checkpointed block whose forward the `kernels` package wraps as
+    transformers wraps its attention classes (`use_kernelized_func`): the wrapper sets and
+    resets a module-level routing variable around each call, a Python side effect inside the
+    checkpointed region."""
+    kernels = pytest.importorskip("kernels")
+
+    @kernels.use_kernel_forward_from_hub("UnslothCompileTestHalve")
+    def halve(x):
+        return x * 0.5
+
+    @kernels.use_kernelized_func(halve)
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = LoRA(8, 8, 2), LoRA(8, 8, 2)
+
+        def forward(self, x):
+            return halve(self.second(torch.relu(self.first(x))))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return checkpoint(self.block, x * 2, use_reentrant=False).relu()
+
+    return Model()
+
+
+def test_a_side_effect_in_the_checkpointed_region_does_not_stop_fusion():
+    result = train_and_compare(kernelized_checkpointed_model(), _rows, steps=2)
+    assert result.report.counters["lora_linear.fused"] == 2, str(result.report)
+
+
+def test_the_kernels_wrapper_on_transformers_attention_is_traced_in_the_checkpoint_body():
+    """transformers with `kernels` installed wraps LlamaAttention.forward; every projection of the
+    checkpointed layers still fuses (explain: one forward)."""
+    pytest.importorskip("kernels")
+    from transformers.models.llama import modeling_llama
+
+    if not hasattr(modeling_llama.LlamaAttention.forward, "__wrapped__"):
+        pytest.skip("this transformers does not wrap LlamaAttention.forward with the kernels package")
+    report = unsloth_compile.explain(checkpointed_llama(False, 0.0), **batch_for("llama"))
+    assert report.counters["lora_linear.fused"] == 14 and not report.refused, str(report)
+
+
+def test_dynamo_settings_are_listed():
+    from unsloth_compile import checkpoint_tracing
+
+    assert torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint
+    assert any("skip_fwd_side_effects_in_bwd_under_checkpoint" in s for s in checkpoint_tracing.settings())
+
+
+def test_transformers_warning_once_does_not_break_the_graph():
+    import logging
+
+    import transformers  # noqa: F401  loads transformers.utils.logging, which patches Logger.warning_once
+    from unsloth_compile import checkpoint_tracing
+
+    checkpoint_tracing.ignore_transformers_warning_once()
+    logger = logging.getLogger("unsloth_compile.test")
+
+    def fn(x):
+        logger.warning_once("once")
+        return x + 1
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.compile(fn, backend=backend, fullgraph=True)(torch.randn(2))
+    assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("reentrant", [None, True])
+def test_trainer_with_gradient_checkpointing_and_the_callback_fuses_every_site(tmp_path, reentrant):
+    """TrainingArguments(gradient_checkpointing=True): the Trainer enables checkpointing before
+    on_train_begin, where the callback compiles; losses as the eager Trainer's."""
+    import transformers as tf
+
+    from unsloth_compile import UnslothCompileCallback
+
+    def train(model, out, callbacks=()):
+        ids = torch.randint(2, 96, (12,), generator=torch.Generator().manual_seed(0))
+        kwargs = {} if reentrant is None else {"gradient_checkpointing_kwargs": {"use_reentrant": reentrant}}
+        args = tf.TrainingArguments(output_dir=str(out), max_steps=3, per_device_train_batch_size=2,
+                                    learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True,
+                                    save_strategy="no", disable_tqdm=True, gradient_checkpointing=True, **kwargs)
+        trainer = tf.Trainer(model=model, args=args, train_dataset=[{"input_ids": ids, "labels": ids}] * 6,
+                             callbacks=list(callbacks))
+        trainer.train()
+        return [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+    model = peft_wrap(tiny_causal_lm("llama"))
+    eager = copy.deepcopy(model)
+    losses_eager = train(eager, tmp_path / "eager")
+    with collect_reports() as report:
+        losses = train(model, tmp_path / "compiled", callbacks=[UnslothCompileCallback({"inner": "aot_eager"})])
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # the Trainer turned it on
+    assert report.counters["lora_linear.fused"] == count_lora_layers(model) == 14, str(report)
+    assert report.counters["lora_linear.refused"] == 0, str(report)
+    assert all(math.isfinite(x) for x in losses)
+    torch.testing.assert_close(losses, losses_eager, rtol=1e-4, atol=1e-4)
