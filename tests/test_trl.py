@@ -239,3 +239,20 @@ def test_fp8_all_layers_keep_the_lm_head_that_trl_reads_dense():
     assert isinstance(model.get_base_model().model.layers[0].mlp.up_proj.base_layer, Fp8Linear)
     loss, _, grads = _fused_head_step(model, _batch())
     assert torch.isfinite(loss) and len(grads) == 2 * SITES
+
+
+def test_trl_bench_runs_both_variants_on_cpu(tmp_path, capsys):
+    import json
+
+    from unsloth_compile.bench import trl_run
+
+    out = tmp_path / "trl.json"
+    status = trl_run.main(["--device", "cpu", "--hidden", "64", "--layers", "2", "--words", "40", "--max-length", "24",
+                           "--min-row", "4", "--rows", "12", "--steps", "1", "--warmup", "1", "--fp32",
+                           "--option", "inner=aot_eager", "--json", str(out)])
+    assert status == 0
+    eager, compiled = json.loads(out.read_text())["results"]
+    assert eager["variant"] == "eager" and compiled["variant"] == "unsloth"
+    assert compiled["tokens_per_s"] > 0 and compiled["steps_per_s"] > 0
+    torch.testing.assert_close(compiled["losses"], eager["losses"], rtol=1e-5, atol=1e-5)
+    assert "x eager" in capsys.readouterr().out
