@@ -13,6 +13,7 @@ import torch
 from ..config import Config, PackedAttention
 from ..report import Report
 from .attention import keep_attention_fused
+from .attention_bias import align_attention_masks
 from .broadcast_embedding import lookup_broadcast_rows_once
 from .linear_cross_entropy import fuse_linear_cross_entropy
 from .lora_linear import fuse_lora_linears
@@ -37,4 +38,6 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Con
         gm = mask_packed_sequences(gm, cfg, report)
     if cfg.attention:
         gm = keep_attention_fused(gm, cfg, report)
+        # last: the masks that remain, as the kernels will take them
+        gm = align_attention_masks(gm, cfg, report)
     return gm, report

@@ -420,3 +420,4 @@ from . import ops_compress  # noqa: E402,F401  torch.ops.unsloth.* that compress
 from . import ops_sparse  # noqa: E402,F401  torch.ops.unsloth.*sparse24* (2:4 frozen bases, issue 15)
 from . import ops_cross_entropy  # noqa: E402,F401  torch.ops.unsloth.logits_cross_entropy* (returned logits)
 from . import ops_packed_attention  # noqa: E402,F401  torch.ops.unsloth.packed_attention (padding-free rows)
+from . import ops_attention_bias  # noqa: E402,F401  torch.ops.unsloth.attention_bias (attention masks at any length)
