@@ -103,6 +103,7 @@ CASES = {
 }
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("case", list(CASES))
 def test_sft_trainer_with_callback_matches_eager_trl(case, tmp_path, monkeypatch):
     config, tol = CASES[case]
