@@ -26,11 +26,13 @@ def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     """Modules holding both a `lora_A` and a `lora_B` (PEFT's LoRA layers, hand-written LoRA),
     by path; nothing below such a module is looked at."""
     found: dict[str, torch.nn.Module] = {}
+    inside: Optional[str] = None  # named_modules walks depth first: a layer's modules follow it
     for path, module in model.named_modules(remove_duplicate=True):
-        if any(path.startswith(p + ".") for p in found if p) or (path in found):
+        if inside is not None and (inside == "" or path.startswith(inside + ".")):
             continue
         if hasattr(module, "lora_A") and hasattr(module, "lora_B"):
             found[path] = module
+            inside = path
     return found
 
 
@@ -158,10 +160,12 @@ def outside_message(missing: list[str], total: int, breaks: list[GraphBreak]) ->
     example = ", ".join(missing[:2]) + (", ..." if len(missing) > 2 else "")
     head = (f"unsloth_compile: {len(missing)} of the model's {total} LoRA layers ran outside every compiled "
             f"graph (in eager code, or split by a graph break) and were not fused ({example})")
-    if not breaks:
-        return (f"{head}: they reached no graph that the backend compiled (not called, or in code Dynamo "
-                f"skipped). TORCH_LOGS=graph_breaks,recompiles shows what Dynamo did; "
-                f"unsloth_compile.explain(model, **batch) lists every site (option summary=False silences this)")
+    if not breaks:  # summary.py asks only when no LoRA linear reached a graph at all
+        return (f"unsloth_compile: none of the model's {total} LoRA layers reached a compiled graph, nothing was "
+                f"fused ({example}), and Dynamo recorded no graph break: they were not called, or ran in code "
+                f"Dynamo does not trace (torch.compiler.disable, a skipped file). TORCH_LOGS=graph_breaks,recompiles "
+                f"shows what Dynamo did; unsloth_compile.explain(model, **batch) lists every site (option "
+                f"summary=False silences this)")
     named = "; ".join(b.describe() for b in breaks[:_SHOWN])
     more = f" (and {len(breaks) - _SHOWN} more)" if len(breaks) > _SHOWN else ""
     top = breaks[0]

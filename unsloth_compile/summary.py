@@ -173,6 +173,8 @@ class SummaryLedger:
         outside = [p for p in missing if p not in refused]
         if not outside:
             return None  # every LoRA layer reached a graph; refusals are in the summary line
+        if not breaks and self.sites:
+            return None  # no graph break to blame: layers this step did not call (another modality, ...)
         self.warned_empty = True
         return outside_message(outside, len(layers), ranked(breaks, [layers[p] for p in outside]))
 
