@@ -43,6 +43,7 @@ def capture(model, batch) -> list[GraphModule]:
     return dynamo_graphs(model, **batch)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("reentrant", [False, True, None])
 def test_checkpointed_peft_llama_fuses_every_site_and_trains_like_eager(reentrant, dropout):
@@ -320,6 +321,7 @@ def test_transformers_warning_once_does_not_break_the_graph():
     assert len(graphs) == 1
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("reentrant", [None, True])
 def test_trainer_with_gradient_checkpointing_and_the_callback_fuses_every_site(tmp_path, reentrant):
     """TrainingArguments(gradient_checkpointing=True): the Trainer enables checkpointing before
