@@ -351,3 +351,16 @@ def test_trainer_with_gradient_checkpointing_and_the_callback_fuses_every_site(t
     assert report.counters["lora_linear.refused"] == 0, str(report)
     assert all(math.isfinite(x) for x in losses)
     torch.testing.assert_close(losses, losses_eager, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamo_config_still_logs_with_the_ignored_logging_function():
+    """torch 2.11 logs its config with sorted() over each set: the ignored logging functions must
+    stay orderable (at most one function, which we add), or every compile logs a traceback."""
+    import transformers  # noqa: F401  registers Logger.warning_once
+    from unsloth_compile import checkpoint_tracing
+
+    checkpoint_tracing.ignore_transformers_warning_once()
+    ignored = checkpoint_tracing.ignored_logging_functions()
+    ours = [f for f in ignored if getattr(f, "__name__", "") in ("warning_once", "info_once")]
+    assert len(ours) == 1
+    sorted(ours)  # what torch 2.11's config logging does

@@ -36,13 +36,16 @@ import torch
 log = logging.getLogger("unsloth_compile")
 
 SIDE_EFFECTS_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
-_ONCE_FUNCTIONS = ("warning_once", "info_once")  # transformers.utils.logging patches these onto Logger
+# transformers.utils.logging patches this onto Logger. One function only: torch 2.11 logs its
+# config with `sorted()` over this set, which fails (a logged traceback at every compile) once
+# the set holds two functions, which do not order.
+_ONCE_FUNCTIONS = ("warning_once",)
 
 _applied: dict[str, str] = {}
 _logged = False
 
 
-def _ignore_set():
+def ignored_logging_functions():
     """Dynamo's set of ignored logging functions (renamed in torch 2.13; the old name aliases it)."""
     config = torch._dynamo.config
     for name in ("ignore_logging_functions", "ignore_logger_methods"):
@@ -52,14 +55,14 @@ def _ignore_set():
 
 
 def ignore_transformers_warning_once() -> None:
-    """Add transformers' `Logger.warning_once` / `info_once` to Dynamo's ignored logging functions,
+    """Add transformers' `Logger.warning_once` to Dynamo's ignored logging functions,
     once transformers' logging module is loaded (importing transformers for it would cost
     seconds at `import unsloth_compile`). Called at import and by the backend for every graph:
     when transformers is imported after unsloth_compile, the traces after the first graph
     benefit."""
     if "transformers.utils.logging" not in sys.modules:
         return
-    ignored = _ignore_set()
+    ignored = ignored_logging_functions()
     if ignored is None:
         return
     for name in _ONCE_FUNCTIONS:
