@@ -91,14 +91,23 @@ def test_each_model_has_its_warmup(caplog):
     assert [line.split(":")[1].split()[0] for line in lines] == ["compiling", "warm-up"] * 3, lines
 
 
-def test_recompiles_after_the_warmup_say_nothing(caplog):
+def test_each_compile_after_the_warmup_is_reported_once(caplog):
+    """Compiles are bounded and reported: the second shape compiles dynamic graphs (one pair of
+    lines), the third reuses them (no line)."""
     compiled = torch.compile(TwoGraphs(), backend="unsloth", options=FAST)
     with caplog.at_level(logging.INFO, logger="unsloth_compile.warmup"):
         _step(compiled)
         _step(compiled)
-        _step(compiled, rows=5)  # new shapes: recompiles
-        _step(compiled, rows=7)
-    assert len(_warmup_lines(caplog)) == 2
+        _step(compiled, rows=5)  # new shapes: recompiles, dynamic
+        _step(compiled, rows=5)
+        _step(compiled, rows=7)  # served by the dynamic graphs
+        _step(compiled, rows=9)
+    lines = _warmup_lines(caplog)
+    assert len(lines) == 4, lines
+    assert lines[2] == ("unsloth_compile: compiling TwoGraphs again (compile 1 after the warm-up: new input shapes "
+                        "or another code path): this step is slow (a line follows when it is done)")
+    assert re.fullmatch(r"unsloth_compile: compile 1 after the warm-up done in \d+\.\d s: 2 graphs, "
+                        r"fused 2/2 LoRA linears", lines[3]), lines[3]
 
 
 def test_summary_false_silences_the_warmup(caplog):

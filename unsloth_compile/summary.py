@@ -13,7 +13,8 @@ the same sites (new shapes, a rank change, eval mode) says nothing. Where nothin
 `unsloth_compile` logger (option `report`); option `summary=False` silences this.
 
 The warm-up lines go to the `unsloth_compile.warmup` logger: "compiling" at the first graph of a
-model, "done" when the first graph compiled is called again (the second step: the first one's
+model (and "compiling again" at each later compile: new input shapes, another code path),
+"done" when the first graph compiled is called again (the second step: the first one's
 forward and backward graphs are compiled by then), with the wall time between the two. At that
 moment the LoRA layers the model holds (graph_breaks.lora_layers) are compared with the sites
 the graphs brought: those no graph fused ran outside every compiled graph, and a `UserWarning`
@@ -98,6 +99,7 @@ class SummaryLedger:
         self.compiled = 0  # graphs compiled during the warm-up
         self.pending = False  # warm-up under way: watched graphs report their calls
         self.entry: Optional[object] = None  # the first graph compiled: called again = next step
+        self.recompiles = 0  # compiles that began after the warm-up
 
     # -------------------------------------------------------------- warm-up
 
@@ -112,12 +114,18 @@ class SummaryLedger:
             n = len(lora_layers(root))
             if model is None or n > self.n_lora:
                 self.model, self.n_lora = weakref.ref(root), n
+        name = type(root).__name__ if root is not None else "the model"
         if self.started is not None:
             if self.pending:
                 self.compiled += 1
-            return None
+                return None
+            # After the warm-up: Dynamo compiles again for new input shapes (the first new length
+            # makes the graph dynamic) or another code path; bounded by Dynamo's recompile_limit.
+            self.recompiles += 1
+            self.started, self.pending, self.compiled, self.entry = time.perf_counter(), True, 1, None
+            return (f"unsloth_compile: compiling {name} again (compile {self.recompiles} after the warm-up: new "
+                    f"input shapes or another code path): this step is slow (a line follows when it is done)")
         self.started, self.pending, self.compiled = time.perf_counter(), True, 1
-        name = type(root).__name__ if root is not None else "the model"
         return (f"unsloth_compile: compiling {name}: the first step is slow while its graphs compile "
                 f"(a line follows when it is done)")
 
@@ -147,6 +155,10 @@ class SummaryLedger:
         seconds = time.perf_counter() - (self.started or time.perf_counter())
         fused = sum(s.decision == "fused" for s in self.sites.values())
         graphs = f"{self.compiled} graph{'s' if self.compiled != 1 else ''}"
+        if self.recompiles:
+            warmup_log.info("unsloth_compile: compile %d after the warm-up done in %.1f s: %s, fused %d/%d LoRA "
+                            "linears", self.recompiles, seconds, graphs, fused, max(len(self.sites), self.n_lora))
+            return
         warmup_log.info("unsloth_compile: warm-up done in %.1f s (first step, compiles included): %s, "
                         "fused %d/%d LoRA linears", seconds, graphs, fused, max(len(self.sites), self.n_lora))
         message = self.outside_warning()
