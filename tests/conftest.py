@@ -24,6 +24,16 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def fresh_summary():
+    """The process-wide summary ledger forgotten before and after the test."""
+    from unsloth_compile import summary
+
+    summary.reset()
+    yield
+    summary.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

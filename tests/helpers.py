@@ -233,3 +233,29 @@ def lora_base_inputs(model: torch.nn.Module, batches) -> dict:
     for handle in handles:
         handle.remove()
     return {path: torch.cat(xs) for path, xs in seen.items()}
+
+
+class HandLoRA(torch.nn.Module):
+    """A hand-written LoRA linear: frozen base, lora_A and lora_B adapters, scale 0.5."""
+
+    def __init__(self, k=8, r=2):
+        super().__init__()
+        self.base = torch.nn.Linear(k, k).requires_grad_(False)
+        self.lora_A = torch.nn.Linear(k, r, bias=False)
+        self.lora_B = torch.nn.Linear(r, k, bias=False)
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * 0.5
+
+
+class TwoLoRAsWithGraphBreak(torch.nn.Module):
+    """Two LoRA linears that Dynamo compiles as two graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = HandLoRA(), HandLoRA()
+
+    def forward(self, x):
+        x = self.first(x)
+        torch._dynamo.graph_break()
+        return self.second(x)

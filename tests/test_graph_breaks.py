@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import unsloth_compile
-from unsloth_compile import graph_breaks, summary
-from helpers import batch_for, peft_wrap, tiny_causal_lm
+from unsloth_compile import graph_breaks
+from helpers import HandLoRA, batch_for, peft_wrap, tiny_causal_lm
 from test_checkpointing import kernelized_checkpointed_model
 
 FAST = {"inner": "aot_eager"}
@@ -20,22 +20,7 @@ ADAPTER_QUESTION = "adapter attached"
 DYNAMO_DEFAULT = torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=False)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_summary():
-    summary.reset()
-    yield
-    summary.reset()
-
-
-class HandLoRA(nn.Module):
-    def __init__(self, k=8, r=2):
-        super().__init__()
-        self.base = nn.Linear(k, k).requires_grad_(False)
-        self.lora_A = nn.Linear(k, r, bias=False)
-        self.lora_B = nn.Linear(r, k, bias=False)
-
-    def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(x)) * 0.5
+pytestmark = pytest.mark.usefixtures("fresh_summary")
 
 
 class PrintingLoRA(HandLoRA):

@@ -15,44 +15,15 @@ import torch
 from torch import nn
 
 import unsloth_compile
-from unsloth_compile import summary
 from unsloth_compile.config import Config
 from unsloth_compile.kernels import reference
 from unsloth_compile.report import collect_reports
-from helpers import VOCAB, batch_for, peft_wrap, tiny_causal_lm
+from helpers import VOCAB, HandLoRA, TwoLoRAsWithGraphBreak, batch_for, peft_wrap, tiny_causal_lm
 
 FAST = {"inner": "aot_eager"}
 
 
-@pytest.fixture(autouse=True)
-def _fresh_summary():
-    summary.reset()
-    yield
-    summary.reset()
-
-
-class HandLoRA(nn.Module):
-    def __init__(self, k=8, r=2):
-        super().__init__()
-        self.base = nn.Linear(k, k).requires_grad_(False)
-        self.lora_A = nn.Linear(k, r, bias=False)
-        self.lora_B = nn.Linear(r, k, bias=False)
-
-    def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(x)) * 0.5
-
-
-class TwoLoRAsWithGraphBreak(nn.Module):
-    """Two LoRA linears that Dynamo compiles as two graphs."""
-
-    def __init__(self):
-        super().__init__()
-        self.first, self.second = HandLoRA(), HandLoRA()
-
-    def forward(self, x):
-        x = self.first(x)
-        torch._dynamo.graph_break()
-        return self.second(x)
+pytestmark = pytest.mark.usefixtures("fresh_summary")
 
 
 class OneLoRA(nn.Module):

@@ -10,43 +10,21 @@ import textwrap
 
 import pytest
 import torch
-from torch import nn
 
 import unsloth_compile
-from unsloth_compile import summary
+
+from helpers import TwoLoRAsWithGraphBreak
 
 FAST = {"inner": "aot_eager"}
 DONE = re.compile(r"^unsloth_compile: warm-up done in (\d+\.\d) s \(first step, compiles included\): "
                   r"(\d+) graphs?, fused (\d+)/(\d+) LoRA linears$")
 
 
-@pytest.fixture(autouse=True)
-def _fresh_summary():
-    summary.reset()
-    yield
-    summary.reset()
+pytestmark = pytest.mark.usefixtures("fresh_summary")
 
 
-class HandLoRA(nn.Module):
-    def __init__(self, k=8, r=2):
-        super().__init__()
-        self.base = nn.Linear(k, k).requires_grad_(False)
-        self.lora_A = nn.Linear(k, r, bias=False)
-        self.lora_B = nn.Linear(r, k, bias=False)
-
-    def forward(self, x):
-        return self.base(x) + self.lora_B(self.lora_A(x)) * 0.5
-
-
-class TwoGraphs(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.first, self.second = HandLoRA(), HandLoRA()
-
-    def forward(self, x):
-        x = self.first(x)
-        torch._dynamo.graph_break()
-        return self.second(x)
+class TwoGraphs(TwoLoRAsWithGraphBreak):
+    """The class name the lines print."""
 
 
 def _warmup_lines(caplog):
