@@ -253,7 +253,7 @@ def test_summary_is_visible_without_logging_configured():
 
 
 def test_export_of_the_fused_graph(tmp_path):
-    """The README's snippet: a Dynamo graph after fuse_lora_linears exports, saves and loads,
+    """docs/export.md's snippet: a Dynamo graph after fuse_lora_linears exports, saves and loads,
     with the op as one node."""
     from peft import LoraConfig, get_peft_model
 

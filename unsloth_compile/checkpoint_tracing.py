@@ -21,7 +21,7 @@ so that none of its LoRA linears reaches the backend:
 
 Both are process-wide Dynamo settings, set when `unsloth_compile` is imported (which
 `torch.compile(..., backend="unsloth")` does before tracing) and listed by `settings()`; the
-first compile logs them on the `unsloth_compile` logger and the README lists them. A user who
+first compile logs them on the `unsloth_compile` logger and docs/trainer.md lists them. A user who
 wants Dynamo's default back sets
 `torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = False` after the import.
 """
