@@ -353,24 +353,30 @@ def _set_meta(node: Node, like: Node) -> None:
             node.meta[key] = like.meta[key]
 
 
-def _set_mask(node: Node, mask: Optional[Node]) -> None:
-    if "attn_mask" in node.kwargs:
-        node.update_kwarg("attn_mask", mask)
-    else:
+def set_sdpa_mask(node: Node, mask: Optional[Node]) -> None:
+    """An SDPA call's attn_mask, positional (argument 3) or keyword, whichever the call uses."""
+    if len(node.args) > 3:
         node.update_arg(3, mask)
+    else:
+        node.update_kwarg("attn_mask", mask)
+
+
+def set_sdpa_is_causal(node: Node, causal: bool) -> None:
+    """An SDPA call's is_causal, positional (argument 5) or keyword, whichever the call uses."""
+    if len(node.args) > 5:
+        node.update_arg(5, causal)
+    else:
+        node.update_kwarg("is_causal", causal)
 
 
 def replace_site(gm: GraphModule, node: Node, mask: Node, kind: str) -> str:
     """Rewrite the call's mask as check_site's `kind` says; returns what was done."""
     if kind == DROPPED:
-        _set_mask(node, None)
+        set_sdpa_mask(node, None)
         return "all-True mask dropped"
     if kind == CAUSAL:
-        _set_mask(node, None)
-        if len(node.args) > 5:
-            node.update_arg(5, True)
-        else:
-            node.update_kwarg("is_causal", True)
+        set_sdpa_mask(node, None)
+        set_sdpa_is_causal(node, True)
         return "causal mask built from positions replaced by is_causal=True"
     value = fm.example_value(mask)
     dense = mask
@@ -381,7 +387,7 @@ def replace_site(gm: GraphModule, node: Node, mask: Node, kind: str) -> str:
                 _set_meta(dense, node)
         dense = gm.graph.call_method("contiguous", (dense,))
         _set_meta(dense, node)
-    _set_mask(node, dense)
+    set_sdpa_mask(node, dense)
     return f"mask broadcast along its last dimension made dense ({tuple(fm.example_value(dense).shape)})"
 
 

@@ -32,7 +32,7 @@ from torch.fx import GraphModule, Node
 from ..config import Config
 from ..report import Report, Site
 from . import fx_match as fm
-from .attention import SDPA_TARGETS, match_sdpa
+from .attention import SDPA_TARGETS, match_sdpa, set_sdpa_mask
 from .subgraphs import graph_modules, recompile
 
 PATTERN = "attention"
@@ -72,10 +72,7 @@ def replace_site(gm: GraphModule, node: Node, mask: Node) -> str:
     with gm.graph.inserting_before(node):
         bias = gm.graph.call_function(torch.ops.unsloth.attention_bias.default, (mask, dtype, ALIGNMENT))
     fm.set_fake_meta(bias, node)
-    if "attn_mask" in node.kwargs:
-        node.update_kwarg("attn_mask", bias)
-    else:
-        node.update_arg(3, bias)
+    set_sdpa_mask(node, bias)
     return f"mask of symbolic length as an additive {dtype} bias with aligned strides (one graph for every length)"
 
 
@@ -99,8 +96,7 @@ def align_attention_masks(gm: GraphModule, cfg: Config | None = None, report: Re
                 report.add(Site(path, PATTERN, "kept", f"mask strides not known aligned: {reason}"))
                 continue
             if mask in biases:
-                node.update_kwarg("attn_mask", biases[mask]) if "attn_mask" in node.kwargs \
-                    else node.update_arg(3, biases[mask])
+                set_sdpa_mask(node, biases[mask])
                 description = "shares the aligned bias of an earlier call"
             else:
                 description = replace_site(module, node, mask)

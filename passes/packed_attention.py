@@ -59,7 +59,8 @@ from ..config import Config, PackedAttention
 from ..ops_packed_attention import flash_supports
 from ..report import Report, Site
 from . import fx_match as fm
-from .attention import PACKED_MASK, SDPA_TARGETS, erase_dead_chain, is_causal_mask, match_sdpa, repeated_heads
+from .attention import (PACKED_MASK, SDPA_TARGETS, erase_dead_chain, is_causal_mask, match_sdpa, repeated_heads,
+                        set_sdpa_is_causal, set_sdpa_mask)
 from .subgraphs import graph_modules, recompile
 
 PATTERN = "attention"
@@ -163,7 +164,8 @@ def varlen_or_reason(node: Node, cfg: Config) -> tuple[bool, str]:
     dropout = _flag(node, "dropout_p", 4) or 0.0
     if not isinstance(dropout, (int, float)) or dropout:
         return False, "attention dropout (the varlen op takes none)"
-    if _flag(node, "scale", 6) is not None and not isinstance(_flag(node, "scale", 6), (int, float)):
+    scale = _flag(node, "scale", 6)
+    if scale is not None and not isinstance(scale, (int, float)):
         return False, "a scale that is not a constant"
     if cfg.attention_packed is PackedAttention.VARLEN:
         return True, ""
@@ -210,16 +212,10 @@ def replace_site(gm: GraphModule, node: Node, mask: Node) -> str:
                 node.update_arg(2, _repeat_heads(gm, node.args[2], groups, node))
             node.update_kwarg("enable_gqa", False)
     replaced = match_sdpa(node)
-    if len(node.args) > 3:
-        node.update_arg(3, mask)
-    else:
-        node.update_kwarg("attn_mask", mask)
+    set_sdpa_mask(node, mask)
     if replaced is not None and not replaced.users:
         erase_dead_chain(gm, replaced)
-    if len(node.args) > 5:
-        node.update_arg(5, False)
-    else:
-        node.update_kwarg("is_causal", False)
+    set_sdpa_is_causal(node, False)
     return "packed sequences: causal within each sequence of position_ids (block-diagonal mask)"
 
 

@@ -259,3 +259,20 @@ class TwoLoRAsWithGraphBreak(torch.nn.Module):
         x = self.first(x)
         torch._dynamo.graph_break()
         return self.second(x)
+
+
+def count_reference_lora_calls(monkeypatch) -> dict:
+    """Runtime calls of the LoRA op's CPU implementation (kernels/reference.py), forward and
+    backward: {"forward": n, "backward": n}, counted while the test runs."""
+    from unsloth_compile.kernels import reference
+
+    calls = {"forward": 0, "backward": 0}
+    for which in calls:
+        real = getattr(reference, f"lora_linear_{which}")
+
+        def counting(*args, _real=real, _which=which, **kwargs):
+            calls[_which] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(reference, f"lora_linear_{which}", counting)
+    return calls

@@ -16,9 +16,8 @@ from torch import nn
 
 import unsloth_compile
 from unsloth_compile.config import Config
-from unsloth_compile.kernels import reference
 from unsloth_compile.report import collect_reports
-from helpers import VOCAB, HandLoRA, TwoLoRAsWithGraphBreak, batch_for, peft_wrap, tiny_causal_lm
+from helpers import VOCAB, HandLoRA, TwoLoRAsWithGraphBreak, batch_for, count_reference_lora_calls, peft_wrap, tiny_causal_lm
 
 FAST = {"inner": "aot_eager"}
 
@@ -110,20 +109,6 @@ def test_compile_unwraps_torch_compile_wrapper():
 # ----------------------------------------------------------------------------- Trainer
 
 
-def _count_fused_calls(monkeypatch):
-    """Runtime calls of the op's CPU implementation (kernels/reference.py), forward and backward."""
-    calls = {"forward": 0, "backward": 0}
-    for which in calls:
-        real = getattr(reference, f"lora_linear_{which}")
-
-        def counting(*args, _real=real, _which=which, **kwargs):
-            calls[_which] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(reference, f"lora_linear_{which}", counting)
-    return calls
-
-
 def _train(model, tmp_path, callbacks=(), steps=5):
     import transformers as tf
 
@@ -144,7 +129,7 @@ def test_trainer_callback_compiles_in_place_and_runs_fused_ops(tmp_path, monkeyp
     model = peft_wrap(tiny_causal_lm("llama"))
     eager = copy.deepcopy(model)
     losses_eager = _train(eager, tmp_path / "eager")
-    calls = _count_fused_calls(monkeypatch)
+    calls = count_reference_lora_calls(monkeypatch)
     with collect_reports() as report:
         losses = _train(model, tmp_path / "compiled", callbacks=[UnslothCompileCallback(FAST)])
     assert report.counters["lora_linear.fused"] == 14 and report.counters["lora_linear.refused"] == 0

@@ -15,10 +15,9 @@ import transformers as tf  # noqa: E402
 
 import unsloth_compile  # noqa: E402
 from unsloth_compile import summary  # noqa: E402
-from unsloth_compile.kernels import reference  # noqa: E402
 from unsloth_compile.report import collect_reports  # noqa: E402
 from unsloth_compile.trl_support import PATTERN, find_fused_lm_head  # noqa: E402
-from helpers import peft_wrap  # noqa: E402
+from helpers import count_reference_lora_calls, peft_wrap  # noqa: E402
 
 FAST = {"inner": "aot_eager"}
 SITES = 14  # 2 layers x q, k, v, o, gate, up, down
@@ -61,19 +60,6 @@ def tiny_qwen2():
     return peft_wrap(tf.Qwen2ForCausalLM(cfg))
 
 
-def _count_fused_calls(monkeypatch):
-    """Runtime calls of the LoRA op's CPU implementation (kernels/reference.py)."""
-    calls = {"forward": 0, "backward": 0}
-    for which in calls:
-        real = getattr(reference, f"lora_linear_{which}")
-
-        def counting(*args, _real=real, _which=which, **kwargs):
-            calls[_which] += 1
-            return _real(*args, **kwargs)
-
-        monkeypatch.setattr(reference, f"lora_linear_{which}", counting)
-    return calls
-
 
 def _sft(model, tmp_path, callbacks=(), steps=3, **config):
     from trl import SFTConfig, SFTTrainer
@@ -110,7 +96,7 @@ def test_sft_trainer_with_callback_matches_eager_trl(case, tmp_path, monkeypatch
     model = tiny_qwen2()
     eager = copy.deepcopy(model)
     losses_eager = _sft(eager, tmp_path / "eager", **config)
-    calls = _count_fused_calls(monkeypatch)
+    calls = count_reference_lora_calls(monkeypatch)
     with collect_reports() as report:
         losses = _sft(model, tmp_path / "compiled", [unsloth_compile.UnslothCompileCallback(FAST)], **config)
     lora = [s for s in report.sites if s.pattern == "lora_linear"]

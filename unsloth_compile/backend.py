@@ -150,10 +150,10 @@ def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
             patches["triton.cudagraphs"] = True
         if report is not None:
             report.counters["cudagraphs.on" if use else f"cudagraphs.off ({why})"] += 1
-    elif patches.get("triton.cudagraphs") and host_syncing_op(gm) is not None:
+    elif patches.get("triton.cudagraphs") and (syncing := host_syncing_op(gm)) is not None:
         patches["triton.cudagraphs"] = False  # the mode's CUDA graphs cannot capture a host sync
         if report is not None:
-            report.counters[f"cudagraphs.off ({host_syncing_op(gm)} reads sequence boundaries on the host)"] += 1
+            report.counters[f"cudagraphs.off ({syncing} reads sequence boundaries on the host)"] += 1
     return patches
 
 

@@ -26,7 +26,7 @@ Variants (unsloth_compile.distributed):
                      once per step, kept unsharded from forward to backward; CUDA graphs off
                      (with them it re-recorded every step: 1451 ms on llama-1b, 2 x H200)
     fsdp-shard-nohead, fsdp-replicate-nohead   with compile_head=False: the LM head and loss
-                     after the blocks left to eager (the default before 2026-11-30's eighth session)
+                     after the blocks left to eager
 
 Every rank trains on its own batches of the preset's size (the per-GPU batch is the preset's),
 so tokens/s per GPU is comparable with `single`. Per variant: the step time (each step's

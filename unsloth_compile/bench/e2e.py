@@ -96,7 +96,7 @@ _BERT_TARGETS = (
     Target("(PEFT eager LoRA samples/s vs full fine-tuning, for reference)", "throughput", "peft-eager", "full",
            ">=", 1.5),
 )
-# The brief's floor for every model, not only the two presets: never slower than PEFT eager,
+# The floor for every model, not only the two presets: never slower than PEFT eager,
 # never more memory. The shapes where a LoRA backend is likeliest to lose: small sites (narrow
 # and deep: per-op overhead dominates), long sequences (attention dominates), a big vocabulary
 # (the head and the loss dominate).
