@@ -3,7 +3,9 @@ rows padded to a length drawn from 256-2048 each step): per-step time of PEFT ea
 backend variants named on the command line, dynamo counters, timed choices, and a cProfile and
 torch.profiler table of a steady step under $OUT.
 
-    python scripts/profile_variable_lengths.py peft,unsloth,unsloth:cudagraphs=False 24
+    python scripts/profile_variable_lengths.py peft,unsloth,backend,unsloth:bucket_lengths=False 24
+
+unsloth: unsloth_compile.compile(model, options); backend: torch.compile(model, backend="unsloth").
 """
 import json, os, sys, time, collections, cProfile, pstats, io
 import torch, transformers
@@ -39,14 +41,16 @@ for name in variant_names:
     torch._dynamo.reset()
     model = build()
     opts = None
-    if name.startswith("unsloth"):
+    if name.startswith(("unsloth", "backend")):
         import unsloth_compile
         from unsloth_compile.kernels import timed_choice
         opts = {}
         for kv in name.split(":")[1:]:
             k, v = kv.split("=")
             opts[k] = {"False": False, "True": True}.get(v, v)
-        run = torch.compile(model, backend="unsloth", options=opts)
+        # unsloth: the documented entry point (length buckets); backend: torch.compile(backend="unsloth")
+        run = (unsloth_compile.compile(model, opts) if name.startswith("unsloth")
+               else torch.compile(model, backend="unsloth", options=opts))
     elif name == "inductor":
         run = torch.compile(model)
     else:
@@ -60,13 +64,17 @@ for name in variant_names:
     for i in range(steps):
         b = batch(i)
         torch.cuda.synchronize(); t0 = time.perf_counter()
-        if i == steps - 2:
+        if i == steps - 2 or (i == 0 and run is not model):  # a steady step; the first compile
             prof = cProfile.Profile(); prof.enable()
         loss = run(**b).loss
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         if i == steps - 2:
             prof.disable()
+        if i == 0 and run is not model:
+            prof.disable(); first = io.StringIO()
+            pstats.Stats(prof, stream=first).sort_stats("cumulative").print_stats(60)
+            print(f"== {name}: where the first step's time went (cProfile, cumulative)\n{first.getvalue()}", flush=True)
         times.append(time.perf_counter() - t0)
         print(f"{name} step {i} L={lengths[i]} {times[-1]*1e3:.1f} ms", flush=True)
     wall = time.perf_counter() - t_all
@@ -81,7 +89,7 @@ for name in variant_names:
         p.key_averages().table(sort_by="self_cpu_time_total", row_limit=40) + "\n\n" +
         p.key_averages().table(sort_by="cuda_time_total", row_limit=30))
     extra = {}
-    if name.startswith("unsloth"):
+    if name.startswith(("unsloth", "backend")):
         extra = {k: len(v) for k, v in timed_choice.CHOICES.items()}
     real = sum(sum(r) for r in row_lengths[-8:])
     res = dict(wall_s=wall, last8_ms=1e3 * sum(times[-8:]) / 8, first_ms=times[0] * 1e3, times_ms=[t * 1e3 for t in times],

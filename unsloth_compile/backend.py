@@ -26,9 +26,10 @@ from .summary import SummaryLedger, begin, ledger_or_process, summarize
 
 
 def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
-            mode: str | None = None, ledger: SummaryLedger | None = None) -> Callable:
+            mode: str | None = None, ledger: SummaryLedger | None = None, lengths_bucketed: bool = False) -> Callable:
     """`ledger`: whose running totals the one-line summary adds to (one per model compiled by
-    `unsloth_compile.compile`); None for the process-wide one."""
+    `unsloth_compile.compile`); None for the process-wide one. `lengths_bucketed`: the inputs
+    come through unsloth_compile.length_buckets, so a dynamic graph meets a bounded set of shapes."""
     cfg = Config.from_options(options, mode)
     ignore_transformers_warning_once()  # for the traces after this one, when transformers came later
     log_settings_once()
@@ -44,7 +45,7 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
 
         warn_if_ddp_split(report)
     try:  # published after the inner compile: AOTAutograd's partition adds compress_saved sites
-        compiled = _inner_compile(gm, example_inputs, cfg, report)
+        compiled = _inner_compile(gm, example_inputs, cfg, report, lengths_bucketed)
         return ledger_or_process(ledger).watch(compiled) if cfg.summary else compiled  # ends the warm-up
     finally:
         publish(report, log_it=cfg.report)
@@ -68,21 +69,22 @@ def _warn_if_nothing_converted(gm: torch.fx.GraphModule) -> None:
 
 
 def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config,
-                   report: Report | None = None) -> Callable:
+                   report: Report | None = None, lengths_bucketed: bool = False) -> Callable:
     if cfg.inner is Inner.EAGER:
         return gm.forward
     if cfg.compress_activations is not CompressMode.NONE or cfg.recomputes_ffn_products:  # our partitioner
         from .passes.compress_saved import compile_compressed
 
         report = report if report is not None else Report()
-        return compile_compressed(gm, example_inputs, cfg, report, inductor_patches(cfg, example_inputs, report, gm))
+        patches = inductor_patches(cfg, example_inputs, report, gm, lengths_bucketed=lengths_bucketed)
+        return compile_compressed(gm, example_inputs, cfg, report, patches)
     if cfg.inner is Inner.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = inductor_patches(cfg, example_inputs, report, gm)
+    patches = inductor_patches(cfg, example_inputs, report, gm, lengths_bucketed=lengths_bucketed)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     return keep_outputs_across_replays(compiled) if patches.get("triton.cudagraphs") else compiled
 
@@ -105,9 +107,9 @@ def host_syncing_op(gm: torch.fx.GraphModule | None) -> str | None:
 
 
 def cudagraphs_decision(cfg: Config, example_inputs: Sequence[Any] | None,
-                        gm: torch.fx.GraphModule | None = None) -> tuple[bool, str]:
+                        gm: torch.fx.GraphModule | None = None, *, lengths_bucketed: bool = False) -> tuple[bool, str]:
     """(run this graph as CUDA graphs, why) for the default mode; other modes bring their own
-    setting (torch's table). See Config.cudagraphs."""
+    setting (torch's table). See Config.cudagraphs and Config.bucket_lengths."""
     if cfg.cudagraphs is False:
         return False, "cudagraphs=False"
     syncing = host_syncing_op(gm)
@@ -125,14 +127,17 @@ def cudagraphs_decision(cfg: Config, example_inputs: Sequence[Any] | None,
         return False, "no CUDA inputs"
     if any(isinstance(x, torch.SymInt) for x in example_inputs) or any(
             isinstance(d, torch.SymInt) for x in tensors for d in (*x.shape, *x.stride())):
-        # One recording (and memory pool) per shape: padding-free or variable-length batches
-        # would record without end. Such graphs run as plain Inductor code.
+        if lengths_bucketed:  # a bounded set of lengths: one recording per bucket, then replays
+            return True, "dynamic shapes in length buckets"
+        # One recording per shape: padding-free or variable-length batches would record without
+        # end. Such graphs run as plain Inductor code.
         return False, "dynamic shapes"
     return True, "static shapes on CUDA"
 
 
 def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
-                     report: Report | None = None, gm: torch.fx.GraphModule | None = None) -> dict:
+                     report: Report | None = None, gm: torch.fx.GraphModule | None = None, *,
+                     lengths_bucketed: bool = False) -> dict:
     """Inductor config for this backend's mode and options. torch.compile's own mode is not
     seen by a custom backend with options, so the mode's settings (torch's own table,
     `list_mode_options`) are applied here; in the default mode, CUDA graphs per
@@ -141,7 +146,7 @@ def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
 
     patches = dict(list_mode_options(cfg.mode))
     if cfg.mode == "default":
-        use, why = cudagraphs_decision(cfg, example_inputs, gm)
+        use, why = cudagraphs_decision(cfg, example_inputs, gm, lengths_bucketed=lengths_bucketed)
         if use:
             # Plain cudagraph trees, as mode="reduce-overhead" has them. Not
             # cudagraph_skip_dynamic_graphs: with graph partitioning (torch >= 2.9) it cut

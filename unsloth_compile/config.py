@@ -157,6 +157,12 @@ class Config:
     # without them (H200: 127.5 ms wall, 124 ms of Python for 112 ms of GPU work; with
     # graphs 119.7 ms wall, 22 ms host: docs/bench/whole_step.md)
     cudagraphs: Optional[bool] = None
+    # unsloth_compile.compile and the Trainer callback pad each training batch's token axis up to
+    # a length bucket (8 per power of two) and cut the per-token outputs back
+    # (unsloth_compile/length_buckets.py): batches whose length changes every step then meet a
+    # bounded set of shapes, and the dynamic graph runs as CUDA graphs, one recording per bucket.
+    # No effect on torch.compile(model, backend="unsloth"), which cannot pad its inputs.
+    bucket_lengths: bool = True
     # compress what LoRA ops and FFN blocks save for backward (lossy for the gradients only;
     # needs inner "aot_eager" or "inductor", where AOTAutograd partitions forward and backward)
     compress_activations: CompressMode = CompressMode.NONE

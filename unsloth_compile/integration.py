@@ -21,6 +21,7 @@ import torch
 
 from .backend import unsloth
 from .config import Config, Fp8Layers, KernelChoice, Precision
+from .length_buckets import LengthBuckets
 from .summary import SummaryLedger
 from .trl_support import compile_target, find_fused_lm_head, keeps_lm_head_dense
 
@@ -69,9 +70,12 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
         if select is not None and trl_head is not None:
             select = keeps_lm_head_dense(trl_head, select)
         convert(model, select=select, allow_emulation=cfg.kernels is KernelChoice.REFERENCE)
-    backend = functools.partial(unsloth, options=options, mode=mode, ledger=SummaryLedger())
     target = compile_target(model, trl_head, report_it=cfg.report, summary=cfg.summary)
-    target.compile(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    backend = functools.partial(unsloth, options=options, mode=mode, ledger=SummaryLedger(),
+                                lengths_bucketed=cfg.bucket_lengths)
+    # what nn.Module.compile does, with the length buckets around the compiled call, outside the graph
+    compiled_call = torch.compile(target._call_impl, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    target._compiled_call_impl = LengthBuckets(target, compiled_call) if cfg.bucket_lengths else compiled_call
     return model
 
 

@@ -8,9 +8,10 @@ A variant is written on the command line as `NAME=KIND[:key=value,...]`:
     eager           PEFT LoRA, eager
     inductor        PEFT LoRA under torch.compile(backend="inductor")
     aot_eager       PEFT LoRA under torch.compile(backend="aot_eager") (CPU stand-in for inductor)
-    unsloth         PEFT LoRA under torch.compile(backend="unsloth", options={key: value, ...})
+    unsloth         PEFT LoRA under unsloth_compile.compile(model, {key: value, ...}), the documented
+                    entry point (the backend, plus fp8 conversion and length buckets)
     floor           no adapters: the frozen model with only its norms trainable, under
-                    torch.compile(backend="unsloth", options=...). The backward still computes dX
+                    unsloth_compile.compile(model, ...). The backward still computes dX
                     through every frozen linear and the head, so this is the work any LoRA method
                     pays on top of which LoRA adds its own (`bench e2e` and `bench profile` only)
 
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import gc
 import os
 import platform
@@ -190,11 +190,6 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
         from unsloth_compile import Config  # importing the package registers the backend
 
         cfg = Config.from_options(options, mode)  # a bad option fails here, not after Dynamo traced the model
-        if cfg.precision.value == "fp8":  # the frozen bases stored in fp8 first, as unsloth_compile.compile does
-            from unsloth_compile.fp8 import convert, frozen_linears
-
-            convert(model, select=frozen_linears if cfg.fp8_layers.value == "all" else None,
-                    allow_emulation=cfg.kernels.value == "reference")
         if cfg.sparsity.value == "2:4":  # the LoRA bases pruned 2:4 first: the option runs them sparse
             from unsloth_compile.sparsity import prune
 
@@ -216,12 +211,10 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
                 raise ValueError(f"variant {variant.name}: prune_layers={prune_layers!r} matches no LoRA base")
         elif set(PRUNE_OPTIONS) & set(variant.options):
             raise ValueError(f"variant {variant.name}: {', '.join(PRUNE_OPTIONS)} are for sparsity=2:4")
-        if mode is None:
-            return torch.compile(model, backend="unsloth", options=options)
-        # torch.compile refuses mode and options together; the backend takes both
-        from unsloth_compile.backend import unsloth
+        # the documented entry point: fp8 bases converted in place, batch lengths bucketed
+        from unsloth_compile import compile as unsloth_compile
 
-        return torch.compile(model, backend=functools.partial(unsloth, options=options, mode=mode))
+        return unsloth_compile(model, options, mode=mode)
     if mode is not None:
         return torch.compile(model, backend=variant.kind, mode=mode)
     return torch.compile(model, backend=variant.kind)
