@@ -64,14 +64,14 @@ for name in variant_names:
     for i in range(steps):
         b = batch(i)
         torch.cuda.synchronize(); t0 = time.perf_counter()
-        if i == steps - 2 or (i == 0 and run is not model):  # a steady step; the first compile
+        if i == steps - 2 or (i == 0 and name != "peft"):  # a steady step; the first compile
             prof = cProfile.Profile(); prof.enable()
         loss = run(**b).loss
         loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         if i == steps - 2:
             prof.disable()
-        if i == 0 and run is not model:
+        if i == 0 and name != "peft":
             prof.disable(); first = io.StringIO()
             pstats.Stats(prof, stream=first).sort_stats("cumulative").print_stats(60)
             print(f"== {name}: where the first step's time went (cProfile, cumulative)\n{first.getvalue()}", flush=True)

@@ -364,3 +364,36 @@ def test_dynamo_config_still_logs_with_the_ignored_logging_function():
     ours = [f for f in ignored if getattr(f, "__name__", "") in ("warning_once", "info_once")]
     assert len(ours) == 1
     sorted(ours)  # what torch 2.11's config logging does
+
+
+def test_warning_once_is_left_out_where_dynamo_cannot_log_it(monkeypatch, caplog):
+    """torch 2.11 writes the ignored logging functions into its compile metrics as JSON, which
+    transformers' lru_cache-wrapped warning_once is not (a traceback at every compile): there the
+    function is taken out again and the reason logged."""
+    import logging
+
+    import transformers  # noqa: F401  registers Logger.warning_once
+    from unsloth_compile import checkpoint_tracing
+
+    ignored = checkpoint_tracing.ignored_logging_functions()
+    function = logging.Logger.warning_once
+    ignored.discard(function)
+    monkeypatch.setattr(checkpoint_tracing, "_refused", set())
+    monkeypatch.setattr(checkpoint_tracing, "_applied", {})
+
+    def fails_on_functions():
+        if function in ignored:
+            raise TypeError("Object of type _lru_cache_wrapper is not JSON serializable")
+        return "{}"
+
+    monkeypatch.setattr(torch._dynamo.utils, "_get_dynamo_config_for_logging", fails_on_functions)
+    try:
+        with caplog.at_level(logging.INFO, logger="unsloth_compile"):
+            checkpoint_tracing.ignore_transformers_warning_once()
+        assert function not in ignored and checkpoint_tracing.settings() == {}
+        assert "warning_once is not added" in caplog.text
+        fails_on_functions()  # the config logs again
+    finally:
+        monkeypatch.undo()
+        checkpoint_tracing.ignore_transformers_warning_once()  # as the rest of the suite expects it
+    assert function in ignored

@@ -37,11 +37,12 @@ log = logging.getLogger("unsloth_compile")
 
 SIDE_EFFECTS_FLAG = "skip_fwd_side_effects_in_bwd_under_checkpoint"
 # transformers.utils.logging patches this onto Logger. One function only: torch 2.11 logs its
-# config with `sorted()` over this set, which fails (a logged traceback at every compile) once
-# the set holds two functions, which do not order.
+# config with `sorted()` over this set, which fails once the set holds two functions, which do
+# not order.
 _ONCE_FUNCTIONS = ("warning_once",)
 
 _applied: dict[str, str] = {}
+_refused: set[str] = set()  # functions this torch cannot take into the set (see below)
 _logged = False
 
 
@@ -67,10 +68,33 @@ def ignore_transformers_warning_once() -> None:
         return
     for name in _ONCE_FUNCTIONS:
         function = getattr(logging.Logger, name, None)
-        if function is not None and function not in ignored:
-            ignored.add(function)
+        if function is None or function in ignored or name in _refused:
+            continue
+        ignored.add(function)
+        if config_logging_works():
             _applied[f"torch._dynamo.config.ignore_logging_functions += Logger.{name}"] = (
                 "transformers' once-only logging is not traceable: a graph break")
+        else:
+            # torch 2.11 writes this set into its compile metrics as JSON, which a function
+            # (transformers' lru_cache-wrapped warning_once) is not: every compile would log a
+            # traceback. Left out there, at the cost of a graph break where a layer calls it.
+            ignored.discard(function)
+            _refused.add(name)
+            log.info("unsloth_compile: Logger.%s is not added to Dynamo's ignored logging functions on torch %s "
+                     "(its compile metrics cannot record it); a layer that calls it breaks the graph there",
+                     name, torch.__version__)
+
+
+def config_logging_works() -> bool:
+    """Whether Dynamo can still write its config into its compile metrics (JSON)."""
+    dump = getattr(torch._dynamo.utils, "_get_dynamo_config_for_logging", None)
+    if dump is None:
+        return True
+    try:
+        dump()
+    except TypeError:
+        return False
+    return True
 
 
 def configure() -> None:
