@@ -1,4 +1,4 @@
-"""`python -m unsloth_compile.bench {e2e,accuracy,kernel} ...`
+"""`python -m unsloth_compile.bench SUBCOMMAND ...`
 
     e2e       train steps of a random-init model under each variant (full FT, PEFT eager,
               PEFT + torch.compile, PEFT + backend="unsloth"): step time, throughput, memory;
@@ -9,6 +9,11 @@
     kernel    one LoRA linear against its frozen base linear (unsloth_compile.bench.kernel)
     dist      N processes (one GPU each) under DDP and FSDP2 against one GPU: tokens/s per GPU,
               scaling efficiency, peak memory per GPU (unsloth_compile.bench.distributed)
+    sparse24  the 2:4 sparse frozen base against the dense one at the Llama shapes (CUDA)
+    saved-tensors   what one step of a preset keeps for backward, by dtype and shape
+    compress-bytes  bytes saved for backward under each compress_activations mode (CPU)
+    lowrank-error   the error of compress_activations="lowrank"'s dA on MiniLM's LoRA inputs
+    prune-proxy     2:4 pruning configurations judged before fine-tuning (MiniLM, CPU)
 
 Every subcommand exits with status 1 when a variant it ran failed (its row gives the first line
 of the error; the JSON keeps the traceback).
@@ -17,18 +22,28 @@ of the error; the JSON keeps the traceback).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import warnings
+
+# subcommand -> (module of this package with main(argv), help line)
+OWN_PARSER = {
+    "kernel": ("kernel", "LoRA linear vs frozen base linear"),
+    "sparse24": ("sparse24", "2:4 sparse frozen base vs dense"),
+    "saved-tensors": ("saved_tensors", "what one step keeps for backward"),
+    "compress-bytes": ("compress_bytes", "bytes saved for backward per compress_activations mode"),
+    "lowrank-error": ("lowrank_error", "lowrank compression's dA error on real inputs"),
+    "prune-proxy": ("prune_proxy", "2:4 pruning configurations before fine-tuning"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "kernel":
-        # Its own parser, owned by the kernel benchmark; imported lazily so that e2e and
-        # accuracy do not depend on it (and it does not depend on transformers).
-        from .kernel import main as kernel_main
-
-        return kernel_main(argv[1:]) or 0
+    if argv and argv[0] in OWN_PARSER:
+        # Its own parser, owned by its module; imported lazily so that e2e and accuracy do not
+        # depend on it (and the kernel benchmarks do not depend on transformers).
+        module = importlib.import_module(f".{OWN_PARSER[argv[0]][0]}", __package__)
+        return module.main(argv[1:]) or 0
 
     from . import accuracy, distributed, e2e, output, profile
 
@@ -41,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_arguments(sub.add_parser("e2e", help="end-to-end training throughput and memory"))
     accuracy.add_arguments(sub.add_parser("accuracy", help="real-task accuracy over seeds"))
     profile.add_arguments(sub.add_parser("profile", help="one step by kernel family, host and idle time"))
-    sub.add_parser("kernel", help="LoRA linear vs frozen base linear (own options: kernel --help)")
+    for name, (_, help_text) in OWN_PARSER.items():
+        sub.add_parser(name, help=f"{help_text} (own options: {name} --help)")
     distributed.add_arguments(sub.add_parser("dist", help="DDP and FSDP2 on N GPUs against one GPU"))
     args = parser.parse_args(argv)
     if args.command == "e2e":

@@ -1,18 +1,19 @@
-"""Time the 2:4 sparse frozen base against the dense one at the Llama shapes (CUDA only).
+"""`python -m unsloth_compile.bench sparse24`: the 2:4 sparse frozen base against the dense one
+at the Llama layer shapes, forward + backward (CUDA only).
 
-    python scripts/bench_sparse24.py                     # M = 8192, r = 16, bf16, both layouts
-    python scripts/bench_sparse24.py --tokens 4096 --layouts cusparselt --out /tmp/sp
+    python -m unsloth_compile.bench sparse24                     # M = 8192, r = 16, bf16, both layouts
+    python -m unsloth_compile.bench sparse24 --tokens 4096 --layouts cusparselt --out /tmp/sp
 
-Rows per layer (unsloth_compile.bench.kernel's LAYERS), each fwd+bwd as autograd runs it
-(gradients of x, and of the adapters for LoRA rows), GPU time from CUDA-graph replay and
-eager wall time, both medians in ms:
+Rows per layer (the kernel benchmark's LAYERS), each fwd+bwd as autograd runs it (gradients
+of x, and of the adapters for LoRA rows), GPU time from CUDA-graph replay and eager wall time,
+both medians in ms:
     base                 F.linear(x, W): X W^T, dY W on cuBLAS (the denominator of every ratio)
     base-2:4-<layout>    torch.ops.unsloth.sparse24_linear on W's compressed copies
     ours-fp32            torch.ops.unsloth.lora_linear, dense base, fp32 adapters (PEFT's)
     ours-2:4-<layout>    torch.ops.unsloth.lora_linear_sparse24, fp32 adapters
     ours-2:4-<layout>-bf16   the same with bf16 adapters
-    gemm-fwd / gemm-bwd  the two base products alone, dense vs each layout (the issue's first
-                         measurement: cuSPARSELt 1.2-1.6x / 1.3-1.5x faster, H200)
+    gemm-fwd / gemm-bwd  the two base products alone, dense vs each layout; with cuSPARSELt
+                         also its default algorithm (`-alg0`, no search)
     gemm-*-cslt-<operand>  torch._cslt_sparse_mm alone, its algorithm searched, on other operand
                          layouts: the dense operand X^T (dY^T) as a transposed view or made
                          contiguous, the result Y^T (N x M) or Y (transpose_result); which layout
@@ -25,23 +26,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 import torch
 
-try:  # the installed package (the GPU machine's /tmp/uc_site): its kernels/ and passes/ are mapped
-    import unsloth_compile.kernels  # noqa: F401
-except ImportError:  # a bare checkout: the repository root (passes/ and kernels/ then unmapped: fails below)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ..kernels import knobs, sparse24
+from ..sparse24_mask import transposable_mask
+from .kernel import DEFAULT_LAYERS, LAYERS
+from .timing import eager_ms, graph_ms
 
-import unsloth_compile  # noqa: E402,F401  registers the ops
-from unsloth_compile.bench.kernel import DEFAULT_LAYERS, LAYERS, _bench, _bench_graph  # noqa: E402
-from unsloth_compile.kernels import knobs, sparse24  # noqa: E402
-from unsloth_compile.sparse24_mask import transposable_mask  # noqa: E402
+LAYOUTS = ("cusparselt", "cutlass")
+
 
 SCALE = 2.0
 
@@ -136,8 +134,8 @@ def run(args) -> list[dict]:
         for name, (step, check) in _variants(W, x, A, B, dy, args.layouts.split(",")).items():
             row = {"layer": layer, "M": args.tokens, "K": K, "N": N, "r": args.rank, "variant": name}
             try:
-                row["gpu_ms"] = _bench_graph(step)
-                row["ms"] = _bench(step)
+                row["gpu_ms"] = graph_ms(step)
+                row["ms"] = eager_ms(step)
                 if check is not None:
                     row["rel_err_vs_reference"] = check()
             except Exception as error:  # one variant failing must not lose the others
@@ -159,7 +157,10 @@ def run(args) -> list[dict]:
 
 
 def render(rows: list[dict], env: dict) -> str:
-    lines = [f"# 2:4 sparse base vs dense ({env['gpu']}, {env['date']}; torch {env['torch']})", "",
+    versions = env["versions"]
+    lines = [f"# 2:4 sparse base vs dense ({env['device']}, {env['date']}; torch {versions['torch']}, "
+             f"triton {versions['triton']})", "",
+             "`" + " ".join(["python -m unsloth_compile.bench sparse24", *env["argv"]]) + "`", "",
              "GPU time from CUDA-graph replay, fwd+bwd, median ms; `time_vs_dense` < 1 is faster "
              "(base / ours rows against `base`, gemm rows against the dense product).", "",
              "| layer | variant | gpu ms | eager ms | time vs dense | vs dense LoRA op | rel err vs reference |",
@@ -172,25 +173,38 @@ def render(rows: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", default=",".join(DEFAULT_LAYERS))
-    p.add_argument("--tokens", type=int, default=8192)
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m unsloth_compile.bench sparse24", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help=f"comma list of {', '.join(LAYERS)}")
+    p.add_argument("--tokens", type=int, default=8192, help="M, rows of x")
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--layouts", default="cusparselt,cutlass")
-    p.add_argument("--out", default="docs/bench")
-    args = p.parse_args()
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
+    p.add_argument("--out", default="docs/bench", help="folder for sparse24.json and sparse24.md")
+    args = p.parse_args(list(argv or []))
+    for name, given, valid in (("--layers", args.layers, LAYERS), ("--layouts", args.layouts, LAYOUTS)):
+        unknown = [v for v in given.split(",") if v not in valid]
+        if unknown:
+            p.error(f"{name}: unknown {unknown}; valid: {', '.join(valid)}")
+    if args.tokens < 1 or args.rank < 1:
+        p.error(f"--tokens and --rank must be positive (got {args.tokens}, {args.rank})")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
-        raise SystemExit("bench_sparse24: needs a CUDA GPU")
-    env = {"gpu": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-           "python": platform.python_version(), "tokens": args.tokens, "rank": args.rank}
+        print("bench sparse24: needs a CUDA device (the 2:4 GEMMs and their timings are CUDA only)")
+        return 1
+    import unsloth_compile  # noqa: F401  registers torch.ops.unsloth.*
+    from .variants import environment
+
+    env = {**environment(torch.device("cuda")), "tokens": args.tokens, "rank": args.rank,
+           "argv": list(argv or [])}
     rows = run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sparse24.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     (out / "sparse24.md").write_text(render(rows, env))
     print(render(rows, env))
-
-
-if __name__ == "__main__":
-    main()
+    return 1 if any("error" in row for row in rows) else 0

@@ -1,17 +1,20 @@
-"""The error of compress_activations="lowrank"'s dA on MiniLM's real LoRA inputs: each
-projection against the exact s G^T X, for X and G = s dY B captured from eager PEFT training
-(the accuracy bench's model, data, batches and optimizer settings).
+"""`python -m unsloth_compile.bench lowrank-error`: the error of
+`compress_activations="lowrank"`'s dA on MiniLM's real LoRA inputs: each projection against the
+exact s G^T X, for X and G = s dY B captured from eager PEFT training (the accuracy bench's
+model, data, batches and optimizer settings; CPU).
 
-    python scripts/measure_lowrank_error.py     # CPU, about two minutes; writes docs/bench/compress-lowrank-error.md
+    python -m unsloth_compile.bench lowrank-error --steps 10,50,150 --k 128 --draws 3   # writes docs/bench/compress-lowrank-error.md
 
-Per LoRA input at a few training steps, for k = 128: relative error ||dA~ - dA|| / ||dA|| and
+Per LoRA input at a few training steps, for k columns: relative error ||dA~ - dA|| / ||dA|| and
 cosine, averaged over the inputs with the same number of columns K (384: query, key, value,
 attention output and FFN up; 1536: the FFN's down) and over `--draws` draws of the projection.
 Projections: "random" and "range" (torch.ops.unsloth.*, what the backend runs), and for
 comparison an orthonormal (Haar) random projection scaled by sqrt(K / k) (unbiased), a range
 finder with a second power iteration, and the best rank-k subspace (X's top-k right singular
-vectors, float64). The pooler (32 rows, fewer than k) is left out: the pass refuses it.
+vectors, float64). Inputs with no more rows than k (the pooler's 32) are left out: the pass
+refuses them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,20 +22,21 @@ import collections
 import math
 import pathlib
 import time
+from typing import Optional
 
 import torch
 
-import unsloth_compile  # noqa: F401  registers torch.ops.unsloth.*
-from unsloth_compile.bench import tasks
-from unsloth_compile.ops_compress import seed_projections
+from ..ops_compress import seed_projections
+from . import tasks
 
-ops = torch.ops.unsloth
 METHODS = ("random", "haar", "range", "range-2", "svd")
 
 
-def capture(steps: list[int], seed: int = 0) -> dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]]:
+def capture(steps: list[int], seed: int = 0, max_train: Optional[int] = None) -> dict[int, list[tuple[str, torch.Tensor, torch.Tensor]]]:
     """{step: [(module, X (M, K), G (M, r))]}: every LoRA A's input and the gradient of its output."""
     data = tasks.load_sections(tasks.load_tokenizer())
+    if max_train is not None:
+        data.train = data.train.head(max_train)
     model = tasks.build_lora_classifier(len(data.label_names), seed, torch.device("cpu"), torch.float32)
     inputs, captured = {}, []
     for name, module in model.named_modules():
@@ -59,7 +63,7 @@ def capture(steps: list[int], seed: int = 0) -> dict[int, list[tuple[str, torch.
 def estimate(method: str, x: torch.Tensor, g: torch.Tensor, k: int) -> torch.Tensor:
     K = x.shape[1]
     if method in ("random", "range"):
-        p = getattr(ops, f"{method}_projection")(x, k, torch.float32)
+        p = getattr(torch.ops.unsloth, f"{method}_projection")(x, k, torch.float32)
     elif method == "haar":
         p = torch.linalg.qr(torch.randn(K, k)).Q * math.sqrt(K / k)
     elif method == "range-2":
@@ -89,20 +93,11 @@ def measure(captures, k: int, draws: int) -> dict:
     return {key: (sum(r for r, _ in v) / len(v), sum(c for _, c in v) / len(v), len(v)) for key, v in errors.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", default="10,50,150", help="training steps to capture at (comma list)")
-    parser.add_argument("--k", type=int, default=128)
-    parser.add_argument("--draws", type=int, default=3)
-    parser.add_argument("--out", default="docs/bench/compress-lowrank-error.md")
-    args = parser.parse_args()
-    steps = [int(s) for s in args.steps.split(",")]
-    start = time.time()
-    results = measure(capture(steps), args.k, args.draws)
+def render(results: dict, steps: list[int], args: argparse.Namespace, argv: list[str], seconds: float) -> str:
+    command = " ".join(["python -m unsloth_compile.bench lowrank-error", *argv])
     lines = [f"# lowrank's dA error on MiniLM-L6's LoRA inputs (k = {args.k})", "",
-             f"`python scripts/measure_lowrank_error.py --steps {args.steps} --k {args.k} --draws {args.draws}` "
-             f"({time.strftime('%Y-%m-%d', time.gmtime())}, CPU, torch {torch.__version__}, "
-             f"{time.time() - start:.0f} s). X and G captured from eager PEFT training (seed 0, the accuracy "
+             f"`{command}` ({time.strftime('%Y-%m-%d', time.gmtime())}, CPU, torch {torch.__version__}, "
+             f"{seconds:.0f} s). X and G captured from eager PEFT training (seed 0, the accuracy "
              "bench's batches, 32 x 32 tokens: M = 1024 rows); mean over the LoRA inputs with K columns and "
              f"{args.draws} draws of each random projection. relative error = ||dA~ - dA|| / ||dA||.", "",
              "| step | K | inputs | " + " | ".join(f"{m} rel / cos" for m in METHODS) + " |",
@@ -115,10 +110,32 @@ def main() -> None:
     lines += ["", "random, haar: unbiased (E[P P^T] = I), error about sqrt(K / k). range: "
               "Q = orth(X^T X Omega) (the default), range-2: one more power iteration, svd: the best "
               "rank-k subspace of X; these three are biased (they drop X outside the subspace)."]
-    text = "\n".join(lines) + "\n"
-    pathlib.Path(args.out).write_text(text)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(argv or [])
+    parser = argparse.ArgumentParser(prog="python -m unsloth_compile.bench lowrank-error", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", default="10,50,150", help="training steps to capture at (comma list)")
+    parser.add_argument("--k", type=int, default=128, help="projection columns (compress_lowrank_k)")
+    parser.add_argument("--draws", type=int, default=3, help="draws of each random projection")
+    parser.add_argument("--max-train", type=int, default=None, help="first N training rows only (quick runs)")
+    parser.add_argument("--out", default="docs/bench/compress-lowrank-error.md", help="markdown file to write")
+    args = parser.parse_args(argv)
+    try:
+        steps = sorted({int(s) for s in args.steps.split(",")})
+    except ValueError:
+        parser.error(f"--steps: a comma list of step numbers, got {args.steps!r}")
+    if steps[0] < 0 or args.k < 1 or args.draws < 1:
+        parser.error(f"--steps must be >= 0, --k and --draws >= 1 (got {args.steps}, {args.k}, {args.draws})")
+    import unsloth_compile  # noqa: F401  registers torch.ops.unsloth.*
+
+    start = time.time()
+    results = measure(capture(steps, max_train=args.max_train), args.k, args.draws)
+    text = render(results, steps, args, argv, time.time() - start)
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
     print(text)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

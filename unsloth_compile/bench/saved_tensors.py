@@ -1,25 +1,27 @@
-"""What one training step of a bench preset keeps for backward, per variant: the tensors that
-autograd saves during the forward (each storage once, from a saved-tensors hook, so Inductor's
-partitioner's choices show), grouped by dtype and shape, beside the CUDA memory at the end of
-the forward and the step's peak. Where peak memory goes, tensor by tensor (issue 12).
+"""`python -m unsloth_compile.bench saved-tensors`: what one training step of a bench preset
+keeps for backward, per variant: the tensors that autograd saves during the forward (each
+storage once, from a saved-tensors hook, so Inductor's partitioner's choices show), grouped by
+dtype and shape, beside the CUDA memory at the end of the forward and the step's peak.
 
-    python scripts/probe_saved_tensors.py --preset llama-1b \\
+    python -m unsloth_compile.bench saved-tensors --preset llama-1b \\
         --variant ce=unsloth:fuse_cross_entropy=true \\
         --variant ce+fp8=unsloth:fuse_cross_entropy=true,compress_activations=fp8
 
 Variants use the bench's syntax (NAME=KIND[:k=v,...]); `fuse_cross_entropy=true` wraps the
-model in `loss_only`, as `bench e2e` does. Runs on CPU for the small presets.
+model in `loss_only`, as `bench e2e` does. Runs on CPU for the small presets (`--preset tiny`).
 """
+
 from __future__ import annotations
 
 import argparse
 import collections
+from typing import Optional
 
 import torch
 
-from unsloth_compile.bench.e2e import PRESETS, add_lora, build_model, make_batches
-from unsloth_compile.bench.variants import (compile_for, free_memory, make_optimizer, parse_variant,
-                                            resolve_device, resolve_inner, synchronize, train_step)
+from .e2e import PRESETS, add_lora, build_model, make_batches
+from .variants import (compile_for, free_memory, make_optimizer, parse_variant, resolve_device, resolve_inner,
+                       synchronize, train_step)
 
 MIB = 2 ** 20
 
@@ -39,12 +41,13 @@ def saved_storages(step_fn, batch: dict) -> tuple[torch.Tensor, dict]:
     return loss, storages
 
 
-def probe(preset, spec: str, device: torch.device, dtype: torch.dtype, inner: str, top: int) -> None:
+def probe(preset, spec: str, device: torch.device, dtype: torch.dtype, inner: str, top: int) -> dict:
+    """Prints the variant's table; returns {"variant", "total_bytes", "by_dtype", "storages"}."""
     variant = parse_variant(spec, inner)
     torch.manual_seed(0)
     model = add_lora(build_model(preset, device, dtype), preset)
     if variant.options.get("fuse_cross_entropy") is True and preset.family == "llama":
-        from unsloth_compile.training_outputs import loss_only
+        from .. import loss_only
 
         loss_only(model)
     model.train()
@@ -89,22 +92,21 @@ def probe(preset, spec: str, device: torch.device, dtype: torch.dtype, inner: st
         print(f"| {dt} | {list(shape)} | {count} | {nbytes / MIB:,.1f} | {nbytes / max(total, 1):.1%} |")
     del model, step_fn, optimizer, loss, batches
     free_memory(device)
+    return {"variant": variant.name, "total_bytes": total, "by_dtype": dict(by_dtype), "storages": len(storages)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unsloth_compile.bench saved-tensors", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--variant", action="append", required=True, metavar="NAME=KIND[:k=v,...]")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--inner", default="auto", choices=["auto", "inductor", "aot_eager", "eager"])
     parser.add_argument("--top", type=int, default=25, help="(dtype, shape) groups listed per variant")
-    args = parser.parse_args()
+    args = parser.parse_args(list(argv or []))
     device = resolve_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     inner = resolve_inner(args.inner, device)
     for spec in args.variant:
         probe(PRESETS[args.preset], spec, device, dtype, inner, args.top)
-
-
-if __name__ == "__main__":
-    main()
+    return 0
