@@ -91,6 +91,9 @@ for name in variant_names:
     extra = {}
     if name.startswith(("unsloth", "backend")):
         extra = {k: len(v) for k, v in timed_choice.CHOICES.items()}
+        extra["picked"] = {kind: {str(key): chosen for key, (chosen, _) in table.items()}
+                           for kind, table in timed_choice.CHOICES.items()}
+        print(torch._dynamo.utils.compile_times(repr="str"), flush=True)
     real = sum(sum(r) for r in row_lengths[-8:])
     res = dict(wall_s=wall, last8_ms=1e3 * sum(times[-8:]) / 8, first_ms=times[0] * 1e3, times_ms=[t * 1e3 for t in times],
                real_tok_s_last8=real / sum(times[-8:]), counters={k: dict(v) for k, v in counters.items() if k in ("stats", "graph_break", "recompiles", "unsloth")},

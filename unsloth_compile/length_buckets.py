@@ -164,7 +164,10 @@ class LengthBuckets:
             # labels of another shape ((batch,) classes, (batch, classes) float multi-label) are not per token
             if (isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (batch, length)
                     and not (name.endswith("labels") and value.is_floating_point())):
-                kwargs[name] = self._pad_one(name, value, extra, masked=mask is not None)
+                kwargs[name] = padded = self._pad_one(name, value, extra, masked=mask is not None)
+                # A batch that needed padding says its lengths vary: the first graph is compiled
+                # for a dynamic length at once, not for this length and then again.
+                torch._dynamo.maybe_mark_dynamic(padded, 1)
         return args, kwargs, length, bucket
 
     def _pad_one(self, name: str, value: torch.Tensor, extra: int, masked: bool) -> torch.Tensor:
