@@ -30,7 +30,7 @@ from . import knobs
 from .launch_args import capability, load_scale, processors, scale_operand
 from .launch_plan import Plan, specialization
 from .precision import dot_precision
-from .timed_choice import fastest
+from .timed_choice import fastest, rows_bucket
 
 # --------------------------------------------------------------------------------------------
 # Kernels: one GEMM with a low-rank epilogue, in two flavours of main loop (pointer loads for
@@ -474,7 +474,7 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
     if v_bias is not None and v_bias.stride(0) != 1:
         v_bias = v_bias.contiguous()
     res_strides = residual.stride() if residual is not None else (0, 0)
-    m_bucket = triton.next_power_of_2(M)  # M >= 1 here
+    m_bucket = rows_bucket(M)  # M >= 1 here
     named = {
         "u_ptr": u, "v_ptr": v,
         "bias_ptr": bias if bias is not None else dummy,

@@ -45,7 +45,7 @@ from .lora_gemm import knob_key as gemm_knob_key, launch_lora_gemm
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
 from .precision import HALF as _HALF
 from .reference import effective_scale as _effective_scale, rows as _rows
-from .timed_choice import CHOICES, fastest
+from .timed_choice import CHOICES, fastest, rows_bucket
 
 _INT32_LIMIT = 2**31 - 1
 _MAX_RANK = 256
@@ -96,7 +96,7 @@ def _lora_gemm_triton_or_cublas(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out:
         return launch_lora_gemm(*triton_args)
     if main_gemm == "cublas":
         return _cublas_lora_gemm(a, b, u, v, out, scale, scale_tensor, bias)
-    key = (a.device, a.dtype, next_power_of_2(a.shape[0]), b.shape[1], a.shape[1],
+    key = (a.device, a.dtype, rows_bucket(a.shape[0]), b.shape[1], a.shape[1],
            next_power_of_2(u.shape[1]), a.stride(), b.stride(), bias is not None, scale_tensor is not None,
            gemm_knob_key())
     candidates = {  # the Triton side autotunes within its first timed call
@@ -223,7 +223,7 @@ def lora_linear_forward(
         hidden = torch.empty((0, lora_A.shape[0]), device=x.device, dtype=lora_A.dtype)
     else:
         hidden = _thin_gemm_triton_or_cublas(  # (M, r)
-            ("H", x.device, compute, lora_A.dtype, next_power_of_2(M), adapter_in.shape[1], lora_A.shape[0]),
+            ("H", x.device, compute, lora_A.dtype, rows_bucket(M), adapter_in.shape[1], lora_A.shape[0]),
             lambda: rows_times_thin(adapter_in, lora_A.t(), lora_A.dtype),
             lambda: _mm(adapter_in, lora_A.t(), compute, lora_A.dtype),
             triton_ok=compute == adapter_in.dtype)
@@ -262,7 +262,7 @@ def _adapter_grads(grad2d: Tensor, adapter_in: Tensor, lora_A: Tensor, lora_B: T
         return (grad2d.new_empty((0, R)), torch.zeros((R, K), device=device, dtype=adapter_dtype),
                 torch.zeros((N, R), device=device, dtype=adapter_dtype))
     s = _effective_scale(scale, scale_tensor)
-    m_bucket = next_power_of_2(M)
+    m_bucket = rows_bucket(M)
 
     def g_and_db_apart() -> tuple[Tensor, Tensor]:
         # (M, r) = dY B, unscaled, in the compute dtype; (N, r) = s dY^T H

@@ -25,6 +25,34 @@ log = logging.getLogger("unsloth_compile.kernels")
 CHOICES: dict[str, dict] = {"main loop": {}, "main GEMM": {}, "thin GEMM": {}}
 
 
+# Power-of-two row buckets seen, each mapped to the bucket whose timings and autotuning it uses.
+ROW_BUCKETS: dict[int, int] = {}
+# A new bucket within this factor of one already tuned reuses that one's choices.
+ROW_BUCKET_REUSE_FACTOR = 4
+
+
+def rows_bucket(rows: int) -> int:
+    """The row count (M) under which a problem of `rows` rows is timed and autotuned.
+
+    Its power of two, unless a bucket already tuned lies within ROW_BUCKET_REUSE_FACTOR of it:
+    then that bucket, so that batches whose length changes every step pay the timing and the
+    autotuning of each problem once, not once per power of two of M. Which kernel and tile
+    win depends on N and K far more than on M once M fills the GPU; a bucket far from every
+    tuned one (a single-row call next to full batches) is tuned on its own. Fixed per process
+    once seen."""
+    own = 1 << max(0, rows - 1).bit_length()
+    found = ROW_BUCKETS.get(own)
+    if found is None:
+        tuned = [b for b in set(ROW_BUCKETS.values())
+                 if max(b, own) <= ROW_BUCKET_REUSE_FACTOR * min(b, own)]
+        found = min(tuned, key=lambda b: (max(b, own) / min(b, own), -b)) if tuned else own
+        ROW_BUCKETS[own] = found
+        if found != own:
+            log.info("unsloth_compile: problems of %d-%d rows reuse the timings of the %d-row bucket",
+                     own // 2 + 1, own, found)
+    return found
+
+
 def _time_ms(fn) -> float:
     # 5 ms warm-up / 25 ms of repeats: medians of the 0.03-3 ms calls here are stable within it.
     return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")

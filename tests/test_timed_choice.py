@@ -52,3 +52,18 @@ def test_fastest_leaves_out_a_failing_candidate_with_a_warning(caplog, isolated_
     assert isolated_choices["thin GEMM"][("test", 3)][1]["triton"] == float("inf")
     with pytest.raises(RuntimeError, match="out of resource"):
         timed_choice.fastest("thin GEMM", ("test", 4), {"triton": broken}, timer=lambda fn: (fn(), 1.0)[1])
+
+
+def test_row_buckets_reuse_a_tuned_neighbour(monkeypatch):
+    """Batches whose length changes every step: a new power of two of M within 4x of a bucket
+    already tuned reuses it (no new timing or autotuning); a far one is tuned on its own."""
+    monkeypatch.setattr(timed_choice, "ROW_BUCKETS", {})
+    assert timed_choice.rows_bucket(7000) == 8192  # the first: its own
+    assert timed_choice.rows_bucket(3000) == 8192  # 4096: within 4x
+    assert timed_choice.rows_bucket(1500) == 8192  # 2048: within 4x of 8192
+    assert timed_choice.rows_bucket(900) == 1024  # 8x from 8192: tuned on its own
+    assert timed_choice.rows_bucket(600) == 1024
+    assert timed_choice.rows_bucket(20000) == 8192  # 32768: within 4x
+    assert timed_choice.rows_bucket(1) == 1
+    assert timed_choice.rows_bucket(3500) == 8192  # fixed once seen
+    assert {timed_choice.rows_bucket(m) for m in range(1025, 8193, 7)} == {8192}

@@ -34,15 +34,18 @@ default); `torch.compile(model, backend="unsloth")` sees only graphs and cannot 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any, Callable, Optional
 
 import torch
+import torch._inductor.config  # noqa: F401  torch._inductor.config.triton, read below
 
 log = logging.getLogger("unsloth_compile.summary")
 
 MIN_BUCKET = 16  # a multiple of 8: Inductor's alignment guards on the length hold in every bucket
 BUCKETS_PER_OCTAVE = 8
+CUDA_GRAPH_RECORDINGS_EXPECTED = 64
 IGNORE_INDEX = -100  # transformers' and torch's cross-entropy ignore_index
 
 # Keyword arguments whose second dimension is the token axis, and what pads them.
@@ -71,6 +74,21 @@ def is_causal_model(model: torch.nn.Module) -> bool:
     return bool(flags) and all(flags)
 
 
+def first_parameter(model: torch.nn.Module) -> Optional[str]:
+    """The name of the first parameter of the model's forward, looking through wrappers whose
+    forward takes `*args` (PEFT's) to the model they wrap; None when unknown."""
+    for candidate in (model, getattr(model, "get_base_model", lambda: None)()):
+        if candidate is None:
+            continue
+        try:
+            parameters = list(inspect.signature(candidate.forward).parameters.values())
+        except (TypeError, ValueError):  # a forward without a signature
+            return None
+        if parameters and parameters[0].kind is not inspect.Parameter.VAR_POSITIONAL:
+            return parameters[0].name
+    return None
+
+
 def _config(model: torch.nn.Module) -> Any:
     return getattr(model, "config", None)
 
@@ -95,6 +113,13 @@ class LengthBuckets:
         pad = getattr(config, "pad_token_id", None)
         self.pad_token_id = pad if isinstance(pad, int) else 0
         self.pools_last_position = self.causal and pools_last_position(model)
+        self.first_parameter = first_parameter(model)
+        # Inductor warns after 8 recordings of one dynamic graph, advising what the buckets do;
+        # a run meets up to 8 buckets per power of two of its lengths (and a few batch sizes).
+        triton_config = torch._inductor.config.triton
+        limit = triton_config.cudagraph_dynamic_shape_warn_limit
+        if limit is not None and limit < CUDA_GRAPH_RECORDINGS_EXPECTED:  # None: the user silenced it
+            triton_config.cudagraph_dynamic_shape_warn_limit = CUDA_GRAPH_RECORDINGS_EXPECTED
         self.lengths_seen: set[int] = set()
         self.buckets_seen: set[int] = set()
         self._told: set[str] = set()
@@ -123,8 +148,10 @@ class LengthBuckets:
             return None
         args = list(args)
         if args and isinstance(args[0], torch.Tensor):
+            if self.first_parameter != "input_ids":  # not a token model's call: nothing to pad
+                return None
             if "input_ids" in kwargs:
-                return self._refuse("input_ids given both by position and by keyword")
+                return None  # Python raises the TypeError itself
             kwargs = {**kwargs, "input_ids": args.pop(0)}
         if any(isinstance(a, torch.Tensor) for a in args):
             return self._refuse("a tensor passed by position after input_ids (pass the batch by keyword)")
