@@ -24,7 +24,7 @@ import torch
 
 import unsloth_compile  # noqa: F401  registers torch.ops.unsloth.*
 from unsloth_compile.bench import tasks
-from unsloth_compile.ops_compress import seed_projections
+from unsloth_compile.ops.compress import seed_projections
 
 ops = torch.ops.unsloth
 METHODS = ("random", "haar", "range", "range-2", "svd")
