@@ -249,19 +249,21 @@ def register_lora_op(strategy: FrozenBase, namespace: str = "unsloth") -> LoraOp
     if qualified in REGISTERED:
         raise UnslothCompileError(f"unsloth_compile: LoRA op {qualified} is registered already; give the "
                                   f"strategy another name")
-    lib = torch.library.Library(namespace, "FRAGMENT")
-    lib.define(f"{strategy.name}({strategy.forward_args}) -> (Tensor, Tensor)")
-    lib.define(f"{strategy.name}_backward({strategy.backward_args}) -> (Tensor, Tensor, Tensor, Tensor)")
-    packet = getattr(torch.ops, namespace)
-    forward_op = getattr(packet, strategy.name).default
-    backward_op = getattr(packet, f"{strategy.name}_backward").default
-    forward_names, forward_defaults = _arguments(forward_op._schema)
-    backward_names, backward_defaults = _arguments(backward_op._schema)
+    forward_schema = f"{strategy.name}({strategy.forward_args}) -> (Tensor, Tensor)"
+    backward_schema = f"{strategy.name}_backward({strategy.backward_args}) -> (Tensor, Tensor, Tensor, Tensor)"
+    forward_names, forward_defaults = _arguments(torch._C.parse_schema(forward_schema))
+    backward_names, backward_defaults = _arguments(torch._C.parse_schema(backward_schema))
     absent = _missing(forward_names, LORA_FORWARD_ARGS) + _missing(backward_names, LORA_BACKWARD_ARGS)
     if absent:
         raise UnslothCompileError(f"unsloth_compile: the schemas of LoRA op {qualified} lack the adapter's "
                                   f"arguments {absent}; every LoRA op takes {list(LORA_FORWARD_ARGS)} forward "
                                   f"and {list(LORA_BACKWARD_ARGS)} backward")
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    lib.define(forward_schema)
+    lib.define(backward_schema)
+    packet = getattr(torch.ops, namespace)
+    forward_op = getattr(packet, strategy.name).default
+    backward_op = getattr(packet, f"{strategy.name}_backward").default
     op = LoraOp(strategy, forward_op, backward_op, forward_names, forward_defaults, backward_names, backward_defaults,
                 tuple(n for n in forward_names if n not in LORA_FORWARD_ARGS),
                 tuple(n for n in backward_names if n not in LORA_BACKWARD_ARGS))
