@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..errors import UnslothCompileError
 from ..kernels import reference
-from . import dropout
+from .dropout import check_dropout_args, dropout_input, through_dropout
 from .frozen_base import LORA_BACKWARD_ARGS, LORA_FORWARD_ARGS, FrozenBase, LoraBackward, LoraForward
 
 _NO_DEFAULT = object()
@@ -74,10 +74,10 @@ _libraries: list = []  # a Library unregisters its ops when collected
 
 def _forward_call(values: dict[str, Any], check_shape: bool) -> LoraForward:
     x, lora_x, mask = values["x"], values["lora_x"], values["dropout_mask"]
-    dropout.check_dropout_args(lora_x, mask, x, check_shape)
+    check_dropout_args(lora_x, mask, x, check_shape)
     call = LoraForward(*(values[name] for name in LoraForward._fields))
     if mask is not None and check_shape:
-        call = call._replace(lora_x=dropout.dropout_input(x, values["lora_A"], mask, values["dropout_scale"]))
+        call = call._replace(lora_x=dropout_input(x, values["lora_A"], mask, values["dropout_scale"]))
     return call
 
 
@@ -92,10 +92,10 @@ def _run_backward(op: LoraOp, *args):
     x, mask, dropout_scale = values["x"], values["dropout_mask"], values["dropout_scale"]
     call = LoraBackward(*(values[name] for name in LoraBackward._fields))
     if mask is not None:
-        call = call._replace(lora_x=dropout.dropout_input(x, call.lora_A, mask, dropout_scale))
+        call = call._replace(lora_x=dropout_input(x, call.lora_A, mask, dropout_scale))
     base = {name: values[name] for name in op.backward_base_names}
     dx, d_lora_x, dA, dB = op.strategy.backward(base, call)
-    return (*dropout.through_dropout(x, dx, d_lora_x, mask, dropout_scale), dA, dB)
+    return (*through_dropout(x, dx, d_lora_x, mask, dropout_scale), dA, dB)
 
 
 def _fake_forward(op: LoraOp, *args):
