@@ -111,8 +111,8 @@ def range_projection(x: Tensor, k: int, seed: int, dtype: torch.dtype) -> Tensor
 def project_rows(x: Tensor, projection: Tensor, dropout_mask: Optional[Tensor] = None,
                  dropout_scale: float = 1.0, out_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Z = x' P, (..., k), where x' is what the LoRA adapter reads: x cast to the adapter
-    dtype (P's), times the dropout mask and 1 / (1 - p) when given, the order of ops.py's
-    _dropout_input. Computed in P's dtype, stored in `out_dtype` (default P's): the pass
+    dtype (P's), times the dropout mask and 1 / (1 - p) when given, the order of
+    ops/dropout.py's dropout_input. Computed in P's dtype, stored in `out_dtype` (default P's): the pass
     stores Z in x's dtype when that is smaller (bf16 rounding, 2^-9 relative, is far below
     the estimator's own error)."""
     x_in = x.to(projection.dtype)

@@ -17,7 +17,7 @@ trainable head) plus O(rows x V) elementwise work, done one chunk at a time. In 
 that elementwise work is ~6 passes over the chunk's fp32 logits (cast, logsumexp, exp,
 scatter, scale, cast back); the caller may pass `chunk_loss`, which does a chunk's loss and
 gradient from its logits in their own dtype, for the steps it can run (casts to fp32 only:
-`chunk_loss_applies`); ops.py passes the Triton cross-entropy of kernels/logits_cross_entropy.py,
+`chunk_loss_applies`); ops/cross_entropy.py passes the Triton cross-entropy of kernels/logits_cross_entropy.py,
 two passes over bf16 logits.
 
 This module imports nothing of the project (kernels/ depends on torch only).

@@ -85,7 +85,7 @@ def lora_linear_backward(
     base_dtype: torch.dtype,
 ) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """Gradients of lora_linear_forward's `out` but the biases': those are column sums of dY
-    that unsloth_compile/ops.py takes outside the op (side_grads), where Inductor fuses them.
+    that unsloth_compile/ops/lora.py takes outside the op (side_grads), where Inductor fuses them.
 
     Returns (dx, d_lora_x, dA, dB). d_lora_x is None when the adapter reads x
     itself (its part is then inside dx). There is never a gradient for `weight`: the base is

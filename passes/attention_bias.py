@@ -12,7 +12,7 @@ graph of a padded Llama, `not (L % 8 == 0 and L*L % 8 == 0)`).
 Replacement: `attn_mask=torch.ops.unsloth.attention_bias(mask, q.dtype, 8)`: the additive bias
 SDPA makes of the mask itself (0 / -inf in the query's dtype for a bool mask, a cast for a
 float one), laid out with its last dimension padded in storage to a multiple of 8, strides
-Inductor can prove aligned at every length (unsloth_compile/ops_attention_bias.py). The
+Inductor can prove aligned at every length (unsloth_compile/ops/attention_bias.py). The
 values SDPA computes are unchanged.
 
 Check: the query is a floating CUDA tensor (the constraint is the CUDA kernels'; elsewhere the

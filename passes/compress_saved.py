@@ -532,7 +532,7 @@ class CompressSavedPartitioner(_partitioner_base()):
         """Inductor's cache key part: the mode, k, projection and the code that rewrites and computes."""
         from torch._inductor.custom_graph_pass import get_hash_for_files
 
-        from .. import ops_compress
+        from ..ops import compress as ops_compress
         from ..kernels import compress
 
         files = tuple(m.__file__ for m in (compress, ops_compress, rewrite)) + (__file__,)

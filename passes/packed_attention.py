@@ -18,7 +18,7 @@ Replacement, by the option `attention_packed`:
 - "varlen" (and "auto" where the call's inputs are fp16/bf16 CUDA tensors that
   flash-attention's varlen kernels take): the call becomes
   `torch.ops.unsloth.packed_attention(q, k, v, position_ids, scale)[0]`
-  (unsloth_compile/ops_packed_attention.py): every sequence its own causal problem, no work
+  (unsloth_compile/ops/packed_attention.py): every sequence its own causal problem, no work
   spent across sequences, so a packed row costs what its sequences cost alone; k and v are
   taken at their own heads (grouped heads are the kernels' own, transformers' repeat_kv is
   undone). The op reads the sequence boundaries on the host (one sync a call): such a graph
@@ -56,7 +56,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..config import Config, PackedAttention
-from ..ops_packed_attention import flash_supports
+from ..ops.packed_attention import flash_supports
 from ..report import Report, Site
 from . import fx_match as fm
 from .attention import (PACKED_MASK, SDPA_TARGETS, erase_dead_chain, is_causal_mask, match_sdpa, repeated_heads,

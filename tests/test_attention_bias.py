@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import unsloth_compile  # noqa: F401
 from unsloth_compile.config import Config
-from unsloth_compile.ops_attention_bias import padded_strides
+from unsloth_compile.ops.attention_bias import padded_strides
 from unsloth_compile.passes.attention_bias import ALIGNMENT, align_attention_masks, strides_known_aligned
 from unsloth_compile.report import Report, collect_reports
 

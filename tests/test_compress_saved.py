@@ -22,7 +22,7 @@ import unsloth_compile
 from helpers import batch_for, peft_wrap, saved_for_backward, tiny_causal_lm
 from unsloth_compile import Config
 from unsloth_compile.kernels import compress as ref
-from unsloth_compile.ops_compress import seed_projections
+from unsloth_compile.ops.compress import seed_projections
 from unsloth_compile.report import collect_reports
 
 ops = torch.ops.unsloth

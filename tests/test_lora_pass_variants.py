@@ -254,17 +254,17 @@ def test_compiled_dropout_mask_statistics(monkeypatch):
     """The masks the op receives in a compiled model: keep rate 1 - p within 4 sigma, a fresh
     draw every step, the same mask in forward and in backward (saved, not redrawn), and the
     scale 1 / (1 - p)."""
-    import unsloth_compile.ops as ops
+    from unsloth_compile.ops import lora
 
     p, K = 0.3, 512
     seen = []
-    rebuild = ops._dropout_input
+    rebuild = lora.dropout_input
 
     def record(x, lora_A, mask, scale):
         seen.append((mask.clone(), scale))
         return rebuild(x, lora_A, mask, scale)
 
-    monkeypatch.setattr(ops, "_dropout_input", record)
+    monkeypatch.setattr(lora, "dropout_input", record)
 
     model = torch.compile(DropoutLoRA(K, 64, p=p), backend="unsloth", options={"inner": "aot_eager"})
     x = torch.randn(64, K, requires_grad=True)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import unsloth_compile  # noqa: F401  registers the ops
-from unsloth_compile.ops_packed_attention import block_causal_mask, flash_supports
+from unsloth_compile.ops.packed_attention import block_causal_mask, flash_supports
 
 # awkward packings: a 1-token sequence, odd lengths, one sequence filling the row
 PACKINGS = [[1, 7, 13, 3], [24], [5, 5, 5, 5, 4], [2, 1, 1, 20]]

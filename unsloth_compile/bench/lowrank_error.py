@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from ..ops_compress import seed_projections
+from ..ops.compress import seed_projections
 from . import tasks
 
 METHODS = ("random", "haar", "range", "range-2", "svd")

@@ -9,9 +9,9 @@
     project_rows(x, P, dropout_mask?, dropout_scale) -> Z = x' P
     lora_linear_backward_projected(...) -> (dx, d_lora_x, dA, dB)   dA from Z and P
 
-passes/compress_saved.py inserts them into the forward and backward graphs AOTAutograd
-partitioned: they never need autograd themselves (nothing differentiates through a saved
-tensor), so they have none.
+passes/compress_saved.py and passes/compress_rewrite.py insert them into the forward and backward
+graphs AOTAutograd partitioned: they never need autograd themselves (nothing differentiates
+through a saved tensor), so they have none.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .kernels import compress as ref
+from ..errors import UnslothCompileError
+from ..kernels import compress as ref
 
-_lib = torch.library.Library("unsloth", "FRAGMENT")  # ops.py holds the namespace's DEF
+_lib = torch.library.Library("unsloth", "FRAGMENT")
 _lib.define("compress_rowwise(Tensor x, str fmt) -> (Tensor, Tensor)")
 _lib.define("decompress_rowwise(Tensor q, Tensor scale, ScalarType dtype) -> Tensor")
 # nondeterministic_seeded: two calls with the same input differ, so no compiler may merge
@@ -57,7 +58,8 @@ def seed_projections(seed: int) -> None:
 
 def _check_format(fmt: str) -> torch.dtype:
     if fmt not in ref.ROWWISE_FORMATS:
-        raise ValueError(f"unsloth::compress_rowwise: fmt={fmt!r}, expected one of {sorted(ref.ROWWISE_FORMATS)}")
+        raise UnslothCompileError(f"unsloth_compile: unsloth::compress_rowwise: fmt={fmt!r}, expected one of "
+                                  f"{sorted(ref.ROWWISE_FORMATS)}")
     return ref.ROWWISE_FORMATS[fmt]
 
 
