@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from .reference import adapter_backward, effective_scale, rows
+from ..errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -138,7 +139,7 @@ def scaled_mm_problem(device: torch.device) -> Optional[str]:
 def require_scaled_mm(device: torch.device) -> None:
     problem = scaled_mm_problem(device)
     if problem is not None:
-        raise RuntimeError(f"unsloth_compile: {problem}")
+        raise UnslothCompileError(f"unsloth_compile: {problem}")
 
 
 # ----------------------------------------------------------------------------- the two GEMMs
@@ -151,7 +152,7 @@ def _scaled_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant:
         return ((a_codes.float() @ b_codes.float()) * a_dequant * b_dequant).to(GEMM_OUT_DTYPE)
     problem = gemm_shape_problem(b_codes.shape[1], a_codes.shape[1])
     if problem is not None:
-        raise ValueError(f"unsloth_compile: {problem}")
+        raise UnslothCompileError(f"unsloth_compile: {problem}")
     if a_codes.shape[0] == 0:
         return a_codes.new_empty((0, b_codes.shape[1]), dtype=GEMM_OUT_DTYPE)
     return torch._scaled_mm(a_codes, b_codes, scale_a=a_dequant, scale_b=b_dequant, out_dtype=GEMM_OUT_DTYPE)
@@ -217,7 +218,9 @@ def stored_or_quantized(weight: Tensor, weight_scale: Optional[Tensor]) -> tuple
     weight quantised now (the pass's per-call form, for a model that was not converted)."""
     if weight_scale is not None:
         if weight.dtype != E4M3:
-            raise ValueError(f"unsloth_compile: an fp8 base weight must be {E4M3}, got {weight.dtype}")
+            raise UnslothCompileError(f"unsloth_compile: an fp8 base weight must be {E4M3}, got {weight.dtype}; with "
+                                      "weight_scale pass the e4m3 codes from quantize_weight, or the dense weight "
+                                      "without weight_scale")
         return weight, weight_scale
     return quantize_weight(weight)
 
@@ -406,7 +409,7 @@ def _fp8_gemm(direction: str, a_codes: Tensor, b_codes: Tensor, with_scaled_mm, 
     problem = unsupported(a_codes, b_codes)
     if problem is not None:
         if main_gemm == "triton":
-            raise RuntimeError(f"unsloth_compile: main_gemm='triton' but the Triton FP8 GEMM cannot run "
-                               f"the {direction} GEMM {tuple(a_codes.shape)} x {tuple(b_codes.shape)}^T: {problem}")
+            raise UnslothCompileError("unsloth_compile: main_gemm='triton' but the Triton FP8 GEMM cannot run the "
+                                      f"{direction} GEMM {tuple(a_codes.shape)} x {tuple(b_codes.shape)}^T: {problem}")
         return with_scaled_mm()
     return fused()

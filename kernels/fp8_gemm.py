@@ -35,6 +35,7 @@ from .launch_args import capability, interpreting, load_scale, processors, scale
 # the bf16 kernel's tile order, epilogue, small-problem pruning and descriptor import, shared
 from .lora_gemm import (_TL_DTYPES, TensorDescriptor, _lowrank_epilogue, _lowrank_tiles, _prune_configs, _store_tile,
                         _tile_coords, _tile_value)
+from ..errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
 
@@ -229,7 +230,8 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         return out
     block_r = max(16, min(PREFETCH_MAX_RANK, triton.next_power_of_2(R)))
     if prefetch and R > block_r:
-        raise ValueError(f"prefetch takes the low-rank term in one block of {block_r}, r = {R}")
+        raise UnslothCompileError("unsloth_compile.kernels.fp8_gemm: prefetch=True takes the low-rank term in one "
+                                  f"block of {block_r}, but r = {R}; pass prefetch=None (chosen by rank) or False")
     dummy = out  # never read: the matching HAS_* flag is False
     scale_tensor = scale_operand(scale_tensor, a_codes.device)
     named = dict(
@@ -254,7 +256,9 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
     store_ok = (named["PREFETCH"] and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
                 and out.data_ptr() % 16 == 0)
     if tma_store and not store_ok:
-        raise ValueError("tma_store needs the prefetch path and out's rows contiguous and 16-byte aligned")
+        raise UnslothCompileError("unsloth_compile.kernels.fp8_gemm: tma_store=True needs the prefetch path and out's "
+                                  "rows contiguous and 16-byte aligned; pass tma_store=None (chosen when possible) or "
+                                  "False")
     named["TMA_STORE"] = store_ok and tma_store is not False
 
     def programs(cfg) -> int:

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .launch_plan import launch
+from ..errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
 BLOCK = 128  # bytes per tile side: 128-byte rows on both sides of the transpose (measured best)
@@ -55,8 +56,9 @@ def transpose_codes(codes: Tensor, block: int = BLOCK, num_warps: int = 8) -> Te
     elements whose rows are contiguous (stride(1) == 1), on CUDA or under the interpreter.
     block, num_warps: the tile side and warps per program (a probe's sweep; defaults measured)."""
     if codes.dim() != 2 or codes.element_size() != 1 or codes.stride(1) != 1:
-        raise ValueError(f"transpose_codes takes a 2-D tensor of 1-byte elements with contiguous rows, got "
-                         f"{codes.dtype} of shape {tuple(codes.shape)} and strides {codes.stride()}")
+        raise UnslothCompileError("unsloth_compile.kernels.fp8_transpose: transpose_codes takes a 2-D tensor of "
+                                  f"1-byte elements with contiguous rows, got {codes.dtype} of shape "
+                                  f"{tuple(codes.shape)} and strides {codes.stride()}")
     R, C = codes.shape
     out = torch.empty((C, R), dtype=codes.dtype, device=codes.device)
     if R == 0 or C == 0:

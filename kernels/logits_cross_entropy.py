@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from .launch_plan import launch
+from ..errors import UnslothCompileError
 
 REDUCTIONS = ("mean", "sum")
 MAX_BLOCK_V = 4096  # columns per tile of a row (8 KB of bf16); a 128k vocabulary is 32 tiles
@@ -116,10 +117,11 @@ def _count(target: Tensor, ignore_index: int, reduction: str) -> Tensor:
 
 def _check(logits: Tensor, target: Tensor, reduction: str) -> None:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"logits_cross_entropy: reduction {reduction!r}, one of {REDUCTIONS}")
+        raise UnslothCompileError(f"unsloth_compile.kernels.logits_cross_entropy: reduction {reduction!r}, one of "
+                                  f"{REDUCTIONS}")
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"logits_cross_entropy: logits (rows, V) and target (rows,), got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+        raise UnslothCompileError("unsloth_compile.kernels.logits_cross_entropy: logits (rows, V) and target (rows,), "
+                                  f"got {tuple(logits.shape)} and {tuple(target.shape)}")
 
 
 def cross_entropy_forward(logits: Tensor, target: Tensor, ignore_index: int, reduction: str) -> tuple[Tensor, Tensor]:

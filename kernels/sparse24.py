@@ -38,6 +38,7 @@ from torch import Tensor
 from . import knobs, reference
 from .precision import compute_dtype
 from .reference import effective_scale, rows
+from ..errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile.kernels")
 
@@ -113,7 +114,8 @@ def compress(weight: Tensor, layout: str) -> list[Tensor]:
         cls = torch.sparse.SparseSemiStructuredTensorCUTLASS
         packed, packed_t = cls.from_dense(w), cls.from_dense(wt)
         return [packed.packed, packed.meta, packed_t.packed, packed_t.meta]
-    raise ValueError(f"unknown 2:4 layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    raise UnslothCompileError(f"unsloth_compile.kernels.sparse24: unknown 2:4 layout {layout!r}; choose one of "
+                              f"{', '.join(LAYOUTS)}")
 
 
 def _pad_rows(t2d: Tensor) -> Tensor:

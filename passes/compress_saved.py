@@ -64,6 +64,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..config import CompressMode, Config
+from ..errors import UnslothCompileError
 from ..report import Report, Site
 from .. import ops  # noqa: F401  torch.ops.unsloth.* (and ops_compress) registered
 from . import compress_rewrite as rewrite
@@ -569,10 +570,10 @@ def compile_compressed(gm: GraphModule, example_inputs, cfg: Config, report: Rep
         from torch._inductor.compile_fx import compile_fx
 
         if not hasattr(inductor_config, "custom_partitioner_fn"):
-            raise RuntimeError(
-                f"unsloth_compile: compress_activations / recompute_ffn_products with inner='inductor' needs "
-                f"torch._inductor.config.custom_partitioner_fn (torch >= 2.9), not in torch "
-                f"{torch.__version__}; use inner='aot_eager' or compress_activations='none'")
+            raise UnslothCompileError("unsloth_compile: compress_activations / recompute_ffn_products with "
+                                      "inner='inductor' needs torch._inductor.config.custom_partitioner_fn (torch >= "
+                                      f"2.9), not in torch {torch.__version__}; use inner='aot_eager' or "
+                                      "compress_activations='none'")
         compiled = compile_fx(gm, example_inputs,
                               config_patches={**inductor_patches, "custom_partitioner_fn": partitioner})
         if inductor_patches.get("triton.cudagraphs"):

@@ -18,6 +18,7 @@ import torch
 
 from distributed_cases import (BENCH_ARGV, RANK_STEPS, STEPS, WORLD, _tiny_model, launch, reference,
                                reference_bf16)
+from unsloth_compile.errors import UnslothCompileError
 
 pytestmark = pytest.mark.slow
 
@@ -281,14 +282,14 @@ def test_clear_errors_without_a_process_group():
     model = _tiny_model()
     with pytest.raises(ValueError, match="frozen='both'.*'replicate'.*'shard'"):
         shard_lora_model(model, frozen="both")
-    with pytest.raises(RuntimeError, match="init_process_group"):
+    with pytest.raises(UnslothCompileError, match="init_process_group"):
         shard_lora_model(model)
-    with pytest.raises(RuntimeError, match="init_process_group"):
+    with pytest.raises(UnslothCompileError, match="init_process_group"):
         compile_ddp(model)
-    with pytest.raises(TypeError, match="expected a DDP or fully_shard model"):
+    with pytest.raises(UnslothCompileError, match="expected a DDP or fully_shard model"):
         with no_sync(model):
             pass
-    with pytest.raises(TypeError, match="expected the DDP wrapper"):
+    with pytest.raises(UnslothCompileError, match="expected the DDP wrapper"):
         DistributedRankController(model)
 
 

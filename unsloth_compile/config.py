@@ -11,6 +11,8 @@ import dataclasses
 import enum
 from typing import Any, Mapping, Optional
 
+from .errors import UnslothCompileError
+
 
 class Inner(str, enum.Enum):
     """What compiles the graph after our passes have rewritten it."""
@@ -73,7 +75,7 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"unsloth_compile: option {name}={value!r} must be a positive integer")
+        raise UnslothCompileError(f"unsloth_compile: option {name}={value!r} must be a positive integer")
     return value
 
 
@@ -190,14 +192,14 @@ class Config:
                     object.__setattr__(self, field.name, enum_type(value))
                 except ValueError:
                     valid = ", ".join(repr(v.value) for v in enum_type)
-                    raise ValueError(
+                    raise UnslothCompileError(
                         f"unsloth_compile: option {field.name}={value!r} is not valid; "
                         f"choose one of {valid}"
                     ) from None
             elif field.name == "cudagraphs" and value is not None and not isinstance(value, bool):
-                raise ValueError(f"unsloth_compile: option cudagraphs={value!r} must be None, True or False")
+                raise UnslothCompileError(f"unsloth_compile: option cudagraphs={value!r} must be None, True or False")
             elif isinstance(field.default, bool) and not isinstance(value, bool):
-                raise ValueError(
+                raise UnslothCompileError(
                     f"unsloth_compile: option {field.name}={value!r} must be True or False"
                 )
             elif isinstance(field.default, int) and not isinstance(field.default, bool):
@@ -206,7 +208,7 @@ class Config:
         self._check_fp8_layers()
         self._check_sparsity()
         if self.mode not in _MODES:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: mode={self.mode!r} is not valid; choose one of "
                 + ", ".join(repr(m) for m in _MODES)
             )
@@ -220,19 +222,19 @@ class Config:
 
     def _check_compression(self) -> None:
         if self.recompute_ffn_products is True and self.inner is Inner.EAGER:
-            raise ValueError(
+            raise UnslothCompileError(
                 "unsloth_compile: recompute_ffn_products=True needs AOTAutograd's forward/backward "
                 "partition, which inner='eager' does not run; use inner='aot_eager' or 'inductor'"
             )
         if self.compress_activations is not CompressMode.NONE and self.inner is Inner.EAGER:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: compress_activations={self.compress_activations.value!r} needs "
                 "AOTAutograd's forward/backward partition, which inner='eager' does not run; use "
                 "inner='aot_eager' or 'inductor'"
             )
         if self.compress_activations is CompressMode.LOWRANK and (
                 self.cudagraphs is True or self.mode in ("reduce-overhead", "max-autotune")):
-            raise ValueError(
+            raise UnslothCompileError(
                 "unsloth_compile: compress_activations='lowrank' draws its random projection (or the "
                 "range finder's Omega) from a new host seed at each step, which a CUDA graph replay "
                 "would freeze into one; use "
@@ -241,14 +243,14 @@ class Config:
 
     def _check_fp8_layers(self) -> None:
         if self.fp8_layers is Fp8Layers.ALL and self.precision is not Precision.FP8:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: fp8_layers='all' says which layers precision='fp8' stores in fp8, "
                 f"but precision={self.precision.value!r}; add precision='fp8' or drop fp8_layers"
             )
 
     def _check_sparsity(self) -> None:
         if self.sparsity is Sparsity.SEMI_2_4 and self.precision is not Precision.DEFAULT:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: sparsity='2:4' with precision={self.precision.value!r} is not supported: "
                 "the 2:4 op computes in the base's dtype (cuSPARSELt's e4m3 sparse GEMMs are not wired "
                 "in); use one of the two"
@@ -263,7 +265,7 @@ class Config:
         options = dict(options or {})
         unknown = sorted(set(options) - set(cls.option_names()))
         if unknown:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: unknown option(s) {', '.join(map(repr, unknown))}; "
                 f"valid options are {', '.join(cls.option_names())}"
             )

@@ -72,6 +72,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .rank import RankController
+from .errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile")
 
@@ -88,8 +89,8 @@ GRADIENT_COMPRESSION = ("none", "bf16", "fp16")
 
 def _check_gradient_compression(gradient_compression: str) -> None:
     if gradient_compression not in GRADIENT_COMPRESSION:
-        raise ValueError(f"unsloth_compile.distributed: gradient_compression={gradient_compression!r}; "
-                         f"one of {', '.join(map(repr, GRADIENT_COMPRESSION))}")
+        raise UnslothCompileError(f"unsloth_compile.distributed: gradient_compression={gradient_compression!r}; one of "
+                                  f"{', '.join(map(repr, GRADIENT_COMPRESSION))}")
 
 
 class LoraDDP(DistributedDataParallel):
@@ -112,14 +113,14 @@ class LoraDDP(DistributedDataParallel):
             try:
                 self.register_comm_hook(self.process_group, hook[gradient_compression])
             except TypeError as error:  # torch's bf16 hook needs a CUDA build with NCCL >= 2.10
-                raise ValueError(f"unsloth_compile.distributed: gradient_compression={gradient_compression!r} "
-                                 f"cannot run here ({error}); use 'fp16' or 'none'") from error
+                raise UnslothCompileError(f"unsloth_compile.distributed: gradient_compression={gradient_compression!r} "
+                                          f"cannot run here ({error}); use 'fp16' or 'none'") from error
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if self._unsloth_replaced:
-            raise RuntimeError("unsloth_compile.distributed: this DDP wrapper was replaced after a LoRA rank "
-                               "change (its reducer holds the old parameters); use the new one "
-                               "(rebuild_ddp's result, or DistributedRankController.ddp)")
+            raise UnslothCompileError("unsloth_compile.distributed: this DDP wrapper was replaced after a LoRA rank "
+                                      "change (its reducer holds the old parameters); use the new one (rebuild_ddp's "
+                                      "result, or DistributedRankController.ddp)")
         if self._unsloth_split_graphs:
             return super().forward(*inputs, **kwargs)
         # read when Dynamo converts a frame, i.e. at each (re)compilation inside this call
@@ -227,20 +228,22 @@ def find_blocks(model: nn.Module, blocks: Optional[Iterable[Union[str, nn.Module
         for spec in blocks:
             if isinstance(spec, nn.Module):
                 if not any(m is spec for m in named.values()):
-                    raise ValueError(f"unsloth_compile.distributed: block {type(spec).__name__} is not part of the model")
+                    raise UnslothCompileError(f"unsloth_compile.distributed: block {type(spec).__name__} is not part "
+                                              "of the model")
                 found.append(spec)
             elif spec in named:
                 found.append(named[spec])
             else:
-                raise ValueError(f"unsloth_compile.distributed: the model has no module named {spec!r}")
+                raise UnslothCompileError(f"unsloth_compile.distributed: the model has no module named {spec!r}; pass "
+                                          "blocks= as names from model.named_modules() or as modules")
         return found
     classes = set()
     for module in named.values():
         classes |= set(getattr(module, "_no_split_modules", None) or ())
     found = [m for m in named.values() if type(m).__name__ in classes]
     if not found:
-        raise ValueError("unsloth_compile.distributed: no transformer block found (no module class listed in a "
-                         "transformers `_no_split_modules`); pass blocks=[...] (e.g. model.model.layers)")
+        raise UnslothCompileError("unsloth_compile.distributed: no transformer block found (no module class listed in "
+                                  "a transformers `_no_split_modules`); pass blocks=[...] (e.g. model.model.layers)")
     return found
 
 
@@ -344,14 +347,15 @@ def shard_lora_model(model: nn.Module, mesh: Any = None, *, frozen: str = "repli
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if frozen not in FROZEN_CHOICES:
-        raise ValueError(f"unsloth_compile.distributed: frozen={frozen!r}; choose 'replicate' (frozen base on "
-                         f"every rank, adapters sharded) or 'shard' (everything sharded)")
+        raise UnslothCompileError(f"unsloth_compile.distributed: frozen={frozen!r}; choose 'replicate' (frozen base on "
+                                  "every rank, adapters sharded) or 'shard' (everything sharded)")
     _require_process_group("shard_lora_model")
     if any(isinstance(m, FSDPModule) for m in model.modules()):
-        raise ValueError("unsloth_compile.distributed: the model is already sharded (fully_shard was applied); "
-                         "call shard_lora_model on an unsharded model")
+        raise UnslothCompileError("unsloth_compile.distributed: the model is already sharded (fully_shard was "
+                                  "applied); call shard_lora_model on an unsharded model")
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("unsloth_compile.distributed: the model has no trainable parameter (no LoRA adapter?)")
+        raise UnslothCompileError("unsloth_compile.distributed: the model has no trainable parameter; add LoRA "
+                                  "adapters (peft.get_peft_model) before shard_lora_model")
     found = find_blocks(model, blocks)
     kwargs: dict = {"mesh": mesh, "mp_policy": mp_policy if mp_policy is not None else MixedPrecisionPolicy()}
     if reshard_after_forward is not None:
@@ -392,8 +396,8 @@ def no_sync(model: nn.Module) -> Iterator[None]:
             yield
         return
     if not is_fsdp(model):
-        raise TypeError(f"unsloth_compile.distributed.no_sync: expected a DDP or fully_shard model, got "
-                        f"{type(model).__name__}")
+        raise UnslothCompileError("unsloth_compile.distributed.no_sync: expected a DDP or fully_shard model, got "
+                                  f"{type(model).__name__}")
     model.set_requires_gradient_sync(False)
     try:
         yield
@@ -434,8 +438,8 @@ def init_from_torchrun(device: str = "auto") -> tuple[torch.device, bool]:
 
 def _require_process_group(what: str) -> None:
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError(f"unsloth_compile.distributed.{what}: torch.distributed is not initialised; call "
-                           f"torch.distributed.init_process_group (torchrun sets the environment it reads)")
+        raise UnslothCompileError(f"unsloth_compile.distributed.{what}: torch.distributed is not initialised; call "
+                                  "torch.distributed.init_process_group (torchrun sets the environment it reads)")
 
 
 def _has_sharded_params(model: nn.Module) -> bool:
@@ -479,10 +483,10 @@ class DistributedRankController(_AgreedRankController):
                  **kwargs: Any):
         if not isinstance(ddp, DistributedDataParallel):
             if is_fsdp(ddp) or _has_sharded_params(ddp):
-                raise ValueError(_FSDP_RESIZE)
-            raise TypeError(f"unsloth_compile.distributed.DistributedRankController: expected the DDP wrapper "
-                            f"(compile_ddp's result), got {type(ddp).__name__}; a model without DDP takes "
-                            f"unsloth_compile.rank.RankController")
+                raise UnslothCompileError(_FSDP_RESIZE)
+            raise UnslothCompileError("unsloth_compile.distributed.DistributedRankController: expected the DDP "
+                                      f"wrapper (compile_ddp's result), got {type(ddp).__name__}; a model without DDP "
+                                      "takes unsloth_compile.rank.RankController")
         _require_process_group("DistributedRankController")
         self.ddp = ddp
         super().__init__(ddp.module, optimizer, policy, **kwargs)
@@ -533,18 +537,21 @@ class ShardedRankController(_AgreedRankController):
     def __init__(self, model: nn.Module, optimizer: Any = None, policy: str = "loss-decay", *,
                  build: Any, make_optimizer: Any, shard: Optional[Mapping[str, Any]] = None, **kwargs: Any):
         if not is_fsdp(model):
-            raise TypeError(f"unsloth_compile.distributed.ShardedRankController: expected a model sharded by "
-                            f"shard_lora_model, got {type(model).__name__}; under DDP use DistributedRankController")
+            raise UnslothCompileError("unsloth_compile.distributed.ShardedRankController: expected a model sharded by "
+                                      f"shard_lora_model, got {type(model).__name__}; under DDP use "
+                                      "DistributedRankController")
         if policy == "importance":
-            raise ValueError("unsloth_compile.distributed.ShardedRankController: policy='importance' scores each "
-                             "layer from its gradients, which FSDP2 holds as shards; use 'loss-decay' or 'manual'")
+            raise UnslothCompileError("unsloth_compile.distributed.ShardedRankController: policy='importance' scores "
+                                      "each layer from its gradients, which FSDP2 holds as shards; use 'loss-decay' "
+                                      "or 'manual'")
         if kwargs.get("scheduler") is not None:
-            raise ValueError("unsloth_compile.distributed.ShardedRankController: a rank change replaces the optimizer, "
-                             "so an LR scheduler would keep driving the old one; set the learning rate on "
-                             "controller.optimizer yourself")
+            raise UnslothCompileError("unsloth_compile.distributed.ShardedRankController: a rank change replaces the "
+                                      "optimizer, so an LR scheduler would keep driving the old one; set the learning "
+                                      "rate on controller.optimizer yourself")
         if not callable(build) or not callable(make_optimizer):
-            raise TypeError("unsloth_compile.distributed.ShardedRankController: build and make_optimizer must be "
-                            "callables (build() -> the unsharded model, make_optimizer(params) -> optimizer)")
+            raise UnslothCompileError("unsloth_compile.distributed.ShardedRankController: build and make_optimizer "
+                                      "must be callables (build() -> the unsharded model, make_optimizer(params) -> "
+                                      "optimizer)")
         _require_process_group("ShardedRankController")
         self.build, self.make_optimizer = build, make_optimizer
         self.shard = {"frozen": getattr(model, "_unsloth_fsdp_frozen", "replicate"), **dict(shard or {})}
@@ -569,8 +576,8 @@ class ShardedRankController(_AgreedRankController):
         with torch.random.fork_rng(devices=devices):  # a grow's new rows come from the RNG as the caller left it
             model = self.build()
         if is_fsdp(model) or _has_sharded_params(model):
-            raise ValueError("unsloth_compile.distributed.ShardedRankController: build() returned a sharded model; "
-                             "it must return the model as it was before shard_lora_model")
+            raise UnslothCompileError("unsloth_compile.distributed.ShardedRankController: build() returned a sharded "
+                                      "model; it must return the model as it was before shard_lora_model")
         model.load_state_dict(state)
         del state
         optimizer = None

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .sparse24_mask import transposable_mask
 from .sparse24_reconstruct import damped
+from .errors import UnslothCompileError
 
 # Columns per lazy update (a multiple of 4, the tile width); SparseGPT's default.
 BLOCK = 128
@@ -40,9 +41,11 @@ def obs_prune(weight: Tensor, gram: Tensor, block: int = BLOCK) -> tuple[Tensor,
     mask, in float64 on the gram's device. Deterministic."""
     n, k = weight.shape
     if n % 4 or k % 4:
-        raise ValueError(f"a 4 x 4 tile mask needs both dimensions multiples of 4, got {n} x {k}")
+        raise UnslothCompileError("unsloth_compile.sparsity: a 4 x 4 tile mask needs both dimensions multiples of 4, "
+                                  f"got {n} x {k}; leave this layer out (select=) or use a 1 x 4 (row-wise 2:4) mask")
     if block % 4:
-        raise ValueError(f"block={block} must be a multiple of 4 (the tile width)")
+        raise UnslothCompileError(f"unsloth_compile.sparsity: block={block} must be a multiple of 4 (the tile width); "
+                                  "choose a multiple of 4 such as 128")
     w = weight.detach().to(gram.device, torch.float64).clone()
     u = inverse_cholesky(gram)
     mask = torch.zeros(n, k, dtype=torch.bool, device=gram.device)

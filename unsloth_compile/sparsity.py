@@ -57,6 +57,7 @@ from .sparse24_reconstruct import dense_refit, relative_error_to
 from .sparse24_reconstruct import reconstruct as reconstruct_kept
 from .sparse24_sequential import (TARGETS, LayerStats, eval_no_grad, forward_groups, group_stats, padding_mask,
                                   require_reached, run_batch, stats_bytes, token_rows)
+from .errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile.sparsity")
 
@@ -99,7 +100,7 @@ class Sparse24Linear(nn.Module):
         if reason is None:
             reason = sparsity_problem(weight)
         if reason is not None:
-            raise ValueError(f"unsloth_compile.sparsity: cannot convert {type(module).__name__}: {reason}")
+            raise UnslothCompileError(f"unsloth_compile.sparsity: cannot convert {type(module).__name__}: {reason}")
         conv1d = is_conv1d(module)
         return cls(weight.detach().contiguous() if conv1d else weight.detach(), module.bias, conv1d)
 
@@ -147,7 +148,8 @@ class Sparse24Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         reason = sparsity_problem(self.weight)
         if reason is not None:
-            raise ValueError(f"unsloth_compile.sparsity: loading {prefix}weight into a Sparse24Linear: {reason}")
+            raise UnslothCompileError(f"unsloth_compile.sparsity: loading {prefix}weight into a Sparse24Linear: "
+                                      f"{reason}")
         self._compress()
 
     def extra_repr(self) -> str:
@@ -201,10 +203,10 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iter
     if grams:
         need = sum(8 * m.weight.shape[-1] ** 2 for m in modules.values())  # one float64 K x K per layer
         if need > GRAM_BUDGET_BYTES:
-            raise ValueError(
-                f"unsloth_compile.sparsity: reconstruct=True keeps a float64 K x K Gram matrix per layer, "
-                f"{need / 2**30:.1f} GiB for these {len(modules)} layers (limit {GRAM_BUDGET_BYTES / 2**30:.0f} GiB, "
-                "sparsity.GRAM_BUDGET_BYTES): prune in several calls, each with a select= that picks fewer layers")
+            raise UnslothCompileError("unsloth_compile.sparsity: reconstruct=True keeps a float64 K x K Gram matrix "
+                                      f"per layer, {need / 2**30:.1f} GiB for these {len(modules)} layers (limit "
+                                      f"{GRAM_BUDGET_BYTES / 2**30:.0f} GiB, sparsity.GRAM_BUDGET_BYTES): prune in "
+                                      "several calls, each with a select= that picks fewer layers")
     sums: dict[str, Tensor] = {}
     gram_sums: dict[str, Tensor] = {}
     tokens: Optional[Tensor] = None  # the running batch's attention mask (ignore_padding)
@@ -281,26 +283,28 @@ def _check_prune_arguments(method: str, calibration, reconstruct: bool, sequenti
                            target: Optional[str], ignore_padding: bool) -> str:
     """prune's arguments checked, with the way out; returns the target ("model" by default)."""
     if method not in METHODS:
-        raise ValueError(f"unsloth_compile.sparsity.prune: method={method!r}; choose one of {', '.join(METHODS)}")
+        raise UnslothCompileError(f"unsloth_compile.sparsity.prune: method={method!r}; choose one of "
+                                  f"{', '.join(METHODS)}")
     if target is not None and not sequential:
-        raise ValueError(f"unsloth_compile.sparsity.prune: target={target!r} is what sequential pruning fits each "
-                         "layer to: pass sequential=True with it")
+        raise UnslothCompileError(f"unsloth_compile.sparsity.prune: target={target!r} is what sequential pruning fits "
+                                  "each layer to: pass sequential=True with it")
     target = "model" if target is None else target
     if target not in TARGETS:
-        raise ValueError(f"unsloth_compile.sparsity.prune: target={target!r}; choose one of {', '.join(TARGETS)}")
+        raise UnslothCompileError(f"unsloth_compile.sparsity.prune: target={target!r}; choose one of "
+                                  f"{', '.join(TARGETS)}")
     if sequential and method == "magnitude" and not reconstruct:
-        raise ValueError("unsloth_compile.sparsity.prune: sequential=True changes what calibration measures, and "
-                         "method='magnitude' without reconstruct=True measures nothing: use method='wanda' or "
-                         "'sparsegpt', or reconstruct=True")
+        raise UnslothCompileError("unsloth_compile.sparsity.prune: sequential=True changes what calibration measures, "
+                                  "and method='magnitude' without reconstruct=True measures nothing: use "
+                                  "method='wanda' or 'sparsegpt', or reconstruct=True")
     if ignore_padding and method == "magnitude" and not reconstruct:
-        raise ValueError("unsloth_compile.sparsity.prune: ignore_padding=True is about the calibration "
-                         "statistics, and method='magnitude' without reconstruct=True uses none")
+        raise UnslothCompileError("unsloth_compile.sparsity.prune: ignore_padding=True is about the calibration "
+                                  "statistics, and method='magnitude' without reconstruct=True uses none")
     for needed, why in ((method == "wanda", "method='wanda' weighs |W| by each input feature's norm on them"),
                         (method == "sparsegpt", "method='sparsegpt' weighs and updates W by their Gram matrix"),
                         (reconstruct, "reconstruct=True refits the kept weights to the dense outputs on them")):
         if needed and calibration is None:
-            raise ValueError(f"unsloth_compile.sparsity.prune: {why}: pass calibration= (batches for the "
-                             "model's forward)")
+            raise UnslothCompileError(f"unsloth_compile.sparsity.prune: {why}: pass calibration= (batches for the "
+                                      "model's forward)")
     return target
 
 
@@ -309,16 +313,17 @@ def _prune_sequentially(model: nn.Module, modules: dict[str, nn.Module], calibra
     """Each group of layers (forward order) measured on the inputs of the model pruned so far,
     then pruned; for target "model" each pruned layer's dense weight is held until the end."""
     if not calibration:
-        raise ValueError("unsloth_compile.sparsity.prune: sequential=True needs at least one calibration batch")
+        raise UnslothCompileError("unsloth_compile.sparsity.prune: sequential=True needs at least one calibration "
+                                  "batch")
     groups = forward_groups(model, modules, calibration[0])
     shapes = {p: tuple(dense_weight(m).shape) for p, m in modules.items()}
     need = max(stats_bytes([shapes[p] for p in group], grams, target) for group in groups)
     if need > GRAM_BUDGET_BYTES:
-        raise ValueError(
-            f"unsloth_compile.sparsity: sequential pruning holds one group's float64 statistics at once, "
-            f"{need / 2**30:.1f} GiB for the largest (limit {GRAM_BUDGET_BYTES / 2**30:.0f} GiB, "
-            "sparsity.GRAM_BUDGET_BYTES): use target='layer' (no K x N cross term), or prune the layers of "
-            "a group in separate calls with select=")
+        raise UnslothCompileError("unsloth_compile.sparsity: sequential pruning holds one group's float64 statistics "
+                                  f"at once, {need / 2**30:.1f} GiB for the largest (limit "
+                                  f"{GRAM_BUDGET_BYTES / 2**30:.0f} GiB, sparsity.GRAM_BUDGET_BYTES): use "
+                                  "target='layer' (no K x N cross term), or prune the layers of a group in separate "
+                                  "calls with select=")
     dense: dict[str, Tensor] = {}
     for group in groups:
         measured = group_stats(model, modules, group, calibration, lambda p: dense_weight(modules[p]), grams,

