@@ -179,10 +179,9 @@ def base_grad_input(grad2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate:
 
 
 # Rows of dY this wide or wider read W's scales for the fold in bf16 (exact: powers of two of
-# fp32's exponent range, 2^-48 and up): at 14336 each row read 57 KB of fp32 scales from L2 and
-# the fold cost 120 against 102 us, at 8192 57 against 50 (one row per program; H200,
-# scripts/sweep_fp8_quantize.py); narrower, two rows per program share the fp32 scales and the
-# cast's extra launch would cost about what it saves.
+# fp32's exponent range, 2^-48 and up): from this width each row's fp32 scales, read from L2,
+# cost more than the cast (docs/bench/design-choices.md#fp8-quantisation-and-transpose); narrower, two rows per
+# program share the fp32 scales and the cast's extra launch would cost about what it saves.
 FOLD_IN_BF16_FROM = 8192
 
 
@@ -310,7 +309,7 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
     x_codes, x_dequant = quantize_rowwise(x2d)
 
     # The residual is added inside the op's GEMM (the fused kernel's epilogue: one pass over the
-    # output fewer, 0.74 ms per llama-1b step for its 32 o/down projections) when that is what
+    # output fewer: docs/bench/design-choices.md#fp8-gemms) when that is what
     # the op computes, `out.to(x.dtype) + residual`: out_dtype is x's and the add does not promote.
     fuse_residual = (residual is not None and out_dtype == x.dtype
                      and torch.promote_types(out_dtype, residual.dtype) == out_dtype)
@@ -334,8 +333,8 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
         out = torch.empty((x2d.shape[0], w_codes.shape[0]), device=x.device, dtype=x.dtype)
         # H, and B^T as the (r, N) view of B (stride r along N), are read as they are: at r <= 64
         # the kernel loads both tiles before its main loop, where the strided loads cost nothing
-        # measurable (scripts/probe_fp8_epilogue.py, H200: from 8% faster to 2% slower than with a
-        # contiguous bf16 copy of B^T); past that, loaded after it, B^T is copied contiguous first.
+        # measurable against a contiguous copy (docs/bench/design-choices.md#fp8-gemms); past that, loaded after it,
+        # B^T is copied contiguous first.
         v = lora_B.t() if lora_B.shape[1] <= PREFETCH_MAX_RANK else _operand(lora_B.t(), x.dtype)
         return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, lora_hidden, v, out, scale, scale_tensor,
                              bias=bias, v_bias=lora_B_bias, residual=rows(residual) if fuse_residual else None)
@@ -394,12 +393,9 @@ def _fp8_gemm(direction: str, a_codes: Tensor, b_codes: Tensor, with_scaled_mm, 
     """The LoRA op's fp8 GEMM plus its low-rank term: `fused` (kernels/fp8_gemm.py) wherever it
     can run, else `with_scaled_mm`; the knob main_gemm="cublas" forces the latter.
 
-    Why not timed per problem, as the bf16 path's main GEMM is: timed alone (back to back,
-    triton.testing.do_bench), the two were within 5% at the Llama-8B MLP backward and the timing
-    picked torch._scaled_mm, whose step then ran 742 + 48 us (GEMM, LoRA addmm) against the
-    fused kernel's 676 us; forced either way inside whole fwd+bwd steps the fused kernel was
-    faster at all four benchmark shapes (scripts/profile_fp8_op.py, H200, 2026-12-01: 612 vs
-    689, 1819 vs 1979, 1857 vs 1970, 685 vs 751 us per step)."""
+    Why not timed per problem, as the bf16 path's main GEMM is: timed alone, back to back, the
+    two come out close and the timing can pick torch._scaled_mm, while inside whole fwd+bwd
+    steps the fused kernel was faster at every benchmark shape (docs/bench/design-choices.md#fp8-gemms)."""
     from . import knobs
     from .fp8_gemm import unsupported
 

@@ -6,11 +6,9 @@ Hopper (kernels/fp8.py takes it wherever it runs, else torch._scaled_mm; `_fp8_g
       backward: A_q = G_q (M, N), G = dY diag(w_s) by rows,  B_q = W_q^T (K, N), no b_s,  U = G, V = A
 
 Why: torch._scaled_mm takes no (M, N) addend, so beside it the LoRA term costs one more pass
-over the output (its read and write: 201 us at 8192 x 14336 on the H200, a quarter of the fp8
-GEMM). This kernel adds the term to the fp32 tile before the single store. Measured on the
-H200 (scripts/probe_fp8_gemm.py, M = 8192, docs/bench/probe-fp8-gemm-2026-11-30.log): its main
-loop runs at 0.84-0.94x torch._scaled_mm's time at the four Llama-8B shapes with the
-128 x 256 x 128 tile, and with the LoRA term 0.87-0.98x _scaled_mm alone.
+over the output (its read and write, a sizeable part of the fp8 GEMM). This kernel adds the term
+to the fp32 tile before the single store; with the LoRA term it runs faster than _scaled_mm
+alone at the Llama-8B shapes (docs/bench/design-choices.md#fp8-gemms).
 
 Both operands are loaded by TMA descriptors K-contiguous (Hopper's fp8 tensor cores take only
 K-major operands), so the backward reads W_q transposed: the caller's transient (K, N) copy,
@@ -85,7 +83,7 @@ def _fp8_tile(
         acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision="tf32")
         if TMA_STORE:  # through shared memory by one bulk copy (clipped at the edges), which runs on
             # while a persistent program's next tile loads; a program that exits after the store
-            # waits for it (one tile per program: 12-17% slower with it, H200, 2026-12-01)
+            # waits for it (one tile per program: slower with it, docs/bench/design-choices.md#fp8-gemms)
             out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N],
                            _tile_value(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, M, N, stride_rm,
                                        stride_rn, COMPUTE_DTYPE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL))
@@ -137,20 +135,15 @@ def _fp8_lora_gemm_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, persistent): the probe's fastest tiles at
-# the Llama-8B shapes (128 x 256 x 128 one program per tile at three of four, persistent at
-# 4096 x 4096; 256 x 128 x 128 close behind at the down projection). A four-stage 128 x 256
-# and a 128 x 128 tile (for the small sites) were tried in the autotuner and withdrawn: mixed
-# in the kernel table (8b mlp.down 0.714 against 0.661-0.688 in three runs with these three,
-# 1b mlp.up 0.793 against 0.823-0.838; H200, 2026-12-01, docs/bench/kernel-fp8-s10*.md), and
-# the autotuner times each tile alone, back to back, which is not how a step runs them.
-# Persistent with the tile and K loops flattened into one pipelined loop (tl.range(flatten=True),
-# Triton 3.6) took 4-46x the time in the forward form and 1.15-1.5x in the backward's
-# (docs/bench/probe-fp8-tiles-2026-12-01.log): not offered; nor K blocks of 256 (two stages):
-# 1.07-1.23x _scaled_mm at the eight GEMMs (docs/bench/probe-fp8-gemm-2026-12-01-s12.log).
-# The persistent tile stores through a TMA descriptor (where `fp8_lora_gemm` can): the fastest
-# configuration at 5 of the 8 GEMMs there, e.g. the 8B up projection's forward 799 us against
-# 815 us (one program per tile) and 845 us (persistent, tl.store); one program per tile with a
-# TMA store was 12-17% slower (each program waits for its store before it exits).
+# the Llama-8B shapes (128 x 256 x 128 one program per tile at most, persistent at 4096 x 4096;
+# 256 x 128 x 128 close behind at the down projection). Other tiles (a four-stage 128 x 256, a
+# 128 x 128 for the small sites) gave mixed results in the kernel table, and the autotuner times
+# each tile alone, back to back, which is not how a step runs them. Persistent with the tile and
+# K loops flattened into one pipelined loop (tl.range(flatten=True)) and K blocks of 256 were
+# slower: not offered. The persistent tile stores through a TMA descriptor (where
+# `fp8_lora_gemm` can), the fastest configuration at most of the GEMMs; one program per tile
+# with a TMA store is slower (each program waits for its store before it exits).
+# Figures: docs/bench/design-choices.md#fp8-gemms.
 _TILES = [(128, 256, 128, 3, 8, False), (128, 256, 128, 3, 8, True), (256, 128, 128, 3, 8, False)]
 
 

@@ -68,7 +68,7 @@ class KernelKnobs:
     # "auto" (cuSPARSELt where torch has it, else CUTLASS), "cusparselt" or "cutlass".
     sparse24_gemm: str = _env_choice("UNSLOTH_SPARSE24_GEMM", "auto")
     # cuSPARSELt's algorithm per 2:4 problem: chosen by torch._cslt_sparse_mm_search on the
-    # problem's first call (True), or its default algorithm 0 (False: the first H200 runs).
+    # problem's first call (True), or its default algorithm 0 (False).
     sparse24_search: bool = _env_flag("UNSLOTH_SPARSE24_SEARCH")
     # The un-tuned Triton kernels (thin GEMMs, fp8 quantisation) launched through their
     # compiled kernel after the first call of a specialisation (kernels/launch_plan.launch),

@@ -12,7 +12,8 @@ backward keeps the logits in their own dtype (2 bytes an element in bf16: 2.1 GB
 rows' lse (4 bytes a row), and writes the gradient once, in the logits' dtype (what the upcast's
 backward produces); no fp32 rows x V tensor exists in forward or backward. Inductor (torch
 2.11) already does as much: one online-softmax reduction per direction, and the same step time
-and peak memory on an H200 with and without this op (docs/options.md, cross_entropy_on_logits).
+and peak memory with and without this op (docs/bench/design-choices.md#memory-options; docs/options.md,
+cross_entropy_on_logits).
 
 One Triton program per row: forward streams the row once (online max and sum of exponentials),
 backward streams it once more and writes the gradient row. Bytes: forward 2 V per row (bf16),

@@ -277,9 +277,9 @@ def _lora_gemm_tma_kernel(
     so the loop has no masks and no address arithmetic; descriptors need 16-byte aligned
     row strides (K, N multiples of 8 in bf16), else the host picks the pointer kernel.
     PERSISTENT: the grid is one program per SM (`_programs`), each taking every
-    num_programs-th tile; a plain GEMM written this way ran within 1-4% of cuBLAS at the
-    Llama MLP shapes on the H200 (scripts/probe_ws_gemm.py), and the autotuner keeps it where
-    it is the fastest configuration.
+    num_programs-th tile; a plain GEMM written this way ran close to cuBLAS at the Llama MLP
+    shapes (docs/bench/design-choices.md#bf16-lora-gemm), and the autotuner keeps it where it is the fastest
+    configuration.
     """
     # Two calls of _tma_tile, not one inside a loop of one trip for the non-persistent flavour:
     # Triton keeps that loop (sm_90 TTGIR), which changes the compiled kernel.
@@ -309,7 +309,7 @@ def _lora_gemm_tma_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the usual Hopper bf16 tiles; 128x256x64
-# and 256x128x64 with 3-4 stages fit in H100/H200 shared memory (228 KB) with room for the
+# and 256x128x64 with 3-4 stages fit in a Hopper SM's shared memory (228 KB) with room for the
 # r-loop's U/V tiles.
 _TILES = [
     (128, 256, 64, 3, 8),
@@ -330,8 +330,7 @@ def _set_tma_blocks(nargs):
 
 
 # The TMA kernel's persistent flavour (one program per SM) with the two tiles that ran
-# closest to cuBLAS that way on the H200 (scripts/probe_ws_gemm.py: 1.00-1.04x at the Llama
-# MLP shapes, 1.14x at 4096 x 4096).
+# closest to cuBLAS that way (scripts/probe_ws_gemm.py; docs/bench/design-choices.md#bf16-lora-gemm).
 _PERSISTENT_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8)]
 
 
@@ -555,8 +554,7 @@ def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous:
 
     if not use_tma:
         return run_pointer()
-    # Neither main loop wins everywhere (H200, M=8192, r=16: TMA 0.470 vs pointer 0.508 ms for
-    # llama-8b.attn.q forward, pointer 1.45 vs TMA 1.62 ms for mlp.up backward): time both,
-    # each autotuned, once per shape.
+    # Neither main loop wins everywhere (TMA in some forwards, pointer in some backwards:
+    # docs/bench/design-choices.md#bf16-lora-gemm): time both, each autotuned, once per shape.
     choice = fastest("main loop", shape_key, {"tma": run_tma, "pointer": run_pointer})
     return run_tma() if choice == "tma" else run_pointer()

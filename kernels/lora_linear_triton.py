@@ -17,8 +17,8 @@ host functions below keep their signatures. Shapes: x (M, K) after flattening, W
 
 Each "or" is decided per problem by timing both once (kernels/timed_choice.py, logged) or
 forced by a knob (kernels/knobs.py):
-Triton's main product runs 0-14% behind cuBLAS on an H200 depending on the shape (persistent
-or warp-specialised alike), so which wins depends on the shape (docs/bench/kernel_notes.md).
+Triton's main product runs level with cuBLAS or behind it depending on the shape (persistent
+or warp-specialised alike), so which wins depends on the shape (docs/bench/design-choices.md#bf16-lora-gemm).
 
 The thin GEMMs read their operands in the activation dtype (fp32 adapters are rounded to
 bf16/fp16, as the tensor cores need) and accumulate in fp32; gradients of fp32 adapters are
@@ -61,9 +61,9 @@ def _cublas_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, s
 
     The thin-K product s U V (+ bias) is written into `out` first, then the base GEMM
     accumulates onto it (beta = 1: cuBLAS reads `out` in its epilogue, a read hidden behind
-    a compute-bound GEMM). Why it exists: Triton runs the main product up to 14% slower
-    than cuBLAS (8192 x 4096 x 4096 on an H200, kernel_notes.md), more than the 2-5% the
-    extra write of `out` costs at some shapes. The low-rank term is rounded to out's
+    a compute-bound GEMM). Why it exists: at some shapes Triton's main product falls further
+    behind cuBLAS than the extra write of `out` costs (docs/bench/design-choices.md#bf16-lora-gemm). The low-rank
+    term is rounded to out's
     dtype once before the sum.
     """
     if scale_tensor is None:  # cuBLAS scales the fp32 product by alpha: one call, no s U copy
@@ -238,8 +238,8 @@ def lora_linear_forward(
     out = torch.empty((M, N), device=x.device, dtype=out_dtype)
     if M > 0:
         # The epilogue reads U, V already in the compute dtype and row-contiguous: fp32 tiles
-        # converted in the kernel cost registers and made r=64 fp32 1.8x slower than bf16
-        # (2.19 vs 1.23 x base, llama-8b.mlp.up, H200), for two copies of M*r and r*N elements.
+        # converted in the kernel cost registers and made fp32 adapters at large ranks much
+        # slower than bf16 (docs/bench/design-choices.md#bf16-lora-gemm), for two copies of M*r and r*N elements.
         u, v = _operand(hidden, x.dtype), _operand(lora_B.t(), x.dtype)
         _lora_gemm_triton_or_cublas(x2d, w_t, u, v, out, scale, scale_tensor,
                                     bias=bias, v_bias=lora_B_bias, residual=res2d)

@@ -141,8 +141,8 @@ def _sparse_rows_times(dense2d: Tensor, sparse: list[Tensor], layout: str, r: in
 
 
 # cuSPARSELt's algorithm per problem (device, dtype, sparse shape, dense shape): its default,
-# algorithm 0, ran the 2:4 GEMMs at 0.96-1.15x the dense cuBLAS time on an H200
-# (docs/bench/sparse24.md), so each problem's first call asks torch._cslt_sparse_mm_search,
+# algorithm 0, ran the 2:4 GEMMs no faster than dense cuBLAS (docs/bench/design-choices.md#24-sparsity), so each
+# problem's first call asks torch._cslt_sparse_mm_search,
 # which times cuSPARSELt's algorithms once, and later calls reuse the answer.
 _CSLT_ALGORITHMS: dict[tuple, int] = {}
 
@@ -152,7 +152,7 @@ def cusparselt_algorithm(sparse: Tensor, dense: Tensor) -> int:
     if not knobs.current().sparse24_search or not hasattr(torch, "_cslt_sparse_mm_search"):
         return 0
     if sparse.dtype != torch.bfloat16:
-        # On an H200 (torch 2.11, cuSPARSELt 0.8) the fp16 search failed with an internal error
+        # With torch 2.11 and cuSPARSELt 0.8 on Hopper the fp16 search failed with an internal error
         # and left the context broken (the next launches hit an illegal instruction), while
         # bf16 searched cleanly: fp16 keeps the default algorithm.
         return 0

@@ -145,8 +145,8 @@ def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
         if use:
             # Plain cudagraph trees, as mode="reduce-overhead" has them. Not
             # cudagraph_skip_dynamic_graphs: with graph partitioning (torch >= 2.9) it cut
-            # the llama-1b graph into 40 partitions around the LoRA ops, which then ran from
-            # Python between replays (204.8 ms/step vs 119.7 without the setting, H200).
+            # a LoRA model's graph into partitions around the LoRA ops, which then ran from
+            # Python between replays, far slower (docs/bench/design-choices.md#cuda-graphs).
             patches["triton.cudagraphs"] = True
         if report is not None:
             report.counters["cudagraphs.on" if use else f"cudagraphs.off ({why})"] += 1
@@ -194,7 +194,7 @@ def keep_outputs_across_replays(compiled: Callable) -> Callable:
       Inductor leaves them.
     - gradients kept across a forward (gradient accumulation): the first backward's gradients
       are pool outputs that AccumulateGrad stored as `.grad`, and the next forward would
-      overwrite them (on an H200 the accumulation test failed with cudagraph trees' error).
+      overwrite them (the gradient-accumulation test fails with cudagraph trees' error).
       Before a call, every leaf tensor that is an input of any graph run so (not only of
       this one: the first graph of a step starts a new generation of the trees, which makes
       every earlier output stale) and whose `.grad` was not yet copied gets a copy outside the

@@ -16,15 +16,14 @@ halves unfusable (tests/test_distributed.py forces small buckets: 4 of 14 sites 
 split, 14 without). Without the split the whole backward runs as one graph and the all-reduce
 of the LoRA gradients (tens of MB for a 1B model) follows it instead of overlapping it.
 `split_graphs=True` restores Dynamo's default. CUDA graphs keep the backend's default (on for
-static shapes): issued op by op, two processes on one host fell far behind one (2 x H200,
-llama-1b: 0.63 scaling efficiency without graphs, 0.93 with). `broadcast_buffers` defaults to
-False unless a module keeps running statistics: DDP's init already copies rank 0's buffers, and
-re-broadcasting constant ones at each forward made every forward wait for the other rank
-(0.934 -> 0.966 without it). `gradient_compression="bf16"` (or "fp16")
+static shapes): issued op by op, two processes on one host fell far behind one. `broadcast_buffers`
+defaults to False unless a module keeps running statistics: DDP's init already copies rank 0's
+buffers, and re-broadcasting constant ones at each forward made every forward wait for the other
+rank. `gradient_compression="bf16"` (or "fp16")
 all-reduces the gradients in half precision (torch's `bf16_compress_hook`): half the bytes of
 PEFT's fp32 LoRA gradients, each bucket's mean rounded to bf16 once. That pays where the
-all-reduce is slow, as between two GPUs without NVLink peer access (on 2 x H200 in a VM, NCCL's
-LL ring took 3.8 ms for llama-1b's 45 MB of LoRA gradients, after backward).
+all-reduce is slow, as between two GPUs without NVLink peer access. Figures for each choice:
+docs/bench/design-choices.md#ddp-and-fsdp2.
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`, public since torch 2.6; `ignored_params` since 2.7).
 `fully_shard` is applied to each transformer block (the classes in transformers'
@@ -132,11 +131,10 @@ def _block_cudagraphs(options: Optional[Mapping[str, Any]], default: Optional[bo
     """`options` with cudagraphs=`default` unless the caller chose. FSDP2 all-gathers each
     sharded parameter into new storage at every unshard, and a recorded graph reads its
     parameters at the addresses it was recorded with: cudagraph trees notice a move and
-    re-record (correct, but 1790 ms per llama-1b step on 2 x H200 with the base sharded,
-    against 220-270 without graphs), so blocks whose frozen base is sharded run without graphs.
-    With the base replicated only the adapters move, and in steady state FSDP2's allocations
-    repeat step after step, so the graphs replay (115 ms against 194 without, one run;
-    docs/bench/dist-2xh200-2026-11-30-s8.md)."""
+    re-record (correct, but several times slower than no graphs at all), so blocks whose frozen
+    base is sharded run without graphs. With the base replicated only the adapters move, and in
+    steady state FSDP2's allocations repeat step after step, so the graphs replay and the step
+    is faster than without them (docs/bench/design-choices.md#ddp-and-fsdp2)."""
     options = dict(options or {})
     if default is not None:
         options.setdefault("cudagraphs", default)
@@ -146,9 +144,9 @@ def _block_cudagraphs(options: Optional[Mapping[str, Any]], default: Optional[bo
 def fsdp_graphs_replay(frozen: str, reshard_after_forward: Optional[bool]) -> bool:
     """Whether the per-block CUDA graphs replay under shard_lora_model with these choices: only
     where the unsharded parameters come back at the addresses the graphs were recorded with.
-    Measured on llama-1b (2 x H200): frozen="shard" re-recorded every step (1790 ms), and so did
-    frozen="replicate" with reshard_after_forward=False (1451 ms), whose unshards fall elsewhere
-    in the step's allocations; "replicate" with FSDP2's default replays (115 ms)."""
+    frozen="shard" re-records every step, and so does frozen="replicate" with
+    reshard_after_forward=False, whose unshards fall elsewhere in the step's allocations;
+    "replicate" with FSDP2's default replays (docs/bench/design-choices.md#ddp-and-fsdp2)."""
     return frozen == "replicate" and reshard_after_forward is not False
 
 
@@ -293,8 +291,8 @@ def _compile_after_blocks(model: nn.Module, blocks: Sequence[nn.Module], backend
     compiled blocks inside it keep their graphs, FSDP2's hooks stay outside every graph). Dynamo
     breaks the graph at the stack's call and compiles what follows it, the LM head and the loss,
     as on one GPU: Inductor's fused log-softmax instead of eager's fp32 copy of the logits and
-    separate passes (llama-1b, 2 x H200, same-run A/B: 115.1 -> 110.9 ms with the base
-    replicated, 272.2 -> 223.7 ms sharded). Returns False, with a warning, where the model's
+    separate passes (faster with the base replicated or sharded: docs/bench/design-choices.md#ddp-and-fsdp2).
+    Returns False, with a warning, where the model's
     layout is not recognised (then only the blocks are compiled)."""
     found = _stack_and_owner(model, blocks)
     if found is None:
@@ -370,7 +368,7 @@ def shard_lora_model(model: nn.Module, mesh: Any = None, *, frozen: str = "repli
             warnings.warn(f"unsloth_compile.distributed: cudagraphs=True with frozen={frozen!r}"
                           f"{', reshard_after_forward=False' if reshard_after_forward is False else ''}: FSDP2's "
                           "unsharded parameters move between steps, so every block's graph re-records at each "
-                          "step (measured 7-8x slower than without graphs on llama-1b); graphs replay with "
+                          "step (several times slower than without graphs); graphs replay with "
                           "frozen='replicate' and the default reshard_after_forward", stacklevel=2)
         compile_blocks(found, options, mode=mode, cudagraphs=None if graphs_replay else False,
                        head_of=model if compile_head else None)

@@ -34,7 +34,8 @@ CUDA in eager too. The dense weight is validated 2:4 in both orientations when t
 built (and after load_state_dict), so the compiler, which only sees fake tensors, needs no
 check of the values: it recognises the op. Layers whose shape the 2:4 GEMMs cannot take,
 trainable weights and non-linear modules are neither pruned nor converted, and are listed in
-the report with the reason. No memory is saved (dense weight + ~1.1x in compressed copies).
+the report with the reason. No memory is saved: the compressed copies sit beside the dense
+weight (docs/bench/design-choices.md#24-sparsity).
 Revert before merging adapters (merge_and_unload writes into the dense weight only).
 """
 
@@ -190,7 +191,8 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-# what reconstruct=True may hold at once in Gram matrices (Llama-1B's 112 bases would need 11 GiB)
+# what reconstruct=True may hold at once in float64 Gram matrices (K x K per layer: a 1B model's
+# bases all at once would not fit a GPU beside the model; docs/bench/design-choices.md#24-sparsity)
 GRAM_BUDGET_BYTES = 8 * 2**30
 
 
