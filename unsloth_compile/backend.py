@@ -40,7 +40,7 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     if cfg.fp8_layers is Fp8Layers.ALL:
         _warn_if_nothing_converted(gm)
     if report.refused:  # under DDP's graph splitting a bucket boundary may have cut a LoRA site
-        from .distributed import warn_if_ddp_split
+        from .ddp_split import warn_if_ddp_split
 
         warn_if_ddp_split(report)
     try:  # published after the inner compile: AOTAutograd's partition adds compress_saved sites
@@ -72,10 +72,13 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
     if cfg.inner is Inner.EAGER:
         return gm.forward
     if cfg.compress_activations is not CompressMode.NONE or cfg.recomputes_ffn_products:  # our partitioner
-        from .passes.compress_saved import compile_compressed
+        from .compressed_compile import compile_compressed
 
         report = report if report is not None else Report()
-        return compile_compressed(gm, example_inputs, cfg, report, inductor_patches(cfg, example_inputs, report, gm))
+        patches = inductor_patches(cfg, example_inputs, report, gm)
+        compiled = compile_compressed(gm, example_inputs, cfg, report, patches)
+        graphed = cfg.inner is Inner.INDUCTOR and patches.get("triton.cudagraphs")
+        return keep_outputs_across_replays(compiled) if graphed else compiled
     if cfg.inner is Inner.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 

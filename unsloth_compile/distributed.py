@@ -70,6 +70,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .ddp_split import warn_if_ddp_split  # noqa: F401  part of this module's API
 from .rank import RankController
 from .errors import UnslothCompileError
 
@@ -191,27 +192,6 @@ def rebuild_ddp(ddp: DistributedDataParallel) -> LoraDDP:
         ddp._unsloth_replaced = True
         return new
     return LoraDDP(ddp.module, device_ids=ddp.device_ids, process_group=ddp.process_group)
-
-
-_warned_split = False
-
-
-def warn_if_ddp_split(report: Any) -> None:
-    """Called by the backend for a graph with refused LoRA sites: when Dynamo is splitting the
-    graph at DDP's gradient buckets, a cut through a LoRA linear is the likely reason (the
-    halves are reported as merged adapters or unrecognised forms). Warns once per process."""
-    global _warned_split
-    mode = getattr(torch._dynamo.utils, "get_optimize_ddp_mode", lambda: None)()
-    active = getattr(DistributedDataParallel, "_get_active_ddp_module", lambda: None)()
-    if _warned_split or mode != "ddp_optimizer" or active is None:
-        return
-    if not any(s.pattern == "lora_linear" for s in report.refused):
-        return
-    _warned_split = True
-    warnings.warn("unsloth_compile: LoRA linears refused while Dynamo splits the graph at DDP's gradient buckets "
-                  "(torch._dynamo.config.optimize_ddp): a bucket boundary through a LoRA linear leaves both halves "
-                  "unfusable. Wrap the model with unsloth_compile.distributed.compile_ddp (no split), or set "
-                  "torch._dynamo.config.optimize_ddp = False", stacklevel=2)
 
 
 # ----------------------------------------------------------------------------- FSDP2
