@@ -1,4 +1,4 @@
-"""DTensor sharding of the fused LoRA op, and the LoRA pass's check of DTensor operands.
+"""DTensor sharding of the fused LoRA op.
 
 Under tensor parallelism (unsloth_compile/parallel.py) Dynamo hands the backend a graph over
 DTensors: the LoRA pass matches it as on one GPU and emits `unsloth::lora_linear` on DTensor
@@ -14,20 +14,17 @@ are registered here (one mesh dimension; DTensor expands them to every dimension
 (R replicated, S(d) sharded along d, P partial sums awaiting an all-reduce.) Each is exact
 algebra on the local shards: column-wise, a rank's output columns are x W_l^T + s (x A^T) B_l^T;
 row-wise, its partial sum is x_l W_l^T + s (x_l A_l^T) B^T, linear in the partial H. DTensor
-adds the collectives the placements call for. `dtensor_check` is the pass's check: a site
-whose DTensor operands are not already laid out as one of these is refused with the
-placements in the reason (DTensor would redistribute them to fit, gathering sharded weights).
+adds the collectives the placements call for. The LoRA pass refuses a site whose DTensor
+operands are not already laid out as one of these (passes/lora_dtensor.py).
 """
 
 from __future__ import annotations
 
 import functools
-import sys
-from typing import Any, Mapping, Optional
 
 import torch
 
-__all__ = ["register_lora_sharding", "dtensor_check", "LAYOUTS"]
+__all__ = ["register_lora_sharding", "layouts", "LAYOUTS"]
 
 LAYOUTS = ("column-wise", "row-wise", "replicated")
 
@@ -38,7 +35,7 @@ _BWD_ARGS = ("grad_out", "x", "weight", "lora_A", "lora_B", "lora_x", "lora_hidd
              "weight_transposed", "base_dtype", "impl", "dropout_mask", "dropout_scale")
 
 
-def _layouts(last: int):
+def layouts(last: int) -> dict:
     """Per operand name, its placement in each strategy (one mesh dimension): column-wise,
     row-wise, all replicated. `last`: x's last dimension."""
     from torch.distributed.tensor import Partial, Replicate, Shard
@@ -66,7 +63,7 @@ def _forward_strategies(*args, **kwargs):
         return []  # Conv1D bases: not sharded by the plan
     last = values["x"].ndim - 1
     out = []
-    for layout in _layouts(last).values():
+    for layout in layouts(last).values():
         out.append(([layout["out"], layout["lora_hidden"]], _placements(_FWD_ARGS, values, layout)))
     return out
 
@@ -77,9 +74,9 @@ def _backward_strategies(*args, **kwargs):
         return []
     last = values["x"].ndim - 1
     out = []
-    for layout in _layouts(last).values():
+    for layout in layouts(last).values():
         # d_lora_x is an empty (0,) tensor unless the adapter read lora_x: replicated then
-        d_lora_x = layout["d_lora_x"] if values.get("lora_x") is not None else _layouts(last)["replicated"]["dx"]
+        d_lora_x = layout["d_lora_x"] if values.get("lora_x") is not None else layouts(last)["replicated"]["dx"]
         out.append(([layout["dx"], d_lora_x, layout["dA"], layout["dB"]], _placements(_BWD_ARGS, values, layout)))
     return out
 
@@ -93,70 +90,3 @@ def register_lora_sharding() -> None:
 
     register_sharding(torch.ops.unsloth.lora_linear.default)(_forward_strategies)
     register_sharding(torch.ops.unsloth.lora_linear_backward.default)(_backward_strategies)
-
-
-# ----------------------------------------------------------------------------- the pass's check
-
-
-def site_operands(base, adapters) -> dict:
-    """The example values of a LoRA site's operands, by the op's argument names (the pass's
-    BaseLinear and Adapters; the first adapter stands for the others, checked alike)."""
-    from .passes import fx_match as fm
-
-    out = {"x": base.x, "weight": base.weight, "bias": base.bias}
-    for i, a in enumerate(adapters):
-        tag = "" if i == 0 else f"#{i}"
-        out.update({f"lora_A{tag}": a.A, f"lora_B{tag}": a.B, f"lora_B_bias{tag}": a.B_bias,
-                    f"lora_x{tag}": a.lora_x, f"scale_tensor{tag}": a.scale_tensor})
-    return {k: fm.example_value(v) if v is not None else None for k, v in out.items()}
-
-
-# Row-wise, a replicated bias (RowwiseParallel's) becomes partial sums without communication
-# (each rank holds bias / n): accepted where the layout says Partial.
-_REPLICATE_OK = ("bias", "lora_B_bias", "residual")
-
-
-def dtensor_check(base, adapters, cfg=None) -> tuple[Optional[str], Optional[str]]:
-    """For the LoRA pass: (layout, reason). Plain operands: (None, None). DTensor operands laid
-    out as one of the op's strategies on every mesh dimension: (the layouts, e.g. "column-wise",
-    one per mesh dimension joined by " x "; the strategies are then registered), None).
-    Otherwise (None, why the site is refused)."""
-    if "torch.distributed.tensor" not in sys.modules:  # never imported: no DTensor can exist
-        return None, None
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-
-    tensors = {k: v for k, v in site_operands(base, adapters).items() if isinstance(v, torch.Tensor)}
-    dtensors = {k: v for k, v in tensors.items() if isinstance(v, DTensor)}
-    if not dtensors:
-        return None, None
-    if base.weight_scale is not None or base.sparse24 is not None or (
-            cfg is not None and getattr(cfg.precision, "value", "default") != "default"):
-        return None, "fp8 and 2:4 bases are not fused on DTensor operands (no sharding strategy for their ops)"
-    if base.weight_transposed:
-        return None, "a Conv1D (transposed-weight) base on DTensor operands is not fused"
-    if len(dtensors) != len(tensors):
-        plain = sorted(set(tensors) - set(dtensors))
-        return None, f"DTensor operands mixed with plain tensors ({', '.join(plain)})"
-    if len({v.device_mesh for v in dtensors.values()}) != 1:
-        return None, "DTensor operands on different device meshes"
-    x = dtensors["x"]
-    layouts = _layouts(x.ndim - 1)
-
-    def fits(layout: dict, name: str, placement) -> bool:
-        want = layout[name.split("#")[0]]
-        return placement == want or (name.split("#")[0] in _REPLICATE_OK and isinstance(want, Partial)
-                                     and isinstance(placement, Replicate))
-
-    found = []
-    for dim in range(x.device_mesh.ndim):
-        seen = {k: v.placements[dim] for k, v in dtensors.items()}
-        match = next((name for name, layout in layouts.items() if all(fits(layout, k, p) for k, p in seen.items())),
-                     None)
-        if match is None:
-            shown = ", ".join(f"{k}={p}" for k, p in seen.items())
-            return None, (f"DTensor placements on mesh dimension {dim} ({shown}) match none of the fused op's "
-                          f"layouts (column-wise, row-wise, replicated): shard LoRA layers with "
-                          f"unsloth_compile.parallel.lora_tp_plan")
-        found.append(match)
-    register_lora_sharding()
-    return " x ".join(found), None
