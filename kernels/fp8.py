@@ -296,7 +296,7 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
     torch._scaled_mm and one rank-r cuBLAS addmm into its output in place (the M x N output read
     and written once more) where the fused kernel cannot run (`_fp8_gemm`)."""
     from .fp8_gemm import PREFETCH_MAX_RANK
-    from .lora_linear_triton import _operand
+    from .launch_args import row_contiguous
     from .lowrank_thin import rows_times_thin
 
     x2d = rows(x)
@@ -335,7 +335,7 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
         # the kernel loads both tiles before its main loop, where the strided loads cost nothing
         # measurable against a contiguous copy (docs/bench/design-choices.md#fp8-gemms); past that, loaded after it,
         # B^T is copied contiguous first.
-        v = lora_B.t() if lora_B.shape[1] <= PREFETCH_MAX_RANK else _operand(lora_B.t(), x.dtype)
+        v = lora_B.t() if lora_B.shape[1] <= PREFETCH_MAX_RANK else row_contiguous(lora_B.t(), x.dtype)
         return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, lora_hidden, v, out, scale, scale_tensor,
                              bias=bias, v_bias=lora_B_bias, residual=rows(residual) if fuse_residual else None)
 
@@ -353,13 +353,13 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
     gradients, read from dY in x's dtype); the adapter's share s G A added to dX in the fp8
     GEMM's epilogue or by one rank-r cuBLAS addmm after torch._scaled_mm (`_fp8_gemm`'s choice),
     or, with lora_x, computed apart as d_lora_x."""
-    from .lora_linear_triton import _adapter_grads
+    from .lora_linear_triton import adapter_grads
 
     grad2d = rows(grad_out)
     if grad2d.dtype != x.dtype:
         grad2d = grad2d.to(x.dtype)
     adapter_in = rows(x if lora_x is None else lora_x)
-    g, dA, dB = _adapter_grads(grad2d, adapter_in, lora_A, lora_B, lora_hidden, scale, scale_tensor)
+    g, dA, dB = adapter_grads(grad2d, adapter_in, lora_A, lora_B, lora_hidden, scale, scale_tensor)
     g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=fold_scales(w_dequant))
     w_t = transposed_codes(w_codes)  # (K, N): W_q K-contiguous for dY W, a transient copy
     s = effective_scale(scale, scale_tensor)

@@ -31,8 +31,9 @@ import triton.language as tl
 from . import knobs
 from .launch_args import capability, interpreting, load_scale, processors, scale_operand
 # the bf16 kernel's tile order, epilogue, small-problem pruning and descriptor import, shared
-from .lora_gemm import (_TL_DTYPES, TensorDescriptor, _lowrank_epilogue, _lowrank_tiles, _prune_configs, _store_tile,
-                        _tile_coords, _tile_value)
+from .lora_epilogue import (TL_DTYPES, lowrank_epilogue, lowrank_tiles, prune_configs, store_tile, tile_coords,
+                            tile_value)
+from .lora_gemm import TensorDescriptor
 from ..errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
@@ -54,10 +55,10 @@ def _fp8_tile(
     rows' and columns' dequantisation scales, then the low-rank term and the store.
 
     The dequantisation scales are loaded before the main loop, and with PREFETCH (R <= BLOCK_R)
-    so are the (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles (`_lowrank_tiles`, as the epilogue
+    so are the (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles (`lowrank_tiles`, as the epilogue
     loads them), so that their latency hides behind the loop instead of following it on every
-    tile; the same arithmetic as `_lowrank_epilogue`, in its order."""
-    pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tile; the same arithmetic as `lowrank_epilogue`, in its order."""
+    pid_m, pid_n = tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows/columns past the edge wrap around (as in the epilogue): their loads stay in bounds
@@ -69,8 +70,8 @@ def _fp8_tile(
     if PREFETCH:
         s = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
         offs_r = tl.arange(0, BLOCK_R)
-        u, v = _lowrank_tiles(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                              v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn, offs_r, R, s)
+        u, v = lowrank_tiles(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                             v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn, offs_r, R, s)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k])
@@ -85,13 +86,13 @@ def _fp8_tile(
             # while a persistent program's next tile loads; a program that exits after the store
             # waits for it (one tile per program: slower with it, docs/bench/design-choices.md#fp8-gemms)
             out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N],
-                           _tile_value(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, M, N, stride_rm,
-                                       stride_rn, COMPUTE_DTYPE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL))
+                           tile_value(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, M, N, stride_rm,
+                                      stride_rn, COMPUTE_DTYPE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL))
         else:
-            _store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
-                        stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
+            store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
+                       stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
     else:
-        _lowrank_epilogue(
+        lowrank_epilogue(
             acc, pid_m, pid_n,
             u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
             scale_ptr=scale_ptr, M=M, N=N, R=R,
@@ -170,7 +171,7 @@ def _tuned(autotune: bool):
         configs=configs,
         key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL", "PREFETCH",
              "TMA_STORE"],
-        prune_configs_by={"early_config_prune": _prune_configs},
+        prune_configs_by={"early_config_prune": prune_configs},
         do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25),
     )(_fp8_lora_gemm_kernel)
 
@@ -242,7 +243,7 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         stride_om=out.stride(0), stride_on=out.stride(1), scale=float(scale),
         HAS_B_SCALE=b_dequant is not None, HAS_BIAS=bias is not None, HAS_V_BIAS=v_bias is not None,
         HAS_RESIDUAL=residual is not None,
-        HAS_SCALE_TENSOR=scale_tensor is not None, COMPUTE_DTYPE=_TL_DTYPES[out.dtype],
+        HAS_SCALE_TENSOR=scale_tensor is not None, COMPUTE_DTYPE=TL_DTYPES[out.dtype],
         BLOCK_R=block_r,
         PREFETCH=R <= block_r if prefetch is None else prefetch,
     )

@@ -34,7 +34,7 @@ from triton.testing import do_bench
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from unsloth_compile.bench.kernel import DEFAULT_LAYERS, LAYERS, TOKENS  # the benchmark's shapes
-from unsloth_compile.kernels.lora_gemm import _tile_coords  # the grouped tile order the package's GEMMs use
+from unsloth_compile.kernels.lora_epilogue import tile_coords  # the grouped tile order the package's GEMMs use
 
 E4M3 = torch.float8_e4m3fn
 RANK = 16
@@ -45,7 +45,7 @@ def _fp8_tile(tile_id, a_desc, b_desc, a_scale_ptr, b_scale_ptr, u_ptr, v_ptr, c
               HAS_LORA: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, PROMOTE: tl.constexpr, B_MN: tl.constexpr,
               A_BLOCKS: tl.constexpr):
-    pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
