@@ -25,11 +25,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
-from .dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
-from .dense_linear import lora_base_layers  # noqa: F401  part of this module's API
-from .kernels import fp8 as fp8_kernels
-from .errors import UnslothCompileError
+from .. import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
+from ..dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
+from ..kernels import fp8 as fp8_kernels
+from ..errors import UnslothCompileError
 
 
 def unsupported(module: nn.Module) -> Optional[str]:
