@@ -41,7 +41,7 @@ except ImportError:  # a bare checkout: the repository root (passes/ and kernels
 import unsloth_compile  # noqa: E402,F401  registers the ops
 from unsloth_compile.bench.kernel import DEFAULT_LAYERS, LAYERS, _bench, _bench_graph  # noqa: E402
 from unsloth_compile.kernels import knobs, sparse24  # noqa: E402
-from unsloth_compile.sparse24_mask import transposable_mask  # noqa: E402
+from unsloth_compile.sparsity.mask import transposable_mask  # noqa: E402
 
 SCALE = 2.0
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .errors import UnslothCompileError
+from ..errors import UnslothCompileError
 
 # Tiles scored per matmul: bounds the (tiles, 90) fp32 score buffer to ~24 MiB per chunk.
 _TILES_PER_CHUNK = 1 << 16

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .errors import UnslothCompileError
+from ..errors import UnslothCompileError
 
 # lam / mean(diag(H)): SparseGPT's default percdamp.
 DAMPING = 0.01

@@ -27,7 +27,7 @@ from typing import Callable, Container, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from .errors import UnslothCompileError
+from ..errors import UnslothCompileError
 
 TARGETS = ("model", "layer")
 

@@ -11,20 +11,20 @@ separate from the runtime rewrite (passes/sparse24_linear.py).
     unsloth_compile.sparsity.revert(model)   # back to nn.Linear / Conv1D with the pruned weight
 
 `prune` draws a transposable 2:4 mask for the frozen base of every LoRA layer (4 x 4 tiles, 2
-kept per row and per column: sparse24_mask.py), so that both X W^T and backward's dY W run on
+kept per row and per column: mask.py), so that both X W^T and backward's dY W run on
 the sparse tensor cores, zeroes the rest of the weight in place and (convert=True) swaps the
 base for a `Sparse24Linear`. Scores: "magnitude" |W|; "wanda" |W| * ||X_j||_2, the norm of
 each input feature over calibration batches run through the model (forward hooks on the
 bases). The report gives each layer's kept-weight energy (sum of kept w^2 / sum of w^2).
 reconstruct=True then refits the kept weights of each layer by least squares so that it
-reproduces the dense layer's outputs on the calibration inputs (sparse24_reconstruct.py; the
+reproduces the dense layer's outputs on the calibration inputs (reconstruct.py; the
 same pass also sums each base's H = X^T X, K x K float64 per layer, from the dense model's
 activations); the mask is unchanged and the report adds each layer's relative output error on
 the calibration inputs, masked against reconstructed. "sparsegpt" chooses the mask by OBS
 saliency w^2 / [H^-1]_jj column group by column group, updating the free weights as it goes
-(sparse24_obs.py); reconstruct=True then refits its mask exactly. sequential=True prunes the
+(obs.py); reconstruct=True then refits its mask exactly. sequential=True prunes the
 layers in forward order, each measured on the inputs of the model pruned so far and fitted to
-the dense model's outputs of that layer (sparse24_sequential.py). ignore_padding=True leaves
+the dense model's outputs of that layer (sequential.py). ignore_padding=True leaves
 the tokens the batches' attention_mask marks 0 out of every statistic.
 
 `Sparse24Linear` keeps the dense masked weight (a frozen parameter: the CPU path, the
@@ -48,17 +48,17 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops  # noqa: F401  registers torch.ops.unsloth.sparse24_linear
-from .dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
-from .dense_linear import lora_base_layers  # noqa: F401  part of this module's API
-from .kernels import sparse24
-from .sparse24_mask import kept_energy, sparsity_problem, transposable_mask
-from .sparse24_obs import obs_prune
-from .sparse24_reconstruct import dense_refit, relative_error_to
-from .sparse24_reconstruct import reconstruct as reconstruct_kept
-from .sparse24_sequential import (TARGETS, LayerStats, eval_no_grad, forward_groups, group_stats, padding_mask,
+from .. import ops  # noqa: F401  registers torch.ops.unsloth.sparse24_linear
+from ..dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
+from ..kernels import sparse24
+from .mask import kept_energy, sparsity_problem, transposable_mask
+from .obs import obs_prune
+from .reconstruct import dense_refit, relative_error_to
+from .reconstruct import reconstruct as reconstruct_kept
+from .sequential import (TARGETS, LayerStats, eval_no_grad, forward_groups, group_stats, padding_mask,
                                   require_reached, run_batch, stats_bytes, token_rows)
-from .errors import UnslothCompileError
+from ..errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile.sparsity")
 
@@ -207,8 +207,8 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iter
         if need > GRAM_BUDGET_BYTES:
             raise UnslothCompileError("unsloth_compile.sparsity: reconstruct=True keeps a float64 K x K Gram matrix "
                                       f"per layer, {need / 2**30:.1f} GiB for these {len(modules)} layers (limit "
-                                      f"{GRAM_BUDGET_BYTES / 2**30:.0f} GiB, sparsity.GRAM_BUDGET_BYTES): prune in "
-                                      "several calls, each with a select= that picks fewer layers")
+                                      f"{GRAM_BUDGET_BYTES / 2**30:.0f} GiB, sparsity.pruning.GRAM_BUDGET_BYTES): "
+                                      "prune in several calls, each with a select= that picks fewer layers")
     sums: dict[str, Tensor] = {}
     gram_sums: dict[str, Tensor] = {}
     tokens: Optional[Tensor] = None  # the running batch's attention mask (ignore_padding)
@@ -243,10 +243,10 @@ def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Ite
           ignore_padding: bool = False) -> SparsityReport:
     """Prune the frozen base of every LoRA layer (or what `select(path, module)` picks) to a
     transposable 2:4 mask, in place, and (convert) swap each for a Sparse24Linear.
-    method: "magnitude", "wanda", or "sparsegpt" (OBS saliency and updates, sparse24_obs.py).
+    method: "magnitude", "wanda", or "sparsegpt" (OBS saliency and updates, obs.py).
     reconstruct: refit the kept weights by least squares on the calibration inputs (same mask).
     sequential: prune layer by layer in forward order, each calibrated on the inputs the pruned
-    layers before it give (sparse24_sequential.py); target: what each layer is fitted to,
+    layers before it give (sequential.py); target: what each layer is fitted to,
     "model" (the dense model's output of that layer, the default) or "layer" (the dense layer
     on the pruned inputs). ignore_padding: calibration statistics only over the tokens each
     batch's attention_mask keeps (batches are dicts with one). Deterministic: the same weights (and calibration) give the same
@@ -323,7 +323,7 @@ def _prune_sequentially(model: nn.Module, modules: dict[str, nn.Module], calibra
     if need > GRAM_BUDGET_BYTES:
         raise UnslothCompileError("unsloth_compile.sparsity: sequential pruning holds one group's float64 statistics "
                                   f"at once, {need / 2**30:.1f} GiB for the largest (limit "
-                                  f"{GRAM_BUDGET_BYTES / 2**30:.0f} GiB, sparsity.GRAM_BUDGET_BYTES): use "
+                                  f"{GRAM_BUDGET_BYTES / 2**30:.0f} GiB, sparsity.pruning.GRAM_BUDGET_BYTES): use "
                                   "target='layer' (no K x N cross term), or prune the layers of a group in separate "
                                   "calls with select=")
     dense: dict[str, Tensor] = {}
