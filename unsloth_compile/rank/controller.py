@@ -27,7 +27,7 @@ The recompile limit (`recompile_limit`, `cache_size_limit` before torch 2.6/2.7;
 tried) is raised to what the controller can produce; a setting too low to hold every rank's
 graph is reported with `warnings.warn`, because Dynamo would silently run the model eagerly.
 
-Supported LoRA layers (anything else raises ValueError):
+Supported LoRA layers (anything else raises UnslothCompileError, a ValueError):
 - PEFT `LoraLayer`s with `nn.Linear` adapters (Linear, Conv1D bases), no variant (DoRA, ...):
   `lora_A[a].weight`, `lora_B[a].weight`, `in/out_features`, `r[a]` and `scaling[a]` are updated.
 - hand-written modules that follow this protocol (computing `base(x) + B(A(drop(x))) * scale`):
@@ -58,7 +58,7 @@ parameters and any LR scheduler (which edits the group dicts) keep working.
 
 Bounds: any resize takes a rank in [1, min(in, out)]; the policies stop at `rank_limit`, a fifth
 of the smaller side. Saving: after every resize of PEFT layers, `set_rank` and the controller
-write the ranks into PEFT's LoraConfig (rank_peft.py), so that `save_pretrained` +
+write the ranks into PEFT's LoraConfig (peft_config.py), so that `save_pretrained` +
 `PeftModel.from_pretrained` rebuild the same model.
 
 This file is longer than the usual ~500 lines because the issue asks for one module holding the
@@ -78,13 +78,13 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .rank_peft import sync_after_resize, sync_peft_config
-from .errors import UnslothCompileError
+from .peft_config import sync_after_resize, sync_peft_config
+from ..errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile")
 
-__all__ = ["LoraAdapter", "RankController", "RankCallback", "set_rank", "find_lora_adapters",
-           "allocate_ranks", "rank_limit", "sync_peft_config"]
+__all__ = ["LoraAdapter", "RankController", "set_rank", "find_lora_adapters", "allocate_ranks", "rank_limit",
+           "sync_peft_config"]
 
 ModuleSpec = Union[str, nn.Module]
 
@@ -735,56 +735,3 @@ class RankController:
         self.record_loss(loss)
         self.observe_gradients()
         return self.advance()
-
-
-# ----------------------------------------------------------------------------- Trainer callback
-
-
-def _make_rank_callback() -> type:
-    from transformers import TrainerCallback
-
-    class RankCallback(TrainerCallback):
-        """Drives a RankController inside `transformers.Trainer`.
-
-        RankCallback(controller) or RankCallback(policy=..., **RankController kwargs), in which
-        case the controller is built at train start on the Trainer's model, optimizer and LR
-        scheduler. The loss it sees is the one Trainer logs (`logging_steps`; the mean over the
-        steps since the last log), recorded in on_log; gradients are scored in on_optimizer_step
-        (before zero_grad); the step count advances (and ranks change) in on_step_begin, i.e.
-        between two optimizer steps and after the previous step's log.
-        """
-
-        def __init__(self, controller: Optional[RankController] = None, **controller_kwargs: Any):
-            self.controller, self.controller_kwargs = controller, controller_kwargs
-            self._advanced_to = 0
-
-        def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-            if self.controller is None:
-                self.controller = RankController(model, optimizer, scheduler=lr_scheduler, **self.controller_kwargs)
-            else:
-                self.controller.attach(optimizer, lr_scheduler)
-            self._advanced_to = state.global_step
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            self.controller.observe_gradients()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.controller.record_loss(logs["loss"])
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            while self._advanced_to < state.global_step:
-                self._advanced_to += 1
-                self.controller.advance()
-
-    return RankCallback
-
-
-def __getattr__(name: str) -> Any:
-    # RankCallback subclasses transformers.TrainerCallback: built on first use so that importing
-    # this module does not import transformers
-    if name == "RankCallback":
-        cls = _make_rank_callback()
-        globals()["RankCallback"] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
