@@ -1,7 +1,7 @@
 """The LoRA pass's check of DTensor operands.
 
 Under tensor parallelism Dynamo hands the backend a graph over DTensors. The fused op runs on
-them through the sharding strategies registered in unsloth_compile/dtensor_sharding.py; a site
+them through the sharding strategies registered in unsloth_compile/distributed/dtensor_sharding.py; a site
 whose DTensor operands are not already laid out as one of those strategies is refused with the
 placements in the reason (DTensor would redistribute them to fit, gathering sharded weights).
 """
@@ -13,7 +13,6 @@ from typing import Optional
 
 import torch
 
-from ..dtensor_sharding import layouts, register_lora_sharding
 from . import fx_match as fm
 
 
@@ -41,6 +40,8 @@ def dtensor_check(base, adapters, cfg=None) -> tuple[Optional[str], Optional[str
     if "torch.distributed.tensor" not in sys.modules:  # never imported: no DTensor can exist
         return None, None
     from torch.distributed.tensor import DTensor, Partial, Replicate
+
+    from ..distributed.dtensor_sharding import layouts, register_lora_sharding  # only where DTensors exist
 
     tensors = {k: v for k, v in site_operands(base, adapters).items() if isinstance(v, torch.Tensor)}
     dtensors = {k: v for k, v in tensors.items() if isinstance(v, DTensor)}
@@ -73,7 +74,7 @@ def dtensor_check(base, adapters, cfg=None) -> tuple[Optional[str], Optional[str
             shown = ", ".join(f"{k}={p}" for k, p in seen.items())
             return None, (f"DTensor placements on mesh dimension {dim} ({shown}) match none of the fused op's "
                           f"layouts (column-wise, row-wise, replicated): shard LoRA layers with "
-                          f"unsloth_compile.parallel.lora_tp_plan")
+                          f"unsloth_compile.distributed.tensor_parallel.lora_tp_plan")
         found.append(match)
     register_lora_sharding()
     return " x ".join(found), None

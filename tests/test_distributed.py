@@ -1,4 +1,4 @@
-"""Multi-process training with the backend (unsloth_compile/distributed.py), on CPU with gloo.
+"""Multi-process training with the backend (unsloth_compile/distributed/), on CPU with gloo.
 
 One launch of WORLD processes (tests/distributed_cases.py) trains a tiny PEFT Llama under DDP
 over the compiled model, FSDP2 with the frozen base sharded and replicated, FSDP2 with a bf16

@@ -28,7 +28,9 @@ def _rank_model() -> nn.Module:
 
 
 def _bad_inputs():
-    from unsloth_compile import distributed, parallel, pipeline, rank, sparsity
+    from unsloth_compile import distributed, rank, sparsity
+    from unsloth_compile.distributed import pipeline
+    from unsloth_compile.distributed import tensor_parallel as parallel
     from unsloth_compile.kernels import fp8 as fp8_kernels
     from unsloth_compile.kernels import knobs
 

@@ -200,8 +200,8 @@ class LoraAdapter:
             raise UnslothCompileError(f"unsloth_compile.rank: {self.name}: the adapter is split by tensor parallelism "
                                       f"({layout}: A and B are DTensor shards laid out with the base weight); resizing "
                                       "them is not supported: choose the rank before "
-                                      "unsloth_compile.parallel.tensor_parallel, or change ranks under DDP "
-                                      "(unsloth_compile.distributed)")
+                                      "unsloth_compile.distributed.tensor_parallel.tensor_parallel, or change ranks "
+                                      "under DDP (unsloth_compile.distributed)")
         if not sharded_ok and (_is_sharded(A) or _is_sharded(B)):
             raise UnslothCompileError(f"unsloth_compile.rank: {self.name}: the adapter is sharded by FSDP2 (DTensor "
                                       "parameters), and fully_shard's parameter groups cannot take new shapes in "

@@ -1,6 +1,6 @@
 """DTensor sharding of the fused LoRA op.
 
-Under tensor parallelism (unsloth_compile/parallel.py) Dynamo hands the backend a graph over
+Under tensor parallelism (tensor_parallel.py) Dynamo hands the backend a graph over
 DTensors: the LoRA pass matches it as on one GPU and emits `unsloth::lora_linear` on DTensor
 operands. AOTAutograd then traces through DTensor, which runs each op on the local shards by
 the op's sharding strategy: those of `unsloth::lora_linear` and `unsloth::lora_linear_backward`
@@ -86,7 +86,7 @@ def register_lora_sharding() -> None:
     """Teach DTensor to run `unsloth::lora_linear` and its backward on local shards (idempotent)."""
     from torch.distributed.tensor.experimental import register_sharding
 
-    from . import ops  # noqa: F401  the ops exist
+    from .. import ops  # noqa: F401  the ops exist
 
     register_sharding(torch.ops.unsloth.lora_linear.default)(_forward_strategies)
     register_sharding(torch.ops.unsloth.lora_linear_backward.default)(_backward_strategies)

@@ -70,9 +70,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .ddp_split import warn_if_ddp_split  # noqa: F401  part of this module's API
-from .rank import RankController
-from .errors import UnslothCompileError
+from ..ddp_split import warn_if_ddp_split  # noqa: F401  part of this module's API
+from ..rank import RankController
+from ..errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile")
 
@@ -118,9 +118,10 @@ class LoraDDP(DistributedDataParallel):
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if self._unsloth_replaced:
-            raise UnslothCompileError("unsloth_compile.distributed: this DDP wrapper was replaced after a LoRA rank "
-                                      "change (its reducer holds the old parameters); use the new one (rebuild_ddp's "
-                                      "result, or DistributedRankController.ddp)")
+            # a stale object, not a bad input: RuntimeError, as for any use of an object past its life
+            raise RuntimeError("unsloth_compile.distributed: this DDP wrapper was replaced after a LoRA rank change "
+                               "(its reducer holds the old parameters); use the new one (rebuild_ddp's result, or "
+                               "DistributedRankController.ddp)")
         if self._unsloth_split_graphs:
             return super().forward(*inputs, **kwargs)
         # read when Dynamo converts a frame, i.e. at each (re)compilation inside this call
@@ -171,7 +172,7 @@ def compile_ddp(model: nn.Module, options: Optional[Mapping[str, Any]] = None, *
     there (see the module docstring).
     `gradient_compression`: "none", or "bf16"/"fp16" to all-reduce the gradients in half
     precision (see the module docstring). Call on every rank with the model already on its device."""
-    from .integration import compile as compile_in_place
+    from ..integration import compile as compile_in_place
 
     _check_gradient_compression(gradient_compression)  # refused before the model is compiled in place
     _require_process_group("compile_ddp")
@@ -234,9 +235,9 @@ def compile_blocks(blocks: Sequence[nn.Module], options: Optional[Mapping[str, A
     own default (on for static shapes), which pays where only small adapters move.
     `head_of`: the model the blocks belong to; what its forward runs after the blocks (the LM
     head and the loss of a transformers model) is compiled too (`_compile_after_blocks`)."""
-    from .backend import unsloth
-    from .config import Config
-    from .summary import SummaryLedger
+    from ..backend import unsloth
+    from ..config import Config
+    from ..summary import SummaryLedger
 
     options = _block_cudagraphs(options, cudagraphs)
     Config.from_options(options, mode)  # a bad option fails now, not at the first forward
@@ -542,7 +543,7 @@ class ShardedRankController(_AgreedRankController):
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict, set_optimizer_state_dict)
 
-        from .rank import LoraAdapter
+        from ..rank import LoraAdapter
 
         full = StateDictOptions(full_state_dict=True)
         names = {id(m): n for n, m in self.model.named_modules()}
