@@ -141,7 +141,7 @@ def _sparse_rows_times(dense2d: Tensor, sparse: list[Tensor], layout: str, r: in
 
 
 # cuSPARSELt's algorithm per problem (device, dtype, sparse shape, dense shape): its default,
-# algorithm 0, ran the 2:4 GEMMs no faster than dense cuBLAS (docs/bench/design-choices.md#24-sparsity), so each
+# algorithm 0, ran the 2:4 GEMMs in about the dense cuBLAS time (docs/bench/design-choices.md#24-sparsity), so each
 # problem's first call asks torch._cslt_sparse_mm_search,
 # which times cuSPARSELt's algorithms once, and later calls reuse the answer.
 _CSLT_ALGORITHMS: dict[tuple, int] = {}
