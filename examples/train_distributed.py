@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 2 examples/train_distributed.py --mode fsdp --grow-at 5:32
     torchrun --nproc_per_node 2 examples/train_distributed.py --device cpu --preset tiny --steps 3   # gloo, CPU
 
-One process per GPU (any number, 1 included). What each mode does (unsloth_compile/distributed.py):
+One process per GPU (any number, 1 included). What each mode does (unsloth_compile/distributed/):
 - ddp: the whole model on every GPU, compiled in place; the LoRA gradients are all-reduced.
 - fsdp --frozen replicate: fully_shard on each decoder layer and the root, each layer compiled;
   the frozen base stays whole on every GPU, the adapters, their gradients and AdamW state are

@@ -12,15 +12,15 @@ the unsloth backend compiling each rank's part; started by torchrun. The mesh sh
 dp x tp x pp must equal the number of processes (TP and PP together are not supported). A
 DeviceMesh of shape (dp, tp) or (dp, pp) is built; each DP replica reads its own `--batch` rows
 per step, and the replicas' LoRA gradients are averaged after backward
-(unsloth_compile.parallel.all_reduce_gradients).
-- TP (unsloth_compile.parallel.tensor_parallel): q/k/v/gate/up column-wise, o/down row-wise, the
-  adapters sharded with their base; the model compiled in place, every LoRA linear fused on the
+(unsloth_compile.distributed.tensor_parallel.all_reduce_gradients).
+- TP (unsloth_compile.distributed.tensor_parallel.tensor_parallel): q/k/v/gate/up column-wise,
+  o/down row-wise, the adapters sharded with their base; the model compiled in place, every LoRA linear fused on the
   local shards. `--sp` adds sequence parallelism (norms and the activations between the blocks
   sharded on the sequence; the embedding sharded on the vocabulary), `--vocab-parallel` a
   vocab-parallel LM head (logits sharded on the vocabulary, the loss under loss_parallel()),
   `--regather` (with `--sp`) keeps only the sequence shard of each block's input for backward and
   all-gathers it again there.
-- PP (unsloth_compile.pipeline): the decoder layers split into `pp` stages, each compiled;
+- PP (unsloth_compile.distributed.pipeline): the decoder layers split into `pp` stages, each compiled;
   GPipe or 1F1B over `--microbatches` microbatches of the replica's rows. Each rank compiles its
   stage's forward and backward before the first step (all at once; `--no-stage-warmup`: inside
   the first step, one stage after the other) and prints how long that took.
@@ -114,8 +114,8 @@ def train(args, device: torch.device) -> int:
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from unsloth_compile.parallel import all_reduce_gradients, tensor_parallel
-    from unsloth_compile.pipeline import pipeline_schedule, pipeline_stage
+    from unsloth_compile.distributed.tensor_parallel import all_reduce_gradients, tensor_parallel
+    from unsloth_compile.distributed.pipeline import pipeline_schedule, pipeline_stage
 
     preset = DIST_PRESETS[args.preset]
     rows, seq = args.batch or preset.batch, args.seq or preset.seq

@@ -52,9 +52,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import UnslothCompileError
+
 ROWWISE_FORMATS = {"fp8": torch.float8_e4m3fn, "int8": torch.int8}
 # Largest magnitude each code represents: e4m3fn's finite max, int8's symmetric range.
-_CODE_MAX = {"fp8": torch.finfo(torch.float8_e4m3fn).max, "int8": 127.0}
+CODE_MAX = {"fp8": torch.finfo(torch.float8_e4m3fn).max, "int8": 127.0}
 
 
 def rows(t: Tensor) -> Tensor:
@@ -66,8 +68,9 @@ def rowwise_compress(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
     """(q, scale): x ~= q * scale row by row; q contiguous in the format's dtype, scale fp32
     of shape (..., 1). A row of zeros gets scale 1 (its codes are 0)."""
     if fmt not in ROWWISE_FORMATS:
-        raise ValueError(f"rowwise_compress: format {fmt!r} is not one of {sorted(ROWWISE_FORMATS)}")
-    code_max = _CODE_MAX[fmt]
+        raise UnslothCompileError(f"unsloth_compile.kernels.compress: rowwise_compress format {fmt!r} is not one of "
+                                  f"{sorted(ROWWISE_FORMATS)}")
+    code_max = CODE_MAX[fmt]
     xf = x.float()
     amax = xf.abs().amax(dim=-1, keepdim=True)
     scale = torch.where(amax > 0, amax / code_max, torch.ones_like(amax))

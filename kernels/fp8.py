@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from .reference import adapter_backward, effective_scale, rows
+from ..errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -138,7 +139,7 @@ def scaled_mm_problem(device: torch.device) -> Optional[str]:
 def require_scaled_mm(device: torch.device) -> None:
     problem = scaled_mm_problem(device)
     if problem is not None:
-        raise RuntimeError(f"unsloth_compile: {problem}")
+        raise UnslothCompileError(f"unsloth_compile: {problem}")
 
 
 # ----------------------------------------------------------------------------- the two GEMMs
@@ -151,7 +152,7 @@ def _scaled_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant:
         return ((a_codes.float() @ b_codes.float()) * a_dequant * b_dequant).to(GEMM_OUT_DTYPE)
     problem = gemm_shape_problem(b_codes.shape[1], a_codes.shape[1])
     if problem is not None:
-        raise ValueError(f"unsloth_compile: {problem}")
+        raise UnslothCompileError(f"unsloth_compile: {problem}")
     if a_codes.shape[0] == 0:
         return a_codes.new_empty((0, b_codes.shape[1]), dtype=GEMM_OUT_DTYPE)
     return torch._scaled_mm(a_codes, b_codes, scale_a=a_dequant, scale_b=b_dequant, out_dtype=GEMM_OUT_DTYPE)
@@ -178,10 +179,9 @@ def base_grad_input(grad2d: Tensor, w_codes: Tensor, w_dequant: Tensor, emulate:
 
 
 # Rows of dY this wide or wider read W's scales for the fold in bf16 (exact: powers of two of
-# fp32's exponent range, 2^-48 and up): at 14336 each row read 57 KB of fp32 scales from L2 and
-# the fold cost 120 against 102 us, at 8192 57 against 50 (one row per program; H200,
-# scripts/sweep_fp8_quantize.py); narrower, two rows per program share the fp32 scales and the
-# cast's extra launch would cost about what it saves.
+# fp32's exponent range, 2^-48 and up): from this width each row's fp32 scales, read from L2,
+# cost more than the cast (docs/bench/design-choices.md#fp8-quantisation-and-transpose); narrower, two rows per
+# program share the fp32 scales and the cast's extra launch would cost about what it saves.
 FOLD_IN_BF16_FROM = 8192
 
 
@@ -217,7 +217,9 @@ def stored_or_quantized(weight: Tensor, weight_scale: Optional[Tensor]) -> tuple
     weight quantised now (the pass's per-call form, for a model that was not converted)."""
     if weight_scale is not None:
         if weight.dtype != E4M3:
-            raise ValueError(f"unsloth_compile: an fp8 base weight must be {E4M3}, got {weight.dtype}")
+            raise UnslothCompileError(f"unsloth_compile: an fp8 base weight must be {E4M3}, got {weight.dtype}; with "
+                                      "weight_scale pass the e4m3 codes from quantize_weight, or the dense weight "
+                                      "without weight_scale")
         return weight, weight_scale
     return quantize_weight(weight)
 
@@ -294,7 +296,7 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
     torch._scaled_mm and one rank-r cuBLAS addmm into its output in place (the M x N output read
     and written once more) where the fused kernel cannot run (`_fp8_gemm`)."""
     from .fp8_gemm import PREFETCH_MAX_RANK
-    from .lora_linear_triton import _operand
+    from .launch_args import row_contiguous
     from .lowrank_thin import rows_times_thin
 
     x2d = rows(x)
@@ -307,7 +309,7 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
     x_codes, x_dequant = quantize_rowwise(x2d)
 
     # The residual is added inside the op's GEMM (the fused kernel's epilogue: one pass over the
-    # output fewer, 0.74 ms per llama-1b step for its 32 o/down projections) when that is what
+    # output fewer: docs/bench/design-choices.md#fp8-gemms) when that is what
     # the op computes, `out.to(x.dtype) + residual`: out_dtype is x's and the add does not promote.
     fuse_residual = (residual is not None and out_dtype == x.dtype
                      and torch.promote_types(out_dtype, residual.dtype) == out_dtype)
@@ -331,9 +333,9 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
         out = torch.empty((x2d.shape[0], w_codes.shape[0]), device=x.device, dtype=x.dtype)
         # H, and B^T as the (r, N) view of B (stride r along N), are read as they are: at r <= 64
         # the kernel loads both tiles before its main loop, where the strided loads cost nothing
-        # measurable (scripts/probe_fp8_epilogue.py, H200: from 8% faster to 2% slower than with a
-        # contiguous bf16 copy of B^T); past that, loaded after it, B^T is copied contiguous first.
-        v = lora_B.t() if lora_B.shape[1] <= PREFETCH_MAX_RANK else _operand(lora_B.t(), x.dtype)
+        # measurable against a contiguous copy (docs/bench/design-choices.md#fp8-gemms); past that, loaded after it,
+        # B^T is copied contiguous first.
+        v = lora_B.t() if lora_B.shape[1] <= PREFETCH_MAX_RANK else row_contiguous(lora_B.t(), x.dtype)
         return fp8_lora_gemm(x_codes, x_dequant, w_codes, w_dequant, lora_hidden, v, out, scale, scale_tensor,
                              bias=bias, v_bias=lora_B_bias, residual=rows(residual) if fuse_residual else None)
 
@@ -351,13 +353,13 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
     gradients, read from dY in x's dtype); the adapter's share s G A added to dX in the fp8
     GEMM's epilogue or by one rank-r cuBLAS addmm after torch._scaled_mm (`_fp8_gemm`'s choice),
     or, with lora_x, computed apart as d_lora_x."""
-    from .lora_linear_triton import _adapter_grads
+    from .lora_linear_triton import adapter_grads
 
     grad2d = rows(grad_out)
     if grad2d.dtype != x.dtype:
         grad2d = grad2d.to(x.dtype)
     adapter_in = rows(x if lora_x is None else lora_x)
-    g, dA, dB = _adapter_grads(grad2d, adapter_in, lora_A, lora_B, lora_hidden, scale, scale_tensor)
+    g, dA, dB = adapter_grads(grad2d, adapter_in, lora_A, lora_B, lora_hidden, scale, scale_tensor)
     g_codes, g_dequant = quantize_rowwise(grad2d, col_scale=fold_scales(w_dequant))
     w_t = transposed_codes(w_codes)  # (K, N): W_q K-contiguous for dY W, a transient copy
     s = effective_scale(scale, scale_tensor)
@@ -391,12 +393,9 @@ def _fp8_gemm(direction: str, a_codes: Tensor, b_codes: Tensor, with_scaled_mm, 
     """The LoRA op's fp8 GEMM plus its low-rank term: `fused` (kernels/fp8_gemm.py) wherever it
     can run, else `with_scaled_mm`; the knob main_gemm="cublas" forces the latter.
 
-    Why not timed per problem, as the bf16 path's main GEMM is: timed alone (back to back,
-    triton.testing.do_bench), the two were within 5% at the Llama-8B MLP backward and the timing
-    picked torch._scaled_mm, whose step then ran 742 + 48 us (GEMM, LoRA addmm) against the
-    fused kernel's 676 us; forced either way inside whole fwd+bwd steps the fused kernel was
-    faster at all four benchmark shapes (scripts/profile_fp8_op.py, H200, 2026-12-01: 612 vs
-    689, 1819 vs 1979, 1857 vs 1970, 685 vs 751 us per step)."""
+    Why not timed per problem, as the bf16 path's main GEMM is: timed alone, back to back, the
+    two come out close and the timing can pick torch._scaled_mm, while inside whole fwd+bwd
+    steps the fused kernel was faster at every benchmark shape (docs/bench/design-choices.md#fp8-gemms)."""
     from . import knobs
     from .fp8_gemm import unsupported
 
@@ -406,7 +405,7 @@ def _fp8_gemm(direction: str, a_codes: Tensor, b_codes: Tensor, with_scaled_mm, 
     problem = unsupported(a_codes, b_codes)
     if problem is not None:
         if main_gemm == "triton":
-            raise RuntimeError(f"unsloth_compile: main_gemm='triton' but the Triton FP8 GEMM cannot run "
-                               f"the {direction} GEMM {tuple(a_codes.shape)} x {tuple(b_codes.shape)}^T: {problem}")
+            raise UnslothCompileError("unsloth_compile: main_gemm='triton' but the Triton FP8 GEMM cannot run the "
+                                      f"{direction} GEMM {tuple(a_codes.shape)} x {tuple(b_codes.shape)}^T: {problem}")
         return with_scaled_mm()
     return fused()

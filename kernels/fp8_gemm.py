@@ -6,11 +6,9 @@ Hopper (kernels/fp8.py takes it wherever it runs, else torch._scaled_mm; `_fp8_g
       backward: A_q = G_q (M, N), G = dY diag(w_s) by rows,  B_q = W_q^T (K, N), no b_s,  U = G, V = A
 
 Why: torch._scaled_mm takes no (M, N) addend, so beside it the LoRA term costs one more pass
-over the output (its read and write: 201 us at 8192 x 14336 on the H200, a quarter of the fp8
-GEMM). This kernel adds the term to the fp32 tile before the single store. Measured on the
-H200 (scripts/probe_fp8_gemm.py, M = 8192, docs/bench/probe-fp8-gemm-2026-11-30.log): its main
-loop runs at 0.84-0.94x torch._scaled_mm's time at the four Llama-8B shapes with the
-128 x 256 x 128 tile, and with the LoRA term 0.87-0.98x _scaled_mm alone.
+over the output (its read and write, a sizeable part of the fp8 GEMM). This kernel adds the term
+to the fp32 tile before the single store; with the LoRA term it runs faster than _scaled_mm
+alone at the Llama-8B shapes (docs/bench/design-choices.md#fp8-gemms).
 
 Both operands are loaded by TMA descriptors K-contiguous (Hopper's fp8 tensor cores take only
 K-major operands), so the backward reads W_q transposed: the caller's transient (K, N) copy,
@@ -33,8 +31,10 @@ import triton.language as tl
 from . import knobs
 from .launch_args import capability, interpreting, load_scale, processors, scale_operand
 # the bf16 kernel's tile order, epilogue, small-problem pruning and descriptor import, shared
-from .lora_gemm import (_TL_DTYPES, TensorDescriptor, _lowrank_epilogue, _lowrank_tiles, _prune_configs, _store_tile,
-                        _tile_coords, _tile_value)
+from .lora_epilogue import (TL_DTYPES, lowrank_epilogue, lowrank_tiles, prune_configs, store_tile, tile_coords,
+                            tile_value)
+from .lora_gemm import TensorDescriptor
+from ..errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
 
@@ -55,10 +55,10 @@ def _fp8_tile(
     rows' and columns' dequantisation scales, then the low-rank term and the store.
 
     The dequantisation scales are loaded before the main loop, and with PREFETCH (R <= BLOCK_R)
-    so are the (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles (`_lowrank_tiles`, as the epilogue
+    so are the (BLOCK_M, r) and (r, BLOCK_N) low-rank tiles (`lowrank_tiles`, as the epilogue
     loads them), so that their latency hides behind the loop instead of following it on every
-    tile; the same arithmetic as `_lowrank_epilogue`, in its order."""
-    pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    tile; the same arithmetic as `lowrank_epilogue`, in its order."""
+    pid_m, pid_n = tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # rows/columns past the edge wrap around (as in the epilogue): their loads stay in bounds
@@ -70,8 +70,8 @@ def _fp8_tile(
     if PREFETCH:
         s = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
         offs_r = tl.arange(0, BLOCK_R)
-        u, v = _lowrank_tiles(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
-                              v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn, offs_r, R, s)
+        u, v = lowrank_tiles(u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                             v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn, offs_r, R, s)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k])
@@ -84,15 +84,15 @@ def _fp8_tile(
         acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision="tf32")
         if TMA_STORE:  # through shared memory by one bulk copy (clipped at the edges), which runs on
             # while a persistent program's next tile loads; a program that exits after the store
-            # waits for it (one tile per program: 12-17% slower with it, H200, 2026-12-01)
+            # waits for it (one tile per program: slower with it, docs/bench/design-choices.md#fp8-gemms)
             out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N],
-                           _tile_value(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, M, N, stride_rm,
-                                       stride_rn, COMPUTE_DTYPE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL))
+                           tile_value(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, M, N, stride_rm,
+                                      stride_rn, COMPUTE_DTYPE, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL))
         else:
-            _store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
-                        stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
+            store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
+                       stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
     else:
-        _lowrank_epilogue(
+        lowrank_epilogue(
             acc, pid_m, pid_n,
             u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
             scale_ptr=scale_ptr, M=M, N=N, R=R,
@@ -136,20 +136,15 @@ def _fp8_lora_gemm_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, persistent): the probe's fastest tiles at
-# the Llama-8B shapes (128 x 256 x 128 one program per tile at three of four, persistent at
-# 4096 x 4096; 256 x 128 x 128 close behind at the down projection). A four-stage 128 x 256
-# and a 128 x 128 tile (for the small sites) were tried in the autotuner and withdrawn: mixed
-# in the kernel table (8b mlp.down 0.714 against 0.661-0.688 in three runs with these three,
-# 1b mlp.up 0.793 against 0.823-0.838; H200, 2026-12-01, docs/bench/kernel-fp8-s10*.md), and
-# the autotuner times each tile alone, back to back, which is not how a step runs them.
-# Persistent with the tile and K loops flattened into one pipelined loop (tl.range(flatten=True),
-# Triton 3.6) took 4-46x the time in the forward form and 1.15-1.5x in the backward's
-# (docs/bench/probe-fp8-tiles-2026-12-01.log): not offered; nor K blocks of 256 (two stages):
-# 1.07-1.23x _scaled_mm at the eight GEMMs (docs/bench/probe-fp8-gemm-2026-12-01-s12.log).
-# The persistent tile stores through a TMA descriptor (where `fp8_lora_gemm` can): the fastest
-# configuration at 5 of the 8 GEMMs there, e.g. the 8B up projection's forward 799 us against
-# 815 us (one program per tile) and 845 us (persistent, tl.store); one program per tile with a
-# TMA store was 12-17% slower (each program waits for its store before it exits).
+# the Llama-8B shapes (128 x 256 x 128 one program per tile at most, persistent at 4096 x 4096;
+# 256 x 128 x 128 close behind at the down projection). Other tiles (a four-stage 128 x 256, a
+# 128 x 128 for the small sites) gave mixed results in the kernel table, and the autotuner times
+# each tile alone, back to back, which is not how a step runs them. Persistent with the tile and
+# K loops flattened into one pipelined loop (tl.range(flatten=True)) and K blocks of 256 were
+# slower: not offered. The persistent tile stores through a TMA descriptor (where
+# `fp8_lora_gemm` can), the fastest configuration at most of the GEMMs; one program per tile
+# with a TMA store is slower (each program waits for its store before it exits).
+# Figures: docs/bench/design-choices.md#fp8-gemms.
 _TILES = [(128, 256, 128, 3, 8, False), (128, 256, 128, 3, 8, True), (256, 128, 128, 3, 8, False)]
 
 
@@ -176,7 +171,7 @@ def _tuned(autotune: bool):
         configs=configs,
         key=["M_BUCKET", "N", "K", "BLOCK_R", "HAS_B_SCALE", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL", "PREFETCH",
              "TMA_STORE"],
-        prune_configs_by={"early_config_prune": _prune_configs},
+        prune_configs_by={"early_config_prune": prune_configs},
         do_bench=functools.partial(triton.testing.do_bench, warmup=5, rep=25),
     )(_fp8_lora_gemm_kernel)
 
@@ -229,7 +224,8 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         return out
     block_r = max(16, min(PREFETCH_MAX_RANK, triton.next_power_of_2(R)))
     if prefetch and R > block_r:
-        raise ValueError(f"prefetch takes the low-rank term in one block of {block_r}, r = {R}")
+        raise UnslothCompileError("unsloth_compile.kernels.fp8_gemm: prefetch=True takes the low-rank term in one "
+                                  f"block of {block_r}, but r = {R}; pass prefetch=None (chosen by rank) or False")
     dummy = out  # never read: the matching HAS_* flag is False
     scale_tensor = scale_operand(scale_tensor, a_codes.device)
     named = dict(
@@ -247,14 +243,16 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         stride_om=out.stride(0), stride_on=out.stride(1), scale=float(scale),
         HAS_B_SCALE=b_dequant is not None, HAS_BIAS=bias is not None, HAS_V_BIAS=v_bias is not None,
         HAS_RESIDUAL=residual is not None,
-        HAS_SCALE_TENSOR=scale_tensor is not None, COMPUTE_DTYPE=_TL_DTYPES[out.dtype],
+        HAS_SCALE_TENSOR=scale_tensor is not None, COMPUTE_DTYPE=TL_DTYPES[out.dtype],
         BLOCK_R=block_r,
         PREFETCH=R <= block_r if prefetch is None else prefetch,
     )
     store_ok = (named["PREFETCH"] and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
                 and out.data_ptr() % 16 == 0)
     if tma_store and not store_ok:
-        raise ValueError("tma_store needs the prefetch path and out's rows contiguous and 16-byte aligned")
+        raise UnslothCompileError("unsloth_compile.kernels.fp8_gemm: tma_store=True needs the prefetch path and out's "
+                                  "rows contiguous and 16-byte aligned; pass tma_store=None (chosen when possible) or "
+                                  "False")
     named["TMA_STORE"] = store_ok and tma_store is not False
 
     def programs(cfg) -> int:

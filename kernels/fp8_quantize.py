@@ -7,15 +7,15 @@
 
 A row of up to MAX_ONE_TILE columns (every Llama width, 14336 included) is loaded once and
 kept in registers: amax (and whether a NaN is in it), then the codes from the same values;
-narrow rows go several to a program (`one_tile_config`, measured: 3.8-4.3 TB/s at M = 8192 from
-2048 columns up on the H200, above torch's own bf16 -> e4m3 cast at 2.9-3.3). A longer row, one
+narrow rows go several to a program (`one_tile_config`; faster than torch's own bf16 -> e4m3
+cast: docs/bench/design-choices.md#fp8-quantisation-and-transpose). A longer row, one
 per program, takes two passes over tiles of MAX_BLOCK_C: amax first, then the codes (the row
 read again, from L2 if it is still there). Bytes per element: 2 read (bf16), 1
 written, against about 21 for the torch spelling (an fp32 product written and read back, an
 in-place clamp, a cast; twice that for dY, whose fold made one more fp32 copy). FLOPs: a handful
-per element; it is memory-bound. Why one pass: at dY's width 14336 the two-pass kernel (tiles of
-4096) took 253 us per Llama-8B MLP step for X and dY together on the H200
-(scripts/profile_fp8_op.py), about 1.7x the time of its bytes at 3 TB/s.
+per element; it is memory-bound. Why one pass: at dY's width 14336 a two-pass kernel (tiles of
+4096) took well above the time of its bytes
+(docs/bench/design-choices.md#fp8-quantisation-and-transpose).
 
 Bitwise the same as the torch reference in kernels/fp8.py (the emulation, the CPU path):
 - the ratio 448 / amax is an IEEE round-to-nearest division in both (div_rn here);
@@ -114,15 +114,15 @@ def _quantize_rows_kernel(
 
 def one_tile_config(block_c: int, fold: bool) -> tuple[int, int]:
     """(rows per program, warps) of rows held whole, BLOCK_C = C rounded up to a power of two:
-    the fastest of scripts/sweep_fp8_quantize.py at M = 8192 on the H200 (2026-12-01,
-    docs/bench/sweep-fp8-quantize-2026-12-01.log), 3.8-4.3 TB/s from C = 2048 up. Narrow rows
-    go several to a program (2048 elements, 4096 with the fold, whose fp32 scales then serve
-    several rows) so that each has enough loads in flight; 8 warps from 8192 up (at 14336:
-    83 us, against 91 with 16, the earlier choice, and 102 with 4). The fold's figures are with
-    fp32 scales up to 8192 columns and bf16 past that (kernels/fp8.py's fold_scales)."""
+    the fastest of scripts/sweep_fp8_quantize.py at M = 8192
+    (docs/bench/design-choices.md#fp8-quantisation-and-transpose). Narrow rows go several to a
+    program (2048 elements, 4096 with the fold, whose fp32 scales then serve several rows) so
+    that each has enough loads in flight; 8 warps from 8192 up (fewer or more were slower
+    there). The fold was measured with fp32 scales up to 8192
+    columns and bf16 past that (kernels/fp8.py's fold_scales)."""
     if block_c >= 8192:
         return 1, 8
-    if fold:  # at least 2 rows: the column scales read once serve both (26.6 against 29.1 us at 4096)
+    if fold:  # at least 2 rows: the column scales read once serve both (faster at 4096)
         return min(8, max(2, 4096 // block_c)), 4
     return min(8, max(1, 2048 // block_c)), 4
 

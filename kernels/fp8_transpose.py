@@ -6,19 +6,17 @@ Why: dX = dY W needs W_q with the contraction dimension (N) contiguous, because 
 tensor cores take only K-major operands, in torch._scaled_mm and in Triton alike. W_q is
 stored once, (N, K) for the forward's X W^T; storing its transpose as well would give back
 the memory fp8 saves. So every backward makes a transient (K, N) copy. torch's
-`.t().contiguous()` on a 1-byte dtype runs the generic strided copy: 344 us for the 58.7 MB of
-a Llama-8B MLP weight on the H200 (scripts/probe_fp8_gemm.py, docs/bench/probe-fp8-gemm-2026-12-01.log),
-~340 GB/s, an eighth of the memory's rate and 40% of the fp8 GEMM it feeds. And reading W_q
-as stored inside the GEMM (a (K, N) TMA block fed to tl.dot) took 6.8-8x the K-major GEMM's
-time in the same probe: Triton 3.6 has no fast path for an N-major fp8 operand.
+`.t().contiguous()` on a 1-byte dtype runs the generic strided copy, a fraction of the memory's
+rate and a large part of the fp8 GEMM it feeds. And reading W_q as stored inside the GEMM (a
+(K, N) TMA block fed to tl.dot) is several times slower than the K-major GEMM: Triton has no
+fast path for an N-major fp8 operand (docs/bench/design-choices.md#fp8-quantisation-and-transpose).
 
 This kernel moves square tiles: each program loads a BLOCK x BLOCK tile with rows along C
 (coalesced), transposes it in registers/shared memory (tl.trans) and stores it with rows
 along R (coalesced). The codes are moved as bytes (uint8 views): a transpose never looks at
-the values, so NaN codes and every bit pattern survive. Measured on the H200 (tile side 64 or
-128, 4 or 8 warps; docs/bench/fp8-transpose-quantize-2026-12-01.log): 128 with 8 warps was the
-fastest at all four Llama weights, 34.6-34.9 us for the 8B MLP ones (3.4 TB/s), 12.6-13.1 us
-for 4096 x 4096 and 8192 x 2048.
+the values, so NaN codes and every bit pattern survive. Tile side 128 with 8 warps: the fastest
+of 64 or 128 and 4 or 8 warps at all four Llama weights, near the memory's rate
+(docs/bench/design-choices.md#fp8-quantisation-and-transpose).
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .launch_plan import launch
+from ..errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
 BLOCK = 128  # bytes per tile side: 128-byte rows on both sides of the transpose (measured best)
@@ -55,8 +54,9 @@ def transpose_codes(codes: Tensor, block: int = BLOCK, num_warps: int = 8) -> Te
     elements whose rows are contiguous (stride(1) == 1), on CUDA or under the interpreter.
     block, num_warps: the tile side and warps per program (a probe's sweep; defaults measured)."""
     if codes.dim() != 2 or codes.element_size() != 1 or codes.stride(1) != 1:
-        raise ValueError(f"transpose_codes takes a 2-D tensor of 1-byte elements with contiguous rows, got "
-                         f"{codes.dtype} of shape {tuple(codes.shape)} and strides {codes.stride()}")
+        raise UnslothCompileError("unsloth_compile.kernels.fp8_transpose: transpose_codes takes a 2-D tensor of "
+                                  f"1-byte elements with contiguous rows, got {codes.dtype} of shape "
+                                  f"{tuple(codes.shape)} and strides {codes.stride()}")
     R, C = codes.shape
     out = torch.empty((C, R), dtype=codes.dtype, device=codes.device)
     if R == 0 or C == 0:

@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from ..errors import UnslothCompileError
+
 _AUTO_TRITON_CUBLAS = ("auto", "triton", "cublas")
 
 
@@ -66,7 +68,7 @@ class KernelKnobs:
     # "auto" (cuSPARSELt where torch has it, else CUTLASS), "cusparselt" or "cutlass".
     sparse24_gemm: str = _env_choice("UNSLOTH_SPARSE24_GEMM", "auto")
     # cuSPARSELt's algorithm per 2:4 problem: chosen by torch._cslt_sparse_mm_search on the
-    # problem's first call (True), or its default algorithm 0 (False: the first H200 runs).
+    # problem's first call (True), or its default algorithm 0 (False).
     sparse24_search: bool = _env_flag("UNSLOTH_SPARSE24_SEARCH")
     # The un-tuned Triton kernels (thin GEMMs, fp8 quantisation) launched through their
     # compiled kernel after the first call of a specialisation (kernels/launch_plan.launch),
@@ -81,9 +83,9 @@ class KernelKnobs:
             value = getattr(self, knob.name)
             choices = allowed.get(knob.name, (True, False))
             if value not in choices or type(value) is not type(choices[0]):
-                raise ValueError(
-                    f"unsloth_compile kernel knob {knob.name}={value!r} (environment variable "
-                    f"{knob.metadata['env']}): choose {', '.join(map(repr, choices))}, or unset the variable")
+                raise UnslothCompileError(f"unsloth_compile kernel knob {knob.name}={value!r} (environment variable "
+                                          f"{knob.metadata['env']}): choose {', '.join(map(repr, choices))}, or unset "
+                                          "the variable")
 
 
 _current = KernelKnobs()
@@ -102,7 +104,8 @@ def patch(**changes) -> Iterator[KernelKnobs]:
     names = [knob.name for knob in dataclasses.fields(KernelKnobs)]
     unknown = sorted(set(changes) - set(names))
     if unknown:
-        raise ValueError(f"unknown kernel knob(s) {', '.join(unknown)}; the knobs are {', '.join(names)}")
+        raise UnslothCompileError(f"unsloth_compile.kernels.knobs.patch: unknown kernel knob(s) {', '.join(unknown)}; "
+                                  f"the knobs are {', '.join(names)}")
     saved = _current
     _current = dataclasses.replace(saved, **changes)
     try:

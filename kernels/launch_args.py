@@ -1,7 +1,7 @@
 """What the kernels' hosts derive before a launch, shared by kernels/lora_gemm.py and
 kernels/lowrank_thin.py: device facts (asked once per device; they do not change), and the
 LoRA scale: the tensor scale in the form the kernels take (scale_operand) and how they read
-it back (load_scale, a @triton.jit helper)."""
+it back (load_scale, a @triton.jit helper); the epilogue's operands made row-contiguous."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def interpreting() -> bool:
     """Whether Triton kernels run in the interpreter (TRITON_INTERPRET set): the CPU path of the
     tests. Read at each call, as Triton reads it when it decorates a kernel."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def row_contiguous(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype with a unit last stride (one copy kernel at most): how the GEMMs' epilogues
+    take the low-rank operands U and V."""
+    if t.dtype == dtype and t.stride(-1) == 1:
+        return t
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
 
 
 def scale_operand(scale_tensor: Optional[Tensor], device: torch.device) -> Optional[Tensor]:

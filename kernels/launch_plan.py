@@ -3,9 +3,9 @@ later calls of that problem. The one place the project relies on Triton internal
 (`CompiledKernel[grid](*args)` and the specialisation rules of `JITFunction`), so that a
 Triton upgrade that changes them is fixed here.
 
-Why: the autotuner's key building and JITFunction.run's argument binding cost 0.1-0.2 ms of
-Python per launch on the H200 host (cProfile, docs/bench/kernel_notes.md), as much as the
-whole low-rank term's GPU time. Used by kernels/lora_gemm.py (`Plan`, per tuned problem) and by
+Why: the autotuner's key building and JITFunction.run's argument binding cost as much Python
+per launch as the whole low-rank term's GPU time (docs/bench/design-choices.md#bf16-lora-gemm).
+Used by kernels/lora_gemm.py (`Plan`, per tuned problem) and by
 the un-tuned kernels' hosts (`launch`: lowrank_thin.py, fp8_quantize.py).
 """
 

@@ -30,6 +30,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..errors import UnslothCompileError
+
 # The elementwise steps the pass may put between the head and the loss, as they run in eager:
 #   "mul" / "div": x * value / x / value (a Python constant: logit scaling, softcap's parts)
 #   "tanh":        torch.tanh(x) (softcap: tanh(x / c) * c is "div", "tanh", "mul")
@@ -50,10 +52,12 @@ def step_dtype(step: str) -> Optional[torch.dtype]:
     if step.startswith(CAST_PREFIX):
         name = step[len(CAST_PREFIX):]
         if name not in _DTYPES:
-            raise ValueError(f"linear_cross_entropy: cast step {step!r}: dtype not one of {sorted(_DTYPES)}")
+            raise UnslothCompileError(f"unsloth_compile.kernels.linear_cross_entropy: cast step {step!r}: dtype not "
+                                      f"one of {sorted(_DTYPES)}")
         return _DTYPES[name]
     if step not in ("mul", "div", "tanh"):
-        raise ValueError(f"linear_cross_entropy: unknown step {step!r} (mul, div, tanh, to:<dtype>)")
+        raise UnslothCompileError(f"unsloth_compile.kernels.linear_cross_entropy: unknown step {step!r} (mul, div, "
+                                  "tanh, to:<dtype>)")
     return None
 
 
@@ -154,14 +158,17 @@ def linear_cross_entropy_forward(hidden: Tensor, weight: Tensor, bias: Optional[
     for is an empty tensor. hidden (..., D), weight (V, D), target (...) of hidden's rows.
     `chunk_loss`: a chunk's loss and gradient from its logits, where chunk_loss_applies."""
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"linear_cross_entropy: reduction {reduction!r} is not 'mean' or 'sum'")
+        raise UnslothCompileError(f"unsloth_compile.kernels.linear_cross_entropy: reduction {reduction!r} is not "
+                                  "'mean' or 'sum'")
     if len(steps) != len(values):
-        raise ValueError("linear_cross_entropy: steps and values differ in length")
+        raise UnslothCompileError(f"unsloth_compile.kernels.linear_cross_entropy: {len(steps)} steps but {len(values)} "
+                                  "values; give one value per step")
     dim = hidden.shape[-1]
     h = hidden.reshape(-1, dim)
     t = target.reshape(-1)
     if t.shape[0] != h.shape[0]:
-        raise ValueError(f"linear_cross_entropy: {h.shape[0]} rows of hidden but {t.shape[0]} targets")
+        raise UnslothCompileError(f"unsloth_compile.kernels.linear_cross_entropy: {h.shape[0]} rows of hidden but "
+                                  f"{t.shape[0]} targets")
     rows = h.shape[0]
     count = (t != ignore_index).sum()
     wants_grad = grad_hidden or grad_weight or grad_bias

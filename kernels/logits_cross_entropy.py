@@ -12,7 +12,8 @@ backward keeps the logits in their own dtype (2 bytes an element in bf16: 2.1 GB
 rows' lse (4 bytes a row), and writes the gradient once, in the logits' dtype (what the upcast's
 backward produces); no fp32 rows x V tensor exists in forward or backward. Inductor (torch
 2.11) already does as much: one online-softmax reduction per direction, and the same step time
-and peak memory on an H200 with and without this op (docs/options.md, cross_entropy_on_logits).
+and peak memory with and without this op (docs/bench/design-choices.md#memory-options; docs/options.md,
+cross_entropy_on_logits).
 
 One Triton program per row: forward streams the row once (online max and sum of exponentials),
 backward streams it once more and writes the gradient row. Bytes: forward 2 V per row (bf16),
@@ -32,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .launch_plan import launch
+from ..errors import UnslothCompileError
 
 REDUCTIONS = ("mean", "sum")
 MAX_BLOCK_V = 4096  # columns per tile of a row (8 KB of bf16); a 128k vocabulary is 32 tiles
@@ -116,10 +118,11 @@ def _count(target: Tensor, ignore_index: int, reduction: str) -> Tensor:
 
 def _check(logits: Tensor, target: Tensor, reduction: str) -> None:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"logits_cross_entropy: reduction {reduction!r}, one of {REDUCTIONS}")
+        raise UnslothCompileError(f"unsloth_compile.kernels.logits_cross_entropy: reduction {reduction!r}, one of "
+                                  f"{REDUCTIONS}")
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"logits_cross_entropy: logits (rows, V) and target (rows,), got "
-                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+        raise UnslothCompileError("unsloth_compile.kernels.logits_cross_entropy: logits (rows, V) and target (rows,), "
+                                  f"got {tuple(logits.shape)} and {tuple(target.shape)}")
 
 
 def cross_entropy_forward(logits: Tensor, target: Tensor, ignore_index: int, reduction: str) -> tuple[Tensor, Tensor]:

@@ -27,8 +27,9 @@ import triton.language as tl
 import triton.testing
 
 from . import knobs
-from .launch_args import capability, load_scale, processors, scale_operand
+from .launch_args import capability, processors, scale_operand
 from .launch_plan import Plan, specialization
+from .lora_epilogue import TL_DTYPES, lowrank_epilogue, prune_configs, tile_coords
 from .precision import dot_precision
 from .timed_choice import fastest, rows_bucket
 
@@ -38,119 +39,6 @@ from .timed_choice import fastest, rows_bucket
 # --------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _tile_coords(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row block, column block) of output tile `pid` in grouped order: GROUP_M row-blocks
-    sweep the columns together, keeping the B tiles they share in L2."""
-    num_pid_m = (M + BLOCK_M - 1) // BLOCK_M
-    num_pid_n = (N + BLOCK_N - 1) // BLOCK_N
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-    pid_n = (pid % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
-
-
-@triton.jit
-def _lowrank_tiles(u_ptrs, v_ptrs, offs_r, r_left, s):
-    """One BLOCK_R block of the low-rank term's operands: s U[rows, block] in fp32 and
-    V[block, cols] as stored, ranks past r_left masked to zero."""
-    u = tl.load(u_ptrs, mask=offs_r[None, :] < r_left, other=0.0).to(tl.float32) * s
-    v = tl.load(v_ptrs, mask=offs_r[:, None] < r_left, other=0.0)
-    return u, v
-
-
-@triton.jit
-def _lowrank_epilogue(
-    acc, pid_m, pid_n,
-    # pointers
-    u_ptr, v_ptr, bias_ptr, v_bias_ptr, res_ptr, out_ptr, scale_ptr,
-    # sizes
-    M, N, R,
-    # strides
-    stride_um, stride_ur, stride_vr, stride_vn, stride_rm, stride_rn, stride_om, stride_on,
-    # scalars
-    scale,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    HAS_SCALE_TENSOR: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """acc += s U[rows] @ V[:, cols] (+ bias + s v_bias); store cast(acc) (+ residual).
-
-    The scale goes on the (BLOCK_M, r) U tile rather than on a second (BLOCK_M, BLOCK_N)
-    accumulator; r is padded to BLOCK_R (a power of two >= 16, the smallest tensor-core K)
-    by masking. Rows/columns past the edge wrap around (loads stay unpredicated) and are
-    dropped by the masked store.
-    """
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = offs_m % M
-    cols = offs_n % N
-    s = load_scale(scale, scale_ptr, HAS_SCALE_TENSOR)
-    offs_r = tl.arange(0, BLOCK_R)
-    u_ptrs = u_ptr + rows[:, None] * stride_um + offs_r[None, :] * stride_ur
-    v_ptrs = v_ptr + offs_r[:, None] * stride_vr + cols[None, :] * stride_vn
-    for r0 in range(0, R, BLOCK_R):
-        u, v = _lowrank_tiles(u_ptrs, v_ptrs, offs_r, R - r0, s)
-        acc = tl.dot(u.to(COMPUTE_DTYPE), v.to(COMPUTE_DTYPE), acc, input_precision=DOT_PRECISION)
-        u_ptrs += BLOCK_R * stride_ur
-        v_ptrs += BLOCK_R * stride_vr
-    _store_tile(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, out_ptr, M, N,
-                stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
-
-
-@triton.jit
-def _tile_value(
-    acc, offs_m, offs_n, s,
-    # pointers
-    bias_ptr, v_bias_ptr, res_ptr,
-    # sizes
-    M, N,
-    # strides
-    stride_rm, stride_rn,
-    # meta-parameters
-    OUT_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-):
-    """The epilogue's end before the store: acc (+ bias + s v_bias) cast to OUT_DTYPE (+ residual)."""
-    rows = offs_m % M
-    cols = offs_n % N
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols).to(tl.float32)[None, :]
-    if HAS_V_BIAS:
-        acc += s * tl.load(v_bias_ptr + cols).to(tl.float32)[None, :]
-    y = acc.to(OUT_DTYPE)
-    if HAS_RESIDUAL:
-        # PyTorch's `out.to(dtype) + residual`: round, add in fp32, round again.
-        res = tl.load(res_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn)
-        y = (y.to(tl.float32) + res.to(tl.float32)).to(OUT_DTYPE)
-    return y
-
-
-@triton.jit
-def _store_tile(
-    acc, offs_m, offs_n, s,
-    # pointers
-    bias_ptr, v_bias_ptr, res_ptr, out_ptr,
-    # sizes
-    M, N,
-    # strides
-    stride_rm, stride_rn, stride_om, stride_on,
-    # meta-parameters
-    HAS_BIAS: tl.constexpr, HAS_V_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-):
-    """The epilogue's end: acc (+ bias + s v_bias) cast to out's dtype (+ residual), stored
-    where the tile lies inside (M, N)."""
-    y = _tile_value(acc, offs_m, offs_n, s, bias_ptr, v_bias_ptr, res_ptr, M, N, stride_rm, stride_rn,
-                    out_ptr.dtype.element_ty, HAS_BIAS, HAS_V_BIAS, HAS_RESIDUAL)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on, y, mask=mask)
-
-
-# Arguments that vary with the rank or M alone: specialising on them (==1, %16) would compile
-# a copy of the kernel per rank (r=8 vs r=16) for no gain; the U/V tiles are a few KB.
 _NO_SPECIALIZE = ["R", "M_BUCKET", "stride_um", "stride_vn"]
 
 
@@ -185,7 +73,7 @@ def _lora_gemm_kernel(
     + M N * size(res): the low-rank part adds R/K of the FLOPs (0.4% at r=16, K=4096) and
     under 1% of the bytes.
     """
-    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # Rows/columns past the edge wrap around instead of being masked (see the epilogue).
     offs_am = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
     offs_bn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
@@ -206,7 +94,7 @@ def _lora_gemm_kernel(
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
-    _lowrank_epilogue(
+    lowrank_epilogue(
         acc, pid_m, pid_n,
         u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
         scale_ptr=scale_ptr, M=M, N=N, R=R,
@@ -229,7 +117,7 @@ def _tma_tile(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """One output tile of _lora_gemm_tma_kernel: the TMA main loop, then the epilogue."""
-    pid_m, pid_n = _tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = tile_coords(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     off_m = pid_m * BLOCK_M
     off_n = pid_n * BLOCK_N
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, dtype=tl.float32)
@@ -240,7 +128,7 @@ def _tma_tile(
         else:
             b = b_desc.load([k, off_n])
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-    _lowrank_epilogue(
+    lowrank_epilogue(
         acc, pid_m, pid_n,
         u_ptr=u_ptr, v_ptr=v_ptr, bias_ptr=bias_ptr, v_bias_ptr=v_bias_ptr, res_ptr=res_ptr, out_ptr=out_ptr,
         scale_ptr=scale_ptr, M=M, N=N, R=R,
@@ -277,9 +165,9 @@ def _lora_gemm_tma_kernel(
     so the loop has no masks and no address arithmetic; descriptors need 16-byte aligned
     row strides (K, N multiples of 8 in bf16), else the host picks the pointer kernel.
     PERSISTENT: the grid is one program per SM (`_programs`), each taking every
-    num_programs-th tile; a plain GEMM written this way ran within 1-4% of cuBLAS at the
-    Llama MLP shapes on the H200 (scripts/probe_ws_gemm.py), and the autotuner keeps it where
-    it is the fastest configuration.
+    num_programs-th tile; a plain GEMM written this way ran close to cuBLAS at the Llama MLP
+    shapes (docs/bench/design-choices.md#bf16-lora-gemm), and the autotuner keeps it where it is the fastest
+    configuration.
     """
     # Two calls of _tma_tile, not one inside a loop of one trip for the non-persistent flavour:
     # Triton keeps that loop (sm_90 TTGIR), which changes the compiled kernel.
@@ -309,7 +197,7 @@ def _lora_gemm_tma_kernel(
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the usual Hopper bf16 tiles; 128x256x64
-# and 256x128x64 with 3-4 stages fit in H100/H200 shared memory (228 KB) with room for the
+# and 256x128x64 with 3-4 stages fit in a Hopper SM's shared memory (228 KB) with room for the
 # r-loop's U/V tiles.
 _TILES = [
     (128, 256, 64, 3, 8),
@@ -330,8 +218,7 @@ def _set_tma_blocks(nargs):
 
 
 # The TMA kernel's persistent flavour (one program per SM) with the two tiles that ran
-# closest to cuBLAS that way on the H200 (scripts/probe_ws_gemm.py: 1.00-1.04x at the Llama
-# MLP shapes, 1.14x at 4096 x 4096).
+# closest to cuBLAS that way (scripts/probe_ws_gemm.py; docs/bench/design-choices.md#bf16-lora-gemm).
 _PERSISTENT_TILES = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8)]
 
 
@@ -351,14 +238,6 @@ def _configs(autotune: bool, pre_hook=None, persistent_tiles=None):
     ]
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    # Small problems: tiles much taller than M only waste work. (M_BUCKET arrives among the
-    # positional named_args or, when the launch passes keywords, among kwargs.)
-    m_bucket = named_args["M_BUCKET"] if "M_BUCKET" in named_args else kwargs["M_BUCKET"]
-    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m_bucket)]
-    return kept or configs[:1]
-
-
 _KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "HAS_BIAS", "HAS_V_BIAS", "HAS_RESIDUAL"]
 # 5 ms warm-up / 25 ms of repeats per config (default 25/100): the first call of a new shape
 # pays ~6 configs x this; medians of a ~0.4 ms GEMM are stable well within it.
@@ -371,7 +250,7 @@ _AUTOTUNE_BENCH = functools.partial(triton.testing.do_bench, warmup=5, rep=25)
 def _pointer_tuned(autotune: bool):
     return triton.autotune(
         configs=_configs(autotune), key=_KEY + ["stride_ak", "stride_bk", "stride_bn"],
-        prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+        prune_configs_by={"early_config_prune": prune_configs}, do_bench=_AUTOTUNE_BENCH,
     )(triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(_lora_gemm_kernel))
 
 
@@ -380,7 +259,7 @@ def _tma_tuned(autotune: bool, persistent: bool):
     return triton.autotune(
         configs=_configs(autotune, _set_tma_blocks, _PERSISTENT_TILES if persistent else []),
         key=_KEY + ["B_K_CONTIGUOUS"],
-        prune_configs_by={"early_config_prune": _prune_configs}, do_bench=_AUTOTUNE_BENCH,
+        prune_configs_by={"early_config_prune": prune_configs}, do_bench=_AUTOTUNE_BENCH,
     )(_lora_gemm_tma_kernel)
 
 
@@ -395,7 +274,6 @@ def knob_key() -> tuple[str, bool, bool]:
 # kernel persistent, so that its programs loop over several tiles there too.
 _INTERPRETER_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}
 _INTERPRETER_TMA_CONFIG = {**_INTERPRETER_CONFIG, "PERSISTENT": True}
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 try:  # host-side TMA descriptors: Triton >= 3.4
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -490,7 +368,7 @@ def launch_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, sc
         "scale": float(scale),
         "HAS_BIAS": bias is not None, "HAS_V_BIAS": v_bias is not None,
         "HAS_RESIDUAL": residual is not None, "HAS_SCALE_TENSOR": scale_tensor is not None,
-        "COMPUTE_DTYPE": _TL_DTYPES[a.dtype],
+        "COMPUTE_DTYPE": TL_DTYPES[a.dtype],
         "DOT_PRECISION": dot_precision(a.dtype),
         "BLOCK_R": max(16, min(64, triton.next_power_of_2(R))),  # 16 also for R = 0 (power of 2: 0)
     }
@@ -555,8 +433,7 @@ def _make_plan(a: Tensor, b: Tensor, named: dict, use_tma: bool, b_k_contiguous:
 
     if not use_tma:
         return run_pointer()
-    # Neither main loop wins everywhere (H200, M=8192, r=16: TMA 0.470 vs pointer 0.508 ms for
-    # llama-8b.attn.q forward, pointer 1.45 vs TMA 1.62 ms for mlp.up backward): time both,
-    # each autotuned, once per shape.
+    # Neither main loop wins everywhere (TMA in some forwards, pointer in some backwards:
+    # docs/bench/design-choices.md#bf16-lora-gemm): time both, each autotuned, once per shape.
     choice = fastest("main loop", shape_key, {"tma": run_tma, "pointer": run_pointer})
     return run_tma() if choice == "tma" else run_pointer()

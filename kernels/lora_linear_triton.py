@@ -17,8 +17,8 @@ host functions below keep their signatures. Shapes: x (M, K) after flattening, W
 
 Each "or" is decided per problem by timing both once (kernels/timed_choice.py, logged) or
 forced by a knob (kernels/knobs.py):
-Triton's main product runs 0-14% behind cuBLAS on an H200 depending on the shape (persistent
-or warp-specialised alike), so which wins depends on the shape (docs/bench/kernel_notes.md).
+Triton's main product runs level with cuBLAS or behind it depending on the shape (persistent
+or warp-specialised alike), so which wins depends on the shape (docs/bench/design-choices.md#bf16-lora-gemm).
 
 The thin GEMMs read their operands in the activation dtype (fp32 adapters are rounded to
 bf16/fp16, as the tensor cores need) and accumulate in fp32; gradients of fp32 adapters are
@@ -40,7 +40,7 @@ from torch import Tensor
 from triton import next_power_of_2
 
 from . import knobs, precision
-from .launch_args import capability, interpreting
+from .launch_args import capability, interpreting, row_contiguous
 from .lora_gemm import knob_key as gemm_knob_key, launch_lora_gemm
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
 from .precision import HALF as _HALF
@@ -61,9 +61,9 @@ def _cublas_lora_gemm(a: Tensor, b: Tensor, u: Tensor, v: Tensor, out: Tensor, s
 
     The thin-K product s U V (+ bias) is written into `out` first, then the base GEMM
     accumulates onto it (beta = 1: cuBLAS reads `out` in its epilogue, a read hidden behind
-    a compute-bound GEMM). Why it exists: Triton runs the main product up to 14% slower
-    than cuBLAS (8192 x 4096 x 4096 on an H200, kernel_notes.md), more than the 2-5% the
-    extra write of `out` costs at some shapes. The low-rank term is rounded to out's
+    a compute-bound GEMM). Why it exists: at some shapes Triton's main product falls further
+    behind cuBLAS than the extra write of `out` costs (docs/bench/design-choices.md#bf16-lora-gemm). The low-rank
+    term is rounded to out's
     dtype once before the sum.
     """
     if scale_tensor is None:  # cuBLAS scales the fp32 product by alpha: one call, no s U copy
@@ -163,13 +163,6 @@ def _g_and_db(key: tuple, one_pass, apart, pair_ok: bool) -> tuple[Tensor, Tenso
     return candidates[fastest("thin GEMM", key, candidates)]()
 
 
-def _operand(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype with a unit last stride (one copy kernel at most)."""
-    if t.dtype == dtype and t.stride(-1) == 1:
-        return t
-    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
-
-
 # --------------------------------------------------------------------------------------------
 # Host functions: the contract of unsloth_compile/ops.py
 # --------------------------------------------------------------------------------------------
@@ -219,7 +212,7 @@ def lora_linear_forward(
     N = w_t.shape[1]
     adapter_in = x2d if lora_x is None else _rows(lora_x)
     compute = precision.compute_dtype(adapter_in.dtype, lora_A.dtype)
-    if M == 0:  # an empty batch: nothing to launch, nor to time (see _adapter_grads)
+    if M == 0:  # an empty batch: nothing to launch, nor to time (see adapter_grads)
         hidden = torch.empty((0, lora_A.shape[0]), device=x.device, dtype=lora_A.dtype)
     else:
         hidden = _thin_gemm_triton_or_cublas(  # (M, r)
@@ -238,9 +231,9 @@ def lora_linear_forward(
     out = torch.empty((M, N), device=x.device, dtype=out_dtype)
     if M > 0:
         # The epilogue reads U, V already in the compute dtype and row-contiguous: fp32 tiles
-        # converted in the kernel cost registers and made r=64 fp32 1.8x slower than bf16
-        # (2.19 vs 1.23 x base, llama-8b.mlp.up, H200), for two copies of M*r and r*N elements.
-        u, v = _operand(hidden, x.dtype), _operand(lora_B.t(), x.dtype)
+        # converted in the kernel cost registers and made fp32 adapters at large ranks much
+        # slower than bf16 (docs/bench/design-choices.md#bf16-lora-gemm), for two copies of M*r and r*N elements.
+        u, v = row_contiguous(hidden, x.dtype), row_contiguous(lora_B.t(), x.dtype)
         _lora_gemm_triton_or_cublas(x2d, w_t, u, v, out, scale, scale_tensor,
                                     bias=bias, v_bias=lora_B_bias, residual=res2d)
     out = out.reshape(*lead, N)
@@ -249,9 +242,9 @@ def lora_linear_forward(
     return out, hidden
 
 
-def _adapter_grads(grad2d: Tensor, adapter_in: Tensor, lora_A: Tensor, lora_B: Tensor,
-                   lora_hidden: Tensor, scale: float, scale_tensor: Optional[Tensor]
-                   ) -> tuple[Tensor, Tensor, Tensor]:
+def adapter_grads(grad2d: Tensor, adapter_in: Tensor, lora_A: Tensor, lora_B: Tensor,
+                  lora_hidden: Tensor, scale: float, scale_tensor: Optional[Tensor]
+                  ) -> tuple[Tensor, Tensor, Tensor]:
     """(G, dA, dB): G = dY B (M, r) unscaled in dY's dtype, dA = s G^T X_l (r, K) and
     dB = s dY^T H (N, r) in the adapter dtype, each from its thin kernel or cuBLAS."""
     (M, N), K, R = grad2d.shape, adapter_in.shape[1], lora_A.shape[0]
@@ -306,13 +299,13 @@ def lora_linear_backward(
     adapter_dtype = lora_A.dtype
     s = _effective_scale(scale, scale_tensor)
     compute = grad2d.dtype
-    g, da, db = _adapter_grads(grad2d, _rows(x if lora_x is None else lora_x), lora_A, lora_B,
-                               lora_hidden, scale, scale_tensor)
+    g, da, db = adapter_grads(grad2d, _rows(x if lora_x is None else lora_x), lora_A, lora_B,
+                              lora_hidden, scale, scale_tensor)
 
     if lora_x is None:
         dx = torch.empty((M, K), device=x.device, dtype=x.dtype)
         if M > 0:
-            _lora_gemm_triton_or_cublas(grad2d, w_nk, g, _operand(lora_A, compute), dx, scale, scale_tensor)
+            _lora_gemm_triton_or_cublas(grad2d, w_nk, g, row_contiguous(lora_A, compute), dx, scale, scale_tensor)
         d_lora_x = None
     else:
         dx = _mm(grad2d, w_nk, compute, x.dtype) if M > 0 else x.new_empty((0, K))

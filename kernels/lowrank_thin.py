@@ -8,8 +8,8 @@
 Bytes: each reads its wide (M, K) operand once, 2 M K bytes in bf16/fp16, plus M r
 elements of the thin one; FLOPs 2 M K r, i.e. r FLOPs per byte: far below the tensor cores'
 balance point, so the time is the read of X. These kernels stream X in tiles with several
-loads in flight; in GPU time they and cuBLAS read it at 2.5-4.1 TB/s on an H200 (20-26 us for
-X of 8192 x 4096 bf16, docs/bench/kernel.md breakdown), against the card's 4.8 TB/s.
+loads in flight; in GPU time they read it about as fast as cuBLAS, below the card's peak
+bandwidth (docs/bench/design-choices.md#thin-low-rank-kernels).
 
 Operands are rounded to X's dtype for the tensor cores (fp32 adapters included, as the
 reference's cuBLAS calls do) and accumulate in fp32; the result is stored in the requested
@@ -33,6 +33,7 @@ import triton.language as tl
 from .launch_args import load_scale, processors, scale_operand
 from .launch_plan import launch
 from .precision import dot_precision
+from ..errors import UnslothCompileError
 
 
 @triton.jit
@@ -140,7 +141,7 @@ def _rows_thin_pair_kernel(
 
 # Memory-bound: modest tiles, several loads in flight; smaller tiles and fewer stages as the
 # rank block grows, so that the (fp32) thin tiles fit shared memory (r=256 with the r<=64
-# tiles asked for 320-512 KB of the H200's 227 KB) and the accumulator fits registers.
+# tiles would ask for more than a Hopper SM has) and the accumulator fits registers.
 # The interpreter (CPU) runs the smallest legal tiles.
 _INTERPRETER_TILE = (16, 16, 4, 1)
 
@@ -161,14 +162,13 @@ def _t_rows_tile(block_r: int) -> tuple[int, int, int, int]:
     return 32, 64, 8, 2
 
 
-_TARGET_PROGRAMS = 264  # two per SM on an H100/H200: enough loads in flight to fill HBM
+_TARGET_PROGRAMS = 264  # two per SM on a 132-SM Hopper card: enough loads in flight to fill HBM
 
 # rows_thin_pair: the largest rank it takes (its (BLOCK_C, r) fp32 accumulator lives in
 # registers, and the X W partials grow with r), its tile and its programs per SM. Chosen from
-# `scripts/sweep_thin_tiles.py --pair-only` (H200, M = 8192, r = 16, CUDA-graph GPU time):
-# 38.7 / 59.9 / 96.9 us for C = 4096 / 8192 / 14336 against 42.5 / 71.8 / 117.2 us for the
-# two thin kernels apart (the tile it replaced, 64 x 256 with one program per SM: 48.5 /
-# 77.4 / 120.0); at C = 2048 apart is faster (19.1 vs 22.8 us), which the timed choice sees.
+# `scripts/sweep_thin_tiles.py --pair-only`: faster than the two thin kernels apart from
+# C = 4096 up; at C = 2048 apart is faster, which the timed choice sees
+# (docs/bench/design-choices.md#thin-low-rank-kernels).
 PAIR_MAX_RANK = 64
 _PAIR_TILE = (64, 128, 8, 3)  # (BLOCK_M, BLOCK_C, warps, stages)
 _PAIR_PROGRAMS_PER_SM = 2
@@ -250,7 +250,9 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
     M, C = x.shape
     R = w.shape[1]
     if R > PAIR_MAX_RANK:
-        raise ValueError(f"rows_thin_pair takes ranks up to {PAIR_MAX_RANK}, got {R}")
+        raise UnslothCompileError("unsloth_compile.kernels.lowrank_thin: rows_thin_pair takes ranks up to "
+                                  f"{PAIR_MAX_RANK}, got r={R}; use rows_times_thin and thin_t_times_rows for larger "
+                                  "ranks")
     if M == 0:  # no rows: an empty product and a zero sum, without a launch
         return (torch.empty((0, R), device=x.device, dtype=xw_dtype),
                 torch.zeros((C, R), device=x.device, dtype=xt_dtype))

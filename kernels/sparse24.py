@@ -38,6 +38,7 @@ from torch import Tensor
 from . import knobs, reference
 from .precision import compute_dtype
 from .reference import effective_scale, rows
+from ..errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile.kernels")
 
@@ -113,7 +114,8 @@ def compress(weight: Tensor, layout: str) -> list[Tensor]:
         cls = torch.sparse.SparseSemiStructuredTensorCUTLASS
         packed, packed_t = cls.from_dense(w), cls.from_dense(wt)
         return [packed.packed, packed.meta, packed_t.packed, packed_t.meta]
-    raise ValueError(f"unknown 2:4 layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    raise UnslothCompileError(f"unsloth_compile.kernels.sparse24: unknown 2:4 layout {layout!r}; choose one of "
+                              f"{', '.join(LAYOUTS)}")
 
 
 def _pad_rows(t2d: Tensor) -> Tensor:
@@ -139,8 +141,8 @@ def _sparse_rows_times(dense2d: Tensor, sparse: list[Tensor], layout: str, r: in
 
 
 # cuSPARSELt's algorithm per problem (device, dtype, sparse shape, dense shape): its default,
-# algorithm 0, ran the 2:4 GEMMs at 0.96-1.15x the dense cuBLAS time on an H200
-# (docs/bench/sparse24.md), so each problem's first call asks torch._cslt_sparse_mm_search,
+# algorithm 0, ran the 2:4 GEMMs in about the dense cuBLAS time (docs/bench/design-choices.md#24-sparsity), so each
+# problem's first call asks torch._cslt_sparse_mm_search,
 # which times cuSPARSELt's algorithms once, and later calls reuse the answer.
 _CSLT_ALGORITHMS: dict[tuple, int] = {}
 
@@ -150,7 +152,7 @@ def cusparselt_algorithm(sparse: Tensor, dense: Tensor) -> int:
     if not knobs.current().sparse24_search or not hasattr(torch, "_cslt_sparse_mm_search"):
         return 0
     if sparse.dtype != torch.bfloat16:
-        # On an H200 (torch 2.11, cuSPARSELt 0.8) the fp16 search failed with an internal error
+        # With torch 2.11 and cuSPARSELt 0.8 on Hopper the fp16 search failed with an internal error
         # and left the context broken (the next launches hit an illegal instruction), while
         # bf16 searched cleanly: fp16 keeps the default algorithm.
         return 0

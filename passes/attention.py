@@ -15,16 +15,16 @@ with a boolean or additive mask that eager never passes to the kernel in that fo
    tensor). Every fused CUDA kernel requires the mask's last dimension to have stride 1 and
    refuses it (`sdp_utils.cpp`: "All fused kernels require the last dimension of the input to
    have stride 1 ... Attn_mask.stride(-1): 0"), so SDPA falls back to the math decomposition,
-   which runs in fp32 for bf16 inputs (measured on an H200, transformers 5.17, BERT-large
-   without attention_mask: `_safe_softmax` and fp32 SIMT GEMMs). The mask is made dense along
+   which runs in fp32 for bf16 inputs (`_safe_softmax` and fp32 SIMT GEMMs: docs/bench/design-choices.md#attention).
+   The mask is made dense along
    its last dimension and kept at size 1 along every other broadcast dimension (`narrow(d, 0, 1)`,
    values unchanged: a stride-0 dimension repeats one slice), then `contiguous()`.
 
 3. **A causal mask built from positions alone** (`kv_idx <= q_idx` from `arange`s, expanded to
    the batch): transformers builds it under tracing where eager passes none and `is_causal=True`
    (transformers 5.17 with torch < 2.14, where Dynamo answers `torch.compiler.is_exporting()`
-   with True). With a mask, cuDNN's flash backward ran 2.7x slower per call than with
-   `is_causal=True` (H200, llama-1b: 20.7 vs 7.7 ms per step). The mask's producers read no
+   with True). With a mask, cuDNN's flash backward runs several times slower per call than
+   with `is_causal=True` (docs/bench/design-choices.md#attention). The mask's producers read no
    graph input (no placeholder, no module state: only allow-listed pure ops on constants), so
    its value is the same at every call: it is evaluated once at compile time, and when it is
    exactly `ones(L, S).tril()` (SDPA's own `is_causal` mask) in every batch and head, the call

@@ -6,8 +6,8 @@ mask of a graph that Dynamo made dynamic in the sequence length (`L`, `S` symbol
 
 Inductor gives SDPA's CUDA kernels a mask only with strides aligned to 8 elements; with a
 symbolic length it cannot prove that, so it guards on `S % 8` and the next batch of the other
-kind compiles the whole model again (measured on an H100, transformers 5.17: Dynamo's third
-graph of a padded Llama, `not (L % 8 == 0 and L*L % 8 == 0)`).
+kind compiles the whole model again (a guard such as `not (L % 8 == 0 and L*L % 8 == 0)` on
+a padded Llama: docs/bench/design-choices.md#attention).
 
 Replacement: `attn_mask=torch.ops.unsloth.attention_bias(mask, q.dtype, 8)`: the additive bias
 SDPA makes of the mask itself (0 / -inf in the query's dtype for a bool mask, a cast for a

@@ -107,9 +107,9 @@ _convert = torch.ops.prims.convert_element_type.default
 
 def emit_rowwise_compress(graph: torch.fx.Graph, x: Node, fmt: str, like: Node) -> tuple[Node, Node]:
     """(q, scale) nodes computing kernels/compress.rowwise_compress(x, fmt)."""
-    from ..kernels.compress import _CODE_MAX, ROWWISE_FORMATS
+    from ..kernels.compress import CODE_MAX, ROWWISE_FORMATS
 
-    code_max = _CODE_MAX[fmt]
+    code_max = CODE_MAX[fmt]
     xf = x if x.meta["val"].dtype == torch.float32 else call(graph, _convert, (x, torch.float32), like)
     amax = call(graph, aten.amax.default, (call(graph, aten.abs.default, (xf,), like), [-1], True), like)
     scale = call(graph, aten.where.ScalarOther, (call(graph, aten.gt.Scalar, (amax, 0), like),

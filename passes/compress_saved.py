@@ -43,8 +43,9 @@ torch internals relied on (torch 2.11-2.13), all in one place, `_partitioner` be
 `torch._functorch.partitioners.min_cut_rematerialization_partition` (the partitioner
 Inductor and aot_eager use), `torch._inductor.config.custom_partitioner_fn` with
 `torch._inductor.custom_graph_pass.CustomPartitionerFn` (how compile_fx takes a partitioner,
-torch >= 2.9), `torch._dynamo.backends.common.aot_autograd` and
-`torch._dynamo.backends.debugging.boxed_nop` (aot_eager's own parts), and the partitioned
+torch >= 2.9; the backend hands it over, with aot_eager's own parts
+`torch._dynamo.backends.common.aot_autograd` and `torch._dynamo.backends.debugging.boxed_nop`,
+in unsloth_compile/compressed_compile.py: this pass never compiles), and the partitioned
 graphs' layout described above, which AOTAutograd reads back from the graphs (the number
 of saved tensors is counted from the forward's output node, as torch's own fp8 activation
 quantization pass, partitioners.enable_activation_quantization, relies on). The FFN-product
@@ -58,7 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch.fx import GraphModule, Node
@@ -541,49 +542,7 @@ class CompressSavedPartitioner(_partitioner_base()):
                 get_hash_for_files(files))
 
 
-def compressing_aot_eager(partitioner: CompressSavedPartitioner) -> Callable:
-    """aot_eager with our partitioner: AOTAutograd with the do-nothing compilers, as torch's
-    own aot_eager backend builds it."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._dynamo.backends.debugging import boxed_nop
-
-    return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop, partition_fn=partitioner,
-                        keep_inference_input_mutations=True)
-
-
 def _restored_partitioner(mode: str, k: int, projection: str, recompute: bool = False) -> CompressSavedPartitioner:
     return CompressSavedPartitioner(Config(compress_activations=mode, compress_lowrank_k=k,
                                            compress_lowrank_projection=projection, recompute_ffn_products=recompute,
                                            inner="aot_eager"), Report())
-
-
-def compile_compressed(gm: GraphModule, example_inputs, cfg: Config, report: Report,
-                       inductor_patches: dict) -> Callable:
-    """The backend's inner compile when compress_activations or recompute_ffn_products is on:
-    aot_eager or Inductor with CompressSavedPartitioner as the partitioner."""
-    partitioner = CompressSavedPartitioner(cfg, report)
-    if cfg.inner.value == "aot_eager":
-        compiled = compressing_aot_eager(partitioner)(gm, example_inputs)
-    else:
-        import torch._inductor.config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
-
-        if not hasattr(inductor_config, "custom_partitioner_fn"):
-            raise RuntimeError(
-                f"unsloth_compile: compress_activations / recompute_ffn_products with inner='inductor' needs "
-                f"torch._inductor.config.custom_partitioner_fn (torch >= 2.9), not in torch "
-                f"{torch.__version__}; use inner='aot_eager' or compress_activations='none'")
-        compiled = compile_fx(gm, example_inputs,
-                              config_patches={**inductor_patches, "custom_partitioner_fn": partitioner})
-        if inductor_patches.get("triton.cudagraphs"):
-            from ..backend import keep_outputs_across_replays
-
-            compiled = keep_outputs_across_replays(compiled)
-    if not partitioner.ran and torch.is_grad_enabled() and any(
-            getattr(x, "requires_grad", False) for x in example_inputs):
-        what = "compression" if cfg.compress_activations is not CompressMode.NONE else "recomputed FFN products"
-        report.add(Site("<graph>", PATTERN, "skipped",
-                        f"AOTAutograd did not partition this graph: Inductor's cache returned code compiled "
-                        f"earlier (with the same {what}), so its sites are not listed; "
-                        "TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 lists them"))
-    return compiled

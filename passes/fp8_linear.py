@@ -34,7 +34,7 @@ from ..report import Report
 from . import fx_match as fm
 
 if TYPE_CHECKING:
-    from .lora_linear import BaseLinear, LoraSite
+    from .lora_site import BaseLinear, LoraSite
 
 PATTERN = "fp8_linear"
 STORED, PER_CALL = "stored", "per call"

@@ -31,7 +31,7 @@ from torch.fx import Node
 from .lora_autocast import cast_to
 
 if TYPE_CHECKING:
-    from .lora_linear import Adapter
+    from .lora_site import Adapter
 
 
 def group_by_input(adapters: list["Adapter"]) -> list[list["Adapter"]]:

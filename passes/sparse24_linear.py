@@ -33,7 +33,7 @@ from . import fx_match as fm
 from . import lora_autocast
 
 if TYPE_CHECKING:
-    from .lora_linear import BaseLinear, LoraSite
+    from .lora_site import BaseLinear, LoraSite
 
 PATTERN = "sparse24_linear"
 SPARSE = "2:4"

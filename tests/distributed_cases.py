@@ -189,16 +189,16 @@ def case_fsdp(world, rank, frozen, mp=False) -> dict:
     from unsloth_compile.rank import set_rank
     from unsloth_compile.report import collect_reports
 
-    import unsloth_compile.distributed as distributed
+    import unsloth_compile.distributed.fsdp as fsdp
 
     model = _tiny_model()
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mp else None
-    compile_blocks, block_cudagraphs = distributed.compile_blocks, []
-    distributed.compile_blocks = lambda *a, **kw: (block_cudagraphs.append(kw.get("cudagraphs")), compile_blocks(*a, **kw))
+    compile_blocks, block_cudagraphs = fsdp.compile_blocks, []
+    fsdp.compile_blocks = lambda *a, **kw: (block_cudagraphs.append(kw.get("cudagraphs")), compile_blocks(*a, **kw))
     try:
         shard_lora_model(model, frozen=frozen, options=OPTIONS, mp_policy=policy)
     finally:
-        distributed.compile_blocks = compile_blocks
+        fsdp.compile_blocks = compile_blocks
     opt = _adamw(model)
     with collect_reports() as report:
         out = train(model, model, opt, STEPS[:1] if mp else STEPS, world, rank, sync_off=lambda: no_sync(model))

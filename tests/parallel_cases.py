@@ -106,7 +106,7 @@ def _train_tp(model, tp_mesh, dp_group=None, dp_rank=0, dp_size=1, **tp_options)
 
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from unsloth_compile.parallel import all_reduce_gradients, tensor_parallel
+    from unsloth_compile.distributed.tensor_parallel import all_reduce_gradients, tensor_parallel
     from unsloth_compile.report import collect_reports
 
     tensor_parallel(model, tp_mesh, options=OPTIONS, **tp_options)
@@ -176,7 +176,7 @@ def case_tp_sp_vocab(world, rank) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from unsloth_compile.parallel import tensor_parallel
+    from unsloth_compile.distributed.tensor_parallel import tensor_parallel
 
     mesh = init_device_mesh("cpu", (world,))
     model = tiny_model(tied=True)
@@ -204,7 +204,7 @@ def case_tp_refused(world, rank) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
 
-    from unsloth_compile.parallel import LoraColwiseParallel, lora_tp_plan, tensor_parallel
+    from unsloth_compile.distributed.tensor_parallel import LoraColwiseParallel, lora_tp_plan, tensor_parallel
     from unsloth_compile.report import collect_reports
 
     class ShardedRank(LoraColwiseParallel):  # A split along its rank: no layout of the fused op
@@ -252,8 +252,8 @@ def _train_pp(model, schedule, stage_index, num_stages, pp_group=None, dp_group=
               microbatches=2) -> dict:
     """pipeline_stage warms the stage up (compiles it) before the schedule: recorded are the
     compilations during pipeline_stage and during the steps, and what the warm-up left behind."""
-    from unsloth_compile.parallel import all_reduce_gradients
-    from unsloth_compile.pipeline import pipeline_schedule, pipeline_stage
+    from unsloth_compile.distributed.tensor_parallel import all_reduce_gradients
+    from unsloth_compile.distributed.pipeline import pipeline_schedule, pipeline_stage
     from unsloth_compile.report import collect_reports
 
     mb_rows = BATCH // dp_size // microbatches

@@ -64,7 +64,7 @@ def test_e2e_tiny_end_to_end_with_a_failing_variant(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     captured = capsys.readouterr()
     assert "| broken |" in captured.out  # the table is printed too
-    assert "bench e2e: 1 variant run(s) failed" in captured.err and "broken: ValueError" in captured.err
+    assert "bench e2e: 1 variant run(s) failed" in captured.err and "broken: UnslothCompileError" in captured.err
 
 
 def test_accuracy_end_to_end_on_cpu(tmp_path):
@@ -132,7 +132,7 @@ def test_e2e_invalid_option_fails_loudly(tmp_path):
     data = json.loads((tmp_path / "e2e-tiny.json").read_text())
     assert [r["status"] for r in data["results"]] == ["ok", "failed"]
     error = _table_row(tmp_path / "e2e-tiny.md", "name")[-1]
-    assert error.startswith("ValueError: unsloth_compile: unknown option(s) 'nonsense'")
+    assert error.startswith("UnslothCompileError: unsloth_compile: unknown option(s) 'nonsense'")
 
 
 def test_profile_exits_nonzero_with_the_errors_first_line_in_its_row(tmp_path, monkeypatch):

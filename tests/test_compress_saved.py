@@ -291,11 +291,11 @@ def test_bad_options_are_clear_value_errors():
 
 
 def test_none_without_recompute_never_touches_the_partition(monkeypatch):
-    import unsloth_compile.passes.compress_saved as cs
+    import unsloth_compile.compressed_compile as cc
 
     def fail(*args, **kwargs):
         raise AssertionError("compile_compressed called with compress_activations='none', recompute off")
-    monkeypatch.setattr(cs, "compile_compressed", fail)
+    monkeypatch.setattr(cc, "compile_compressed", fail)
     model = peft_wrap(torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.SiLU(), torch.nn.Linear(48, 32)),
                       target_modules=["0", "2"])
     x = torch.randn(5, 32)

@@ -1,4 +1,4 @@
-"""Multi-process training with the backend (unsloth_compile/distributed.py), on CPU with gloo.
+"""Multi-process training with the backend (unsloth_compile/distributed/), on CPU with gloo.
 
 One launch of WORLD processes (tests/distributed_cases.py) trains a tiny PEFT Llama under DDP
 over the compiled model, FSDP2 with the frozen base sharded and replicated, FSDP2 with a bf16
@@ -18,6 +18,7 @@ import torch
 
 from distributed_cases import (BENCH_ARGV, RANK_STEPS, STEPS, WORLD, _tiny_model, launch, reference,
                                reference_bf16)
+from unsloth_compile.errors import UnslothCompileError
 
 pytestmark = pytest.mark.slow
 
@@ -97,7 +98,7 @@ def test_ddp_matches_one_process_on_the_whole_batch(runs, ref):
 
 
 def test_ddp_buffers_are_not_rebroadcast_unless_a_module_keeps_running_statistics(runs):
-    from unsloth_compile.distributed import _buffers_change_in_forward
+    from unsloth_compile.distributed.ddp import _buffers_change_in_forward
 
     assert runs[0]["ddp"]["broadcast_buffers"] == [False, False]  # the Llama's buffers are constants
     assert _buffers_change_in_forward(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)))
@@ -281,14 +282,14 @@ def test_clear_errors_without_a_process_group():
     model = _tiny_model()
     with pytest.raises(ValueError, match="frozen='both'.*'replicate'.*'shard'"):
         shard_lora_model(model, frozen="both")
-    with pytest.raises(RuntimeError, match="init_process_group"):
+    with pytest.raises(UnslothCompileError, match="init_process_group"):
         shard_lora_model(model)
-    with pytest.raises(RuntimeError, match="init_process_group"):
+    with pytest.raises(UnslothCompileError, match="init_process_group"):
         compile_ddp(model)
-    with pytest.raises(TypeError, match="expected a DDP or fully_shard model"):
+    with pytest.raises(UnslothCompileError, match="expected a DDP or fully_shard model"):
         with no_sync(model):
             pass
-    with pytest.raises(TypeError, match="expected the DDP wrapper"):
+    with pytest.raises(UnslothCompileError, match="expected the DDP wrapper"):
         DistributedRankController(model)
 
 
@@ -311,7 +312,7 @@ def _deep_block_compile_graphs(disable_cache: bool) -> tuple[int, int]:
     import transformers as tf
 
     import helpers
-    from unsloth_compile.distributed import _disable_kv_cache, compile_blocks, find_blocks
+    from unsloth_compile.distributed.fsdp import _disable_kv_cache, compile_blocks, find_blocks
     from unsloth_compile.report import collect_reports
 
     torch._dynamo.reset()
@@ -341,18 +342,18 @@ def test_per_block_compile_of_a_deep_model_compiles_once_with_the_kv_cache_off()
 
 
 def test_block_cudagraphs_default_yields_to_the_callers_choice():
-    from unsloth_compile.distributed import _block_cudagraphs
+    from unsloth_compile.distributed.fsdp import block_cudagraphs
 
-    assert _block_cudagraphs(None, False) == {"cudagraphs": False}
-    assert _block_cudagraphs({"inner": "aot_eager"}, None) == {"inner": "aot_eager"}
-    assert _block_cudagraphs({"cudagraphs": True}, False) == {"cudagraphs": True}
-    assert _block_cudagraphs({"cudagraphs": False}, None) == {"cudagraphs": False}
+    assert block_cudagraphs(None, False) == {"cudagraphs": False}
+    assert block_cudagraphs({"inner": "aot_eager"}, None) == {"inner": "aot_eager"}
+    assert block_cudagraphs({"cudagraphs": True}, False) == {"cudagraphs": True}
+    assert block_cudagraphs({"cudagraphs": False}, None) == {"cudagraphs": False}
 
 
 def test_the_module_around_the_blocks_is_found_for_the_head_compile():
     from torch import nn
 
-    from unsloth_compile.distributed import _stack_and_owner, find_blocks
+    from unsloth_compile.distributed.fsdp import _stack_and_owner, find_blocks
 
     model = _tiny_model()
     assert _stack_and_owner(model, find_blocks(model)) == ("base_model.model.model", "base_model.model")

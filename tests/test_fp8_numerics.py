@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import unsloth_compile  # noqa: F401  registers the ops
+from unsloth_compile.errors import UnslothCompileError
 from unsloth_compile.kernels import fp8
 
 E4M3 = torch.float8_e4m3fn
@@ -210,7 +211,7 @@ def test_the_scaled_mm_path_refuses_unaligned_shapes_before_computing():
 def test_capability_below_8_9_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(UnslothCompileError) as error:
         fp8.require_scaled_mm(torch.device("cuda", 0))
     message = str(error.value)
     for part in ("compute capability 8.9", "has 8.0", "A100", "precision='default'", "kernels='reference'"):

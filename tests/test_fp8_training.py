@@ -16,6 +16,7 @@ from torch import nn
 
 import unsloth_compile
 from unsloth_compile import fp8
+from unsloth_compile.errors import UnslothCompileError
 from unsloth_compile.kernels import fp8 as fp8_kernels
 from unsloth_compile.report import collect_reports
 
@@ -335,7 +336,7 @@ def test_gpu_convert_frees_the_reported_bytes_and_trains_compiled():
 def test_gpu_below_8_9_refuses_fp8_with_the_way_out():
     with torch.device("cuda"):
         model = peft_wrap(tiny_causal_lm("llama", dtype=torch.bfloat16))
-    with pytest.raises(RuntimeError, match="compute capability 8.9"):
+    with pytest.raises(UnslothCompileError, match="compute capability 8.9"):
         fp8.convert(model)
 
 

@@ -95,3 +95,13 @@ def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
         assert not [m for m in messages if "Deprecat" in m], messages
         """)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_every_subpackage_is_in_the_wheel():
+    """pyproject.toml lists the packages a wheel holds: each folder of unsloth_compile/ with an
+    __init__.py must be among them, or an installed copy lacks it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "unsloth_compile").rglob("__init__.py")}
+    assert folders - listed == set(), f"pyproject.toml's packages miss {sorted(folders - listed)}"

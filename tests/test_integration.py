@@ -61,11 +61,11 @@ def _summary_lines(caplog):
     (lambda m: unsloth_compile.compile(m, {"inner": "eager"}, inner="eager"), r"'inner' given both"),
 ])
 def test_compile_rejects_bad_options_before_tracing(call, message):
-    """A plain ValueError at the call, not BackendCompilerFailed at the first forward."""
+    """UnslothCompileError (a ValueError) at the call, not BackendCompilerFailed at the first forward."""
     model = OneLoRA()
     with pytest.raises(ValueError, match=message) as raised:
         call(model)
-    assert type(raised.value) is ValueError
+    assert type(raised.value) is unsloth_compile.UnslothCompileError
     assert model._compiled_call_impl is None  # nothing was compiled
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from unsloth_compile.errors import UnslothCompileError
 from unsloth_compile.kernels import fp8
 from unsloth_compile.kernels.fp8_gemm import fp8_lora_gemm, unsupported
 
@@ -209,7 +210,7 @@ def test_the_op_takes_the_fused_gemm_wherever_it_runs(main_gemm, runs_on_cpu_cod
                                 lambda: calls.append("fused"))
     with knobs.patch(main_gemm=main_gemm):
         if want == "error":
-            with pytest.raises(RuntimeError, match="K-contiguous"):
+            with pytest.raises(UnslothCompileError, match="K-contiguous"):
                 run()
             return
         run()

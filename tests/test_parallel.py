@@ -1,4 +1,4 @@
-"""Tensor and pipeline parallelism with the backend (unsloth_compile/parallel.py, pipeline.py,
+"""Tensor and pipeline parallelism with the backend (unsloth_compile/distributed/tensor_parallel.py, pipeline.py,
 dtensor_sharding.py), on CPU with gloo.
 
 One launch (tests/parallel_cases.py) starts a 2-process group (TP = 2; PP = 2 with GPipe and
@@ -192,7 +192,7 @@ def test_pp_warm_up_compiles_before_the_schedule(runs, case, group):
 
 
 def test_lora_tp_plan():
-    from unsloth_compile.parallel import LoraColwiseParallel, LoraRowwiseParallel, lora_tp_plan
+    from unsloth_compile.distributed.tensor_parallel import LoraColwiseParallel, LoraRowwiseParallel, lora_tp_plan
 
     plan = lora_tp_plan(tiny_model())
     assert len(plan) == 14
@@ -208,7 +208,7 @@ def test_sequence_parallel_plan():
     from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                    SequenceParallel)
 
-    from unsloth_compile.parallel import GatherSequence, LoraRowwiseParallel, lora_tp_plan
+    from unsloth_compile.distributed.tensor_parallel import GatherSequence, LoraRowwiseParallel, lora_tp_plan
 
     model = tiny_model()
     inner, layer = "base_model.model.model", "base_model.model.model.layers.1"
@@ -232,7 +232,7 @@ def test_sequence_parallel_plan():
 def test_styles_refuse_layers_they_cannot_shard():
     from peft import LoraConfig, get_peft_model
 
-    from unsloth_compile.parallel import LoraColwiseParallel
+    from unsloth_compile.distributed.tensor_parallel import LoraColwiseParallel
 
     torch.manual_seed(0)
     model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"],
@@ -244,7 +244,7 @@ def test_styles_refuse_layers_they_cannot_shard():
 def test_pipeline_split_and_refusals():
     import helpers
 
-    from unsloth_compile.pipeline import pipeline_schedule, pipeline_stage, split_layers
+    from unsloth_compile.distributed.pipeline import pipeline_schedule, pipeline_stage, split_layers
 
     assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
     assert split_layers(4, 4) == [range(i, i + 1) for i in range(4)]

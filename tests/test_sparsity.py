@@ -15,7 +15,7 @@ from torch import nn
 
 from unsloth_compile import Config, sparsity
 from unsloth_compile.kernels import sparse24
-from unsloth_compile.sparse24_mask import (kept_energy, row_mask, sparsity_problem, tile_patterns,
+from unsloth_compile.sparsity.mask import (kept_energy, row_mask, sparsity_problem, tile_patterns,
                                            transposable_mask)
 
 

@@ -1,5 +1,5 @@
 """Least-squares reconstruction after 2:4 masking (prune(..., reconstruct=True),
-sparse24_reconstruct.py), on CPU: the refit rows against an independent float64 reference (a
+sparsity/reconstruct.py), on CPU: the refit rows against an independent float64 reference (a
 damped lstsq on the calibration matrix itself, not on its Gram matrix), the mask unchanged and
 still 2:4 both ways, pruned entries exactly zero, a lower calibration output error than the
 plain mask, the report, determinism and the refusal without calibration."""
@@ -14,8 +14,8 @@ from torch import nn
 
 from helpers import correlated_inputs, lora_base_inputs
 from unsloth_compile import sparsity
-from unsloth_compile.sparse24_mask import sparsity_problem, transposable_mask
-from unsloth_compile.sparse24_reconstruct import DAMPING, reconstruct, relative_output_error
+from unsloth_compile.sparsity.mask import sparsity_problem, transposable_mask
+from unsloth_compile.sparsity.reconstruct import DAMPING, reconstruct, relative_output_error
 
 
 def _reference_refit(w0: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -132,7 +132,7 @@ def test_reconstruct_refuses_grams_over_the_budget(monkeypatch):
     the way out, and nothing is pruned."""
     model, batches = _mlp(), _calibration()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    monkeypatch.setattr(sparsity, "GRAM_BUDGET_BYTES", 1000)
+    monkeypatch.setattr(sparsity.pruning, "GRAM_BUDGET_BYTES", 1000)
     with pytest.raises(ValueError, match="Gram matrix per layer.*select="):
         sparsity.prune(model, "wanda", calibration=batches, reconstruct=True)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

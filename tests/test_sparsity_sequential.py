@@ -1,5 +1,5 @@
-"""SparseGPT-style mask selection (prune(..., method="sparsegpt"), sparse24_obs.py) and
-sequential calibration (prune(..., sequential=True), sparse24_sequential.py), on CPU: the OBS
+"""SparseGPT-style mask selection (prune(..., method="sparsegpt"), sparsity/obs.py) and
+sequential calibration (prune(..., sequential=True), sparsity/sequential.py), on CPU: the OBS
 sweep against a float64 reference that inverts H on the free columns at every step, the mask
 2:4 in both orientations, determinism, an output error no worse than wanda-ls's (sweep alone
 and through prune), the sequential statistics against inputs collected by hand from the
@@ -15,9 +15,9 @@ from torch import nn
 
 from helpers import correlated_inputs, lora_base_inputs
 from unsloth_compile import sparsity
-from unsloth_compile.sparse24_mask import sparsity_problem, transposable_mask
-from unsloth_compile.sparse24_obs import obs_prune
-from unsloth_compile.sparse24_reconstruct import (damping, dense_refit, reconstruct, relative_error_to,
+from unsloth_compile.sparsity.mask import sparsity_problem, transposable_mask
+from unsloth_compile.sparsity.obs import obs_prune
+from unsloth_compile.sparsity.reconstruct import (damping, dense_refit, reconstruct, relative_error_to,
                                                   relative_output_error)
 
 
@@ -158,7 +158,7 @@ def test_sequential_prune_fits_each_layer_on_the_pruned_inputs(method, refit, ta
 
 
 def test_sequential_groups_layers_that_share_an_input():
-    from unsloth_compile.sparse24_sequential import forward_groups
+    from unsloth_compile.sparsity.sequential import forward_groups
 
     class Fork(nn.Module):
         def __init__(self):
@@ -214,7 +214,7 @@ def test_prune_refusals_of_the_new_options(monkeypatch):
         sparsity.prune(model, "wanda", calibration=[], sequential=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     # the widest layer (K = 128, N = 64): H 128 KiB, with B 192 KiB
-    monkeypatch.setattr(sparsity, "GRAM_BUDGET_BYTES", 150_000)
+    monkeypatch.setattr(sparsity.pruning, "GRAM_BUDGET_BYTES", 150_000)
     with pytest.raises(ValueError, match="one group's float64 statistics.*target='layer'"):
         sparsity.prune(model, "sparsegpt", calibration=batches, sequential=True)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

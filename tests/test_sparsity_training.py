@@ -11,7 +11,7 @@ from helpers import batch_for, peft_wrap, tiny_causal_lm, train_and_compare
 from unsloth_compile import sparsity
 from unsloth_compile.kernels import knobs, sparse24
 from unsloth_compile.report import collect_reports
-from unsloth_compile.sparse24_mask import sparsity_problem, transposable_mask
+from unsloth_compile.sparsity.mask import sparsity_problem, transposable_mask
 
 
 def _llama64(dtype=torch.float32, layers=2, **lora):

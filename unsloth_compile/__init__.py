@@ -10,6 +10,7 @@ map_source_subpackages(__name__, __file__)  # passes/ and kernels/ of a source t
 
 from . import ops  # noqa: F401,E402  registers torch.ops.unsloth.*
 from .config import Config
+from .errors import UnslothCompileError
 from .backend import unsloth
 from .report import Report, Site
 from .explain import explain
@@ -19,7 +20,7 @@ from .training_outputs import loss_only, restore_logits  # training forward with
 from . import fp8, sparsity  # noqa: F401  so that unsloth_compile.fp8 / .sparsity work after the package import
 
 __all__ = ["Config", "unsloth", "compile", "explain", "Report", "Site", "fuse_lora_linears", "UnslothCompileCallback",
-           "loss_only", "restore_logits"]
+           "loss_only", "restore_logits", "UnslothCompileError"]
 __version__ = "0.1.0"
 
 

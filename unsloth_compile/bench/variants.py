@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .batch_layouts import LAYOUTS
+from ..errors import UnslothCompileError
 
 KINDS = ("full", "eager", "inductor", "aot_eager", "unsloth", "floor")
 # Kinds compiled by the backend, which take its options
@@ -64,14 +65,17 @@ class Variant:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"variant {self.name!r}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
+            raise UnslothCompileError(f"unsloth_compile.bench: variant {self.name!r}: kind {self.kind!r} is not one of "
+                                      f"{', '.join(KINDS)}")
         if self.layout not in LAYOUTS:
-            raise ValueError(f"variant {self.name!r}: layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
+            raise UnslothCompileError(f"unsloth_compile.bench: variant {self.name!r}: layout {self.layout!r} is not "
+                                      f"one of {', '.join(LAYOUTS)}")
         if set(self.options) - {"mode"} and self.kind not in BACKEND_KINDS:
-            raise ValueError(f"variant {self.name!r}: options other than mode are only meaningful for kinds "
-                             f"{' and '.join(BACKEND_KINDS)}")
+            raise UnslothCompileError(f"unsloth_compile.bench: variant {self.name!r}: options other than mode are only "
+                                      f"meaningful for kinds {' and '.join(BACKEND_KINDS)}")
         if "mode" in self.options and self.kind in ("full", "eager"):
-            raise ValueError(f"variant {self.name!r}: mode is a torch.compile mode; kind {self.kind!r} is not compiled")
+            raise UnslothCompileError(f"unsloth_compile.bench: variant {self.name!r}: mode is a torch.compile mode; "
+                                      f"kind {self.kind!r} is not compiled")
 
     @property
     def lora(self) -> bool:
@@ -113,13 +117,14 @@ def parse_variant(spec: str, inner: str) -> Variant:
     """`NAME=KIND[:k=v,...]` -> Variant; unsloth variants get `inner` unless they set it."""
     name, sep, rest = spec.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"--variant {spec!r}: expected NAME=KIND[:key=value,...] with KIND in {', '.join(KINDS)}")
+        raise UnslothCompileError(f"unsloth_compile.bench: --variant {spec!r}: expected NAME=KIND[:key=value,...] with "
+                                  f"KIND in {', '.join(KINDS)}")
     kind, _, opts = rest.partition(":")
     options = {}
     for item in filter(None, opts.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"--variant {spec!r}: option {item!r} is not key=value")
+            raise UnslothCompileError(f"unsloth_compile.bench: --variant {spec!r}: option {item!r} is not key=value")
         options[key.strip()] = parse_option_value(value.strip())
     if kind in BACKEND_KINDS:
         options.setdefault("inner", inner)
@@ -156,16 +161,19 @@ def _prune_kwargs(variant: Variant, options: dict, calibration: Optional[list]) 
     padding = str(options.pop("prune_padding", "include"))
     count = options.pop("prune_calibration", None)
     if sequential not in ("off", "model", "layer"):
-        raise ValueError(f"variant {variant.name}: prune_sequential={sequential!r}; one of off, model, layer")
+        raise UnslothCompileError(f"unsloth_compile.bench: variant {variant.name}: prune_sequential={sequential!r}; "
+                                  "one of off, model, layer")
     if padding not in ("include", "ignore"):
-        raise ValueError(f"variant {variant.name}: prune_padding={padding!r}; one of include, ignore")
+        raise UnslothCompileError(f"unsloth_compile.bench: variant {variant.name}: prune_padding={padding!r}; one of "
+                                  "include, ignore")
     if count is None:
         count = CALIBRATION_BATCHES if calibration is None else min(CALIBRATION_BATCHES, len(calibration))
     elif not str(count).isdigit() or int(count) < 1:
-        raise ValueError(f"variant {variant.name}: prune_calibration={count}; a count of batches, at least 1")
+        raise UnslothCompileError(f"unsloth_compile.bench: variant {variant.name}: prune_calibration={count}; a count "
+                                  "of batches, at least 1")
     if calibration is not None and int(count) > len(calibration):
-        raise ValueError(f"variant {variant.name}: prune_calibration={count}, but the bench passes "
-                         f"{len(calibration)} calibration batches")
+        raise UnslothCompileError(f"unsloth_compile.bench: variant {variant.name}: prune_calibration={count}, but the "
+                                  f"bench passes {len(calibration)} calibration batches")
     kwargs = {"calibration": None if calibration is None else calibration[:int(count)],
               "ignore_padding": padding == "ignore"}
     if sequential != "off":
@@ -183,7 +191,8 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
     mode = options.pop("mode", None)  # torch.compile's own argument, not a backend option
     prune_method = str(options.pop("prune_method", "magnitude"))
     if prune_method not in PRUNE_METHODS:
-        raise ValueError(f"variant {variant.name}: prune_method={prune_method!r}; one of {', '.join(PRUNE_METHODS)}")
+        raise UnslothCompileError(f"unsloth_compile.bench: variant {variant.name}: prune_method={prune_method!r}; one "
+                                  f"of {', '.join(PRUNE_METHODS)}")
     prune_layers = options.pop("prune_layers", None)
     prune_kwargs = _prune_kwargs(variant, options, calibration)
     if variant.kind in BACKEND_KINDS:
@@ -196,8 +205,8 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
             score, reconstruct = prune_method.removesuffix("-ls"), prune_method.endswith("-ls")
             calibrated = score != "magnitude" or reconstruct
             if calibrated and not calibration:
-                raise ValueError(f"variant {variant.name}: prune_method={prune_method} needs calibration batches, "
-                                 "which only `bench accuracy` passes")
+                raise UnslothCompileError(f"unsloth_compile.bench: variant {variant.name}: prune_method={prune_method} "
+                                          "needs calibration batches, which only `bench accuracy` passes")
             select = None
             if prune_layers is not None:
                 pattern = re.compile(str(prune_layers))
@@ -208,9 +217,11 @@ def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[
             report = prune(model, score, calibration=batches if calibrated else None, select=select,
                            reconstruct=reconstruct, **prune_kwargs)
             if prune_layers is not None and not report.energy:
-                raise ValueError(f"variant {variant.name}: prune_layers={prune_layers!r} matches no LoRA base")
+                raise UnslothCompileError(f"unsloth_compile.bench: variant {variant.name}: "
+                                          f"prune_layers={prune_layers!r} matches no LoRA base")
         elif set(PRUNE_OPTIONS) & set(variant.options):
-            raise ValueError(f"variant {variant.name}: {', '.join(PRUNE_OPTIONS)} are for sparsity=2:4")
+            raise UnslothCompileError(f"unsloth_compile.bench: variant {variant.name}: {', '.join(PRUNE_OPTIONS)} are "
+                                      "for sparsity=2:4")
         # the documented entry point: fp8 bases converted in place, batch lengths bucketed
         from unsloth_compile import compile as unsloth_compile
 

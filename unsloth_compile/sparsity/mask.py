@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..errors import UnslothCompileError
+
 # Tiles scored per matmul: bounds the (tiles, 90) fp32 score buffer to ~24 MiB per chunk.
 _TILES_PER_CHUNK = 1 << 16
 
@@ -57,7 +59,8 @@ def transposable_mask(score: Tensor) -> Tensor:
     largest total score (score >= 0, e.g. |W| or Wanda's |W| * ||x_col||). N, K multiples of 4."""
     n, k = score.shape
     if n % 4 or k % 4:
-        raise ValueError(f"a 4 x 4 tile mask needs both dimensions multiples of 4, got {n} x {k}")
+        raise UnslothCompileError("unsloth_compile.sparsity: a 4 x 4 tile mask needs both dimensions multiples of 4, "
+                                  f"got {n} x {k}; leave this layer out (select=) or use a 1 x 4 (row-wise 2:4) mask")
     tiles = _tiles(score.detach().float())
     patterns = tile_patterns(score.device)
     chosen = torch.empty(tiles.shape[0], dtype=torch.long, device=score.device)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import UnslothCompileError
+
 # lam / mean(diag(H)): SparseGPT's default percdamp.
 DAMPING = 0.01
 # Gathered (rows, s, s) float64 systems per batched solve: bounds that buffer to ~256 MiB.
@@ -51,7 +53,9 @@ def kept_indices(mask: Tensor) -> Tensor:
     """(N, s) long: the kept columns of each row, ascending; every row must keep s of them."""
     counts = mask.sum(1)
     if not bool((counts == counts[0]).all()):
-        raise ValueError("least-squares reconstruction needs the same number of kept entries in every row")
+        raise UnslothCompileError("unsloth_compile.sparsity: least-squares reconstruction needs the same number of "
+                                  "kept entries in every row, which this mask does not have; pass a 2:4 mask, or "
+                                  "reconstruct=False")
     return mask.nonzero()[:, 1].reshape(mask.shape[0], -1)  # nonzero() is row-major
 
 

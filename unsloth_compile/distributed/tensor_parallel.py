@@ -46,7 +46,8 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .dtensor_sharding import register_lora_sharding
-from .training_outputs import loss_only
+from ..training_outputs import loss_only
+from ..errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile")
 
@@ -109,8 +110,9 @@ def _lora_partition(base_placements: dict, a_placements: dict, b_placements: dic
 def _check_lora_layer(module: nn.Module, style: str) -> bool:
     is_lora, reason = _lora_layer_or_reason(module)
     if reason is not None:
-        raise ValueError(f"unsloth_compile.parallel.{style}: cannot shard {type(module).__name__}: {reason}. "
-                         f"Leave it out of the plan (it then stays whole on every rank) or merge it first")
+        raise UnslothCompileError(f"unsloth_compile.distributed.tensor_parallel.{style}: cannot shard "
+                                  f"{type(module).__name__}: {reason}. Leave it out of the plan (it then stays whole "
+                                  "on every rank) or merge it first")
     return is_lora
 
 
@@ -202,8 +204,9 @@ def lora_tp_plan(model: nn.Module, colwise: tuple[str, ...] = COLWISE, rowwise: 
     from torch.distributed.tensor import Shard
 
     if regather_in_backward and not sequence_parallel:
-        raise ValueError("unsloth_compile.parallel.lora_tp_plan: regather_in_backward=True needs "
-                         "sequence_parallel=True (without it the blocks' input is not gathered)")
+        raise UnslothCompileError("unsloth_compile.distributed.tensor_parallel.lora_tp_plan: "
+                                  "regather_in_backward=True needs sequence_parallel=True (without it the blocks' "
+                                  "input is not gathered)")
 
     plan: dict[str, Any] = {}
     for name, module in model.named_modules():
@@ -215,8 +218,8 @@ def lora_tp_plan(model: nn.Module, colwise: tuple[str, ...] = COLWISE, rowwise: 
             plan[name] = (LoraRowwiseParallel(output_layouts=Shard(1), use_local_output=False) if sequence_parallel
                           else LoraRowwiseParallel())
     if not plan:
-        raise ValueError(f"unsloth_compile.parallel.lora_tp_plan: no module named one of {colwise + rowwise}; "
-                         f"pass colwise=/rowwise= with your model's projection names")
+        raise UnslothCompileError("unsloth_compile.distributed.tensor_parallel.lora_tp_plan: no module named one of "
+                                  f"{colwise + rowwise}; pass colwise=/rowwise= with your model's projection names")
     if sequence_parallel or vocab_parallel_head:
         plan.update(_embedding_and_head_plan(model, sequence_parallel, vocab_parallel_head))
     if sequence_parallel:
@@ -259,10 +262,10 @@ def _gather_hidden_states(regather_in_backward: bool, module: nn.Module, args: t
 
     def gathered(hidden):
         if not isinstance(hidden, DTensor):
-            raise TypeError(f"unsloth_compile.parallel: under sequence_parallel, {type(module).__name__} expects "
-                            f"its hidden_states as a DTensor sharded on the sequence, from a norm named one of "
-                            f"{SEQUENCE_NORMS}, got a {type(hidden).__name__}; leave sequence_parallel off for "
-                            f"this model")
+            raise UnslothCompileError("unsloth_compile.distributed.tensor_parallel: under sequence_parallel, "
+                                      f"{type(module).__name__} expects its hidden_states as a DTensor sharded on the "
+                                      f"sequence, from a norm named one of {SEQUENCE_NORMS}, got a "
+                                      f"{type(hidden).__name__}; leave sequence_parallel off for this model")
         if regather_in_backward:
             # Checkpointing the all-gather alone: autograd (and, compiled, the partitioner, for
             # which the region's collectives are user-annotated recompute) keeps the sequence
@@ -276,9 +279,9 @@ def _gather_hidden_states(regather_in_backward: bool, module: nn.Module, args: t
     if args:
         return (gathered(args[0]), *args[1:]), kwargs
     if "hidden_states" not in kwargs:
-        raise TypeError(f"unsloth_compile.parallel: under sequence_parallel, {type(module).__name__} is called "
-                        f"without a positional input or hidden_states=: nothing to gather; leave sequence_parallel "
-                        f"off for this model")
+        raise UnslothCompileError("unsloth_compile.distributed.tensor_parallel: under sequence_parallel, "
+                                  f"{type(module).__name__} is called without a positional input or hidden_states=: "
+                                  "nothing to gather; leave sequence_parallel off for this model")
     return args, {**kwargs, "hidden_states": gathered(kwargs["hidden_states"])}
 
 
@@ -287,8 +290,9 @@ def _named(model: nn.Module, module: Optional[nn.Module], what: str, option: str
     names = {id(candidate): name for name, candidate in model.named_modules()}
     if module is not None and id(module) in names:
         return names[id(module)]
-    raise ValueError(f"unsloth_compile.parallel.lora_tp_plan: {option}=True needs the model's {what} "
-                     f"(get_{what.replace(' ', '_')}s()); this model has none: leave {option} off")
+    raise UnslothCompileError(f"unsloth_compile.distributed.tensor_parallel.lora_tp_plan: {option}=True needs the "
+                              f"model's {what} (get_{what.replace(' ', '_')}s()); this model has none: leave {option} "
+                              "off")
 
 
 def _embedding_and_head_plan(model: nn.Module, sequence_parallel: bool, vocab_parallel_head: bool) -> dict:
@@ -338,8 +342,8 @@ def _sequence_parallel_plan(model: nn.Module, projections: Mapping[str, Any], re
         if name.rsplit(".", 1)[-1] in SEQUENCE_NORMS and not inside_block:
             plan[name] = SequenceParallel()
     if not any(isinstance(style, SequenceParallel) for style in plan.values()):
-        raise ValueError(f"unsloth_compile.parallel.lora_tp_plan: sequence_parallel=True found no norm named one "
-                         f"of {SEQUENCE_NORMS}")
+        raise UnslothCompileError("unsloth_compile.distributed.tensor_parallel.lora_tp_plan: sequence_parallel=True "
+                                  f"found no norm named one of {SEQUENCE_NORMS}")
     return plan
 
 
@@ -357,12 +361,12 @@ def tensor_parallel(model: nn.Module, mesh: Any, plan: Optional[Mapping[str, Any
     from torch.distributed.tensor.parallel import parallelize_module
 
     if getattr(mesh, "ndim", 1) != 1:
-        raise ValueError("unsloth_compile.parallel.tensor_parallel: pass the 1-D tensor-parallel mesh "
-                         "(mesh['tp'] of a DP x TP mesh)")
+        raise UnslothCompileError("unsloth_compile.distributed.tensor_parallel.tensor_parallel: pass the 1-D "
+                                  "tensor-parallel mesh (mesh['tp'] of a DP x TP mesh)")
     if plan is not None and (sequence_parallel or vocab_parallel_head or regather_in_backward):
-        raise ValueError("unsloth_compile.parallel.tensor_parallel: sequence_parallel=, vocab_parallel_head= and "
-                         "regather_in_backward= build the plan; with plan= pass lora_tp_plan(model, "
-                         "sequence_parallel=..., ...) instead")
+        raise UnslothCompileError("unsloth_compile.distributed.tensor_parallel.tensor_parallel: sequence_parallel=, "
+                                  "vocab_parallel_head= and regather_in_backward= build the plan; with plan= pass "
+                                  "lora_tp_plan(model, sequence_parallel=..., ...) instead")
     register_lora_sharding()
     _check_heads(model, mesh.size())
     if plan is None:
@@ -384,7 +388,7 @@ def tensor_parallel(model: nn.Module, mesh: Any, plan: Optional[Mapping[str, Any
         # plain Tensor", pytorch#172556): training forwards return the loss without the logits.
         loss_only(model)
     if compile:
-        from .integration import compile as compile_in_place
+        from ..integration import compile as compile_in_place
 
         compile_in_place(model, {"cudagraphs": False, **dict(options or {})}, mode=mode)
     return model
@@ -411,8 +415,8 @@ def _check_heads(model: nn.Module, size: int) -> None:
     for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value % size:
-            raise ValueError(f"unsloth_compile.parallel.tensor_parallel: {key}={value} does not divide by the "
-                             f"tensor-parallel size {size}")
+            raise UnslothCompileError(f"unsloth_compile.distributed.tensor_parallel.tensor_parallel: {key}={value} "
+                                      f"does not divide by the tensor-parallel size {size}")
 
 
 # ----------------------------------------------------------------------------- data parallelism over a mesh

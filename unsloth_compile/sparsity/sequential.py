@@ -27,6 +27,8 @@ from typing import Callable, Container, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
+from ..errors import UnslothCompileError
+
 TARGETS = ("model", "layer")
 
 
@@ -45,9 +47,9 @@ def padding_mask(batch, ignore_padding: bool) -> Optional[Tensor]:
         return None
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
     if mask is None:
-        raise ValueError("unsloth_compile.sparsity.prune: ignore_padding=True leaves out the tokens a batch's "
-                         "attention_mask marks 0: pass batches as dicts with an attention_mask, or "
-                         "ignore_padding=False")
+        raise UnslothCompileError("unsloth_compile.sparsity.prune: ignore_padding=True leaves out the tokens a "
+                                  "batch's attention_mask marks 0: pass batches as dicts with an attention_mask, or "
+                                  "ignore_padding=False")
     return mask.bool()
 
 
@@ -59,9 +61,9 @@ def token_rows(x: Tensor, mask: Optional[Tensor], path: str) -> Tensor:
     if mask is None or (len(lead) < mask.dim() and lead == tuple(mask.shape[:len(lead)])):
         return x.reshape(-1, x.shape[-1]).double()
     if lead != tuple(mask.shape):
-        raise ValueError(f"unsloth_compile.sparsity.prune: ignore_padding=True, but {path}'s input is "
-                         f"{tuple(x.shape)}, which the attention_mask {tuple(mask.shape)} does not index: pass "
-                         "ignore_padding=False")
+        raise UnslothCompileError(f"unsloth_compile.sparsity.prune: ignore_padding=True, but {path}'s input is "
+                                  f"{tuple(x.shape)}, which the attention_mask {tuple(mask.shape)} does not index: "
+                                  "pass ignore_padding=False")
     return x[mask.to(x.device)].double()
 
 
@@ -139,8 +141,9 @@ def require_reached(modules: Iterable[str], reached: Container[str]) -> None:
     """ValueError naming the modules the calibration forward never reached."""
     missing = [p for p in modules if p not in reached]
     if missing:
-        raise ValueError(f"unsloth_compile.sparsity: the calibration batches never reached {', '.join(missing[:3])}"
-                         f"{' ...' if len(missing) > 3 else ''}: pass batches the model's forward takes")
+        raise UnslothCompileError("unsloth_compile.sparsity: the calibration batches never reached "
+                                  f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: pass batches the "
+                                  "model's forward takes")
 
 
 @contextlib.contextmanager

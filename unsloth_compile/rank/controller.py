@@ -27,7 +27,7 @@ The recompile limit (`recompile_limit`, `cache_size_limit` before torch 2.6/2.7;
 tried) is raised to what the controller can produce; a setting too low to hold every rank's
 graph is reported with `warnings.warn`, because Dynamo would silently run the model eagerly.
 
-Supported LoRA layers (anything else raises ValueError):
+Supported LoRA layers (anything else raises UnslothCompileError, a ValueError):
 - PEFT `LoraLayer`s with `nn.Linear` adapters (Linear, Conv1D bases), no variant (DoRA, ...):
   `lora_A[a].weight`, `lora_B[a].weight`, `in/out_features`, `r[a]` and `scaling[a]` are updated.
 - hand-written modules that follow this protocol (computing `base(x) + B(A(drop(x))) * scale`):
@@ -58,7 +58,7 @@ parameters and any LR scheduler (which edits the group dicts) keep working.
 
 Bounds: any resize takes a rank in [1, min(in, out)]; the policies stop at `rank_limit`, a fifth
 of the smaller side. Saving: after every resize of PEFT layers, `set_rank` and the controller
-write the ranks into PEFT's LoraConfig (rank_peft.py), so that `save_pretrained` +
+write the ranks into PEFT's LoraConfig (peft_config.py), so that `save_pretrained` +
 `PeftModel.from_pretrained` rebuild the same model.
 
 This file is longer than the usual ~500 lines because the issue asks for one module holding the
@@ -78,12 +78,13 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .rank_peft import _sync_after_resize, sync_peft_config
+from .peft_config import sync_after_resize, sync_peft_config
+from ..errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile")
 
-__all__ = ["LoraAdapter", "RankController", "RankCallback", "set_rank", "find_lora_adapters",
-           "allocate_ranks", "rank_limit", "sync_peft_config"]
+__all__ = ["LoraAdapter", "RankController", "set_rank", "find_lora_adapters", "allocate_ranks", "rank_limit",
+           "sync_peft_config"]
 
 ModuleSpec = Union[str, nn.Module]
 
@@ -196,23 +197,25 @@ class LoraAdapter:
         unless `sharded_ok`: a controller that rebuilds the sharded model to resize it)."""
         A, B = self.A, self.B
         if (layout := getattr(self.module, "_unsloth_tensor_parallel", None)) is not None:
-            raise ValueError(f"unsloth_compile.rank: {self.name}: the adapter is split by tensor parallelism "
-                             f"({layout}: A and B are DTensor shards laid out with the base weight); resizing them "
-                             f"is not supported: choose the rank before unsloth_compile.parallel.tensor_parallel, "
-                             f"or change ranks under DDP (unsloth_compile.distributed)")
+            raise UnslothCompileError(f"unsloth_compile.rank: {self.name}: the adapter is split by tensor parallelism "
+                                      f"({layout}: A and B are DTensor shards laid out with the base weight); resizing "
+                                      "them is not supported: choose the rank before "
+                                      "unsloth_compile.distributed.tensor_parallel.tensor_parallel, or change ranks "
+                                      "under DDP (unsloth_compile.distributed)")
         if not sharded_ok and (_is_sharded(A) or _is_sharded(B)):
-            raise ValueError(f"unsloth_compile.rank: {self.name}: the adapter is sharded by FSDP2 (DTensor "
-                             f"parameters), and fully_shard's parameter groups cannot take new shapes in place; "
-                             f"use unsloth_compile.distributed.ShardedRankController, which rebuilds the sharded "
-                             f"model at the new ranks, choose the rank before sharding, or train under DDP")
+            raise UnslothCompileError(f"unsloth_compile.rank: {self.name}: the adapter is sharded by FSDP2 (DTensor "
+                                      "parameters), and fully_shard's parameter groups cannot take new shapes in "
+                                      "place; use unsloth_compile.distributed.ShardedRankController, which rebuilds "
+                                      "the sharded model at the new ranks, choose the rank before sharding, or train "
+                                      "under DDP")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(f"unsloth_compile.rank: {self.name}: lora_A {tuple(A.shape)} and lora_B "
-                             f"{tuple(B.shape)} are not (r, in) and (out, r) matrices")
+            raise UnslothCompileError(f"unsloth_compile.rank: {self.name}: lora_A {tuple(A.shape)} and lora_B "
+                                      f"{tuple(B.shape)} are not (r, in) and (out, r) matrices")
         if self.adapter is not None:
             variant = getattr(self.module, "lora_variant", {}).get(self.adapter)
             if variant is not None or getattr(self.module, "use_dora", {}).get(self.adapter, False):
-                raise ValueError(f"unsloth_compile.rank: {self.name}: PEFT LoRA variants (DoRA, ...) "
-                                 f"cannot be resized; leave this layer out of `modules`")
+                raise UnslothCompileError(f"unsloth_compile.rank: {self.name}: PEFT LoRA variants (DoRA, ...) cannot "
+                                          "be resized; leave this layer out of `modules`")
 
     def replace(self, A: Tensor, B: Tensor) -> tuple[nn.Parameter, nn.Parameter]:
         """Put new A (r', in) and B (out, r') Parameters and the matching scale on the module."""
@@ -261,8 +264,8 @@ def _peft_adapters(name: str, module: nn.Module, adapter_name: Optional[str]) ->
     out = []
     for a in names:
         if a not in module.lora_A or not isinstance(module.lora_A[a], nn.Linear):
-            raise ValueError(f"unsloth_compile.rank: {name} is a PEFT LoRA layer without a Linear "
-                             f"adapter {a!r} (LoRA on embeddings/convolutions cannot be resized)")
+            raise UnslothCompileError(f"unsloth_compile.rank: {name} is a PEFT LoRA layer without a Linear adapter "
+                                      f"{a!r} (LoRA on embeddings/convolutions cannot be resized)")
         out.append(LoraAdapter((name or "<root>") if len(names) == 1 else f"{name}[{a}]", module, a))
     return out
 
@@ -283,12 +286,14 @@ def find_lora_adapters(model: nn.Module, modules: Optional[Iterable[ModuleSpec]]
         for spec in ([modules] if isinstance(modules, (str, nn.Module)) else modules):
             if isinstance(spec, nn.Module):
                 if id(spec) not in by_id:
-                    raise ValueError(f"unsloth_compile.rank: module {type(spec).__name__} is not part of the model")
+                    raise UnslothCompileError(f"unsloth_compile.rank: module {type(spec).__name__} is not part of the "
+                                              "model")
                 picked.append((by_id[id(spec)], spec))
                 continue
             hits = [(n, m) for n, m in named if n == spec or fnmatchcase(n, spec)]
             if not hits:
-                raise ValueError(f"unsloth_compile.rank: no module of the model is named {spec!r}")
+                raise UnslothCompileError(f"unsloth_compile.rank: no module of the model is named {spec!r}; pass names "
+                                          "from model.named_modules() or fnmatch patterns of them")
             picked.extend(hits)
     adapters, seen = [], set()
     for name, module in picked:
@@ -300,14 +305,15 @@ def find_lora_adapters(model: nn.Module, modules: Optional[Iterable[ModuleSpec]]
         elif _follows_protocol(module):
             adapters.append(LoraAdapter(name or "<root>", module))
         else:
-            raise ValueError(
-                f"unsloth_compile.rank: {name or '<root>'} ({type(module).__name__}) is not a LoRA layer: "
-                "expected a PEFT LoraLayer or a module with lora_A/lora_B (Parameters or nn.Linear) and a "
-                "float `scale` (see unsloth_compile.rank's docstring)")
+            raise UnslothCompileError(f"unsloth_compile.rank: {name or '<root>'} ({type(module).__name__}) is not a "
+                                      "LoRA layer: expected a PEFT LoraLayer or a module with lora_A/lora_B "
+                                      "(Parameters or nn.Linear) and a float `scale` (see unsloth_compile.rank's "
+                                      "docstring)")
     for adapter in adapters:
         adapter.check(sharded_ok)
     if not adapters:
-        raise ValueError("unsloth_compile.rank: the model has no LoRA layer to resize")
+        raise UnslothCompileError("unsloth_compile.rank: the model has no LoRA layer to resize; add LoRA adapters "
+                                  "(peft.get_peft_model) before building the controller")
     return adapters
 
 
@@ -381,9 +387,9 @@ def _torch_optimizer(optimizer: Any) -> Optional[torch.optim.Optimizer]:
 def _check_state(optimizer: torch.optim.Optimizer, param: Tensor, name: str) -> None:
     for key, value in optimizer.state.get(param, {}).items():
         if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
-            raise ValueError(f"unsloth_compile.rank: {name}: optimizer state {key!r} has shape "
-                             f"{tuple(value.shape)} for a parameter of shape {tuple(param.shape)}; "
-                             f"{type(optimizer).__name__} state cannot be migrated")
+            raise UnslothCompileError(f"unsloth_compile.rank: {name}: optimizer state {key!r} has shape "
+                                      f"{tuple(value.shape)} for a parameter of shape {tuple(param.shape)}; "
+                                      f"{type(optimizer).__name__} state cannot be migrated")
 
 
 def _migrate_param_state(optimizer: torch.optim.Optimizer, old: Tensor, new: Tensor, plan: Resize,
@@ -432,10 +438,10 @@ def resize(adapters: Sequence[LoraAdapter], ranks: Sequence[int], optimizer: Any
     for adapter, r in zip(adapters, ranks):
         # the policies clamp to adapter.limit themselves; this bound is the one a manual rank has
         if isinstance(r, bool) or not isinstance(r, numbers.Integral) or not 1 <= r <= adapter.max_rank:
-            raise ValueError(
-                f"unsloth_compile.rank: rank {r!r} for {adapter.name} is outside [1, {adapter.max_rank}] "
-                f"(in_features={adapter.in_features}, out_features={adapter.out_features}: a rank above "
-                f"the smaller side adds nothing to B A); choose a rank in that range")
+            raise UnslothCompileError(f"unsloth_compile.rank: rank {r!r} for {adapter.name} is outside [1, "
+                                      f"{adapter.max_rank}] (in_features={adapter.in_features}, "
+                                      f"out_features={adapter.out_features}: a rank above the smaller side adds "
+                                      "nothing to B A); choose a rank in that range")
     opts = [o for o in (_torch_optimizer(optimizer),) if o is not None]
     plans = []
     with torch.no_grad():
@@ -459,7 +465,7 @@ def set_rank(model: nn.Module, r: int, modules: Optional[Iterable[ModuleSpec]] =
     with policy="manual" raises it)."""
     adapters = find_lora_adapters(model, modules, adapter_name)
     plans = resize(adapters, [r] * len(adapters), optimizer)
-    _sync_after_resize(model, plans)
+    sync_after_resize(model, plans)
     return plans
 
 
@@ -550,7 +556,7 @@ class ImportancePolicy:
 
     def __init__(self, importance: str, ema: float):
         if importance not in ("sensitivity", "svd"):
-            raise ValueError(f"unsloth_compile.rank: importance={importance!r}; choose 'sensitivity' or 'svd'")
+            raise UnslothCompileError(f"unsloth_compile.rank: importance={importance!r}; choose 'sensitivity' or 'svd'")
         self.importance, self.ema = importance, ema
         self.scores: dict[int, float] = {}
 
@@ -605,12 +611,14 @@ class RankController:
                  budget: Optional[int] = None, importance: str = "sensitivity", ema: float = 0.85,
                  adapter_name: Optional[str] = None, raise_recompile_limit: bool = True):
         if policy not in ("loss-decay", "importance", "manual"):
-            raise ValueError(f"unsloth_compile.rank: policy={policy!r}; choose 'loss-decay', 'importance' or 'manual'")
+            raise UnslothCompileError(f"unsloth_compile.rank: policy={policy!r}; choose 'loss-decay', 'importance' or "
+                                      "'manual'")
         if not 1 <= min_rank <= init_rank <= max_rank:
-            raise ValueError(f"unsloth_compile.rank: need 1 <= min_rank <= init_rank <= max_rank, got "
-                             f"{min_rank}, {init_rank}, {max_rank}")
+            raise UnslothCompileError("unsloth_compile.rank: need 1 <= min_rank <= init_rank <= max_rank, got "
+                                      f"{min_rank}, {init_rank}, {max_rank}")
         if window < 1 or threshold <= 0:
-            raise ValueError(f"unsloth_compile.rank: window={window} must be >= 1 and threshold={threshold} > 0")
+            raise UnslothCompileError(f"unsloth_compile.rank: window={window} must be >= 1 and threshold={threshold} > "
+                                      "0")
         self.model, self.policy_name = model, policy
         self.adapters = find_lora_adapters(model, modules, adapter_name, self._sharded_ok)
         self.init_rank, self.min_rank, self.max_rank = init_rank, min_rank, max_rank
@@ -644,7 +652,9 @@ class RankController:
         if self.scheduler is not None and self.optimizer is not None:
             sched_opt = getattr(getattr(self.scheduler, "scheduler", self.scheduler), "optimizer", None)
             if sched_opt is not None and _torch_optimizer(sched_opt) is not _torch_optimizer(self.optimizer):
-                raise ValueError("unsloth_compile.rank: the scheduler drives another optimizer than the controller's")
+                raise UnslothCompileError("unsloth_compile.rank: the scheduler drives another optimizer than the "
+                                          "controller's; build the scheduler on the optimizer passed to the "
+                                          "controller")
 
     @property
     def ranks(self) -> dict[str, int]:
@@ -670,7 +680,7 @@ class RankController:
         if config == self._config():
             return []
         plans = resize(self.adapters, ranks, self.optimizer)  # a ValueError changes nothing
-        _sync_after_resize(self.model, plans)  # so that save_pretrained writes the new ranks
+        sync_after_resize(self.model, plans)  # so that save_pretrained writes the new ranks
         self._configs.add(config)
         self._ensure_limit()  # before the next forward compiles; warns if the user lowered it
         self.events.append({"step": self.steps, "ranks": dict(self.ranks), "reason": reason})
@@ -685,7 +695,8 @@ class RankController:
                                                                                 sharded_ok=self._sharded_ok)}
             unknown = chosen - {(id(a.module), a.adapter) for a in self.adapters}
             if unknown:
-                raise ValueError("unsloth_compile.rank: `modules` names LoRA layers this controller does not manage")
+                raise UnslothCompileError("unsloth_compile.rank: `modules` names LoRA layers this controller does not "
+                                          "manage")
         ranks = [r if chosen is None or (id(a.module), a.adapter) in chosen else a.rank for a in self.adapters]
         return self._change(ranks, "manual")
 
@@ -724,56 +735,3 @@ class RankController:
         self.record_loss(loss)
         self.observe_gradients()
         return self.advance()
-
-
-# ----------------------------------------------------------------------------- Trainer callback
-
-
-def _make_rank_callback() -> type:
-    from transformers import TrainerCallback
-
-    class RankCallback(TrainerCallback):
-        """Drives a RankController inside `transformers.Trainer`.
-
-        RankCallback(controller) or RankCallback(policy=..., **RankController kwargs), in which
-        case the controller is built at train start on the Trainer's model, optimizer and LR
-        scheduler. The loss it sees is the one Trainer logs (`logging_steps`; the mean over the
-        steps since the last log), recorded in on_log; gradients are scored in on_optimizer_step
-        (before zero_grad); the step count advances (and ranks change) in on_step_begin, i.e.
-        between two optimizer steps and after the previous step's log.
-        """
-
-        def __init__(self, controller: Optional[RankController] = None, **controller_kwargs: Any):
-            self.controller, self.controller_kwargs = controller, controller_kwargs
-            self._advanced_to = 0
-
-        def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
-            if self.controller is None:
-                self.controller = RankController(model, optimizer, scheduler=lr_scheduler, **self.controller_kwargs)
-            else:
-                self.controller.attach(optimizer, lr_scheduler)
-            self._advanced_to = state.global_step
-
-        def on_optimizer_step(self, args, state, control, **kwargs):
-            self.controller.observe_gradients()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.controller.record_loss(logs["loss"])
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            while self._advanced_to < state.global_step:
-                self._advanced_to += 1
-                self.controller.advance()
-
-    return RankCallback
-
-
-def __getattr__(name: str) -> Any:
-    # RankCallback subclasses transformers.TrainerCallback: built on first use so that importing
-    # this module does not import transformers
-    if name == "RankCallback":
-        cls = _make_rank_callback()
-        globals()["RankCallback"] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,20 +11,20 @@ separate from the runtime rewrite (passes/sparse24_linear.py).
     unsloth_compile.sparsity.revert(model)   # back to nn.Linear / Conv1D with the pruned weight
 
 `prune` draws a transposable 2:4 mask for the frozen base of every LoRA layer (4 x 4 tiles, 2
-kept per row and per column: sparse24_mask.py), so that both X W^T and backward's dY W run on
+kept per row and per column: mask.py), so that both X W^T and backward's dY W run on
 the sparse tensor cores, zeroes the rest of the weight in place and (convert=True) swaps the
 base for a `Sparse24Linear`. Scores: "magnitude" |W|; "wanda" |W| * ||X_j||_2, the norm of
 each input feature over calibration batches run through the model (forward hooks on the
 bases). The report gives each layer's kept-weight energy (sum of kept w^2 / sum of w^2).
 reconstruct=True then refits the kept weights of each layer by least squares so that it
-reproduces the dense layer's outputs on the calibration inputs (sparse24_reconstruct.py; the
+reproduces the dense layer's outputs on the calibration inputs (reconstruct.py; the
 same pass also sums each base's H = X^T X, K x K float64 per layer, from the dense model's
 activations); the mask is unchanged and the report adds each layer's relative output error on
 the calibration inputs, masked against reconstructed. "sparsegpt" chooses the mask by OBS
 saliency w^2 / [H^-1]_jj column group by column group, updating the free weights as it goes
-(sparse24_obs.py); reconstruct=True then refits its mask exactly. sequential=True prunes the
+(obs.py); reconstruct=True then refits its mask exactly. sequential=True prunes the
 layers in forward order, each measured on the inputs of the model pruned so far and fitted to
-the dense model's outputs of that layer (sparse24_sequential.py). ignore_padding=True leaves
+the dense model's outputs of that layer (sequential.py). ignore_padding=True leaves
 the tokens the batches' attention_mask marks 0 out of every statistic.
 
 `Sparse24Linear` keeps the dense masked weight (a frozen parameter: the CPU path, the
@@ -34,7 +34,8 @@ CUDA in eager too. The dense weight is validated 2:4 in both orientations when t
 built (and after load_state_dict), so the compiler, which only sees fake tensors, needs no
 check of the values: it recognises the op. Layers whose shape the 2:4 GEMMs cannot take,
 trainable weights and non-linear modules are neither pruned nor converted, and are listed in
-the report with the reason. No memory is saved (dense weight + ~1.1x in compressed copies).
+the report with the reason. No memory is saved: the compressed copies sit beside the dense
+weight (docs/bench/design-choices.md#24-sparsity).
 Revert before merging adapters (merge_and_unload writes into the dense weight only).
 """
 
@@ -47,16 +48,17 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops  # noqa: F401  registers torch.ops.unsloth.sparse24_linear
-from .dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
-from .dense_linear import lora_base_layers  # noqa: F401  part of this module's API
-from .kernels import sparse24
-from .sparse24_mask import kept_energy, sparsity_problem, transposable_mask
-from .sparse24_obs import obs_prune
-from .sparse24_reconstruct import dense_refit, relative_error_to
-from .sparse24_reconstruct import reconstruct as reconstruct_kept
-from .sparse24_sequential import (TARGETS, LayerStats, eval_no_grad, forward_groups, group_stats, padding_mask,
+from .. import ops  # noqa: F401  registers torch.ops.unsloth.sparse24_linear
+from ..dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
+from ..kernels import sparse24
+from .mask import kept_energy, sparsity_problem, transposable_mask
+from .obs import obs_prune
+from .reconstruct import dense_refit, relative_error_to
+from .reconstruct import reconstruct as reconstruct_kept
+from .sequential import (TARGETS, LayerStats, eval_no_grad, forward_groups, group_stats, padding_mask,
                                   require_reached, run_batch, stats_bytes, token_rows)
+from ..errors import UnslothCompileError
 
 log = logging.getLogger("unsloth_compile.sparsity")
 
@@ -99,7 +101,7 @@ class Sparse24Linear(nn.Module):
         if reason is None:
             reason = sparsity_problem(weight)
         if reason is not None:
-            raise ValueError(f"unsloth_compile.sparsity: cannot convert {type(module).__name__}: {reason}")
+            raise UnslothCompileError(f"unsloth_compile.sparsity: cannot convert {type(module).__name__}: {reason}")
         conv1d = is_conv1d(module)
         return cls(weight.detach().contiguous() if conv1d else weight.detach(), module.bias, conv1d)
 
@@ -147,7 +149,8 @@ class Sparse24Linear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         reason = sparsity_problem(self.weight)
         if reason is not None:
-            raise ValueError(f"unsloth_compile.sparsity: loading {prefix}weight into a Sparse24Linear: {reason}")
+            raise UnslothCompileError(f"unsloth_compile.sparsity: loading {prefix}weight into a Sparse24Linear: "
+                                      f"{reason}")
         self._compress()
 
     def extra_repr(self) -> str:
@@ -188,7 +191,8 @@ class SparsityReport:
         return "\n".join(lines)
 
 
-# what reconstruct=True may hold at once in Gram matrices (Llama-1B's 112 bases would need 11 GiB)
+# what reconstruct=True may hold at once in float64 Gram matrices (K x K per layer: a 1B model's
+# bases all at once would not fit a GPU beside the model; docs/bench/design-choices.md#24-sparsity)
 GRAM_BUDGET_BYTES = 8 * 2**30
 
 
@@ -201,10 +205,10 @@ def calibrate(model: nn.Module, modules: dict[str, nn.Module], calibration: Iter
     if grams:
         need = sum(8 * m.weight.shape[-1] ** 2 for m in modules.values())  # one float64 K x K per layer
         if need > GRAM_BUDGET_BYTES:
-            raise ValueError(
-                f"unsloth_compile.sparsity: reconstruct=True keeps a float64 K x K Gram matrix per layer, "
-                f"{need / 2**30:.1f} GiB for these {len(modules)} layers (limit {GRAM_BUDGET_BYTES / 2**30:.0f} GiB, "
-                "sparsity.GRAM_BUDGET_BYTES): prune in several calls, each with a select= that picks fewer layers")
+            raise UnslothCompileError("unsloth_compile.sparsity: reconstruct=True keeps a float64 K x K Gram matrix "
+                                      f"per layer, {need / 2**30:.1f} GiB for these {len(modules)} layers (limit "
+                                      f"{GRAM_BUDGET_BYTES / 2**30:.0f} GiB, sparsity.pruning.GRAM_BUDGET_BYTES): "
+                                      "prune in several calls, each with a select= that picks fewer layers")
     sums: dict[str, Tensor] = {}
     gram_sums: dict[str, Tensor] = {}
     tokens: Optional[Tensor] = None  # the running batch's attention mask (ignore_padding)
@@ -239,10 +243,10 @@ def prune(model: nn.Module, method: str = "magnitude", calibration: Optional[Ite
           ignore_padding: bool = False) -> SparsityReport:
     """Prune the frozen base of every LoRA layer (or what `select(path, module)` picks) to a
     transposable 2:4 mask, in place, and (convert) swap each for a Sparse24Linear.
-    method: "magnitude", "wanda", or "sparsegpt" (OBS saliency and updates, sparse24_obs.py).
+    method: "magnitude", "wanda", or "sparsegpt" (OBS saliency and updates, obs.py).
     reconstruct: refit the kept weights by least squares on the calibration inputs (same mask).
     sequential: prune layer by layer in forward order, each calibrated on the inputs the pruned
-    layers before it give (sparse24_sequential.py); target: what each layer is fitted to,
+    layers before it give (sequential.py); target: what each layer is fitted to,
     "model" (the dense model's output of that layer, the default) or "layer" (the dense layer
     on the pruned inputs). ignore_padding: calibration statistics only over the tokens each
     batch's attention_mask keeps (batches are dicts with one). Deterministic: the same weights (and calibration) give the same
@@ -281,26 +285,28 @@ def _check_prune_arguments(method: str, calibration, reconstruct: bool, sequenti
                            target: Optional[str], ignore_padding: bool) -> str:
     """prune's arguments checked, with the way out; returns the target ("model" by default)."""
     if method not in METHODS:
-        raise ValueError(f"unsloth_compile.sparsity.prune: method={method!r}; choose one of {', '.join(METHODS)}")
+        raise UnslothCompileError(f"unsloth_compile.sparsity.prune: method={method!r}; choose one of "
+                                  f"{', '.join(METHODS)}")
     if target is not None and not sequential:
-        raise ValueError(f"unsloth_compile.sparsity.prune: target={target!r} is what sequential pruning fits each "
-                         "layer to: pass sequential=True with it")
+        raise UnslothCompileError(f"unsloth_compile.sparsity.prune: target={target!r} is what sequential pruning fits "
+                                  "each layer to: pass sequential=True with it")
     target = "model" if target is None else target
     if target not in TARGETS:
-        raise ValueError(f"unsloth_compile.sparsity.prune: target={target!r}; choose one of {', '.join(TARGETS)}")
+        raise UnslothCompileError(f"unsloth_compile.sparsity.prune: target={target!r}; choose one of "
+                                  f"{', '.join(TARGETS)}")
     if sequential and method == "magnitude" and not reconstruct:
-        raise ValueError("unsloth_compile.sparsity.prune: sequential=True changes what calibration measures, and "
-                         "method='magnitude' without reconstruct=True measures nothing: use method='wanda' or "
-                         "'sparsegpt', or reconstruct=True")
+        raise UnslothCompileError("unsloth_compile.sparsity.prune: sequential=True changes what calibration measures, "
+                                  "and method='magnitude' without reconstruct=True measures nothing: use "
+                                  "method='wanda' or 'sparsegpt', or reconstruct=True")
     if ignore_padding and method == "magnitude" and not reconstruct:
-        raise ValueError("unsloth_compile.sparsity.prune: ignore_padding=True is about the calibration "
-                         "statistics, and method='magnitude' without reconstruct=True uses none")
+        raise UnslothCompileError("unsloth_compile.sparsity.prune: ignore_padding=True is about the calibration "
+                                  "statistics, and method='magnitude' without reconstruct=True uses none")
     for needed, why in ((method == "wanda", "method='wanda' weighs |W| by each input feature's norm on them"),
                         (method == "sparsegpt", "method='sparsegpt' weighs and updates W by their Gram matrix"),
                         (reconstruct, "reconstruct=True refits the kept weights to the dense outputs on them")):
         if needed and calibration is None:
-            raise ValueError(f"unsloth_compile.sparsity.prune: {why}: pass calibration= (batches for the "
-                             "model's forward)")
+            raise UnslothCompileError(f"unsloth_compile.sparsity.prune: {why}: pass calibration= (batches for the "
+                                      "model's forward)")
     return target
 
 
@@ -309,16 +315,17 @@ def _prune_sequentially(model: nn.Module, modules: dict[str, nn.Module], calibra
     """Each group of layers (forward order) measured on the inputs of the model pruned so far,
     then pruned; for target "model" each pruned layer's dense weight is held until the end."""
     if not calibration:
-        raise ValueError("unsloth_compile.sparsity.prune: sequential=True needs at least one calibration batch")
+        raise UnslothCompileError("unsloth_compile.sparsity.prune: sequential=True needs at least one calibration "
+                                  "batch")
     groups = forward_groups(model, modules, calibration[0])
     shapes = {p: tuple(dense_weight(m).shape) for p, m in modules.items()}
     need = max(stats_bytes([shapes[p] for p in group], grams, target) for group in groups)
     if need > GRAM_BUDGET_BYTES:
-        raise ValueError(
-            f"unsloth_compile.sparsity: sequential pruning holds one group's float64 statistics at once, "
-            f"{need / 2**30:.1f} GiB for the largest (limit {GRAM_BUDGET_BYTES / 2**30:.0f} GiB, "
-            "sparsity.GRAM_BUDGET_BYTES): use target='layer' (no K x N cross term), or prune the layers of "
-            "a group in separate calls with select=")
+        raise UnslothCompileError("unsloth_compile.sparsity: sequential pruning holds one group's float64 statistics "
+                                  f"at once, {need / 2**30:.1f} GiB for the largest (limit "
+                                  f"{GRAM_BUDGET_BYTES / 2**30:.0f} GiB, sparsity.pruning.GRAM_BUDGET_BYTES): use "
+                                  "target='layer' (no K x N cross term), or prune the layers of a group in separate "
+                                  "calls with select=")
     dense: dict[str, Tensor] = {}
     for group in groups:
         measured = group_stats(model, modules, group, calibration, lambda p: dense_weight(modules[p]), grams,

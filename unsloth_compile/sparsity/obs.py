@@ -2,11 +2,11 @@
 over the input columns, choosing each 4 x 4 tile's pattern by OBS saliency on the weights as
 the sweep has updated them (prune(..., method="sparsegpt")).
 
-With H = X^T X + lam I (damped as in sparse24_reconstruct) and W the (N, K) weight, the columns
+With H = X^T X + lam I (damped as in reconstruct.py) and W the (N, K) weight, the columns
 are visited left to right. Removing entry w_ij while the columns j.. are still free costs
 w_ij^2 / [H_R^-1]_jj in output error (R = {j, ..., K-1}), and the remaining free entries of row
 i absorb it by w_iR -= w_ij [H_R^-1]_j,R / [H_R^-1]_jj. At each group of 4 columns the tile
-pattern (2 per row and per column, sparse24_mask.transposable_mask) is the one of largest kept
+pattern (2 per row and per column, mask.transposable_mask) is the one of largest kept
 saliency w^2 / [H_R^-1]_jj^2, on the weights the earlier columns' removals have updated;
 Wanda's |w| * ||x_j|| is the same score without the updates and with H diagonal.
 
@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .sparse24_mask import transposable_mask
-from .sparse24_reconstruct import damped
+from .mask import transposable_mask
+from .reconstruct import damped
+from ..errors import UnslothCompileError
 
 # Columns per lazy update (a multiple of 4, the tile width); SparseGPT's default.
 BLOCK = 128
@@ -40,9 +41,11 @@ def obs_prune(weight: Tensor, gram: Tensor, block: int = BLOCK) -> tuple[Tensor,
     mask, in float64 on the gram's device. Deterministic."""
     n, k = weight.shape
     if n % 4 or k % 4:
-        raise ValueError(f"a 4 x 4 tile mask needs both dimensions multiples of 4, got {n} x {k}")
+        raise UnslothCompileError("unsloth_compile.sparsity: a 4 x 4 tile mask needs both dimensions multiples of 4, "
+                                  f"got {n} x {k}; leave this layer out (select=) or use a 1 x 4 (row-wise 2:4) mask")
     if block % 4:
-        raise ValueError(f"block={block} must be a multiple of 4 (the tile width)")
+        raise UnslothCompileError(f"unsloth_compile.sparsity: block={block} must be a multiple of 4 (the tile width); "
+                                  "choose a multiple of 4 such as 128")
     w = weight.detach().to(gram.device, torch.float64).clone()
     u = inverse_cholesky(gram)
     mask = torch.zeros(n, k, dtype=torch.bool, device=gram.device)

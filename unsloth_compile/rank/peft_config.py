@@ -136,7 +136,7 @@ def sync_peft_config(model: nn.Module, adapter_name: Optional[str] = None) -> No
                 _sync_adapter_config(root, config, adapter)
 
 
-def _sync_after_resize(model: nn.Module, plans: Sequence[Any]) -> None:
+def sync_after_resize(model: nn.Module, plans: Sequence[Any]) -> None:
     """Sync the LoraConfig of every adapter that `plans` (rank.Resize) resized; warn for PEFT
     layers resized under a module that does not reach their PEFT config (their checkpoint would
     keep the old ranks)."""

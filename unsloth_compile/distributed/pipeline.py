@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UnslothCompileError
+
 log = logging.getLogger("unsloth_compile")
 
 __all__ = ["CausalLMStage", "split_layers", "pipeline_stage", "pipeline_schedule", "causal_lm_loss", "warm_up_stage",
@@ -57,8 +59,8 @@ def split_layers(n_layers: int, num_stages: int) -> list[range]:
     """Contiguous runs of layer indices, one per stage, sizes differing by at most one (the
     earlier stages take the extra layers: the last stage also runs the LM head)."""
     if not 1 <= num_stages <= n_layers:
-        raise ValueError(f"unsloth_compile.pipeline: {num_stages} stages for {n_layers} decoder layers; "
-                         f"each stage needs at least one layer")
+        raise UnslothCompileError(f"unsloth_compile.distributed.pipeline: {num_stages} stages for {n_layers} decoder "
+                                  "layers; each stage needs at least one layer")
     base, extra = divmod(n_layers, num_stages)
     out, start = [], 0
     for s in range(num_stages):
@@ -75,8 +77,9 @@ def _causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     missing = [n for n in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(decoder, n)]
     if decoder is None or missing or not hasattr(lm, "lm_head"):
         what = ", ".join(f"model.{n}" for n in missing) if decoder is not None else "model"
-        raise ValueError(f"unsloth_compile.pipeline: {type(lm).__name__} is not a Llama-style causal LM (missing "
-                         f"{what or 'lm_head'}); build the stages by hand with torch.distributed.pipelining")
+        raise UnslothCompileError(f"unsloth_compile.distributed.pipeline: {type(lm).__name__} is not a Llama-style "
+                                  f"causal LM (missing {what or 'lm_head'}); build the stages by hand with "
+                                  "torch.distributed.pipelining")
     return lm, decoder
 
 
@@ -200,9 +203,10 @@ def pipeline_stage(model: nn.Module, stage_index: int, num_stages: int, device: 
 
     lm, decoder = _causal_lm_parts(model)
     if num_stages > 1 and lm.lm_head.weight is decoder.embed_tokens.weight:
-        raise ValueError("unsloth_compile.pipeline: the LM head is tied to the input embeddings "
-                         "(tie_word_embeddings), which would live on the first and the last stage; untie them "
-                         "(model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone())) before splitting")
+        raise UnslothCompileError("unsloth_compile.distributed.pipeline: the LM head is tied to the input embeddings "
+                                  "(tie_word_embeddings), which would live on the first and the last stage; untie "
+                                  "them (model.lm_head.weight = nn.Parameter(model.lm_head.weight.clone())) before "
+                                  "splitting")
     runs = split_layers(len(decoder.layers), num_stages)
     first, last = stage_index == 0, stage_index == num_stages - 1
     module = CausalLMStage(model, runs[stage_index], first, last)
@@ -217,17 +221,17 @@ def pipeline_stage(model: nn.Module, stage_index: int, num_stages: int, device: 
     ids = torch.empty(rows, seq, dtype=torch.long, device="meta")
     logits = torch.empty(rows, seq, lm.config.vocab_size, dtype=dtype, device="meta")
     if compile:
-        from .integration import compile as compile_in_place
+        from ..integration import compile as compile_in_place
 
         compile_in_place(module, {"cudagraphs": False, **dict(options or {})}, mode=mode)
         if warmup:
             example = _dummy_input(ids if first else hidden, device, lm.config.vocab_size)
             module.warmup_seconds = warm_up_stage(module, example)
-            log.info("unsloth_compile.pipeline: stage %d: compiled forward+backward in %.1f s", stage_index,
+            log.info("unsloth_compile.distributed.pipeline: stage %d: compiled forward+backward in %.1f s", stage_index,
                      module.warmup_seconds)
     stage = PipelineStage(module, stage_index, num_stages, torch.device(device), input_args=(ids if first else hidden,),
                           output_args=logits if last else hidden, group=group)
-    log.info("unsloth_compile.pipeline: stage %d of %d, layers %s%s", stage_index, num_stages,
+    log.info("unsloth_compile.distributed.pipeline: stage %d of %d, layers %s%s", stage_index, num_stages,
              list(runs[stage_index]), ", compiled" if compile else "")
     return stage, module
 
@@ -240,7 +244,9 @@ def pipeline_schedule(stage: Any, n_microbatches: int, schedule: str = "1f1b", l
 
     classes = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
     if schedule not in classes:
-        raise ValueError(f"unsloth_compile.pipeline: schedule={schedule!r}; choose one of {SCHEDULES}")
+        raise UnslothCompileError(f"unsloth_compile.distributed.pipeline: schedule={schedule!r}; choose one of "
+                                  f"{SCHEDULES}")
     if n_microbatches < 1:
-        raise ValueError(f"unsloth_compile.pipeline: n_microbatches={n_microbatches}; need at least 1")
+        raise UnslothCompileError(f"unsloth_compile.distributed.pipeline: n_microbatches={n_microbatches}; need at "
+                                  "least 1")
     return classes[schedule](stage, n_microbatches, loss_fn=loss_fn)

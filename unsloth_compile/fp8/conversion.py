@@ -25,10 +25,11 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
-from .dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
-from .dense_linear import lora_base_layers  # noqa: F401  part of this module's API
-from .kernels import fp8 as fp8_kernels
+from .. import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
+from ..dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
+from ..kernels import fp8 as fp8_kernels
+from ..errors import UnslothCompileError
 
 
 def unsupported(module: nn.Module) -> Optional[str]:
@@ -62,7 +63,7 @@ class Fp8Linear(nn.Module):
         """Quantise an nn.Linear (or Conv1D) once; ValueError with the reason when it cannot."""
         reason = unsupported(module)
         if reason is not None:
-            raise ValueError(f"unsloth_compile.fp8: cannot store {type(module).__name__} in fp8: {reason}")
+            raise UnslothCompileError(f"unsloth_compile.fp8: cannot store {type(module).__name__} in fp8: {reason}")
         weight = dense_weight(module)
         with torch.no_grad():
             codes, scales = fp8_kernels.quantize_weight(weight.detach())
