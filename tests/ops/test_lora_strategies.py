@@ -18,7 +18,7 @@ from unsloth_compile.errors import UnslothCompileError
 from unsloth_compile.kernels import fp8, reference, sparse24
 from unsloth_compile.ops.frozen_base import FrozenBase, LoraBackward, LoraForward
 from unsloth_compile.ops.lora import REGISTERED, LoraLinearFunction, register_lora_op
-from unsloth_compile.sparse24_mask import transposable_mask
+from unsloth_compile.sparsity.mask import transposable_mask
 
 
 # ----------------------------------------------------------------------------- a toy strategy
