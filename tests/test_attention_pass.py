@@ -367,7 +367,7 @@ def test_keep_outputs_across_replays_around_real_inductor_training(monkeypatch):
     would be overwritten on CUDA), later backwards add into the copy; all as eager."""
     from unsloth_compile import backend
 
-    monkeypatch.setattr(backend, "cudagraphs_decision", lambda cfg, inputs, gm=None: (True, "forced on for the test"))
+    monkeypatch.setattr(backend, "cudagraphs_decision", lambda cfg, inputs, gm=None, **kwargs: (True, "forced on for the test"))
     wrapped = []
     real_wrapper = backend.keep_outputs_across_replays
     monkeypatch.setattr(backend, "keep_outputs_across_replays", lambda fn: wrapped.append(fn) or real_wrapper(fn))
