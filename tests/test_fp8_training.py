@@ -385,6 +385,9 @@ def test_compile_with_fp8_layers_all_converts_every_frozen_linear_and_checks_the
         unsloth_compile.Config.from_options({"precision": "fp8", "fp8_layers": "some"})
     # the backend alone converts nothing: it says so where a dense linear is left in the graph
     dense = peft_wrap(tiny_causal_lm("llama"))
+    # A fresh cache: Dynamo's reason for not reusing the first model's dynamic-length entry
+    # evaluates that entry's aliasing guard on this model, which has no weight_fp8 (KeyError).
+    torch._dynamo.reset()
     compiled = torch.compile(dense, backend="unsloth", options={**AOT, "precision": "fp8", "fp8_layers": "all"})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

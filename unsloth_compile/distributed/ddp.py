@@ -102,7 +102,8 @@ def compile_ddp(model: nn.Module, options: Optional[Mapping[str, Any]] = None, *
     require_process_group("compile_ddp")
     if "broadcast_buffers" not in ddp_kwargs:
         ddp_kwargs["broadcast_buffers"] = _buffers_change_in_forward(model)
-    compile_in_place(model, options, mode=mode)
+    # fixed per-step shapes, which DDP's graph splitting and CUDA graphs are set up for: no length buckets
+    compile_in_place(model, {"bucket_lengths": False, **dict(options or {})}, mode=mode)
     return LoraDDP(model, split_graphs=split_graphs, gradient_compression=gradient_compression, **ddp_kwargs)
 
 

@@ -223,7 +223,8 @@ def pipeline_stage(model: nn.Module, stage_index: int, num_stages: int, device: 
     if compile:
         from ..integration import compile as compile_in_place
 
-        compile_in_place(module, {"cudagraphs": False, **dict(options or {})}, mode=mode)
+        # stages take fixed-shape microbatches from the schedule: no length buckets
+        compile_in_place(module, {"cudagraphs": False, "bucket_lengths": False, **dict(options or {})}, mode=mode)
         if warmup:
             example = _dummy_input(ids if first else hidden, device, lm.config.vocab_size)
             module.warmup_seconds = warm_up_stage(module, example)

@@ -390,7 +390,8 @@ def tensor_parallel(model: nn.Module, mesh: Any, plan: Optional[Mapping[str, Any
     if compile:
         from ..integration import compile as compile_in_place
 
-        compile_in_place(model, {"cudagraphs": False, **dict(options or {})}, mode=mode)
+        # DTensor sharding propagation takes no symbolic lengths, which bucketed batches would bring
+        compile_in_place(model, {"cudagraphs": False, "bucket_lengths": False, **dict(options or {})}, mode=mode)
     return model
 
 
