@@ -218,7 +218,7 @@ def test_the_graph_form_of_compress_is_the_op_bitwise(fmt, dtype):
     them): on CPU they give exactly what the ops (kernels/compress.py) give."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from unsloth_compile.passes.compress_rewrite import emit_rowwise_compress, emit_rowwise_decompress
+    from unsloth_compile.passes.compress.compress_rewrite import emit_rowwise_compress, emit_rowwise_decompress
 
     x = torch.randn(3, 7, 45).to(dtype) * torch.logspace(-3, 3, 7).unsqueeze(-1).to(dtype)
     x[0, 1] = 0
@@ -376,7 +376,7 @@ def test_partitioned_graphs_save_the_compressed_tensors(monkeypatch, mode):
     reads them as placeholders and decompresses each right before its first reader; silu's
     output, the last linear's input, is not saved but recomputed from the decompressed
     first output."""
-    import unsloth_compile.passes.compress_saved as cs
+    import unsloth_compile.passes.compress.compress_saved as cs
 
     graphs = []
     original = cs.compress_saved_activations
@@ -571,7 +571,7 @@ def inductor_partition_backend(mode: str):
     from torch._inductor import compile_fx as inductor
 
     from unsloth_compile.passes.pipeline import run_passes
-    from unsloth_compile.passes.compress_saved import CompressSavedPartitioner
+    from unsloth_compile.passes.compress.compress_saved import CompressSavedPartitioner
 
     def backend(gm, example_inputs):
         # "none": the exact partition (FFN products saved), the reference the savings count from

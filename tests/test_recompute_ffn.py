@@ -1,4 +1,4 @@
-"""Option `recompute_ffn_products` (passes/compress_saved.py, `partition_recomputing_ffn_products`):
+"""Option `recompute_ffn_products` (passes/compress/compress_saved.py, `partition_recomputing_ffn_products`):
 without any compression, backward recomputes each FFN's product act(gate) * up from the gate
 and up instead of saving it. Exact: the same loss and gradients as the default partition, one
 M x F tensor less kept per FFN, reported per site and counted."""

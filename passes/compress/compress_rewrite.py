@@ -1,4 +1,4 @@
-"""The replacements of passes/compress_saved.py: graph surgery on AOTAutograd's partitioned
+"""The replacements of passes/compress/compress_saved.py: graph surgery on AOTAutograd's partitioned
 forward and backward graphs.
 
 A saved tensor is one output of the forward graph (after its real outputs) and one
@@ -107,7 +107,7 @@ _convert = torch.ops.prims.convert_element_type.default
 
 def emit_rowwise_compress(graph: torch.fx.Graph, x: Node, fmt: str, like: Node) -> tuple[Node, Node]:
     """(q, scale) nodes computing kernels/compress.rowwise_compress(x, fmt)."""
-    from ..kernels.compress import CODE_MAX, ROWWISE_FORMATS
+    from ...kernels.compress import CODE_MAX, ROWWISE_FORMATS
 
     code_max = CODE_MAX[fmt]
     xf = x if x.meta["val"].dtype == torch.float32 else call(graph, _convert, (x, torch.float32), like)

@@ -36,13 +36,13 @@ from typing import Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ..config import Config
-from ..report import Report, Site
+from ...config import Config
+from ...report import Report, Site
 from . import fp8_linear
-from . import fx_match as fm
+from .. import fx_match as fm
 from . import lora_adapter_groups, lora_autocast
 from . import sparse24_linear
-from . import subgraphs
+from .. import subgraphs
 from .lora_dtensor import dtensor_check
 from .lora_leftovers import report_leftover_lora_layers
 from .lora_site import Adapter, BaseLinear, LoraSite

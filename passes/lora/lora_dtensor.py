@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import fx_match as fm
+from .. import fx_match as fm
 
 
 def site_operands(base, adapters) -> dict:
@@ -41,7 +41,7 @@ def dtensor_check(base, adapters, cfg=None) -> tuple[Optional[str], Optional[str
         return None, None
     from torch.distributed.tensor import DTensor, Partial, Replicate
 
-    from ..distributed.dtensor_sharding import layouts, register_lora_sharding  # only where DTensors exist
+    from ...distributed.dtensor_sharding import layouts, register_lora_sharding  # only where DTensors exist
 
     tensors = {k: v for k, v in site_operands(base, adapters).items() if isinstance(v, torch.Tensor)}
     dtensors = {k: v for k, v in tensors.items() if isinstance(v, DTensor)}

@@ -1,5 +1,5 @@
 """The frozen base of a fused LoRA linear pruned 2:4: pattern, check, replacement.
-passes/lora_linear.py calls these for each LoRA site it matches and fuses.
+passes/lora/lora_linear.py calls these for each LoRA site it matches and fuses.
 
 Pattern: the site's base is `torch.ops.unsloth.sparse24_linear(x, W, compressed, layout, b,
   impl)`, a `Sparse24Linear` made by `unsloth_compile.sparsity.prune` (or `convert`). Its dense
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch.fx import Node
 
-from ..config import KernelChoice, Sparsity
-from ..kernels import sparse24
-from ..report import Report
-from . import fx_match as fm
+from ...config import KernelChoice, Sparsity
+from ...kernels import sparse24
+from ...report import Report
+from .. import fx_match as fm
 from . import lora_autocast
 
 if TYPE_CHECKING:

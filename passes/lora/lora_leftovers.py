@@ -1,15 +1,15 @@
 """LoRA layers the LoRA pass left in the graph, and why: DoRA, Embedding/Conv LoRA, other
 variants it does not understand, adapters merged or disabled, LoRA inside a higher-order op
-whose body is not rewritten. Run after passes/lora_linear.py has fused what it could."""
+whose body is not rewritten. Run after passes/lora/lora_linear.py has fused what it could."""
 
 from __future__ import annotations
 
 import torch
 from torch.fx import GraphModule, Node
 
-from ..report import Report, Site
-from . import fx_match as fm
-from . import subgraphs
+from ...report import Report, Site
+from .. import fx_match as fm
+from .. import subgraphs
 
 _ADAPTER_NAME_PARTS = ("lora_a", "lora_b", "lora_embedding", "magnitude")
 _CONV_FUNCTIONS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d,

@@ -64,11 +64,11 @@ from typing import Any, Optional
 import torch
 from torch.fx import GraphModule, Node
 
-from ..config import CompressMode, Config
-from ..report import Report, Site
-from .. import ops  # noqa: F401  torch.ops.unsloth.* (and ops_compress) registered
+from ...config import CompressMode, Config
+from ...report import Report, Site
+from ... import ops  # noqa: F401  torch.ops.unsloth.* (and ops_compress) registered
 from . import compress_rewrite as rewrite
-from . import fx_match as fm
+from .. import fx_match as fm
 
 PATTERN = "compress_saved"
 MIN_COLUMNS = 16  # per-row fp32 scales cost 4 bytes a row: below 16 columns they eat the saving
@@ -533,8 +533,8 @@ class CompressSavedPartitioner(_partitioner_base()):
         """Inductor's cache key part: the mode, k, projection and the code that rewrites and computes."""
         from torch._inductor.custom_graph_pass import get_hash_for_files
 
-        from ..ops import compress as ops_compress
-        from ..kernels import compress
+        from ...ops import compress as ops_compress
+        from ...kernels import compress
 
         files = tuple(m.__file__ for m in (compress, ops_compress, rewrite)) + (__file__,)
         return (PATTERN, self.cfg.compress_activations.value, self.cfg.compress_lowrank_k,

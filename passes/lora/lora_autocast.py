@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 from torch.fx import Node
 
-from . import fx_match as fm
+from .. import fx_match as fm
 
 
 def output_dtype(node: Node) -> Optional[torch.dtype]:

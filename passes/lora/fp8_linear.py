@@ -1,5 +1,5 @@
 """The frozen base of a fused LoRA linear in float8 e4m3: pattern, check, replacement.
-passes/lora_linear.py calls these for each LoRA site it matches and fuses.
+passes/lora/lora_linear.py calls these for each LoRA site it matches and fuses.
 
 Pattern: the site's base is
   - `torch.ops.unsloth.fp8_linear(x, W_q, w_scale, b, impl)`, an `Fp8Linear` made by
@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch.fx import Node
 
-from ..config import KernelChoice, Precision
-from ..kernels import fp8
-from ..report import Report
-from . import fx_match as fm
+from ...config import KernelChoice, Precision
+from ...kernels import fp8
+from ...report import Report
+from .. import fx_match as fm
 
 if TYPE_CHECKING:
     from .lora_site import BaseLinear, LoraSite
