@@ -18,9 +18,9 @@ from test_ops_reference import direct_formula, make_inputs
 from unsloth_compile.kernels import reference
 
 HAS_CUDA = torch.cuda.is_available()
-lt = triton_kernel_module("lora_linear_triton")
-from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402
-from unsloth_compile.kernels import lowrank_thin as thin  # noqa: E402
+lt = triton_kernel_module("lora.lora_linear_triton")
+from unsloth_compile.kernels.lora import lora_gemm as gemm  # noqa: E402
+from unsloth_compile.kernels.lora import lowrank_thin as thin  # noqa: E402
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")
 

@@ -1,4 +1,4 @@
-"""Float8 frozen base, numerics (kernels/fp8.py, torch.ops.unsloth.*fp8*): the rowwise
+"""Float8 frozen base, numerics (kernels/fp8/fp8.py, torch.ops.unsloth.*fp8*): the rowwise
 quantisation against an independent rounding oracle (scales, round-to-nearest-even,
 saturation, zero rows, NaN/inf), SQNR of both GEMMs against float64, the LoRA op's output and
 every gradient against a float64 formula, the torch._scaled_mm call path (on CPU, with CUDA's
@@ -13,7 +13,7 @@ import torch
 
 import unsloth_compile  # noqa: F401  registers the ops
 from unsloth_compile.errors import UnslothCompileError
-from unsloth_compile.kernels import fp8
+from unsloth_compile.kernels.fp8 import fp8
 
 E4M3 = torch.float8_e4m3fn
 
@@ -345,7 +345,7 @@ def test_opcheck_of_the_four_fp8_ops():
                                    dict(scale_tensor=True), dict(lead=(1,)), dict(lead=(3, 0))],
                          ids=["plain", "biases-residual", "lora_x", "scale_tensor", "one-row", "empty"])
 def test_gpu_path_of_the_lora_op_matches_the_emulation(monkeypatch, flags, main_gemm):
-    """kernels/fp8.py's GPU path (emulate=False on fp16 activations: Triton quantisation on CUDA,
+    """kernels/fp8/fp8.py's GPU path (emulate=False on fp16 activations: Triton quantisation on CUDA,
     the thin Triton GEMMs in the interpreter) run on CPU against the emulation: the same fp8
     base, the LoRA term rounded to fp16 operands instead of computed in fp32. The fp8 GEMM and
     its LoRA term both ways: torch._scaled_mm with CUDA's layout rules asserted and a rank-r
@@ -397,14 +397,14 @@ def test_gpu_path_of_the_lora_op_matches_the_emulation(monkeypatch, flags, main_
 
 
 def test_triton_quantisation_scales_in_the_interpreter_equal_the_reference():
-    """kernels/fp8_quantize.py under the Triton interpreter: the row scales (dequant) bit for bit
+    """kernels/fp8/fp8_quantize.py under the Triton interpreter: the row scales (dequant) bit for bit
     the torch reference's, with and without the column fold, on rows held whole (24, 4096, 5000)
     and rows read twice in tiles with a ragged last one (16400 > MAX_ONE_TILE), and zero, NaN
     and inf rows; several rows per program (a ragged last program), and the fold's scales in
     fp32 or bf16 (the same codes). The codes are compared on the GPU only
     (test_gpu_quantisation_is_bitwise_the_cpu_emulation): the interpreter's fp8 cast misrounds."""
     pytest.importorskip("triton")
-    from unsloth_compile.kernels.fp8_quantize import MAX_ONE_TILE, quantize_rows
+    from unsloth_compile.kernels.fp8.fp8_quantize import MAX_ONE_TILE, quantize_rows
 
     g = torch.Generator().manual_seed(3)
     assert 16400 > MAX_ONE_TILE

@@ -17,7 +17,7 @@ from torch import nn
 import unsloth_compile
 from unsloth_compile import fp8
 from unsloth_compile.errors import UnslothCompileError
-from unsloth_compile.kernels import fp8 as fp8_kernels
+from unsloth_compile.kernels.fp8 import fp8 as fp8_kernels
 from unsloth_compile.report import collect_reports
 
 from helpers import batch_for, peft_wrap, tiny_causal_lm, train_and_compare
@@ -257,12 +257,12 @@ needs_fp8_gpu = pytest.mark.skipif(not _cuda_fp8(), reason="needs a CUDA GPU of 
 @pytest.mark.gpu
 @needs_fp8_gpu
 def test_gpu_quantisation_is_bitwise_the_cpu_emulation():
-    """The Triton rowwise kernel (kernels/fp8_quantize.py) against the torch reference on CPU:
+    """The Triton rowwise kernel (kernels/fp8/fp8_quantize.py) against the torch reference on CPU:
     the same codes and scales bit for bit, also with the weight-scale fold of backward's dY, on
     awkward widths (rows held whole, rows read twice in tiles with a ragged last one: 20000) and
     rows of zeros, NaN, inf; several rows per program (257 rows: a ragged last program) and the
     fold's scales in bf16."""
-    from unsloth_compile.kernels.fp8_quantize import MAX_ONE_TILE, quantize_rows
+    from unsloth_compile.kernels.fp8.fp8_quantize import MAX_ONE_TILE, quantize_rows
 
     for C in (4096, 14336, 5000, 24, 20000):
         x = torch.randn(257, C, dtype=torch.bfloat16) * torch.logspace(-4, 4, 257).reshape(-1, 1).bfloat16()

@@ -48,10 +48,11 @@ def test_repository_folders_never_hide_an_installed_distribution(tmp_path, name)
 
 def test_package_subfolders_map_from_the_source_tree():
     result = run_in_root("""
-        import unsloth_compile, unsloth_compile.kernels.lora_gemm as gemm, unsloth_compile.passes.lora.lora_linear as lora
+        import unsloth_compile
+        import unsloth_compile.kernels.lora.lora_gemm as gemm, unsloth_compile.passes.lora.lora_linear as lora
         from pathlib import Path
         root = Path(unsloth_compile.__file__).resolve().parents[1]
-        assert Path(gemm.__file__).resolve() == root / 'kernels' / 'lora_gemm.py', gemm.__file__
+        assert Path(gemm.__file__).resolve() == root / 'kernels' / 'lora' / 'lora_gemm.py', gemm.__file__
         assert Path(lora.__file__).resolve() == root / 'passes' / 'lora' / 'lora_linear.py', lora.__file__
         """)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,5 +1,5 @@
-"""kernels/fp8_gemm.py: the Triton FP8 GEMM with the LoRA term in its epilogue, against a
-float64 formula and against kernels/fp8.py's emulation (the fp8 numerics' reference): rowwise
+"""kernels/fp8/fp8_gemm.py: the Triton FP8 GEMM with the LoRA term in its epilogue, against a
+float64 formula and against kernels/fp8/fp8.py's emulation (the fp8 numerics' reference): rowwise
 dequantisation of both operands, + s U V, bias and s v_bias, a tensor scale, no column scale
 (the backward's form), ragged tiles. CPU: the Triton interpreter (one small configuration);
 GPU (marker `gpu`): the autotuned kernel at larger shapes, and the LoRA op choosing it."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from unsloth_compile.errors import UnslothCompileError
-from unsloth_compile.kernels import fp8
-from unsloth_compile.kernels.fp8_gemm import fp8_lora_gemm, unsupported
+from unsloth_compile.kernels.fp8 import fp8
+from unsloth_compile.kernels.fp8.fp8_gemm import fp8_lora_gemm, unsupported
 
 E4M3 = torch.float8_e4m3fn
 
@@ -57,7 +57,7 @@ def _float64(p, scale):
 
 
 def _emulated(p, scale):
-    """kernels/fp8.py's emulation of the base (fp32 GEMM of the codes, both scales, rounded to
+    """kernels/fp8/fp8.py's emulation of the base (fp32 GEMM of the codes, both scales, rounded to
     bf16 as torch._scaled_mm returns), plus the LoRA term and biases in fp32."""
     ones = torch.ones(1, p["b_codes"].shape[0], device=p["a_codes"].device)
     b_dequant = ones if p["b_dequant"] is None else p["b_dequant"].reshape(1, -1)
@@ -146,7 +146,7 @@ def test_unsupported_says_why():
     (777, 1024, 2048, 16, {"residual": True, "bias": True, "v_bias": True, "persistent_tma": True}),
 ])
 def test_gpu_kernel_matches_float64_and_the_emulation(M, N, K, R, flags, dtype, monkeypatch):
-    from unsloth_compile.kernels import fp8_gemm
+    from unsloth_compile.kernels.fp8 import fp8_gemm
 
     if flags.get("persistent_tma"):
         persistent = [tile for tile in fp8_gemm._TILES if tile[5]]

@@ -1,4 +1,4 @@
-"""kernels/fp8_transpose.py: the backward's transposed copy of the fp8 weight codes. Every byte
+"""kernels/fp8/fp8_transpose.py: the backward's transposed copy of the fp8 weight codes. Every byte
 must land where torch's transpose puts it (codes are moved, never looked at: NaN codes and every
 bit pattern included), on ragged shapes that leave partial tiles on both sides. CPU: the Triton
 interpreter; GPU (marker `gpu`): the Llama-8B weight shapes and ragged ones; and the fp8 op's
@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unsloth_compile.kernels import fp8
-from unsloth_compile.kernels.fp8_transpose import transpose_codes
+from unsloth_compile.kernels.fp8 import fp8
+from unsloth_compile.kernels.fp8.fp8_transpose import transpose_codes
 
 E4M3 = torch.float8_e4m3fn
 

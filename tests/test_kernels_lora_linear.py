@@ -1,4 +1,4 @@
-"""kernels/lora_linear_triton.py against kernels/reference.py and a float64 computation.
+"""kernels/lora/lora_linear_triton.py against kernels/reference.py and a float64 computation.
 
 Without CUDA the kernels run in the Triton interpreter (fp32/fp16, small awkward shapes;
 tests/conftest.py sets TRITON_INTERPRET=1 before Triton decorates them). With CUDA the
@@ -16,9 +16,9 @@ import torch
 from helpers import triton_kernel_module
 
 HAS_CUDA = torch.cuda.is_available()
-lt = triton_kernel_module("lora_linear_triton")
+lt = triton_kernel_module("lora.lora_linear_triton")
 from unsloth_compile.kernels import knobs  # noqa: E402
-from unsloth_compile.kernels import lora_gemm as gemm  # noqa: E402
+from unsloth_compile.kernels.lora import lora_gemm as gemm  # noqa: E402
 from unsloth_compile.kernels import launch_plan, reference  # noqa: E402
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")

@@ -1,4 +1,4 @@
-"""kernels/lowrank_thin.py (the rank-sized GEMMs H, G, dA, dB) against float64.
+"""kernels/lora/lowrank_thin.py (the rank-sized GEMMs H, G, dA, dB) against float64.
 
 Without CUDA they run in the Triton interpreter (fp32, fp16; awkward sizes, ranks 1 to 70,
 strided operands, both output layouts, float and tensor scales); the `gpu` tests run bf16 at
@@ -13,7 +13,7 @@ import torch
 from helpers import triton_kernel_module
 
 HAS_CUDA = torch.cuda.is_available()
-thin = triton_kernel_module("lowrank_thin")
+thin = triton_kernel_module("lora.lowrank_thin")
 
 interp = pytest.mark.skipif(HAS_CUDA, reason="interpreter tests run on machines without CUDA")
 gpu = pytest.mark.gpu
@@ -139,7 +139,8 @@ def test_gpu_direct_launches_equal_the_jit_function_launches():
     """kernels/launch_plan.launch: the second and later calls of a specialisation launch the
     compiled kernel directly; each thin kernel (and the fp8 quantisation) gives bit for bit what
     the JITFunction gives, also for new data in the same specialisation and a new one."""
-    from unsloth_compile.kernels import fp8_quantize, knobs, launch_plan
+    from unsloth_compile.kernels import knobs, launch_plan
+    from unsloth_compile.kernels.fp8 import fp8_quantize
 
     def results(seed, M=4096, K=2048, r=16):
         x = _rand(M, K, dtype=torch.bfloat16, device="cuda", seed=seed)

@@ -8,7 +8,7 @@ import pytest
 from helpers import triton_kernel_module
 from unsloth_compile.kernels import knobs
 
-gemm = triton_kernel_module("lora_gemm")
+gemm = triton_kernel_module("lora.lora_gemm")
 
 
 def test_defaults_come_from_the_environment(monkeypatch):

@@ -29,7 +29,7 @@ import torch
 from torch.fx import Node
 
 from ...config import KernelChoice, Precision
-from ...kernels import fp8
+from ...kernels.fp8 import fp8
 from ...report import Report
 from .. import fx_match as fm
 

@@ -1,5 +1,5 @@
 """The Triton FP8 GEMM with the LoRA term in its epilogue: the fp8 LoRA op's main product on
-Hopper (kernels/fp8.py takes it wherever it runs, else torch._scaled_mm; `_fp8_gemm` says why).
+Hopper (kernels/fp8/fp8.py takes it wherever it runs, else torch._scaled_mm; `_fp8_gemm` says why).
 
     out = cast(diag(a_s) A_q B_q^T diag(b_s) + s U V + bias + s v_bias) (+ residual)
       forward : A_q = X_q (M, K) by rows,  B_q = W_q (N, K) as stored, b_s = w_s,  U = H, V = B^T
@@ -13,7 +13,7 @@ alone at the Llama-8B shapes (docs/bench/design-choices.md#fp8-gemms).
 Both operands are loaded by TMA descriptors K-contiguous (Hopper's fp8 tensor cores take only
 K-major operands), so the backward reads W_q transposed: the caller's transient (K, N) copy,
 as torch._scaled_mm needs too. The dequantisation scales multiply the fp32 accumulator
-(exact: they are powers of two); the epilogue is the bf16 kernel's (kernels/lora_gemm.py).
+(exact: they are powers of two); the epilogue is the bf16 kernel's (kernels/lora/lora_gemm.py).
 Runs on CUDA with capability >= 9.0 (TMA) and in the Triton interpreter (the CPU tests).
 """
 
@@ -28,13 +28,13 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from . import knobs
-from .launch_args import capability, interpreting, load_scale, processors, scale_operand
+from .. import knobs
+from ..launch_args import capability, interpreting, load_scale, processors, scale_operand
 # the bf16 kernel's tile order, epilogue, small-problem pruning and descriptor import, shared
-from .lora_epilogue import (TL_DTYPES, lowrank_epilogue, lowrank_tiles, prune_configs, store_tile, tile_coords,
+from ..lora.lora_epilogue import (TL_DTYPES, lowrank_epilogue, lowrank_tiles, prune_configs, store_tile, tile_coords,
                             tile_value)
-from .lora_gemm import TensorDescriptor
-from ..errors import UnslothCompileError
+from ..lora.lora_gemm import TensorDescriptor
+from ...errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
 
@@ -224,7 +224,7 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
         return out
     block_r = max(16, min(PREFETCH_MAX_RANK, triton.next_power_of_2(R)))
     if prefetch and R > block_r:
-        raise UnslothCompileError("unsloth_compile.kernels.fp8_gemm: prefetch=True takes the low-rank term in one "
+        raise UnslothCompileError("unsloth_compile.kernels.fp8.fp8_gemm: prefetch=True takes the low-rank term in one "
                                   f"block of {block_r}, but r = {R}; pass prefetch=None (chosen by rank) or False")
     dummy = out  # never read: the matching HAS_* flag is False
     scale_tensor = scale_operand(scale_tensor, a_codes.device)
@@ -250,9 +250,9 @@ def fp8_lora_gemm(a_codes: Tensor, a_dequant: Tensor, b_codes: Tensor, b_dequant
     store_ok = (named["PREFETCH"] and out.stride(1) == 1 and (out.stride(0) * out.element_size()) % 16 == 0
                 and out.data_ptr() % 16 == 0)
     if tma_store and not store_ok:
-        raise UnslothCompileError("unsloth_compile.kernels.fp8_gemm: tma_store=True needs the prefetch path and out's "
-                                  "rows contiguous and 16-byte aligned; pass tma_store=None (chosen when possible) or "
-                                  "False")
+        raise UnslothCompileError("unsloth_compile.kernels.fp8.fp8_gemm: tma_store=True needs the prefetch path and "
+                                  "out's rows contiguous and 16-byte aligned; pass tma_store=None (chosen when "
+                                  "possible) or False")
     named["TMA_STORE"] = store_ok and tma_store is not False
 
     def programs(cfg) -> int:

@@ -26,12 +26,12 @@ import triton
 import triton.language as tl
 import triton.testing
 
-from . import knobs
-from .launch_args import capability, processors, scale_operand
-from .launch_plan import Plan, specialization
+from .. import knobs
+from ..launch_args import capability, processors, scale_operand
+from ..launch_plan import Plan, specialization
 from .lora_epilogue import TL_DTYPES, lowrank_epilogue, prune_configs, tile_coords
-from .precision import dot_precision
-from .timed_choice import fastest, rows_bucket
+from ..precision import dot_precision
+from ..timed_choice import fastest, rows_bucket
 
 # --------------------------------------------------------------------------------------------
 # Kernels: one GEMM with a low-rank epilogue, in two flavours of main loop (pointer loads for

@@ -1,12 +1,12 @@
 """`torch.ops.unsloth.lora_linear` on CUDA (forward and backward): host functions over the Triton
-kernels of kernels/lora_gemm.py and kernels/lowrank_thin.py, or cuBLAS where it was faster
+kernels of kernels/lora/lora_gemm.py and kernels/lora/lowrank_thin.py, or cuBLAS where it was faster
 (the file name predates the cuBLAS side; unsloth_compile/ops.py imports it by that name).
 
 Same semantics as `lora_linear_forward` / `lora_linear_backward` in kernels/reference.py; the
 host functions below keep their signatures. Shapes: x (M, K) after flattening, W (N, K)
 (or (K, N) when `weight_transposed`), A (r, K), B (N, r), s = scale (* scale_tensor).
 
-    forward   H  = X_l A^T                      (M, r)  thin GEMM (kernels/lowrank_thin.py or cuBLAS)
+    forward   H  = X_l A^T                      (M, r)  thin GEMM (kernels/lora/lowrank_thin.py or cuBLAS)
               Y  = X W^T + s H B^T (+b +s b_B)  one Triton GEMM: K-loop over X, W, then an
                    (+ residual after the cast)  r-loop over H, B into the same accumulator;
                                                 or cuBLAS: Y = s H B^T, then Y += X W^T (beta=1)
@@ -39,13 +39,13 @@ from torch import Tensor
 
 from triton import next_power_of_2
 
-from . import knobs, precision
-from .launch_args import capability, interpreting, row_contiguous
+from .. import knobs, precision
+from ..launch_args import capability, interpreting, row_contiguous
 from .lora_gemm import knob_key as gemm_knob_key, launch_lora_gemm
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
-from .precision import HALF as _HALF
-from .reference import effective_scale as _effective_scale, rows as _rows
-from .timed_choice import CHOICES, fastest, rows_bucket
+from ..precision import HALF as _HALF
+from ..reference import effective_scale as _effective_scale, rows as _rows
+from ..timed_choice import CHOICES, fastest, rows_bucket
 
 _INT32_LIMIT = 2**31 - 1
 _MAX_RANK = 256

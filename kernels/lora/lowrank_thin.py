@@ -30,10 +30,10 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .launch_args import load_scale, processors, scale_operand
-from .launch_plan import launch
-from .precision import dot_precision
-from ..errors import UnslothCompileError
+from ..launch_args import load_scale, processors, scale_operand
+from ..launch_plan import launch
+from ..precision import dot_precision
+from ...errors import UnslothCompileError
 
 
 @triton.jit
@@ -250,7 +250,7 @@ def rows_thin_pair(x: Tensor, w: Tensor, t: Tensor, scale: float, scale_tensor: 
     M, C = x.shape
     R = w.shape[1]
     if R > PAIR_MAX_RANK:
-        raise UnslothCompileError("unsloth_compile.kernels.lowrank_thin: rows_thin_pair takes ranks up to "
+        raise UnslothCompileError("unsloth_compile.kernels.lora.lowrank_thin: rows_thin_pair takes ranks up to "
                                   f"{PAIR_MAX_RANK}, got r={R}; use rows_times_thin and thin_t_times_rows for larger "
                                   "ranks")
     if M == 0:  # no rows: an empty product and a zero sum, without a launch

@@ -1,4 +1,4 @@
-"""Rowwise float8 (e4m3) quantisation in one Triton kernel: kernels/fp8.py's `quantize_rowwise`
+"""Rowwise float8 (e4m3) quantisation in one Triton kernel: kernels/fp8/fp8.py's `quantize_rowwise`
 (and its weight-scale fold for backward's dY) without fp32 temporaries.
 
     t        = x[r, :] * col_scale        (col_scale optional: backward folds w_s into dY)
@@ -17,7 +17,7 @@ per element; it is memory-bound. Why one pass: at dY's width 14336 a two-pass ke
 4096) took well above the time of its bytes
 (docs/bench/design-choices.md#fp8-quantisation-and-transpose).
 
-Bitwise the same as the torch reference in kernels/fp8.py (the emulation, the CPU path):
+Bitwise the same as the torch reference in kernels/fp8/fp8.py (the emulation, the CPU path):
 - the ratio 448 / amax is an IEEE round-to-nearest division in both (div_rn here);
 - the power of two is taken from the ratio's exponent bits in both (no log2, whose rounding
   could pick the power above the ratio);
@@ -37,10 +37,10 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .launch_plan import launch
+from ..launch_plan import launch
 
 # In the kernel as literals: 448 (e4m3's largest finite value), 1e-12 (the amax floor) and
-# 0x7F800000 (a float32's exponent bits: 2^floor(log2(v)) for a normal v), as kernels/fp8.py.
+# 0x7F800000 (a float32's exponent bits: 2^floor(log2(v)) for a normal v), as kernels/fp8/fp8.py.
 MAX_ONE_TILE = 16384  # the longest row held in registers whole (32 fp32 per thread at 16 warps)
 MAX_BLOCK_C = 4096  # columns per tile of a longer row, read twice
 
@@ -119,7 +119,7 @@ def one_tile_config(block_c: int, fold: bool) -> tuple[int, int]:
     program (2048 elements, 4096 with the fold, whose fp32 scales then serve several rows) so
     that each has enough loads in flight; 8 warps from 8192 up (fewer or more were slower
     there). The fold was measured with fp32 scales up to 8192
-    columns and bf16 past that (kernels/fp8.py's fold_scales)."""
+    columns and bf16 past that (kernels/fp8/fp8.py's fold_scales)."""
     if block_c >= 8192:
         return 1, 8
     if fold:  # at least 2 rows: the column scales read once serve both (faster at 4096)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch_args import load_scale
+from ..launch_args import load_scale
 
 TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

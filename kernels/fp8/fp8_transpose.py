@@ -27,8 +27,8 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from .launch_plan import launch
-from ..errors import UnslothCompileError
+from ..launch_plan import launch
+from ...errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
 BLOCK = 128  # bytes per tile side: 128-byte rows on both sides of the transpose (measured best)
@@ -54,7 +54,7 @@ def transpose_codes(codes: Tensor, block: int = BLOCK, num_warps: int = 8) -> Te
     elements whose rows are contiguous (stride(1) == 1), on CUDA or under the interpreter.
     block, num_warps: the tile side and warps per program (a probe's sweep; defaults measured)."""
     if codes.dim() != 2 or codes.element_size() != 1 or codes.stride(1) != 1:
-        raise UnslothCompileError("unsloth_compile.kernels.fp8_transpose: transpose_codes takes a 2-D tensor of "
+        raise UnslothCompileError("unsloth_compile.kernels.fp8.fp8_transpose: transpose_codes takes a 2-D tensor of "
                                   f"1-byte elements with contiguous rows, got {codes.dtype} of shape "
                                   f"{tuple(codes.shape)} and strides {codes.stride()}")
     R, C = codes.shape

@@ -35,10 +35,10 @@ Two flavours of every GEMM, bitwise the same quantisation:
 - torch._scaled_mm (rowwise scales; CUDA capability >= 8.9), which needs K and N multiples
   of 16, `a` row-major, `b` column-major, fp32 scales (M, 1) and (1, N), bf16 output.
 
-On the GPU, the quantisation is one Triton kernel (kernels/fp8_quantize.py, bitwise the torch
+On the GPU, the quantisation is one Triton kernel (kernels/fp8/fp8_quantize.py, bitwise the torch
 spelling here), and the LoRA term's thin products run on the bf16 path's Triton kernels
 (lowrank_thin, lora_linear_triton's adapter gradients). The LoRA op's two GEMMs (`_lora_*_on_gpu`
-below) are the Triton FP8 GEMM with the term in its epilogue (kernels/fp8_gemm.py) wherever it
+below) are the Triton FP8 GEMM with the term in its epilogue (kernels/fp8/fp8_gemm.py) wherever it
 runs (Hopper), else torch._scaled_mm followed by a rank-r cuBLAS addmm of the LoRA term into its
 output (`_fp8_gemm`; the knob UNSLOTH_LORA_MAIN_GEMM=cublas forces the latter). The fused kernel
 adds the term to the fp32 tile and rounds once, where the composition rounds the fp8 product to
@@ -52,8 +52,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .reference import adapter_backward, effective_scale, rows
-from ..errors import UnslothCompileError
+from ..reference import adapter_backward, effective_scale, rows
+from ...errors import UnslothCompileError
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -75,7 +75,7 @@ def saturate_to_e4m3(t: Tensor) -> Tensor:
 def scale_from_amax(amax: Tensor) -> Tensor:
     """fp32 power-of-two multiplier that maps amax to at most 448 (0 for inf, NaN for NaN): the
     largest power of two <= 448 / amax, read from the ratio's exponent bits (exact; a log2 in
-    fp32 can round a ratio just below 2^k up to k). kernels/fp8_quantize.py does the same."""
+    fp32 can round a ratio just below 2^k up to k). kernels/fp8/fp8_quantize.py does the same."""
     ratio = E4M3_MAX / amax.float().clamp(min=AMAX_EPS)
     power = (ratio.view(torch.int32) & 0x7F800000).view(torch.float32)
     return torch.where(ratio.isnan(), ratio, power)
@@ -84,7 +84,7 @@ def scale_from_amax(amax: Tensor) -> Tensor:
 def quantize_rowwise(t: Tensor, col_scale: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """(codes, dequant) for a 2-D tensor of any float dtype and strides (times col_scale (C,)
     fp32 along its columns first, when given): codes (R, C) e4m3 contiguous, dequant (R, 1)
-    fp32 with t ~ codes * dequant. On CUDA one Triton kernel (kernels/fp8_quantize.py, bitwise
+    fp32 with t ~ codes * dequant. On CUDA one Triton kernel (kernels/fp8/fp8_quantize.py, bitwise
     the same); elsewhere torch."""
     if t.device.type == "cuda":
         from .fp8_quantize import quantize_rows
@@ -194,9 +194,9 @@ def fold_scales(w_dequant: Tensor) -> Tensor:
 
 def transposed_codes(w_codes: Tensor) -> Tensor:
     """W_q^T (K, N) contiguous, the backward's transient copy: on CUDA (and under the Triton
-    interpreter) one tiled Triton kernel (kernels/fp8_transpose.py: torch's strided copy of a
+    interpreter) one tiled Triton kernel (kernels/fp8/fp8_transpose.py: torch's strided copy of a
     1-byte dtype runs at an eighth of the memory's rate), elsewhere torch."""
-    from .launch_args import interpreting
+    from ..launch_args import interpreting
 
     if w_codes.device.type == "cuda" or interpreting():
         from .fp8_transpose import transpose_codes
@@ -296,8 +296,8 @@ def _lora_forward_on_gpu(x: Tensor, w_codes: Tensor, w_dequant: Tensor, bias: Op
     torch._scaled_mm and one rank-r cuBLAS addmm into its output in place (the M x N output read
     and written once more) where the fused kernel cannot run (`_fp8_gemm`)."""
     from .fp8_gemm import PREFETCH_MAX_RANK
-    from .launch_args import row_contiguous
-    from .lowrank_thin import rows_times_thin
+    from ..launch_args import row_contiguous
+    from ..lora.lowrank_thin import rows_times_thin
 
     x2d = rows(x)
     adapter_in = x2d if lora_x is None else rows(lora_x)
@@ -353,7 +353,7 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
     gradients, read from dY in x's dtype); the adapter's share s G A added to dX in the fp8
     GEMM's epilogue or by one rank-r cuBLAS addmm after torch._scaled_mm (`_fp8_gemm`'s choice),
     or, with lora_x, computed apart as d_lora_x."""
-    from .lora_linear_triton import adapter_grads
+    from ..lora.lora_linear_triton import adapter_grads
 
     grad2d = rows(grad_out)
     if grad2d.dtype != x.dtype:
@@ -390,13 +390,13 @@ def _lora_backward_on_gpu(grad_out: Tensor, x: Tensor, w_codes: Tensor, w_dequan
 
 
 def _fp8_gemm(direction: str, a_codes: Tensor, b_codes: Tensor, with_scaled_mm, fused) -> Tensor:
-    """The LoRA op's fp8 GEMM plus its low-rank term: `fused` (kernels/fp8_gemm.py) wherever it
+    """The LoRA op's fp8 GEMM plus its low-rank term: `fused` (kernels/fp8/fp8_gemm.py) wherever it
     can run, else `with_scaled_mm`; the knob main_gemm="cublas" forces the latter.
 
     Why not timed per problem, as the bf16 path's main GEMM is: timed alone, back to back, the
     two come out close and the timing can pick torch._scaled_mm, while inside whole fwd+bwd
     steps the fused kernel was faster at every benchmark shape (docs/bench/design-choices.md#fp8-gemms)."""
-    from . import knobs
+    from .. import knobs
     from .fp8_gemm import unsupported
 
     main_gemm = knobs.current().main_gemm
