@@ -95,7 +95,7 @@ def first_user(node: Node) -> Node:
 
 # The row-wise compress and decompress go into the graphs as the aten ops of
 # kernels/compress.py's rowwise_compress / rowwise_decompress, one for one (same ops, same
-# order: on CPU bitwise the reference, tests/test_compress_saved.py), rather than as the opaque
+# order: on CPU bitwise the reference, tests/passes/test_compress_saved.py), rather than as the opaque
 # torch.ops.unsloth.compress_rowwise call: Inductor then fuses the compress (a row amax, a
 # divide, a cast) into one kernel, often with the one that produced the tensor, and the
 # decompress (cast, multiply) into the backward kernel that reads it, so the decompressed

@@ -73,7 +73,7 @@ def _same_on_every_rank(runs, case: str, key: str) -> None:
 def _lora_sites() -> int:
     import helpers
 
-    return helpers.count_lora_layers(_tiny_model())  # what one process fuses (tests/test_lora_pass_models.py)
+    return helpers.count_lora_layers(_tiny_model())  # what one process fuses (tests/passes/test_lora_pass_models.py)
 
 
 def _check_steps(run: dict, ref: dict, n: int, what: str) -> None:

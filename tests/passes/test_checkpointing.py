@@ -18,7 +18,8 @@ from torch.fx import Graph, GraphModule
 from torch.utils.checkpoint import checkpoint
 
 import unsloth_compile
-from helpers import batch_for, count_lora_layers, dynamo_graphs, peft_wrap, tiny_causal_lm, train_and_compare
+from helpers import (batch_for, count_lora_layers, dynamo_graphs, kernelized_checkpointed_model, peft_wrap,
+                     tiny_causal_lm, train_and_compare)
 from unsloth_compile import Config, Report, fuse_lora_linears
 from unsloth_compile.report import collect_reports
 from unsloth_compile.passes import subgraphs
@@ -239,39 +240,6 @@ def test_real_inductor_trains_a_checkpointed_model_with_dropout_like_eager():
 
 
 # ----------------------------------------------------------------------------- side effects in the region
-
-
-def kernelized_checkpointed_model() -> nn.Module:
-    """Two LoRA layers in a checkpointed block whose forward the `kernels` package wraps as
-    transformers wraps its attention classes (`use_kernelized_func`): the wrapper sets and
-    resets a module-level routing variable around each call, a Python side effect inside the
-    checkpointed region."""
-    kernels = pytest.importorskip("kernels")
-    if not hasattr(kernels, "use_kernelized_func"):  # a checkout on sys.path: its kernels/ folder, not the package
-        pytest.skip("the kernels package is not installed")
-
-    @kernels.use_kernel_forward_from_hub("UnslothCompileTestHalve")
-    def halve(x):
-        return x * 0.5
-
-    @kernels.use_kernelized_func(halve)
-    class Block(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.first, self.second = LoRA(8, 8, 2), LoRA(8, 8, 2)
-
-        def forward(self, x):
-            return halve(self.second(torch.relu(self.first(x))))
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.block = Block()
-
-        def forward(self, x):
-            return checkpoint(self.block, x * 2, use_reentrant=False).relu()
-
-    return Model()
 
 
 def test_a_side_effect_in_the_checkpointed_region_does_not_stop_fusion():
