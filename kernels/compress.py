@@ -34,7 +34,7 @@ same bytes are saved (Z and Q). With M <= k, Q spans all of X's rows and dA is e
 
 All of this is a few torch ops per tensor, which run on CUDA as well. The pass writes the
 row-wise compress and decompress into the graphs as these same aten ops
-(passes/compress_rewrite.py), which Inductor fuses with their neighbours. Where a
+(passes/compress/compress_rewrite.py), which Inductor fuses with their neighbours. Where a
 hand-written Triton kernel would still help: the LoRA backward's dA GEMM reading the fp8 or
 int8 rows and their scales directly (Inductor runs the decompress as its own kernel before
 the opaque LoRA op, writing the decompressed x once), and lowrank's Z = X P computed inside

@@ -44,17 +44,17 @@ def _env_flag_off(name: str):
 
 @dataclass(frozen=True)
 class KernelKnobs:
-    # kernels/lora_linear_triton.py: Y = X W^T + s H B^T (and dX) as one Triton GEMM with the
+    # kernels/lora/lora_linear_triton.py: Y = X W^T + s H B^T (and dX) as one Triton GEMM with the
     # low-rank term in its epilogue ("triton") or as two cuBLAS calls ("cublas"); "auto": per
     # problem, whichever was faster when timed on its first call.
     main_gemm: str = _env_choice("UNSLOTH_LORA_MAIN_GEMM", "auto")
-    # The rank-sized GEMMs H, G, dA, dB: kernels/lowrank_thin.py ("triton") or cuBLAS
+    # The rank-sized GEMMs H, G, dA, dB: kernels/lora/lowrank_thin.py ("triton") or cuBLAS
     # ("cublas"); "auto": timed per problem like main_gemm.
     thin: str = _env_choice("UNSLOTH_LORA_THIN", "auto")
     # Backward's G = dY B and dB = s dY^T H from one pass over dY (rows_thin_pair, r <= 64)
     # as a candidate; False: always from two thin GEMMs.
     thin_pair: bool = _env_flag("UNSLOTH_LORA_THIN_PAIR")
-    # kernels/lora_gemm.py's main loop: "auto" times TMA descriptors against pointer loads
+    # kernels/lora/lora_gemm.py's main loop: "auto" times TMA descriptors against pointer loads
     # where TMA can run (sm_90+, 16-byte aligned strides; always TMA in the interpreter when
     # the strides allow it); "pointer": never TMA.
     main_loop: str = _env_choice("UNSLOTH_LORA_MAIN_LOOP", "auto")

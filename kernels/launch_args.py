@@ -1,5 +1,5 @@
-"""What the kernels' hosts derive before a launch, shared by kernels/lora_gemm.py and
-kernels/lowrank_thin.py: device facts (asked once per device; they do not change), and the
+"""What the kernels' hosts derive before a launch, shared by kernels/lora/lora_gemm.py and
+kernels/lora/lowrank_thin.py: device facts (asked once per device; they do not change), and the
 LoRA scale: the tensor scale in the form the kernels take (scale_operand) and how they read
 it back (load_scale, a @triton.jit helper); the epilogue's operands made row-contiguous."""
 

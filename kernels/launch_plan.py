@@ -5,8 +5,8 @@ Triton upgrade that changes them is fixed here.
 
 Why: the autotuner's key building and JITFunction.run's argument binding cost as much Python
 per launch as the whole low-rank term's GPU time (docs/bench/design-choices.md#bf16-lora-gemm).
-Used by kernels/lora_gemm.py (`Plan`, per tuned problem) and by
-the un-tuned kernels' hosts (`launch`: lowrank_thin.py, fp8_quantize.py).
+Used by kernels/lora/lora_gemm.py (`Plan`, per tuned problem) and by
+the un-tuned kernels' hosts (`launch`: lora/lowrank_thin.py, fp8/fp8_quantize.py).
 """
 
 from __future__ import annotations

@@ -232,7 +232,7 @@ def lora_linear_sparse24_forward(x: Tensor, weight: Tensor, compressed: list[Ten
 
     On the dense layout it *is* the reference (the dense masked W): CPU results equal the
     dense op's. On the sparse layouts, the composition of the dense op's cuBLAS path
-    (kernels/lora_linear_triton.py): the thin GEMMs in the activations' dtype, the low-rank
+    (kernels/lora/lora_linear_triton.py): the thin GEMMs in the activations' dtype, the low-rank
     term rounded to it once and accumulated onto the sparse product by cuBLAS (beta = 1), no
     (M, N) temporary in the adapter dtype."""
     if not _usable(compressed, layout, x.dtype):

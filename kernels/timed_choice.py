@@ -6,7 +6,7 @@ first call and then remembered for the process.
     CHOICES[kind][key] = (chosen, {candidate: median ms})   read by tests, the benchmark and
                                                              for diagnosis
 
-Used by kernels/lora_gemm.py ("main loop") and kernels/lora_linear_triton.py ("main GEMM",
+Used by kernels/lora/lora_gemm.py ("main loop") and kernels/lora/lora_linear_triton.py ("main GEMM",
 "thin GEMM"). Nothing of the project is imported here.
 """
 
@@ -21,7 +21,7 @@ log = logging.getLogger("unsloth_compile.kernels")
 # Every choice made by timing, per kind: {problem key: (chosen, {candidate: median ms})}.
 # Keys: "main loop" (TMA vs pointer Triton GEMM), "main GEMM" (Triton vs cuBLAS composition),
 # "thin GEMM" (Triton vs cuBLAS for H, G, dA, dB). Read by tests and for diagnosis. (The fp8
-# LoRA op's GEMM is not timed: kernels/fp8.py's `_fp8_gemm` says why.)
+# LoRA op's GEMM is not timed: kernels/fp8/fp8.py's `_fp8_gemm` says why.)
 CHOICES: dict[str, dict] = {"main loop": {}, "main GEMM": {}, "thin GEMM": {}}
 
 

@@ -16,7 +16,7 @@ from .attention import keep_attention_fused
 from .attention_bias import align_attention_masks
 from .broadcast_embedding import lookup_broadcast_rows_once
 from .linear_cross_entropy import fuse_linear_cross_entropy
-from .lora_linear import fuse_lora_linears
+from .lora.lora_linear import fuse_lora_linears
 from .packed_attention import mask_packed_sequences
 
 __all__ = ["run_passes"]

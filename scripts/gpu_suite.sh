@@ -13,10 +13,10 @@ cd "$(dirname "$0")/.."
 . scripts/gpu_env.sh
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
-KERNELS="tests/test_kernels_lora_linear.py tests/test_kernels_lowrank_thin.py tests/test_edge_shapes.py"
-FEATURES="tests/test_fp8_training.py tests/test_attention_pass.py tests/test_sparsity_training.py
-          tests/test_compress_saved.py tests/test_linear_cross_entropy.py tests/test_logits_cross_entropy.py
-          tests/test_cudagraphs_gpu.py tests/test_bench.py"
+KERNELS="tests/kernels/test_kernels_lora_linear.py tests/kernels/test_kernels_lowrank_thin.py tests/ops/test_edge_shapes.py"
+FEATURES="tests/fp8/test_fp8_training.py tests/passes/test_attention_pass.py tests/sparsity/test_sparsity_training.py
+          tests/passes/test_compress_saved.py tests/ops/test_linear_cross_entropy.py tests/ops/test_logits_cross_entropy.py
+          tests/test_cudagraphs_gpu.py tests/bench/test_bench.py"
 
 lane() {  # lane GPU_INDEX FILES...
     local gpu=$1 log="$OUT/gpu-tests-lane$1.log"

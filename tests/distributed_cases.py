@@ -1,4 +1,4 @@
-"""The worker side of tests/test_distributed.py: a tiny PEFT Llama trained under DDP and FSDP2 by
+"""The worker side of tests/distributed/test_distributed.py: a tiny PEFT Llama trained under DDP and FSDP2 by
 WORLD gloo processes (this file run as a script: `--worker OUT`), the single-process references
 on the concatenated batch, and the launcher.
 
@@ -285,7 +285,7 @@ def case_bench(world, rank) -> dict:
 
 
 def case_ddp_cuda(world, rank, cudagraphs: bool) -> dict:
-    """GPU only (tests/test_distributed_gpu.py): compile_ddp on Inductor, one GPU per rank, with
+    """GPU only (tests/distributed/test_distributed_gpu.py): compile_ddp on Inductor, one GPU per rank, with
     or without CUDA graphs, on the shared schedule (its no_sync-accumulated step included: the
     first micro-batch's gradients are alive in the graph pool's outputs when the second replays)."""
     from types import SimpleNamespace

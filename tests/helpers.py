@@ -261,6 +261,42 @@ class TwoLoRAsWithGraphBreak(torch.nn.Module):
         return self.second(x)
 
 
+def kernelized_checkpointed_model() -> torch.nn.Module:
+    """Two LoRA layers in a checkpointed block whose forward the `kernels` package wraps as
+    transformers wraps its attention classes (`use_kernelized_func`): the wrapper sets and
+    resets a module-level routing variable around each call, a Python side effect inside the
+    checkpointed region. Skips the calling test without the `kernels` package."""
+    import pytest
+    from torch.utils.checkpoint import checkpoint
+
+    kernels = pytest.importorskip("kernels")
+    if not hasattr(kernels, "use_kernelized_func"):  # a checkout on sys.path: its kernels/ folder, not the package
+        pytest.skip("the kernels package is not installed")
+
+    @kernels.use_kernel_forward_from_hub("UnslothCompileTestHalve")
+    def halve(x):
+        return x * 0.5
+
+    @kernels.use_kernelized_func(halve)
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = HandLoRA(), HandLoRA()
+
+        def forward(self, x):
+            return halve(self.second(torch.relu(self.first(x))))
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+
+        def forward(self, x):
+            return checkpoint(self.block, x * 2, use_reentrant=False).relu()
+
+    return Model()
+
+
 def count_reference_lora_calls(monkeypatch) -> dict:
     """Runtime calls of the LoRA op's CPU implementation (kernels/reference.py), forward and
     backward: {"forward": n, "backward": n}, counted while the test runs."""

@@ -1,4 +1,4 @@
-"""The worker side of tests/test_parallel.py: a tiny PEFT Llama trained with tensor parallelism
+"""The worker side of tests/distributed/test_parallel.py: a tiny PEFT Llama trained with tensor parallelism
 (DTensor), pipeline parallelism (torch.distributed.pipelining) and their combinations with data
 parallelism, by gloo processes (this file run as a script: `--worker OUT`); the single-process
 reference; the launcher, which starts the 2-process and the 4-process groups at once.

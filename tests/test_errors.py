@@ -31,7 +31,7 @@ def _bad_inputs():
     from unsloth_compile import distributed, rank, sparsity
     from unsloth_compile.distributed import pipeline
     from unsloth_compile.distributed import tensor_parallel as parallel
-    from unsloth_compile.kernels import fp8 as fp8_kernels
+    from unsloth_compile.kernels.fp8 import fp8 as fp8_kernels
     from unsloth_compile.kernels import knobs
 
     linear = nn.Linear(8, 8)

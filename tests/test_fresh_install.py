@@ -48,11 +48,12 @@ def test_repository_folders_never_hide_an_installed_distribution(tmp_path, name)
 
 def test_package_subfolders_map_from_the_source_tree():
     result = run_in_root("""
-        import unsloth_compile, unsloth_compile.kernels.lora_gemm as gemm, unsloth_compile.passes.lora_linear as lora
+        import unsloth_compile
+        import unsloth_compile.kernels.lora.lora_gemm as gemm, unsloth_compile.passes.lora.lora_linear as lora
         from pathlib import Path
         root = Path(unsloth_compile.__file__).resolve().parents[1]
-        assert Path(gemm.__file__).resolve() == root / 'kernels' / 'lora_gemm.py', gemm.__file__
-        assert Path(lora.__file__).resolve() == root / 'passes' / 'lora_linear.py', lora.__file__
+        assert Path(gemm.__file__).resolve() == root / 'kernels' / 'lora' / 'lora_gemm.py', gemm.__file__
+        assert Path(lora.__file__).resolve() == root / 'passes' / 'lora' / 'lora_linear.py', lora.__file__
         """)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -99,9 +100,13 @@ def test_package_metadata_builds_without_deprecation_warnings(tmp_path):
 
 def test_every_subpackage_is_in_the_wheel():
     """pyproject.toml lists the packages a wheel holds: each folder of unsloth_compile/ with an
-    __init__.py must be among them, or an installed copy lacks it."""
+    __init__.py must be among them, or an installed copy lacks it; so must each folder of passes/
+    and kernels/ (installed as unsloth_compile.passes.* and unsloth_compile.kernels.*)."""
     import tomllib
 
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "unsloth_compile").rglob("__init__.py")}
+    for mapped in ("passes", "kernels"):
+        folders |= {".".join(("unsloth_compile", *init.parent.relative_to(ROOT).parts))
+                    for init in (ROOT / mapped).rglob("__init__.py")}
     assert folders - listed == set(), f"pyproject.toml's packages miss {sorted(folders - listed)}"

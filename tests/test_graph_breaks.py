@@ -11,8 +11,7 @@ from torch import nn
 
 import unsloth_compile
 from unsloth_compile import graph_breaks
-from helpers import HandLoRA, batch_for, peft_wrap, tiny_causal_lm
-from test_checkpointing import kernelized_checkpointed_model
+from helpers import HandLoRA, batch_for, kernelized_checkpointed_model, peft_wrap, tiny_causal_lm
 
 FAST = {"inner": "aot_eager"}
 ADAPTER_QUESTION = "adapter attached"

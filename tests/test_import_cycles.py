@@ -152,9 +152,9 @@ def _format(cycles: list[list[str]]) -> str:
 
 def test_the_graph_sees_the_package():
     graph = _graph()
-    assert {"unsloth_compile.backend", "unsloth_compile.passes.lora_linear",
-            "unsloth_compile.kernels.lora_gemm"} <= set(graph)
-    assert "unsloth_compile.passes.fx_match" in graph["unsloth_compile.passes.lora_linear"]
+    assert {"unsloth_compile.backend", "unsloth_compile.passes.lora.lora_linear",
+            "unsloth_compile.kernels.lora.lora_gemm"} <= set(graph)
+    assert "unsloth_compile.passes.fx_match" in graph["unsloth_compile.passes.lora.lora_linear"]
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -101,7 +101,7 @@ def test_unmasked_causal_batches_are_padded_without_a_mask(monkeypatch):
 def test_packed_rows_pad_with_a_sequence_of_their_own():
     """A packed row (position_ids restarting, no mask) is padded with a new sequence starting at
     0, and the loss and gradients equal eager's on the unpadded row (with attention_packed off,
-    as eager's SDPA attends across the packed sequences; tests/test_packing.py checks the
+    as eager's SDPA attends across the packed sequences; tests/passes/test_packing.py checks the
     packed attention itself)."""
     torch.manual_seed(2)
     torch._dynamo.reset()

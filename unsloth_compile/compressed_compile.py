@@ -1,6 +1,6 @@
 """The backend's inner compile with the compress_saved partitioner.
 
-passes/compress_saved.py decides what the forward saves for backward and rewrites the two
+passes/compress/compress_saved.py decides what the forward saves for backward and rewrites the two
 graphs (`CompressSavedPartitioner`); it never compiles. This module hands that partitioner to
 AOTAutograd (inner="aot_eager") or to Inductor (`custom_partitioner_fn`, inner="inductor") for
 the backend.
@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 
 from .config import CompressMode, Config
 from .errors import UnslothCompileError
-from .passes.compress_saved import PATTERN, CompressSavedPartitioner
+from .passes.compress.compress_saved import PATTERN, CompressSavedPartitioner
 from .report import Report, Site
 
 

@@ -81,7 +81,7 @@ def _positive_int(name: str, value: Any) -> int:
 
 class CompressMode(str, enum.Enum):
     """What backward reads of the tensors saved for it by LoRA ops and FFN blocks
-    (passes/compress_saved.py): the forward values stay exact either way."""
+    (passes/compress/compress_saved.py): the forward values stay exact either way."""
 
     NONE = "none"  # saved as computed
     FP8 = "fp8"  # e4m3 codes with one fp32 scale per row (COAT-style)

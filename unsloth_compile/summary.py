@@ -46,8 +46,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .graph_breaks import BreakLog, lora_layers, outside_message, ranked
 from .report import Report, Site
 
-PATTERN = "lora_linear"  # passes/lora_linear.py's Site.pattern (not imported: backend loads passes lazily)
-FRAGMENT = "<fragment after a graph break>"  # passes/lora_leftovers.py's path of a LoRA layer split by a break
+PATTERN = "lora_linear"  # passes/lora/lora_linear.py's Site.pattern (not imported: backend loads passes lazily)
+FRAGMENT = "<fragment after a graph break>"  # passes/lora/lora_leftovers.py's path of a LoRA layer split by a break
 
 log = logging.getLogger("unsloth_compile.summary")
 warmup_log = logging.getLogger("unsloth_compile.warmup")

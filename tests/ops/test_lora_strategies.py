@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import unsloth_compile  # noqa: F401  registers the ops
 from helpers import saved_tensors
 from unsloth_compile.errors import UnslothCompileError
-from unsloth_compile.kernels import fp8, reference, sparse24
+from unsloth_compile.kernels import reference, sparse24
+from unsloth_compile.kernels.fp8 import fp8
 from unsloth_compile.ops.frozen_base import FrozenBase, LoraBackward, LoraForward
 from unsloth_compile.ops.lora import REGISTERED, LoraLinearFunction, register_lora_op
 from unsloth_compile.sparsity.mask import transposable_mask

@@ -10,7 +10,7 @@ Variants, all timed as fwd+bwd (autograd, gradients of x and of the adapters) in
     ours-bf16     the same with bf16 adapters
     ours-bf16-triton / ours-bf16-cublas
                   ours-bf16 with every GEMM forced to Triton (main GEMM with the low-rank term in
-                  its epilogue, kernels/lowrank_thin.py for H, G, dA, dB) or to cuBLAS (the
+                  its epilogue, kernels/lora/lowrank_thin.py for H, G, dA, dB) or to cuBLAS (the
                   composition out = s H B^T; out += X W^T); ours-* pick per problem by timing
     unsloth       peft-fp32 under torch.compile(backend="unsloth"): the op inside an AOTAutograd
                   graph, as users run it (no eager autograd wrapper around the op)
@@ -21,7 +21,7 @@ Variants, all timed as fwd+bwd (autograd, gradients of x and of the adapters) in
                   (rows carry weight_bytes: the stored base, 2 N K in bf16, N K + 4 N in fp8)
     ours-fp8-triton / ours-fp8-cublas
                   ours-fp8 with both fp8 GEMMs forced to the Triton FP8 GEMM with the LoRA term
-                  in its epilogue (kernels/fp8_gemm.py) or to torch._scaled_mm plus a rank-r
+                  in its epilogue (kernels/fp8/fp8_gemm.py) or to torch._scaled_mm plus a rank-r
                   addmm of the term; ours-fp8 takes the Triton one wherever it runs
 Plus a breakdown of ours (r=16, fp32 adapters): each kernel of forward and backward alone,
 and the Triton GEMM with no low-rank term against cuBLAS.
@@ -154,7 +154,7 @@ def _make_variant(name, x, W, A32, B32, dy):
     if name in ("ours-fp8-triton", "ours-fp8-cublas"):  # ours-fp8, run under _forced_knobs(name)
         return _make_variant("ours-fp8", x, W, A32, B32, dy)
     if name.endswith(("fp8", "fp8-bf16")):
-        from ..kernels.fp8 import quantize_weight
+        from ..kernels.fp8.fp8 import quantize_weight
 
         Wq, ws = quantize_weight(W)  # once, as unsloth_compile.fp8.convert stores it
         A_, B_ = (A32, B32) if name == "ours-fp8" else (A16, B16)
@@ -191,9 +191,9 @@ def _rel_err_vs_reference(x, W, A, B, dy, adapter_dtype) -> dict:
 
 def _rel_err_fp8_vs_emulation(x, W, A, B, dy, name) -> dict:
     """ours-fp8 (with the fp8 GEMM the knobs in force pick: Triton where it runs, or torch._scaled_mm)
-    against impl="reference" (kernels/fp8.py's emulation: the same quantisation, fp32 GEMMs),
+    against impl="reference" (kernels/fp8/fp8.py's emulation: the same quantisation, fp32 GEMMs),
     and its out / dx against float64 as SQNR in dB."""
-    from ..kernels.fp8 import quantize_weight
+    from ..kernels.fp8.fp8 import quantize_weight
 
     Wq, ws = quantize_weight(W)
     adapter = torch.bfloat16 if name == "ours-fp8-bf16" else torch.float32
@@ -261,8 +261,8 @@ def _measure_variant(row: dict, name: str, x, W, A, B, dy) -> None:
 
 def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
     """Each piece of ours alone (fp32 adapters), to see where the time over the base goes."""
-    from ..kernels import lora_gemm as gemm
-    from ..kernels import lora_linear_triton as lt
+    from ..kernels.lora import lora_gemm as gemm
+    from ..kernels.lora import lora_linear_triton as lt
 
     K, N = LAYERS[layer]
     x, W, A, B, dy = (t.detach() for t in _inputs(M, K, N, r, device))
@@ -349,7 +349,7 @@ def profile_host(layer: str, M: int, r: int, device, steps: int = 20) -> dict:
 def choices_made() -> dict:
     """What ours chose by timing so far (per problem: main GEMM Triton or cuBLAS, thin GEMMs,
     TMA or pointer main loop) and the tile configuration of every Triton GEMM plan."""
-    from ..kernels import lora_gemm as gemm
+    from ..kernels.lora import lora_gemm as gemm
     from ..kernels.timed_choice import CHOICES
 
     made = {kind: [{"problem": repr(key), "chosen": chosen, "ms": times} for key, (chosen, times) in table.items()]

@@ -3,7 +3,7 @@ is compiled in place (`unsloth_compile.compile`) before DDP wraps it, so `state_
 `save_pretrained` stay as they were. Dynamo's DDP graph splitting (`optimize_ddp`) is turned off
 for this wrapper's forward: it cuts the graph at gradient-bucket boundaries (measured by the
 trainable parameters' bytes in reverse graph order), and a cut through a LoRA linear leaves both
-halves unfusable (tests/test_distributed.py forces small buckets: 4 of 14 sites fused with the
+halves unfusable (tests/distributed/test_distributed.py forces small buckets: 4 of 14 sites fused with the
 split, 14 without). Without the split the whole backward runs as one graph and the all-reduce
 of the LoRA gradients (tens of MB for a 1B model) follows it instead of overlapping it.
 `split_graphs=True` restores Dynamo's default. CUDA graphs keep the backend's default (on for

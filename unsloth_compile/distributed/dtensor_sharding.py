@@ -15,7 +15,7 @@ are registered here (one mesh dimension; DTensor expands them to every dimension
 algebra on the local shards: column-wise, a rank's output columns are x W_l^T + s (x A^T) B_l^T;
 row-wise, its partial sum is x_l W_l^T + s (x_l A_l^T) B^T, linear in the partial H. DTensor
 adds the collectives the placements call for. The LoRA pass refuses a site whose DTensor
-operands are not already laid out as one of these (passes/lora_dtensor.py).
+operands are not already laid out as one of these (passes/lora/lora_dtensor.py).
 """
 
 from __future__ import annotations

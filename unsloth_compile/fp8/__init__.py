@@ -5,7 +5,7 @@
     unsloth_compile.fp8.revert(model)             # back to nn.Linear / Conv1D, dequantised (lossy)
 
 The conversion is in conversion.py; the ops in unsloth_compile/ops_fp8.py, the math in
-kernels/fp8.py, the pass in passes/fp8_linear.py. See docs/fp8.md.
+kernels/fp8/fp8.py, the pass in passes/lora/fp8_linear.py. See docs/fp8.md.
 """
 
 from .conversion import (ConversionReport, Fp8Linear, convert, dense_weight, frozen_linears, lora_base_layers, revert,

@@ -5,7 +5,7 @@
     model = torch.compile(model, backend="unsloth")   # fuses each into torch.ops.unsloth.lora_linear_fp8
     unsloth_compile.fp8.revert(model)             # back to nn.Linear / Conv1D, dequantised (lossy)
 
-`Fp8Linear` holds the weight quantised once (kernels/fp8.py: e4m3 codes with one power-of-two
+`Fp8Linear` holds the weight quantised once (kernels/fp8/fp8.py: e4m3 codes with one power-of-two
 scale per output row, which serve both the forward X W^T and the backward dY W) as buffers,
 and drops the dense weight: N K + 4 N bytes instead of 2 N K in bf16. Its forward is one
 `torch.ops.unsloth.fp8_linear` call, so the model still runs eagerly (in fp8) and the LoRA
@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from .. import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
 from ..dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
 from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
-from ..kernels import fp8 as fp8_kernels
+from ..kernels.fp8 import fp8 as fp8_kernels
 from ..errors import UnslothCompileError
 
 

@@ -4,7 +4,7 @@
     unsloth::lora_linear_backward  the GEMM part of its backward: (dx, d_lora_x, dA, dB)
 
 Dispatch is by device and by the `impl` argument the pass bakes in from the Config: CUDA +
-Triton importable -> kernels/lora_linear_triton.py; anything else -> kernels/reference.py.
+Triton importable -> kernels/lora/lora_linear_triton.py; anything else -> kernels/reference.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .lora import register_lora_op
 
 log = logging.getLogger("unsloth_compile")
 
-_TRITON_MODULE = "unsloth_compile.kernels.lora_linear_triton"
+_TRITON_MODULE = "unsloth_compile.kernels.lora.lora_linear_triton"
 _triton_kernels = None
 _warned: set[str] = set()
 

@@ -1,4 +1,4 @@
-"""The float8 frozen base (kernels/fp8.py has the math):
+"""The float8 frozen base (kernels/fp8/fp8.py has the math):
 
     unsloth::fp8_linear                 x W^T + b with W stored in e4m3 (Fp8Linear's forward,
                                         and what the LoRA pass recognises as an fp8 base)
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..kernels import fp8
+from ..kernels.fp8 import fp8
 from .frozen_base import FrozenBase, LoraBackward, LoraForward
 from .lora import register_lora_op
 

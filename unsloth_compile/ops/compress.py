@@ -9,7 +9,7 @@
     project_rows(x, P, dropout_mask?, dropout_scale) -> Z = x' P
     lora_linear_backward_projected(...) -> (dx, d_lora_x, dA, dB)   dA from Z and P
 
-passes/compress_saved.py and passes/compress_rewrite.py insert them into the forward and backward
+passes/compress/compress_saved.py and passes/compress/compress_rewrite.py insert them into the forward and backward
 graphs AOTAutograd partitioned: they never need autograd themselves (nothing differentiates
 through a saved tensor), so they have none.
 """

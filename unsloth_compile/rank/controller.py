@@ -14,7 +14,7 @@
 This module knows nothing of the compiler. A resize puts new Parameters (and a new scale) on
 the module; Dynamo's guards on parameter shapes and on the scale fail, so a compiled model
 recompiles once for a rank configuration it has not seen and reuses the cached graph for one
-it has. Measured on torch 2.13 (tests/test_rank.py counts frames) with two Dynamo defaults
+it has. Measured on torch 2.13 (tests/rank/test_rank.py counts frames) with two Dynamo defaults
 that would otherwise defeat this:
 - `force_parameter_static_shapes=True` keeps parameter shapes static. When a user turns it
   off, automatic dynamic shapes compile a dynamic-rank graph after the first change; every new

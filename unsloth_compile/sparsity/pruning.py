@@ -1,5 +1,5 @@
 """2:4 structured sparsity of the frozen bases: pruning and conversion, once, before training;
-separate from the runtime rewrite (passes/sparse24_linear.py).
+separate from the runtime rewrite (passes/lora/sparse24_linear.py).
 
     report = unsloth_compile.sparsity.prune(model)                      # magnitude
     report = unsloth_compile.sparsity.prune(model, "wanda", calibration=batches)
