@@ -36,12 +36,13 @@ import json
 import time
 import traceback
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
 from ..kernels import knobs
 from .output import first_line
+from .timing import eager_ms, graph_ms
 from ..errors import UnslothCompileError
 
 # (K, N) of each layer: K in-features, N out-features
@@ -62,41 +63,6 @@ VARIANTS = ("base", "peft-fp32", "peft-bf16", "inductor", "ours-fp32", "ours-bf1
             "ours-bf16-cublas", "unsloth", "base-fp8", "ours-fp8", "ours-fp8-bf16", "ours-fp8-triton",
             "ours-fp8-cublas")
 SCALE = 2.0  # lora_alpha / r; its value does not change the cost
-
-
-def _bench(fn: Callable[[], object]) -> float:
-    """Wall time of one call as an eager user runs it: host code included (median, ms)."""
-    import triton.testing
-
-    fn()  # warm-up: compilation, autotuning, cuBLAS handles
-    torch.cuda.synchronize()
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def _bench_graph(fn: Callable[[], object], replays: int = 20) -> float:
-    """GPU time of one call: `fn` captured once in a CUDA graph, replays timed (median, ms).
-
-    The replay launches the recorded kernels with no Python, dispatcher or autotuner on the
-    host, so this compares the kernels themselves; _bench's eager time adds the host code,
-    which decides the result whenever it is slower than the GPU work (small layers)."""
-    import triton.testing
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up off the default stream, as capture requires
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(replays):
-            fn()
-    torch.cuda.synchronize()
-    try:
-        return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / replays
-    finally:
-        del graph
 
 
 def _peft_lora(x, W, A, B, scale):
@@ -255,8 +221,8 @@ def _measure_variant(row: dict, name: str, x, W, A, B, dy) -> None:
     elif name == "base":
         row["weight_bytes"] = W.numel() * W.element_size()
     step = _make_variant(name, x, W, A, B, dy)
-    row["ms"] = _bench(step)
-    row["gpu_ms"] = _bench_graph(step)
+    row["ms"] = eager_ms(step)
+    row["gpu_ms"] = graph_ms(step)
 
 
 def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
@@ -298,8 +264,8 @@ def breakdown(layer: str, M: int, r: int, device) -> list[dict]:
     for name, fn in pieces.items():
         try:
             with knobs.patch(**({"main_loop": "pointer"} if name.startswith("triton-ptr") else {})):
-                rows.append({"layer": layer, "M": M, "r": r, "piece": name, "ms": _bench(fn),
-                             "gpu_ms": _bench_graph(fn)})
+                rows.append({"layer": layer, "M": M, "r": r, "piece": name, "ms": eager_ms(fn),
+                             "gpu_ms": graph_ms(fn)})
         except Exception as error:
             rows.append({"layer": layer, "M": M, "r": r, "piece": name, "error": f"{type(error).__name__}: {error}"[:300]})
         print(f"  {layer:20s} {name:40s} {rows[-1].get('ms', float('nan')):.4f} ms eager, "
