@@ -441,3 +441,32 @@ def test_gpu_presets_build_and_carry_their_targets(name):
     if name not in ("llama-1b", "bert-large"):
         assert {(t.metric, t.baseline, t.op, t.threshold) for t in preset.targets} == {
             ("throughput", "peft-eager", ">=", 1.0), ("peak_mem", "peft-eager", "<=", 1.0)}
+
+
+def test_e2e_bert_batch_spellings(tmp_path):
+    """Each spelling is its own table; the batches hold the same ids and answers, the keys the
+    spelling names, and the padding mask keeps answers inside each row's tokens."""
+    from unsloth_compile.bench.batch_spellings import SPELLINGS, spell_batch
+    from unsloth_compile.bench.e2e import PRESETS, make_batches
+
+    preset = PRESETS["tiny-bert"]
+    spelled = {s: make_batches(preset, 2, 0, torch.device("cpu"), spelling=s) for s in SPELLINGS}
+    keys = {s: set(b[0]) - {"input_ids", "start_positions", "end_positions"} for s, b in spelled.items()}
+    assert keys == {"full": {"token_type_ids", "attention_mask"}, "types": {"token_type_ids"}, "minimal": set(),
+                    "ones-mask": {"attention_mask"}, "padding-mask": {"token_type_ids", "attention_mask"}}
+    for s in SPELLINGS:
+        assert torch.equal(spelled[s][1]["input_ids"], spelled["full"][1]["input_ids"])
+    padded = spelled["padding-mask"][0]
+    kept = padded["attention_mask"].sum(1)
+    assert (kept >= preset.seq // 2).all() and (kept < preset.seq).any()
+    assert (padded["start_positions"] < kept).all() and (padded["end_positions"] < kept).all()
+    with pytest.raises(ValueError, match="one of"):
+        spell_batch(padded["input_ids"], torch.zeros(2, preset.batch, dtype=torch.long), "nomask",
+                    torch.Generator())
+
+    from unsloth_compile.bench.__main__ import main
+
+    assert main(["e2e", "--preset", "tiny-bert", "--steps", "1", "--warmup", "1", "--variants", "peft-eager",
+                 "--spellings", "minimal,padding-mask", "--out", str(tmp_path)]) == 0
+    assert "batch spelling: minimal" in (tmp_path / "e2e-tiny-bert-minimal.md").read_text()
+    assert "padding" in (tmp_path / "e2e-tiny-bert-padding-mask.md").read_text()

@@ -39,6 +39,7 @@ import torch
 from . import lengths as length_specs
 from .e2e_results import add_ratios, check_targets, render_markdown, write_outputs
 from .batch_layouts import LAYOUTS, SequenceStream, make_real_batches, real_tokens
+from .batch_spellings import SPELLINGS, parse_spellings, spell_batch
 from .lengths import LengthSpec, parse_lengths
 from .variants import (BACKEND_KINDS, MemoryMeter, Variant, compile_for, environment, make_optimizer, resolve_device,
                        resolve_inner, run_isolated, select_variants, synchronize, train_step)
@@ -219,11 +220,11 @@ def prepare_model(model: torch.nn.Module, variant: Variant, preset: Preset) -> t
 
 
 def make_batches(preset: Preset, count: int, seed: int, device: torch.device,
-                 attention_mask: bool = True) -> list[dict]:
-    """Random token batches. BERT batches carry an all-ones attention_mask unless
-    `attention_mask=False` (transformers then builds no mask, and SDPA may take a kernel
-    that cannot take one)."""
+                 spelling: str = "full") -> list[dict]:
+    """Random token batches. BERT batches are spelled as `spelling` says
+    (bench/batch_spellings.py): by default with token_type_ids and an all-ones attention_mask."""
     g = torch.Generator().manual_seed(seed + 1)
+    pads = torch.Generator().manual_seed(seed + 2)  # apart, so that every spelling draws the same ids
     vocab = preset.config.get("vocab_size", 30522)
     batches = []
     for _ in range(count):
@@ -232,10 +233,7 @@ def make_batches(preset: Preset, count: int, seed: int, device: torch.device,
             batch = {"input_ids": ids, "labels": ids}
         else:
             positions = torch.randint(0, preset.seq, (2, preset.batch), generator=g)
-            batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
-                     "start_positions": positions[0], "end_positions": positions[1]}
-            if attention_mask:
-                batch["attention_mask"] = torch.ones_like(ids)
+            batch = spell_batch(ids, positions, spelling, pads)
         batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
 
@@ -260,7 +258,7 @@ def dynamo_graphs() -> int:
 
 
 def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: torch.dtype, steps: int,
-                warmup: int, seed: int, lr: float, attention_mask: bool = True,
+                warmup: int, seed: int, lr: float, spelling: str = "full",
                 lengths: LengthSpec = FIXED_LENGTHS) -> dict:
     from ..report import collect_reports
 
@@ -279,10 +277,9 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
         batches = make_length_batches(preset, lengths, variant.layout, warmup + steps, seed, device)
         pipelined_batches = []
     else:
-        batches = make_batches(preset, warmup + steps, seed, device, attention_mask=attention_mask)
+        batches = make_batches(preset, warmup + steps, seed, device, spelling=spelling)
         # the pipelined pass: as many fresh batches as timed ones, no synchronise in between
-        pipelined_batches = make_batches(preset, warmup + steps, seed + 1, device,
-                                         attention_mask=attention_mask)[warmup:]
+        pipelined_batches = make_batches(preset, warmup + steps, seed + 1, device, spelling=spelling)[warmup:]
     tokens = [real_tokens(batch) for batch in batches]
     graphs_before = dynamo_graphs()
     with collect_reports() as report:
@@ -368,7 +365,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "padded is named NAME@LAYOUT")
     p.add_argument("--attention-mask", default="both", choices=["yes", "no", "both"],
                    help="BERT presets: batches with an all-ones attention_mask, without, or one run of each "
-                        "(the second written as e2e-NAME-nomask.*); causal LM presets ignore it")
+                        "(the second written as e2e-NAME-nomask.*); the same as --spellings full / types / "
+                        "full,types; causal LM presets ignore it")
+    p.add_argument("--spellings", type=_spellings_arg,
+                   help="BERT presets: comma list of the ways to spell each batch, one table each, written as "
+                        "e2e-NAME-SPELLING.* (full as e2e-NAME.*, types as e2e-NAME-nomask.*): "
+                        + ", ".join(SPELLINGS) + " (bench/batch_spellings.py); overrides --attention-mask")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", default="docs/bench", help="output folder (JSON, markdown, PNG)")
@@ -377,6 +379,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _lengths_arg(text: str) -> LengthSpec:
     try:
         return parse_lengths(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _spellings_arg(text: str) -> list[str]:
+    try:
+        return parse_spellings(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -397,14 +406,23 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _RUN_FIRST = {"peft-eager": 0, "unsloth": 1, "unsloth@packed": 2, "peft-compile": 3, "full": 4}
 
 
+_MASK_SPELLINGS = {"yes": ["full"], "no": ["types"], "both": ["full", "types"]}
+_SPELLING_SUFFIX = {"full": "", "types": "-nomask"}
+
+
 def run(args) -> list[dict]:
-    """One table per attention-mask setting asked for (BERT presets), else one."""
+    """One table per batch spelling asked for (BERT presets), else one."""
     preset = PRESETS[args.preset]
-    if preset.family == "llama" or args.attention_mask == "yes":
-        return [run_one(args, attention_mask=True)]
-    if args.attention_mask == "no":
-        return [run_one(args, attention_mask=False)]
-    return [run_one(args, attention_mask=True), run_one(args, attention_mask=False)]
+    if preset.family == "llama":
+        return [run_one(args, spelling="full")]
+    spellings = getattr(args, "spellings", None) or _MASK_SPELLINGS[args.attention_mask]
+    return [run_one(args, spelling=spelling) for spelling in spellings]
+
+
+def _spelled_mask(spelling: str):
+    """What the results page says of the batch's attention_mask under `spelling`: True (all
+    ones), False (none) or "padding"."""
+    return {"full": True, "ones-mask": True, "padding-mask": "padding"}.get(spelling, False)
 
 
 def _check_real_data(preset: Preset, lengths: LengthSpec, variants: list[Variant]) -> bool:
@@ -421,7 +439,7 @@ def _check_real_data(preset: Preset, lengths: LengthSpec, variants: list[Variant
     return lengths.kind != "fixed" or bool(packed)
 
 
-def run_one(args, attention_mask: bool) -> dict:
+def run_one(args, spelling: str) -> dict:
     preset = PRESETS[args.preset]
     device = resolve_device(args.device)
     inner = resolve_inner(args.inner, device)
@@ -440,17 +458,18 @@ def run_one(args, attention_mask: bool) -> dict:
     data = {"bench": "e2e", "preset": dataclasses.asdict(preset), "unit": preset.unit, "dtype": str(dtype),
             "inner": inner, "steps": steps, "warmup": warmup, "seed": args.seed, "lr": args.lr, "env": env,
             "mem_kind": MemoryMeter(device).kind, "results": [], "targets": [],
-            "attention_mask": attention_mask if preset.family != "llama" else None,
+            "attention_mask": _spelled_mask(spelling) if preset.family != "llama" else None,
+            "spelling": spelling if preset.family != "llama" else None,
             "lengths": str(lengths), "lengths_description": lengths.describe(preset.seq), "real_data": real_data,
             "layouts": list(dict.fromkeys(v.layout for v in variants)), "rows": preset.batch,
-            "name": preset.name + ("" if attention_mask or preset.family == "llama" else "-nomask")
+            "name": preset.name + ("" if preset.family == "llama" else _SPELLING_SUFFIX.get(spelling, "-" + spelling))
             + ("" if lengths.kind == "fixed" else "-" + str(lengths).replace(":", ""))}
     out = Path(args.out)
     print(f"e2e {preset.name} on {env['device']}: {len(variants)} variants, {warmup} warm-up + {steps} timed steps")
     for variant in sorted(variants, key=lambda v: _RUN_FIRST.get(v.role, len(_RUN_FIRST))):
         print(f"  {variant.name:<20} {variant.describe()} ...", flush=True)
         result = run_isolated(lambda: run_variant(preset, variant, device, dtype, steps, warmup, args.seed, args.lr,
-                                                  attention_mask, lengths),
+                                                  spelling, lengths),
                               device)
         result["variant"] = variant.to_json()
         data["results"].append(result)

@@ -149,6 +149,10 @@ def _real_data_table(data: dict, mem_label: str) -> list[str]:
     return lines
 
 
+_MASK_WORDS = {True: "yes (all ones)", False: "no", "padding": "yes (padding: each row keeps its first half to all "
+                                                          "of its tokens)"}
+
+
 def render_markdown(data: dict) -> str:
     preset = data["preset"]
     mem_label = {"cuda_max_allocated": "peak mem GiB (CUDA max allocated)",
@@ -158,7 +162,8 @@ def render_markdown(data: dict) -> str:
               f"- batch {preset['batch']} x {preset['seq']}, dtype {data['dtype']}, LoRA r={preset['rank']} "
               f"alpha={preset['alpha']} on {', '.join(preset['lora_targets'])}; AdamW "
               f"({'fused' if data['env']['device_type'] == 'cuda' else 'foreach'})",
-              *([f"- attention_mask in the batch: {'yes (all ones)' if data['attention_mask'] else 'no'}"]
+              *([f"- attention_mask in the batch: {_MASK_WORDS[data['attention_mask']]}"
+                 + (f" (batch spelling: {data['spelling']})" if data.get("spelling") else "")]
                 if data.get("attention_mask") is not None else [])]
     lines += (_real_data_table if data.get("real_data") else _fixed_table)(data, mem_label)
     lines += _floor_lines(data["results"])

@@ -218,7 +218,8 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     model.train()
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)
-    batches = make_batches(preset, warmup + steps + 2 * int(host_profile), seed, device, attention_mask=attention_mask)
+    batches = make_batches(preset, warmup + steps + 2 * int(host_profile), seed, device,
+                           spelling="full" if attention_mask else "types")
 
     def one_step(batch) -> StepTimes:
         synchronize(device)
