@@ -10,6 +10,7 @@
     dist      N processes (one GPU each) under DDP and FSDP2 against one GPU: tokens/s per GPU,
               scaling efficiency, peak memory per GPU (unsloth_compile.bench.distributed)
     sparse24  the 2:4 sparse frozen base against the dense one at the Llama shapes (CUDA)
+    nf4-kernel  the NF4 (QLoRA) LoRA linear against the bf16 one and bitsandbytes (CUDA)
     saved-tensors   what one step of a preset keeps for backward, by dtype and shape
     compress-bytes  bytes saved for backward under each compress_activations mode (CPU)
     lowrank-error   the error of compress_activations="lowrank"'s dA on MiniLM's LoRA inputs
@@ -30,6 +31,7 @@ import warnings
 OWN_PARSER = {
     "kernel": ("kernel", "LoRA linear vs frozen base linear"),
     "sparse24": ("sparse24", "2:4 sparse frozen base vs dense"),
+    "nf4-kernel": ("nf4_kernel", "NF4 LoRA linear vs bf16 and bitsandbytes"),
     "saved-tensors": ("saved_tensors", "what one step keeps for backward"),
     "compress-bytes": ("compress_bytes", "bytes saved for backward per compress_activations mode"),
     "lowrank-error": ("lowrank_error", "lowrank compression's dA error on real inputs"),
