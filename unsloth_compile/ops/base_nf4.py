@@ -7,15 +7,16 @@
     unsloth::lora_linear_nf4_backward   its (dx, d_lora_x, dA, dB)
 
 The base is passed as the format's tensors (packed codes, absmax codes, their scales and
-offset) with its shape (N, K) and the dtype its values dequantise to. The products compute in
-x's dtype (the pass casts x to the dtype the base computed in, autocast's included), as an
-nn.Linear whose weight is the dequantised one would: W = dequantize_nf4(q) in q's dtype, then
-cast to x's. The weight never gets a gradient and backward keeps it as given (nothing new is
-saved: the 4-bit tensors are the module's buffers).
+offset) with its shape (N, K) and the dtype of the dense weight it stands for. The products
+compute in x's dtype (the pass casts x to the dtype the base computed in, autocast's included),
+with W = dequantize_nf4(q) rounded once to x's dtype, as the kernels decode it. The weight never
+gets a gradient and backward keeps it as given (nothing new is saved: the 4-bit tensors are the
+module's buffers).
 
 Where they run: the LoRA op on CUDA with impl "auto"/"triton" runs kernels/nf4/nf4_lora.py
-(dequantisation inside the GEMM's main loop); anywhere else, or with impl="reference", the
-dequantised weight and the dense reference math (kernels/reference.py), which is also the
+(dequantisation inside the GEMM's main loop) where its `supports` takes the inputs (fp16/bf16
+activations); anywhere else, or with impl="reference", the dequantised weight and the dense
+reference math (kernels/reference.py), which is also the
 oracle the tests compare with. The base alone (frozen linears outside LoRA layers) dequantises
 into a buffer of x's dtype and calls the dense linear on every device.
 """
@@ -60,9 +61,8 @@ def stored_weight(base: Mapping[str, Any]) -> "nf4_format.NF4Weight":
 
 
 def dense_weight(base: Mapping[str, Any], dtype: torch.dtype) -> Tensor:
-    """(N, K) in `dtype`: dequantised to the stored dtype first, then cast, as an nn.Linear
-    holding the dequantised weight computes under autocast or after a cast of its input."""
-    return nf4_format.dequantize_nf4(stored_weight(base)).to(dtype)
+    """(N, K) in `dtype`: the float32 products of the dequantisation rounded once to it."""
+    return nf4_format.dequantize_nf4(stored_weight(base), dtype)
 
 
 def _kernels_or_reason():
@@ -75,7 +75,8 @@ def _kernels_or_reason():
     return _kernels, None
 
 
-def pick_kernels(impl: str, x: Tensor):
+def pick_kernels(impl: str, base: Mapping[str, Any], x: Tensor, lora_A: Tensor, lora_B: Tensor,
+                 lora_x: Optional[Tensor]):
     """The NF4 kernel module for these inputs, or None for the reference path."""
     if impl == "reference" or x.device.type != "cuda":
         return None
@@ -88,6 +89,15 @@ def pick_kernels(impl: str, x: Tensor):
             _warned.add("import")
             log.warning("unsloth_compile: NF4 Triton kernels unavailable (%s); lora_linear_nf4 runs the "
                         "dequantised reference", reason)
+        return None
+    ok, why = module.supports(x, lora_A, lora_B, lora_x, int(base["out_features"]), int(base["in_features"]))
+    if not ok:
+        if impl == "triton":
+            raise UnslothCompileError(f"unsloth_compile: kernels='triton' cannot run these inputs: {why}; "
+                                      f"use kernels='auto' (the reference op runs them)")
+        if why not in _warned:
+            _warned.add(why)
+            log.warning("unsloth_compile: lora_linear_nf4 runs the dequantised reference: %s", why)
         return None
     return module
 
@@ -117,7 +127,7 @@ class Nf4Base(FrozenBase):
         return int(base["out_features"])
 
     def forward(self, base, call: LoraForward):
-        kernels = pick_kernels(call.impl, call.x)
+        kernels = pick_kernels(call.impl, base, call.x, call.lora_A, call.lora_B, call.lora_x)
         if kernels is None:
             return reference.lora_linear_forward(
                 call.x, dense_weight(base, call.x.dtype), call.bias, call.lora_A, call.lora_B, call.lora_B_bias,
@@ -130,7 +140,7 @@ class Nf4Base(FrozenBase):
         return out.reshape(*lead, out.shape[-1]), hidden
 
     def backward(self, base, call: LoraBackward):
-        kernels = pick_kernels(call.impl, call.grad_out)
+        kernels = pick_kernels(call.impl, base, call.x, call.lora_A, call.lora_B, call.lora_x)
         if kernels is None:
             return reference.lora_linear_backward(
                 call.grad_out, call.x, dense_weight(base, call.x.dtype), call.lora_A, call.lora_B, call.lora_x,
