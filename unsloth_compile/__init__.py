@@ -17,7 +17,7 @@ from .explain import explain
 from .passes.lora.lora_linear import fuse_lora_linears
 from .integration import compile  # noqa: A004  unsloth_compile.compile(model): in place, options validated first
 from .training_outputs import loss_only, restore_logits  # training forward without logits: the fused cross-entropy fires
-from . import fp8, sparsity  # noqa: F401  so that unsloth_compile.fp8 / .sparsity work after the package import
+from . import fp8, nf4, sparsity  # noqa: F401  so that unsloth_compile.fp8 / .nf4 / .sparsity work after the package import
 
 __all__ = ["Config", "unsloth", "compile", "explain", "Report", "Site", "fuse_lora_linears", "UnslothCompileCallback",
            "loss_only", "restore_logits", "UnslothCompileError"]

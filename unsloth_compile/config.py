@@ -35,10 +35,18 @@ class Precision(str, enum.Enum):
 
     DEFAULT = "default"  # the base weight's own dtype (bf16, fp16, fp32)
     FP8 = "fp8"  # float8 e4m3 with rowwise scales (CUDA capability >= 8.9; emulated on CPU)
+    NF4 = "nf4"  # 4-bit NF4 weights (QLoRA), dequantised inside the GEMM; stored by unsloth_compile.compile
 
 
 class Fp8Layers(str, enum.Enum):
     """Which frozen linears unsloth_compile.compile stores in fp8 under precision="fp8"."""
+
+    LORA = "lora"  # the frozen base of every LoRA layer
+    ALL = "all"  # every frozen nn.Linear / Conv1D: the LoRA bases and the rest (a causal LM's lm_head)
+
+
+class Nf4Layers(str, enum.Enum):
+    """Which frozen linears unsloth_compile.compile stores in NF4 under precision="nf4"."""
 
     LORA = "lora"  # the frozen base of every LoRA layer
     ALL = "all"  # every frozen nn.Linear / Conv1D: the LoRA bases and the rest (a causal LM's lm_head)
@@ -118,6 +126,11 @@ class Config:
     # The backend alone converts nothing (unsloth_compile.fp8.convert(model,
     # select=unsloth_compile.fp8.frozen_linears) does it before torch.compile).
     fp8_layers: Fp8Layers = Fp8Layers.LORA
+    # with precision="nf4", what unsloth_compile.compile stores in 4 bits (docs/nf4.md): "all" adds
+    # the frozen linears outside LoRA layers. A base that is a bitsandbytes Linear4bit is taken
+    # over as it is stored, whatever the precision; the backend alone converts nothing
+    # (unsloth_compile.nf4.convert does it before torch.compile)
+    nf4_layers: Nf4Layers = Nf4Layers.LORA
     # 2:4: LoRA linears whose base unsloth_compile.sparsity.prune converted run X W^T and dY W
     # on the compressed weight (cuSPARSELt or CUTLASS; cuSPARSELt beats dense cuBLAS at the
     # Llama shapes: docs/bench/design-choices.md#24-sparsity); other sites are reported refused
@@ -253,6 +266,11 @@ class Config:
             raise UnslothCompileError(
                 f"unsloth_compile: fp8_layers='all' says which layers precision='fp8' stores in fp8, "
                 f"but precision={self.precision.value!r}; add precision='fp8' or drop fp8_layers"
+            )
+        if self.nf4_layers is Nf4Layers.ALL and self.precision is not Precision.NF4:
+            raise UnslothCompileError(
+                f"unsloth_compile: nf4_layers='all' says which layers precision='nf4' stores in 4 bits, "
+                f"but precision={self.precision.value!r}; add precision='nf4' or drop nf4_layers"
             )
 
     def _check_sparsity(self) -> None:

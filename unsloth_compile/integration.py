@@ -14,13 +14,14 @@ the backends of its `DynamoBackend` enum.
 from __future__ import annotations
 
 import functools
+import logging
 import weakref
 from typing import Any, Mapping, Optional
 
 import torch
 
 from .backend import unsloth
-from .config import Config, Fp8Layers, KernelChoice, Precision
+from .config import Config, Fp8Layers, KernelChoice, Nf4Layers, Precision
 from .length_buckets import LengthBuckets
 from .summary import SummaryLedger
 from .trl_support import compile_target, find_fused_lm_head, keeps_lm_head_dense
@@ -51,7 +52,9 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
     `torch.compile`'s wrapper is unwrapped: its module is compiled in place and returned. The
     one-line summary keeps running totals for this model alone. With precision="fp8" the LoRA
     layers' frozen bases (with fp8_layers="all": every frozen linear) are first stored in fp8
-    (`unsloth_compile.fp8.convert`), in place. A model whose forward a TRL trainer replaced by
+    (`unsloth_compile.fp8.convert`), in place; with precision="nf4" (nf4_layers likewise) stored in
+    4-bit NF4 (`unsloth_compile.nf4.convert`), and bitsandbytes Linear4bit layers are taken over as
+    they are stored whatever the precision (the summary line says so). A model whose forward a TRL trainer replaced by
     its fused LM head has its backbone compiled and the head left to run as in eager
     (`unsloth_compile.trl_support`); compile such a model after building the trainer, or use the
     callback.
@@ -64,6 +67,7 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
                                   "for a function use torch.compile(fn, backend='unsloth')")
     cfg = Config.from_options(options, mode)
     trl_head = find_fused_lm_head(model)
+    _store_nf4(model, cfg, trl_head)
     if cfg.precision is Precision.FP8:  # in place, as the compile: the bf16 bases are freed
         from .fp8 import convert, frozen_linears
 
@@ -78,6 +82,22 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
     compiled_call = torch.compile(target._call_impl, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     target._compiled_call_impl = LengthBuckets(target, compiled_call) if cfg.bucket_lengths else compiled_call
     return model
+
+
+def _store_nf4(model: torch.nn.Module, cfg: Config, trl_head) -> None:
+    """The 4-bit conversion of compile: in place, the bf16 bases freed; the report at INFO, its
+    first line on the summary logger."""
+    from .nf4 import compile_select, convert
+
+    select = compile_select(model, cfg.precision is Precision.NF4, cfg.nf4_layers is Nf4Layers.ALL)
+    if select is None:
+        return
+    if trl_head is not None:
+        select = keeps_lm_head_dense(trl_head, select)
+    report = convert(model, select=select)
+    logging.getLogger("unsloth_compile").info("%s", report)
+    if cfg.summary:
+        logging.getLogger("unsloth_compile.summary").info("%s", str(report).splitlines()[0])
 
 
 def _make_compile_callback():

@@ -67,6 +67,7 @@ from torch.fx import GraphModule, Node
 from ...config import CompressMode, Config
 from ...report import Report, Site
 from ... import ops  # noqa: F401  torch.ops.unsloth.* (and ops_compress) registered
+from ...ops import lora as lora_ops
 from . import compress_rewrite as rewrite
 from .. import fx_match as fm
 
@@ -77,13 +78,12 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 aten = torch.ops.aten
 _LORA_BACKWARD = torch.ops.unsloth.lora_linear_backward.default
 _LORA_FORWARD = torch.ops.unsloth.lora_linear.default
-# Every LoRA op family's forward (dense, fp8 base, 2:4 base) -> the position of its lora_x
-# argument. The FFN region (what recompute_ffn_products and the activation compression act
-# on) is bounded by their outputs whatever the base's storage; only the dense op's backward
+# Every LoRA op family's forward (one per frozen base: dense, fp8, 2:4, NF4) -> the position of
+# its lora_x argument. The FFN region (what recompute_ffn_products and the activation compression
+# act on) is bounded by their outputs whatever the base's storage; only the dense op's backward
 # is rewritten by the LoRA-input compression.
-_LORA_FORWARDS = {op: [a.name for a in op._schema.arguments].index("lora_x")
-                  for op in (_LORA_FORWARD, torch.ops.unsloth.lora_linear_fp8.default,
-                             torch.ops.unsloth.lora_linear_sparse24.default)}
+_LORA_FORWARDS = {op.forward_op: op.forward_names.index("lora_x")
+                  for name, op in lora_ops.REGISTERED.items() if name.startswith("unsloth::")}
 # Activation functions as they appear in aten graphs, and what Inductor's decompositions
 # turn them into (silu -> x / (1 + exp(-x)), gelu -> erf or tanh).
 _ACTIVATIONS = {aten.silu, aten.gelu, aten.relu, aten.sigmoid, aten.tanh, aten.erf, aten.exp,

@@ -5,9 +5,12 @@ Pattern (Dynamo graph, torch IR), as PEFT and hand-written LoRA modules produce 
     base   = linear(x, W, b)                      | view(addmm(b, view(x), W))   (Conv1D, W is K x N)
                                                    | x @ W.T  | fp8_linear(x, W_q, w_s, b)   (Fp8Linear)
                                                    | sparse24_linear(x, W, W_c, layout, b)   (Sparse24Linear)
+                                                   | nf4_linear(x, W_4bit, absmax..., N, K, dtype, b)   (Nf4Linear)
+                                                   [then .clone(): PEFT's 4-bit LoRA layer]
     h_i    = [dropout_i]([cast](x))               adapter input, per adapter i
     lora_i = linear(linear(h_i, A_i), B_i, b_Bi)  | (h_i @ A_i^T) @ B_i^T  | h_i @ A_i @ B_i
-    sum    = base + lora_1 * s_1 + ... + lora_k * s_k     (s: float, 0-d tensor, or absent)
+    sum    = base + lora_1 * s_1 + ... + lora_k * s_k     (s: float, 0-d tensor, or absent;
+                                                   each term maybe cast to the base's dtype first)
     out    = [cast to base dtype](sum)  [+ residual]
 
 Replacement: one `torch.ops.unsloth.lora_linear` call (adapters that read the same tensor
@@ -20,7 +23,8 @@ graph nodes, each dropout where it was, and reach the op as its residual
 (lora_adapter_groups.py). Under autocast the op's operands are cast to the dtypes the
 projections computed in (lora_autocast.py). A base stored in fp8, or any base under
 precision="fp8", makes the op `torch.ops.unsloth.lora_linear_fp8` (fp8_linear.py); a base pruned
-2:4 (Sparse24Linear) under sparsity="2:4", `torch.ops.unsloth.lora_linear_sparse24` (sparse24_linear.py).
+2:4 (Sparse24Linear) under sparsity="2:4", `torch.ops.unsloth.lora_linear_sparse24` (sparse24_linear.py);
+a base stored in 4-bit NF4 (Nf4Linear), `torch.ops.unsloth.lora_linear_nf4` (nf4_linear.py).
 
 Check: the base weight is frozen, every adapter reads the base input, the scale is not
 trainable. Anything else is refused and reported with the reason; LoRA layers left in the
@@ -41,7 +45,7 @@ from ...report import Report, Site
 from . import fp8_linear
 from .. import fx_match as fm
 from . import lora_adapter_groups, lora_autocast
-from . import sparse24_linear
+from . import nf4_linear, sparse24_linear
 from .. import subgraphs
 from .lora_dtensor import dtensor_check
 from .lora_leftovers import report_leftover_lora_layers
@@ -54,6 +58,16 @@ PATTERN = "lora_linear"
 
 
 def match_base_linear(node: Node) -> Optional[BaseLinear]:
+    if node.op == "call_method" and node.target == "clone" and len(node.args) == 1 and not node.kwargs \
+            and isinstance(node.args[0], Node) and len(node.args[0].users) == 1:
+        # PEFT's 4-bit LoRA layer clones the base's output before adding the adapters: a copy
+        base = match_base_linear(node.args[0])
+        if base is not None:
+            base.nodes.insert(0, node)
+        return base
+    if (nf4_base := nf4_linear.match_nf4_base(node)) is not None:
+        x, packed, bias, nodes, stored = nf4_base
+        return BaseLinear(x, packed, bias, False, nodes, nf4=stored)
     if (fp8_base := fp8_linear.match_fp8_base(node)) is not None:
         x, codes, scales, bias, nodes = fp8_base
         return BaseLinear(x, codes, bias, False, nodes, weight_scale=scales)
@@ -123,7 +137,12 @@ def _scale_of(node: Node) -> tuple[Node, float, Optional[Node]]:
 
 
 def match_adapter(node: Node) -> Optional[Adapter]:
-    """[scale *] B(A([dropout]([cast](x)))) with A and B parameters of a low rank r < K, N."""
+    """[cast]([scale *] B(A([dropout]([cast](x))))) with A and B parameters of a low rank r < K, N.
+    The outer cast (PEFT's 4-bit LoRA layer casts the term to the base's dtype before the add) is
+    matched with the term: the op adds the term in the adapter's dtype and rounds the sum once."""
+    term = node
+    if fm.cast_dtype(node) is not None and isinstance(node.args[0], Node) and len(node.args[0].users) == 1:
+        node = node.args[0]
     inner, scale, scale_tensor = _scale_of(node)
     b_proj = _adapter_linear(inner)
     if b_proj is None:
@@ -147,9 +166,9 @@ def match_adapter(node: Node) -> Optional[Adapter]:
         lora_x = adapter_in
         dropout_p = float(adapter_in.args[1] if len(adapter_in.args) > 1 else adapter_in.kwargs.get("p", 0.5))
         source = adapter_in.args[0]
-    nodes = ([node] if node is not inner else []) + b_nodes + a_nodes
+    nodes = ([term] if term is not node else []) + ([node] if node is not inner else []) + b_nodes + a_nodes
     return Adapter(source, lora_x, a_weight, a_in_out, b_weight, b_in_out, b_bias, scale, scale_tensor,
-                   dropout_p, nodes, node, a_nodes[0], b_nodes[0])
+                   dropout_p, nodes, term, a_nodes[0], b_nodes[0])
 
 def match_lora_sum(top: Node) -> Optional[tuple[BaseLinear, list[Adapter], list[Node]]]:
     """base + adapter_1 + ... + adapter_k, with `top` the outermost add."""
@@ -191,6 +210,11 @@ def check_site(base: BaseLinear, adapters: list[Adapter]) -> Optional[str]:
     """None when the site can be fused, else the reason it is refused."""
     if fm.requires_grad(base.weight):
         return "trainable base weight (the fused op never computes a gradient for W)"
+    if base.nf4 is not None:
+        reason = nf4_linear.check_site(base)
+        if reason is not None:
+            return reason
+        return _check_adapters(adapters)
     if base.bias is not None and not isinstance(base.bias, Node):
         return "base bias is not a tensor"
     w = fm.example_value(base.weight)
@@ -202,6 +226,10 @@ def check_site(base: BaseLinear, adapters: list[Adapter]) -> Optional[str]:
     if not (x.dtype.is_floating_point and w.dtype.is_floating_point and compute is not None
             and compute.is_floating_point):
         return f"base computes in {compute} from input {x.dtype} and weight {w.dtype}, not a float linear"
+    return _check_adapters(adapters)
+
+
+def _check_adapters(adapters: list[Adapter]) -> Optional[str]:
     for adapter in adapters:
         if adapter.scale_tensor is not None and fm.requires_grad(adapter.scale_tensor):
             return "trainable LoRA scale"
@@ -299,7 +327,7 @@ def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
         # The dtypes each projection computed in (autocast's, when it is on): the op falls
         # through autocast and computes in its operands' dtypes (lora_autocast.py).
         x, bias = (lora_autocast.cast_to(emit, n, base_dtype) for n in (base.x, base.bias))
-        weight = base.weight if site.fp8 else lora_autocast.cast_to(emit, base.weight, base_dtype)
+        weight = base.weight if site.fp8 or site.nf4 else lora_autocast.cast_to(emit, base.weight, base_dtype)
         A, B, B_bias = (lora_autocast.cast_to(emit, n, adapter_dtype) for n in (A, B, B_bias))
         residual = site.residual
         if site.extras:
@@ -316,7 +344,10 @@ def replace_site(gm: GraphModule, site: LoraSite, cfg: Config) -> Node:
     with graph.inserting_before(site.last):
         # The dropped input in the dtype the adapter reads it in: the op keeps it for backward.
         lora_x = lora_autocast.cast_to(emit, lora_x, adapter_dtype)
-        if site.fp8:
+        if site.nf4:
+            call = nf4_linear.replace_base(emit, site, x, bias, (A, B, B_bias, lora_x, residual, scale, scale_tensor),
+                                           mask_args, cfg.kernels.value)
+        elif site.fp8:
             call = fp8_linear.replace_base(emit, site, x, bias, (A, B, B_bias, lora_x, residual, scale, scale_tensor),
                                            mask_args, cfg.kernels.value)
         elif site.sparse24:
@@ -347,7 +378,8 @@ def describe_fused(site: LoraSite, details: dict, fp8_text: str = "") -> str:
         what += ", dropout as mask" if site.dropout_scale is not None else ", dropout"
         details["dropout_as_mask"] = site.dropout_scale is not None
     base_dtype = lora_autocast.base_compute_dtype(site.base.nodes[0])
-    weight_dtype_of = site.base.weight if site.base.weight_scale is None else site.base.nodes[0]
+    stored = site.base.weight_scale is not None or site.base.nf4 is not None
+    weight_dtype_of = site.base.nodes[0] if stored else site.base.weight
     if lora_autocast.is_autocast_site(site.base.nodes[0], weight_dtype_of, first.a_output, first.A):
         what += f", autocast (computes in {str(base_dtype).replace('torch.', '')})"
     details.update(adapters_in_op=len(site.adapters), residual_folded=site.residual is not None,
@@ -413,11 +445,15 @@ def _fuse_in_graph(gm: GraphModule, cfg: Config, report: Report) -> None:
             continue
         # Planned before the rewrite: replace_site erases the dropout it turns into a mask.
         site = plan_site(node, base, adapters, adds, cfg)
-        site.fp8, fp8_refusal = fp8_linear.check_fp8(base, cfg)
-        site.sparse24, sparse_refusal = sparse24_linear.check_sparse24(base, cfg)
+        site.nf4, nf4_note = nf4_linear.check_nf4(base, cfg)
+        fp8_refusal = sparse_refusal = None
+        if site.nf4 is None:
+            site.fp8, fp8_refusal = fp8_linear.check_fp8(base, cfg)
+            site.sparse24, sparse_refusal = sparse24_linear.check_sparse24(base, cfg)
         replace_site(gm, site, cfg)
         fp8_text = fp8_linear.record(report, details, site.fp8, fp8_refusal)
         fp8_text += sparse24_linear.record(report, details, base, site.sparse24, sparse_refusal)
+        fp8_text += nf4_linear.record(report, details, site.nf4, nf4_note)
         if layout is not None:  # DTensor runs the op on each rank's shards (dtensor_sharding.py)
             details["dtensor_layout"] = layout
             fp8_text += f", DTensor {layout} (on local shards)"
@@ -429,9 +465,12 @@ def _fuse_in_graph(gm: GraphModule, cfg: Config, report: Report) -> None:
 
 def _details(base: BaseLinear, adapters: list[Adapter]) -> dict:
     w = fm.example_value(base.weight)
-    n, k = (w.shape[1], w.shape[0]) if base.weight_transposed else (w.shape[0], w.shape[1])
+    if base.nf4 is not None:
+        n, k = nf4_linear.shape(base)
+    else:
+        n, k = (w.shape[1], w.shape[0]) if base.weight_transposed else (w.shape[0], w.shape[1])
     ranks = [fm.example_value(a.A).shape[1 if a.A_in_out else 0] for a in adapters]
     return {"rank": sum(ranks), "in_features": int(k), "out_features": int(n),
             "adapters": len(adapters), "dropout": max(a.dropout_p for a in adapters),
-            "base_dtype": str(w.dtype).replace("torch.", ""),
+            "base_dtype": str(w.dtype if base.nf4 is None else base.nf4[5]).replace("torch.", ""),
             "adapter_dtype": str(fm.example_value(adapters[0].A).dtype).replace("torch.", "")}

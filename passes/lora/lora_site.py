@@ -1,7 +1,7 @@
 """What the LoRA linear pass matches: the base linear, each adapter, and the site they make.
 
 Shared by the pass (lora_linear.py) and the base strategies it hands a site to (fp8_linear.py,
-sparse24_linear.py, lora_adapter_groups.py), which import these types from here rather than
+sparse24_linear.py, nf4_linear.py, lora_adapter_groups.py), which import these types from here rather than
 from the pass that uses them.
 """
 
@@ -25,6 +25,9 @@ class BaseLinear:
     nodes: list[Node]  # matched nodes, erased after the rewrite if unused
     weight_scale: Optional[Node] = None  # set: an Fp8Linear, `weight` its e4m3 codes (fp8_linear.py)
     sparse24: Optional[tuple] = None  # set: a Sparse24Linear's (compressed, layout) (sparse24_linear.py)
+    # set: an Nf4Linear, `weight` its packed codes; (absmax codes, absmax scale, absmax offset, N, K,
+    # weight dtype) (nf4_linear.py)
+    nf4: Optional[tuple] = None
 
 
 @dataclasses.dataclass
@@ -64,3 +67,4 @@ class LoraSite:
     dropout_scale: Optional[float] = None  # set: the single adapter's dropout goes in as its mask
     fp8: Optional[str] = None  # set: the base runs in fp8 (fp8_linear.STORED or PER_CALL)
     sparse24: Optional[str] = None  # set: the base runs on its compressed 2:4 weight
+    nf4: Optional[str] = None  # set: the base runs on its 4-bit NF4 weight

@@ -17,6 +17,7 @@ from helpers import saved_tensors
 from unsloth_compile.errors import UnslothCompileError
 from unsloth_compile.kernels import reference, sparse24
 from unsloth_compile.kernels.fp8 import fp8
+from unsloth_compile.nf4 import dequantize_nf4, quantize_nf4
 from unsloth_compile.ops.frozen_base import FrozenBase, LoraBackward, LoraForward
 from unsloth_compile.ops.lora import REGISTERED, LoraLinearFunction, register_lora_op
 from unsloth_compile.sparsity.mask import transposable_mask
@@ -88,6 +89,7 @@ CASES = {
     "fp8_stored": Case("unsloth::lora_linear_fp8", 40, 48, lossy=True),
     "fp8_quantised_per_call": Case("unsloth::lora_linear_fp8", 40, 48, lossy=True),
     "sparse24": Case("unsloth::lora_linear_sparse24", 24, 40),
+    "nf4": Case("unsloth::lora_linear_nf4", 23, 128),  # exact: compared with its dequantised weight
     "toy_row_scaled": Case("unsloth_test::lora_linear_row_scaled", 23, 19),
 }
 
@@ -105,6 +107,12 @@ def make_base(name: str, g: torch.Generator) -> tuple[dict, torch.Tensor]:
         return {"weight": codes, "weight_scale": dequant}, fp8.dequantize_rowwise(codes, dequant).double()
     if name == "fp8_quantised_per_call":
         return {"weight": w, "weight_scale": None}, w.double()
+    if name == "nf4":
+        q = quantize_nf4(w)
+        base = {"packed": q.packed, "absmax_codes": q.absmax_codes, "absmax_scale": q.absmax_scale,
+                "absmax_offset": q.absmax_offset, "out_features": case.n, "in_features": case.k,
+                "weight_dtype": q.dtype}
+        return base, dequantize_nf4(q).double()
     if name == "sparse24":
         w = w * transposable_mask(w.abs())
         return {"weight": w, "compressed": [], "layout": sparse24.DENSE}, w.double()
@@ -209,7 +217,7 @@ def test_forward_and_every_gradient_match_float64(name, r, variant):
     for k in leaves:
         # with an fp8 base only dx goes through a quantised product (dY W); the rest is exact
         assert_close(values[k].grad, leaves[k].grad, f"d{k}", lossy and k == "x")
-    assert all(values[k].grad is None for k in ("weight", "scale_tensor") if isinstance(values[k], torch.Tensor))
+    assert all(values[k].grad is None for k in ("weight", "scale_tensor") if isinstance(values.get(k), torch.Tensor))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -253,7 +261,7 @@ def test_toy_strategy_trains_under_compile_as_eager():
 
 def test_a_strategy_is_one_registration_of_the_same_function():
     assert {op.strategy.name for op in REGISTERED.values()} >= {
-        "lora_linear", "lora_linear_fp8", "lora_linear_sparse24", "lora_linear_row_scaled"}
+        "lora_linear", "lora_linear_fp8", "lora_linear_sparse24", "lora_linear_nf4", "lora_linear_row_scaled"}
     assert TOY_OP.base_names == ("weight", "row_scale")
     assert TOY_OP.backward_base_names == ("weight", "row_scale")
     assert REGISTERED["unsloth::lora_linear"].backward_base_names == ("weight", "weight_transposed", "base_dtype")

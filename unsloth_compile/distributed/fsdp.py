@@ -16,6 +16,8 @@ run eagerly. `frozen` chooses what happens to the frozen base weights:
   The blocks keep the backend's CUDA-graph default (on for static shapes): only the small
   unsharded adapters are allocated anew each step, at the same addresses in steady state,
   so the recorded graphs replay. With "shard" the graphs are off (`block_cudagraphs`).
+A 4-bit base (Nf4Linear, bitsandbytes Linear4bit) is replicated: its codes are buffers, which
+fully_shard does not shard, so frozen="shard" refuses such a model.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UnslothCompileError
+from ..nf4.linear import is_four_bit
 from .process_group import require_process_group
 
 log = logging.getLogger("unsloth_compile")
@@ -192,6 +195,12 @@ def shard_lora_model(model: nn.Module, mesh: Any = None, *, frozen: str = "repli
     if frozen not in FROZEN_CHOICES:
         raise UnslothCompileError(f"unsloth_compile.distributed: frozen={frozen!r}; choose 'replicate' (frozen base on "
                                   "every rank, adapters sharded) or 'shard' (everything sharded)")
+    if frozen == "shard" and (four_bit := next((n for n, m in model.named_modules() if is_four_bit(m)), None)):
+        raise UnslothCompileError(
+            f"unsloth_compile.distributed: frozen='shard' cannot shard the 4-bit base ({four_bit}): its NF4 codes and "
+            "statistics are buffers, which fully_shard leaves whole on every rank (sharding the packed weights, "
+            "FSDP-QLoRA, is not supported); use frozen='replicate' (every rank keeps the whole 4-bit base, the "
+            "adapters are sharded)")
     require_process_group("shard_lora_model")
     if any(isinstance(m, FSDPModule) for m in model.modules()):
         raise UnslothCompileError("unsloth_compile.distributed: the model is already sharded (fully_shard was "

@@ -5,11 +5,20 @@ absmax), bit-compatible with bitsandbytes' Linear4bit.
     w = unsloth_compile.nf4.dequantize_nf4(q)                # the reference dequantisation
     q = unsloth_compile.nf4.from_bnb(bnb_linear4bit.weight)  # a bitsandbytes weight, storage shared
 
-The format and its reference are in format.py; the CUDA kernels in kernels/nf4/.
+    report = unsloth_compile.nf4.convert(model)              # each LoRA layer's frozen base -> Nf4Linear
+    model = torch.compile(model, backend="unsloth")          # fuses each into torch.ops.unsloth.lora_linear_nf4
+
+The format and its reference are in format.py; the module in linear.py, the conversion in
+conversion.py; the ops in unsloth_compile/ops/base_nf4.py, the CUDA kernels in kernels/nf4/, the
+pass in passes/lora/nf4_linear.py. See docs/nf4.md.
 """
 
 from .format import (ABSMAX_BLOCK, ABSMAX_CODE, BLOCK, NF4_CODE, NF4Weight, absmax, dequantize_nf4, from_bnb,
                      quantize_nf4)
+from .linear import Nf4Linear, is_bnb_linear4bit, unsupported
+from .conversion import (ConversionReport, bnb_linears, compile_select, convert, frozen_linears, has_bnb_linears,
+                         revert)
 
 __all__ = ["ABSMAX_BLOCK", "ABSMAX_CODE", "BLOCK", "NF4_CODE", "NF4Weight", "absmax", "dequantize_nf4", "from_bnb",
-           "quantize_nf4"]
+           "quantize_nf4", "Nf4Linear", "is_bnb_linear4bit", "unsupported", "ConversionReport", "bnb_linears",
+           "compile_select", "convert", "frozen_linears", "has_bnb_linears", "revert"]

@@ -6,6 +6,7 @@ implementation for every device (kernels on CUDA, plain torch elsewhere) and its
     base_dense.py             unsloth::lora_linear(_backward)           bf16/fp16/fp32 base
     base_fp8.py               unsloth::lora_linear_fp8(_backward)       float8 base, and fp8_linear
     base_sparse24.py          unsloth::lora_linear_sparse24(_backward)  2:4 base, and sparse24_linear
+    base_nf4.py               unsloth::lora_linear_nf4(_backward)       4-bit NF4 base, and nf4_linear
     cross_entropy.py          unsloth::linear_cross_entropy*, unsloth::logits_cross_entropy*
     compress.py               the ops of compress_activations
     packed_attention.py       unsloth::packed_attention(_backward)
@@ -20,5 +21,5 @@ import torch
 # here, since a Library unregisters its ops when collected.
 namespace = torch.library.Library("unsloth", "DEF")
 
-from . import base_dense, base_fp8, base_sparse24  # noqa: E402,F401  the LoRA op, one per frozen base
+from . import base_dense, base_fp8, base_sparse24, base_nf4  # noqa: E402,F401  the LoRA op, one per frozen base
 from . import cross_entropy, compress, packed_attention, attention_bias  # noqa: E402,F401

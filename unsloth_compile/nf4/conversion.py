@@ -1,0 +1,134 @@
+"""Frozen base weights stored in 4-bit NF4: the conversion, separate from the runtime rewrite.
+
+    report = unsloth_compile.nf4.convert(model)   # each LoRA layer's frozen base -> Nf4Linear
+    print(report)                                 # per layer: converted, or why not; bytes freed
+    model = torch.compile(model, backend="unsloth")   # fuses each into torch.ops.unsloth.lora_linear_nf4
+    unsloth_compile.nf4.revert(model)             # back to nn.Linear / Conv1D, dequantised (lossy)
+
+Dense layers are quantised once (N K / 2 + N K / 64 + ... bytes instead of 2 N K in bf16) and
+their dense weights dropped. bitsandbytes `Linear4bit` layers in the same format (a model loaded
+with `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`) are taken over as they
+are: their codes and statistics are shared, nothing is quantised again and no bytes are freed.
+Layers that cannot be 4-bit (K not a multiple of 64, a trainable weight, another bitsandbytes
+format) stay as they are and are listed in the report with the reason.
+
+Convert before building the optimizer, and drop other references to the dense weights: the
+memory is freed only when nothing else holds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+from torch import nn
+
+from ..dense_linear import conversion_targets, dense_weight, lora_base_layers, revert_layers
+from .linear import Nf4Linear, is_bnb_linear4bit, unsupported
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    converted: list[str] = dataclasses.field(default_factory=list)  # module paths quantised from dense
+    # module paths of bitsandbytes Linear4bit layers taken over with their own codes (not quantised again)
+    from_bnb: list[str] = dataclasses.field(default_factory=list)
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)  # module path -> reason
+    # converted, but the dense weight stays: module path -> the other holder (tied embeddings)
+    shared: dict[str, str] = dataclasses.field(default_factory=dict)
+    dense_bytes: int = 0  # the quantised weights before, those freed by the conversion only
+    nf4_bytes: int = 0  # after: codes and statistics of every layer quantised here (shared ones too)
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.dense_bytes - self.nf4_bytes
+
+    def __str__(self) -> str:
+        lines = [f"unsloth_compile.nf4: {len(self.converted)} linear(s) stored in NF4, {len(self.from_bnb)} "
+                 f"bitsandbytes Linear4bit taken over as stored, {len(self.refused)} left as they are; weights "
+                 f"{self.dense_bytes / 2**20:.1f} MiB -> {self.nf4_bytes / 2**20:.1f} MiB "
+                 f"({self.saved_bytes / 2**20:.1f} MiB freed)"]
+        lines += [f"  {path}: in NF4, but its dense weight stays: it is also {other} (tied)"
+                  for path, other in self.shared.items()]
+        lines += [f"  {path}: not converted: {reason}" for path, reason in self.refused.items()]
+        return "\n".join(lines)
+
+
+def frozen_linears(path: str, module: nn.Module) -> bool:
+    """convert's `select` for every frozen linear (precision="nf4", nf4_layers="all"): each
+    nn.Linear / Conv1D whose weight takes no gradient and each bitsandbytes Linear4bit, LoRA bases
+    and others, not the adapters' own linears (trainable) nor PEFT's LoRA wrappers."""
+    weight = dense_weight(module)
+    return weight is not None and not weight.requires_grad
+
+
+def bnb_linears(path: str, module: nn.Module) -> bool:
+    """convert's `select` for the bitsandbytes Linear4bit layers alone (a model loaded in 4 bits)."""
+    return is_bnb_linear4bit(module)
+
+
+def has_bnb_linears(model: nn.Module) -> bool:
+    return any(is_bnb_linear4bit(m) for m in model.modules())
+
+
+def compile_select(model: nn.Module, precision_nf4: bool, all_layers: bool
+                   ) -> Optional[Callable[[str, nn.Module], bool]]:
+    """What unsloth_compile.compile converts, as convert's `select`: under precision="nf4" the LoRA
+    bases (every frozen linear with `all_layers`), and in any case the bitsandbytes Linear4bit
+    layers, which are 4-bit already; None when there is nothing to convert."""
+    if precision_nf4 and all_layers:
+        return frozen_linears
+    if precision_nf4:
+        bases = {id(layer.base_layer) for _, layer in lora_base_layers(model)}
+        return lambda path, module: id(module) in bases or is_bnb_linear4bit(module)
+    if has_bnb_linears(model):
+        return bnb_linears
+    return None
+
+
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> the paths it is reachable by (more than one: tied)."""
+    holders: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(name)
+    return holders
+
+
+def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None) -> ConversionReport:
+    """Store frozen base linears of `model` in NF4, in place; returns what was done.
+
+    `select(path, module)` picks the modules to convert (default: the `base_layer` of every LoRA
+    layer; `frozen_linears`: every frozen linear; `bnb_linears`: the bitsandbytes Linear4bit
+    layers). A weight that another module shares (tied embeddings) is converted but not freed: the
+    report lists it as shared and counts no bytes freed for it."""
+    report = ConversionReport()
+    holders = _holders(model)
+    for parent, attr, path in conversion_targets(model, select):
+        module = getattr(parent, attr)
+        if isinstance(module, Nf4Linear):
+            continue
+        reason = unsupported(module)
+        if reason is not None:
+            report.refused[path] = reason
+            continue
+        if is_bnb_linear4bit(module):
+            converted = Nf4Linear.from_bnb(module)
+        else:
+            converted = Nf4Linear.from_dense(module)
+        if converted.source == "bitsandbytes":
+            report.from_bnb.append(path)
+        else:
+            weight = dense_weight(module)
+            others = [name for name in holders.get(id(module.weight), []) if name != f"{path}.weight"]
+            if others:  # tied (an lm_head and the input embedding): the dense weight is not freed
+                report.shared[path] = others[0]
+            else:
+                report.dense_bytes += weight.numel() * weight.element_size()
+            report.nf4_bytes += converted.nbytes()
+            report.converted.append(path)
+        setattr(parent, attr, converted)
+    return report
+
+
+def revert(model: nn.Module) -> int:
+    """Every Nf4Linear back to a dense layer with its dequantised weight; returns how many."""
+    return revert_layers(model, Nf4Linear)
