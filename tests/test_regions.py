@@ -215,3 +215,15 @@ def test_inductor_regions_equal_eager():
     _, report = _train_pair(model, [_llama_batch(0, 12)], inner="inductor")
     fused, refused = _lora_sites(report)
     assert len(fused) == 7 and not refused
+
+
+def test_a_deep_copy_runs_its_own_layers():
+    model = _llama(2)
+    compiled = unsloth_compile.compile(copy.deepcopy(model), inner="aot_eager", summary=False, report=False,
+                                       compile_regions="layers")
+    twin = copy.deepcopy(compiled)  # uncompiled, as a deep copy of any compiled module
+    with torch.no_grad():
+        next(p for n, p in twin.named_parameters() if "layers.1.mlp.down_proj.lora_B" in n).add_(1.0)
+        batch = _llama_batch(0, 12)
+        assert not torch.allclose(twin(**batch).logits, compiled(**batch).logits)
+        torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)

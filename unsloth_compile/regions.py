@@ -169,15 +169,29 @@ def _compile_blocks(block_list: BlockList, compiled_by_class: dict, backend: Cal
         block._compiled_call_impl = BlockCall(block, compiled_by_class[cls], told)
 
 
+def _holder_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    return type(self).forward(self, *args, **kwargs)
+
+
+_HOLDER_FORWARD = torch.compiler.disable(
+    _holder_forward, reason="unsloth_compile compile_regions='layers': the blocks inside are compiled as regions")
+_HOLDER_FORWARD._unsloth_region_holder = True
+
+
 def _leave_out_of_graph(holder: torch.nn.Module) -> None:
-    """The holder's forward wrapped in torch.compiler.disable (once): an outer compile stops there."""
-    forward = holder.forward
-    if getattr(forward, "_unsloth_region_holder", False):
+    """The holder's forward run outside every graph (torch.compiler.disable): an outer compile
+    stops at its call. A method bound to the holder, so that copy.deepcopy rebinds it to the copy;
+    an instance-level forward set before (a hook's) is wrapped as it is."""
+    own = holder.__dict__.get("forward")
+    if getattr(own, "_unsloth_region_holder", False) or getattr(getattr(own, "__func__", None),
+                                                                   "_unsloth_region_holder", False):
         return
-    wrapped = torch.compiler.disable(
-        forward, reason="unsloth_compile compile_regions='layers': its blocks are compiled as regions")
-    wrapped._unsloth_region_holder = True
-    holder.forward = wrapped
+    if own is not None:
+        wrapped = torch.compiler.disable(own, reason="unsloth_compile compile_regions='layers'")
+        wrapped._unsloth_region_holder = True
+        holder.forward = wrapped
+        return
+    holder.forward = types.MethodType(_HOLDER_FORWARD, holder)
 
 
 def _describe(block_lists: list[BlockList], target: torch.nn.Module, outer: bool) -> str:
