@@ -17,9 +17,10 @@ import torch
 from torch._dynamo.backends.registry import register_backend
 
 from . import ops  # noqa: F401  registers torch.ops.unsloth.* before any graph is compiled
-from .config import CompressMode, Config, Fp8Layers, Inner
+from .config import CompileRegions, CompressMode, Config, Fp8Layers, Inner
 from .checkpoint_tracing import configure as configure_checkpoint_tracing
 from .checkpoint_tracing import ignore_transformers_warning_once, log_settings_once
+from .errors import UnslothCompileError
 from .graph_breaks import running_model
 from .report import Report, publish
 from .summary import SummaryLedger, begin, ledger_or_process, summarize
@@ -31,6 +32,11 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
     `unsloth_compile.compile`); None for the process-wide one. `lengths_bucketed`: the inputs
     come through unsloth_compile.length_buckets, so a dynamic graph meets a bounded set of shapes."""
     cfg = Config.from_options(options, mode)
+    if cfg.compile_regions is CompileRegions.LAYERS:  # the backend is handed graphs, not the model's layers
+        raise UnslothCompileError(
+            "unsloth_compile: compile_regions='layers' is an option of unsloth_compile.compile(model, ...) and the "
+            "Trainer callback, which compile each repeated block once; torch.compile(model, backend='unsloth') "
+            "compiles the model it is given as a whole: drop the option, or use unsloth_compile.compile")
     ignore_transformers_warning_once()  # for the traces after this one, when transformers came later
     log_settings_once()
     if cfg.summary:

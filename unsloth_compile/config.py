@@ -106,6 +106,16 @@ class LowrankProjection(str, enum.Enum):
     RANDOM = "random"  # +-1/sqrt(k) entries drawn per step: unbiased, error ~ sqrt(K / k)
 
 
+class CompileRegions(str, enum.Enum):
+    """What unsloth_compile.compile hands to Dynamo as one compiled region (unsloth_compile/regions.py)."""
+
+    MODEL = "model"  # the whole model, one graph (per graph break)
+    # each repeated block (a decoder layer) as a region whose compiled code all blocks of its class
+    # share, and the rest of the model compiled around them: a first step that traces and
+    # lowers one layer instead of all of them
+    LAYERS = "layers"
+
+
 _MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -178,6 +188,11 @@ class Config:
     # bounded set of shapes, and the dynamic graph runs as CUDA graphs, one recording per bucket.
     # No effect on torch.compile(model, backend="unsloth"), which cannot pad its inputs.
     bucket_lengths: bool = True
+    # unsloth_compile.compile and the Trainer callback: "model" compiles the model as one graph;
+    # "layers" compiles each repeated block once for all blocks of its class and the rest of the
+    # model around them (unsloth_compile/regions.py). Not for torch.compile(model,
+    # backend="unsloth"), which is handed the whole model: refused there.
+    compile_regions: CompileRegions = CompileRegions.MODEL
     # compress what LoRA ops and FFN blocks save for backward (lossy for the gradients only;
     # needs inner "aot_eager" or "inductor", where AOTAutograd partitions forward and backward)
     compress_activations: CompressMode = CompressMode.NONE

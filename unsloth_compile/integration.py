@@ -21,8 +21,9 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .backend import unsloth
-from .config import Config, Fp8Layers, KernelChoice, Nf4Layers, Precision
+from .config import CompileRegions, Config, Fp8Layers, KernelChoice, Nf4Layers, Precision
 from .length_buckets import LengthBuckets
+from .regions import compile_layers
 from .summary import SummaryLedger
 from .trl_support import compile_target, find_fused_lm_head, keeps_lm_head_dense
 from .errors import UnslothCompileError
@@ -57,7 +58,8 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
     they are stored whatever the precision (the summary line says so). A model whose forward a TRL trainer replaced by
     its fused LM head has its backbone compiled and the head left to run as in eager
     (`unsloth_compile.trl_support`); compile such a model after building the trainer, or use the
-    callback.
+    callback. With compile_regions="layers", each repeated block (decoder layer) is compiled once
+    for all blocks of its class and the rest of the model around them (`unsloth_compile.regions`).
     """
     options = _merge_options(options, option_kwargs, mode)
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
@@ -76,10 +78,16 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
             select = keeps_lm_head_dense(trl_head, select)
         convert(model, select=select, allow_emulation=cfg.kernels is KernelChoice.REFERENCE)
     target = compile_target(model, trl_head, report_it=cfg.report, summary=cfg.summary)
-    backend = functools.partial(unsloth, options=options, mode=mode, ledger=SummaryLedger(),
+    backend_options = {k: v for k, v in options.items() if k != "compile_regions"}  # said here, not per graph
+    backend = functools.partial(unsloth, options=backend_options, mode=mode, ledger=SummaryLedger(),
                                 lengths_bucketed=cfg.bucket_lengths)
-    # what nn.Module.compile does, with the length buckets around the compiled call, outside the graph
-    compiled_call = torch.compile(target._call_impl, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    compiled_call = None
+    if cfg.compile_regions is CompileRegions.LAYERS:  # None where the model has no repeated block (said)
+        compiled_call = compile_layers(target, backend, fullgraph=fullgraph, dynamic=dynamic, report_it=cfg.report,
+                                       summary=cfg.summary)
+    if compiled_call is None:  # what nn.Module.compile does
+        compiled_call = torch.compile(target._call_impl, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    # the length buckets around the compiled call, outside the graph
     target._compiled_call_impl = LengthBuckets(target, compiled_call) if cfg.bucket_lengths else compiled_call
     return model
 
