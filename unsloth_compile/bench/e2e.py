@@ -38,6 +38,7 @@ import torch
 
 from . import lengths as length_specs
 from .e2e_results import add_ratios, check_targets, render_markdown, write_outputs
+from .flops import e2e_mfu
 from .batch_layouts import LAYOUTS, SequenceStream, make_real_batches, real_tokens
 from .batch_spellings import SPELLINGS, parse_spellings, spell_batch
 from .lengths import LengthSpec, parse_lengths
@@ -119,11 +120,17 @@ _REAL_DATA_TARGETS = (
 )
 _LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096)
+# Llama-3.1-8B's shapes (NeMo Automodel's single-GPU LoRA benchmark runs them at 2 x 4096 tokens)
+LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
 _BERT_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
 
 PRESETS = {p.name: p for p in (
     Preset("llama-1b", "llama", _LLAMA_1B, batch=4, seq=2048, lora_targets=LLAMA_TARGETS,
            targets=_LLAMA_1B_TARGETS, note="Llama-3.2-1B shapes, random init"),
+    Preset("llama-8b", "llama", LLAMA_8B, batch=2, seq=4096, lora_targets=LLAMA_TARGETS,
+           targets=_NEVER_WORSE_TARGETS, note="Llama-3.1-8B shapes, untied head, random init"),
     Preset("bert-large", "bert-qa", _BERT_LARGE, batch=32, seq=384, lora_targets=BERT_TARGETS,
            modules_to_save=("qa_outputs",), targets=_BERT_TARGETS, note="BERT-large QA shapes, random init"),
     Preset("llama-narrow-deep", "llama",
@@ -472,6 +479,7 @@ def run_one(args, spelling: str) -> dict:
                                                   spelling, lengths),
                               device)
         result["variant"] = variant.to_json()
+        result.update(e2e_mfu(preset, variant.kind, result.get("throughput"), env["device"], not real_data))
         data["results"].append(result)
         data["results"].sort(key=lambda r: [v.name for v in variants].index(r["variant"]["name"]))
         add_ratios(data["results"])
