@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import output
+from .cards import card_for
 
 
 def by_role(results: list[dict], role: str) -> Optional[dict]:
@@ -110,11 +111,44 @@ def _fixed_table(data: dict, mem_label: str) -> list[str]:
              _gib(r.get("peak_reserved_bytes")), output.fmt(r.get("loss_final"), ".4f"),
              output.fmt(r.get("warmup_s"), ".1f"), output.fmt(r.get("wall_s_all_steps"), ".1f"), _compiles(r),
              _fusion(r), _error(r)] for r in data["results"]]
-    lines.append(output.markdown_table(
-        ["variant", "what", "status", "step ms (median)", unit, f"{unit} vs PEFT eager", "pipelined ms/step", mem_label,
-         "mem vs PEFT eager", "peak reserved GiB", "final loss", "warm-up s", "synchronised steps s", "compiles",
-         "fused/refused sites", "error"], rows))
+    headers = ["variant", "what", "status", "step ms (median)", unit, f"{unit} vs PEFT eager", "pipelined ms/step",
+               mem_label, "mem vs PEFT eager", "peak reserved GiB", "final loss", "warm-up s", "synchronised steps s",
+               "compiles", "fused/refused sites", "error"]
+    if any("flops_per_token" in r for r in data["results"]):  # causal LM presets: after the throughput ratio
+        headers[6:6] = ["TFLOPS (LoRA count)", "MFU"]
+        for row, r in zip(rows, data["results"]):
+            row[6:6] = mfu_cells(r)
+    lines.append(output.markdown_table(headers, rows))
+    lines += mfu_lines(data)
     return lines
+
+
+def mfu_cells(r: dict) -> list[str]:
+    """The achieved TFLOPS and MFU cells of one result; MFU "n/a" where the card's peak is unknown."""
+    tflops = r.get("achieved_tflops")
+    if r.get("flops_per_token") is None or tflops is None:
+        return ["-", "-" if r["status"] != "ok" else "n/a"]
+    mfu = r.get("mfu")
+    return [output.fmt(tflops, ".1f" if tflops >= 10 else ".3g"),
+            "n/a" if mfu is None else output.fmt(100 * mfu, ".1f", "%")]
+
+
+def mfu_lines(data: dict) -> list[str]:
+    """What the MFU column divides by: the FLOP count per token of each kind of training in the
+    table, and the card's peak (or why there is none)."""
+    counts = {}
+    for r in data["results"]:
+        if r.get("flops_per_token") is not None:
+            counts.setdefault(r["flops_per_token"], []).append(r["variant"]["name"])
+    if not counts:
+        return []
+    card = card_for(data["env"]["device"])
+    peak = (f"MFU = achieved / {card.name}'s dense bf16 peak, {card.bf16_tflops:g} TFLOPS" if card is not None
+            else "MFU n/a: no known bf16 peak for this device")
+    per_token = "; ".join(f"{flops / 1e9:.4g} GFLOP/token ({', '.join(names)})" for flops, names in counts.items())
+    return ["", f"- TFLOPS: FLOPs per token x {data['unit']}, the FLOPs counted as "
+                f"docs/benchmarks.md#how-mfu-is-counted says (frozen linears' forward and input gradient, LM head, "
+                f"LoRA adapters, causal attention): {per_token}; {peak}"]
 
 
 _COMPILES_NOTE = ("compiles: graphs Dynamo handed to a backend (each frame, recompiles and graph-break pieces "
