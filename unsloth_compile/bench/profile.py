@@ -19,6 +19,10 @@ the warm-up), then `--steps` steps run under `torch.profiler`. Per step:
   slow step, not as a higher mean only);
 - Dynamo/Inductor counters that decide whether CUDA graphs ran (`cudagraph_skips`,
   recompiles, graph breaks), taken over the whole run.
+- causal LM presets: the roofline by kernel family (bench/roofline.py, finer families:
+  bench/kernel_families.py): each family's time, the FLOPs and bytes of its work by formula, the
+  TFLOPS and GB/s that gives, and its distance to the card's roofline; written beside the
+  profile as roofline-PRESET.json and .md, with the step's MFU by the LoRA FLOP count.
 `--host-profile`: one more step under cProfile after the profiled ones; the Python functions
 with the most own time (`host_functions`), i.e. where the host time of a host-bound step goes.
 On CPU there are no device kernels: the table then holds wall and host time only.
@@ -39,7 +43,8 @@ import torch
 
 from . import output
 from .e2e import PRESETS, build_model, make_batches, prepare_model
-from .variants import (Variant, compile_for, environment, make_optimizer, parse_variant, resolve_device,
+from .roofline import step_roofline, write_roofline
+from .variants import (Variant, compile_for, device_name, environment, make_optimizer, parse_variant, resolve_device,
                        resolve_inner, run_isolated, synchronize, train_step)
 
 # First match wins, so the specific families come before the generic ones ("triton_" is any
@@ -215,6 +220,10 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     counters.clear()
     torch.manual_seed(seed)
     model = prepare_model(build_model(preset, device, dtype), variant, preset)
+    if variant.options.get("fuse_cross_entropy") is True and preset.family == "llama":
+        from ..training_outputs import loss_only
+
+        loss_only(model)  # as bench e2e does: without logits in the output the CE pass fuses
     model.train()
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)
@@ -246,6 +255,9 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     summary = summarise(kernels, timed, top)
     summary.update(idle_by_phase(kernels, _cpu_ranges(prof, "phase:"),
                                  [(start, end) for _, start, end in _cpu_ranges(prof, "step:")]))
+    if preset.family == "llama":  # the roofline by kernel family (bench/roofline.py)
+        summary.update(step_roofline(preset, variant.kind, model, dtype, kernels, len(timed), summary["wall_ms"],
+                                     summary["gpu_idle_ms"], device_name(device)))
     if host_profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -378,8 +390,11 @@ def run(args) -> dict:
         data["results"].append(result)
         output.write_json(stem.with_suffix(".json"), data)
         stem.with_suffix(".md").write_text(render_markdown(data))
+        written = []
+        if preset.family == "llama":
+            written = write_roofline(data, preset, stem.with_name(f"roofline-{preset.name}"))
     print(render_markdown(data))
-    print(f"wrote {stem}.json, {stem}.md")
+    print(f"wrote {', '.join([f'{stem}.json', f'{stem}.md', *written])}")
     return data
 
 
