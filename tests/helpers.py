@@ -18,10 +18,10 @@ from unsloth_compile.report import Report, collect_reports
 VOCAB = 96
 
 
-def tiny_causal_lm(family: str, dtype=torch.float32) -> torch.nn.Module:
+def tiny_causal_lm(family: str, dtype=torch.float32, layers: int = 2) -> torch.nn.Module:
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, num_hidden_layers=2)
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers)
     if family == "llama":
         cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, **common)
         model = tf.LlamaForCausalLM(cfg)
