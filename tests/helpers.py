@@ -18,10 +18,10 @@ from unsloth_compile.report import Report, collect_reports
 VOCAB = 96
 
 
-def tiny_causal_lm(family: str, dtype=torch.float32) -> torch.nn.Module:
+def tiny_causal_lm(family: str, dtype=torch.float32, layers: int = 2) -> torch.nn.Module:
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, num_hidden_layers=2)
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers)
     if family == "llama":
         cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, **common)
         model = tf.LlamaForCausalLM(cfg)
@@ -114,17 +114,33 @@ class Comparison:
     report: Report
     eager_losses: list
     compiled_losses: list
+    compiled: Any = None  # what was called in place of the eager model
+
+
+def compile_with_backend(model: torch.nn.Module, options: dict) -> Callable:
+    return torch.compile(model, backend="unsloth", options=options)
+
+
+def _assert_outputs_close(out_c, out_e, step: int, rtol: float, atol: float) -> None:
+    """Every tensor of a model output (a ModelOutput or a tensor): same shape, same values."""
+    pairs = [("output", out_c, out_e)] if isinstance(out_e, torch.Tensor) else \
+        [(key, out_c[key], value) for key, value in out_e.items() if isinstance(value, torch.Tensor)]
+    for key, value_c, value_e in pairs:
+        assert value_c.shape == value_e.shape, (step, key, value_c.shape, value_e.shape)
+        torch.testing.assert_close(value_c, value_e, rtol=rtol, atol=atol, msg=lambda m: f"step {step} {key}: {m}")
 
 
 def train_and_compare(model: torch.nn.Module, batch_fn: Callable[[int], dict], *, options=None, steps=3,
-                      rtol=1e-4, atol=1e-5, lr=1e-3, loss_fn=loss_of) -> Comparison:
-    """Train `model` (eager) and a deep copy (compiled with the unsloth backend) side by side for
-    `steps` AdamW steps from the same RNG state; assert that every loss, every trainable
-    gradient and every parameter after the steps match. Returns the compile report."""
+                      rtol=1e-4, atol=1e-5, lr=1e-3, loss_fn=loss_of, compile_fn=compile_with_backend,
+                      compare_outputs=False) -> Comparison:
+    """Train `model` (eager) and a deep copy (`compile_fn(copy, options)`: by default compiled with
+    the unsloth backend) side by side for `steps` AdamW steps from the same RNG state; assert that
+    every loss, every trainable gradient and every parameter after the steps match, and with
+    `compare_outputs` every tensor the model returns. Returns the compile report."""
     options = dict(options or {"inner": "aot_eager"})
     eager = model
     compiled_model = copy.deepcopy(model)
-    compiled = torch.compile(compiled_model, backend="unsloth", options=options)
+    compiled = compile_fn(compiled_model, options)
     params_e = [p for p in eager.parameters() if p.requires_grad]
     params_c = [p for p in compiled_model.parameters() if p.requires_grad]
     names = [n for n, p in eager.named_parameters() if p.requires_grad]
@@ -135,15 +151,19 @@ def train_and_compare(model: torch.nn.Module, batch_fn: Callable[[int], dict], *
         for step in range(steps):
             batch = batch_fn(step)
             torch.manual_seed(1000 + step)
-            loss_e = loss_fn(eager(**batch) if isinstance(batch, dict) else eager(*batch))
+            out_e = eager(**batch) if isinstance(batch, dict) else eager(*batch)
+            loss_e = loss_fn(out_e)
             loss_e.backward()
             torch.manual_seed(1000 + step)
-            loss_c = loss_fn(compiled(**batch) if isinstance(batch, dict) else compiled(*batch))
+            out_c = compiled(**batch) if isinstance(batch, dict) else compiled(*batch)
+            loss_c = loss_fn(out_c)
             loss_c.backward()
             losses_e.append(loss_e.item())
             losses_c.append(loss_c.item())
             torch.testing.assert_close(loss_c.float(), loss_e.float(), rtol=rtol, atol=atol,
                                        msg=lambda m: f"step {step} loss: {m}")
+            if compare_outputs:
+                _assert_outputs_close(out_c, out_e, step, rtol, atol)
             for name, pe, pc in zip(names, params_e, params_c):
                 assert pc.grad is not None, f"step {step}: no gradient for {name} in the compiled model"
                 assert pc.grad.dtype == pe.grad.dtype, f"{name}: grad dtype {pc.grad.dtype} != {pe.grad.dtype}"
@@ -156,7 +176,7 @@ def train_and_compare(model: torch.nn.Module, batch_fn: Callable[[int], dict], *
     for name, pe, pc in zip(names, params_e, params_c):
         torch.testing.assert_close(pc.float(), pe.float(), rtol=rtol, atol=atol,
                                    msg=lambda m, name=name: f"{name} after {steps} steps: {m}")
-    return Comparison(report, losses_e, losses_c)
+    return Comparison(report, losses_e, losses_c, compiled)
 
 
 def triton_kernel_module(name: str):

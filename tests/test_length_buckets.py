@@ -6,7 +6,6 @@ many lengths come; batches that padding could change are passed on unpadded, wit
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
@@ -17,7 +16,7 @@ from unsloth_compile.backend import cudagraphs_decision
 from unsloth_compile.config import Config
 from unsloth_compile.length_buckets import LengthBuckets, bucket_length, cut_outputs, is_causal_model
 
-from helpers import VOCAB, peft_wrap, tiny_causal_lm
+from helpers import VOCAB, peft_wrap, tiny_causal_lm, train_and_compare
 
 
 def test_buckets_are_few_aligned_and_tight():
@@ -42,28 +41,16 @@ def _padded_llama_batch(step: int, length: int, masked: bool = True) -> dict:
     return batch
 
 
-def _train_pair(model, batches, options=None):
-    """Eager and unsloth_compile.compile'd copies trained side by side on `batches`; every loss,
-    output and LoRA gradient compared. Returns the compiled model."""
-    eager = model
-    compiled = unsloth_compile.compile(copy.deepcopy(model), inner="aot_eager", summary=False, report=False,
-                                       **(options or {}))
-    params_e = [p for p in eager.parameters() if p.requires_grad]
-    params_c = [p for p in compiled.parameters() if p.requires_grad]
-    opt_e, opt_c = torch.optim.AdamW(params_e, lr=1e-3), torch.optim.AdamW(params_c, lr=1e-3)
-    for step, batch in enumerate(batches):
-        out_e, out_c = eager(**batch), compiled(**batch)
-        for key in out_e.keys():
-            if isinstance(out_e[key], torch.Tensor):
-                assert out_c[key].shape == out_e[key].shape, (step, key)
-                torch.testing.assert_close(out_c[key], out_e[key], rtol=1e-4, atol=1e-5,
-                                           msg=lambda m: f"step {step} {key}: {m}")
-        out_e.loss.backward()
-        out_c.loss.backward()
-        for pe, pc in zip(params_e, params_c):
-            torch.testing.assert_close(pc.grad, pe.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step} grad: {m}")
-        opt_e.step(), opt_c.step(), opt_e.zero_grad(), opt_c.zero_grad()
-    return compiled
+def _compile_in_place(model, options: dict):
+    return unsloth_compile.compile(model, summary=False, report=False, **options)
+
+
+def _train_pair(model, batches: list[dict], options=None):
+    """Eager and `unsloth_compile.compile`'d copies (length buckets on) trained side by side on
+    `batches`, every output compared too (helpers.train_and_compare). Returns the compiled model."""
+    return train_and_compare(model, batches.__getitem__, steps=len(batches),
+                             options={"inner": "aot_eager", **(options or {})}, compile_fn=_compile_in_place,
+                             compare_outputs=True).compiled
 
 
 def _frames_compiled() -> int:

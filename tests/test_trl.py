@@ -20,7 +20,7 @@ from unsloth_compile.trl_support import PATTERN, find_fused_lm_head  # noqa: E40
 from helpers import count_reference_lora_calls, peft_wrap  # noqa: E402
 
 FAST = {"inner": "aot_eager"}
-SITES = 14  # 2 layers x q, k, v, o, gate, up, down
+SITES = 7  # one layer: q, k, v, o, gate, up, down
 WORDS = "the a cat dog sat on mat ran fast slow red blue green big small house tree car".split()
 METRICS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer asks of TRL's fused head
 
@@ -55,7 +55,7 @@ def text_dataset(rows=16, seed=0):
 def tiny_qwen2():
     torch.manual_seed(0)
     # vocabulary 32 >= the tokenizer's 21: a multiple of 16, so that fp8 would convert the LM head
-    cfg = tf.Qwen2Config(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = tf.Qwen2Config(vocab_size=32, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
     return peft_wrap(tf.Qwen2ForCausalLM(cfg))
 
@@ -252,7 +252,7 @@ def test_trl_bench_runs_both_variants_on_cpu(tmp_path, capsys):
     from unsloth_compile.bench import trl_run
 
     out = tmp_path / "trl.json"
-    status = trl_run.main(["--device", "cpu", "--hidden", "64", "--layers", "2", "--words", "40", "--max-length", "24",
+    status = trl_run.main(["--device", "cpu", "--hidden", "64", "--layers", "1", "--words", "40", "--max-length", "24",
                            "--min-row", "4", "--rows", "12", "--steps", "1", "--warmup", "1", "--fp32",
                            "--option", "inner=aot_eager", "--json", str(out)])
     assert status == 0

@@ -96,7 +96,7 @@ def test_summary_false_silences_the_warmup(caplog):
     assert _warmup_lines(caplog) == []
 
 
-def test_warmup_is_visible_without_logging_configured():
+def test_summary_and_warmup_are_visible_without_logging_configured():
     code = textwrap.dedent("""
         import torch, unsloth_compile
         class M(torch.nn.Module):
@@ -122,3 +122,4 @@ def test_warmup_is_visible_without_logging_configured():
     assert lines[1] == "unsloth_compile: fused 1/1 LoRA linears (1 graph)"
     assert DONE.match(lines[2]) and DONE.match(lines[2]).groups()[1:] == ("1", "1", "1"), lines
     assert len(lines) == 3 and "Warning" not in out.stderr, out.stderr[-3000:]
+    assert "unsloth_compile report" not in out.stderr  # the table stays at INFO on "unsloth_compile"

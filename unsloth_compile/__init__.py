@@ -8,6 +8,10 @@ from .source_layout import map_source_subpackages
 
 map_source_subpackages(__name__, __file__)  # passes/ and kernels/ of a source tree, before anything imports them
 
+from .moved_modules import install_moved_modules  # noqa: E402
+
+install_moved_modules()  # the module paths from before the feature folders, as deprecated aliases
+
 from . import ops  # noqa: F401,E402  registers torch.ops.unsloth.*
 from .config import Config
 from .errors import UnslothCompileError

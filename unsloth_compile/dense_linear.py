@@ -1,11 +1,12 @@
 """The frozen dense layers that fp8/ and sparsity/ convert and give back: nn.Linear and
 transformers' Conv1D (GPT-2), which stores its weight (in, out) and computes y = x W + b;
-which of a model's modules they convert, and the swap back."""
+which of a model's modules they convert, why one cannot be, and the swap back."""
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 
@@ -21,6 +22,20 @@ def dense_weight(module: nn.Module) -> Optional[Tensor]:
     if is_conv1d(module):
         return module.weight.t()
     return None
+
+
+def conversion_problem(module: nn.Module, storage: str, dtype_fits: Callable[[torch.dtype], bool],
+                       shape_problem: Callable[[int, int], Optional[str]]) -> Optional[str]:
+    """Why `module`'s weight cannot be stored as `storage` (a frozen nn.Linear or Conv1D of a
+    floating dtype that `dtype_fits`, of a shape without `shape_problem`), or None."""
+    weight = dense_weight(module)
+    if weight is None:
+        return f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)"
+    if weight.requires_grad:
+        return f"the weight is trainable ({storage} is for frozen bases)"
+    if not weight.dtype.is_floating_point or not dtype_fits(weight.dtype):
+        return f"the weight's dtype is {weight.dtype}"
+    return shape_problem(weight.shape[0], weight.shape[1])
 
 
 def frozen_dense(weight_nk: Tensor, bias: Optional[nn.Parameter], conv1d: bool) -> nn.Module:

@@ -66,7 +66,7 @@ from torch.fx import GraphModule, Node
 
 from ...config import CompressMode, Config
 from ...report import Report, Site
-from ... import ops  # noqa: F401  torch.ops.unsloth.* (and ops_compress) registered
+from ... import ops  # noqa: F401  torch.ops.unsloth.* (and ops/compress.py's) registered
 from ...ops import lora as lora_ops
 from . import compress_rewrite as rewrite
 from .. import fx_match as fm

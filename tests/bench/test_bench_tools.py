@@ -88,12 +88,12 @@ def test_lowrank_error_refuses_bad_steps(tmp_path):
 
 def test_prune_proxy_magnitude(capsys):
     assert main(["prune-proxy", "--calibration", "1", "--held-out", "1", "--max-train", "64", "magnitude",
-                 "wanda-ls,layers=intermediate"]) == 0
+                 "wanda-ls,layers=attention.self.query"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "held-out hidden error" in line]
     assert len(lines) == 2
     errors = [float(re.search(r"held-out hidden error ([\d.]+)", line).group(1)) for line in lines]
     assert all(0 < e < 2 for e in errors)
-    assert "6 bases" in lines[1]  # intermediate.dense of each of MiniLM's 6 layers
+    assert "6 bases" in lines[1]  # the query projection of each of MiniLM's 6 layers
 
 
 def test_prune_proxy_parses_configurations():

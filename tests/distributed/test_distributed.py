@@ -306,9 +306,15 @@ def test_find_blocks():
         find_blocks(torch.nn.Sequential(torch.nn.Linear(3, 3)))
 
 
+# a recompile limit below Dynamo's default of 8, and more blocks than it: the same failure with
+# fewer compiles
+DEEP_RECOMPILE_LIMIT, DEEP_BLOCKS = 4, 6
+
+
 def _deep_block_compile_graphs(disable_cache: bool) -> tuple[int, int]:
-    """(graphs the backend compiled, LoRA sites it fused) for one step of a 10-block PEFT Llama
-    whose blocks are compiled one by one, with the KV cache on as transformers configs it."""
+    """(graphs the backend compiled, LoRA sites it fused) for one step of a PEFT Llama with more
+    blocks than the recompile limit, its blocks compiled one by one, with the KV cache on as
+    transformers configs it."""
     import transformers as tf
 
     import helpers
@@ -318,27 +324,27 @@ def _deep_block_compile_graphs(disable_cache: bool) -> tuple[int, int]:
     torch._dynamo.reset()
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
-                         vocab_size=helpers.VOCAB, num_hidden_layers=10, use_cache=True)
+                         vocab_size=helpers.VOCAB, num_hidden_layers=DEEP_BLOCKS, use_cache=True)
     model = helpers.peft_wrap(tf.LlamaForCausalLM(cfg))
     if disable_cache:
         _disable_kv_cache(model)
         assert model.config.use_cache is False
     compile_blocks(find_blocks(model), {"inner": "aot_eager", "summary": False})
-    with collect_reports() as report:
+    with collect_reports() as report, torch._dynamo.config.patch(recompile_limit=DEEP_RECOMPILE_LIMIT):
         model(**helpers.batch_for("llama", batch=2, seq=7, seed=0)).loss.backward()
     assert not report.refused
     return report.graphs, len(report.fused)
 
 
 def test_per_block_compile_of_a_deep_model_compiles_once_with_the_kv_cache_off():
-    """More blocks than Dynamo's recompile limit (8): with transformers' KV cache on, each block
-    recompiles on the cache's per-layer state and the blocks past the limit run eager (the H200
-    run fused 56 of 112 sites); shard_lora_model turns the cache off first. The blocks then share
-    two graphs (the first block's input needs no gradient, the others' do)."""
+    """More blocks than Dynamo's recompile limit: with transformers' KV cache on, each block
+    recompiles on the cache's per-layer state and the blocks past the limit run eager, unfused;
+    shard_lora_model turns the cache off first. The blocks then share two graphs (the first
+    block's input needs no gradient, the others' do)."""
     graphs, fused = _deep_block_compile_graphs(disable_cache=True)
     assert graphs <= 2 and fused == 7 * graphs
     graphs_with_cache, _ = _deep_block_compile_graphs(disable_cache=False)
-    assert graphs_with_cache >= 8  # what the fix avoids: one graph per block up to the limit
+    assert graphs_with_cache >= DEEP_RECOMPILE_LIMIT  # what turning the cache off avoids: a graph per block
 
 
 def test_block_cudagraphs_default_yields_to_the_callers_choice():

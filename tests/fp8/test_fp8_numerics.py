@@ -137,7 +137,7 @@ def test_sqnr_of_both_gemms_against_float64(outliers):
     assert out.dtype == dx.dtype == torch.bfloat16
     assert sqnr_db(out, x.double() @ w.double().t()) >= 27
     assert sqnr_db(dx, dy.double() @ w.double()) >= 27
-    # against the bf16 linear, the comparison (torchao's bar: 25 dB)
+    # against the bf16 linear (torchao's bar: 25 dB)
     assert sqnr_db(out, (x.bfloat16() @ w.bfloat16().t()).double()) >= 25
     assert sqnr_db(dx, (dy.bfloat16() @ w.bfloat16()).double()) >= 25
 

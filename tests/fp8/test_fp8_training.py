@@ -1,4 +1,4 @@
-"""Float8 frozen base, conversion and compile (unsloth_compile/fp8.py, passes/lora/fp8_linear.py):
+"""Float8 frozen base, conversion and compile (unsloth_compile/fp8/, passes/lora/fp8_linear.py):
 the bf16/fp32 copies freed and the bytes saved reported, from_dense / to_dense, refusals with
 reasons, the pass's two modes (stored, per call) matching eager fp8, a tiny PEFT Llama trained
 compiled in fp8 against fp32, and GPU checks of the torch._scaled_mm path (marked gpu)."""

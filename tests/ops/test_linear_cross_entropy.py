@@ -344,7 +344,7 @@ def _llama(tie=False):
 
 
 def test_peft_llama_with_loss_only_fuses_and_trains_like_eager():
-    """The issue's case: PEFT LoRA on every projection, frozen head; the loss and every LoRA
+    """The common case: PEFT LoRA on every projection, frozen head; the loss and every LoRA
     gradient (through the head's input) as eager for 2 AdamW steps."""
     model = loss_only(peft_wrap(tiny_causal_lm("llama")))
     report = train_and_compare(model, llama_batch_with_prompt, steps=2).report

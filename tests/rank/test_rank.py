@@ -1,4 +1,4 @@
-"""Dynamic LoRA rank (unsloth_compile/rank.py): resize math, optimizer state, policies,
+"""Dynamic LoRA rank (unsloth_compile/rank/): resize math, optimizer state, policies,
 guarded recompilation under the unsloth backend, the Trainer callback, bad input."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Saving after a rank change (unsloth_compile/rank.py, PEFT config sync): a resized PEFT model
+"""Saving after a rank change (unsloth_compile/rank/, PEFT config sync): a resized PEFT model
 saved with save_pretrained reloads through PeftModel.from_pretrained to the same outputs.
 Apart from tests/rank/test_rank.py to keep both files readable."""
 

@@ -228,32 +228,45 @@ def _lora_operands(M, K, N, r, dtype=torch.float32, seed=0):
     return w, x, A, B, bias, B_bias, residual
 
 
-@pytest.mark.parametrize("M", [(1,), (7,), (2, 5), (0, 3)])
-@pytest.mark.parametrize("lora_x_form", ["x", "tensor", "mask"])
-def test_lora_linear_sparse24_matches_float64(M, lora_x_form):
-    """Output and every gradient (x, A, B, bias, B's bias, residual, the dropped input)."""
-    K, N, r, scale = 64, 128, 5, 1.7
-    w, x, A, B, bias, B_bias, residual = _lora_operands(M, K, N, r)
-    leaves = [t.clone().requires_grad_() for t in (x, A, B, bias, B_bias, residual)]
-    lx, lA, lB, lbias, lBb, lres = leaves
+def _check_against_float64(w, operands, lora_x_form: str, scale: float, op_call):
+    """`op_call(x, A, B, bias, B_bias, residual, lora_x, dropout_args)` -> (out, hidden) of
+    lora_linear_sparse24 on leaf copies of `operands`: its output and every gradient (x, A, B,
+    bias, B's bias, residual, the dropped input) against float64 with the effective `scale`.
+    Returns (out, hidden)."""
+    x, A, B, bias, B_bias, residual = operands
+    leaves = [t.clone().requires_grad_() for t in operands]
     mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) > 0.3
     lora_x = (x * 1.5).requires_grad_() if lora_x_form == "tensor" else None
     extra = (mask, 1 / 0.7) if lora_x_form == "mask" else ()
-    out, hidden = torch.ops.unsloth.lora_linear_sparse24(lx, w, [], "dense", lbias, lA, lB, lBb, lora_x, lres,
-                                                         scale, None, torch.float32, "auto", *extra)
-    d = [t.detach().double().requires_grad_() for t in (x, A, B, bias, B_bias, residual)]
+    out, hidden = op_call(*leaves, lora_x, extra)
+    d = [t.detach().double().requires_grad_() for t in operands]
     dx, dA, dB, dbias, dBb, dres = d
     adapter_in = dx if lora_x is None else lora_x.detach().double().requires_grad_()
     if lora_x_form == "mask":
         adapter_in = dx * mask / 0.7
     want = dx @ w.double().t() + dbias + scale * ((adapter_in @ dA.t()) @ dB.t() + dBb) + dres
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    assert hidden.shape == (x.numel() // K, r)
     dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
     got = torch.autograd.grad(out, leaves + ([lora_x] if lora_x is not None else []), dy)
     wanted = torch.autograd.grad(want, d + ([adapter_in] if lora_x is not None else []), dy.double())
     for name, g, e in zip(("x", "A", "B", "bias", "B_bias", "residual", "lora_x"), got, wanted):
         torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+    return out, hidden
+
+
+@pytest.mark.parametrize("M", [(1,), (7,), (2, 5), (0, 3)])
+@pytest.mark.parametrize("lora_x_form", ["x", "tensor", "mask"])
+def test_lora_linear_sparse24_matches_float64(M, lora_x_form):
+    """Output and every gradient (x, A, B, bias, B's bias, residual, the dropped input)."""
+    K, N, r, scale = 64, 128, 5, 1.7
+    w, *operands = _lora_operands(M, K, N, r)
+
+    def op_call(x, A, B, bias, B_bias, residual, lora_x, extra):
+        return torch.ops.unsloth.lora_linear_sparse24(x, w, [], "dense", bias, A, B, B_bias, lora_x, residual,
+                                                      scale, None, torch.float32, "auto", *extra)
+
+    _, hidden = _check_against_float64(w, operands, lora_x_form, scale, op_call)
+    assert hidden.shape == (operands[0].numel() // K, r)
 
 
 def test_lora_linear_sparse24_equals_the_dense_op_on_cpu():
@@ -318,29 +331,15 @@ def test_the_sparse_layout_composition_on_cpu(monkeypatch, lora_x_form, tensor_s
     composition's outputs and every gradient are checked against float64 here too."""
     monkeypatch.setattr(sparse24, "_sparse_rows_times", lambda dense2d, sparse, layout, r: dense2d @ sparse[0].t())
     K, N, r, scale = 64, 128, 5, 1.3
-    w, x, A, B, bias, B_bias, residual = _lora_operands((3, 7), K, N, r)
+    w, *operands = _lora_operands((3, 7), K, N, r)
     compressed = [w, w.t().contiguous()]
     scale_tensor = torch.tensor(0.5) if tensor_scale else None
-    s = scale * (0.5 if tensor_scale else 1.0)
-    leaves = [t.clone().requires_grad_() for t in (x, A, B, bias, B_bias, residual)]
-    mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)) > 0.3
-    lora_x = (x * 1.5).requires_grad_() if lora_x_form == "tensor" else None
-    extra = (mask, 1 / 0.7) if lora_x_form == "mask" else ()
-    out, _ = torch.ops.unsloth.lora_linear_sparse24(leaves[0], w, compressed, "cusparselt", leaves[3], leaves[1],
-                                                    leaves[2], leaves[4], lora_x, leaves[5], scale, scale_tensor,
-                                                    torch.float32, "auto", *extra)
-    d = [t.detach().double().requires_grad_() for t in (x, A, B, bias, B_bias, residual)]
-    dx, dA, dB, dbias, dBb, dres = d
-    adapter_in = dx if lora_x is None else lora_x.detach().double().requires_grad_()
-    if lora_x_form == "mask":
-        adapter_in = dx * mask / 0.7
-    want = dx @ w.double().t() + dbias + s * ((adapter_in @ dA.t()) @ dB.t() + dBb) + dres
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
-    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
-    got = torch.autograd.grad(out, leaves + ([lora_x] if lora_x is not None else []), dy)
-    wanted = torch.autograd.grad(want, d + ([adapter_in] if lora_x is not None else []), dy.double())
-    for name, g, e in zip(("x", "A", "B", "bias", "B_bias", "residual", "lora_x"), got, wanted):
-        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"d{name}: {m}")
+
+    def op_call(x, A, B, bias, B_bias, residual, lora_x, extra):
+        return torch.ops.unsloth.lora_linear_sparse24(x, w, compressed, "cusparselt", bias, A, B, B_bias, lora_x,
+                                                      residual, scale, scale_tensor, torch.float32, "auto", *extra)
+
+    _check_against_float64(w, operands, lora_x_form, scale * (0.5 if tensor_scale else 1.0), op_call)
 
 
 def test_sparse24_linear_on_a_sparse_layout_on_cpu(monkeypatch):

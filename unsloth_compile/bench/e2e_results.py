@@ -1,6 +1,6 @@
-"""`bench e2e`'s results: ratios to PEFT eager, the DESIGN.md targets judged on them, the
-markdown table (one shape for full fixed-length rows, one for length distributions and packed
-batches) and the files written (JSON, markdown, PNG)."""
+"""`bench e2e`'s results: ratios to PEFT eager, each preset's thresholds checked on them (kept in
+the JSON), the markdown table (one shape for full fixed-length rows, one for length distributions
+and packed batches) and the files written (JSON, markdown, PNG)."""
 
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ def _gib(value: Optional[int]) -> str:
 def _fixed_table(data: dict, mem_label: str) -> list[str]:
     unit = data["unit"]
     lines = [f"- {data['warmup']} warm-up steps (compilation included, not timed), median of {data['steps']} "
-             f"timed steps, each synchronised (targets are judged on these); then the same number of steps "
+             f"timed steps, each synchronised (the ratios are taken on these); then the same number of steps "
              f"without a per-step synchronise (\"pipelined\": total / steps, the host running ahead); "
              f"loss after {data['warmup'] + 2 * data['steps']} steps; {_COMPILES_NOTE}", ""]
     rows = [[r["variant"]["name"], r["variant"]["description"], r["status"],
@@ -201,12 +201,6 @@ def render_markdown(data: dict) -> str:
                 if data.get("attention_mask") is not None else [])]
     lines += (_real_data_table if data.get("real_data") else _fixed_table)(data, mem_label)
     lines += _floor_lines(data["results"])
-    if data["targets"]:
-        lines += ["", "## Targets (DESIGN.md), measured in this run", ""]
-        lines.append(output.markdown_table(
-            ["target", "variant / baseline", "measured", "required", "verdict"],
-            [[t["target"], f"{t['variant']} / {t['baseline']}", output.fmt(t["measured"], ".2f", "x"), t["required"],
-              t["verdict"]] for t in data["targets"]]))
     return "\n".join(lines) + "\n"
 
 

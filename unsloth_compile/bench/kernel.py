@@ -56,7 +56,7 @@ LAYERS = {
     "llama-1b.attn.k": (2048, 512),
     "llama-1b.mlp.down": (8192, 2048),
 }
-DEFAULT_LAYERS = list(LAYERS)[:4]  # the four shapes; the others on request (--layers)
+DEFAULT_LAYERS = list(LAYERS)[:4]  # the four headline shapes; the others on request (--layers)
 RANKS = (8, 16, 64)
 TOKENS = 8192
 VARIANTS = ("base", "peft-fp32", "peft-bf16", "inductor", "ours-fp32", "ours-bf16", "ours-bf16-triton",

@@ -4,7 +4,7 @@
     model = torch.compile(model, backend="unsloth")   # fuses each into torch.ops.unsloth.lora_linear_fp8
     unsloth_compile.fp8.revert(model)             # back to nn.Linear / Conv1D, dequantised (lossy)
 
-The conversion is in conversion.py; the ops in unsloth_compile/ops_fp8.py, the math in
+The conversion is in conversion.py; the ops in unsloth_compile/ops/base_fp8.py, the math in
 kernels/fp8/fp8.py, the pass in passes/lora/fp8_linear.py. See docs/fp8.md.
 """
 

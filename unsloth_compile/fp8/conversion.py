@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
-from ..dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from ..dense_linear import conversion_problem, conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
 from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
 from ..kernels.fp8 import fp8 as fp8_kernels
 from ..errors import UnslothCompileError
@@ -34,14 +34,8 @@ from ..errors import UnslothCompileError
 
 def unsupported(module: nn.Module) -> Optional[str]:
     """Why `module` cannot become an Fp8Linear, or None."""
-    weight = dense_weight(module)
-    if weight is None:
-        return f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)"
-    if weight.requires_grad:
-        return "the weight is trainable (fp8 storage is for frozen bases)"
-    if not weight.dtype.is_floating_point or weight.dtype == fp8_kernels.E4M3:
-        return f"the weight's dtype is {weight.dtype}"
-    return fp8_kernels.gemm_shape_problem(weight.shape[0], weight.shape[1])
+    return conversion_problem(module, "fp8 storage", lambda dtype: dtype != fp8_kernels.E4M3,
+                              fp8_kernels.gemm_shape_problem)
 
 
 class Fp8Linear(nn.Module):

@@ -7,7 +7,7 @@
 pruning.py: `prune`, `convert`, `revert`, `Sparse24Linear`; mask.py: the transposable masks;
 obs.py: SparseGPT-style (OBS) mask selection; reconstruct.py: the least-squares refit of the
 kept weights; sequential.py: calibration layer by layer. The ops are in
-unsloth_compile/ops_sparse.py, the math in kernels/sparse24.py, the pass in
+unsloth_compile/ops/base_sparse24.py, the math in kernels/sparse24.py, the pass in
 passes/lora/sparse24_linear.py. See docs/sparsity.md.
 """
 

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  registers torch.ops.unsloth.sparse24_linear
-from ..dense_linear import conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from ..dense_linear import conversion_problem, conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
 from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
 from ..kernels import sparse24
 from .mask import kept_energy, sparsity_problem, transposable_mask
@@ -67,14 +67,7 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 def unsupported(module: nn.Module) -> Optional[str]:
     """Why `module` cannot be pruned 2:4 and run sparse, or None."""
-    weight = dense_weight(module)
-    if weight is None:
-        return f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)"
-    if weight.requires_grad:
-        return "the weight is trainable (2:4 pruning is for frozen bases)"
-    if not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:
-        return f"the weight's dtype is {weight.dtype}"
-    return sparse24.shape_problem(weight.shape[0], weight.shape[1])
+    return conversion_problem(module, "2:4 pruning", lambda dtype: dtype.itemsize >= 2, sparse24.shape_problem)
 
 
 class Sparse24Linear(nn.Module):
