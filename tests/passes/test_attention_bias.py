@@ -42,7 +42,10 @@ def test_float_bias_gradient_passes_through():
 
 def test_padded_strides():
     assert padded_strides((2, 1, 13, 13), 8) == [208, 208, 16, 1]
-    assert padded_strides((4, 16), 8) == [16, 1]
+    # a multiple of the alignment is padded too: a stride equal to the length would make the
+    # bias contiguous at those lengths only, and a contiguity check would guard on L % 8
+    assert padded_strides((4, 16), 8) == [24, 1]
+    assert padded_strides((2, 1, 16, 16), 8) == [384, 384, 24, 1]
 
 
 def _sdpa_graph(device: str, symbolic: bool):

@@ -7,8 +7,12 @@ Why: Inductor hands an attention bias to the CUDA kernels only with strides alig
 elements (`sdpa_constraint` in torch/_inductor/lowering.py). With a symbolic sequence length L
 it cannot prove that a (b, 1, L, L) bias's stride L is aligned, so it guards on `L % 8` and
 compiles the graph twice, once for each answer (a whole second compile of the model). This op's
-fake implementation states the padded strides, `alignment * ceil(L / alignment)`: aligned at
-every L, so one graph serves every length.
+fake implementation states the padded strides, `alignment * (floor(L / alignment) + 1)`: aligned
+at every L, so one graph serves every length. The row is always padded, by a whole `alignment`
+where L is already a multiple of it: with `ceil(L / alignment)` the stride equals L exactly at
+those lengths, so a contiguity check on the bias (PyTorch's `check_contiguous_sizes_strides`)
+guards on `L % alignment` and compiles a third graph; a stride never equal to L is never
+contiguous, at any L, and needs no such guard.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from torch import Tensor
 
 
 def padded_strides(size, alignment: int) -> list:
-    """Contiguous strides of `size` with its last dimension rounded up to `alignment`."""
-    padded = ((size[-1] + alignment - 1) // alignment) * alignment
+    """Contiguous strides of `size` with its last dimension padded to the next multiple of
+    `alignment` strictly above it."""
+    padded = (size[-1] // alignment + 1) * alignment
     strides, step = [1], padded
     for extent in reversed(size[1:-1]):
         strides.append(step)
