@@ -76,6 +76,34 @@ def conversion_targets(model: nn.Module, select: Optional[Callable[[str, nn.Modu
     return found
 
 
+def parameter_paths(model: nn.Module) -> dict[int, list[str]]:
+    """id(parameter) -> the paths it is reachable by (more than one: tied)."""
+    paths: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        paths.setdefault(id(param), []).append(name)
+    return paths
+
+
+def apply_keeping_stored(module: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool,
+                         stored: tuple[str, ...], dtype_attr: str) -> nn.Module:
+    """`nn.Module._apply(fn)` for a layer that stores its weight in a low-precision format:
+    `model.to(bf16)` / `.half()` cast every floating buffer, and the stored codes and their
+    scales must keep their dtypes (a scale cast to fp16 could flush to zero; fp8 codes count as
+    floating). The buffers named in `stored` only follow device moves; `fn` applied to an empty
+    probe of the dense dtype (the attribute `dtype_attr`) says where tensors go and which dense
+    dtype the codes stand for from now on."""
+    kept = {name: module._buffers.pop(name) for name in stored}
+    try:
+        nn.Module._apply(module, fn, recurse)
+    finally:
+        probe = fn(torch.empty(0, dtype=getattr(module, dtype_attr), device=kept[stored[0]].device))
+        for name, buffer in kept.items():
+            module._buffers[name] = buffer.to(probe.device)
+        if probe.dtype.is_floating_point:
+            setattr(module, dtype_attr, probe.dtype)
+    return module
+
+
 def revert_layers(model: nn.Module, layer_type: type) -> int:
     """Every `layer_type` module of `model` swapped for its `to_dense()`; returns how many."""
     swaps = [(parent, attr, child) for parent in model.modules() for attr, child in parent.named_children()

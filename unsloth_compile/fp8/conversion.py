@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
-from ..dense_linear import conversion_problem, conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from ..dense_linear import (apply_keeping_stored, conversion_problem, conversion_targets, dense_weight, frozen_dense,
+                            is_conv1d, parameter_paths, revert_layers)
 from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
 from ..kernels.fp8 import fp8 as fp8_kernels
 from ..errors import UnslothCompileError
@@ -80,20 +81,7 @@ class Fp8Linear(nn.Module):
         return torch.ops.unsloth.fp8_linear(x, self.weight_fp8, self.weight_scale, bias, "auto")
 
     def _apply(self, fn, recurse=True):
-        # model.to(bf16) / .half() cast every floating buffer, and float8 counts as floating:
-        # the codes and scales only follow device moves (a cast of the scales to fp16 could
-        # flush them to zero). fn applied to an empty probe of the dense dtype says where
-        # tensors go and which dtype to_dense should restore.
-        kept = {name: self._buffers.pop(name) for name in ("weight_fp8", "weight_scale")}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            probe = fn(torch.empty(0, dtype=self.dense_dtype, device=kept["weight_fp8"].device))
-            for name, buffer in kept.items():
-                self._buffers[name] = buffer.to(probe.device)
-            if probe.dtype.is_floating_point:
-                self.dense_dtype = probe.dtype
-        return self
+        return apply_keeping_stored(self, fn, recurse, ("weight_fp8", "weight_scale"), "dense_dtype")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -131,14 +119,6 @@ def frozen_linears(path: str, module: nn.Module) -> bool:
     return weight is not None and not weight.requires_grad
 
 
-def _other_holders(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> the paths it is reachable by (more than one: tied)."""
-    holders: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(param), []).append(name)
-    return holders
-
-
 def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None,
             allow_emulation: bool = False) -> ConversionReport:
     """Store frozen base linears of `model` in fp8, in place; returns what was done.
@@ -150,7 +130,7 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
     GEMMs cannot run there) unless `allow_emulation` (kernels="reference": the slow emulation,
     for accuracy checks)."""
     report = ConversionReport()
-    holders = _other_holders(model)
+    holders = parameter_paths(model)
     for parent, attr, path in conversion_targets(model, select):
         module = getattr(parent, attr)
         if isinstance(module, Fp8Linear):

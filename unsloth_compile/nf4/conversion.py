@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..dense_linear import conversion_targets, dense_weight, lora_base_layers, revert_layers
+from ..dense_linear import conversion_targets, dense_weight, lora_base_layers, parameter_paths, revert_layers
 from .linear import Nf4Linear, is_bnb_linear4bit, unsupported
 
 
@@ -85,14 +85,6 @@ def compile_select(model: nn.Module, precision_nf4: bool, all_layers: bool
     return None
 
 
-def _holders(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> the paths it is reachable by (more than one: tied)."""
-    holders: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        holders.setdefault(id(param), []).append(name)
-    return holders
-
-
 def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None) -> ConversionReport:
     """Store frozen base linears of `model` in NF4, in place; returns what was done.
 
@@ -101,7 +93,7 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
     layers). A weight that another module shares (tied embeddings) is converted but not freed: the
     report lists it as shared and counts no bytes freed for it."""
     report = ConversionReport()
-    holders = _holders(model)
+    holders = parameter_paths(model)
     for parent, attr, path in conversion_targets(model, select):
         module = getattr(parent, attr)
         if isinstance(module, Nf4Linear):

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..dense_linear import dense_weight, frozen_dense, is_conv1d
+from ..dense_linear import apply_keeping_stored, dense_weight, frozen_dense, is_conv1d
 from ..errors import UnslothCompileError
 from . import format as nf4_format
 
@@ -142,19 +142,7 @@ class Nf4Linear(nn.Module):
                                             self.out_features, self.in_features, self.weight_dtype, bias, "auto")
 
     def _apply(self, fn, recurse=True):
-        # model.to(bf16) / .half() cast every floating buffer: the fp32 absmax scales and offset
-        # would lose bits. The 4-bit tensors only follow device moves; fn applied to an empty
-        # probe of the dense dtype says where tensors go and which dtype the codes dequantise to.
-        kept = {name: self._buffers.pop(name) for name in _BUFFERS}
-        try:
-            super()._apply(fn, recurse)
-        finally:
-            probe = fn(torch.empty(0, dtype=self.weight_dtype, device=kept["packed"].device))
-            for name, buffer in kept.items():
-                self._buffers[name] = buffer.to(probe.device)
-            if probe.dtype.is_floating_point:
-                self.weight_dtype = probe.dtype
-        return self
+        return apply_keeping_stored(self, fn, recurse, _BUFFERS, "weight_dtype")
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
