@@ -256,6 +256,21 @@ def make_length_batches(preset: Preset, lengths: LengthSpec, layout: str, count:
     return make_real_batches(layout, stream, count, preset.batch, preset.seq, device)
 
 
+def is_real_data(lengths: LengthSpec, variant: Variant) -> bool:
+    """Whether `variant` trains on batches of their own sizes (lengths drawn, or packed)."""
+    return lengths.kind != "fixed" or variant.layout != "padded"
+
+
+def variant_batches(preset: Preset, variant: Variant, lengths: LengthSpec, spelling: str, count: int, seed: int,
+                    device: torch.device) -> list[dict]:
+    """The `count` batches `variant` trains on: drawn from `lengths` in the variant's layout
+    where the run feeds real data, else the preset's fixed-shape batches spelled as `spelling`.
+    Every variant of a run gets the same batches of its layout."""
+    if is_real_data(lengths, variant):
+        return make_length_batches(preset, lengths, variant.layout, count, seed, device)
+    return make_batches(preset, count, seed, device, spelling=spelling)
+
+
 def dynamo_graphs() -> int:
     """Graphs Dynamo has handed to a backend in this process (each frame compiled, recompiles
     and the pieces around a graph break included)."""
@@ -279,12 +294,11 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
     model.train()
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)
-    real_data = lengths.kind != "fixed" or variant.layout != "padded"
+    real_data = is_real_data(lengths, variant)
+    batches = variant_batches(preset, variant, lengths, spelling, warmup + steps, seed, device)
     if real_data:  # every batch of its own size: a pipelined pass would time other batches, so none runs
-        batches = make_length_batches(preset, lengths, variant.layout, warmup + steps, seed, device)
         pipelined_batches = []
     else:
-        batches = make_batches(preset, warmup + steps, seed, device, spelling=spelling)
         # the pipelined pass: as many fresh batches as timed ones, no synchronise in between
         pipelined_batches = make_batches(preset, warmup + steps, seed + 1, device, spelling=spelling)[warmup:]
     tokens = [real_tokens(batch) for batch in batches]
@@ -362,6 +376,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KIND[:k=v,...]",
                    help="an extra variant, e.g. nofold=unsloth:fold_residual=false (repeatable); NAME@packed "
                         "runs it on packed batches only")
+    add_batch_arguments(p, "e2e")
+    p.add_argument("--attention-mask", default="both", choices=["yes", "no", "both"],
+                   help="BERT presets: batches with an all-ones attention_mask, without, or one run of each "
+                        "(the second written as e2e-NAME-nomask.*); the same as --spellings full / types / "
+                        "full,types; causal LM presets ignore it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--out", default="docs/bench", help="output folder (JSON, markdown, PNG)")
+
+
+def add_batch_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """The options that choose what the batches hold: --lengths, --layouts and (BERT) --spellings,
+    shared by `bench e2e` and `bench profile` (`command`: the prefix of their output files)."""
     p.add_argument("--lengths", default="fixed", type=_lengths_arg, help=length_specs.HELP)
     p.add_argument("--layouts", default="padded", type=_layouts_arg,
                    help="comma list of batch layouts every variant runs on (a variant named NAME@LAYOUT runs "
@@ -370,17 +397,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "batch rows per step flattened into one by DataCollatorWithFlattening: position_ids "
                         "restart, no mask); causal LM presets only for packed. A variant on another layout than "
                         "padded is named NAME@LAYOUT")
-    p.add_argument("--attention-mask", default="both", choices=["yes", "no", "both"],
-                   help="BERT presets: batches with an all-ones attention_mask, without, or one run of each "
-                        "(the second written as e2e-NAME-nomask.*); the same as --spellings full / types / "
-                        "full,types; causal LM presets ignore it")
     p.add_argument("--spellings", type=_spellings_arg,
-                   help="BERT presets: comma list of the ways to spell each batch, one table each, written as "
-                        "e2e-NAME-SPELLING.* (full as e2e-NAME.*, types as e2e-NAME-nomask.*): "
-                        + ", ".join(SPELLINGS) + " (bench/batch_spellings.py); overrides --attention-mask")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--out", default="docs/bench", help="output folder (JSON, markdown, PNG)")
+                   help=f"BERT presets: comma list of the ways to spell each batch, one table each, written as "
+                        f"{command}-NAME-SPELLING.* (full as {command}-NAME.*, types as {command}-NAME-nomask.*): "
+                        + ", ".join(SPELLINGS) + " (bench/batch_spellings.py); overrides the attention-mask option")
 
 
 def _lengths_arg(text: str) -> LengthSpec:
@@ -426,13 +446,20 @@ def run(args) -> list[dict]:
     return [run_one(args, spelling=spelling) for spelling in spellings]
 
 
-def _spelled_mask(spelling: str):
+def spelled_mask(spelling: str):
     """What the results page says of the batch's attention_mask under `spelling`: True (all
     ones), False (none) or "padding"."""
     return {"full": True, "ones-mask": True, "padding-mask": "padding"}.get(spelling, False)
 
 
-def _check_real_data(preset: Preset, lengths: LengthSpec, variants: list[Variant]) -> bool:
+def run_name(preset: Preset, spelling: str, lengths: LengthSpec) -> str:
+    """The name a run's files carry: the preset's, then (BERT) the batch spelling and the length
+    distribution where they are not the default, so that runs of other batches do not overwrite it."""
+    name = preset.name + ("" if preset.family == "llama" else _SPELLING_SUFFIX.get(spelling, "-" + spelling))
+    return name + ("" if lengths.kind == "fixed" else "-" + str(lengths).replace(":", ""))
+
+
+def check_real_data(preset: Preset, lengths: LengthSpec, variants: list[Variant]) -> bool:
     """Whether this run feeds batches of varying lengths or packed ones; refused, with the reason,
     where the preset cannot take them."""
     packed = [v.name for v in variants if v.layout != "padded"]
@@ -458,19 +485,18 @@ def run_one(args, spelling: str) -> dict:
     lengths = getattr(args, "lengths", FIXED_LENGTHS)
     variants = select_variants(default_variants(inner), args.variants, args.variant, inner,
                                layouts=getattr(args, "layouts", ["padded"]))
-    real_data = _check_real_data(preset, lengths, variants)
+    real_data = check_real_data(preset, lengths, variants)
     if lengths.kind != "fixed":
         preset = dataclasses.replace(preset, targets=_REAL_DATA_TARGETS)
     env = environment(device)
     data = {"bench": "e2e", "preset": dataclasses.asdict(preset), "unit": preset.unit, "dtype": str(dtype),
             "inner": inner, "steps": steps, "warmup": warmup, "seed": args.seed, "lr": args.lr, "env": env,
             "mem_kind": MemoryMeter(device).kind, "results": [], "targets": [],
-            "attention_mask": _spelled_mask(spelling) if preset.family != "llama" else None,
+            "attention_mask": spelled_mask(spelling) if preset.family != "llama" else None,
             "spelling": spelling if preset.family != "llama" else None,
             "lengths": str(lengths), "lengths_description": lengths.describe(preset.seq), "real_data": real_data,
             "layouts": list(dict.fromkeys(v.layout for v in variants)), "rows": preset.batch,
-            "name": preset.name + ("" if preset.family == "llama" else _SPELLING_SUFFIX.get(spelling, "-" + spelling))
-            + ("" if lengths.kind == "fixed" else "-" + str(lengths).replace(":", ""))}
+            "name": run_name(preset, spelling, lengths)}
     out = Path(args.out)
     print(f"e2e {preset.name} on {env['device']}: {len(variants)} variants, {warmup} warm-up + {steps} timed steps")
     for variant in sorted(variants, key=lambda v: _RUN_FIRST.get(v.role, len(_RUN_FIRST))):
