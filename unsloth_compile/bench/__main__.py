@@ -6,6 +6,7 @@
     accuracy  LoRA fine-tune pretrained MiniLM-L6 on Debian package sections, several seeds:
               test macro-F1 and accuracy of PEFT eager vs backend="unsloth"
     profile   one training step per variant: GPU time by kernel family, host time, GPU idle
+              and what compiling cost; e2e's --lengths, --layouts and --spellings for real batches
     kernel    one LoRA linear against its frozen base linear (unsloth_compile.bench.kernel)
     dist      N processes (one GPU each) under DDP and FSDP2 against one GPU: tokens/s per GPU,
               scaling efficiency, peak memory per GPU (unsloth_compile.bench.distributed)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "dist":
         failed = output.failures(distributed.run(args)["results"])
     elif args.command == "profile":
-        failed = output.failures(profile.run(args)["results"])
+        failed = [line for data in profile.run(args) for line in output.failures(data["results"])]
     else:
         failed = output.failures(accuracy.run(args)["runs"])
     return exit_status(args.command, failed)

@@ -2,9 +2,13 @@
 
     python -m unsloth_compile.bench profile --preset llama-1b --variant peft-eager --variant unsloth
     python -m unsloth_compile.bench profile --preset tiny                      # CPU smoke run
+    python -m unsloth_compile.bench profile --preset llama-1b --lengths uniform:256-2048 \
+        --variants peft-eager,peft+unsloth,peft+unsloth@packed --compile-profile
 
 For each variant the model is built and warmed up exactly as `bench e2e` does (compilation in
-the warm-up), then `--steps` steps run under `torch.profiler`. Per step:
+the warm-up), on the batches `bench e2e` would feed it (`--lengths`, `--layouts`, NAME@packed
+variants, BERT `--spellings`: bench/e2e.py's options), then `--steps` steps run under
+`torch.profiler`. Per step:
 - wall time: from the step's first Python line to the end of its last kernel (synchronised);
 - host time: until the step's Python returned (every launch issued), before the synchronise;
 - GPU busy: the union of the kernels' intervals (overlapping kernels counted once);
@@ -22,9 +26,20 @@ the warm-up), then `--steps` steps run under `torch.profiler`. Per step:
 - causal LM presets: the roofline by kernel family (bench/roofline.py, finer families:
   bench/kernel_families.py): each family's time, the FLOPs and bytes of its work by formula, the
   TFLOPS and GB/s that gives, and its distance to the card's roofline; written beside the
-  profile as roofline-PRESET.json and .md, with the step's MFU by the LoRA FLOP count.
+  profile as roofline-NAME.json and .md, with the step's MFU by the LoRA FLOP count.
+- each profiled step's batch shape and real (non-pad) tokens, and real tokens/s over their wall time;
+- what compiling cost (bench/compile_costs.py), over the variant's whole run: the graphs Dynamo
+  compiled, each frame compile with its recompile reason, the kernel choices made by timing; per
+  warm-up step, its batch, wall time, graphs compiled and choices timed.
+The output files are named after the preset, the lengths, the layouts and the spelling where
+they are not the defaults (profile-tiny-uniform8-64-padded-packed.json), so that runs of other
+batches do not overwrite each other. Batches that vary in length or are packed get no roofline
+(its formulas count full rows); the page says so.
 `--host-profile`: one more step under cProfile after the profiled ones; the Python functions
 with the most own time (`host_functions`), i.e. where the host time of a host-bound step goes.
+`--compile-profile`: every warm-up step under cProfile, with the cumulative time of the
+compiler's phases (compile_costs.COMPILER_FUNCTIONS: Dynamo, the passes, AOTAutograd, Inductor,
+Triton compiles, autotuning, timed choices, CUDA-graph recording) and the costliest functions.
 On CPU there are no device kernels: the table then holds wall and host time only.
 """
 
@@ -41,8 +56,11 @@ from pathlib import Path
 
 import torch
 
-from . import output
-from .e2e import PRESETS, build_model, make_batches, prepare_model
+from . import compile_costs, output
+from .batch_layouts import real_tokens
+from .e2e import (FIXED_LENGTHS, PRESETS, add_batch_arguments, build_model, check_real_data, dynamo_graphs,
+                  is_real_data, prepare_model, run_name, spelled_mask, variant_batches)
+from .lengths import LengthSpec
 from .roofline import step_roofline, write_roofline
 from .variants import (Variant, compile_for, device_name, environment, make_optimizer, parse_variant, resolve_device,
                        resolve_inner, run_isolated, synchronize, train_step)
@@ -214,10 +232,13 @@ def compile_counters() -> dict:
 
 
 def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup: int, seed: int, lr: float,
-                    attention_mask: bool = True, host_profile: bool = False, top: int = 10) -> dict:
+                    spelling: str = "full", lengths: LengthSpec = FIXED_LENGTHS, host_profile: bool = False,
+                    compile_profile: bool = False, top: int = 10) -> dict:
     from torch._dynamo.utils import counters
 
     counters.clear()
+    compile_costs.start_compile_records()
+    choices_seen = compile_costs.timed_choices_seen()
     torch.manual_seed(seed)
     model = prepare_model(build_model(preset, device, dtype), variant, preset)
     if variant.options.get("fuse_cross_entropy") is True and preset.family == "llama":
@@ -227,8 +248,9 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     model.train()
     step_fn = compile_for(model, variant)
     optimizer = make_optimizer(model.parameters(), lr, device)
-    batches = make_batches(preset, warmup + steps + 2 * int(host_profile), seed, device,
-                           spelling="full" if attention_mask else "types")
+    batches = variant_batches(preset, variant, lengths, spelling, warmup + steps + 2 * int(host_profile), seed,
+                              device)
+    graphs_before = dynamo_graphs()
 
     def one_step(batch) -> StepTimes:
         synchronize(device)
@@ -238,14 +260,14 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
         synchronize(device)
         return StepTimes(time.perf_counter() - t0, t_host - t0)
 
-    for batch in batches[:warmup]:
-        one_step(batch)
+    warmup_steps = [warmup_step(one_step, batch, compile_profile) for batch in batches[:warmup]]
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     timed = []
+    profiled = batches[warmup:warmup + steps]
     with torch.profiler.profile(activities=activities) as prof:
-        for batch in batches[warmup:warmup + steps]:
+        for batch in profiled:
             synchronize(device)
             t0 = time.perf_counter()
             with torch.profiler.record_function("step:"):
@@ -255,29 +277,72 @@ def profile_variant(preset, variant: Variant, device, dtype, steps: int, warmup:
     summary = summarise(kernels, timed, top)
     summary.update(idle_by_phase(kernels, _cpu_ranges(prof, "phase:"),
                                  [(start, end) for _, start, end in _cpu_ranges(prof, "step:")]))
-    if preset.family == "llama":  # the roofline by kernel family (bench/roofline.py)
+    tokens = [real_tokens(batch) for batch in profiled]
+    summary.update(batch_shapes=[compile_costs.batch_shape(b) for b in profiled], real_tokens_per_step=tokens,
+                   real_tokens_per_s=sum(tokens) / sum(t.wall_s for t in timed) if timed else None)
+    if preset.family == "llama" and is_real_data(lengths, variant):
+        summary["roofline_note"] = ROOFLINE_SKIPPED
+    elif preset.family == "llama":  # the roofline by kernel family (bench/roofline.py)
         summary.update(step_roofline(preset, variant.kind, model, dtype, kernels, len(timed), summary["wall_ms"],
                                      summary["gpu_idle_ms"], device_name(device)))
     if host_profile:
-        profiler = cProfile.Profile()
-        profiler.enable()
-        summary["host_profile_step"] = dataclasses.asdict(one_step(batches[-2]))
-        profiler.disable()
-        summary["host_functions"] = host_functions(profiler)
-        # the forward alone, from an idle GPU: what the step's lead-in (its first Python line to
-        # its first kernel) is made of
-        synchronize(device)
-        profiler = cProfile.Profile()
-        profiler.enable()
-        loss = step_fn(**batches[-1]).loss
-        profiler.disable()
-        loss.backward()
-        optimizer.zero_grad(set_to_none=True)
-        summary["host_functions_forward"] = host_functions(profiler, 40, key="cumulative_ms")
+        summary.update(profile_host(one_step, step_fn, batches[-2:], optimizer, device))
+    frames = compile_costs.frames_compiled()
+    summary["compiles"] = {"dynamo_graphs": dynamo_graphs() - graphs_before, "frames": frames,
+                           "recompiles": sum(f["recompile_reason"] is not None for f in frames)}
+    summary["timed_choices"] = compile_costs.timed_choices_since(choices_seen)
+    summary["warmup_steps"] = warmup_steps
     summary["counters"] = compile_counters()
     summary["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
     summary["peak_reserved_bytes"] = int(torch.cuda.max_memory_reserved(device)) if device.type == "cuda" else None
     return summary
+
+
+# The roofline's formulas count preset.batch x preset.seq tokens, every sequence of seq tokens.
+ROOFLINE_SKIPPED = ("skipped: the roofline's FLOPs and bytes assume every row holds the preset's seq tokens; "
+                    "this run's batches vary in length or are packed")
+
+
+def warmup_step(one_step, batch: dict, compile_profile: bool) -> dict:
+    """One warm-up step: its batch's shape and real tokens, wall time, the graphs Dynamo compiled
+    and the kernel choices timed during it; with `compile_profile`, under cProfile, with the
+    cumulative ms of the compiler's phases (bench/compile_costs.py) and the costliest functions."""
+    graphs, seen = dynamo_graphs(), compile_costs.timed_choices_seen()
+    profiler = cProfile.Profile() if compile_profile else None
+    if profiler is not None:
+        profiler.enable()
+    try:
+        times = one_step(batch)
+    finally:
+        if profiler is not None:
+            profiler.disable()
+    record = {"batch_shape": compile_costs.batch_shape(batch), "real_tokens": real_tokens(batch),
+              "wall_s": times.wall_s, "dynamo_graphs": dynamo_graphs() - graphs,
+              "timed_choices": compile_costs.count_made(compile_costs.timed_choices_since(seen))}
+    if profiler is not None:
+        record["phases_ms"] = compile_costs.compiler_phases_ms(profiler)
+        record["top_cumulative"] = host_functions(profiler, 15, key="cumulative_ms")
+    return record
+
+
+def profile_host(one_step, step_fn, batches: list[dict], optimizer, device) -> dict:
+    """`--host-profile`: one step under cProfile (functions by own time), then the forward of one
+    more alone from an idle GPU (by cumulative time: what the step's lead-in, its first Python
+    line to its first kernel, is made of)."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step = dataclasses.asdict(one_step(batches[0]))
+    profiler.disable()
+    found = {"host_profile_step": step, "host_functions": host_functions(profiler)}
+    synchronize(device)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    loss = step_fn(**batches[1]).loss
+    profiler.disable()
+    loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    found["host_functions_forward"] = host_functions(profiler, 40, key="cumulative_ms")
+    return found
 
 
 def default_variants(inner: str) -> list[Variant]:
@@ -291,8 +356,14 @@ def render_markdown(data: dict) -> str:
     lines = output.header_lines(f"profile: {data['preset']} on {data['env']['device']}", data["env"])
     lines += [f"- {data['warmup']} warm-up steps (compilation included), then {data['steps']} profiled steps; "
               f"per-step means; attention mask: {data['attention_mask']}",
+              f"- batches: {data.get('rows')} rows, lengths {data.get('lengths_description')}, layouts "
+              f"{', '.join(data.get('layouts', ['padded']))}" + (f", spelling {data['spelling']}"
+                                                                 if data.get("spelling") else ""),
               "- host: the step's Python until it returned (all launches issued); GPU busy: union of kernel "
-              "intervals; idle: wall - busy", ""]
+              "intervals; idle: wall - busy"]
+    if data.get("real_data"):
+        lines.append(f"- roofline: {ROOFLINE_SKIPPED}")
+    lines.append("")
     families = sorted({f for r in data["results"] if r["status"] == "ok" for f in r["gpu_ms_by_family"]})
     rows = []
     for r in data["results"]:
@@ -330,6 +401,7 @@ def render_markdown(data: dict) -> str:
                  for family, listed in r["top_kernels_by_family"].items() for k in listed]))
         if r["status"] == "ok":
             lines += ["", f"per-step wall ms: {r.get('step_wall_ms')}; counters: {r.get('counters')}"]
+            lines += compile_costs.markdown_lines(r["variant"]["name"], r)
         if r["status"] == "ok" and r.get("host_functions"):
             step = r["host_profile_step"]
             lines += ["", f"### {r['variant']['name']}: host functions of one step under cProfile "
@@ -353,19 +425,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--inner", default="auto", choices=["auto", "inductor", "aot_eager", "eager"])
-    p.add_argument("--variants", help="comma list of default variants (peft-eager, peft+inductor, peft+unsloth)")
+    p.add_argument("--variants", help="comma list of default variants (peft-eager, peft+inductor, peft+unsloth); "
+                                       "a name ending in @padded or @packed runs on that layout only")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=KIND[:k=v,...]",
-                   help="an extra variant, e.g. ro=unsloth:mode=reduce-overhead (repeatable)")
-    p.add_argument("--no-attention-mask", action="store_true", help="BERT presets: batches without attention_mask")
+                   help="an extra variant, e.g. ro=unsloth:mode=reduce-overhead (repeatable); NAME@packed runs "
+                        "it on packed batches only")
+    add_batch_arguments(p, "profile")
+    p.add_argument("--no-attention-mask", action="store_true",
+                   help="BERT presets: batches without attention_mask (the same as --spellings types)")
     p.add_argument("--host-profile", action="store_true",
                    help="one more step under cProfile: the Python functions with the most own time")
+    p.add_argument("--compile-profile", action="store_true",
+                   help="every warm-up step under cProfile: the cumulative time of the compiler's phases "
+                        "(Dynamo, the passes, AOTAutograd, Inductor, autotuning, timed choices) per step")
     p.add_argument("--top", type=int, default=10, help="costliest kernels listed per variant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", default="docs/bench")
 
 
-def run(args) -> dict:
+def run(args) -> list[dict]:
+    """One profile per batch spelling asked for (BERT presets), else one."""
+    preset = PRESETS[args.preset]
+    if preset.family == "llama":
+        return [run_one(args, "full")]
+    spellings = getattr(args, "spellings", None) or (["types"] if args.no_attention_mask else ["full"])
+    return [run_one(args, spelling) for spelling in spellings]
+
+
+def run_one(args, spelling: str) -> dict:
     from .e2e import DTYPES
     from .variants import select_variants
 
@@ -373,26 +461,34 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     inner = resolve_inner(args.inner, device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    variants = select_variants(default_variants(inner), args.variants, args.variant, inner)
+    lengths = getattr(args, "lengths", FIXED_LENGTHS)
+    variants = select_variants(default_variants(inner), args.variants, args.variant, inner,
+                               layouts=getattr(args, "layouts", ["padded"]))
+    real_data = check_real_data(preset, lengths, variants)
+    layouts = list(dict.fromkeys(v.layout for v in variants))
+    # the layouts join the name: a packed-only profile must not overwrite a padded one
+    name = run_name(preset, spelling, lengths) + ("" if layouts == ["padded"] else "-" + "-".join(layouts))
     env = environment(device)
-    mask = not args.no_attention_mask
-    data = {"bench": "profile", "preset": preset.name, "steps": args.steps, "warmup": args.warmup,
-            "dtype": str(dtype), "attention_mask": mask if preset.family != "llama" else "none (causal LM)",
+    data = {"bench": "profile", "preset": preset.name, "name": name, "steps": args.steps, "warmup": args.warmup,
+            "dtype": str(dtype), "attention_mask": spelled_mask(spelling) if preset.family != "llama"
+            else "none (causal LM)", "spelling": spelling if preset.family != "llama" else None,
+            "lengths": str(lengths), "lengths_description": lengths.describe(preset.seq), "layouts": layouts,
+            "rows": preset.batch, "real_data": real_data, "compile_profile": bool(getattr(args, "compile_profile", False)),
             "env": env, "results": []}
-    suffix = "" if mask or preset.family == "llama" else "-nomask"
-    stem = Path(args.out) / f"profile-{preset.name}{suffix}"
+    stem = Path(args.out) / f"profile-{name}"
     for variant in variants:
         print(f"  profile {variant.name:<20} {variant.describe()} ...", flush=True)
         result = run_isolated(lambda: profile_variant(preset, variant, device, dtype, args.steps, args.warmup,
-                                                      args.seed, args.lr, attention_mask=mask,
-                                                      host_profile=args.host_profile, top=args.top), device)
+                                                      args.seed, args.lr, spelling=spelling, lengths=lengths,
+                                                      host_profile=args.host_profile,
+                                                      compile_profile=data["compile_profile"], top=args.top), device)
         result["variant"] = variant.to_json()
         data["results"].append(result)
         output.write_json(stem.with_suffix(".json"), data)
         stem.with_suffix(".md").write_text(render_markdown(data))
         written = []
-        if preset.family == "llama":
-            written = write_roofline(data, preset, stem.with_name(f"roofline-{preset.name}"))
+        if preset.family == "llama" and not real_data:
+            written = write_roofline(data, preset, stem.with_name(f"roofline-{name}"))
     print(render_markdown(data))
     print(f"wrote {', '.join([f'{stem}.json', f'{stem}.md', *written])}")
     return data
