@@ -73,7 +73,7 @@ def test_mode_is_forwarded_by_torch_compile():
     seen = {}
     real = unsloth_compile.backend._inner_compile
 
-    def spy(gm, example_inputs, cfg, report=None, lengths_bucketed=False):
+    def spy(gm, example_inputs, cfg, report=None):
         seen["mode"] = cfg.mode
         return gm.forward
 

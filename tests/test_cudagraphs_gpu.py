@@ -89,3 +89,24 @@ def test_default_records_cuda_graphs_and_the_option_turns_them_off():
         manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
         recorded = manager is not None and len(manager.roots) > 0
         assert recorded is expected, cudagraphs
+
+
+@gpu
+def test_bucketed_varying_lengths_run_without_cuda_graphs_unless_asked():
+    """`unsloth_compile.compile` pads each batch to a length bucket and compiles one dynamic graph;
+    by default that graph runs as plain Inductor code (a recording per bucket met costs more than
+    its replays save), cudagraphs=True records it per bucket. Losses equal eager's either way."""
+    from torch._inductor import cudagraph_trees
+
+    import unsloth_compile
+
+    lengths = [20, 37, 50, 20, 37]  # every one needs padding: the first graph is dynamic at once
+    expected = _train(_model(), _batches(lengths))
+    for cudagraphs, recorded in ((None, False), (True, True)):
+        torch._dynamo.reset()
+        cudagraph_trees.reset_cudagraph_trees()
+        compiled = unsloth_compile.compile(_model(), cudagraphs=cudagraphs)
+        got = _train(compiled, _batches(lengths))
+        manager = cudagraph_trees.get_container(torch.cuda.current_device()).tree_manager
+        assert (manager is not None and len(manager.roots) > 0) is recorded, cudagraphs
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=2e-3, atol=2e-3)

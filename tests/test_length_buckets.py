@@ -180,7 +180,7 @@ def test_option_off_compiles_without_the_wrapper():
         unsloth_compile.compile(peft_wrap(tiny_causal_lm("llama")), bucket_lengths="yes")
 
 
-def test_dynamic_graphs_run_as_cuda_graphs_only_when_bucketed():
+def test_dynamic_graphs_run_as_cuda_graphs_only_when_asked():
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
@@ -191,5 +191,5 @@ def test_dynamic_graphs_run_as_cuda_graphs_only_when_bucketed():
         length = shape_env.create_unbacked_symint()
         inputs = [torch.empty(4, length, device="cuda")]
     assert cudagraphs_decision(Config(), inputs) == (False, "dynamic shapes")
-    assert cudagraphs_decision(Config(), inputs, lengths_bucketed=True) == (True, "dynamic shapes in length buckets")
-    assert cudagraphs_decision(Config(cudagraphs=False), inputs, lengths_bucketed=True)[0] is False
+    assert cudagraphs_decision(Config(cudagraphs=True), inputs) == (True, "cudagraphs=True")
+    assert cudagraphs_decision(Config(cudagraphs=False), inputs)[0] is False

@@ -27,10 +27,9 @@ from .summary import SummaryLedger, begin, ledger_or_process, summarize
 
 
 def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: dict | None = None,
-            mode: str | None = None, ledger: SummaryLedger | None = None, lengths_bucketed: bool = False) -> Callable:
+            mode: str | None = None, ledger: SummaryLedger | None = None) -> Callable:
     """`ledger`: whose running totals the one-line summary adds to (one per model compiled by
-    `unsloth_compile.compile`); None for the process-wide one. `lengths_bucketed`: the inputs
-    come through unsloth_compile.length_buckets, so a dynamic graph meets a bounded set of shapes."""
+    `unsloth_compile.compile`); None for the process-wide one."""
     cfg = Config.from_options(options, mode)
     if cfg.compile_regions is CompileRegions.LAYERS:  # the backend is handed graphs, not the model's layers
         raise UnslothCompileError(
@@ -51,7 +50,7 @@ def unsloth(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], options: di
 
         warn_if_ddp_split(report)
     try:  # published after the inner compile: AOTAutograd's partition adds compress_saved sites
-        compiled = _inner_compile(gm, example_inputs, cfg, report, lengths_bucketed)
+        compiled = _inner_compile(gm, example_inputs, cfg, report)
         return ledger_or_process(ledger).watch(compiled) if cfg.summary else compiled  # ends the warm-up
     finally:
         publish(report, log_it=cfg.report)
@@ -75,14 +74,14 @@ def _warn_if_nothing_converted(gm: torch.fx.GraphModule) -> None:
 
 
 def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg: Config,
-                   report: Report | None = None, lengths_bucketed: bool = False) -> Callable:
+                   report: Report | None = None) -> Callable:
     if cfg.inner is Inner.EAGER:
         return gm.forward
     if cfg.compress_activations is not CompressMode.NONE or cfg.recomputes_ffn_products:  # our partitioner
         from .compressed_compile import compile_compressed
 
         report = report if report is not None else Report()
-        patches = inductor_patches(cfg, example_inputs, report, gm, lengths_bucketed=lengths_bucketed)
+        patches = inductor_patches(cfg, example_inputs, report, gm)
         compiled = compile_compressed(gm, example_inputs, cfg, report, patches)
         graphed = cfg.inner is Inner.INDUCTOR and patches.get("triton.cudagraphs")
         return keep_outputs_across_replays(compiled) if graphed else compiled
@@ -92,7 +91,7 @@ def _inner_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], cfg:
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    patches = inductor_patches(cfg, example_inputs, report, gm, lengths_bucketed=lengths_bucketed)
+    patches = inductor_patches(cfg, example_inputs, report, gm)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     return keep_outputs_across_replays(compiled) if patches.get("triton.cudagraphs") else compiled
 
@@ -115,7 +114,7 @@ def host_syncing_op(gm: torch.fx.GraphModule | None) -> str | None:
 
 
 def cudagraphs_decision(cfg: Config, example_inputs: Sequence[Any] | None,
-                        gm: torch.fx.GraphModule | None = None, *, lengths_bucketed: bool = False) -> tuple[bool, str]:
+                        gm: torch.fx.GraphModule | None = None) -> tuple[bool, str]:
     """(run this graph as CUDA graphs, why) for the default mode; other modes bring their own
     setting (torch's table). See Config.cudagraphs and Config.bucket_lengths."""
     if cfg.cudagraphs is False:
@@ -135,17 +134,17 @@ def cudagraphs_decision(cfg: Config, example_inputs: Sequence[Any] | None,
         return False, "no CUDA inputs"
     if any(isinstance(x, torch.SymInt) for x in example_inputs) or any(
             isinstance(d, torch.SymInt) for x in tensors for d in (*x.shape, *x.stride())):
-        if lengths_bucketed:  # a bounded set of lengths: one recording per bucket, then replays
-            return True, "dynamic shapes in length buckets"
         # One recording per shape: padding-free or variable-length batches would record without
-        # end. Such graphs run as plain Inductor code.
+        # end, and even a run's bounded set of length buckets records each bucket it meets (a
+        # step several times a replay's cost) for as long as new buckets come, which outweighs
+        # what the replays save (docs/real-data.md). Such graphs run as plain Inductor code;
+        # cudagraphs=True still records them.
         return False, "dynamic shapes"
     return True, "static shapes on CUDA"
 
 
 def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
-                     report: Report | None = None, gm: torch.fx.GraphModule | None = None, *,
-                     lengths_bucketed: bool = False) -> dict:
+                     report: Report | None = None, gm: torch.fx.GraphModule | None = None) -> dict:
     """Inductor config for this backend's mode and options. torch.compile's own mode is not
     seen by a custom backend with options, so the mode's settings (torch's own table,
     `list_mode_options`) are applied here; in the default mode, CUDA graphs per
@@ -154,7 +153,7 @@ def inductor_patches(cfg: Config, example_inputs: Sequence[Any] | None = None,
 
     patches = dict(list_mode_options(cfg.mode))
     if cfg.mode == "default":
-        use, why = cudagraphs_decision(cfg, example_inputs, gm, lengths_bucketed=lengths_bucketed)
+        use, why = cudagraphs_decision(cfg, example_inputs, gm)
         if use:
             # Plain cudagraph trees, as mode="reduce-overhead" has them. Not
             # cudagraph_skip_dynamic_graphs: with graph partitioning (torch >= 2.9) it cut

@@ -177,15 +177,16 @@ class Config:
     cross_entropy_on_logits: bool = False
     # CUDA graphs (Inductor's cudagraph trees) for the compiled graphs when inner="inductor".
     # None (default): on for a graph whose inputs are on CUDA with static shapes, off for a
-    # graph Dynamo made dynamic (one recording per shape would cost a memory pool each) and
+    # graph Dynamo made dynamic, bucketed lengths included (a recording per shape met costs a
+    # memory pool and several replays' worth of host time, docs/real-data.md) and
     # with compress_activations="lowrank" (a host-drawn projection a replay would freeze).
     # True: on wherever Inductor allows; False: off. Why on: without them a LoRA model's step
     # is host-bound, its Python as long as its GPU work (docs/bench/design-choices.md#cuda-graphs)
     cudagraphs: Optional[bool] = None
     # unsloth_compile.compile and the Trainer callback pad each training batch's token axis up to
     # a length bucket (8 per power of two) and cut the per-token outputs back
-    # (unsloth_compile/length_buckets.py): batches whose length changes every step then meet a
-    # bounded set of shapes, and the dynamic graph runs as CUDA graphs, one recording per bucket.
+    # (unsloth_compile/length_buckets.py): batches whose length changes every step then run
+    # through one dynamic graph, compiled once, with every length a multiple of 16.
     # No effect on torch.compile(model, backend="unsloth"), which cannot pad its inputs.
     bucket_lengths: bool = True
     # unsloth_compile.compile and the Trainer callback: "model" compiles the model as one graph;

@@ -79,8 +79,7 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
         convert(model, select=select, allow_emulation=cfg.kernels is KernelChoice.REFERENCE)
     target = compile_target(model, trl_head, report_it=cfg.report, summary=cfg.summary)
     backend_options = {k: v for k, v in options.items() if k != "compile_regions"}  # said here, not per graph
-    backend = functools.partial(unsloth, options=backend_options, mode=mode, ledger=SummaryLedger(),
-                                lengths_bucketed=cfg.bucket_lengths)
+    backend = functools.partial(unsloth, options=backend_options, mode=mode, ledger=SummaryLedger())
     compiled_call = None
     if cfg.compile_regions is CompileRegions.LAYERS:  # None where the model has no repeated block (said)
         compiled_call = compile_layers(target, backend, fullgraph=fullgraph, dynamic=dynamic, report_it=cfg.report,

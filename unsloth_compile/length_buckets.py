@@ -2,12 +2,13 @@
 compiled model sees it, and the model's per-token outputs cut back to the batch's own length.
 
 Why: a DataLoader with a padding collator hands over batches whose length changes every step.
-Compiled for a dynamic length, the step cannot run as CUDA graphs (one recording per distinct
-length would never end), and without them the host issues every kernel from Python. With the
-lengths rounded up to a bucket, a dynamic graph meets a bounded set of shapes, which CUDA graphs
-record once each and then replay. The buckets are 8 per power of two (a bucket is a multiple of
-1/16 of the next power of two, at least 16 tokens): the padding adds at most 1/8 of the tokens, and
-256 to 2048 tokens fall into 25 buckets.
+Each new length would otherwise cost a recompile (static, then dynamic, then again on Inductor's
+guards on the length's alignment). With the lengths rounded up to a bucket, one dynamic graph is
+compiled at the first padded batch and serves every length after it, with every length a
+multiple of 16, and the kernels' timed choices meet a bounded set of problem sizes. The buckets
+are 8 per power of two (a bucket is a multiple of 1/16 of the next power of two, at least 16
+tokens): the padding adds at most 1/8 of the tokens, and 256 to 2048 tokens fall into 25 buckets.
+The dynamic graph runs without CUDA graphs unless `cudagraphs=True` (backend.cudagraphs_decision).
 
 What a bucket adds never changes a result at the batch's own positions (dropout aside: its random
 draws follow the padded shape):
@@ -114,8 +115,8 @@ class LengthBuckets:
         self.pad_token_id = pad if isinstance(pad, int) else 0
         self.pools_last_position = self.causal and pools_last_position(model)
         self.first_parameter = first_parameter(model)
-        # Inductor warns after 8 recordings of one dynamic graph, advising what the buckets do;
-        # a run meets up to 8 buckets per power of two of its lengths (and a few batch sizes).
+        # With cudagraphs=True, Inductor warns after 8 recordings of one dynamic graph, advising
+        # what the buckets do; a run meets up to 8 buckets per power of two of its lengths.
         triton_config = torch._inductor.config.triton
         limit = triton_config.cudagraph_dynamic_shape_warn_limit
         if limit is not None and limit < CUDA_GRAPH_RECORDINGS_EXPECTED:  # None: the user silenced it
@@ -178,7 +179,7 @@ class LengthBuckets:
             self.buckets_seen.add(bucket)
             if len(self.buckets_seen) == 2:
                 log.info("unsloth_compile: batch lengths vary (%d, then %d tokens): each batch is padded up to a length "
-                         "bucket (8 per power of two), so that the compiled step runs as CUDA graphs",
+                         "bucket (8 per power of two), so that one compiled graph serves every length",
                          min(self.lengths_seen), max(self.lengths_seen))
         if bucket == length:
             return args, kwargs, length, bucket
