@@ -179,6 +179,84 @@ def train_and_compare(model: torch.nn.Module, batch_fn: Callable[[int], dict], *
     return Comparison(report, losses_e, losses_c, compiled)
 
 
+def train_steps(model: torch.nn.Module, steps: int = 2, autocast: bool = False, seed_offset: int = 0,
+                family: str = "llama") -> tuple[list, list]:
+    """(losses, trainable gradients of each step) of `model` trained alone with AdamW on
+    batch_for(family, seed=step + seed_offset), the RNG seeded per step as train_and_compare
+    does: for comparing two models that cannot be deep copies of one another (a quantised model
+    against its dequantised twin) with assert_same_training."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    losses, grads = [], []
+    for step in range(steps):
+        torch.manual_seed(1000 + step)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch_for(family, seed=step + seed_offset)).loss
+        loss.backward()
+        losses.append(loss.detach().float())
+        grads.append([p.grad.detach().clone() for p in params])
+        opt.step()
+        opt.zero_grad()
+    return losses, grads
+
+
+def assert_same_training(got: tuple[list, list], want: tuple[list, list], rtol: float = 1.3e-6,
+                         atol: float = 1e-5) -> None:
+    """Two train_steps results: every loss and every gradient close."""
+    for step, (lg, lw) in enumerate(zip(got[0], want[0])):
+        torch.testing.assert_close(lg, lw, rtol=rtol, atol=atol, msg=lambda m: f"step {step} loss: {m}")
+    for step, (gg, gw) in enumerate(zip(got[1], want[1])):
+        for i, (a, b) in enumerate(zip(gg, gw)):
+            torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"step {step} LoRA gradient {i}: {m}")
+
+
+class LoraLayer(torch.nn.Module):
+    """A PEFT-style LoRA linear (a frozen `base_layer` with a bias, adapters `lora_A`, `lora_B`,
+    scale 0.5), B random so that A gets a gradient: what a base conversion (fp8, NF4) selects."""
+
+    def __init__(self, k: int, n: int, r: int):
+        super().__init__()
+        self.base_layer = torch.nn.Linear(k, n).requires_grad_(False)
+        self.lora_A = torch.nn.Linear(k, r, bias=False)
+        self.lora_B = torch.nn.Linear(r, n, bias=False)
+        torch.nn.init.normal_(self.lora_B.weight, std=0.1)
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * 0.5
+
+
+class LoraMLP(torch.nn.Module):
+    """LoraLayers of widths sizes[0] -> sizes[1] -> ... with a ReLU after each: a width a base
+    format cannot take leaves that layer dense."""
+
+    def __init__(self, sizes: tuple[int, ...], r: int = 4):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(LoraLayer(k, n, r) for k, n in zip(sizes[:-1], sizes[1:]))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
+def assert_compiled_matches_eager_under_bf16_autocast(model: LoraMLP, x: torch.Tensor, options: dict) -> Report:
+    """`model` eager and a deep copy compiled with the unsloth backend, both under CPU bf16
+    autocast: bf16 outputs equal, the gradients of every lora_A close (bf16's rounding).
+    Returns the compile report."""
+    compiled_model = copy.deepcopy(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16), collect_reports() as report:
+        want = model(x)
+        got = torch.compile(compiled_model, backend="unsloth", options=options)(x)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad(out.float().square().sum(), [layer.lora_A.weight for layer in m.layers])
+             for out, m in ((got, compiled_model), (want, model))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+    return report
+
+
 def triton_kernel_module(name: str):
     """unsloth_compile.kernels.<name>, its Triton kernels runnable here: without CUDA under the
     interpreter, which conftest.py turns on before anything imports Triton. Skips the calling

@@ -40,15 +40,13 @@ from torch import Tensor
 from triton import next_power_of_2
 
 from .. import knobs, precision
-from ..launch_args import capability, interpreting, row_contiguous
+from ..launch_args import row_contiguous
 from .lora_gemm import knob_key as gemm_knob_key, launch_lora_gemm
 from .lowrank_thin import PAIR_MAX_RANK, rows_thin_pair, rows_times_thin, thin_t_times_rows
+from .supported_inputs import lora_inputs_supported
 from ..precision import HALF as _HALF
 from ..reference import effective_scale as _effective_scale, rows as _rows
 from ..timed_choice import CHOICES, fastest, rows_bucket
-
-_INT32_LIMIT = 2**31 - 1
-_MAX_RANK = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,32 +169,14 @@ def _g_and_db(key: tuple, one_pass, apart, pair_ok: bool) -> tuple[Tensor, Tenso
 def supports(x: Tensor, weight: Tensor, lora_A: Tensor, lora_B: Tensor,
              lora_x: Optional[Tensor]) -> tuple[bool, str]:
     """(True, "") when these kernels handle the inputs, else (False, the reason)."""
-    if x.device.type == "cuda":
-        allowed = _HALF
-        if x.dtype == torch.bfloat16 and capability(x.device) < (8, 0):
-            return False, f"bf16 needs compute capability >= 8.0, {x.device} has less"
-    elif x.device.type == "cpu" and interpreting():
-        allowed = (torch.float32, torch.float16)
-    else:
-        return False, f"no Triton kernel for {x.device.type} tensors (only CUDA)"
-    if x.dtype not in allowed:
-        return False, f"activations are {x.dtype}; the Triton kernels take {', '.join(map(str, allowed))}"
-    if weight.dtype != x.dtype or weight.dim() != 2:
-        return False, (f"base weight must be 2-D and of the activation dtype {x.dtype}, "
-                       f"got {weight.dtype} {tuple(weight.shape)}")
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False, f"adapters must be fp32/fp16/bf16 of one dtype, got A {lora_A.dtype}, B {lora_B.dtype}"
-    if not 1 <= lora_A.shape[0] <= _MAX_RANK:
-        return False, f"rank {lora_A.shape[0]} outside 1..{_MAX_RANK}"
-    if lora_x is not None and (lora_x.shape != x.shape or not lora_x.dtype.is_floating_point):
-        return False, f"lora_x must be a float tensor of x's shape, got {lora_x.dtype} {tuple(lora_x.shape)}"
-    if x.dim() == 0 or x.shape[-1] == 0 or min(weight.shape) == 0:
-        return False, "empty K or N"
-    n_out = weight.numel() // x.shape[-1]
-    rows = x.numel() // x.shape[-1]
-    if max(x.numel(), weight.numel(), rows * n_out) > _INT32_LIMIT:
-        return False, "a tensor has 2**31 elements or more (the kernels index in int32)"
-    return True, ""
+    def weight_refusal() -> str:
+        if weight.dtype != x.dtype or weight.dim() != 2:
+            return (f"base weight must be 2-D and of the activation dtype {x.dtype}, "
+                    f"got {weight.dtype} {tuple(weight.shape)}")
+        return ""
+
+    return lora_inputs_supported(x, lora_A, lora_B, lora_x, weight_numel=weight.numel(),
+                                 weight_refusal=weight_refusal, kernels="Triton kernels")
 
 
 def lora_linear_forward(

@@ -30,44 +30,27 @@ from torch import Tensor
 from triton import next_power_of_2
 
 from .. import knobs, precision
-from ..launch_args import capability, interpreting, row_contiguous
+from ..launch_args import row_contiguous
 from ..lora.lora_gemm import knob_key
 from ..lora.lora_linear_triton import adapter_grads, lora_linear_backward, lora_linear_forward
 from ..lora.lowrank_thin import rows_times_thin
+from ..lora.supported_inputs import lora_inputs_supported
 from ..precision import HALF
 from ..reference import effective_scale, rows
 from ..timed_choice import CHOICES, fastest, rows_bucket
 from .nf4_dequantize import dequantize_nf4_triton
 from .nf4_gemm import nf4_gemm_backward, nf4_gemm_forward
 
-_INT32_LIMIT = 2**31 - 1
-_MAX_RANK = 256
-
 
 def supports(x: Tensor, lora_A: Tensor, lora_B: Tensor, lora_x: Optional[Tensor], N: int, K: int) -> tuple[bool, str]:
     """(True, "") when these kernels handle the inputs, else (False, the reason)."""
-    if x.device.type == "cuda":
-        allowed = HALF
-        if x.dtype == torch.bfloat16 and capability(x.device) < (8, 0):
-            return False, f"bf16 needs compute capability >= 8.0, {x.device} has less"
-    elif x.device.type == "cpu" and interpreting():
-        allowed = (torch.float32, torch.float16)
-    else:
-        return False, f"no Triton kernel for {x.device.type} tensors (only CUDA)"
-    if x.dtype not in allowed:
-        return False, f"activations are {x.dtype}; the NF4 kernels take {', '.join(map(str, allowed))}"
-    if N < 1 or K < 64 or K % 64 or x.shape[-1] != K:
-        return False, f"weight ({N}, {K}) and input features {x.shape[-1]}: K must be a positive multiple of 64"
-    if lora_A.dtype != lora_B.dtype or lora_A.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return False, f"adapters must be fp32/fp16/bf16 of one dtype, got A {lora_A.dtype}, B {lora_B.dtype}"
-    if not 1 <= lora_A.shape[0] <= _MAX_RANK:
-        return False, f"rank {lora_A.shape[0]} outside 1..{_MAX_RANK}"
-    if lora_x is not None and (lora_x.shape != x.shape or not lora_x.dtype.is_floating_point):
-        return False, f"lora_x must be a float tensor of x's shape, got {lora_x.dtype} {tuple(lora_x.shape)}"
-    rows_ = x.numel() // K
-    if max(x.numel(), N * K, rows_ * N) > _INT32_LIMIT:
-        return False, "a tensor has 2**31 elements or more (the kernels index in int32)"
-    return True, ""
+    def weight_refusal() -> str:
+        if N < 1 or K < 64 or K % 64 or x.shape[-1] != K:
+            return f"weight ({N}, {K}) and input features {x.shape[-1]}: K must be a positive multiple of 64"
+        return ""
+
+    return lora_inputs_supported(x, lora_A, lora_B, lora_x, weight_numel=N * K, weight_refusal=weight_refusal,
+                                 kernels="NF4 kernels")
 
 
 # --------------------------------------------------------------------------------------------

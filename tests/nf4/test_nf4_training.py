@@ -19,7 +19,8 @@ from unsloth_compile.errors import UnslothCompileError
 from unsloth_compile.report import collect_reports
 from unsloth_compile.training_outputs import loss_only
 
-from helpers import batch_for, peft_wrap, train_and_compare
+from helpers import (LoraMLP, assert_compiled_matches_eager_under_bf16_autocast, assert_same_training, batch_for,
+                     peft_wrap, train_and_compare, train_steps)
 from test_nf4_linear import tiny_llama
 
 # bucket_lengths off: padding the token axis would change the dropout draws against eager
@@ -37,71 +38,24 @@ def dequantised_twin(model: nn.Module) -> nn.Module:
     return twin
 
 
-def run_steps(model, steps=2, autocast=False, seed_offset=0):
-    """(losses, LoRA gradients of each step) of `model` trained with AdamW."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
-    losses, grads = [], []
-    for step in range(steps):
-        torch.manual_seed(1000 + step)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = model(**batch_for("llama", seed=step + seed_offset)).loss
-        loss.backward()
-        losses.append(loss.detach().float())
-        grads.append([p.grad.detach().clone() for p in params])
-        opt.step()
-        opt.zero_grad()
-    return losses, grads
-
-
-def assert_same_training(got, want, rtol=1.3e-6, atol=1e-5):
-    for step, (lg, lw) in enumerate(zip(got[0], want[0])):
-        torch.testing.assert_close(lg, lw, rtol=rtol, atol=atol, msg=lambda m: f"step {step} loss: {m}")
-    for step, (gg, gw) in enumerate(zip(got[1], want[1])):
-        for i, (a, b) in enumerate(zip(gg, gw)):
-            torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=atol,
-                                       msg=lambda m: f"step {step} LoRA gradient {i}: {m}")
-
-
 def test_compile_with_precision_nf4_fuses_every_site_and_trains_as_the_dequantised_model():
     torch.manual_seed(0)
     model = peft_wrap(tiny_llama(), lora_dropout=0.1)
     twin = dequantised_twin(model)
     with collect_reports() as report:
         unsloth_compile.compile(model, precision="nf4", **AOT)
-        got = run_steps(model)
+        got = train_steps(model)
     assert all(isinstance(layer.base_layer, nf4.Nf4Linear) for _, layer in lora_base_layers(model))
     assert report.counters["lora_linear.fused"] == 14 and report.counters["nf4_linear.fused"] == 14, str(report)
     assert report.counters["lora_linear.refused"] == 0
     sites = [s for s in report.sites if s.pattern == "lora_linear"]
     assert all(s.details["precision"] == "nf4" and "base in 4 bits (NF4)" in s.reason for s in sites)
     assert all(s.details["base_dtype"] == "float32" for s in sites)
-    assert_same_training(got, run_steps(twin))
+    assert_same_training(got, train_steps(twin))
 
 
-class LoraMLP(nn.Module):
-    """Three PEFT-style LoRA layers; the middle one reads 96 features (not a multiple of 64)."""
-
-    def __init__(self, sizes=(64, 96, 128, 40), r=4):
-        super().__init__()
-        self.layers = nn.ModuleList(LoraLayer(k, n, r) for k, n in zip(sizes[:-1], sizes[1:]))
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = torch.relu(layer(x))
-        return x
-
-
-class LoraLayer(nn.Module):
-    def __init__(self, k, n, r):
-        super().__init__()
-        self.base_layer = nn.Linear(k, n).requires_grad_(False)
-        self.lora_A = nn.Linear(k, r, bias=False)
-        self.lora_B = nn.Linear(r, n, bias=False)
-        nn.init.normal_(self.lora_B.weight, std=0.1)
-
-    def forward(self, x):
-        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * 0.5
+# The middle layer reads 96 features (not a multiple of 64): convert leaves it dense.
+UNALIGNED_SIZES = (64, 96, 128, 40)
 
 
 def test_an_unaligned_layer_stays_dense_and_the_pass_says_why():
@@ -109,7 +63,7 @@ def test_an_unaligned_layer_stays_dense_and_the_pass_says_why():
     the dense op and reports "nf4 refused"; the compiled model trains as the eager converted one
     (the same 4-bit bases, a residual folded in and a bias in each base)."""
     torch.manual_seed(0)
-    model = LoraMLP()
+    model = LoraMLP(UNALIGNED_SIZES)
     report = nf4.convert(model)
     assert report.converted == ["layers.0.base_layer", "layers.2.base_layer"]
     assert "K (in_features)=96" in report.refused["layers.1.base_layer"]
@@ -129,17 +83,7 @@ def test_stored_bases_fuse_without_the_option_and_under_autocast_match_eager():
     torch.manual_seed(0)
     model = LoraMLP(sizes=(64, 128, 64, 40))
     nf4.convert(model)
-    compiled_model = copy.deepcopy(model)
-    x = torch.randn(3, 7, 64)
-    with torch.autocast("cpu", dtype=torch.bfloat16), collect_reports() as report:
-        want = model(x)
-        got = torch.compile(compiled_model, backend="unsloth", options=AOT)(x)
-    assert got.dtype == want.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want)
-    grads = [torch.autograd.grad(out.float().square().sum(), [l.lora_A.weight for l in m.layers])
-             for out, m in ((got, compiled_model), (want, model))]
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)
+    report = assert_compiled_matches_eager_under_bf16_autocast(model, torch.randn(3, 7, 64), AOT)
     assert report.counters["nf4_linear.fused"] == 3
     assert all("autocast (computes in bfloat16), base in 4 bits (NF4)" in s.reason for s in report.sites)
 
@@ -150,9 +94,9 @@ def test_peft_llama_under_autocast_trains_as_the_dequantised_model():
     twin = dequantised_twin(model)
     with collect_reports() as report:
         unsloth_compile.compile(model, precision="nf4", **AOT)
-        got = run_steps(model, autocast=True)
+        got = train_steps(model, autocast=True)
     assert report.counters["nf4_linear.fused"] == 14, str(report)
-    want = run_steps(twin, autocast=True)
+    want = train_steps(twin, autocast=True)
     # bf16: the op sums dx of the base and the adapter in bf16 where eager sums them in fp32
     # (passes/lora/lora_autocast.py), a rounding that the second step's gradients carry on
     assert_same_training((got[0], got[1][:1]), (want[0], want[1][:1]), rtol=1e-2, atol=1e-3)
@@ -170,9 +114,9 @@ def test_gradient_checkpointing(reentrant):
     twin = dequantised_twin(model)
     with collect_reports() as report:
         unsloth_compile.compile(model, precision="nf4", **AOT)
-        got = run_steps(model)
+        got = train_steps(model)
     assert report.counters["nf4_linear.fused"] == 14 and report.counters["lora_linear.refused"] == 0, str(report)
-    assert_same_training(got, run_steps(twin))
+    assert_same_training(got, train_steps(twin))
 
 
 @pytest.mark.parametrize("compress", ["none", "int8"])
@@ -184,13 +128,13 @@ def test_the_fused_cross_entropy_and_compressed_activations(compress):
     twin = dequantised_twin(model)
     with collect_reports() as report:
         unsloth_compile.compile(model, precision="nf4", compress_activations=compress, **AOT)
-        got = run_steps(model)
+        got = train_steps(model)
     assert report.counters["nf4_linear.fused"] == 14 and report.counters["linear_cross_entropy.fused"] == 1
     assert report.counters["compress_saved.recomputed"] == 2, str(report)
     if compress == "none":
-        assert_same_training(got, run_steps(twin))
+        assert_same_training(got, train_steps(twin))
     else:  # lossy for the gradients only: the losses stay exact
-        want = run_steps(twin)
+        want = train_steps(twin)
         torch.testing.assert_close(got[0][0], want[0][0], rtol=1.3e-6, atol=1e-5)
         assert report.counters["compress_saved.compressed"] >= 2, str(report)
 
@@ -203,10 +147,10 @@ def test_a_rank_change_leaves_the_4bit_base_untouched():
     unsloth_compile.compile(model, precision="nf4", **AOT)
     bases = [layer.base_layer for _, layer in lora_base_layers(model)]
     before = [[t.clone() for t in m.buffers()] for m in bases]
-    run_steps(model, steps=1)
+    train_steps(model, steps=1)
     with collect_reports() as report:
         set_rank(model, 6)
-        run_steps(model, steps=1, seed_offset=1)
+        train_steps(model, steps=1, seed_offset=1)
     assert report.counters["nf4_linear.fused"] == report.counters["lora_linear.fused"] > 0, str(report)
     assert all("rank 6" in s.reason for s in report.fused)
     assert all(r.shape[0] == 6 for _, layer in lora_base_layers(model) for r in [layer.lora_A["default"].weight])
@@ -221,7 +165,7 @@ def test_the_adapter_saves_and_loads_and_the_base_stays_as_loaded(tmp_path):
     model = peft_wrap(tiny_llama())
     base_state = copy.deepcopy(model.get_base_model().state_dict())
     unsloth_compile.compile(model, precision="nf4", **AOT)
-    run_steps(model)
+    train_steps(model)
     model.save_pretrained(tmp_path)
     from safetensors.torch import load_file
 

@@ -24,8 +24,6 @@ and nf4-kernel.md under --out (default docs/bench).
 from __future__ import annotations
 
 import argparse
-import json
-import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +34,9 @@ from ..kernels.lora.lora_linear_triton import lora_linear_backward, lora_linear_
 from ..kernels.nf4.nf4_lora import nf4_lora_backward, nf4_lora_forward
 from ..nf4 import ABSMAX_CODE, NF4_CODE, dequantize_nf4, quantize_nf4
 from .kernel import LAYERS
-from .timing import eager_ms, graph_ms
+from .layer_args import layer_parser, parse_layer_args
+from .output import layer_table, write_layer_results
+from .timing import timed_row
 
 DEFAULT_LAYERS = ["llama-8b.mlp.up", "llama-8b.mlp.down"]
 VARIANTS = ("base", "lora-bf16", "nf4-auto", "nf4-fused", "nf4-dequantize", "bnb-dequantize")
@@ -119,20 +119,9 @@ def run(args) -> list[dict]:
         K, N = LAYERS[layer]
         W, x, A, B, dy = _inputs(args.tokens, K, N, args.rank)
         for name, (make, reference) in _variants(W, x, A, B, dy, args.variants.split(",")).items():
-            row = {"layer": layer, "M": args.tokens, "K": K, "N": N, "r": args.rank, "variant": name}
-            try:
-                step = make()
-                row["gpu_ms"] = graph_ms(step)
-                row["ms"] = eager_ms(step)
-                if reference is not None:
-                    row["rel_err_vs_dense_on_dequantised"] = _rel_err(step(), reference())
-            except ImportError as error:
-                row["skipped"] = f"{type(error).__name__}: {error}"
-            except Exception as error:  # one variant failing must not lose the others
-                row["error"] = f"{type(error).__name__}: {error}"
-                traceback.print_exc()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            check = None if reference is None else (lambda step, reference=reference: _rel_err(step(), reference()))
+            rows.append(timed_row({"layer": layer, "M": args.tokens, "K": K, "N": N, "r": args.rank, "variant": name},
+                                  make, check, "rel_err_vs_dense_on_dequantised", skip=(ImportError,)))
         del W, x, A, B, dy
         torch.cuda.empty_cache()
     add_ratios(rows)
@@ -159,40 +148,27 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def render(rows: list[dict], env: dict) -> str:
-    versions = env["versions"]
-    lines = [f"# NF4 LoRA linear vs bf16 and bitsandbytes ({env['device']}, {env['date']}; torch {versions['torch']}, "
-             f"triton {versions['triton']}, bitsandbytes {env.get('bitsandbytes')})", "",
-             "`" + " ".join(["python -m unsloth_compile.bench nf4-kernel", *env["argv"]]) + "`", "",
-             "GPU time from CUDA-graph replay, one forward + one backward, median ms; `vs bf16 LoRA` < 1 is faster "
-             "than the dense op; `bnb / this` > 1 is faster than bitsandbytes' dequantise + cuBLAS.", "",
-             "| layer | variant | gpu ms | eager ms | vs base | vs bf16 LoRA | bnb / this | rel err vs dense |",
-             "|---|---|---|---|---|---|---|---|"]
     nan = float("nan")
+    cells = []
     for r in rows:
         err = r.get("error") or r.get("skipped") or ", ".join(
             f"{k} {v:.1e}" for k, v in r.get("rel_err_vs_dense_on_dequantised", {}).items())
-        lines.append(f"| {r['layer']} | {r['variant']} | {r.get('gpu_ms', nan):.3f} | {r.get('ms', nan):.3f} | "
-                     f"{r.get('vs_base', nan):.2f} | {r.get('vs_bf16_lora', nan):.2f} | "
-                     f"{r.get('bnb_over_this', nan):.2f} | {err} |")
-    return "\n".join(lines) + "\n"
+        cells.append([r["layer"], r["variant"], f"{r.get('gpu_ms', nan):.3f}", f"{r.get('ms', nan):.3f}",
+                      f"{r.get('vs_base', nan):.2f}", f"{r.get('vs_bf16_lora', nan):.2f}",
+                      f"{r.get('bnb_over_this', nan):.2f}", err])
+    return layer_table(
+        "NF4 LoRA linear vs bf16 and bitsandbytes", "python -m unsloth_compile.bench nf4-kernel", env,
+        "GPU time from CUDA-graph replay, one forward + one backward, median ms; `vs bf16 LoRA` < 1 is faster "
+        "than the dense op; `bnb / this` > 1 is faster than bitsandbytes' dequantise + cuBLAS.",
+        ["layer", "variant", "gpu ms", "eager ms", "vs base", "vs bf16 LoRA", "bnb / this", "rel err vs dense"],
+        cells, versions_extra=f", bitsandbytes {env.get('bitsandbytes')}")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m unsloth_compile.bench nf4-kernel", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help=f"comma list of {', '.join(LAYERS)}")
-    p.add_argument("--tokens", type=int, default=8192, help="M, rows of x")
-    p.add_argument("--rank", type=int, default=16)
+    p = layer_parser("python -m unsloth_compile.bench nf4-kernel", __doc__, DEFAULT_LAYERS)
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--out", default="docs/bench", help="folder for nf4-kernel.json and nf4-kernel.md")
-    args = p.parse_args(list(argv or []))
-    for name, given, valid in (("--layers", args.layers, LAYERS), ("--variants", args.variants, VARIANTS)):
-        unknown = [v for v in given.split(",") if v not in valid]
-        if unknown:
-            p.error(f"{name}: unknown {unknown}; valid: {', '.join(valid)}")
-    if args.tokens < 1 or args.rank < 1:
-        p.error(f"--tokens and --rank must be positive (got {args.tokens}, {args.rank})")
-    return args
+    return parse_layer_args(p, argv, {"--variants": VARIANTS})
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -214,9 +190,4 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = run(args)
     env["nf4_choices"] = {repr(key): value for key, value in CHOICES["main GEMM"].items()
                           if str(key[0]).startswith("nf4")}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "nf4-kernel.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
-    (out / "nf4-kernel.md").write_text(render(rows, env))
-    print(render(rows, env))
-    return 1 if any("error" in row for row in rows) else 0
+    return write_layer_results(Path(args.out), "nf4-kernel", env, rows, render(rows, env))

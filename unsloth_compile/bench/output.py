@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -64,6 +64,32 @@ def header_lines(title: str, env: dict) -> list[str]:
         lines.append(f"- CPU run ({env['threads']} threads): a functional check, not a performance claim; "
                      "performance is only ever claimed from a GPU run")
     return lines
+
+
+def layer_table(title: str, command: str, env: dict, legend: str, headers: Sequence[str],
+                cells: Iterable[Sequence[str]], versions_extra: str = "") -> str:
+    """A per-layer CUDA benchmark's markdown (sparse24, nf4-kernel): the title with the card,
+    the date and the versions, the command that reproduces it, the legend, then one table row
+    per row of `cells`, written as given (already formatted)."""
+    versions = env["versions"]
+    lines = [f"# {title} ({env['device']}, {env['date']}; torch {versions['torch']}, "
+             f"triton {versions['triton']}{versions_extra})", "",
+             "`" + " ".join([command, *env["argv"]]) + "`", "",
+             legend, "",
+             "| " + " | ".join(headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines) + "\n"
+
+
+def write_layer_results(out: Path, stem: str, env: dict, rows: list[dict], markdown: str) -> int:
+    """`stem`.json (the environment and every row) and `stem`.md under `out`, the markdown
+    printed; the exit status: 1 when a row failed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
+    (out / f"{stem}.md").write_text(markdown)
+    print(markdown)
+    return 1 if any("error" in row for row in rows) else 0
 
 
 def bar_chart(path: Path, title: str, names: Sequence[str], panels: Sequence[tuple[str, Sequence[Optional[float]]]],

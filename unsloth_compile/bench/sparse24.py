@@ -25,9 +25,6 @@ weight). Writes sparse24.json and sparse24.md under --out (default docs/bench).
 from __future__ import annotations
 
 import argparse
-import json
-import time
-import traceback
 from pathlib import Path
 from typing import Optional
 
@@ -36,7 +33,9 @@ import torch
 from ..kernels import knobs, sparse24
 from ..sparsity.mask import transposable_mask
 from .kernel import DEFAULT_LAYERS, LAYERS
-from .timing import eager_ms, graph_ms
+from .layer_args import layer_parser, parse_layer_args
+from .output import layer_table, write_layer_results
+from .timing import timed_row
 
 LAYOUTS = ("cusparselt", "cutlass")
 
@@ -132,17 +131,9 @@ def run(args) -> list[dict]:
         K, N = LAYERS[layer]
         W, x, A, B, dy = _inputs(args.tokens, K, N, args.rank)
         for name, (step, check) in _variants(W, x, A, B, dy, args.layouts.split(",")).items():
-            row = {"layer": layer, "M": args.tokens, "K": K, "N": N, "r": args.rank, "variant": name}
-            try:
-                row["gpu_ms"] = graph_ms(step)
-                row["ms"] = eager_ms(step)
-                if check is not None:
-                    row["rel_err_vs_reference"] = check()
-            except Exception as error:  # one variant failing must not lose the others
-                row["error"] = f"{type(error).__name__}: {error}"
-                traceback.print_exc()
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            check_step = None if check is None else (lambda _step, check=check: check())  # check builds its own
+            rows.append(timed_row({"layer": layer, "M": args.tokens, "K": K, "N": N, "r": args.rank, "variant": name},
+                                  lambda step=step: step, check_step, "rel_err_vs_reference"))
     for row in rows:  # ratios to the dense row of the same kind (GPU time)
         kind = row["variant"].split("-2:4")[0].split("-cslt")[0].removesuffix("-dense").removesuffix("-fp32")
         denominator = {"base": "base", "ours": "base", "gemm-fwd": "gemm-fwd-dense", "gemm-bwd": "gemm-bwd-dense"}
@@ -157,38 +148,25 @@ def run(args) -> list[dict]:
 
 
 def render(rows: list[dict], env: dict) -> str:
-    versions = env["versions"]
-    lines = [f"# 2:4 sparse base vs dense ({env['device']}, {env['date']}; torch {versions['torch']}, "
-             f"triton {versions['triton']})", "",
-             "`" + " ".join(["python -m unsloth_compile.bench sparse24", *env["argv"]]) + "`", "",
-             "GPU time from CUDA-graph replay, fwd+bwd, median ms; `time_vs_dense` < 1 is faster "
-             "(base / ours rows against `base`, gemm rows against the dense product).", "",
-             "| layer | variant | gpu ms | eager ms | time vs dense | vs dense LoRA op | rel err vs reference |",
-             "|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    cells = []
     for r in rows:
         err = r.get("error") or ", ".join(f"{k} {v:.1e}" for k, v in r.get("rel_err_vs_reference", {}).items())
-        lines.append(f"| {r['layer']} | {r['variant']} | {r.get('gpu_ms', float('nan')):.3f} | "
-                     f"{r.get('ms', float('nan')):.3f} | {r.get('time_vs_dense', float('nan')):.2f} | "
-                     f"{r.get('time_vs_dense_lora', float('nan')):.2f} | {err} |")
-    return "\n".join(lines) + "\n"
+        cells.append([r["layer"], r["variant"], f"{r.get('gpu_ms', nan):.3f}", f"{r.get('ms', nan):.3f}",
+                      f"{r.get('time_vs_dense', nan):.2f}", f"{r.get('time_vs_dense_lora', nan):.2f}", err])
+    return layer_table(
+        "2:4 sparse base vs dense", "python -m unsloth_compile.bench sparse24", env,
+        "GPU time from CUDA-graph replay, fwd+bwd, median ms; `time_vs_dense` < 1 is faster "
+        "(base / ours rows against `base`, gemm rows against the dense product).",
+        ["layer", "variant", "gpu ms", "eager ms", "time vs dense", "vs dense LoRA op", "rel err vs reference"],
+        cells)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m unsloth_compile.bench sparse24", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", default=",".join(DEFAULT_LAYERS), help=f"comma list of {', '.join(LAYERS)}")
-    p.add_argument("--tokens", type=int, default=8192, help="M, rows of x")
-    p.add_argument("--rank", type=int, default=16)
+    p = layer_parser("python -m unsloth_compile.bench sparse24", __doc__, DEFAULT_LAYERS)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list of {', '.join(LAYOUTS)}")
     p.add_argument("--out", default="docs/bench", help="folder for sparse24.json and sparse24.md")
-    args = p.parse_args(list(argv or []))
-    for name, given, valid in (("--layers", args.layers, LAYERS), ("--layouts", args.layouts, LAYOUTS)):
-        unknown = [v for v in given.split(",") if v not in valid]
-        if unknown:
-            p.error(f"{name}: unknown {unknown}; valid: {', '.join(valid)}")
-    if args.tokens < 1 or args.rank < 1:
-        p.error(f"--tokens and --rank must be positive (got {args.tokens}, {args.rank})")
-    return args
+    return parse_layer_args(p, argv, {"--layouts": LAYOUTS})
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -202,9 +180,4 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = {**environment(torch.device("cuda")), "tokens": args.tokens, "rank": args.rank,
            "argv": list(argv or [])}
     rows = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse24.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
-    (out / "sparse24.md").write_text(render(rows, env))
-    print(render(rows, env))
-    return 1 if any("error" in row for row in rows) else 0
+    return write_layer_results(Path(args.out), "sparse24", env, rows, render(rows, env))

@@ -1,9 +1,12 @@
 """GPU timing of one fwd+bwd call, shared by the layer benchmarks: eager wall time (host code
-included) and CUDA-graph replay time (the kernels alone)."""
+included) and CUDA-graph replay time (the kernels alone); `timed_row` times one variant into its
+result row."""
 
 from __future__ import annotations
 
-from typing import Callable
+import json
+import traceback
+from typing import Callable, Optional
 
 import torch
 
@@ -41,3 +44,27 @@ def graph_ms(fn: Callable[[], object], replays: int = 20) -> float:
         return triton.testing.do_bench(graph.replay, warmup=10, rep=100, return_mode="median") / replays
     finally:
         del graph
+
+
+def timed_row(row: dict, make_step: Callable[[], Callable[[], object]],
+              check: Optional[Callable[[Callable[[], object]], dict]] = None, check_key: str = "",
+              skip: tuple[type[BaseException], ...] = ()) -> dict:
+    """`row` with the GPU (graph_ms) and eager (eager_ms) times of the step `make_step()` builds
+    and, given `check`, `row[check_key] = check(step)`; printed as a JSON line once done.
+
+    A failure is written into the row instead of raised, so that one variant failing loses no
+    other: an exception of a type in `skip` as row["skipped"] (a variant that cannot run here,
+    such as a missing optional package), any other as row["error"] with its traceback printed."""
+    try:
+        step = make_step()
+        row["gpu_ms"] = graph_ms(step)
+        row["ms"] = eager_ms(step)
+        if check is not None:
+            row[check_key] = check(step)
+    except skip as error:
+        row["skipped"] = f"{type(error).__name__}: {error}"
+    except Exception as error:  # noqa: BLE001  recorded in the row, the run goes on
+        row["error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+    print(json.dumps(row), flush=True)
+    return row

@@ -9,61 +9,28 @@ Triton importable -> kernels/lora/lora_linear_triton.py; anything else -> kernel
 
 from __future__ import annotations
 
-import importlib
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
 from torch import Tensor
 
-from ..errors import UnslothCompileError
 from ..kernels import reference
 from .frozen_base import FrozenBase, LoraBackward, LoraForward
+from .kernel_loader import KernelLoader
 from .lora import register_lora_op
 
-log = logging.getLogger("unsloth_compile")
-
-_TRITON_MODULE = "unsloth_compile.kernels.lora.lora_linear_triton"
-_triton_kernels = None
-_warned: set[str] = set()
-
-
-def _triton_or_reason():
-    """The Triton kernel module, or the reason it cannot be used (import error text)."""
-    global _triton_kernels
-    if _triton_kernels is None:
-        try:
-            _triton_kernels = importlib.import_module(_TRITON_MODULE)
-        except Exception as error:  # ImportError, or Triton failing to initialise
-            return None, f"{type(error).__name__}: {error}"
-    return _triton_kernels, None
+TRITON = KernelLoader(
+    module_name="unsloth_compile.kernels.lora.lora_linear_triton",
+    kernels="Triton kernels",
+    unavailable="unsloth_compile: Triton kernels unavailable (%s); using the reference ops",
+    unsupported="unsloth_compile: lora_linear runs the reference op: %s",
+)
 
 
 def pick_kernels(impl: str, tensors: list[Optional[Tensor]]):
     """The module whose lora_linear_forward/backward run these tensors."""
-    if impl == "reference" or tensors[0].device.type != "cuda":
-        return reference
-    module, reason = _triton_or_reason()
-    if module is None:
-        if impl == "triton":
-            raise UnslothCompileError(
-                f"unsloth_compile: options kernels='triton' but the Triton kernels cannot be "
-                f"loaded ({reason}); install triton or use kernels='auto'/'reference'"
-            )
-        if "import" not in _warned:
-            _warned.add("import")
-            log.warning("unsloth_compile: Triton kernels unavailable (%s); using the reference ops", reason)
-        return reference
-    ok, why = module.supports(*tensors)
-    if not ok:
-        if impl == "triton":
-            raise UnslothCompileError(f"unsloth_compile: kernels='triton' cannot run these inputs: {why}; "
-                                      f"use kernels='auto' (the reference op runs them)")
-        if why not in _warned:
-            _warned.add(why)
-            log.warning("unsloth_compile: lora_linear runs the reference op: %s", why)
-        return reference
-    return module
+    module = TRITON.pick(impl, tensors[0].device, tuple(tensors))
+    return reference if module is None else module
 
 
 @dataclass(frozen=True)

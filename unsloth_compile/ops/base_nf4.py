@@ -23,8 +23,6 @@ into a buffer of x's dtype and calls the dense linear on every device.
 
 from __future__ import annotations
 
-import importlib
-import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -32,18 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import UnslothCompileError
 from ..kernels import reference
 from ..nf4 import format as nf4_format
 from .frozen_base import FrozenBase, LoraBackward, LoraForward
+from .kernel_loader import KernelLoader
 from .lora import register_lora_op
 
-log = logging.getLogger("unsloth_compile")
-
-_KERNELS_MODULE = "unsloth_compile.kernels.nf4.nf4_lora"
-_kernels = None
+KERNELS = KernelLoader(
+    module_name="unsloth_compile.kernels.nf4.nf4_lora",
+    kernels="NF4 kernels",
+    unavailable="unsloth_compile: NF4 Triton kernels unavailable (%s); lora_linear_nf4 runs the dequantised reference",
+    unsupported="unsloth_compile: lora_linear_nf4 runs the dequantised reference: %s",
+)
 _codes: dict[torch.device, tuple[Tensor, Tensor]] = {}
-_warned: set[str] = set()
 
 # The schemas' base arguments, in order: the format's tensors, the shape, the dequantised dtype.
 BASE_ARGS = ("packed", "absmax_codes", "absmax_scale", "absmax_offset", "out_features", "in_features",
@@ -65,41 +64,11 @@ def dense_weight(base: Mapping[str, Any], dtype: torch.dtype) -> Tensor:
     return nf4_format.dequantize_nf4(stored_weight(base), dtype)
 
 
-def _kernels_or_reason():
-    global _kernels
-    if _kernels is None:
-        try:
-            _kernels = importlib.import_module(_KERNELS_MODULE)
-        except Exception as error:  # ImportError, or Triton failing to initialise
-            return None, f"{type(error).__name__}: {error}"
-    return _kernels, None
-
-
 def pick_kernels(impl: str, base: Mapping[str, Any], x: Tensor, lora_A: Tensor, lora_B: Tensor,
                  lora_x: Optional[Tensor]):
     """The NF4 kernel module for these inputs, or None for the reference path."""
-    if impl == "reference" or x.device.type != "cuda":
-        return None
-    module, reason = _kernels_or_reason()
-    if module is None:
-        if impl == "triton":
-            raise UnslothCompileError(f"unsloth_compile: options kernels='triton' but the NF4 kernels cannot be loaded "
-                                      f"({reason}); install triton or use kernels='auto'/'reference'")
-        if "import" not in _warned:
-            _warned.add("import")
-            log.warning("unsloth_compile: NF4 Triton kernels unavailable (%s); lora_linear_nf4 runs the "
-                        "dequantised reference", reason)
-        return None
-    ok, why = module.supports(x, lora_A, lora_B, lora_x, int(base["out_features"]), int(base["in_features"]))
-    if not ok:
-        if impl == "triton":
-            raise UnslothCompileError(f"unsloth_compile: kernels='triton' cannot run these inputs: {why}; "
-                                      f"use kernels='auto' (the reference op runs them)")
-        if why not in _warned:
-            _warned.add(why)
-            log.warning("unsloth_compile: lora_linear_nf4 runs the dequantised reference: %s", why)
-        return None
-    return module
+    return KERNELS.pick(impl, x.device,
+                        (x, lora_A, lora_B, lora_x, int(base["out_features"]), int(base["in_features"])))
 
 
 def code_tables(device: torch.device) -> tuple[Tensor, Tensor]:
