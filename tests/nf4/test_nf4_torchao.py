@@ -180,3 +180,20 @@ def test_a_model_over_torchao_nf4_tensors_is_taken_over_and_trains_as_its_eager_
     # close, not equal; the first step's gradients only (a step on them drifts further)
     want = run_steps(eager_torchao)
     assert_same_training((got[0], got[1][:1]), (want[0], want[1][:1]), rtol=2e-2, atol=2e-3)
+
+
+def test_plain_torch_compile_refuses_torchao_bases_with_the_way_out():
+    """torch.compile(backend="unsloth") cannot swap modules: a site over an NF4Tensor is left as
+    it is (torchao's own linear runs it) and the reason says how to take it over."""
+    from helpers import batch_for
+
+    model = torchao_lora_model().eval()  # no dropout draws: the same loss as eager, to the rounding
+    batch = batch_for("llama", seed=0)
+    want = model(**batch).loss
+    with collect_reports() as report:
+        got = torch.compile(model, backend="unsloth", options=AOT)(**batch).loss
+    assert report.counters["lora_linear.refused"] == 14 and report.counters.get("lora_linear.fused", 0) == 0
+    reasons = {s.reason for s in report.sites if s.pattern == "lora_linear"}
+    assert len(reasons) == 1 and "torchao NF4Tensor" in (reason := reasons.pop())
+    assert "nf4.stored_four_bit_linears" in reason
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
