@@ -197,3 +197,27 @@ def test_plain_torch_compile_refuses_torchao_bases_with_the_way_out():
     assert len(reasons) == 1 and "torchao NF4Tensor" in (reason := reasons.pop())
     assert "nf4.stored_four_bit_linears" in reason
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device, dtype", [
+    ("cpu", torch.float16),  # the Triton interpreter (bf16 is not reliable there)
+    pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+])
+def test_the_kernels_decode_the_shared_codes_bit_for_bit(device, dtype):
+    """The one-pass dequantisation kernel over from_torchao's tensors (torchao's own 4-bit codes)
+    equals the format's reference, and so does the taken-over layer's forward."""
+    pytest.importorskip("triton")
+    from unsloth_compile.kernels.nf4.nf4_dequantize import dequantize_nf4_triton
+
+    N, K = 96, 512
+    t = to_nf4(_weight((N, K), dtype, seed=3).to(device))
+    layer = nn.Linear(K, N, bias=False, device=device, dtype=dtype)
+    layer.weight = nn.Parameter(t, requires_grad=False)
+    base = nf4.Nf4Linear.from_torchao(layer)
+    q = base.nf4_weight()
+    assert q.packed.device.type == device and q.packed.data_ptr() == t.quantized_data.data_ptr()
+    tables = (nf4.NF4_CODE.to(device), nf4.ABSMAX_CODE.to(device))
+    decoded = dequantize_nf4_triton(q.packed, q.absmax_codes, q.absmax_scale, q.absmax_offset, *tables, N, K, dtype)
+    assert torch.equal(decoded, nf4.dequantize_nf4(q))
+    x = torch.randn(37, K, generator=torch.Generator().manual_seed(4)).to(device=device, dtype=dtype)
+    assert torch.equal(base(x), torch.nn.functional.linear(x, nf4.dequantize_nf4(q)))
