@@ -48,12 +48,11 @@ class ConversionReport:
         return self.dense_bytes - self.nf4_bytes
 
     def __str__(self) -> str:
+        torchao = (f"{len(self.from_torchao)} torchao NF4Tensor linear(s) taken over (4-bit codes shared), "
+                   if self.from_torchao else "")
         lines = [f"unsloth_compile.nf4: {len(self.converted)} linear(s) stored in NF4, {len(self.from_bnb)} "
-                 f"bitsandbytes Linear4bit taken over as stored, "
-                 + (f"{len(self.from_torchao)} torchao NF4Tensor linear(s) taken over (4-bit codes shared), "
-                    if self.from_torchao else "")
-                 + f"{len(self.refused)} left as they are; weights "
-                 f"{self.dense_bytes / 2**20:.1f} MiB -> {self.nf4_bytes / 2**20:.1f} MiB "
+                 f"bitsandbytes Linear4bit taken over as stored, {torchao}{len(self.refused)} left as they are; "
+                 f"weights {self.dense_bytes / 2**20:.1f} MiB -> {self.nf4_bytes / 2**20:.1f} MiB "
                  f"({self.saved_bytes / 2**20:.1f} MiB freed)"]
         lines += [f"  {path}: in NF4, but its dense weight stays: it is also {other} (tied)"
                   for path, other in self.shared.items()]
