@@ -4,7 +4,7 @@ on the concatenated batch, and the launcher.
 
 The cases: DDP over the compiled model (buckets forced small, as a large model has them; a
 no_sync-accumulated step; a LoRA grow through DistributedRankController with a different seed
-on each rank; loss-decay decisions on rank-dependent losses), FSDP2 with the frozen base sharded
+on each rank; loss-decay decisions on rank-dependent losses), DDP over 4-bit NF4 bases, FSDP2 with the frozen base sharded
 and replicated, FSDP2 with a bf16 MixedPrecisionPolicy, DDP with Dynamo's graph split left on,
 and `bench dist`'s per-process part. Each rank saves what it saw (`rank{r}.pt`).
 """
@@ -164,6 +164,26 @@ def case_ddp_half_gradients(world, rank) -> dict:
         out["bf16_error"] = None
     except ValueError as error:
         out["bf16_error"] = str(error)
+    return out
+
+
+def case_ddp_nf4(world, rank) -> dict:
+    """compile_ddp(precision="nf4"): the LoRA bases stored in 4 bits (buffers, which DDP copies
+    from rank 0 once and does not broadcast at each step) under DDP with small buckets, on the
+    shared schedule (its no_sync-accumulated step included)."""
+    from unsloth_compile import nf4
+    from unsloth_compile.distributed import compile_ddp, no_sync
+    from unsloth_compile.report import collect_reports
+
+    model = _tiny_model()
+    with collect_reports() as report:
+        ddp = compile_ddp(model, dict(OPTIONS, precision="nf4"), bucket_cap_mb=TINY_BUCKET_MB)
+        opt = _adamw(model)
+        out = train(model, ddp, opt, STEPS, world, rank, sync_off=lambda: no_sync(ddp))
+    out["counters"] = dict(report.counters)
+    out["broadcast_buffers"] = ddp.broadcast_buffers
+    out["nf4_bases"] = sum(isinstance(m, nf4.Nf4Linear) for m in model.modules())
+    out["params"] = {n: _full(p) for n, p in _trainable(model).items()}
     return out
 
 
@@ -402,7 +422,7 @@ CASES = {"ddp": case_ddp, "ddp-fp16": case_ddp_half_gradients, "fsdp-shard": lam
          "fsdp-mp": lambda w, r: case_fsdp(w, r, "shard", mp=True), "ddp-split": case_ddp_split,
          "fsdp-rank-replicate": lambda w, r: case_fsdp_rank(w, r, "replicate"),
          "fsdp-rank-shard": lambda w, r: case_fsdp_rank(w, r, "shard"),
-         "bench": case_bench}
+         "bench": case_bench, "ddp-nf4": case_ddp_nf4}
 
 
 CUDA_CASES = {"ddp-cuda": lambda w, r: case_ddp_cuda(w, r, False),
@@ -522,6 +542,19 @@ def reference(world: int, dtype=torch.float32, device=None) -> dict:
     out["params"] = {n: _full(p) for n, p in _trainable(model).items()}
     out["adam"] = _adam_state(opt, model)
     return _to_cpu(out) if device is not None else out
+
+
+def reference_nf4(world: int) -> dict:
+    """The yardstick of the 4-bit DDP case: one process, eager, its LoRA bases converted to
+    Nf4Linear as compile(precision="nf4") converts them, the whole batch of every step."""
+    from unsloth_compile import nf4
+
+    model = _tiny_model()
+    nf4.convert(model)
+    opt = _adamw(model)
+    out = train(model, model, opt, STEPS, world, None)
+    out["params"] = {n: _full(p) for n, p in _trainable(model).items()}
+    return out
 
 
 def _to_cpu(value):

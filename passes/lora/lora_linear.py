@@ -219,6 +219,8 @@ def check_site(base: BaseLinear, adapters: list[Adapter]) -> Optional[str]:
         return "base bias is not a tensor"
     w = fm.example_value(base.weight)
     x = fm.example_value(base.x)
+    if (reason := nf4_linear.check_dense_weight(w)) is not None:
+        return reason
     if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(x, torch.Tensor):
         return "base weight is not a 2-D tensor"
     # x and W may differ in dtype under autocast; the op gets both in the dtype the base computed in.

@@ -8,7 +8,8 @@ Pattern: the site's base is `torch.ops.unsloth.nf4_linear(x, packed, absmax_code
   match. Such a site is fused over its 4-bit base whatever the options: there is no dense weight
   left.
 Check: none beyond the LoRA site's own: `convert` stores only what the kernels take (K a multiple
-  of 64), so a stored base always passes. A dense base under precision="nf4" is reported (the
+  of 64), so a stored base always passes. A dense-looking base whose weight is a torchao
+  NF4Tensor (not taken over before compiling) is refused with the way out (check_dense_weight). A dense base under precision="nf4" is reported (the
   backend cannot quantise a module: unsloth_compile.compile or nf4.convert does it beforehand),
   and a 4-bit base under precision="fp8" or sparsity="2:4" keeps its 4-bit op with the reason.
 Replacement: `torch.ops.unsloth.lora_linear_nf4` in place of `lora_linear`: the same adapter
@@ -25,6 +26,7 @@ import torch
 from torch.fx import Node
 
 from ...config import Precision, Sparsity
+from ...nf4.format import is_torchao_nf4
 from ...report import Report
 from .. import fx_match as fm
 
@@ -76,6 +78,16 @@ def check_site(base: "BaseLinear") -> Optional[str]:
     if not (isinstance(x, torch.Tensor) and x.dtype.is_floating_point and isinstance(compute, torch.Tensor)
             and compute.dtype.is_floating_point):
         return "the 4-bit base's input is not a float tensor"
+    return None
+
+
+def check_dense_weight(weight) -> Optional[str]:
+    """Why a linear's weight, though not stored by this project, cannot be read as a dense one:
+    a torchao NF4Tensor answers no op but its own (the fused op would fail inside it), or None."""
+    if is_torchao_nf4(weight):
+        return ("the base weight is a torchao NF4Tensor, which the fused op cannot read; take it over before "
+                "compiling: unsloth_compile.compile(model) does, or unsloth_compile.nf4.convert(model, "
+                "select=unsloth_compile.nf4.stored_four_bit_linears)")
     return None
 
 

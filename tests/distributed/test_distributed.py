@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from distributed_cases import (BENCH_ARGV, RANK_STEPS, STEPS, WORLD, _tiny_model, launch, reference,
-                               reference_bf16)
+                               reference_bf16, reference_nf4)
 from unsloth_compile.errors import UnslothCompileError
 
 pytestmark = pytest.mark.slow
@@ -104,6 +104,22 @@ def test_ddp_buffers_are_not_rebroadcast_unless_a_module_keeps_running_statistic
     assert _buffers_change_in_forward(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3)))
     assert not _buffers_change_in_forward(torch.nn.BatchNorm1d(3, track_running_stats=False))
     assert not _buffers_change_in_forward(_tiny_model())
+
+
+def test_ddp_with_a_4bit_base_matches_one_process(runs):
+    """compile_ddp(precision="nf4"): the LoRA bases with K a multiple of 64 stored in NF4 (the
+    down projections, K = 96, stay dense and are reported), every site fused; loss, every LoRA
+    gradient and the parameters after the steps as one eager process over the same 4-bit bases
+    on the whole batch; the 4-bit buffers not broadcast at each step; ranks identical."""
+    ref = reference_nf4(WORLD)
+    for run in runs:
+        r = run["ddp-nf4"]
+        assert r["nf4_bases"] == 12 and r["broadcast_buffers"] is False
+        assert r["counters"]["lora_linear.fused"] == _lora_sites() == 14, r["counters"]
+        assert r["counters"]["nf4_linear.fused"] == 12 and r["counters"]["nf4_linear.refused"] == 2, r["counters"]
+        _check_steps(r, ref, len(STEPS), "ddp-nf4")
+        _close(r["params"], ref["params"], "ddp-nf4 params")
+    _same_on_every_rank(runs, "ddp-nf4", "params")
 
 
 def test_ddp_half_precision_gradient_compression(runs, ref):

@@ -9,6 +9,9 @@ Dense layers are quantised once (N K / 2 + N K / 64 + ... bytes instead of 2 N K
 their dense weights dropped. bitsandbytes `Linear4bit` layers in the same format (a model loaded
 with `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`) are taken over as they
 are: their codes and statistics are shared, nothing is quantised again and no bytes are freed.
+nn.Linear layers whose weight is a torchao `NF4Tensor` (torchao's nf4 weight-only quantisation,
+torchtune's QLoRA bases) are taken over too: their 4-bit codes are shared and their block absmax
+values coded again in this format (torchao double-quantises them another way).
 Layers that cannot be 4-bit (K not a multiple of 64, a trainable weight, another bitsandbytes
 format) stay as they are and are listed in the report with the reason.
 
@@ -24,7 +27,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from ..dense_linear import conversion_targets, dense_weight, lora_base_layers, parameter_paths, revert_layers
-from .linear import Nf4Linear, is_bnb_linear4bit, unsupported
+from .linear import Nf4Linear, is_bnb_linear4bit, is_torchao_linear, unsupported
 
 
 @dataclasses.dataclass
@@ -32,6 +35,8 @@ class ConversionReport:
     converted: list[str] = dataclasses.field(default_factory=list)  # module paths quantised from dense
     # module paths of bitsandbytes Linear4bit layers taken over with their own codes (not quantised again)
     from_bnb: list[str] = dataclasses.field(default_factory=list)
+    # module paths of linears over torchao NF4Tensors: codes shared, absmax coded again
+    from_torchao: list[str] = dataclasses.field(default_factory=list)
     refused: dict[str, str] = dataclasses.field(default_factory=dict)  # module path -> reason
     # converted, but the dense weight stays: module path -> the other holder (tied embeddings)
     shared: dict[str, str] = dataclasses.field(default_factory=dict)
@@ -43,9 +48,11 @@ class ConversionReport:
         return self.dense_bytes - self.nf4_bytes
 
     def __str__(self) -> str:
+        torchao = (f"{len(self.from_torchao)} torchao NF4Tensor linear(s) taken over (4-bit codes shared), "
+                   if self.from_torchao else "")
         lines = [f"unsloth_compile.nf4: {len(self.converted)} linear(s) stored in NF4, {len(self.from_bnb)} "
-                 f"bitsandbytes Linear4bit taken over as stored, {len(self.refused)} left as they are; weights "
-                 f"{self.dense_bytes / 2**20:.1f} MiB -> {self.nf4_bytes / 2**20:.1f} MiB "
+                 f"bitsandbytes Linear4bit taken over as stored, {torchao}{len(self.refused)} left as they are; "
+                 f"weights {self.dense_bytes / 2**20:.1f} MiB -> {self.nf4_bytes / 2**20:.1f} MiB "
                  f"({self.saved_bytes / 2**20:.1f} MiB freed)"]
         lines += [f"  {path}: in NF4, but its dense weight stays: it is also {other} (tied)"
                   for path, other in self.shared.items()]
@@ -70,18 +77,29 @@ def has_bnb_linears(model: nn.Module) -> bool:
     return any(is_bnb_linear4bit(m) for m in model.modules())
 
 
+def stored_four_bit_linears(path: str, module: nn.Module) -> bool:
+    """convert's `select` for the layers stored in 4 bits already: bitsandbytes Linear4bit and
+    linears over a torchao NF4Tensor."""
+    return is_bnb_linear4bit(module) or is_torchao_linear(module)
+
+
+def has_stored_four_bit_linears(model: nn.Module) -> bool:
+    return any(stored_four_bit_linears("", m) for m in model.modules())
+
+
 def compile_select(model: nn.Module, precision_nf4: bool, all_layers: bool
                    ) -> Optional[Callable[[str, nn.Module], bool]]:
     """What unsloth_compile.compile converts, as convert's `select`: under precision="nf4" the LoRA
     bases (every frozen linear with `all_layers`), and in any case the bitsandbytes Linear4bit
-    layers, which are 4-bit already; None when there is nothing to convert."""
+    layers and the linears over torchao NF4Tensors, which are 4-bit already; None when there is
+    nothing to convert."""
     if precision_nf4 and all_layers:
         return frozen_linears
     if precision_nf4:
         bases = {id(layer.base_layer) for _, layer in lora_base_layers(model)}
-        return lambda path, module: id(module) in bases or is_bnb_linear4bit(module)
-    if has_bnb_linears(model):
-        return bnb_linears
+        return lambda path, module: id(module) in bases or stored_four_bit_linears(path, module)
+    if has_stored_four_bit_linears(model):
+        return stored_four_bit_linears
     return None
 
 
@@ -90,7 +108,7 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
 
     `select(path, module)` picks the modules to convert (default: the `base_layer` of every LoRA
     layer; `frozen_linears`: every frozen linear; `bnb_linears`: the bitsandbytes Linear4bit
-    layers). A weight that another module shares (tied embeddings) is converted but not freed: the
+    layers; `stored_four_bit_linears`: those and the linears over torchao NF4Tensors). A weight that another module shares (tied embeddings) is converted but not freed: the
     report lists it as shared and counts no bytes freed for it."""
     report = ConversionReport()
     holders = parameter_paths(model)
@@ -104,10 +122,14 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
             continue
         if is_bnb_linear4bit(module):
             converted = Nf4Linear.from_bnb(module)
+        elif is_torchao_linear(module):
+            converted = Nf4Linear.from_torchao(module)
         else:
             converted = Nf4Linear.from_dense(module)
         if converted.source == "bitsandbytes":
             report.from_bnb.append(path)
+        elif converted.source == "torchao":
+            report.from_torchao.append(path)
         else:
             weight = dense_weight(module)
             others = [name for name in holders.get(id(module.weight), []) if name != f"{path}.weight"]

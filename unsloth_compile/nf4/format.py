@@ -128,10 +128,17 @@ def quantize_nf4(weight: Tensor) -> NF4Weight:
     flat = weight.detach().reshape(-1).float()
     codes, absmax = _quantize_blocks(flat, NF4_CODE, BLOCK)
     packed = (codes[0::2] << 4) | codes[1::2]
-    offset = absmax.mean()
-    absmax_codes, absmax_scale = _quantize_blocks(absmax - offset, ABSMAX_CODE, ABSMAX_BLOCK)
+    absmax_codes, absmax_scale, offset = _double_quantize(absmax)
     return NF4Weight(packed=packed, absmax_codes=absmax_codes, absmax_scale=absmax_scale, absmax_offset=offset,
                      shape=(N, K), dtype=weight.dtype)
+
+
+def _double_quantize(absmax: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(absmax codes, second-level scales, offset) of the float32 block absmax values: the mean
+    subtracted, then 8-bit ABSMAX_CODE indices in blocks of ABSMAX_BLOCK."""
+    offset = absmax.mean()
+    codes, scale = _quantize_blocks(absmax - offset, ABSMAX_CODE, ABSMAX_BLOCK)
+    return codes, scale, offset
 
 
 def absmax(q: NF4Weight) -> Tensor:
@@ -194,3 +201,50 @@ def from_bnb(weight_param) -> NF4Weight:
             "keep this layer as bitsandbytes runs it")
     return NF4Weight(packed=packed, absmax_codes=absmax_codes, absmax_scale=absmax_scale,
                      absmax_offset=offset.reshape(()).float(), shape=(N, K), dtype=state.dtype)
+
+
+def is_torchao_nf4(tensor) -> bool:
+    """torchao's NF4Tensor (torchao.quantization / torchao.dtypes.nf4tensor, torchtune's QLoRA
+    weights), recognised without importing torchao."""
+    return any(cls.__name__ == "NF4Tensor" and cls.__module__.startswith("torchao")
+               for cls in type(tensor).__mro__)
+
+
+# torchao holds the NF4 levels rounded to 4 decimals, in the weight's dtype: one bf16 ulp of the
+# largest level's neighbourhood away from NF4_CODE at most. A table further away is another code.
+_TORCHAO_LEVELS_ATOL = 2e-3
+
+
+@torch.no_grad()
+def from_torchao(tensor) -> NF4Weight:
+    """A torchao `NF4Tensor` as an NF4Weight, sharing its 4-bit codes (the same packing: element
+    2i in the high nibble of byte i). torchao encodes each block's absmax differently (8-bit
+    linear codes around the mean in the weight's dtype, not the dynamic map), so the absmax
+    values as torchao decodes them are coded again in this format: N*K/64 new bytes, and each
+    absmax moves by at most half a step of ABSMAX_CODE (docs/nf4.md#torchao). Refuses another
+    block size, another level table or a tensor that is not 2-D with K a multiple of 64."""
+    where = "unsloth_compile.nf4.from_torchao"
+    if not is_torchao_nf4(tensor):
+        raise UnslothCompileError(
+            f"{where}: a {type(tensor).__name__} is not a torchao NF4Tensor; quantise a dense weight with "
+            "unsloth_compile.nf4.quantize_nf4")
+    if tensor.block_size != BLOCK:
+        raise UnslothCompileError(
+            f"{where}: block_size {tensor.block_size}: only {BLOCK} (torchao's default) is read; quantise with "
+            f"to_nf4(weight, block_size={BLOCK}) or keep this layer as torchao runs it")
+    N, K = _check_shape("from_torchao", tuple(tensor.shape))
+    packed = tensor.quantized_data.reshape(-1)
+    levels = tensor.nf4.float().cpu()
+    if (packed.dtype != torch.uint8 or packed.numel() != N * K // 2
+            or levels.shape != NF4_CODE.shape or (levels - NF4_CODE).abs().max() > _TORCHAO_LEVELS_ATOL):
+        raise UnslothCompileError(
+            f"{where}: the codes of a {(N, K)} NF4Tensor ({packed.numel()} {packed.dtype} bytes, levels "
+            f"{levels.tolist()}) are not {N * K // 2} uint8 bytes of the NF4 levels; keep this layer as torchao "
+            "runs it")
+    # torchao's own decoding of its absmax values (in the weight's dtype), exactly as its
+    # dequantisation uses them
+    block_absmax = tensor.dequantize_scalers(tensor.quantized_scalers, tensor.quantization_factor,
+                                             tensor.scaler_block_size).float().reshape(-1)
+    absmax_codes, absmax_scale, offset = _double_quantize(block_absmax)
+    return NF4Weight(packed=packed, absmax_codes=absmax_codes, absmax_scale=absmax_scale, absmax_offset=offset,
+                     shape=(N, K), dtype=tensor.dtype)

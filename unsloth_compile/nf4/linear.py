@@ -5,8 +5,9 @@ It holds the format's tensors as buffers (packed codes N K / 2 bytes, one absmax
 values, one fp32 scale per 256 absmax codes, one fp32 offset) and no dense copy. Its forward is
 one `torch.ops.unsloth.nf4_linear` call, so the model still runs eagerly and the LoRA pass sees
 a 4-bit base in the graph. It is built from a dense nn.Linear / Conv1D (`from_dense`: quantised
-once) or from a bitsandbytes `Linear4bit` in the same format (`from_bnb`: the storage is shared,
-nothing is quantised again).
+once), from a bitsandbytes `Linear4bit` in the same format (`from_bnb`: the storage is shared,
+nothing is quantised again) or from an nn.Linear whose weight is a torchao `NF4Tensor`
+(`from_torchao`: the 4-bit codes are shared, the block absmax values coded again).
 """
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
                for cls in type(module).__mro__)
 
 
+def is_torchao_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose weight is a torchao NF4Tensor (torchao's nf4 weight-only quantisation,
+    torchtune's FrozenNF4Linear)."""
+    return isinstance(module, nn.Linear) and nf4_format.is_torchao_nf4(module.weight)
+
+
 def is_four_bit(module: nn.Module) -> bool:
-    """An Nf4Linear or a bitsandbytes Linear4bit."""
+    """An Nf4Linear or a bitsandbytes Linear4bit: 4-bit codes held as buffers (a torchao
+    NF4Tensor is a parameter, which FSDP2 shards through torchao's own hooks)."""
     return isinstance(module, Nf4Linear) or is_bnb_linear4bit(module)
 
 
@@ -45,6 +53,17 @@ def bnb_problem(module: nn.Module) -> Optional[str]:
         nf4_format.from_bnb(weight)
     except UnslothCompileError as error:
         return str(error).removeprefix("unsloth_compile.nf4.from_bnb: ")
+    return None
+
+
+def torchao_problem(module: nn.Module) -> Optional[str]:
+    """Why an nn.Linear over a torchao NF4Tensor cannot be taken over, or None."""
+    if module.weight.requires_grad:
+        return "the NF4Tensor weight is trainable (NF4 storage is for frozen bases)"
+    try:
+        nf4_format.from_torchao(module.weight)
+    except UnslothCompileError as error:
+        return str(error).removeprefix("unsloth_compile.nf4.from_torchao: ")
     return None
 
 
@@ -68,14 +87,16 @@ def unsupported(module: nn.Module) -> Optional[str]:
     """Why `module` cannot become an Nf4Linear, or None."""
     if is_bnb_linear4bit(module):
         return bnb_problem(module)
+    if is_torchao_linear(module):
+        return torchao_problem(module)
     return dense_problem(module)
 
 
 class Nf4Linear(nn.Module):
     """y = x dequant(W)^T + b with W (N, K) stored in NF4 and no dense copy; computes in x's dtype
     (autocast's under autocast), as an nn.Linear holding the dequantised weight would. The bias,
-    if any, stays a parameter. `source` says where the codes came from ("quantised" or
-    "bitsandbytes")."""
+    if any, stays a parameter. `source` says where the codes came from ("quantised",
+    "bitsandbytes" or "torchao")."""
 
     def __init__(self, weight: "nf4_format.NF4Weight", bias: Optional[nn.Parameter], conv1d: bool = False,
                  source: str = "quantised"):
@@ -112,6 +133,16 @@ class Nf4Linear(nn.Module):
                 weight = nf4_format.quantize_nf4(module.weight.data.detach().contiguous())
             return cls(weight, bias)
         return cls(nf4_format.from_bnb(module.weight), bias, source="bitsandbytes")
+
+    @classmethod
+    def from_torchao(cls, module: nn.Module) -> "Nf4Linear":
+        """Take over an nn.Linear whose frozen weight is a torchao NF4Tensor (blocks of 64): its
+        4-bit codes are shared, its block absmax values (as torchao decodes them) are coded
+        again in this format's double quantisation."""
+        reason = torchao_problem(module) if is_torchao_linear(module) else "its weight is not a torchao NF4Tensor"
+        if reason is not None:
+            raise UnslothCompileError(f"unsloth_compile.nf4: cannot take over {type(module).__name__}: {reason}")
+        return cls(nf4_format.from_torchao(module.weight), module.bias, source="torchao")
 
     def nf4_weight(self) -> "nf4_format.NF4Weight":
         return nf4_format.NF4Weight(packed=self.packed, absmax_codes=self.absmax_codes,
