@@ -1,5 +1,7 @@
-"""Which frozen dense layers fp8/ and sparsity/ can convert, and the reason given for the others
-(`unsloth_compile.fp8.unsupported`, `unsloth_compile.sparsity.unsupported`)."""
+"""Which frozen dense layers fp8/, nf4/ and sparsity/ can convert, and the reason given for the
+others (`unsloth_compile.fp8.unsupported`, `unsloth_compile.sparsity.unsupported`,
+`unsloth_compile.nf4.unsupported`); the walk that swaps them (`swap_layers`) and what it counts
+as freed."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from unsloth_compile import fp8, sparsity
+from unsloth_compile import fp8, nf4, sparsity
+from unsloth_compile.dense_linear import count_converted, swap_layers
 from unsloth_compile.kernels import sparse24
 from unsloth_compile.kernels.fp8 import fp8 as fp8_kernels
 
@@ -47,3 +50,37 @@ def test_fp8_takes_wider_floats_and_sparsity_no_8_bit_ones():
     assert "dtype is torch.float8_e5m2" in sparsity.unsupported(e5m2)
     assert fp8.unsupported(_frozen(nn.Linear(32, 32), torch.float32)) is None
     assert sparsity.unsupported(_frozen(nn.Linear(64, 128), torch.float16)) is None
+
+
+def test_nf4_refuses_in_the_same_words_along_k_alone():
+    assert "Embedding is not a linear layer" in nf4.unsupported(_frozen(nn.Embedding(64, 64)))
+    assert "trainable (NF4 storage is for frozen bases)" in nf4.unsupported(nn.Linear(64, 64))
+    assert "dtype is torch.float8_e4m3fn" in nf4.unsupported(_frozen(nn.Linear(64, 64), torch.float8_e4m3fn))
+    assert "K (in_features)=96 is not a multiple of 64" in nf4.unsupported(_frozen(nn.Linear(96, 64)))
+    assert nf4.unsupported(_frozen(Conv1D(40, 64))) is None  # N need not be aligned: the blocks run along K
+
+
+class _Report:
+    def __init__(self):
+        self.converted, self.refused, self.shared, self.dense_bytes = [], {}, {}, 0
+
+
+def test_swap_layers_converts_refuses_passes_over_and_counts_only_what_it_frees():
+    model = nn.ModuleDict({"a": nn.Linear(32, 16), "tied": nn.Linear(32, 16), "odd": nn.Linear(24, 16),
+                           "done": fp8.Fp8Linear.from_dense(_frozen(nn.Linear(32, 16))), "emb": nn.Embedding(16, 32)})
+    model.requires_grad_(False)
+    model["tied"].weight = model["emb"].weight
+    report, seen = _Report(), []
+
+    def record(layer):
+        seen.append((layer.path, type(layer.dense).__name__, type(layer.stored).__name__))
+        assert model[layer.path] is layer.stored  # swapped before it is recorded
+        count_converted(report, layer)
+
+    swap_layers(model, lambda path, m: path in ("a", "tied", "odd", "done"), fp8.Fp8Linear, fp8.unsupported,
+                fp8.Fp8Linear.from_dense, report.refused, record)
+    assert seen == [("a", "Linear", "Fp8Linear"), ("tied", "Linear", "Fp8Linear")]
+    assert list(report.refused) == ["odd"] and "24" in report.refused["odd"]
+    assert report.converted == ["a", "tied"] and report.shared == {"tied": "emb.weight"}
+    assert report.dense_bytes == 16 * 32 * 4  # layer a's fp32 weight; the tied one stays with the embedding
+    assert type(model["odd"]) is nn.Linear and isinstance(model["done"], fp8.Fp8Linear)

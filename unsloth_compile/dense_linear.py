@@ -1,10 +1,12 @@
-"""The frozen dense layers that fp8/ and sparsity/ convert and give back: nn.Linear and
+"""The frozen dense layers that fp8/, nf4/ and sparsity/ convert and give back: nn.Linear and
 transformers' Conv1D (GPT-2), which stores its weight (in, out) and computes y = x W + b;
-which of a model's modules they convert, why one cannot be, and the swap back."""
+which of a model's modules they convert, why one cannot be, the swap (with the dense bytes it
+frees) and the swap back."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import dataclasses
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -82,6 +84,51 @@ def parameter_paths(model: nn.Module) -> dict[int, list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         paths.setdefault(id(param), []).append(name)
     return paths
+
+
+@dataclasses.dataclass(frozen=True)
+class SwappedLayer:
+    """One layer `swap_layers` converted: `dense` was at `path`, `stored` stands there now."""
+
+    path: str
+    dense: nn.Module
+    stored: nn.Module
+    tied_to: Optional[str]  # another path of the dense weight (tied embeddings), which keeps it alive
+
+
+def swap_layers(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]], stored_type: type,
+                problem: Callable[[nn.Module], Optional[str]], to_stored: Callable[[nn.Module], nn.Module],
+                refused: dict[str, str], record: Callable[[SwappedLayer], None]) -> None:
+    """Swap, in place, each module of `conversion_targets(model, select)` for `to_stored(module)`,
+    and `record` each swap. Modules that are `stored_type` already are passed over; one with a
+    `problem` stays as it is, the reason entered in `refused` under its path. `record` runs right
+    after its swap, so that no dense layer outlives its step of the walk: each dense weight is
+    freed before the next is converted, unless something else holds it."""
+    holders = parameter_paths(model)  # before any swap: who else holds each weight
+    for parent, attr, path in conversion_targets(model, select):
+        module = getattr(parent, attr)
+        if isinstance(module, stored_type):
+            continue
+        reason = problem(module)
+        if reason is not None:
+            refused[path] = reason
+            continue
+        stored = to_stored(module)
+        others = [name for name in holders.get(id(module.weight), []) if name != f"{path}.weight"]
+        setattr(parent, attr, stored)
+        record(SwappedLayer(path, module, stored, others[0] if others else None))
+
+
+def count_converted(report: Any, layer: SwappedLayer) -> None:
+    """Enter a layer converted from its dense weight in a conversion report (its `converted`,
+    `shared` and `dense_bytes`): the weight's bytes count as freed unless another module holds
+    the weight too (tied embeddings), which the report lists as shared."""
+    if layer.tied_to is not None:
+        report.shared[layer.path] = layer.tied_to
+    else:
+        weight = dense_weight(layer.dense)
+        report.dense_bytes += weight.numel() * weight.element_size()
+    report.converted.append(layer.path)
 
 
 def apply_keeping_stored(module: nn.Module, fn: Callable[[Tensor], Tensor], recurse: bool,

@@ -26,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  registers torch.ops.unsloth.fp8_linear
-from ..dense_linear import (apply_keeping_stored, conversion_problem, conversion_targets, dense_weight, frozen_dense,
-                            is_conv1d, parameter_paths, revert_layers)
+from ..dense_linear import (SwappedLayer, apply_keeping_stored, conversion_problem, count_converted, dense_weight,
+                            frozen_dense, is_conv1d, revert_layers, swap_layers)
 from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
 from ..kernels.fp8 import fp8 as fp8_kernels
 from ..errors import UnslothCompileError
@@ -130,28 +130,18 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
     GEMMs cannot run there) unless `allow_emulation` (kernels="reference": the slow emulation,
     for accuracy checks)."""
     report = ConversionReport()
-    holders = parameter_paths(model)
-    for parent, attr, path in conversion_targets(model, select):
-        module = getattr(parent, attr)
-        if isinstance(module, Fp8Linear):
-            continue
-        reason = unsupported(module)
-        if reason is not None:
-            report.refused[path] = reason
-            continue
+
+    def to_fp8(module: nn.Module) -> Fp8Linear:
         weight = dense_weight(module)
         if weight.device.type == "cuda" and not allow_emulation:
             fp8_kernels.require_scaled_mm(weight.device)
-        converted = Fp8Linear.from_dense(module)
-        own = {f"{path}.weight"}
-        others = [name for name in holders.get(id(module.weight), []) if name not in own]
-        if others:  # tied (an lm_head and the input embedding): the dense weight is not freed
-            report.shared[path] = others[0]
-        else:
-            report.dense_bytes += weight.numel() * weight.element_size()
-        report.fp8_bytes += converted.weight_fp8.numel() + 4 * converted.weight_scale.numel()
-        setattr(parent, attr, converted)
-        report.converted.append(path)
+        return Fp8Linear.from_dense(module)
+
+    def record(layer: SwappedLayer) -> None:
+        count_converted(report, layer)
+        report.fp8_bytes += layer.stored.weight_fp8.numel() + 4 * layer.stored.weight_scale.numel()
+
+    swap_layers(model, select, Fp8Linear, unsupported, to_fp8, report.refused, record)
     return report
 
 

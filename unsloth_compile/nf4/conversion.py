@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from ..dense_linear import conversion_targets, dense_weight, lora_base_layers, parameter_paths, revert_layers
+from ..dense_linear import SwappedLayer, count_converted, dense_weight, lora_base_layers, revert_layers, swap_layers
 from .linear import Nf4Linear, is_bnb_linear4bit, is_torchao_linear, unsupported
 
 
@@ -103,6 +103,16 @@ def compile_select(model: nn.Module, precision_nf4: bool, all_layers: bool
     return None
 
 
+def to_nf4(module: nn.Module) -> Nf4Linear:
+    """The Nf4Linear standing for a layer `unsupported` takes: a bitsandbytes Linear4bit and a
+    linear over a torchao NF4Tensor taken over as stored, a dense layer quantised."""
+    if is_bnb_linear4bit(module):
+        return Nf4Linear.from_bnb(module)
+    if is_torchao_linear(module):
+        return Nf4Linear.from_torchao(module)
+    return Nf4Linear.from_dense(module)
+
+
 def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]] = None) -> ConversionReport:
     """Store frozen base linears of `model` in NF4, in place; returns what was done.
 
@@ -111,35 +121,17 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
     layers; `stored_four_bit_linears`: those and the linears over torchao NF4Tensors). A weight that another module shares (tied embeddings) is converted but not freed: the
     report lists it as shared and counts no bytes freed for it."""
     report = ConversionReport()
-    holders = parameter_paths(model)
-    for parent, attr, path in conversion_targets(model, select):
-        module = getattr(parent, attr)
-        if isinstance(module, Nf4Linear):
-            continue
-        reason = unsupported(module)
-        if reason is not None:
-            report.refused[path] = reason
-            continue
-        if is_bnb_linear4bit(module):
-            converted = Nf4Linear.from_bnb(module)
-        elif is_torchao_linear(module):
-            converted = Nf4Linear.from_torchao(module)
+
+    def record(layer: SwappedLayer) -> None:
+        if layer.stored.source == "bitsandbytes":
+            report.from_bnb.append(layer.path)
+        elif layer.stored.source == "torchao":
+            report.from_torchao.append(layer.path)
         else:
-            converted = Nf4Linear.from_dense(module)
-        if converted.source == "bitsandbytes":
-            report.from_bnb.append(path)
-        elif converted.source == "torchao":
-            report.from_torchao.append(path)
-        else:
-            weight = dense_weight(module)
-            others = [name for name in holders.get(id(module.weight), []) if name != f"{path}.weight"]
-            if others:  # tied (an lm_head and the input embedding): the dense weight is not freed
-                report.shared[path] = others[0]
-            else:
-                report.dense_bytes += weight.numel() * weight.element_size()
-            report.nf4_bytes += converted.nbytes()
-            report.converted.append(path)
-        setattr(parent, attr, converted)
+            count_converted(report, layer)
+            report.nf4_bytes += layer.stored.nbytes()
+
+    swap_layers(model, select, Nf4Linear, unsupported, to_nf4, report.refused, record)
     return report
 
 

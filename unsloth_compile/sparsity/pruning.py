@@ -49,7 +49,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops  # noqa: F401  registers torch.ops.unsloth.sparse24_linear
-from ..dense_linear import conversion_problem, conversion_targets, dense_weight, frozen_dense, is_conv1d, revert_layers
+from ..dense_linear import (conversion_problem, conversion_targets, dense_weight, frozen_dense, is_conv1d,
+                            revert_layers, swap_layers)
 from ..dense_linear import lora_base_layers  # noqa: F401  part of this module's API
 from ..kernels import sparse24
 from .mask import kept_energy, sparsity_problem, transposable_mask
@@ -374,16 +375,9 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
     """Swap already pruned bases (a checkpoint saved after prune, say) for Sparse24Linear; a
     weight that is not 2:4 in both orientations is left as it is, with the reason."""
     report = SparsityReport("none")
-    for parent, attr, path in conversion_targets(model, select):
-        module = getattr(parent, attr)
-        if isinstance(module, Sparse24Linear):
-            continue
-        reason = unsupported(module) or sparsity_problem(dense_weight(module))
-        if reason is not None:
-            report.refused[path] = reason
-            continue
-        setattr(parent, attr, Sparse24Linear.from_dense(module))
-        report.converted.append(path)
+    swap_layers(model, select, Sparse24Linear,
+                lambda module: unsupported(module) or sparsity_problem(dense_weight(module)),
+                Sparse24Linear.from_dense, report.refused, lambda layer: report.converted.append(layer.path))
     return report
 
 
