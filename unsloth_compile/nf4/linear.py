@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..dense_linear import apply_keeping_stored, dense_weight, frozen_dense, is_conv1d
+from ..dense_linear import apply_keeping_stored, conversion_problem, dense_weight, frozen_dense, is_conv1d
 from ..errors import UnslothCompileError
 from . import format as nf4_format
 
@@ -69,17 +69,13 @@ def torchao_problem(module: nn.Module) -> Optional[str]:
 
 def dense_problem(module: nn.Module) -> Optional[str]:
     """Why a dense layer cannot be stored in NF4, or None."""
-    weight = dense_weight(module)
-    if weight is None:
-        return f"{type(module).__name__} is not a linear layer (nn.Linear or Conv1D)"
-    if weight.requires_grad:
-        return "the weight is trainable (NF4 storage is for frozen bases)"
-    if not weight.dtype.is_floating_point or weight.dtype.itemsize < 2:
-        return f"the weight's dtype is {weight.dtype}"
-    k = weight.shape[1]
-    if k % nf4_format.BLOCK:
-        return (f"K (in_features)={k} is not a multiple of {nf4_format.BLOCK}, the NF4 block: each block of "
-                f"a row shares one absmax")
+    return conversion_problem(module, "NF4 storage", lambda dtype: dtype.itemsize >= 2, _shape_problem)
+
+
+def _shape_problem(out_features: int, in_features: int) -> Optional[str]:
+    if in_features % nf4_format.BLOCK:
+        return (f"K (in_features)={in_features} is not a multiple of {nf4_format.BLOCK}, the NF4 block: each block "
+                f"of a row shares one absmax")
     return None
 
 
