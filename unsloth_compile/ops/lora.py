@@ -27,6 +27,7 @@ from ..errors import UnslothCompileError
 from ..kernels import reference
 from .dropout import check_dropout_args, dropout_input, through_dropout
 from .frozen_base import LORA_BACKWARD_ARGS, LORA_FORWARD_ARGS, FrozenBase, LoraBackward, LoraForward
+from .saved_args import pack_saved, unpack_saved
 
 _NO_DEFAULT = object()
 
@@ -123,34 +124,6 @@ def _fake_backward(op: LoraOp, *args):
 # ----------------------------------------------------------------------------- autograd
 
 
-def _pack(kept: dict[str, Any]) -> tuple[list, tuple]:
-    """(tensors to save, how to rebuild `kept` from them): tensors and None are saved one each,
-    lists of tensors as their elements, anything else rides along as a constant."""
-    tensors, plan = [], []
-    for name, value in kept.items():
-        if value is None or isinstance(value, Tensor):
-            tensors.append(value)
-            plan.append((name, "tensor", None))
-        elif isinstance(value, (list, tuple)) and all(isinstance(t, Tensor) for t in value):
-            tensors.extend(value)
-            plan.append((name, "list", len(value)))
-        else:
-            plan.append((name, "constant", value))
-    return tensors, tuple(plan)
-
-
-def _unpack(plan: tuple, tensors: list) -> dict[str, Any]:
-    kept, i = {}, 0
-    for name, kind, payload in plan:
-        if kind == "tensor":
-            kept[name], i = tensors[i], i + 1
-        elif kind == "list":
-            kept[name], i = list(tensors[i:i + payload]), i + payload
-        else:
-            kept[name] = payload
-    return kept
-
-
 def _stand_in(x_meta) -> Tensor:
     """x's shape, dtype and device in one element of memory, for a backward that reads no x."""
     shape, dtype, device = x_meta
@@ -189,7 +162,7 @@ class LoraLinearFunction(torch.autograd.Function):
         v = op.forward_values(inputs)
         x, lora_x, bias, residual = v["x"], v["lora_x"], v["bias"], v["residual"]
         kept = op.strategy.backward_base({name: v[name] for name in op.base_names})
-        base_tensors, ctx.base_plan = _pack({name: kept[name] for name in op.backward_base_names})
+        base_tensors, ctx.base_plan = pack_saved({name: kept[name] for name in op.backward_base_names})
         # With dropout given as lora_x, backward needs of x only dx's shape, dtype and device:
         # x itself is not kept, M x K elements less saved per LoRA layer (lora_x, which dA
         # needs, is saved instead). Given as a mask, x and the mask are kept and lora_x is
@@ -214,7 +187,7 @@ class LoraLinearFunction(torch.autograd.Function):
         values = {"grad_out": grad_out, "x": x, "lora_A": lora_A, "lora_B": lora_B, "lora_x": lora_x,
                   "lora_hidden": hidden, "scale": ctx.scale, "scale_tensor": scale_tensor, "impl": ctx.impl,
                   "dropout_mask": mask, "dropout_scale": ctx.dropout_scale,
-                  **_unpack(ctx.base_plan, base_tensors)}
+                  **unpack_saved(ctx.base_plan, base_tensors)}
         dx, d_lora_x, dA, dB = op.backward_op(*(values[name] for name in op.backward_names))
         needs = dict(zip(op.forward_names, ctx.needs_input_grad[1:]))
         dbias, d_lora_B_bias, dresidual = side_grads(
