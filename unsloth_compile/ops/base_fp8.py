@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from ..kernels.fp8 import fp8
+from .base_linear import register_base_linear_op
 from .frozen_base import FrozenBase, LoraBackward, LoraForward
 from .lora import register_lora_op
 
@@ -70,60 +70,14 @@ register_lora_op(FP8)
 
 # ----------------------------------------------------------------------------- fp8_linear: the base alone
 
-_lib = torch.library.Library("unsloth", "FRAGMENT")
-_lib.define("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias, str impl) -> Tensor")
-_lib.define("fp8_linear_backward(Tensor grad_out, Tensor weight, Tensor weight_scale, ScalarType x_dtype, "
-            "str impl) -> Tensor")
+
+def _linear_forward(x, base, bias, impl):
+    return fp8.fp8_linear_forward(x, base["weight"], base["weight_scale"], bias, emulate(impl, x))
 
 
-def _fp8_linear(x, weight, weight_scale, bias, impl):
-    return fp8.fp8_linear_forward(x, weight, weight_scale, bias, emulate(impl, x))
+def _linear_backward(grad_out, base, x_dtype, impl):
+    return fp8.fp8_linear_backward(grad_out, base["weight"], base["weight_scale"], x_dtype, emulate(impl, grad_out))
 
 
-def _fp8_linear_backward(grad_out, weight, weight_scale, x_dtype, impl):
-    return fp8.fp8_linear_backward(grad_out, weight, weight_scale, x_dtype, emulate(impl, grad_out))
-
-
-@torch.library.register_fake("unsloth::fp8_linear")
-def _(x, weight, weight_scale, bias, impl):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.register_fake("unsloth::fp8_linear_backward")
-def _(grad_out, weight, weight_scale, x_dtype, impl):
-    return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]), dtype=x_dtype)
-
-
-class _Fp8LinearFunction(torch.autograd.Function):
-    """dx through the fp8 GEMM, the bias gradient as a column sum; none for the weight."""
-
-    @staticmethod
-    def forward(ctx, x, weight, weight_scale, bias, impl):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = torch.ops.unsloth.fp8_linear.default(x, weight, weight_scale, bias, impl)
-        ctx.save_for_backward(weight, weight_scale)
-        ctx.x_dtype, ctx.impl = x.dtype, impl
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, weight_scale = ctx.saved_tensors
-        dx = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.unsloth.fp8_linear_backward.default(grad_out, weight, weight_scale, ctx.x_dtype, ctx.impl)
-        if ctx.needs_input_grad[3]:
-            dbias = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.bias_dtype).sum(0)
-        return dx, None, None, dbias, None
-
-
-def _fp8_linear_autograd(x, weight, weight_scale, bias, impl):
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, bias):
-        return _Fp8LinearFunction.apply(x, weight, weight_scale, bias, impl)
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.unsloth.fp8_linear.default(x, weight, weight_scale, bias, impl)
-
-
-_lib.impl("fp8_linear", _fp8_linear, "CompositeExplicitAutograd")
-_lib.impl("fp8_linear_backward", _fp8_linear_backward, "CompositeExplicitAutograd")
-_lib.impl("fp8_linear", _fp8_linear_autograd, "Autograd")
+FP8_LINEAR = register_base_linear_op("fp8_linear", "Tensor weight, Tensor weight_scale", _linear_forward,
+                                     _linear_backward, shape=lambda base: tuple(base["weight"].shape))

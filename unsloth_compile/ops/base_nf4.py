@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..kernels import reference
 from ..nf4 import format as nf4_format
+from .base_linear import register_base_linear_op
 from .frozen_base import FrozenBase, LoraBackward, LoraForward
 from .kernel_loader import KernelLoader
 from .lora import register_lora_op
@@ -141,73 +142,14 @@ register_lora_op(NF4)
 
 # ----------------------------------------------------------------------------- nf4_linear: the base alone
 
-_lib = torch.library.Library("unsloth", "FRAGMENT")
-_lib.define(f"nf4_linear(Tensor x, {_BASE_SCHEMA}, Tensor? bias, str impl) -> Tensor")
-_lib.define(f"nf4_linear_backward(Tensor grad_out, {_BASE_SCHEMA}, ScalarType x_dtype, str impl) -> Tensor")
 
-
-def _base(packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features, weight_dtype) -> dict:
-    return dict(zip(BASE_ARGS, (packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features,
-                                weight_dtype)))
-
-
-def _nf4_linear(x, packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features, weight_dtype, bias,
-                impl):
-    base = _base(packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features, weight_dtype)
+def _linear_forward(x, base, bias, impl):
     return F.linear(x, dense_weight(base, x.dtype), bias)
 
 
-def _nf4_linear_backward(grad_out, packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features,
-                         weight_dtype, x_dtype, impl):
-    base = _base(packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features, weight_dtype)
+def _linear_backward(grad_out, base, x_dtype, impl):
     return (grad_out.to(x_dtype) @ dense_weight(base, x_dtype)).contiguous()
 
 
-@torch.library.register_fake("unsloth::nf4_linear")
-def _(x, packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features, weight_dtype, bias, impl):
-    return x.new_empty((*x.shape[:-1], out_features))
-
-
-@torch.library.register_fake("unsloth::nf4_linear_backward")
-def _(grad_out, packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features, weight_dtype, x_dtype,
-      impl):
-    return grad_out.new_empty((*grad_out.shape[:-1], in_features), dtype=x_dtype)
-
-
-class _Nf4LinearFunction(torch.autograd.Function):
-    """dx through the dequantised weight, the bias gradient as a column sum; none for the weight."""
-
-    @staticmethod
-    def forward(ctx, x, packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features, weight_dtype,
-                bias, impl):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = torch.ops.unsloth.nf4_linear.default(x, packed, absmax_codes, absmax_scale, absmax_offset,
-                                                       out_features, in_features, weight_dtype, bias, impl)
-        ctx.save_for_backward(packed, absmax_codes, absmax_scale, absmax_offset)
-        ctx.shape, ctx.weight_dtype, ctx.x_dtype, ctx.impl = (out_features, in_features), weight_dtype, x.dtype, impl
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        dx = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.unsloth.nf4_linear_backward.default(grad_out, *ctx.saved_tensors, *ctx.shape,
-                                                               ctx.weight_dtype, ctx.x_dtype, ctx.impl)
-        if ctx.needs_input_grad[8]:
-            dbias = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.bias_dtype).sum(0)
-        return dx, None, None, None, None, None, None, None, dbias, None
-
-
-def _nf4_linear_autograd(x, packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features,
-                         weight_dtype, bias, impl):
-    args = (x, packed, absmax_codes, absmax_scale, absmax_offset, out_features, in_features, weight_dtype, bias, impl)
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, bias):
-        return _Nf4LinearFunction.apply(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.unsloth.nf4_linear.default(*args)
-
-
-_lib.impl("nf4_linear", _nf4_linear, "CompositeExplicitAutograd")
-_lib.impl("nf4_linear_backward", _nf4_linear_backward, "CompositeExplicitAutograd")
-_lib.impl("nf4_linear", _nf4_linear_autograd, "Autograd")
+NF4_LINEAR = register_base_linear_op("nf4_linear", _BASE_SCHEMA, _linear_forward, _linear_backward,
+                                     shape=lambda base: (base["out_features"], base["in_features"]))

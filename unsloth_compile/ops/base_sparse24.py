@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 
 from ..kernels import sparse24
+from .base_linear import register_base_linear_op
 from .frozen_base import FrozenBase, LoraBackward, LoraForward
 from .lora import register_lora_op
 
@@ -67,62 +67,17 @@ register_lora_op(SPARSE24)
 
 # ----------------------------------------------------------------------------- sparse24_linear: the base alone
 
-_lib = torch.library.Library("unsloth", "FRAGMENT")
-_lib.define("sparse24_linear(Tensor x, Tensor weight, Tensor[] compressed, str layout, Tensor? bias, str impl) "
-            "-> Tensor")
-_lib.define("sparse24_linear_backward(Tensor grad_out, Tensor weight, Tensor[] compressed, str layout, "
-            "ScalarType x_dtype, str impl) -> Tensor")
+
+def _linear_forward(x, base, bias, impl):
+    return sparse24.sparse24_linear_forward(x, base["weight"], list(base["compressed"]),
+                                            _layout(impl, base["layout"]), bias)
 
 
-def _sparse24_linear(x, weight, compressed, layout, bias, impl):
-    return sparse24.sparse24_linear_forward(x, weight, list(compressed), _layout(impl, layout), bias)
+def _linear_backward(grad_out, base, x_dtype, impl):
+    return sparse24.sparse24_linear_backward(grad_out, base["weight"], list(base["compressed"]),
+                                             _layout(impl, base["layout"]), x_dtype)
 
 
-def _sparse24_linear_backward(grad_out, weight, compressed, layout, x_dtype, impl):
-    return sparse24.sparse24_linear_backward(grad_out, weight, list(compressed), _layout(impl, layout), x_dtype)
-
-
-@torch.library.register_fake("unsloth::sparse24_linear")
-def _(x, weight, compressed, layout, bias, impl):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.register_fake("unsloth::sparse24_linear_backward")
-def _(grad_out, weight, compressed, layout, x_dtype, impl):
-    return grad_out.new_empty((*grad_out.shape[:-1], weight.shape[1]), dtype=x_dtype)
-
-
-class _Sparse24LinearFunction(torch.autograd.Function):
-    """dx through W^T's compressed copy, the bias gradient as a column sum; none for W."""
-
-    @staticmethod
-    def forward(ctx, x, weight, compressed, layout, bias, impl):
-        with torch._C._AutoDispatchBelowAutograd():
-            out = torch.ops.unsloth.sparse24_linear.default(x, weight, compressed, layout, bias, impl)
-        ctx.save_for_backward(weight, *compressed)
-        ctx.x_dtype, ctx.layout, ctx.impl = x.dtype, layout, impl
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        weight, *compressed = ctx.saved_tensors
-        dx = dbias = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.ops.unsloth.sparse24_linear_backward.default(grad_out, weight, compressed, ctx.layout,
-                                                                    ctx.x_dtype, ctx.impl)
-        if ctx.needs_input_grad[4]:
-            dbias = grad_out.reshape(-1, grad_out.shape[-1]).to(ctx.bias_dtype).sum(0)
-        return dx, None, None, None, dbias, None
-
-
-def _sparse24_linear_autograd(x, weight, compressed, layout, bias, impl):
-    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, bias):
-        return _Sparse24LinearFunction.apply(x, weight, compressed, layout, bias, impl)
-    with torch._C._AutoDispatchBelowAutograd():
-        return torch.ops.unsloth.sparse24_linear.default(x, weight, compressed, layout, bias, impl)
-
-
-_lib.impl("sparse24_linear", _sparse24_linear, "CompositeExplicitAutograd")
-_lib.impl("sparse24_linear_backward", _sparse24_linear_backward, "CompositeExplicitAutograd")
-_lib.impl("sparse24_linear", _sparse24_linear_autograd, "Autograd")
+SPARSE24_LINEAR = register_base_linear_op("sparse24_linear", "Tensor weight, Tensor[] compressed, str layout",
+                                          _linear_forward, _linear_backward,
+                                          shape=lambda base: tuple(base["weight"].shape))
