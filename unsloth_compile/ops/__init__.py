@@ -7,6 +7,8 @@ implementation for every device (kernels on CUDA, plain torch elsewhere) and its
     base_fp8.py               unsloth::lora_linear_fp8(_backward)       float8 base, and fp8_linear
     base_sparse24.py          unsloth::lora_linear_sparse24(_backward)  2:4 base, and sparse24_linear
     base_nf4.py               unsloth::lora_linear_nf4(_backward)       4-bit NF4 base, and nf4_linear
+    base_linear.py            the base-only ops (fp8_linear, ...): registration and autograd
+    saved_args.py             an op's arguments kept for backward (the LoRA and base-only Functions)
     kernel_loader.py          a base's CUDA kernel module: imported on first use, chosen per call
     cross_entropy.py          unsloth::linear_cross_entropy*, unsloth::logits_cross_entropy*
     compress.py               the ops of compress_activations
