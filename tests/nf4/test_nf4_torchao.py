@@ -23,8 +23,8 @@ from unsloth_compile.dense_linear import lora_base_layers  # noqa: E402
 from unsloth_compile.errors import UnslothCompileError  # noqa: E402
 from unsloth_compile.report import collect_reports  # noqa: E402
 
-from helpers import peft_wrap  # noqa: E402
-from test_nf4_training import AOT, assert_same_training, run_steps  # noqa: E402
+from helpers import assert_same_training, peft_wrap, train_steps as run_steps  # noqa: E402
+from test_nf4_training import AOT  # noqa: E402
 
 # torchao double-quantises the absmax in groups of 256 blocks with no short group: N*K a multiple of 16384
 SHAPES = [(256, 64), (64, 512), (96, 1024), (2, 8192)]
