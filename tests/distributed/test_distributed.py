@@ -307,7 +307,7 @@ def test_find_blocks():
 
 # a recompile limit below Dynamo's default of 8, and more blocks than it: the same failure with
 # fewer compiles
-DEEP_RECOMPILE_LIMIT, DEEP_BLOCKS = 4, 6
+DEEP_RECOMPILE_LIMIT, DEEP_BLOCKS = 3, 4
 
 
 def _deep_block_compile_graphs(disable_cache: bool) -> tuple[int, int]:
