@@ -462,8 +462,9 @@ class Workers:
         self.jobs, self.procs = jobs, {}
         for name, (argv, env, log_path) in jobs.items():
             with open(log_path, "w") as log:
-                self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                                    preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if nice:  # set from here: a preexec_fn is unsafe in a parent with threads
+                os.setpriority(os.PRIO_PROCESS, self.procs[name].pid, os.getpriority(os.PRIO_PROCESS, 0) + nice)
 
     def wait(self, timeout: float) -> None:
         """Waits at most `timeout` seconds from this call."""
