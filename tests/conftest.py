@@ -34,7 +34,41 @@ def fresh_summary():
     summary.reset()
 
 
+# Modules whose `runs` fixture reads what worker processes trained (tests/distributed_cases.py,
+# tests/parallel_cases.py). Their processes start with the session at a lower CPU priority and
+# these modules run last: the workers use the cores the in-process tests leave idle (the test
+# process's Python keeps about one core busy).
+MULTI_PROCESS_MODULES = ("test_distributed.py", "test_parallel.py")
+WORKER_NICENESS = 10
+
+
+def _start_workers(module: str, out):
+    if module == "test_distributed.py":
+        import distributed_cases
+
+        return distributed_cases.start(distributed_cases.WORLD, out, nice=WORKER_NICENESS)
+    import parallel_cases
+
+    return parallel_cases.start(out, nice=WORKER_NICENESS)
+
+
+def _reads_worker_runs(item) -> bool:
+    return item.path.name in MULTI_PROCESS_MODULES and "runs" in getattr(item, "fixturenames", ())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def multi_process_launches(request, tmp_path_factory):
+    """{module file name: its started worker processes (a Launch)} for each selected module whose
+    tests read worker runs; what is still running at the end of the session is killed."""
+    names = sorted({item.path.name for item in request.session.items if _reads_worker_runs(item)})
+    launches = {name: _start_workers(name, tmp_path_factory.mktemp(name.removesuffix(".py"))) for name in names}
+    yield launches
+    for launch in launches.values():
+        launch.workers.stop()
+
+
 def pytest_collection_modifyitems(config, items):
+    items.sort(key=_reads_worker_runs)  # stable: the multi-process modules' worker tests last
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (run on the device machine)")

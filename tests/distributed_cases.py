@@ -471,41 +471,70 @@ def _free_port() -> int:
 
 
 
-def launch(world: int, out: Path, timeout: float = 900, cuda: bool = False) -> list[dict]:
+class Workers:
+    """Worker processes started at once (name -> (argv, environment, log file)), each at a lower
+    CPU priority: started with the session (tests/conftest.py), they use the cores the
+    in-process tests leave idle. `wait` waits for all; when one fails the others are killed
+    (they would wait for it in a collective), and a RuntimeError carries each failed job's log
+    tail."""
+
+    def __init__(self, jobs: dict, nice: int = 0):
+        self.jobs, self.procs = jobs, {}
+        for name, (argv, env, log_path) in jobs.items():
+            with open(log_path, "w") as log:
+                self.procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+            if nice:  # set from here: a preexec_fn is unsafe in a parent with threads
+                os.setpriority(os.PRIO_PROCESS, self.procs[name].pid, os.getpriority(os.PRIO_PROCESS, 0) + nice)
+
+    def wait(self, timeout: float) -> None:
+        """Waits at most `timeout` seconds from this call."""
+        deadline = time.monotonic() + timeout
+        procs = self.procs
+        while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
+            if any(p.poll() not in (None, 0) for p in procs.values()):
+                break
+            time.sleep(0.5)
+        codes = {name: p.poll() for name, p in procs.items()}
+        self.stop()
+        failed = [name for name, code in codes.items() if code != 0]
+        if failed:
+            raise RuntimeError("\n".join(f"{name} exited {codes[name]}:\n" + self.jobs[name][2].read_text()[-6000:]
+                                          for name in failed))
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+class Launch:
+    """Started worker processes and how to read their results once they are done."""
+
+    def __init__(self, workers: Workers, load, timeout: float):
+        self.workers, self.load, self.timeout = workers, load, timeout
+
+    def results(self):
+        self.workers.wait(self.timeout)
+        return self.load()
+
+
+def start(world: int, out: Path, timeout: float = 900, cuda: bool = False, nice: int = 0) -> Launch:
     """Start `world` worker processes (torchrun's environment, no agent: each process saves the
-    seconds an extra Python start costs), wait for all; a failure kills the others and raises
-    RuntimeError with every failed rank's log tail."""
+    seconds an extra Python start costs); `.results()` waits for all (at most `timeout` seconds)
+    and returns what each rank saved, or raises RuntimeError with every failed rank's log tail."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
                UNSLOTH_TEST_OUT=str(out), OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
     argv = [sys.executable, __file__, "--worker-cuda" if cuda else "--worker", str(out)]
-    run_workers({f"rank {rank}": (argv,
-                                  dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), out / f"log{rank}.txt")
-                 for rank in range(world)}, timeout)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    workers = Workers({f"rank {rank}": (argv, dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), out / f"log{rank}.txt")
+                       for rank in range(world)}, nice)
+    return Launch(workers, lambda: [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)],
+                  timeout)
 
 
-def run_workers(jobs: dict, timeout: float) -> None:
-    """Start every job (name -> (argv, environment, log file)) at once and wait for all; when
-    one fails the others are killed (they would wait for it in a collective), and a
-    RuntimeError carries each failed job's log tail."""
-    procs = {}
-    for name, (argv, env, log_path) in jobs.items():
-        with open(log_path, "w") as log:
-            procs[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while any(p.poll() is None for p in procs.values()) and time.monotonic() < deadline:
-        if any(p.poll() not in (None, 0) for p in procs.values()):
-            break
-        time.sleep(0.5)
-    codes = {name: p.poll() for name, p in procs.items()}
-    for p in procs.values():
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    failed = [name for name, code in codes.items() if code != 0]
-    if failed:
-        raise RuntimeError("\n".join(f"{name} exited {codes[name]}:\n" + jobs[name][2].read_text()[-6000:]
-                                      for name in failed))
+def launch(world: int, out: Path, timeout: float = 900, cuda: bool = False) -> list[dict]:
+    """start(...).results(): the processes started and waited for."""
+    return start(world, out, timeout, cuda).results()
 
 
 # ----------------------------------------------------------------------------- references

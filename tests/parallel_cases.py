@@ -339,10 +339,11 @@ def worker(group: str, out_dir: str) -> None:
 # ----------------------------------------------------------------------------- launcher
 
 
-def launch(out: Path, timeout: float = 300) -> dict[str, list[dict]]:
-    """Start every group of GROUPS at once (torchrun's environment, no agent), wait for all; a
-    failure kills the rest and raises RuntimeError with the failed ranks' log tails."""
-    from distributed_cases import _free_port, run_workers
+def start(out: Path, timeout: float = 300, nice: int = 0):
+    """Start every group of GROUPS at once (torchrun's environment, no agent); `.results()` waits
+    for all (at most `timeout` seconds) and returns each group's ranks' results, or kills the
+    rest after a failure and raises RuntimeError with the failed ranks' log tails."""
+    from distributed_cases import Launch, Workers, _free_port
 
     jobs = {}
     for group, world in GROUPS.items():
@@ -352,9 +353,8 @@ def launch(out: Path, timeout: float = 300) -> dict[str, list[dict]]:
             jobs[f"{group} rank {rank}"] = ([sys.executable, __file__, "--worker", group, str(out)],
                                             dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
                                             out / f"{group}-log{rank}.txt")
-    run_workers(jobs, timeout)
-    return {g: [torch.load(out / f"{g}-rank{r}.pt", weights_only=False) for r in range(w)]
-            for g, w in GROUPS.items()}
+    return Launch(Workers(jobs, nice), lambda: {g: [torch.load(out / f"{g}-rank{r}.pt", weights_only=False)
+                                                    for r in range(w)] for g, w in GROUPS.items()}, timeout)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:

@@ -70,19 +70,21 @@ def test_e2e_tiny_end_to_end_with_a_failing_variant(tmp_path, capsys):
 
 
 def test_accuracy_end_to_end_on_cpu(tmp_path):
-    assert main(["accuracy", "--steps", "2", "--seeds", "2", "--max-train", "32", "--max-eval", "24",
+    """One seed end to end (test_accuracy_summary_over_seeds checks the spread over seeds and
+    the per-seed pairing on made-up runs)."""
+    assert main(["accuracy", "--steps", "2", "--seeds", "1", "--max-train", "32", "--max-eval", "24",
                  "--batch-size", "8", "--device", "cpu", "--inner", "eager", "--out", str(tmp_path),
                  "--variant", "fce=unsloth:fuse_cross_entropy=true",
                  "--variant", BROKEN]) == 1  # inner=eager: the e2e test covers aot_eager, this one the task
     data = json.loads((tmp_path / "accuracy.json").read_text())
     assert {"env", "args", "seeds", "label_names", "sizes", "runs", "summary"} <= set(data)
-    assert len(data["label_names"]) == 14 and data["seeds"] == [0, 1]
+    assert len(data["label_names"]) == 14 and data["seeds"] == [0]
     assert data["sizes"] == {"train": 32, "valid": 24, "test": 24}
-    assert len(data["runs"]) == 4 * 2
+    assert len(data["runs"]) == 4
     summary = {s["variant"]["name"]: s for s in data["summary"]}
     for name in ["peft-eager", "peft+unsloth"]:
         s = summary[name]
-        assert s["seeds_ok"] == 2, [r.get("traceback") for r in data["runs"] if r["status"] != "ok"]
+        assert s["seeds_ok"] == 1, [r.get("traceback") for r in data["runs"] if r["status"] != "ok"]
         for metric in ("macro_f1", "accuracy"):
             assert 0 <= s[metric]["min"] <= s[metric]["mean"] <= s[metric]["max"] <= 100
     assert summary["peft-eager"]["verdict"] == "baseline"
@@ -92,13 +94,57 @@ def test_accuracy_end_to_end_on_cpu(tmp_path):
     # fuse_cross_entropy=true: training returns no logits, so the classifier + CE is one more fused site
     fce_runs = [r for r in data["runs"] if r["variant"]["name"] == "fce"]
     assert [r["fusion"]["fused"] for r in fce_runs] == [r["fusion"]["fused"] + 1 for r in unsloth_runs]
-    assert summary["fce"]["seeds_ok"] == 2
-    assert summary["broken"]["seeds_failed"] == 2 and summary["broken"]["verdict"] == "failed"
+    assert summary["fce"]["seeds_ok"] == 1
+    assert summary["broken"]["seeds_failed"] == 1 and summary["broken"]["verdict"] == "failed"
 
     rows = _md_rows((tmp_path / "accuracy.md").read_text())
     names = [r[0] for r in rows[1:]]  # after the header row
     assert names == ["peft-eager", "peft+unsloth", "fce", "broken"]
     assert "no_such_option" in rows[-1][-1]
+
+
+def test_accuracy_summary_over_seeds():
+    """bench accuracy's summary of several seeds: the spread of each variant's test scores, the
+    difference of the means to PEFT eager and the difference paired by seed (a seed whose
+    baseline failed is left out of the pairing), the verdicts, failed seeds counted."""
+    from unsloth_compile.bench.accuracy import parse_seeds, render_markdown, summarise
+
+    assert parse_seeds("2") == [0, 1] and parse_seeds("3,5") == [3, 5]
+    variants = [Variant("peft-eager", "eager", role="peft-eager"), Variant("peft+unsloth", "unsloth", role="unsloth"),
+                Variant("broken", "unsloth")]
+
+    def run(name, seed, f1=None):
+        if f1 is None:
+            return {"variant": variants_by_name[name].to_json(), "seed": seed, "status": "failed",
+                    "error": "RuntimeError: it broke\ndetail"}
+        return {"variant": variants_by_name[name].to_json(), "seed": seed, "status": "ok",
+                "test": {"macro_f1": f1, "accuracy": f1 + 0.1}, "samples_per_s": 10.0 * (seed + 1)}
+
+    variants_by_name = {v.name: v for v in variants}
+    runs = [run("peft-eager", 0, 0.50), run("peft+unsloth", 0, 0.499), run("broken", 0),
+            run("peft-eager", 1, 0.70), run("peft+unsloth", 1, 0.705), run("broken", 1),
+            run("peft-eager", 2), run("peft+unsloth", 2, 0.90)]
+    summary = {s["variant"]["name"]: s for s in summarise(variants, runs)}
+    base, lora, broken = summary["peft-eager"], summary["peft+unsloth"], summary["broken"]
+    assert (base["seeds_ok"], base["seeds_failed"], lora["seeds_ok"], broken["seeds_failed"]) == (2, 1, 3, 2)
+    assert base["macro_f1"]["min"] == pytest.approx(50) and base["macro_f1"]["max"] == pytest.approx(70)
+    assert base["macro_f1"]["mean"] == pytest.approx(60) and base["macro_f1"]["std"] == pytest.approx(200 ** 0.5)
+    assert lora["accuracy"]["mean"] == pytest.approx((59.9 + 80.5 + 100) / 3)
+    assert lora["delta_f1_points"] == pytest.approx((49.9 + 70.5 + 90) / 3 - 60)
+    paired = lora["paired_delta_f1_points"]  # seeds 0 and 1 only
+    assert paired["n"] == 2 and paired["mean"] == pytest.approx(0.2) and paired["min"] == pytest.approx(-0.1)
+    assert base["verdict"] == "baseline" and lora["verdict"].startswith("NOT met") and broken["verdict"] == "failed"
+    summary = {s["variant"]["name"]: s for s in summarise(variants, runs[:6])}
+    assert summary["peft+unsloth"]["verdict"].startswith("met")  # 0.2 points: within the tolerance
+
+    from unsloth_compile.bench.variants import environment
+
+    data = {"args": {"rank": 8, "steps": 2, "batch_size": 8, "lr": 1e-3}, "env": environment(torch.device("cpu")),
+            "sizes": {"train": 1, "valid": 1, "test": 1}, "label_names": ["a"], "model_path": "m",
+            "dtype": "torch.float32", "seeds": [0, 1], "runs": runs[:6], "summary": summarise(variants, runs[:6])}
+    rows = {r[0]: r for r in _md_rows(render_markdown(data))}
+    assert rows["peft+unsloth"][2] == "2/2" and rows["peft+unsloth"][3] == "60.20 ± 14.57 [49.90, 70.50]"
+    assert rows["broken"][2] == "0/2" and rows["broken"][-1] == "RuntimeError: it broke"
 
 
 TWO_LINES = "the first line says why\nthe second line is detail"

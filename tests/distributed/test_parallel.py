@@ -15,15 +15,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallel_cases import STEPS, launch, reference, tiny_model
+from parallel_cases import STEPS, reference, tiny_model
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    try:
-        return launch(tmp_path_factory.mktemp("parallel"))
+def runs(multi_process_launches):
+    try:  # started with the session (tests/conftest.py)
+        return multi_process_launches["test_parallel.py"].results()
     except RuntimeError as error:
         pytest.fail(str(error))
 
