@@ -9,7 +9,8 @@ Pattern: the site's base is `torch.ops.unsloth.nf4_linear(x, packed, absmax_code
   left.
 Check: none beyond the LoRA site's own: `convert` stores only what the kernels take (K a multiple
   of 64), so a stored base always passes. A dense-looking base whose weight is a torchao
-  NF4Tensor (not taken over before compiling) is refused with the way out (check_dense_weight). A dense base under precision="nf4" is reported (the
+  NF4Tensor (not taken over before compiling) is refused with the way out (check_dense_weight).
+  A dense base under precision="nf4" is reported (the
   backend cannot quantise a module: unsloth_compile.compile or nf4.convert does it beforehand),
   and a 4-bit base under precision="fp8" or sparsity="2:4" keeps its 4-bit op with the reason.
 Replacement: `torch.ops.unsloth.lora_linear_nf4` in place of `lora_linear`: the same adapter

@@ -118,8 +118,9 @@ def convert(model: nn.Module, select: Optional[Callable[[str, nn.Module], bool]]
 
     `select(path, module)` picks the modules to convert (default: the `base_layer` of every LoRA
     layer; `frozen_linears`: every frozen linear; `bnb_linears`: the bitsandbytes Linear4bit
-    layers; `stored_four_bit_linears`: those and the linears over torchao NF4Tensors). A weight that another module shares (tied embeddings) is converted but not freed: the
-    report lists it as shared and counts no bytes freed for it."""
+    layers; `stored_four_bit_linears`: those and the linears over torchao NF4Tensors). A weight
+    that another module shares (tied embeddings) is converted but not freed: the report lists it
+    as shared and counts no bytes freed for it."""
     report = ConversionReport()
 
     def record(layer: SwappedLayer) -> None:
