@@ -20,12 +20,12 @@ from unsloth_compile.errors import UnslothCompileError
 from helpers import peft_wrap, tiny_causal_lm
 
 
-def tiny_llama(dtype=torch.float32):
+def tiny_llama(dtype=torch.float32, layers: int = 2):
     """A tiny Llama whose every projection has K a multiple of 64 (intermediate 128)."""
     import transformers as tf
 
     cfg = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                         vocab_size=96, num_hidden_layers=2)
+                         vocab_size=96, num_hidden_layers=layers)
     return tf.LlamaForCausalLM(cfg).to(dtype)
 
 
