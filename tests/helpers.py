@@ -211,6 +211,31 @@ def assert_same_training(got: tuple[list, list], want: tuple[list, list], rtol: 
                                        msg=lambda m: f"step {step} LoRA gradient {i}: {m}")
 
 
+def train_taking_over_four_bit_bases(model: torch.nn.Module, options: dict, source: str, codes: list[int],
+                                     log_line: str, caplog, sites: int) -> tuple[list, list]:
+    """`unsloth_compile.compile(model, **options)` on a PEFT model whose LoRA bases another library
+    stores in 4 bits (`source`: "bitsandbytes", "torchao"), then train_steps' result. Checks that
+    every base became an Nf4Linear of that source over the same code storage (`codes`: the
+    storages' data pointers before the compile), that the conversion report says `log_line`, and
+    that all `sites` LoRA sites fused over their 4-bit bases, none refused."""
+    import logging
+
+    import unsloth_compile
+    from unsloth_compile import nf4
+    from unsloth_compile.dense_linear import lora_base_layers
+
+    with collect_reports() as report, caplog.at_level(logging.INFO, logger="unsloth_compile"):
+        unsloth_compile.compile(model, **options)  # no precision given: the bases are 4-bit already
+        got = train_steps(model)
+    bases = [layer.base_layer for _, layer in lora_base_layers(model)]
+    assert all(isinstance(b, nf4.Nf4Linear) and b.source == source for b in bases)
+    assert [b.packed.untyped_storage().data_ptr() for b in bases] == codes  # shared, not quantised again
+    assert log_line in caplog.text
+    assert report.counters["lora_linear.fused"] == sites and report.counters["nf4_linear.fused"] == sites, str(report)
+    assert report.counters["lora_linear.refused"] == 0, str(report)
+    return got
+
+
 class LoraLayer(torch.nn.Module):
     """A PEFT-style LoRA linear (a frozen `base_layer` with a bias, adapters `lora_A`, `lora_B`,
     scale 0.5), B random so that A gets a gradient: what a base conversion (fp8, NF4) selects."""

@@ -6,19 +6,15 @@ other bitsandbytes formats are refused with the reason. Skipped without bitsandb
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 
-import unsloth_compile  # noqa: E402
 from unsloth_compile import nf4  # noqa: E402
 from unsloth_compile.dense_linear import lora_base_layers  # noqa: E402
-from unsloth_compile.report import collect_reports  # noqa: E402
 
-from helpers import assert_same_training, train_steps  # noqa: E402
+from helpers import assert_same_training, train_steps, train_taking_over_four_bit_bases  # noqa: E402
 from test_nf4_linear import tiny_llama  # noqa: E402
 
 
@@ -51,15 +47,9 @@ def test_a_bitsandbytes_model_is_taken_over_as_stored_and_trains_as_peft_bitsand
     layers = [layer for _, layer in lora_base_layers(model)]
     assert all(type(layer).__module__ == "peft.tuners.lora.bnb" for layer in layers)
     storage = [layer.base_layer.weight.untyped_storage().data_ptr() for layer in layers]
-    with collect_reports() as report, caplog.at_level(logging.INFO, logger="unsloth_compile"):
-        unsloth_compile.compile(model, inner="aot_eager", bucket_lengths=False)  # no precision given
-        got = train_steps(model)
-    bases = [layer.base_layer for layer in layers]
-    assert all(isinstance(b, nf4.Nf4Linear) and b.source == "bitsandbytes" for b in bases)
-    assert [b.packed.untyped_storage().data_ptr() for b in bases] == storage  # shared, not quantised again
-    assert "0 linear(s) stored in NF4, 14 bitsandbytes Linear4bit taken over as stored" in caplog.text
-    assert report.counters["lora_linear.fused"] == 14 and report.counters["nf4_linear.fused"] == 14, str(report)
-    assert report.counters["lora_linear.refused"] == 0, str(report)
+    got = train_taking_over_four_bit_bases(model, {"inner": "aot_eager", "bucket_lengths": False}, "bitsandbytes",
+                                           storage, "0 linear(s) stored in NF4, 14 bitsandbytes Linear4bit taken "
+                                           "over as stored", caplog, sites=14)
     assert_same_training(got, train_steps(eager))
     # bitsandbytes' own CPU forward of an input that takes no gradient (the first layer's
     # projections) runs its 4-bit GEMM, which rounds as bf16 does: close, not equal

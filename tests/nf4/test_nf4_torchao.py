@@ -17,13 +17,13 @@ try:
 except ImportError:  # older torchao releases keep it in torchao.dtypes
     from torchao.dtypes import to_nf4
 
-import unsloth_compile  # noqa: E402
 from unsloth_compile import nf4  # noqa: E402
 from unsloth_compile.dense_linear import lora_base_layers  # noqa: E402
 from unsloth_compile.errors import UnslothCompileError  # noqa: E402
 from unsloth_compile.report import collect_reports  # noqa: E402
 
-from helpers import assert_same_training, peft_wrap, train_steps as run_steps  # noqa: E402
+from helpers import (assert_same_training, peft_wrap, train_steps as run_steps,  # noqa: E402
+                     train_taking_over_four_bit_bases)
 from test_nf4_training import AOT  # noqa: E402
 
 # torchao double-quantises the absmax in groups of 256 blocks with no short group: N*K a multiple of 16384
@@ -158,7 +158,6 @@ def torchao_lora_model():
 
 def test_a_model_over_torchao_nf4_tensors_is_taken_over_and_trains_as_its_eager_twin(caplog):
     import copy
-    import logging
 
     model = torchao_lora_model()
     eager, eager_torchao = copy.deepcopy(model), copy.deepcopy(model)
@@ -166,15 +165,9 @@ def test_a_model_over_torchao_nf4_tensors_is_taken_over_and_trains_as_its_eager_
              for _, layer in lora_base_layers(model)]
     twin_report = nf4.convert(eager, select=nf4.stored_four_bit_linears)  # the same Nf4Linear bases, eager
     assert len(twin_report.from_torchao) == 14 and not twin_report.refused
-    with collect_reports() as report, caplog.at_level(logging.INFO, logger="unsloth_compile"):
-        unsloth_compile.compile(model, **AOT)  # no precision given: the bases are 4-bit already
-        got = run_steps(model)
-    bases = [layer.base_layer for _, layer in lora_base_layers(model)]
-    assert all(isinstance(b, nf4.Nf4Linear) and b.source == "torchao" for b in bases)
-    assert [b.packed.untyped_storage().data_ptr() for b in bases] == codes
-    assert "14 torchao NF4Tensor linear(s) taken over (4-bit codes shared)" in caplog.text
-    assert report.counters["lora_linear.fused"] == 14 and report.counters["nf4_linear.fused"] == 14, str(report)
-    assert report.counters["lora_linear.refused"] == 0, str(report)
+    got = train_taking_over_four_bit_bases(model, AOT, "torchao", codes,
+                                           "14 torchao NF4Tensor linear(s) taken over (4-bit codes shared)", caplog,
+                                           sites=14)
     assert_same_training(got, run_steps(eager))
     # torchao's own eager model computes with its dequantisation (about 45 dB from this one's):
     # close, not equal; the first step's gradients only (a step on them drifts further)
