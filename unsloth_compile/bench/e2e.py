@@ -439,11 +439,16 @@ _SPELLING_SUFFIX = {"full": "", "types": "-nomask"}
 
 def run(args) -> list[dict]:
     """One table per batch spelling asked for (BERT presets), else one."""
-    preset = PRESETS[args.preset]
-    if preset.family == "llama":
-        return [run_one(args, spelling="full")]
-    spellings = getattr(args, "spellings", None) or _MASK_SPELLINGS[args.attention_mask]
-    return [run_one(args, spelling=spelling) for spelling in spellings]
+    return [run_one(args, spelling=spelling)
+            for spelling in spellings_to_run(args, _MASK_SPELLINGS[args.attention_mask])]
+
+
+def spellings_to_run(args, by_mask_option: list[str]) -> list[str]:
+    """The batch spellings a run covers: "full" alone for a causal LM preset; for BERT, those of
+    --spellings, else `by_mask_option` (what the command's attention-mask option asks for)."""
+    if PRESETS[args.preset].family == "llama":
+        return ["full"]
+    return getattr(args, "spellings", None) or by_mask_option
 
 
 def spelled_mask(spelling: str):

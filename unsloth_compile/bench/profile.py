@@ -59,7 +59,7 @@ import torch
 from . import compile_costs, output
 from .batch_layouts import real_tokens
 from .e2e import (FIXED_LENGTHS, PRESETS, add_batch_arguments, build_model, check_real_data, dynamo_graphs,
-                  is_real_data, prepare_model, run_name, spelled_mask, variant_batches)
+                  is_real_data, prepare_model, run_name, spelled_mask, spellings_to_run, variant_batches)
 from .lengths import LengthSpec
 from .roofline import step_roofline, write_roofline
 from .variants import (Variant, compile_for, device_name, environment, make_optimizer, parse_variant, resolve_device,
@@ -446,11 +446,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> list[dict]:
     """One profile per batch spelling asked for (BERT presets), else one."""
-    preset = PRESETS[args.preset]
-    if preset.family == "llama":
-        return [run_one(args, "full")]
-    spellings = getattr(args, "spellings", None) or (["types"] if args.no_attention_mask else ["full"])
-    return [run_one(args, spelling) for spelling in spellings]
+    return [run_one(args, spelling)
+            for spelling in spellings_to_run(args, ["types"] if args.no_attention_mask else ["full"])]
 
 
 def run_one(args, spelling: str) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from ..kernels import sparse24
 from .base_linear import register_base_linear_op
 from .frozen_base import FrozenBase, LoraBackward, LoraForward
