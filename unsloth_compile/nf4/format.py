@@ -215,14 +215,10 @@ def is_torchao_nf4(tensor) -> bool:
 _TORCHAO_LEVELS_ATOL = 2e-3
 
 
-@torch.no_grad()
-def from_torchao(tensor) -> NF4Weight:
-    """A torchao `NF4Tensor` as an NF4Weight, sharing its 4-bit codes (the same packing: element
-    2i in the high nibble of byte i). torchao encodes each block's absmax differently (8-bit
-    linear codes around the mean in the weight's dtype, not the dynamic map), so the absmax
-    values as torchao decodes them are coded again in this format: N*K/64 new bytes, and each
-    absmax moves by at most half a step of ABSMAX_CODE (docs/nf4.md#torchao). Refuses another
-    block size, another level table or a tensor that is not 2-D with K a multiple of 64."""
+def check_torchao(tensor) -> tuple[int, int]:
+    """(N, K) of a torchao NF4Tensor that `from_torchao` reads, or an UnslothCompileError naming
+    what it cannot read (not an NF4Tensor, another block size, another level table, a shape that
+    is not 2-D with K a multiple of 64) and the way out."""
     where = "unsloth_compile.nf4.from_torchao"
     if not is_torchao_nf4(tensor):
         raise UnslothCompileError(
@@ -241,10 +237,22 @@ def from_torchao(tensor) -> NF4Weight:
             f"{where}: the codes of a {(N, K)} NF4Tensor ({packed.numel()} {packed.dtype} bytes, levels "
             f"{levels.tolist()}) are not {N * K // 2} uint8 bytes of the NF4 levels; keep this layer as torchao "
             "runs it")
+    return N, K
+
+
+@torch.no_grad()
+def from_torchao(tensor) -> NF4Weight:
+    """A torchao `NF4Tensor` as an NF4Weight, sharing its 4-bit codes (the same packing: element
+    2i in the high nibble of byte i). torchao encodes each block's absmax differently (8-bit
+    linear codes around the mean in the weight's dtype, not the dynamic map), so the absmax
+    values as torchao decodes them are coded again in this format: N*K/64 new bytes, and each
+    absmax moves by at most half a step of ABSMAX_CODE (docs/nf4.md#torchao). Refuses what
+    `check_torchao` refuses."""
+    N, K = check_torchao(tensor)
     # torchao's own decoding of its absmax values (in the weight's dtype), exactly as its
     # dequantisation uses them
     block_absmax = tensor.dequantize_scalers(tensor.quantized_scalers, tensor.quantization_factor,
                                              tensor.scaler_block_size).float().reshape(-1)
     absmax_codes, absmax_scale, offset = _double_quantize(block_absmax)
-    return NF4Weight(packed=packed, absmax_codes=absmax_codes, absmax_scale=absmax_scale, absmax_offset=offset,
-                     shape=(N, K), dtype=tensor.dtype)
+    return NF4Weight(packed=tensor.quantized_data.reshape(-1), absmax_codes=absmax_codes, absmax_scale=absmax_scale,
+                     absmax_offset=offset, shape=(N, K), dtype=tensor.dtype)

@@ -61,7 +61,7 @@ def torchao_problem(module: nn.Module) -> Optional[str]:
     if module.weight.requires_grad:
         return "the NF4Tensor weight is trainable (NF4 storage is for frozen bases)"
     try:
-        nf4_format.from_torchao(module.weight)
+        nf4_format.check_torchao(module.weight)
     except UnslothCompileError as error:
         return str(error).removeprefix("unsloth_compile.nf4.from_torchao: ")
     return None
