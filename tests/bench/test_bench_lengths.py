@@ -248,3 +248,12 @@ def test_e2e_debian_lengths_and_refusals(tmp_path):
         main(["e2e", "--preset", "tiny-bert", "--device", "cpu", "--lengths", "uniform:8-64", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="longer than the tiny preset's rows"):
         main(["e2e", "--preset", "tiny", "--device", "cpu", "--lengths", "uniform:8-65", "--out", str(tmp_path)])
+
+
+def test_a_variant_given_by_spec_can_be_selected_alone():
+    """`--variants X --variant X=KIND:...` runs X and no default variant."""
+    defaults = [Variant("peft-eager", "eager", role="peft-eager"), Variant("peft+unsloth", "unsloth", role="unsloth")]
+    alone = select_variants(defaults, "regions", ["regions=unsloth:compile_regions=layers"], "eager")
+    assert [(v.name, v.options.get("compile_regions")) for v in alone] == [("regions", "layers")]
+    with pytest.raises(SystemExit, match="unknown"):
+        select_variants(defaults, "other", ["regions=unsloth"], "eager")

@@ -395,7 +395,9 @@ def select_variants(defaults: list[Variant], selected: Optional[str], extra_spec
         for name in filter(None, (n.strip() for n in selected.split(","))):
             base, chosen = layouts_of(name)
             wanted.setdefault(base, []).extend(chosen)
-        unknown = sorted(set(wanted) - {v.name for v in variants})
+        # a name given by --variant may be listed too: `--variants X --variant X=...` runs X alone
+        extra_names = {split_layout(spec.partition("=")[0])[0] for spec in extra_specs}
+        unknown = sorted(set(wanted) - {v.name for v in variants} - extra_names)
         if unknown:
             raise SystemExit(f"--variants: unknown {unknown}; defaults are {[v.name for v in variants]}")
         variants = [v for v in variants if v.name in wanted]
