@@ -145,12 +145,28 @@ def test_lengths_add_no_compiles_beyond_the_bounded_set():
     compiled, report = _train_pair(model, [_llama_batch(step, n) for step, n in enumerate(lengths)])
     assert compiled._compiled_call_impl.buckets_seen == {16, 32, 48, 64}
     block_graphs = sum(1 for s in report.sites if s.pattern == "lora_linear" and s.module == "self_attn.q_proj")
-    # per shape kind (static, then dynamic): the first block, whose input needs no gradient, and the rest
-    assert block_graphs <= 4, block_graphs
-    # and no compile after the second bucket: a third length reuses the dynamic graphs
+    # the first batch needed padding: the blocks are compiled for a dynamic length at once, one
+    # graph for the first block (whose input needs no gradient) and one for the rest
+    assert block_graphs == 2, block_graphs
+    # and no compile after the first step: every later length reuses the dynamic graphs
     torch._dynamo.reset()
-    _, first_two = _train_pair(_llama(3), [_llama_batch(step, n) for step, n in enumerate(lengths[:2])])
-    assert report.graphs == first_two.graphs
+    _, first = _train_pair(_llama(3), [_llama_batch(0, lengths[0])])
+    assert report.graphs == first.graphs
+
+
+def test_summary_counts_every_block_a_shared_graph_fuses(caplog):
+    """One region graph serves all blocks: the summary counts the model's LoRA layers it fuses
+    (all of them), not the sites of one block, and says it once."""
+    model = _llama(3)
+    compiled = unsloth_compile.compile(model, inner="aot_eager", report=False, compile_regions="layers")
+    with caplog.at_level(logging.INFO, logger="unsloth_compile"):
+        for step, length in enumerate((12, 20)):
+            compiled(**_llama_batch(step, length)).loss.backward()
+    total = count_lora_layers(model)
+    fused_lines = [r.getMessage() for r in caplog.records if "LoRA linears" in r.getMessage()]
+    assert any(f"fused {total}/{total} LoRA linears (1 graph)" in line for line in fused_lines), fused_lines
+    assert sum("LoRA linears (" in line for line in fused_lines) == 1, fused_lines
+    assert any("warm-up done" in line and f"fused {total}/{total}" in line for line in fused_lines), fused_lines
 
 
 def test_cached_calls_run_the_blocks_uncompiled_and_say_so(caplog):

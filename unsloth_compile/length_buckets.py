@@ -35,6 +35,7 @@ default); `torch.compile(model, backend="unsloth")` sees only graphs and cannot 
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import logging
 from typing import Any, Callable, Optional
@@ -56,6 +57,20 @@ TOKEN_ALIGNED = ("input_ids", "attention_mask", "labels", "shift_labels", "posit
 CACHE_ARGUMENTS = ("past_key_values", "cache_position", "use_cache")
 # 2-D outputs (batch, length) that are per token; other 2-D outputs (a classifier's logits) are not.
 PER_TOKEN_2D_OUTPUTS = ("start_logits", "end_logits")
+
+
+# The padded length of the batch being run, while a call whose batch needed padding runs (None
+# otherwise). Graphs compiled inside the call on tensors the wrapper never saw (a region's
+# block inputs, built in eager from the padded batch) read it to compile for a dynamic length
+# at once, as the whole-model graph does from the marked batch (regions.py).
+_DYNAMIC_LENGTH: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("unsloth_dynamic_length",
+                                                                                 default=None)
+
+
+def current_dynamic_length() -> Optional[int]:
+    """The token length of the batch now running through a LengthBuckets call, where that batch
+    was padded to its bucket (its lengths vary); None outside such a call."""
+    return _DYNAMIC_LENGTH.get()
 
 
 def bucket_length(length: int) -> int:
@@ -130,8 +145,14 @@ class LengthBuckets:
         if padded is None:
             return self.compiled_call(*args, **kwargs)
         args, kwargs, length, bucket = padded
-        outputs = self.compiled_call(*args, **kwargs)
-        return cut_outputs(outputs, length, bucket) if bucket != length else outputs
+        if bucket == length:
+            return self.compiled_call(*args, **kwargs)
+        token = _DYNAMIC_LENGTH.set(bucket)
+        try:
+            outputs = self.compiled_call(*args, **kwargs)
+        finally:
+            _DYNAMIC_LENGTH.reset(token)
+        return cut_outputs(outputs, length, bucket)
 
     # -------------------------------------------------------------------------------------------
     def _refuse(self, why: str) -> None:

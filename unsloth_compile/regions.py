@@ -51,6 +51,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .length_buckets import current_dynamic_length
 from .report import Report, Site, publish
 
 PATTERN = "compile_regions"
@@ -96,6 +97,31 @@ def find_block_lists(model: torch.nn.Module) -> list[BlockList]:
     return found
 
 
+def mark_token_axes(value: Any, length: int, depth: int = 0) -> None:
+    """Mark as dynamic (`maybe_mark_dynamic`) the token axes of length `length` in the tensors of
+    `value` (tensors, and tensors inside tuples, lists and dicts such as a ModelOutput), by the
+    layouts transformers' blocks pass: axis 1 of (batch, tokens, ...) tensors (hidden states,
+    rotary tables, position ids), axes 2 and 3 of a (batch, heads, tokens, tokens) mask, axis 0 of
+    a (tokens,) cache position. The last axis of a 3-D tensor is a width, never marked, even when
+    it equals the length. A mark that does not hold specialises the graph, it never fails."""
+    if isinstance(value, torch.Tensor):
+        axes = []
+        if value.dim() == 1 and value.shape[0] == length:
+            axes.append(0)
+        if value.dim() >= 2 and value.shape[1] == length:
+            axes.append(1)
+        if value.dim() == 4:
+            axes += [axis for axis in (2, 3) if value.shape[axis] == length]
+        for axis in axes:
+            torch._dynamo.maybe_mark_dynamic(value, axis)
+    elif depth < 3 and isinstance(value, (tuple, list)):
+        for item in value:
+            mark_token_axes(item, length, depth + 1)
+    elif depth < 3 and isinstance(value, dict):
+        for item in value.values():
+            mark_token_axes(item, length, depth + 1)
+
+
 def _run_block(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     # `self`, as in Module._call_impl: Dynamo names the block's submodules as in a compile of the
     # block itself (`self_attn.q_proj`), which the report and the summary match to the model's paths
@@ -129,6 +155,9 @@ class BlockCall:
                          "(generation, use_cache=True) run uncompiled: the cache is updated per layer, which would "
                          "compile one graph per layer", name)
             return self.block._call_impl(*args, **kwargs)
+        length = current_dynamic_length()
+        if length is not None:  # lengths vary: one graph for every length, compiled at the first
+            mark_token_axes((args, kwargs), length)
         return self.compiled(self.block, *args, **kwargs)
 
 
@@ -170,7 +199,11 @@ def _compile_blocks(block_list: BlockList, compiled_by_class: dict, backend: Cal
 
 
 def _holder_forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-    return type(self).forward(self, *args, **kwargs)
+    outputs = type(self).forward(self, *args, **kwargs)
+    length = current_dynamic_length()
+    if length is not None:  # the graph around the holder (head, loss) is dynamic at once too
+        mark_token_axes(outputs, length)
+    return outputs
 
 
 _HOLDER_FORWARD = torch.compiler.disable(

@@ -149,11 +149,22 @@ class SummaryLedger:
             run._boxed_call = compiled._boxed_call
         return run
 
+    def fused_count(self) -> int:
+        """The model's LoRA layers that a compiled graph fused. A graph shared by blocks (a region
+        of compile_regions="layers") names its sites by their paths inside one block
+        (`self_attn.q_proj`) and fuses that site of every block running it, so the layers are
+        counted, not the sites; without the model, the fused sites."""
+        fused = [p for p, s in self.sites.items() if s.decision == "fused"]
+        model = self.model() if self.model is not None else None
+        if model is None:
+            return len(fused)
+        return max(len(fused), sum(any(_same_module(p, f) for f in fused) for p in lora_layers(model)))
+
     def finish(self) -> None:
         """The warm-up is over: say how long it took, and warn about LoRA layers no graph fused."""
         self.pending = False
         seconds = time.perf_counter() - (self.started or time.perf_counter())
-        fused = sum(s.decision == "fused" for s in self.sites.values())
+        fused = self.fused_count()
         graphs = f"{self.compiled} graph{'s' if self.compiled != 1 else ''}"
         if self.recompiles:
             warmup_log.info("unsloth_compile: compile %d after the warm-up done in %.1f s: %s, fused %d/%d LoRA "
@@ -197,7 +208,10 @@ class SummaryLedger:
         say, None otherwise."""
         frozen = [t for t in example_inputs if isinstance(t, torch.nn.Parameter) and not t.requires_grad]
         sites = {s.module: s for s in report.sites if s.pattern == PATTERN}
-        same_model = any(t in self.frozen for t in frozen)
+        model = self.model() if self.model is not None else None
+        # a region graph of another block of the same model brings frozen weights not seen yet
+        same_model = any(t in self.frozen for t in frozen) or (
+            model is not None and bool(frozen) and _holds_any(model, frozen))
         if frozen and not same_model and sites.keys() & self.sites.keys():
             model, n_lora, warmup = self.model, self.n_lora, (self.started, self.pending, self.compiled, self.entry)
             self.clear()  # another model with the same module paths: its own totals
@@ -210,7 +224,6 @@ class SummaryLedger:
         if new:
             self.graphs += 1
             return self.message()
-        model = self.model() if self.model is not None else None
         # A graph without LoRA sites says nothing yet when the model holds LoRA layers (or is
         # unknown): they may come in a later graph, or have run outside every graph, which the
         # end of the warm-up tells (outside_warning).
@@ -224,9 +237,9 @@ class SummaryLedger:
         return None
 
     def message(self) -> tuple[int, str]:
-        fused = sum(s.decision == "fused" for s in self.sites.values())
+        fused = self.fused_count()
         graphs = f"{self.graphs} graph{'s' if self.graphs != 1 else ''}"
-        head = f"unsloth_compile: fused {fused}/{len(self.sites)} LoRA linears ({graphs})"
+        head = f"unsloth_compile: fused {fused}/{max(len(self.sites), fused)} LoRA linears ({graphs})"
         refused = [s for s in self.sites.values() if s.decision != "fused"]
         if not refused:
             return logging.INFO, head
@@ -243,6 +256,12 @@ _NO_LORA_IN_GRAPHS = (
     "unsloth_compile: no LoRA linear reached a compiled graph, nothing was fused (the traced code was not a "
     "module, so its LoRA layers could not be counted). unsloth_compile.explain(model, **batch) lists every "
     "site (option summary=False silences this).")
+
+
+def _holds_any(model: torch.nn.Module, tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether one of `tensors` is a parameter of `model`."""
+    own = {id(p) for p in model.parameters()}
+    return any(id(t) in own for t in tensors)
 
 
 def _related(a: torch.nn.Module, b: torch.nn.Module) -> bool:
