@@ -42,6 +42,7 @@ from .flops import e2e_mfu
 from .batch_layouts import LAYOUTS, SequenceStream, make_real_batches, real_tokens
 from .batch_spellings import SPELLINGS, parse_spellings, spell_batch
 from .lengths import LengthSpec, parse_lengths
+from .model_options import apply_model_options
 from .variants import (BACKEND_KINDS, MemoryMeter, Variant, compile_for, environment, make_optimizer, resolve_device,
                        resolve_inner, run_isolated, select_variants, synchronize, train_step)
 from ..errors import UnslothCompileError
@@ -213,12 +214,14 @@ def freeze_to_norms(model: torch.nn.Module) -> int:
 
 
 def prepare_model(model: torch.nn.Module, variant: Variant, preset: Preset) -> torch.nn.Module:
-    """The variant's trainable model: PEFT LoRA on it, or (floor) only the norms trainable, or
+    """The variant's trainable model: its model options applied (bench/model_options.py: 4-bit
+    bases, gradient checkpointing), then PEFT LoRA on it, or (floor) only the norms trainable, or
     (full) every parameter. On packed batches the model keeps no KV cache: transformers reads
     restarting position_ids as sequence boundaries only when there is none, and use_cache=True
     (Llama's default) makes one even in training, so packed sequences would attend to each other."""
     if variant.layout == "packed":
         model.config.use_cache = False
+    apply_model_options(model, variant.options, keep_dense=preset.modules_to_save)
     if variant.lora:
         return add_lora(model, preset)
     if variant.kind == "floor":
@@ -302,6 +305,7 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
         # the pipelined pass: as many fresh batches as timed ones, no synchronise in between
         pipelined_batches = make_batches(preset, warmup + steps, seed + 1, device, spelling=spelling)[warmup:]
     tokens = [real_tokens(batch) for batch in batches]
+    meter.exclude_preparation()  # after compile_for: unsloth_compile.compile converts bases before it returns
     graphs_before = dynamo_graphs()
     with collect_reports() as report:
         losses, times, ends = _synchronised_steps(step_fn, batches, optimizer, device, meter)
@@ -328,7 +332,8 @@ def run_variant(preset: Preset, variant: Variant, device: torch.device, dtype: t
               "compiles": {"dynamo_graphs": dynamo_graphs() - graphs_before,
                            "backend_graphs": report.graphs if variant.kind in BACKEND_KINDS else None},
               "peak_mem_bytes": meter.peak_bytes(),
-              "peak_reserved_bytes": meter.peak_reserved_bytes(), "mem_kind": meter.kind, "loss_final": losses[-1],
+              "peak_reserved_bytes": meter.peak_reserved_bytes(), "mem_kind": meter.kind,
+              "peak_mem_over": meter.SCOPE, "loss_final": losses[-1],
               "losses": losses, "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if variant.kind in BACKEND_KINDS:
         result["fusion"] = {"graphs": report.graphs, "fused": len(report.fused), "refused": len(report.refused),
@@ -496,7 +501,7 @@ def run_one(args, spelling: str) -> dict:
     env = environment(device)
     data = {"bench": "e2e", "preset": dataclasses.asdict(preset), "unit": preset.unit, "dtype": str(dtype),
             "inner": inner, "steps": steps, "warmup": warmup, "seed": args.seed, "lr": args.lr, "env": env,
-            "mem_kind": MemoryMeter(device).kind, "results": [], "targets": [],
+            "mem_kind": MemoryMeter(device).kind, "peak_mem_over": MemoryMeter.SCOPE, "results": [], "targets": [],
             "attention_mask": spelled_mask(spelling) if preset.family != "llama" else None,
             "spelling": spelling if preset.family != "llama" else None,
             "lengths": str(lengths), "lengths_description": lengths.describe(preset.seq), "real_data": real_data,

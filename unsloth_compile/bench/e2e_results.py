@@ -199,6 +199,8 @@ def render_markdown(data: dict) -> str:
               *([f"- attention_mask in the batch: {_MASK_WORDS[data['attention_mask']]}"
                  + (f" (batch spelling: {data['spelling']})" if data.get("spelling") else "")]
                 if data.get("attention_mask") is not None else [])]
+    if data.get("peak_mem_over"):  # results written before the peaks left the preparation out lack it
+        lines.append(f"- peak memory: measured over {data['peak_mem_over']}")
     lines += (_real_data_table if data.get("real_data") else _fixed_table)(data, mem_label)
     lines += _floor_lines(data["results"])
     return "\n".join(lines) + "\n"

@@ -29,6 +29,13 @@ leaves padded tokens out of the calibration (`ignore_padding=True`); `prune_cali
 N calibration batches (default 8, at most the MAX_CALIBRATION_BATCHES the bench passes).
 `prune_*` are the bench's, not backend options, as is `prune_layers=REGEX`, which prunes only
 the LoRA bases whose path matches (e.g. `prune_layers=mlp` for a Llama's MLP; the others stay dense).
+
+Two more of the bench's options choose how the model is built, for every LoRA kind
+(bench/model_options.py): `checkpointing=true` (transformers' gradient checkpointing,
+non-reentrant; full and floor take it too) and `base=bnb-nf4` (the frozen linears as bitsandbytes
+NF4 `Linear4bit`, as a model loaded with `BitsAndBytesConfig(load_in_4bit=True, ...)` has them,
+wrapped by PEFT's 4-bit LoRA layer: QLoRA; `base=bf16`, the default, keeps them dense), e.g.
+`--variant qlora=unsloth:base=bnb-nf4,checkpointing=true`.
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from .batch_layouts import LAYOUTS
+from .model_options import (MODEL_OPTIONS, check_model_built, check_model_options, describe_model_options,
+                            pop_model_options)
 from ..errors import UnslothCompileError
 
 KINDS = ("full", "eager", "inductor", "aot_eager", "unsloth", "floor")
@@ -59,7 +68,7 @@ LOSSY_OPTIONS = ("precision", "compress_activations", "sparsity")
 class Variant:
     name: str
     kind: str  # one of KINDS
-    options: dict = dataclasses.field(default_factory=dict)  # backend options (unsloth only)
+    options: dict = dataclasses.field(default_factory=dict)  # backend options (unsloth only), model options (any)
     role: Optional[str] = None  # "full", "peft-eager", "peft-compile", "unsloth": what targets refer to
     layout: str = "padded"  # the batches' form (bench/batch_layouts.py); `bench e2e --layouts` varies it
 
@@ -70,9 +79,11 @@ class Variant:
         if self.layout not in LAYOUTS:
             raise UnslothCompileError(f"unsloth_compile.bench: variant {self.name!r}: layout {self.layout!r} is not "
                                       f"one of {', '.join(LAYOUTS)}")
-        if set(self.options) - {"mode"} and self.kind not in BACKEND_KINDS:
-            raise UnslothCompileError(f"unsloth_compile.bench: variant {self.name!r}: options other than mode are only "
-                                      f"meaningful for kinds {' and '.join(BACKEND_KINDS)}")
+        if set(self.options) - {"mode", *MODEL_OPTIONS} and self.kind not in BACKEND_KINDS:
+            raise UnslothCompileError(f"unsloth_compile.bench: variant {self.name!r}: options other than mode, "
+                                      f"{', '.join(MODEL_OPTIONS)} are only meaningful for kinds "
+                                      f"{' and '.join(BACKEND_KINDS)}")
+        check_model_options(self.name, self.kind, self.options)
         if "mode" in self.options and self.kind in ("full", "eager"):
             raise UnslothCompileError(f"unsloth_compile.bench: variant {self.name!r}: mode is a torch.compile mode; "
                                       f"kind {self.kind!r} is not compiled")
@@ -83,18 +94,22 @@ class Variant:
 
     @property
     def lossy(self) -> bool:
-        return any(self.options.get(k) not in (None, False, "none", "off", "default") for k in LOSSY_OPTIONS)
+        return (any(self.options.get(k) not in (None, False, "none", "off", "default") for k in LOSSY_OPTIONS)
+                or self.options.get("base", "bf16") != "bf16")
 
     def describe(self) -> str:
         if self.layout != "padded":
             return f"{dataclasses.replace(self, layout='padded').describe()}, {self.layout} batches"
+        return ", ".join([self._describe_training(), *describe_model_options(self.options)])
+
+    def _describe_training(self) -> str:
         if self.kind == "full":
             return "full fine-tuning, eager"
         if self.kind == "eager":
             return "PEFT LoRA, eager"
         if self.kind in ("inductor", "aot_eager"):
             return f"PEFT LoRA + torch.compile({self.kind})"
-        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items() if k not in MODEL_OPTIONS)
         if self.kind == "floor":
             return 'floor: no LoRA, frozen base, norms trained, backend="unsloth"' + (f" ({opts})" if opts else "")
         return 'PEFT LoRA + backend="unsloth"' + (f" ({opts})" if opts else "")
@@ -184,10 +199,13 @@ def _prune_kwargs(variant: Variant, options: dict, calibration: Optional[list]) 
 def compile_for(model: torch.nn.Module, variant: Variant, calibration: Optional[list] = None) -> Callable:
     """The callable that trains `model` under this variant (the model itself when eager).
     `calibration`: batches (keyword dicts for the model) for `prune_method=wanda`, `sparsegpt` or
-    `*-ls`; the first `prune_calibration` of them are used."""
+    `*-ls`; the first `prune_calibration` of them are used. The variant's model options
+    (bench/model_options.py) are applied where the model is built; a model built without them
+    is refused."""
+    options = dict(variant.options)
+    check_model_built(model, variant.name, pop_model_options(options))
     if variant.kind in ("full", "eager"):
         return model
-    options = dict(variant.options)
     mode = options.pop("mode", None)  # torch.compile's own argument, not a backend option
     prune_method = str(options.pop("prune_method", "magnitude"))
     if prune_method not in PRUNE_METHODS:
@@ -273,13 +291,31 @@ class MemoryMeter:
     """Peak memory of one variant. CUDA: `torch.cuda.max_memory_allocated` (weights, optimizer
     state and activations together). CPU: growth of the resident set size over the variant,
     sampled at every `sample()` call (after each step): a lower bound of the true peak, and
-    polluted by allocator caching, so it is labelled as such and never compared to a target."""
+    polluted by allocator caching, so it is labelled as such and never compared to a target.
+    After `exclude_preparation()` the CUDA peaks cover what follows only."""
+
+    # what the peaks cover once `exclude_preparation` was called (the e2e JSON and page say it)
+    SCOPE = ("the training steps; model preparation (build, 4-bit conversion, the conversions of "
+             "unsloth_compile.compile) excluded, the memory it leaves allocated included")
 
     def __init__(self, device: torch.device):
         self.device = device
         self.kind = "cuda_max_allocated" if device.type == "cuda" else "cpu_rss_delta_sampled"
         self.start = _rss_bytes() if device.type != "cuda" else 0
         self.peak_rss = self.start
+
+    def exclude_preparation(self) -> None:
+        """Peaks from here on: call it once the model is prepared, before the first step. A
+        4-bit variant builds its model in the run's dtype and converts it, so the peak of the
+        preparation holds dense weights that a model loaded in 4 bits never holds. CUDA: the
+        blocks freed by the preparation are returned and the peak counters reset (what stays
+        allocated, the weights, counts from here). CPU: the RSS is sampled after steps only, so
+        nothing changes."""
+        if self.device.type == "cuda":
+            gc.collect()
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def sample(self) -> None:
         if self.device.type != "cuda":
