@@ -518,3 +518,19 @@ def test_e2e_bert_batch_spellings(tmp_path):
                  "--spellings", "minimal,padding-mask", "--out", str(tmp_path)]) == 0
     assert "batch spelling: minimal" in (tmp_path / "e2e-tiny-bert-minimal.md").read_text()
     assert "padding" in (tmp_path / "e2e-tiny-bert-padding-mask.md").read_text()
+
+
+def test_e2e_rows_and_seq_resize_the_preset_and_name_its_files(tmp_path):
+    from unsloth_compile.bench.e2e import PRESETS, resized
+
+    tiny = PRESETS["tiny"]
+    assert resized(tiny, None, None) is tiny
+    shaped = resized(tiny, 3, 40)
+    assert (shaped.name, shaped.batch, shaped.seq, shaped.items_per_step()) == ("tiny-3x40", 3, 40, 120)
+    with pytest.raises(SystemExit, match="positions"):
+        resized(PRESETS["llama-1b"], None, 8192)
+    main(["e2e", "--preset", "tiny", "--device", "cpu", "--inner", "eager", "--variants", "peft-eager",
+          "--rows", "3", "--seq", "40", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "e2e-tiny-3x40.json").read_text())
+    assert (data["preset"]["batch"], data["preset"]["seq"]) == (3, 40)
+    assert data["results"][0]["real_tokens_per_step"] == [120, 120]

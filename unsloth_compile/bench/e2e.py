@@ -389,6 +389,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--out", default="docs/bench", help="output folder (JSON, markdown, PNG)")
+    p.add_argument("--rows", type=int, help="sequences per step (default: the preset's); the run's files are "
+                                            "named NAME-ROWSxSEQ when this or --seq is given")
+    p.add_argument("--seq", type=int, help="tokens per sequence (default: the preset's)")
 
 
 def add_batch_arguments(p: argparse.ArgumentParser, command: str) -> None:
@@ -448,6 +451,20 @@ def run(args) -> list[dict]:
             for spelling in spellings_to_run(args, _MASK_SPELLINGS[args.attention_mask])]
 
 
+def resized(preset: Preset, rows: Optional[int], seq: Optional[int]) -> Preset:
+    """`preset` with `rows` sequences of `seq` tokens per step where given; its name then says
+    the shape (llama-8b-2x2048), so that its files do not overwrite the preset's own."""
+    if rows is None and seq is None:
+        return preset
+    rows, seq = rows or preset.batch, seq or preset.seq
+    if rows < 1 or seq < 1:
+        raise SystemExit(f"--rows and --seq must be at least 1 (got {rows}, {seq})")
+    limit = preset.config.get("max_position_embeddings")
+    if limit is not None and seq > limit:
+        raise SystemExit(f"--seq {seq}: {preset.name} takes at most {limit} positions")
+    return dataclasses.replace(preset, name=f"{preset.name}-{rows}x{seq}", batch=rows, seq=seq)
+
+
 def spellings_to_run(args, by_mask_option: list[str]) -> list[str]:
     """The batch spellings a run covers: "full" alone for a causal LM preset; for BERT, those of
     --spellings, else `by_mask_option` (what the command's attention-mask option asks for)."""
@@ -484,7 +501,7 @@ def check_real_data(preset: Preset, lengths: LengthSpec, variants: list[Variant]
 
 
 def run_one(args, spelling: str) -> dict:
-    preset = PRESETS[args.preset]
+    preset = resized(PRESETS[args.preset], getattr(args, "rows", None), getattr(args, "seq", None))
     device = resolve_device(args.device)
     inner = resolve_inner(args.inner, device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
