@@ -193,3 +193,35 @@ def test_dynamic_graphs_run_as_cuda_graphs_only_when_asked():
     assert cudagraphs_decision(Config(), inputs) == (False, "dynamic shapes")
     assert cudagraphs_decision(Config(cudagraphs=True), inputs) == (True, "cudagraphs=True")
     assert cudagraphs_decision(Config(cudagraphs=False), inputs)[0] is False
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_an_all_ones_mask_is_passed_on_as_none_and_a_padding_mask_kept(family, caplog):
+    """A batch without padding spelled with an all-ones attention_mask reaches the compiled
+    call without it (said once), as the batch without a mask does; a mask with a zero is kept.
+    Training on the all-ones spelling equals eager on it."""
+    model = peft_wrap(tiny_causal_lm(family), **({"target_modules": ["query", "value"]} if family == "bert" else {}))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    calls = []
+    wrapper = LengthBuckets(model, lambda *a, **kw: calls.append(kw))
+    ids = torch.randint(3, VOCAB, (2, 16))
+    padding = torch.ones(2, 16, dtype=torch.long)
+    padding[1, 12:] = 0
+    with caplog.at_level(logging.INFO, logger="unsloth_compile.summary"):
+        wrapper(input_ids=ids, attention_mask=torch.ones(2, 16, dtype=torch.long))
+        wrapper(input_ids=ids, attention_mask=torch.ones(2, 16, dtype=torch.bool))
+        wrapper(input_ids=ids, attention_mask=padding)
+    assert ["attention_mask" in kw for kw in calls] == [False, False, True]
+    assert torch.equal(calls[2]["attention_mask"], padding)
+    assert caplog.text.count("all-ones attention_mask") == 1
+
+    def batch(step, length):
+        g = torch.Generator().manual_seed(step)
+        ids = torch.randint(3, VOCAB, (2, length), generator=g)
+        labels = torch.randint(0, 5, (2,), generator=g) if family == "bert" else ids
+        return {"input_ids": ids, "attention_mask": torch.ones(2, length, dtype=torch.long), "labels": labels}
+
+    torch._dynamo.reset()
+    _train_pair(model, [batch(0, 16), batch(1, 16)])

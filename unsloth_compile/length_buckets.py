@@ -23,6 +23,12 @@ draws follow the padded shape):
 - outputs whose second dimension is the padded length (logits, hidden states, start and end
   logits) are sliced back, as views.
 
+An `attention_mask` of all ones (a batch without padding, as a collator spells it) is passed on
+as no mask, said once: transformers drops such a mask in eager, but cannot read its values under
+tracing and builds an attention bias from it, which keeps SDPA off its unmasked kernels. Seeing that it is all ones is one reduction read on the host, which
+waits for the GPU to finish the work queued before the step; a training loop that reads its loss
+or checks it for NaN each step (transformers' Trainer does) waits there anyway.
+
 A batch is passed on as it came, and the reason logged once, when padding it could change a
 result: a tensor argument of the batch's length that is not listed above, a positional tensor
 argument after `input_ids`, an attention mask that is not (batch, length), a causal
@@ -194,6 +200,13 @@ class LengthBuckets:
         if self.pools_last_position:
             return self._refuse("a causal sequence-classification head without config.pad_token_id pools the last "
                                 "position; set pad_token_id")
+        if mask is not None and bool(mask.all()):  # one small read on the host per step, see the module docstring
+            kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+            mask = None
+            if "all-ones" not in self._told:
+                self._told.add("all-ones")
+                log.info("unsloth_compile: bucket_lengths: an all-ones attention_mask is passed on as no mask (the "
+                         "compiled graph cannot read its values and would keep it as an attention bias)")
         bucket = bucket_length(length)
         self.lengths_seen.add(length)
         if bucket not in self.buckets_seen:
