@@ -70,7 +70,7 @@ from torch.fx import GraphModule, Node
 from ..config import Config
 from ..report import Report, Site
 from . import fx_match as fm
-from .subgraphs import graph_modules, recompile
+from .subgraphs import graph_modules, operand_source, recompile
 
 PATTERN = "attention"
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
@@ -114,7 +114,105 @@ def is_all_true(node, depth: int = 0) -> bool:
     if node.op == "call_method" and node.target in _SHAPE_METHODS or \
             node.op == "call_function" and node.target in _SHAPE_FUNCTIONS:
         return is_all_true(node.args[0], depth + 1)
-    return is_nonnegative_position_test(node)
+    return is_nonnegative_position_test(node) or is_one_sequence_test(node)
+
+
+# Calls that keep a tensor's values and their layout where they keep its dtype (stripped when
+# following a mask's producers; a `.to(float)` of a bool mask is another mask and is not stripped)
+_VALUE_KEEPING_METHODS = {"expand", "to", "bool", "contiguous", "clone"}
+
+
+def _strip_value_keeping(node):
+    while isinstance(node, Node) and node.op == "call_method" and node.target in _VALUE_KEEPING_METHODS:
+        value, source = fm.example_value(node), fm.example_value(node.args[0])
+        if not (isinstance(value, torch.Tensor) and isinstance(source, torch.Tensor) and value.dtype == source.dtype):
+            break
+        node = node.args[0]
+    return node
+
+
+def _is_call(node, functions: tuple, method: str) -> bool:
+    return isinstance(node, Node) and (node.op == "call_function" and node.target in functions
+                                       or node.op == "call_method" and node.target == method)
+
+
+def is_consecutive_positions(node) -> bool:
+    """Whether the node is `arange(...)` with step 1 along its last axis, plus a uniform offset,
+    with axes added or broadcast in front (`cache_position.unsqueeze(0).expand(b, -1)`): every
+    position one more than the one before it, at every size."""
+    return consecutive_positions_start(node, uniform_offset_ok=True) is not None
+
+
+def consecutive_positions_start(node, uniform_offset_ok: bool = False):
+    """The first position of consecutive positions (is_consecutive_positions) as an int, where
+    every offset is an int (`arange(n)`, `arange(start, end)`, `+ c`); with `uniform_offset_ok`,
+    True for positions whose offset is uniform but not an int (a symbolic start). None when the
+    node is not such positions."""
+    start, symbolic = 0, False
+    for _ in range(16):
+        node = _strip_value_keeping(node)
+        if not isinstance(node, Node) or node.op not in ("call_function", "call_method"):
+            return None
+        if node.op == "call_method" and node.target == "unsqueeze":
+            if node.args[1] != 0:
+                return None
+            node = node.args[0]
+        elif _is_call(node, (operator.add, torch.add, operator.sub, torch.sub), "add") and len(node.args) == 2:
+            first_is_tensor = isinstance(node.args[0], Node) and isinstance(fm.example_value(node.args[0]),
+                                                                            torch.Tensor)
+            tensor, offset = node.args if first_is_tensor else node.args[::-1]
+            if isinstance(offset, Node) and isinstance(fm.example_value(offset), torch.Tensor):
+                return None  # a tensor offset may differ per position
+            subtract = _is_call(node, (operator.sub, torch.sub), "sub")
+            if subtract and not first_is_tensor:
+                return None  # c - positions counts down
+            if isinstance(offset, int) and not isinstance(offset, bool):
+                start += -offset if subtract else offset
+            else:
+                symbolic = True
+            node = tensor
+        elif node.op == "call_function" and node.target is torch.arange:
+            step = node.args[2] if len(node.args) > 2 else node.kwargs.get("step", 1)
+            if len(node.args) > 3 or step != 1:
+                return None
+            first = node.args[0] if len(node.args) > 1 else node.kwargs.get("start", 0)
+            if not (isinstance(first, int) and not isinstance(first, bool)):
+                symbolic = True
+            if symbolic:
+                return True if uniform_offset_ok else None
+            return start + first
+        else:
+            return None
+    return None
+
+
+def is_one_sequence_test(node: Node) -> bool:
+    """Whether the node is transformers' packed-sequence test (`find_packed_sequence_indices`,
+    built when no cache is in play: `s[b, q] == s[b, kv]` with `s = cumsum(diff(positions) != 1)`)
+    on consecutive positions (is_consecutive_positions): every position follows the one before it,
+    so `s` is the same everywhere in a row and the test is True at every element and every size."""
+    if not _is_call(node, (operator.eq, torch.eq), "eq") or len(node.args) != 2:
+        return False
+    sides = []
+    for side in node.args:
+        if not (isinstance(side, Node) and side.op == "call_function" and side.target is operator.getitem):
+            return False
+        sides.append(side.args[0])
+    counts = sides[0]
+    if sides[1] is not counts or not _is_call(counts, (torch.cumsum,), "cumsum") or not counts.args:
+        return False
+    dim = counts.args[1] if len(counts.args) > 1 else counts.kwargs.get("dim")
+    steps = counts.args[0]
+    if dim != -1 or not _is_call(steps, (operator.ne, torch.ne), "ne") or len(steps.args) != 2 or steps.args[1] != 1:
+        return False
+    diff = steps.args[0]
+    if not (isinstance(diff, Node) and diff.op == "call_function" and diff.target is torch.diff and diff.args):
+        return False
+    if diff.kwargs.get("dim", diff.args[2] if len(diff.args) > 2 else -1) != -1 or \
+            diff.kwargs.get("n", diff.args[1] if len(diff.args) > 1 else 1) != 1:
+        return False
+    # the prepended first value only shifts the whole row's count: the test holds whatever it is
+    return is_consecutive_positions(diff.args[0])
 
 
 def is_nonnegative_position_test(node: Node) -> bool:
@@ -143,11 +241,14 @@ _CONSTANT_MASK_FUNCTIONS = {torch.arange, torch.ones, torch.zeros, torch.full, t
                             torch.broadcast_to, torch.reshape, torch.unsqueeze, torch.eq, torch.ne, torch.le, torch.lt,
                             torch.ge, torch.gt, torch.add, torch.sub, operator.add, operator.sub, operator.le,
                             operator.lt, operator.ge, operator.gt, operator.eq, operator.ne, operator.and_,
-                            operator.or_, operator.invert, operator.neg, operator.getitem}
+                            operator.or_, operator.invert, operator.neg, operator.getitem,
+                            # transformers' packed-sequence test on position_ids, built without a cache
+                            torch.diff, torch.cumsum}
 _CONSTANT_MASK_METHODS = _SHAPE_METHODS | _AND_METHODS | {"__or__", "__invert__", "logical_not", "logical_or", "le",
                                                           "lt", "ge", "gt", "eq", "ne", "add", "sub", "masked_fill",
-                                                          "tril", "triu", "new_ones", "new_zeros", "new_full"}
-_CONSTANT_MASK_MAX_NODES = 64
+                                                          "tril", "triu", "new_ones", "new_zeros", "new_full",
+                                                          "cumsum", "diff"}
+_CONSTANT_MASK_MAX_NODES = 128
 
 
 def _constant_args(args) -> bool:
@@ -209,6 +310,12 @@ def _position_index(node) -> Optional[tuple[int, object, object]]:
     if not (isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem):
         return None
     base, index = node.args
+    looked_up = _looked_up_position(base, index)
+    if looked_up is not None:  # positions[batch, idx] with positions[b, j] = j + start
+        axis, length, offset = looked_up
+        if not isinstance(outer, int):
+            return None
+        return axis, length, offset + outer
     if not isinstance(index, tuple) or sum(isinstance(e, slice) for e in index) != 1:
         return None
     if any(not (e is None or e == slice(None)) for e in index):
@@ -225,6 +332,25 @@ def _position_index(node) -> Optional[tuple[int, object, object]]:
     return axis, base.args[0], offset
 
 
+def _looked_up_position(positions, index) -> Optional[tuple[int, object, int]]:
+    """(axis, length, offset) of `positions[batch_index, idx]` where `positions` holds the same
+    consecutive positions `j + start` (int start) in every row (consecutive_positions_start)
+    and `idx` is a position index (_position_index) with an int offset: the value is
+    `idx + start`. transformers' mask functions index position_ids so (`position_ids[b, kv_idx]`)."""
+    if not (isinstance(index, tuple) and len(index) == 2 and all(isinstance(e, Node) for e in index)):
+        return None
+    start = consecutive_positions_start(positions)
+    if start is None or start is True:
+        return None
+    value = fm.example_value(positions)
+    if not isinstance(value, torch.Tensor) or value.dim() != 2:
+        return None
+    inner = _position_index(index[1])
+    if inner is None or not isinstance(inner[2], int):
+        return None
+    return inner[0], inner[1], inner[2] + start
+
+
 def _same_length(node_or_int, size) -> bool:
     """Whether an arange's length (a SymInt placeholder node or an int) is `size` (an int or
     SymInt of the query or key), without adding a guard."""
@@ -234,11 +360,29 @@ def _same_length(node_or_int, size) -> bool:
     return length is not None and statically_known_true(length == size)
 
 
+def _and_terms(mask, depth: int = 0) -> list:
+    """The terms of a conjunction of masks (`a & b & ...`, through value-keeping calls)."""
+    mask = _strip_value_keeping(mask)
+    if depth < 16 and isinstance(mask, Node) and (
+            mask.op == "call_method" and mask.target in _AND_METHODS or
+            mask.op == "call_function" and mask.target in _AND_TARGETS):
+        return [t for a in mask.args[:2] for t in _and_terms(a, depth + 1)]
+    return [mask]
+
+
 def is_structurally_causal(node: Node, mask: Node) -> bool:
     """Whether the mask is `(arange(S) + c)[..., None, :] <= (arange(L) + c)[..., :, None]`
-    (through expands), with S = L the key and query lengths and the same constant offset c:
-    true for every size, so a graph with symbolic sequence lengths (where the mask cannot be
-    evaluated once) is rewritten on this proof alone."""
+    (through expands), with S = L the key and query lengths and the same constant offset c, and
+    with any other terms of a conjunction True everywhere by construction (is_all_true: a ones
+    tensor, transformers' packed-sequence test on consecutive positions): true for every size,
+    so a graph with symbolic sequence lengths (where the mask cannot be evaluated once) is
+    rewritten on this proof alone."""
+    terms = _and_terms(mask)
+    causal = [t for t in terms if _is_causal_comparison(node, t)]
+    return bool(causal) and all(t in causal or is_all_true(t) for t in terms)
+
+
+def _is_causal_comparison(node: Node, mask: Node) -> bool:
     while isinstance(mask, Node) and mask.op == "call_method" and mask.target == "expand":
         mask = mask.args[0]
     if not isinstance(mask, Node) or mask.op != "call_function":
@@ -316,19 +460,22 @@ DROPPED, CAUSAL, DENSIFIED = "dropped", "causal", "densified"
 PACKED_MASK = "unsloth_packed_mask"
 
 
-def check_site(node: Node, mask: Node) -> tuple[Optional[str], Optional[str]]:
+def check_site(node: Node, mask: Node, source: Optional[Node] = None) -> tuple[Optional[str], Optional[str]]:
     """(kind, None) when the mask can be rewritten (DROPPED: all-True, CAUSAL: a position-only
     causal mask, DENSIFIED: broadcast along its last dimension), else (None, why the call is
-    kept as it is). Decided once: a causal mask is evaluated here, not again by replace_site."""
+    kept as it is). Decided once: a causal mask is evaluated here, not again by replace_site.
+    `source`: where the mask is computed, when that is outside the graph holding the call (the
+    mask an activation-checkpoint body receives as an operand, subgraphs.operand_source)."""
     q = fm.example_value(node.args[0])
     if not isinstance(q, torch.Tensor) or q.is_nested:
         return None, "query is not a plain tensor"
     value = fm.example_value(mask)
     if not isinstance(value, torch.Tensor):
         return None, "mask has no example value"
-    if value.dtype == torch.bool and is_all_true(mask) or masks_nothing(mask):
+    source = mask if source is None else source
+    if value.dtype == torch.bool and is_all_true(source) or masks_nothing(source):
         return DROPPED, None
-    if is_causal_mask(node, mask):
+    if is_causal_mask(node, source):
         return CAUSAL, None
     if broadcast_last_dim(mask):
         return DENSIFIED, None
@@ -508,7 +655,7 @@ def keep_attention_fused(gm: GraphModule, cfg: Config | None = None, report: Rep
             if mask is not None and mask.meta.get(PACKED_MASK):
                 pass  # packed sequences' mask: packed_attention.py decided and reported it
             elif mask is not None:  # no mask: the call is the one eager makes, nothing to decide
-                kind, reason = check_site(node, mask)
+                kind, reason = check_site(node, mask, operand_source(gm, module, mask))
                 if reason is not None:
                     report.add(Site(path, PATTERN, "kept", reason))
                 else:

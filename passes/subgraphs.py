@@ -101,6 +101,26 @@ def graph_modules(gm: GraphModule) -> list[GraphModule]:
     return list(_walk(gm, set()))
 
 
+def operand_source(root: GraphModule, body: GraphModule, node: Node) -> Node:
+    """What `node` of `body` stands for in the graph that calls it: a placeholder of a rewritable
+    HOP body is the operand the HOP passes at its position (`hop(body, *operands)`), followed up
+    through nested bodies; `node` itself when it is not a placeholder, when `body` is `root`, or
+    when the body's calls pass different operands there."""
+    if node.op != "placeholder" or body is root:
+        return node
+    index = [n for n in body.graph.nodes if n.op == "placeholder"].index(node)
+    for parent in graph_modules(root):
+        calls = [n for n in parent.graph.nodes if rewritten_body(parent, n) is body]
+        if not calls:
+            continue
+        operands = {call.args[1 + index] if 1 + index < len(call.args) else None for call in calls}
+        if len(operands) != 1:
+            return node
+        operand = operands.pop()
+        return operand_source(root, parent, operand) if isinstance(operand, Node) else node
+    return node
+
+
 def recompile(modules: list[GraphModule]) -> None:
     """After a pass: check and regenerate the code of every graph it may have changed."""
     for module in modules:

@@ -21,9 +21,12 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .backend import unsloth
+from .checkpoint_tracing import ignore_transformers_warning_once
 from .config import CompileRegions, Config, Fp8Layers, KernelChoice, Nf4Layers, Precision
+from .input_grads_hook import keep_out_of_graph
 from .length_buckets import LengthBuckets
 from .regions import compile_layers
+from .report import publish
 from .summary import SummaryLedger
 from .trl_support import compile_target, find_fused_lm_head, keeps_lm_head_dense
 from .errors import UnslothCompileError
@@ -77,6 +80,9 @@ def compile(model: torch.nn.Module, options: Optional[Mapping[str, Any]] = None,
         if select is not None and trl_head is not None:
             select = keeps_lm_head_dense(trl_head, select)
         convert(model, select=select, allow_emulation=cfg.kernels is KernelChoice.REFERENCE)
+    # before the first trace, where transformers was imported after unsloth_compile: graph breaks otherwise
+    ignore_transformers_warning_once()
+    publish(keep_out_of_graph(model), log_it=cfg.report)
     target = compile_target(model, trl_head, report_it=cfg.report, summary=cfg.summary)
     backend_options = {k: v for k, v in options.items() if k != "compile_regions"}  # said here, not per graph
     backend = functools.partial(unsloth, options=backend_options, mode=mode, ledger=SummaryLedger())

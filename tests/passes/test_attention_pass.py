@@ -531,3 +531,27 @@ def test_gqa_is_kept_on_cuda_outside_the_gqa_kernels_range():
         kv, reason = check_gqa(call)
         assert (kv is not None) == ok and (reason is None) == ok, (dtype, head_dim, reason)
         assert ok or "outside the GQA kernels' range" in reason
+
+
+def _packed_test(step: int):
+    def build(x):
+        n = x.shape[-1]
+        positions = torch.arange(0, n * step, step).unsqueeze(0).expand(2, -1)
+        steps = torch.diff(positions, prepend=positions[:, :1] - 1, dim=-1)
+        counts = (steps != 1).cumsum(-1)
+        return x + (counts[:, :, None] == counts[:, None, :])
+    return build
+
+
+def test_the_packed_sequence_test_is_all_true_only_on_positions_that_count_up_by_one():
+    """transformers' packed-sequence test (`find_packed_sequence_indices`) on positions from an
+    arange: True everywhere by construction with step 1 (attention.is_all_true), not with step 2."""
+    import operator
+
+    from unsloth_compile.passes.attention import is_all_true
+    from helpers import dynamo_graphs
+
+    for step, expected in ((1, True), (2, False)):
+        (gm,) = dynamo_graphs(_packed_test(step), torch.zeros(2, 6, 6))
+        (test,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.eq]
+        assert is_all_true(test) is expected, step

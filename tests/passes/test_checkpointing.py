@@ -364,3 +364,51 @@ def test_warning_once_is_left_out_where_dynamo_cannot_log_it(monkeypatch, caplog
         monkeypatch.undo()
         checkpoint_tracing.ignore_transformers_warning_once()  # as the rest of the suite expects it
     assert function in ignored
+
+
+def _compile_in_place(model, options: dict):
+    return unsloth_compile.compile(model, summary=False, report=False, **options)
+
+
+def test_the_input_grads_hook_stays_out_of_the_graph_under_non_reentrant_checkpointing():
+    """transformers' checkpointing adds `make_inputs_require_grads` on the embeddings; compiled,
+    its requires_grad_() would cut the graph at the embeddings (the causal mask and the loss then
+    sit in other graphs than the attention and the head). Through unsloth_compile.compile the
+    checkpointed PEFT Llama is one graph, with the causal attention rewritten inside the
+    checkpoint bodies and the cross-entropy fused; training equals eager; outside a compiled graph
+    the hook still runs and transformers can still remove it."""
+    from unsloth_compile.input_grads_hook import input_grad_hooks
+    from unsloth_compile.training_outputs import loss_only
+
+    model = checkpointed_llama(False, 0.0)
+    loss_only(model)
+    assert input_grad_hooks(model), "transformers' checkpointing no longer adds the hook: the test proves nothing"
+    with collect_reports() as hooks_report:
+        result = train_and_compare(model, lambda s: batch_for("llama", seed=s), steps=2, compile_fn=_compile_in_place,
+                                   options={"inner": "aot_eager", "fuse_cross_entropy": True})
+    report = result.report
+    assert report.graphs == 1, str(report)
+    assert report.counters["linear_cross_entropy.fused"] == 1, str(report)
+    assert report.counters["attention.mask_causal"] == 2, str(report)  # one per layer, inside the bodies
+    assert report.counters["lora_linear.fused"] == count_lora_layers(model), str(report)
+    decisions = [s.decision for s in hooks_report.sites if s.pattern == "input_grads_hook"]
+    assert decisions and set(decisions) == {"rewritten"}, decisions  # transformers and PEFT may each add one
+    compiled = result.compiled
+    embeddings = compiled.get_input_embeddings()
+    assert embeddings(torch.tensor([[1, 2]])).requires_grad  # eager: the hook runs
+    hooks = len(input_grad_hooks(compiled))
+    compiled.base_model.model.disable_input_require_grads()  # its handle still finds the hook it registered
+    assert len(input_grad_hooks(compiled)) == hooks - 1
+
+
+def test_the_input_grads_hook_is_kept_under_reentrant_checkpointing_with_the_reason():
+    from unsloth_compile.input_grads_hook import keep_out_of_graph
+
+    model = checkpointed_llama(True, 0.0, layers=1)
+    report = keep_out_of_graph(model)
+    sites = [s for s in report.sites if s.pattern == "input_grads_hook"]
+    assert sites, "transformers' checkpointing no longer adds the hook: the test proves nothing"
+    for site in sites:
+        assert site.decision == "kept" and "reentrant" in site.reason and "use_reentrant" in site.reason
+    result = train_and_compare(model, lambda s: batch_for("llama", seed=s), steps=2, compile_fn=_compile_in_place)
+    assert result.report.counters["lora_linear.fused"] == count_lora_layers(model)
