@@ -243,3 +243,23 @@ def test_a_deep_copy_runs_its_own_layers():
         batch = _llama_batch(0, 12)
         assert not torch.allclose(twin(**batch).logits, compiled(**batch).logits)
         torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_summary_counts_a_shared_graph_refusal_in_every_block():
+    """A site refused in a block graph is refused in every block running it: 2 layers, one of 7
+    sites refused in the shared graph -> 12 of 14 fused."""
+    import weakref
+
+    from unsloth_compile.report import Report, Site
+    from unsloth_compile.summary import SummaryLedger
+
+    model = _llama(2)
+    names = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+             "mlp.up_proj", "mlp.down_proj"]
+    report = Report()
+    for name in names:
+        report.add(Site(name, "lora_linear", "refused" if name == "mlp.up_proj" else "fused", "why"))
+    ledger = SummaryLedger()
+    ledger.model, ledger.n_lora = weakref.ref(model), count_lora_layers(model)
+    level, message = ledger.note_graph(report, [])
+    assert "fused 12/14 LoRA linears" in message, message

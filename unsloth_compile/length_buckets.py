@@ -25,9 +25,10 @@ draws follow the padded shape):
 
 An `attention_mask` of all ones (a batch without padding, as a collator spells it) is passed on
 as no mask, said once: transformers drops such a mask in eager, but cannot read its values under
-tracing and builds an attention bias from it, which keeps SDPA off its unmasked kernels. Seeing that it is all ones is one reduction read on the host, which
-waits for the GPU to finish the work queued before the step; a training loop that reads its loss
-or checks it for NaN each step (transformers' Trainer does) waits there anyway.
+tracing and builds an attention bias from it, which keeps SDPA off its unmasked kernels. Seeing
+that it is all ones is one reduction read on the host, which waits for the GPU to finish the
+work queued before the step; a training loop that reads its loss or checks it for NaN each step
+(transformers' Trainer does) waits there anyway.
 
 A batch is passed on as it came, and the reason logged once, when padding it could change a
 result: a tensor argument of the batch's length that is not listed above, a positional tensor

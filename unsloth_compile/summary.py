@@ -149,22 +149,22 @@ class SummaryLedger:
             run._boxed_call = compiled._boxed_call
         return run
 
-    def fused_count(self) -> int:
-        """The model's LoRA layers that a compiled graph fused. A graph shared by blocks (a region
-        of compile_regions="layers") names its sites by their paths inside one block
-        (`self_attn.q_proj`) and fuses that site of every block running it, so the layers are
-        counted, not the sites; without the model, the fused sites."""
-        fused = [p for p, s in self.sites.items() if s.decision == "fused"]
+    def layer_count(self, fused_only: bool) -> int:
+        """The model's LoRA layers that a compiled graph fused (`fused_only`) or looked at. A graph
+        shared by blocks (a region of compile_regions="layers") names its sites by their paths
+        inside one block (`self_attn.q_proj`) and decides that site for every block running it,
+        so the layers are counted, not the sites; without the model, the sites."""
+        sites = [p for p, s in self.sites.items() if s.decision == "fused" or not fused_only]
         model = self.model() if self.model is not None else None
         if model is None:
-            return len(fused)
-        return max(len(fused), sum(any(_same_module(p, f) for f in fused) for p in lora_layers(model)))
+            return len(sites)
+        return max(len(sites), sum(any(_same_module(p, f) for f in sites) for p in lora_layers(model)))
 
     def finish(self) -> None:
         """The warm-up is over: say how long it took, and warn about LoRA layers no graph fused."""
         self.pending = False
         seconds = time.perf_counter() - (self.started or time.perf_counter())
-        fused = self.fused_count()
+        fused = self.layer_count(fused_only=True)
         graphs = f"{self.compiled} graph{'s' if self.compiled != 1 else ''}"
         if self.recompiles:
             warmup_log.info("unsloth_compile: compile %d after the warm-up done in %.1f s: %s, fused %d/%d LoRA "
@@ -237,9 +237,9 @@ class SummaryLedger:
         return None
 
     def message(self) -> tuple[int, str]:
-        fused = self.fused_count()
+        fused, seen = self.layer_count(fused_only=True), self.layer_count(fused_only=False)
         graphs = f"{self.graphs} graph{'s' if self.graphs != 1 else ''}"
-        head = f"unsloth_compile: fused {fused}/{max(len(self.sites), fused)} LoRA linears ({graphs})"
+        head = f"unsloth_compile: fused {fused}/{seen} LoRA linears ({graphs})"
         refused = [s for s in self.sites.values() if s.decision != "fused"]
         if not refused:
             return logging.INFO, head
