@@ -676,11 +676,12 @@ def keep_attention_fused(gm: GraphModule, cfg: Config | None = None, report: Rep
 
 def erase_dead_chain(gm: GraphModule, node: Node) -> None:
     """The mask's producers that nothing else reads go with it (no side effects in them)."""
-    stack = [node]
+    stack, erased = [node], set()
     while stack:
         n = stack.pop()
-        if n.users or n.op not in ("call_function", "call_method"):
-            continue
+        if n in erased or n.users or n.op not in ("call_function", "call_method"):
+            continue  # erased already: a producer read twice by the chain (a diamond) is pushed twice
         inputs = list(n.all_input_nodes)
         gm.graph.erase_node(n)
+        erased.add(n)
         stack.extend(inputs)

@@ -555,3 +555,28 @@ def test_the_packed_sequence_test_is_all_true_only_on_positions_that_count_up_by
         (gm,) = dynamo_graphs(_packed_test(step), torch.zeros(2, 6, 6))
         (test,) = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.eq]
         assert is_all_true(test) is expected, step
+
+
+def test_a_dead_mask_chain_read_twice_is_erased_once():
+    """erase_dead_chain on a mask whose producers form a diamond (one node read by two others)
+    erases each node once, without torch.fx's 'already erased' warning."""
+    import warnings
+
+    from torch.fx import symbolic_trace
+
+    from unsloth_compile.passes.attention import erase_dead_chain
+
+    def diamond(x):
+        positions = torch.arange(x.shape[0])
+        causal = positions[:, None] <= positions[None, :]
+        mask = causal & causal.logical_not().logical_not()  # `causal` read by the mask and by its other branch
+        return x, mask
+
+    gm = symbolic_trace(diamond)
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    mask = output.args[0][1]
+    output.args = ((output.args[0][0],),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        erase_dead_chain(gm, mask)
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "output"]
