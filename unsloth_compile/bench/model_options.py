@@ -26,6 +26,7 @@ from typing import Iterable
 import torch
 
 from ..errors import UnslothCompileError
+from ..nf4 import is_bnb_linear4bit
 
 MODEL_OPTIONS = ("checkpointing", "base")
 BASES = ("bf16", "bnb-nf4")
@@ -138,7 +139,6 @@ def check_model_built(model: torch.nn.Module, name: str, options: dict) -> None:
                                                         for m in model.modules()):
         raise UnslothCompileError(f"unsloth_compile.bench: variant {name!r}: checkpointing=true, but the model has "
                                   "no checkpointed layer; this command does not apply the option")
-    if options.get("base") == "bnb-nf4" and not any(type(m).__name__ == "Linear4bit" and "bitsandbytes" in
-                                                    type(m).__module__ for m in model.modules()):
+    if options.get("base") == "bnb-nf4" and not any(is_bnb_linear4bit(m) for m in model.modules()):
         raise UnslothCompileError(f"unsloth_compile.bench: variant {name!r}: base=bnb-nf4, but the model has no "
                                   "bitsandbytes Linear4bit; this command does not apply the option")

@@ -275,6 +275,11 @@ def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optim
 def free_memory(device: torch.device) -> None:
     """Between variants: drop compiled graphs and cached allocations, reset the peak counter."""
     torch._dynamo.reset()
+    release_cached_memory(device)
+
+
+def release_cached_memory(device: torch.device) -> None:
+    """Collect garbage; on CUDA, return the allocator's free blocks and reset its peak counters."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -312,10 +317,7 @@ class MemoryMeter:
         allocated, the weights, counts from here). CPU: the RSS is sampled after steps only, so
         nothing changes."""
         if self.device.type == "cuda":
-            gc.collect()
-            torch.cuda.synchronize(self.device)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
+            release_cached_memory(self.device)
 
     def sample(self) -> None:
         if self.device.type != "cuda":
